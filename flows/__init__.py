@@ -1,0 +1,1 @@
+"""Prefect flows (refresh, train launch, deployments) and the sftkit command line."""

@@ -1,0 +1,116 @@
+"""The one configuration model of a prepare run, loadable from YAML, with defaults that work.
+
+Each stage reads only its own section (``config.ingest``, ``config.dedup`` ...). The whole
+model is hashed into the config fingerprint that decides whether a refresh may append to an
+existing dataset or must rebuild it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FieldMapping(_Section):
+    """Map a custom record layout onto the canonical conversation.
+
+    Either a list-of-messages column (``messages`` + ``role_key``/``content_key`` + ``roles``)
+    or flat prompt/response columns (``prompt`` + ``response`` + optional ``system``).
+    """
+
+    messages: str | None = None
+    role_key: str = "role"
+    content_key: str = "content"
+    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(default_factory=dict)
+    prompt: str | None = None
+    response: str | None = None
+    system: str | None = None
+    tools: str | None = None
+
+
+class IngestConfig(_Section):
+    batch_size: int = Field(4096, gt=0, description="records per Arrow record batch")
+    mapping: FieldMapping | None = Field(
+        None, description="column/role mapping for a layout none of the built-in formats match"
+    )
+
+
+class DedupConfig(_Section):
+    enabled: bool = True
+    key: Literal["conversation", "prompt"] = "conversation"
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity counted as duplicate")
+    num_perm: int = Field(128, gt=0)
+    bands: int | None = Field(None, description="LSH bands; chosen from threshold when unset")
+    rows: int | None = Field(None, description="rows per band; chosen from threshold when unset")
+    word_ngram: int = Field(5, gt=0)
+    char_ngram: int = Field(5, gt=0, description="shingle size for CJK and Thai text")
+    verify: bool = Field(True, description="confirm LSH candidates by estimated Jaccard")
+    seed: int = 1
+    partitions: int = Field(8, gt=0, description="band-bucket partitions, one task each when scaled out")
+
+
+class QualityConfig(_Section):
+    enabled: bool = True
+    # Each filter's own parameters; a filter missing here runs with its defaults, a filter mapped
+    # to ``false`` is switched off. See pipeline/quality.py for names and parameters.
+    filters: dict[str, dict | bool] = Field(default_factory=dict)
+    refusal_phrases: list[str] = Field(default_factory=list, description="added to the built-in list")
+    pii: Literal["redact", "drop", "off"] = "redact"
+    decontaminate: list[Path] = Field(default_factory=list, description="evaluation files to keep out")
+    decontaminate_ngram: int = Field(13, gt=0)
+
+
+class TemplateConfig(_Section):
+    name: str = Field("auto", description="auto (the tokenizer's own) | chatml | llama3 | mistral | alpaca")
+    jinja_file: Path | None = Field(None, description="a custom chat template; wins over name")
+    default_system: str | None = Field(None, description="system prompt added when the data has none")
+
+
+class TokenizeConfig(_Section):
+    max_length: int = Field(2048, gt=0)
+    train_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"
+    truncate: bool = Field(False, description="cut long rows instead of rejecting them as too_long")
+    batch_size: int = Field(1000, gt=0)
+    num_proc: int | None = Field(None, description="tokenizer worker processes; default all cores")
+
+
+class ShardConfig(_Section):
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    target_rows: int = Field(50_000, gt=0, description="rows per shard file")
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
+
+
+class SFTConfig(_Section):
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    shards: ShardConfig = Field(default_factory=ShardConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SFTConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        return cls.model_validate(data)
+
+    def fingerprint(self) -> str:
+        """Hash of every setting; a change means a refresh must rebuild instead of append."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]

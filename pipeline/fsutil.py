@@ -1,0 +1,106 @@
+"""Crash-safe file writing: nothing half-written ever carries a final name.
+
+Every file sftkit produces goes through :func:`atomic_path`: it is written under a temporary
+name in the same folder, fsynced, and renamed into place only when complete. A run killed with
+``kill -9`` leaves at worst a ``.tmp-*`` file that no reader lists and the next run removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it to ``final`` if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{final.name}"
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(
+    table: pa.Table,
+    final: str | os.PathLike,
+    *,
+    metadata: dict[bytes, bytes] | None = None,
+    compression: str = "zstd",
+    row_group_size: int | None = None,
+) -> Path:
+    """Write ``table`` to ``final`` atomically, merging ``metadata`` into the schema metadata.
+
+    Written without timestamps or writer-specific varying fields so the same table gives the
+    same bytes.
+    """
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update(metadata)
+        table = table.replace_schema_metadata(merged)
+    with atomic_path(final) as tmp:
+        pq.write_table(
+            table,
+            tmp,
+            compression=compression,
+            row_group_size=row_group_size,
+            write_statistics=True,
+        )
+    return Path(final)
+
+
+def write_json_atomic(obj: Any, final: str | os.PathLike) -> Path:
+    with atomic_path(final) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+    return Path(final)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete ``.tmp-*`` leftovers of a crashed run under ``folder``; returns how many."""
+    removed = 0
+    folder = Path(folder)
+    if not folder.exists():
+        return 0
+    for tmp in folder.rglob(f"{TMP_PREFIX}*"):
+        if tmp.is_file():
+            tmp.unlink()
+            removed += 1
+    return removed

@@ -1,0 +1,184 @@
+"""The on-disk formats of sftkit, in one place.
+
+This module owns every table layout the project reads or writes:
+
+* the **canonical conversation record** that every stage after ingest speaks,
+* the **rejected row** written to ``DIR/rejected/`` by every stage,
+* the **shard row** written to ``DIR/shards/*.parquet`` (the contract users script against),
+* the Parquet file-metadata keys that carry tokenizer and template fingerprints.
+
+Nobody else spells these column names: import the constants from here.
+
+Canonical record
+----------------
+``id``            stable content hash of the conversation (see :func:`conversation_id`)
+``source``        input file name as given on the command line
+``source_index``  0-based record index inside that file (JSONL: counting every non-empty line)
+``messages``      list of {role, content, name, tool_calls, train}
+                  role in system | user | assistant | tool; content is text;
+                  ``tool_calls`` is a JSON string (a list of OpenAI-style calls) or null;
+                  ``train`` is null (follow the policy) or an explicit per-message bool
+``tools``         JSON string of the tool schemas offered to the model, or null
+
+Shard row
+---------
+The canonical columns plus ``input_ids`` list<int32>, ``labels`` list<int32> (= input_ids where
+trained, -100 elsewhere, same length, not shifted), ``length`` int32, ``num_trainable`` int32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+IGNORE_INDEX = -100
+
+ROLES = ("system", "user", "assistant", "tool")
+
+# --- column names ----------------------------------------------------------------------------
+ID = "id"
+SOURCE = "source"
+SOURCE_INDEX = "source_index"
+MESSAGES = "messages"
+TOOLS = "tools"
+INPUT_IDS = "input_ids"
+LABELS = "labels"
+LENGTH = "length"
+NUM_TRAINABLE = "num_trainable"
+
+STAGE = "stage"
+REASON = "reason"
+DETAIL = "detail"
+DUPLICATE_OF = "duplicate_of"
+SIMILARITY = "similarity"
+RAW = "raw"
+
+STAGES = ("ingest", "dedup", "quality", "template", "tokenize")
+
+# The raw record text kept in rejected/ is cut to this many characters so that one giant bad
+# record cannot blow up the quarantine; the cut is marked with RAW_CUT_MARK.
+RAW_MAX_CHARS = 65_536
+RAW_CUT_MARK = "…[cut]"
+
+# --- Arrow types -----------------------------------------------------------------------------
+MESSAGE_TYPE = pa.struct(
+    [
+        pa.field("role", pa.string(), nullable=False),
+        pa.field("content", pa.string(), nullable=False),
+        pa.field("name", pa.string()),
+        pa.field("tool_calls", pa.string()),
+        pa.field("train", pa.bool_()),
+    ]
+)
+
+CONVERSATION_SCHEMA = pa.schema(
+    [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(SOURCE, pa.string(), nullable=False),
+        pa.field(SOURCE_INDEX, pa.int64(), nullable=False),
+        pa.field(MESSAGES, pa.list_(MESSAGE_TYPE), nullable=False),
+        pa.field(TOOLS, pa.string()),
+    ]
+)
+
+SHARD_SCHEMA = pa.schema(
+    list(CONVERSATION_SCHEMA)
+    + [
+        pa.field(INPUT_IDS, pa.list_(pa.int32()), nullable=False),
+        pa.field(LABELS, pa.list_(pa.int32()), nullable=False),
+        pa.field(LENGTH, pa.int32(), nullable=False),
+        pa.field(NUM_TRAINABLE, pa.int32(), nullable=False),
+    ]
+)
+
+REJECTED_SCHEMA = pa.schema(
+    [
+        pa.field(SOURCE, pa.string(), nullable=False),
+        pa.field(SOURCE_INDEX, pa.int64(), nullable=False),
+        pa.field(STAGE, pa.string(), nullable=False),
+        pa.field(REASON, pa.string(), nullable=False),
+        pa.field(DETAIL, pa.string(), nullable=False),
+        pa.field(ID, pa.string()),
+        pa.field(DUPLICATE_OF, pa.string()),
+        pa.field(SIMILARITY, pa.float32()),
+        pa.field(RAW, pa.string(), nullable=False),
+    ]
+)
+
+# --- Parquet file metadata keys (bytes, as pyarrow wants them) -------------------------------
+META_TOKENIZER_NAME = b"sftkit.tokenizer.name"
+META_TOKENIZER_FINGERPRINT = b"sftkit.tokenizer.fingerprint"
+META_TEMPLATE_NAME = b"sftkit.template.name"
+META_TEMPLATE_FINGERPRINT = b"sftkit.template.fingerprint"
+META_SPLIT = b"sftkit.split"
+META_FORMAT_VERSION = b"sftkit.format_version"
+FORMAT_VERSION = "1"
+
+SPLITS = ("train", "val")
+
+
+def shard_file_name(split: str, index: int) -> str:
+    """``train-00000.parquet``: the contract's shard naming."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return f"{split}-{index:05d}.parquet"
+
+
+# --- canonical messages ----------------------------------------------------------------------
+def make_message(
+    role: str,
+    content: str,
+    *,
+    name: str | None = None,
+    tool_calls: list[dict[str, Any]] | str | None = None,
+    train: bool | None = None,
+) -> dict[str, Any]:
+    """One canonical message as a plain dict matching :data:`MESSAGE_TYPE`."""
+    if tool_calls is not None and not isinstance(tool_calls, str):
+        tool_calls = json.dumps(tool_calls, ensure_ascii=False, sort_keys=True)
+    return {"role": role, "content": content, "name": name, "tool_calls": tool_calls, "train": train}
+
+
+def conversation_id(messages: Iterable[dict[str, Any]], tools: str | None = None) -> str:
+    """Stable content hash of a conversation: same messages (and tools) -> same id.
+
+    Independent of source file and position, so the same conversation met twice has one id and
+    the train/validation split by id is stable across refreshes.
+    """
+    canonical = [
+        [m["role"], m["content"], m.get("name"), m.get("tool_calls"), m.get("train")] for m in messages
+    ]
+    payload = json.dumps([canonical, tools], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(payload.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def messages_for_template(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Canonical messages -> the list-of-dicts shape ``apply_chat_template`` expects."""
+    out = []
+    for m in messages:
+        msg: dict[str, Any] = {"role": m["role"], "content": m["content"]}
+        if m.get("name"):
+            msg["name"] = m["name"]
+        if m.get("tool_calls"):
+            msg["tool_calls"] = json.loads(m["tool_calls"])
+        out.append(msg)
+    return out
+
+
+def tools_for_template(tools: str | None) -> list[dict[str, Any]] | None:
+    """The ``tools`` column (JSON text) -> the list ``apply_chat_template(tools=...)`` expects."""
+    return json.loads(tools) if tools else None
+
+
+def cut_raw(raw: str) -> str:
+    """Keep at most :data:`RAW_MAX_CHARS` of a rejected record's original text."""
+    if len(raw) <= RAW_MAX_CHARS:
+        return raw
+    return raw[: RAW_MAX_CHARS - len(RAW_CUT_MARK)] + RAW_CUT_MARK
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
