@@ -54,6 +54,17 @@ class StageStats:
             extra,
         )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StageStats":
+        return cls(
+            data["name"],
+            data["records_in"],
+            data["records_out"],
+            data["seconds"],
+            Counter(data.get("rejected", {})),
+            dict(data.get("extra", {})),
+        )
+
     @property
     def num_rejected(self) -> int:
         return sum(self.rejected.values())

@@ -1,0 +1,26 @@
+"""Prefect settings that work on a small machine with no server, applied before Prefect is imported.
+
+With no ``PREFECT_API_URL`` Prefect starts a temporary local server; on a slow 2-core machine
+that takes 15-30 s, past Prefect's 20 s default, so the startup timeout is raised. State lives in
+a project-local ``PREFECT_HOME`` (``./.prefect``) and analytics are off. Every value is only a
+default: anything the user already set wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULTS = {
+    "PREFECT_HOME": str(Path.cwd() / ".prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def apply_defaults() -> None:
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,158 @@
+"""The refresh flow: one Prefect task per pipeline step, nothing else.
+
+Each task calls one plain function of ``pipeline.prepare`` and passes file paths (small dicts),
+never data frames. Caching, retries and artifacts live here; the logic lives in ``pipeline``.
+
+Cache keys come from content: a task's key is the step's work key (input sha256, upstream keys,
+config, tokenizer and template fingerprints, code version) and is offered only while the step's
+outputs are still on disk, so a deleted output folder is rebuilt rather than "restored" from a
+stale cache entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from pipeline import prepare as steps
+from pipeline.config import SFTConfig
+from pipeline.ingest import expand_inputs
+
+IO_RETRIES = dict(retries=2, retry_delay_seconds=[1, 5])
+
+
+def _cache_key(stage: str, key_of):
+    def cache_key_fn(context, parameters: dict[str, Any]) -> str | None:
+        plan = parameters["plan"]
+        key = key_of(plan, parameters)
+        if steps._done(plan, stage, key) is None:
+            return None
+        return f"sftkit-{stage}-{key}"
+
+    return cache_key_fn
+
+
+@task(name="plan", **IO_RETRIES)
+def plan_task(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]) -> steps.RunPlan:
+    paths = expand_inputs(inputs)
+    return steps.plan_refresh(paths, [p.name for p in paths], tokenizer, Path(out), SFTConfig.model_validate(config))
+
+
+@task(name="begin")
+def begin_task(plan: steps.RunPlan) -> None:
+    steps.begin_run(plan)
+
+
+@task(
+    name="ingest",
+    cache_key_fn=_cache_key("ingest", lambda plan, p: steps.ingest_key(plan, p["item"])),
+    persist_result=True,
+    **IO_RETRIES,
+)
+def ingest_task(plan: steps.RunPlan, item: steps.InputFile) -> dict:
+    return steps.run_ingest(plan, item)
+
+
+@task(
+    name="dedup",
+    cache_key_fn=_cache_key("dedup", lambda plan, p: steps.dedup_key(plan, p["ingest_results"])),
+    persist_result=True,
+    **IO_RETRIES,
+)
+def dedup_task(plan: steps.RunPlan, ingest_results: list[dict]) -> dict:
+    return steps.run_dedup(plan, ingest_results)
+
+
+@task(
+    name="quality",
+    cache_key_fn=_cache_key("quality", lambda plan, p: steps.quality_key(plan, p["upstream"]["key"], p["chunk"])),
+    persist_result=True,
+    **IO_RETRIES,
+)
+def quality_task(plan: steps.RunPlan, upstream: dict, chunk: int) -> dict:
+    return steps.run_quality(plan, upstream, chunk)
+
+
+@task(
+    name="tokenize",
+    cache_key_fn=_cache_key("tokenize", lambda plan, p: steps.tokenize_key(plan, p["upstream"]["key"])),
+    persist_result=True,
+    **IO_RETRIES,
+)
+def tokenize_task(plan: steps.RunPlan, upstream: dict) -> dict:
+    return steps.run_tokenize(plan, upstream)
+
+
+@task(name="write-shards", **IO_RETRIES)
+def shards_task(plan: steps.RunPlan, tokenize_results: list[dict]) -> list[dict]:
+    return steps.run_write_shards(plan, tokenize_results)
+
+
+@task(name="manifest", **IO_RETRIES)
+def manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_results) -> dict:
+    return steps.finalize(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_results)
+
+
+@flow(name="sftkit-refresh", description="Refresh a prepared SFT dataset from its inputs (incremental).")
+def refresh_flow(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any] | None = None) -> dict:
+    logger = get_run_logger()
+    plan = plan_task(inputs, tokenizer, out, config or SFTConfig().model_dump(mode="json"))
+    if plan.up_to_date:
+        logger.info("%s is up to date: all %d inputs were prepared before", out, len(plan.skipped_inputs))
+        manifest = steps.manifest_io.read_manifest(out)
+        _publish(manifest, new_inputs=0, up_to_date=True)
+        return manifest
+    logger.info(
+        "%s: %d new input(s), %d already prepared%s", out, len(plan.inputs), len(plan.skipped_inputs),
+        " (tokenizer, template or config changed: rebuilding)" if plan.rebuild else "",
+    )
+    begin_task(plan)
+    ingest_results = [f.result() for f in ingest_task.map(unmapped(plan), plan.inputs)]
+    dedup_result = dedup_task(plan, ingest_results)
+    chunks = list(range(len(dedup_result["outputs"])))
+    quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]
+    tokenize_results = [f.result() for f in tokenize_task.map(unmapped(plan), quality_results)]
+    shard_results = shards_task(plan, tokenize_results)
+    manifest = manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_results)
+    logger.info("manifest version %s: %s", manifest["version"], manifest["counts"])
+    _publish(manifest, new_inputs=len(plan.inputs), up_to_date=False)
+    return manifest
+
+
+def _publish(manifest: dict, new_inputs: int, up_to_date: bool) -> None:
+    """Per-stage table and a markdown summary, as run artifacts."""
+    rows = []
+    for stage in manifest["stages"]:
+        rows.append(
+            {
+                "stage": stage["name"],
+                "records_in": stage["records_in"],
+                "records_out": stage["records_out"],
+                "seconds": stage["seconds"],
+                "rejected": ", ".join(f"{k}={v}" for k, v in stage.get("rejected", {}).items()) or "-",
+            }
+        )
+    if not up_to_date:
+        create_table_artifact(table=rows, key="sftkit-stages", description="Per-stage counts and seconds of this refresh")
+    counts = manifest["counts"]
+    lines = [
+        f"# sftkit refresh: version {manifest['version']}",
+        "",
+        "Nothing new: every input was prepared before." if up_to_date else f"New inputs processed: **{new_inputs}**",
+        "",
+        f"- records read (all versions): **{counts['read']}**",
+        f"- rows kept in shards: **{counts['kept']}**",
+        f"- shards: {len(manifest['shards'])} files, "
+        f"{sum(s['tokens'] for s in manifest['shards'])} tokens, "
+        f"{sum(s['trainable_tokens'] for s in manifest['shards'])} trained",
+        "",
+        "| stage | reason | rows |",
+        "|---|---|---|",
+    ]
+    for stage, reasons in sorted(counts["rejected"].items()):
+        for reason, n in sorted(reasons.items()):
+            lines.append(f"| {stage} | {reason} | {n} |")
+    create_markdown_artifact(markdown="\n".join(lines), key="sftkit-summary", description="Refresh summary")

@@ -1,0 +1,138 @@
+"""Glue between the CLI and the refresh flow: options -> config, task runner choice, summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import SFTConfig
+
+console = Console(stderr=True)
+
+
+def build_config(
+    config_file: Path | None = None,
+    template: str | None = None,
+    max_length: int | None = None,
+    val_fraction: float | None = None,
+    no_dedup: bool = False,
+) -> SFTConfig:
+    """The YAML config (or defaults) with command-line options applied on top."""
+    config = SFTConfig.from_yaml(config_file) if config_file else SFTConfig()
+    data = config.model_dump()
+    if template is not None:
+        if template.endswith((".jinja", ".j2")) or Path(template).is_file():
+            data["template"]["jinja_file"] = template
+        else:
+            data["template"]["name"] = template
+    if max_length is not None:
+        data["tokenize"]["max_length"] = max_length
+    if val_fraction is not None:
+        data["shards"]["val_fraction"] = val_fraction
+    if no_dedup:
+        data["dedup"]["enabled"] = False
+    return SFTConfig.model_validate(data)
+
+
+def make_task_runner(name: str, max_workers: int | None = None):
+    """threads | processes | dask | ray -> a Prefect task runner (dask/ray need their extras)."""
+    import os
+
+    workers = max_workers or os.cpu_count() or 2
+    if name == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if name == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=workers)
+    if name == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise ValueError("the dask task runner needs the extra: pip install 'sftkit[dask]'") from exc
+        address = os.environ.get("SFTKIT_DASK_ADDRESS")
+        if address:  # an existing cluster, e.g. tcp://scheduler:8786
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    if name == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as exc:
+            raise ValueError("the ray task runner needs the extra: pip install 'sftkit[ray]'") from exc
+        address = os.environ.get("SFTKIT_RAY_ADDRESS")
+        return RayTaskRunner(address=address) if address else RayTaskRunner()
+    raise ValueError(f"unknown task runner {name!r}; expected threads, processes, dask or ray")
+
+
+def run_prepare(
+    inputs: list[str],
+    tokenizer: str,
+    out: Path,
+    config_file: Path | None = None,
+    template: str | None = None,
+    max_length: int | None = None,
+    val_fraction: float | None = None,
+    no_dedup: bool = False,
+    task_runner: str = "threads",
+    use_flow: bool = True,
+) -> dict[str, Any]:
+    from pipeline.ingest import expand_inputs
+
+    config = build_config(config_file, template, max_length, val_fraction, no_dedup)
+    expand_inputs(inputs)  # fail fast, before any engine starts, on a path that is not there
+    if use_flow:
+        from flows.refresh import refresh_flow
+
+        with console.status("[bold]running the sftkit-refresh flow[/] (Prefect)…"):
+            flow = refresh_flow.with_options(task_runner=make_task_runner(task_runner))
+            manifest = flow(inputs=list(inputs), tokenizer=tokenizer, out=str(out), config=config.model_dump(mode="json"))
+    else:
+        manifest = _prepare_with_progress(inputs, tokenizer, out, config)
+    print_summary(manifest, out)
+    return manifest
+
+
+def _prepare_with_progress(inputs, tokenizer, out, config) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.prepare import prepare
+
+    with Progress(
+        TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        return prepare(inputs, tokenizer, out, config, progress=progress)
+
+
+def print_summary(manifest: dict[str, Any], out: Path) -> None:
+    counts = manifest["counts"]
+    table = Table(title=f"sftkit prepare -> {out} (manifest version {manifest['version']})")
+    table.add_column("what")
+    table.add_column("rows", justify="right")
+    table.add_row("read", str(counts["read"]))
+    table.add_row("kept", str(counts["kept"]), style="green")
+    for stage, reasons in sorted(counts["rejected"].items()):
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            table.add_row(f"rejected: {stage} / {reason}", str(n), style="yellow")
+    splits: dict[str, list[int]] = {}
+    for shard in manifest["shards"]:
+        rows_tokens = splits.setdefault(shard["split"], [0, 0, 0])
+        rows_tokens[0] += shard["rows"]
+        rows_tokens[1] += shard["tokens"]
+        rows_tokens[2] += shard["trainable_tokens"]
+    for split, (rows, tokens, trained) in sorted(splits.items()):
+        table.add_row(f"{split}: rows / tokens / trained", f"{rows} / {tokens} / {trained}")
+    console.print(table)
+    console.print(f"shards in {Path(out) / 'shards'}, rejected records in {Path(out) / 'rejected'}")

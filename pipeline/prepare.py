@@ -1,0 +1,466 @@
+"""A prepare run, as plain functions: plan -> ingest -> dedup -> quality -> tokenize -> shards -> manifest.
+
+The Prefect refresh flow (``flows/refresh.py``) calls these same functions one task each;
+:func:`prepare` composes them in one process. Every step is keyed by content, not paths:
+
+* a step's outputs live under ``DIR/.work/<stage>/<key>.*`` where ``key`` hashes the step's
+  inputs (input file sha256, upstream keys, the stage's config, tokenizer/template fingerprints,
+  the code version); a step whose ``<key>.stats.json`` exists is done and is not redone, so a
+  run killed at any point and started again redoes only what was unfinished;
+* every file is written under a temporary name and renamed when complete (``pipeline.fsutil``);
+* ``manifest.json`` is written last and lists the only shards and rejected files readers trust.
+
+Incremental refresh: inputs whose sha256 the manifest already lists are skipped; new inputs are
+deduplicated against everything kept before (the persisted dedup index in ``DIR/dedup_index``)
+and appended as new shard files. A changed tokenizer, template or config rebuilds everything:
+the old manifest is moved aside first, so no reader ever sees old and new shards mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from pipeline import manifest as manifest_io
+from pipeline import schema
+from pipeline.config import SFTConfig
+from pipeline.fsutil import remove_stale_temporaries, sha256_file, write_json_atomic
+from pipeline.stage import StageStats
+
+log = logging.getLogger("sftkit.prepare")
+
+WORK = ".work"
+SHARDS = "shards"
+REJECTED = "rejected"
+DEDUP_INDEX = "dedup_index"
+STAGE_ORDER = ("ingest", "dedup", "quality", "tokenize", "shards")
+
+
+class InputFile(BaseModel):
+    path: str
+    source: str
+    sha256: str
+
+
+class RunPlan(BaseModel):
+    """Everything a step needs, as plain serialisable values (tasks may run in other processes)."""
+
+    data_dir: str
+    tokenizer: str
+    config: dict[str, Any]
+    config_fingerprint: str
+    tokenizer_fingerprint: str
+    template_name: str
+    template_fingerprint: str
+    code_version: str
+    inputs: list[InputFile]  # new this run
+    skipped_inputs: list[InputFile]  # already in the dataset
+    rebuild: bool
+    previous_version: int
+    index_parts: list[str]
+    start_index: dict[str, int]
+
+    @property
+    def sft_config(self) -> SFTConfig:
+        return _config_from_dump(json.dumps(self.config, sort_keys=True))
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def up_to_date(self) -> bool:
+        return not self.inputs and not self.rebuild
+
+
+@lru_cache(maxsize=4)
+def _config_from_dump(dump: str) -> SFTConfig:
+    return SFTConfig.model_validate(json.loads(dump))
+
+
+def _key(*parts: Any) -> str:
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the pipeline's source: a code change invalidates cached step outputs."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(here.rglob("*.py")):
+        h.update(path.relative_to(here).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+# --- planning --------------------------------------------------------------------------------
+def plan_refresh(input_paths: list[Path], sources: list[str], tokenizer: str, data_dir: Path, config: SFTConfig) -> RunPlan:
+    """Hash the inputs, read the existing manifest, and decide what this run must do."""
+    from pipeline.templates import resolve_template
+    from pipeline.tokenizers import load_tokenizer, tokenizer_fingerprint
+
+    data_dir = Path(data_dir)
+    tok = load_tokenizer(tokenizer)
+    template = resolve_template(tok, config.template)
+    tokenizer_fp = tokenizer_fingerprint(tok)
+    config_fp = config.fingerprint()
+
+    inputs = [
+        InputFile(path=str(path), source=source, sha256=_hash_input(path))
+        for path, source in zip(input_paths, sources)
+    ]
+    previous = manifest_io.read_manifest_or_none(data_dir)
+    rebuild = previous is not None and (
+        previous.get("tokenizer", {}).get("fingerprint") != tokenizer_fp
+        or previous.get("template", {}).get("fingerprint") != template.fingerprint
+        or previous.get("config_fingerprint") != config_fp
+    )
+    seen = set() if previous is None or rebuild else {i["sha256"] for i in previous.get("inputs", [])}
+    new, skipped, this_run = [], [], set()
+    for item in inputs:
+        # The same content given twice (two names, or a glob overlap) is read once.
+        if item.sha256 in seen or item.sha256 in this_run:
+            skipped.append(item)
+        else:
+            new.append(item)
+            this_run.add(item.sha256)
+    start_index = {split: 0 for split in schema.SPLITS}
+    if previous is not None and not rebuild:
+        for entry in previous["shards"]:
+            start_index[entry["split"]] += 1
+    return RunPlan(
+        data_dir=str(data_dir),
+        tokenizer=tokenizer,
+        config=config.model_dump(mode="json"),
+        config_fingerprint=config_fp,
+        tokenizer_fingerprint=tokenizer_fp,
+        template_name=template.name,
+        template_fingerprint=template.fingerprint,
+        code_version=code_version(),
+        inputs=new,
+        skipped_inputs=skipped,
+        rebuild=rebuild,
+        previous_version=0 if previous is None else int(previous.get("version", 0)),
+        index_parts=[] if previous is None or rebuild else list(previous.get("dedup_index", [])),
+        start_index=start_index,
+    )
+
+
+def _hash_input(path: Path) -> str:
+    if path.is_dir():  # a datasets save_to_disk folder: hash its files in order
+        h = hashlib.sha256()
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(child.relative_to(path).as_posix().encode())
+            h.update(sha256_file(child).encode())
+        return h.hexdigest()
+    return sha256_file(path)
+
+
+def begin_run(plan: RunPlan) -> None:
+    """Make the folder ready: on a rebuild move the old dataset aside; drop a crashed run's debris."""
+    root = plan.root
+    root.mkdir(parents=True, exist_ok=True)
+    if plan.rebuild:
+        old = manifest_io.manifest_path(root)
+        if old.exists():
+            os.replace(old, root / "manifest.previous.json")
+        for folder in (SHARDS, REJECTED, DEDUP_INDEX):
+            shutil.rmtree(root / folder, ignore_errors=True)
+    remove_stale_temporaries(root)
+    index_dir = root / DEDUP_INDEX
+    if index_dir.exists():
+        # Index parts written by a run that crashed before its manifest: drop them, and the
+        # dedup step that wrote them, so the step reruns against exactly the listed index.
+        listed = set(plan.index_parts)
+        stale = [part for part in index_dir.iterdir() if part.name not in listed]
+        for part in stale:
+            part.unlink()
+        if stale:
+            shutil.rmtree(root / WORK / "dedup", ignore_errors=True)
+
+
+# --- steps -----------------------------------------------------------------------------------
+def _work(plan: RunPlan, stage: str, key: str, suffix: str = ".parquet") -> Path:
+    return plan.root / WORK / stage / f"{key}{suffix}"
+
+
+def _rejected(plan: RunPlan, stage: str, key: str) -> Path:
+    return plan.root / REJECTED / f"{stage}-{key}.parquet"
+
+
+def _step_result(plan: RunPlan, stage: str, key: str, outputs: list[Path], rejected: Path, stats: StageStats | None) -> dict:
+    """Record a finished step (stats JSON written last = the step's completion mark)."""
+    stats_path = _work(plan, stage, key, ".stats.json")
+    if stats is not None:
+        stats.check_conservation()
+        result = {
+            "stage": stage,
+            "key": key,
+            "outputs": [str(p) for p in outputs],
+            "rejected": str(rejected) if rejected.exists() else None,
+            "stats": stats.to_dict(),
+        }
+        write_json_atomic(result, stats_path)
+    return json.loads(stats_path.read_text(encoding="utf-8"))
+
+
+def _done(plan: RunPlan, stage: str, key: str) -> dict | None:
+    stats_path = _work(plan, stage, key, ".stats.json")
+    if not stats_path.exists():
+        return None
+    result = json.loads(stats_path.read_text(encoding="utf-8"))
+    if all(Path(p).exists() for p in result["outputs"]):
+        return result
+    return None
+
+
+def ingest_key(plan: RunPlan, item: InputFile) -> str:
+    return _key("ingest", item.sha256, item.source, plan.config["ingest"], plan.code_version)
+
+
+def run_ingest(plan: RunPlan, item: InputFile) -> dict:
+    from pipeline.ingest import ingest_file
+
+    key = ingest_key(plan, item)
+    if done := _done(plan, "ingest", key):
+        return done
+    out, rejected = _work(plan, "ingest", key), _rejected(plan, "ingest", key)
+    stats = ingest_file(Path(item.path), item.source, out, rejected, plan.sft_config.ingest)
+    return _step_result(plan, "ingest", key, [out], rejected, stats)
+
+
+def dedup_key(plan: RunPlan, ingest_results: list[dict]) -> str:
+    return _key("dedup", [r["key"] for r in ingest_results], plan.index_parts, plan.config["dedup"], plan.config["quality"], plan.code_version)
+
+
+def run_dedup(plan: RunPlan, ingest_results: list[dict]) -> dict:
+    """Exact and near-duplicate removal over all new chunks, against the persisted index."""
+    in_paths = [Path(r["outputs"][0]) for r in ingest_results]
+    key = dedup_key(plan, ingest_results)
+    if done := _done(plan, "dedup", key):
+        return done
+    config = plan.sft_config
+    if not config.dedup.enabled:
+        records = sum(pq.ParquetFile(p).metadata.num_rows for p in in_paths)
+        stats = StageStats("dedup", records, records)
+        return _step_result(plan, "dedup", key, in_paths, _rejected(plan, "dedup", key), stats)
+    from pipeline.dedup import dedup_stage
+
+    is_good = None
+    if config.quality.enabled:
+        from pipeline.quality import build_filters, passes
+
+        filters = build_filters(config.quality)
+        is_good = lambda record: passes(record, filters)  # noqa: E731
+    out_paths = [_work(plan, "dedup", f"{key}-{i:05d}") for i in range(len(in_paths))]
+    rejected = _rejected(plan, "dedup", key)
+    stats = dedup_stage(in_paths, out_paths, rejected, plan.root / DEDUP_INDEX, config.dedup, is_good=is_good)
+    return _step_result(plan, "dedup", key, out_paths, rejected, stats)
+
+
+def quality_key(plan: RunPlan, upstream_key: str, chunk: int) -> str:
+    return _key("quality", upstream_key, chunk, plan.config["quality"], plan.code_version)
+
+
+def run_quality(plan: RunPlan, upstream: dict, chunk: int) -> dict:
+    in_path = Path(upstream["outputs"][chunk])
+    key = quality_key(plan, upstream["key"], chunk)
+    if done := _done(plan, "quality", key):
+        return done
+    config = plan.sft_config.quality
+    rejected = _rejected(plan, "quality", key)
+    if not config.enabled:
+        records = pq.ParquetFile(in_path).metadata.num_rows
+        return _step_result(plan, "quality", key, [in_path], rejected, StageStats("quality", records, records))
+    from pipeline.quality import quality_stage
+
+    out = _work(plan, "quality", key)
+    stats = quality_stage(in_path, out, rejected, config)
+    return _step_result(plan, "quality", key, [out], rejected, stats)
+
+
+def tokenize_key(plan: RunPlan, upstream_key: str) -> str:
+    return _key(
+        "tokenize", upstream_key, plan.tokenizer_fingerprint, plan.template_fingerprint,
+        plan.config["template"], plan.config["tokenize"], plan.code_version,
+    )
+
+
+def run_tokenize(plan: RunPlan, upstream: dict) -> dict:
+    from pipeline.tokenize import tokenize_stage
+
+    in_path = Path(upstream["outputs"][0])
+    key = tokenize_key(plan, upstream["key"])
+    if done := _done(plan, "tokenize", key):
+        return done
+    out, rejected = _work(plan, "tokenize", key), _rejected(plan, "tokenize", key)
+    stats = tokenize_stage(in_path, out, rejected, plan.tokenizer, plan.sft_config)
+    return _step_result(plan, "tokenize", key, [out], rejected, stats)
+
+
+def run_write_shards(plan: RunPlan, tokenize_results: list[dict]) -> list[dict]:
+    """Split by id and write this run's shard files after the ones the dataset already has."""
+    import time
+
+    from pipeline.shards import write_shards
+
+    started = time.perf_counter()
+    metadata = {
+        schema.META_TOKENIZER_NAME: plan.tokenizer.encode(),
+        schema.META_TOKENIZER_FINGERPRINT: plan.tokenizer_fingerprint.encode(),
+        schema.META_TEMPLATE_NAME: plan.template_name.encode(),
+        schema.META_TEMPLATE_FINGERPRINT: plan.template_fingerprint.encode(),
+        schema.META_FORMAT_VERSION: schema.FORMAT_VERSION.encode(),
+    }
+    paths = [Path(r["outputs"][0]) for r in tokenize_results]
+    entries = write_shards(paths, plan.root, plan.sft_config.shards, metadata, start_index=dict(plan.start_index))
+    rows = sum(e["rows"] for e in entries)
+    records_in = sum(r["stats"]["records_out"] for r in tokenize_results)
+    stats = StageStats("shards", records_in, rows, time.perf_counter() - started)
+    stats.check_conservation()
+    return [dict(e, _stats=stats.to_dict()) for e in entries] or [{"_stats": stats.to_dict()}]
+
+
+# --- finishing -------------------------------------------------------------------------------
+def finalize(
+    plan: RunPlan,
+    ingest_results: list[dict],
+    dedup_result: dict | None,
+    quality_results: list[dict],
+    tokenize_results: list[dict],
+    shard_results: list[dict],
+) -> dict:
+    """Write the new manifest (atomically, last), check conservation, remove this run's debris."""
+    root = plan.root
+    previous = None if plan.rebuild else manifest_io.read_manifest_or_none(root)
+    new_shards = [{k: v for k, v in e.items() if k != "_stats"} for e in shard_results if "path" in e]
+    shard_stats = shard_results[0]["_stats"] if shard_results else StageStats("shards").to_dict()
+
+    step_results = ingest_results + ([dedup_result] if dedup_result else []) + quality_results + tokenize_results
+    stage_totals: dict[str, StageStats] = {}
+    for result in step_results:
+        stats = StageStats.from_dict(result["stats"])
+        name = stats.name
+        stage_totals[name] = stage_totals[name] + stats if name in stage_totals else stats
+    stage_totals["shards"] = StageStats.from_dict(shard_stats)
+
+    rejected_files = [
+        {"path": Path(r["rejected"]).relative_to(root).as_posix(), "rows": StageStats.from_dict(r["stats"]).num_rejected}
+        for r in step_results
+        if r.get("rejected")
+    ]
+    rejected_counts: dict[str, dict[str, int]] = {} if previous is None else json.loads(json.dumps(previous["counts"]["rejected"]))
+    for name, stats in stage_totals.items():
+        for reason, count in stats.rejected.items():
+            stage_counts = rejected_counts.setdefault(name, {})
+            stage_counts[reason] = stage_counts.get(reason, 0) + count
+
+    read_now = stage_totals["ingest"].records_in if "ingest" in stage_totals else 0
+    shards = (previous["shards"] if previous else []) + new_shards
+    rejected_listed = (previous.get("rejected", []) if previous else []) + rejected_files
+    read_total = (previous["counts"]["read"] if previous else 0) + read_now
+    kept_total = sum(s["rows"] for s in shards)
+    rejected_total = sum(f["rows"] for f in rejected_listed)
+    if read_total != kept_total + rejected_total:
+        raise AssertionError(
+            f"conservation broken in {root}: read {read_total} records but shards hold {kept_total} and "
+            f"rejected/ holds {rejected_total}; refusing to write a manifest that loses records"
+        )
+
+    version = plan.previous_version + 1
+    index_parts = list(plan.index_parts)
+    if dedup_result and (part := dedup_result["stats"].get("extra", {}).get("index_part")):
+        index_parts.append(part)
+    created = manifest_io.now_iso()
+    inputs = (previous.get("inputs", []) if previous else []) + [
+        {"source": i.source, "sha256": i.sha256, "records": r["stats"]["records_in"]}
+        for i, r in zip(plan.inputs, ingest_results)
+    ]
+    history = (previous.get("history", []) if previous else []) + [
+        {"version": version, "created_at": created, "read": read_now, "kept": sum(s["rows"] for s in new_shards),
+         "shards_added": len(new_shards), "rebuild": plan.rebuild}
+    ]
+    manifest = {
+        "version": version,
+        "created_at": created,
+        "tokenizer": {"name": plan.tokenizer, "fingerprint": plan.tokenizer_fingerprint},
+        "template": {"name": plan.template_name, "fingerprint": plan.template_fingerprint},
+        "config": plan.config,
+        "config_fingerprint": plan.config_fingerprint,
+        "code_version": plan.code_version,
+        "inputs": inputs,
+        "shards": shards,
+        "rejected": rejected_listed,
+        "dedup_index": index_parts,
+        "counts": {"read": read_total, "kept": kept_total, "rejected": rejected_counts},
+        "stages": [
+            {**stage_totals[name].to_dict(), "name": name} for name in STAGE_ORDER if name in stage_totals
+        ],
+        "history": history,
+    }
+    manifest_io.write_manifest(root, manifest)
+    _remove_unlisted(root, manifest)
+    return manifest
+
+
+def _remove_unlisted(root: Path, manifest: dict) -> None:
+    """Shards/rejected files of crashed runs that no manifest lists, and the work folder, go."""
+    listed = {s["path"] for s in manifest["shards"]} | {r["path"] for r in manifest["rejected"]}
+    for folder in (SHARDS, REJECTED):
+        for path in (root / folder).glob("*.parquet") if (root / folder).exists() else []:
+            if path.relative_to(root).as_posix() not in listed:
+                path.unlink()
+    shutil.rmtree(root / WORK, ignore_errors=True)
+    (root / "manifest.previous.json").unlink(missing_ok=True)
+
+
+# --- in-process composition ------------------------------------------------------------------
+def prepare(
+    inputs: list[str],
+    tokenizer: str,
+    data_dir: str | Path,
+    config: SFTConfig | None = None,
+    progress=None,
+) -> dict:
+    """Run every stage in this process; returns the manifest (the previous one if nothing was new).
+
+    ``progress``, if given, is called as ``progress(stage, done, total)``.
+    """
+    from pipeline.ingest import expand_inputs
+
+    config = config or SFTConfig()
+    paths = expand_inputs(inputs)
+    plan = plan_refresh(paths, [p.name for p in paths], tokenizer, Path(data_dir), config)
+    if plan.up_to_date:
+        log.info("nothing new to prepare in %s", data_dir)
+        return manifest_io.read_manifest(data_dir)
+    begin_run(plan)
+    notify = progress or (lambda stage, done, total: None)
+
+    ingest_results = []
+    for i, item in enumerate(plan.inputs):
+        ingest_results.append(run_ingest(plan, item))
+        notify("ingest", i + 1, len(plan.inputs))
+    dedup_result = run_dedup(plan, ingest_results)
+    notify("dedup", 1, 1)
+    quality_results = []
+    for chunk in range(len(dedup_result["outputs"])):
+        quality_results.append(run_quality(plan, dedup_result, chunk))
+        notify("quality", chunk + 1, len(dedup_result["outputs"]))
+    tokenize_results = []
+    for i, upstream in enumerate(quality_results):
+        tokenize_results.append(run_tokenize(plan, upstream))
+        notify("tokenize", i + 1, len(quality_results))
+    shard_results = run_write_shards(plan, tokenize_results)
+    notify("shards", 1, 1)
+    return finalize(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_results)
