@@ -68,3 +68,16 @@ def real_data_dir() -> Path:
     if not REAL_DATA.is_dir() or not any(REAL_DATA.glob("*.json")):
         pytest.skip(f"real instruction data not present at {REAL_DATA}")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server (real engine, real API) for the few tests that run flows."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    import flows  # noqa: F401  (applies sftkit's Prefect defaults)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

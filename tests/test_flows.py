@@ -1,0 +1,98 @@
+"""The refresh flow on the real Prefect engine, deployments and their schedules, scale-out runners."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.manifest import read_manifest
+from tests.prepare_fixtures import make_inputs, shard_bytes, shard_rows
+
+pytestmark = pytest.mark.prefect
+
+CONFIG = {"shards": {"val_fraction": 0.2}}
+
+
+def _config():
+    from pipeline.config import SFTConfig
+
+    return SFTConfig.model_validate(CONFIG).model_dump(mode="json")
+
+
+def test_refresh_flow_runs_incrementally_on_real_engine(prefect_harness, tmp_path, bpe_tokenizer_path):
+    from flows.refresh import refresh_flow
+
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "data"
+    first = refresh_flow(inputs=[str(inputs[0])], tokenizer=str(bpe_tokenizer_path), out=str(out), config=_config())
+    assert first["version"] == 1
+    before = shard_bytes(out)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+
+    # Unchanged inputs: no work, no new shard, same manifest version.
+    again = refresh_flow(inputs=[str(inputs[0])], tokenizer=str(bpe_tokenizer_path), out=str(out), config=_config())
+    assert again["version"] == 1
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == mtimes
+
+    # One new file: only it is read; old shards stay byte-identical.
+    third = refresh_flow(inputs=[str(p) for p in inputs], tokenizer=str(bpe_tokenizer_path), out=str(out), config=_config())
+    assert third["version"] == 2
+    assert third["history"][-1]["read"] == 9
+    after = shard_bytes(out)
+    assert all(after[name] == data for name, data in before.items())
+
+    # ... and the result equals a full build of both files at once, through the flow too.
+    full = tmp_path / "full"
+    refresh_flow(inputs=[str(p) for p in inputs], tokenizer=str(bpe_tokenizer_path), out=str(full), config=_config())
+    assert shard_rows(out) == shard_rows(full)
+
+
+def test_refresh_flow_on_local_dask_cluster(prefect_harness, tmp_path, bpe_tokenizer_path):
+    pytest.importorskip("prefect_dask")
+    from flows.refresh import refresh_flow
+    from flows.runner import make_task_runner
+
+    inputs = make_inputs(tmp_path / "in")
+    threads_out, dask_out = tmp_path / "threads", tmp_path / "dask"
+    refresh_flow(inputs=[str(p) for p in inputs], tokenizer=str(bpe_tokenizer_path), out=str(threads_out), config=_config())
+    flow = refresh_flow.with_options(task_runner=make_task_runner("dask", max_workers=2))
+    manifest = flow(inputs=[str(p) for p in inputs], tokenizer=str(bpe_tokenizer_path), out=str(dask_out), config=_config())
+    assert manifest["counts"] == read_manifest(threads_out)["counts"]
+    assert shard_bytes(dask_out) == shard_bytes(threads_out)
+
+
+def test_deployment_carries_cron_schedule_and_parameters(tmp_path, bpe_tokenizer_path):
+    from flows.deploy import build_deployment
+
+    inputs = make_inputs(tmp_path / "in")
+    deployment = build_deployment([str(inputs[0])], "0 3 * * *", str(bpe_tokenizer_path), tmp_path / "data", name="nightly")
+    assert deployment.name == "nightly"
+    assert deployment.flow_name == "sftkit-refresh"
+    crons = [s.schedule.cron for s in deployment.schedules]
+    assert crons == ["0 3 * * *"]
+    assert deployment.parameters["out"] == str((tmp_path / "data").absolute())
+    assert deployment.parameters["inputs"] == [str(inputs[0].absolute())]
+    assert deployment.parameters["config"]["dedup"]["threshold"] == 0.8
+
+
+def test_deploy_without_server_explains_what_to_start(tmp_path, bpe_tokenizer_path, monkeypatch):
+    from flows.deploy import serve_refresh
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(ValueError, match="prefect server start"):
+        serve_refresh(["x.jsonl"], "0 3 * * *", str(bpe_tokenizer_path), tmp_path / "data")
+
+
+def test_unknown_task_runner_is_a_clear_error():
+    from flows.runner import make_task_runner
+
+    with pytest.raises(ValueError, match="unknown task runner"):
+        make_task_runner("spark")
+
+
+def test_pipeline_never_imports_prefect(repo_root):
+    offenders = [
+        str(path.relative_to(repo_root))
+        for path in (repo_root / "pipeline").rglob("*.py")
+        if "import prefect" in path.read_text() or "from prefect" in path.read_text()
+    ]
+    assert offenders == []

@@ -1,0 +1,169 @@
+"""End-to-end prepare in one process: layout, conservation, incremental refresh, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import schema
+from pipeline.config import SFTConfig
+from pipeline.manifest import read_manifest
+from pipeline.prepare import prepare
+from tests.prepare_fixtures import alpaca_records, make_inputs, shard_bytes, shard_rows, write_json, write_jsonl
+
+
+def _config(**shards) -> SFTConfig:
+    return SFTConfig.model_validate({"shards": {"val_fraction": 0.2, **shards}})
+
+
+def _rejected_rows(data_dir: Path) -> int:
+    manifest = read_manifest(data_dir)
+    return sum(pq.ParquetFile(data_dir / r["path"]).metadata.num_rows for r in manifest["rejected"])
+
+
+def test_prepare_writes_contract_layout_and_conserves_records(tmp_path, bpe_tokenizer_path):
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "data"
+    manifest = prepare([str(p) for p in inputs], str(bpe_tokenizer_path), out, _config())
+
+    assert (out / "manifest.json").is_file()
+    shard_files = sorted(p.name for p in (out / "shards").glob("*.parquet"))
+    assert shard_files and all(name.startswith(("train-", "val-")) for name in shard_files)
+    assert {s["split"] for s in manifest["shards"]} == {"train", "val"}
+
+    # 12 alpaca + 6 sharegpt + 1 cross-file duplicate + 2 bad lines
+    assert manifest["counts"]["read"] == 21
+    kept = sum(s["rows"] for s in manifest["shards"])
+    assert kept == manifest["counts"]["kept"]
+    assert kept + _rejected_rows(out) == 21
+    reasons = {(stage, reason) for stage, by in manifest["counts"]["rejected"].items() for reason in by}
+    assert ("ingest", "invalid_json") in reasons
+    assert ("ingest", "bad_turn_order") in reasons
+    assert ("dedup", "exact_duplicate") in reasons
+    assert [s["name"] for s in manifest["stages"]][:2] == ["ingest", "dedup"]
+
+    # Shards follow the contract and load with polars; labels line up with input_ids.
+    frame = pl.scan_parquet(str(out / "shards" / "*.parquet")).collect()
+    assert frame.height == kept
+    assert set(frame.columns) >= {"id", "source", "source_index", "messages", "input_ids", "labels", "length", "num_trainable"}
+    for row in frame.iter_rows(named=True):
+        assert len(row["input_ids"]) == len(row["labels"]) == row["length"]
+        assert row["num_trainable"] == sum(1 for label in row["labels"] if label != schema.IGNORE_INDEX) > 0
+    meta = pq.read_schema(out / "shards" / shard_files[0]).metadata
+    assert meta[schema.META_TOKENIZER_FINGERPRINT] == manifest["tokenizer"]["fingerprint"].encode()
+    assert not (out / ".work").exists()
+
+
+def test_unchanged_rerun_does_nothing_and_new_file_is_appended(tmp_path, bpe_tokenizer_path):
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "data"
+    first = prepare([str(inputs[0])], str(bpe_tokenizer_path), out, _config())
+    before = shard_bytes(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+
+    again = prepare([str(inputs[0])], str(bpe_tokenizer_path), out, _config())
+    assert again["version"] == first["version"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == mtimes
+
+    third = prepare([str(p) for p in inputs], str(bpe_tokenizer_path), out, _config())
+    assert third["version"] == first["version"] + 1
+    assert [i["source"] for i in third["inputs"]] == ["alpaca.json", "chat.jsonl"]
+    assert third["history"][-1]["read"] == 9  # only the new file was read
+    after = shard_bytes(out)
+    assert all(after[name] == data for name, data in before.items())  # old shards untouched
+    assert len(after) > len(before)
+    assert third["counts"]["read"] == third["counts"]["kept"] + _rejected_rows(out)
+    # the exact duplicate in the new file was caught against the earlier run's kept rows
+    assert third["counts"]["rejected"]["dedup"]["exact_duplicate"] == 1
+
+
+def test_incremental_refresh_equals_full_rebuild(tmp_path, bpe_tokenizer_path):
+    inputs = make_inputs(tmp_path / "in")
+    step = tmp_path / "step"
+    prepare([str(inputs[0])], str(bpe_tokenizer_path), step, _config())
+    prepare([str(p) for p in inputs], str(bpe_tokenizer_path), step, _config())
+    full = tmp_path / "full"
+    prepare([str(p) for p in inputs], str(bpe_tokenizer_path), full, _config())
+
+    assert shard_rows(step) == shard_rows(full)
+    assert read_manifest(step)["counts"]["rejected"] == read_manifest(full)["counts"]["rejected"]
+
+
+def test_same_input_and_config_give_identical_shard_bytes(tmp_path, bpe_tokenizer_path):
+    inputs = make_inputs(tmp_path / "in")
+    a, b = tmp_path / "a", tmp_path / "b"
+    prepare([str(p) for p in inputs], str(bpe_tokenizer_path), a, _config())
+    prepare([str(p) for p in inputs], str(bpe_tokenizer_path), b, _config())
+    assert shard_bytes(a) == shard_bytes(b)
+
+
+def test_config_change_rebuilds_whole_dataset(tmp_path, bpe_tokenizer_path):
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "data"
+    first = prepare([str(p) for p in inputs], str(bpe_tokenizer_path), out, _config())
+    rebuilt = prepare([str(p) for p in inputs], str(bpe_tokenizer_path), out, _config(target_rows=3))
+    assert rebuilt["history"][-1]["rebuild"] is True
+    assert rebuilt["counts"]["read"] == first["counts"]["read"]  # not double counted
+    assert len(rebuilt["shards"]) > len(first["shards"])
+    assert all(s["rows"] <= 3 for s in rebuilt["shards"])
+    listed = {s["path"] for s in rebuilt["shards"]}
+    assert {f"shards/{p.name}" for p in (out / "shards").glob("*.parquet")} == listed
+
+
+def test_missing_input_stops_with_one_clear_sentence(tmp_path, bpe_tokenizer_path):
+    with pytest.raises(ValueError, match="nothing-here"):
+        prepare([str(tmp_path / "nothing-here.jsonl")], str(bpe_tokenizer_path), tmp_path / "out")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_when", ["ingest", "tokenize"])
+def test_killed_run_then_rerun_equals_clean_run(tmp_path, bpe_tokenizer_path, repo_root, kill_when):
+    """kill -9 midway, run again: the same shards as a clean run, no partial file listed."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    # Enough rows that the run takes a moment; several inputs so stages have several steps.
+    inputs = [write_json(folder / f"part{i}.json", alpaca_records(i * 200, 200)) for i in range(4)]
+    args = [str(p) for p in inputs] + ["--tokenizer", str(bpe_tokenizer_path), "--no-flow", "--val-fraction", "0.1"]
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen(_cli("prepare", *args, "--out", str(crashed)), cwd=repo_root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    marker = crashed / ".work" / kill_when
+    while time.time() < deadline and proc.poll() is None:
+        if marker.exists() and any(marker.iterdir()):
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be killed")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (crashed / "manifest.json").exists()
+
+    subprocess.run(_cli("prepare", *args, "--out", str(crashed)), cwd=repo_root, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clean = tmp_path / "clean"
+    subprocess.run(_cli("prepare", *args, "--out", str(clean)), cwd=repo_root, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    assert shard_bytes(crashed) == shard_bytes(clean)
+    m_crashed, m_clean = read_manifest(crashed), read_manifest(clean)
+    assert [s["sha256"] for s in m_crashed["shards"]] == [s["sha256"] for s in m_clean["shards"]]
+    assert m_crashed["counts"] == m_clean["counts"]
+    leftovers = [p for p in crashed.rglob("*") if p.name.startswith(".tmp-")]
+    assert leftovers == []
+    json.loads((crashed / "manifest.json").read_text())
