@@ -1,0 +1,120 @@
+"""Orchestration overhead of the Prefect refresh flow, and the speed-up of its scale-out runners.
+
+Same inputs (>= 100k records in N files), same tokenizer, same config, fresh output folder each:
+
+  direct     pipeline.prepare.prepare() in one process (the plain functions, no Prefect)
+  threads    the refresh flow, ThreadPoolTaskRunner
+  processes  the refresh flow, ProcessPoolTaskRunner
+  dask       the refresh flow on a local Dask cluster (one process per core)
+
+Overhead = threads / direct - 1 (target <= 10%). Speed-up = direct / processes and direct / dask.
+Tokenization inside a step runs single-process here (tokenize.num_proc=1), so the runner is
+what spreads the work over the cores.
+
+    .venv/bin/python bench/flow_overhead.py [--records 100000] [--files 8] [--runners direct,threads,processes,dask]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_HOME", str(REPO / ".prefect"))
+
+import flows  # noqa: E402,F401  (Prefect defaults before Prefect is imported)
+
+WORDS = (
+    "model data train token learn answer question explain write list simple careful example result "
+    "value number system language context response prompt format quality shard length batch step"
+).split()
+
+
+def make_inputs(folder: Path, records: int, files: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    per_file = records // files
+    for f in range(files):
+        path = folder / f"part-{f:03d}.jsonl"
+        with path.open("w", encoding="utf-8") as fh:
+            for i in range(per_file):
+                n = f * per_file + i
+                prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30)))
+                answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120)))
+                fh.write(json.dumps({"instruction": f"{prompt} #{n}", "input": "", "output": f"{answer} ({n})."}) + "\n")
+        paths.append(str(path))
+    return paths
+
+
+def run(kind: str, inputs: list[str], tokenizer: str, out: Path, config) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    if kind == "direct":
+        from pipeline.prepare import prepare
+
+        manifest = prepare(inputs, tokenizer, out, config)
+    else:
+        from flows.refresh import refresh_flow
+        from flows.runner import make_task_runner
+
+        flow = refresh_flow.with_options(task_runner=make_task_runner(kind, max_workers=os.cpu_count()))
+        manifest = flow(inputs=inputs, tokenizer=tokenizer, out=str(out), config=config.model_dump(mode="json"))
+    seconds = time.perf_counter() - started
+    print(f"{kind:>10}: {seconds:7.1f} s  kept {manifest['counts']['kept']} of {manifest['counts']['read']}", flush=True)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--runners", default="direct,threads,processes,dask")
+    parser.add_argument("--tokenizer", default=str(REPO / "data_samples" / "tokenizer"))
+    args = parser.parse_args()
+
+    from pipeline.config import SFTConfig
+
+    config = SFTConfig.model_validate({"tokenize": {"num_proc": 1}})
+    work = Path(tempfile.mkdtemp(prefix="sftkit-flow-bench-"))
+    inputs = make_inputs(work / "in", args.records, args.files)
+    print(f"{args.records} records in {args.files} files; {os.cpu_count()} cores", flush=True)
+
+    # Start Prefect's temporary server before timing, so start-up is not counted as overhead.
+    from prefect import flow
+
+    @flow
+    def warm_up() -> int:
+        return 1
+
+    warm_up()
+
+    seconds = {}
+    for kind in args.runners.split(","):
+        seconds[kind] = run(kind, inputs, args.tokenizer, work / kind, config)
+    results = {"records": args.records, "files": args.files, "cores": os.cpu_count(), "seconds": seconds}
+    if "direct" in seconds:
+        direct = seconds["direct"]
+        if "threads" in seconds:
+            results["flow_overhead"] = seconds["threads"] / direct - 1
+            print(f"orchestration overhead (threads flow vs direct): {results['flow_overhead']:+.1%}")
+        for kind in ("processes", "dask"):
+            if kind in seconds:
+                results[f"speedup_{kind}"] = direct / seconds[kind]
+                print(f"speed-up of {kind} runner over direct: {results[f'speedup_{kind}']:.2f}x")
+    out = REPO / "bench" / "results" / "flow_overhead.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
