@@ -121,12 +121,18 @@ def inspect(
     tokens: bool = typer.Option(False, "--tokens", help="show token boundaries"),
     rejected: bool = typer.Option(False, "--rejected", help="rejected counts per stage and reason, with examples"),
     html: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report"),
+    split: str = typer.Option("train", "--split", help="split that --row and --sample read"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed for --sample (random when not given)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="decode with this tokenizer instead of the manifest's"),
 ) -> None:
     """Summarise a prepared dataset, show rows with trained tokens highlighted, or write a report."""
     from pipeline.report import inspect_dataset
 
     try:
-        inspect_dataset(data, row=row, row_id=id, sample=sample, tokens=tokens, rejected=rejected, html=html)
+        inspect_dataset(
+            data, row=row, row_id=id, sample=sample, tokens=tokens, rejected=rejected, html=html,
+            split=split, seed=seed, tokenizer=tokenizer,
+        )
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
 
