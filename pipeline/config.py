@@ -42,6 +42,10 @@ class IngestConfig(_Section):
     mapping: FieldMapping | None = Field(
         None, description="column/role mapping for a layout none of the built-in formats match"
     )
+    merge_consecutive_turns: bool = Field(
+        True, description="join consecutive same-role turns into one; false rejects them as bad_turn_order"
+    )
+    max_record_bytes: int = Field(64 << 20, gt=0, description="a longer record is rejected as record_too_large")
 
 
 class DedupConfig(_Section):

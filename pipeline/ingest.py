@@ -1,0 +1,179 @@
+"""The ingest stage: input paths -> canonical conversation Parquet + quarantined rejects.
+
+This module owns which inputs a run reads (:func:`expand_inputs`) and the per-file stage
+(:func:`ingest_file`): records stream from :mod:`pipeline.readers`, become canonical
+conversations through :mod:`pipeline.formats`, and leave in record batches through a
+``ParquetWriter`` writing to a temporary name that is renamed only when the file is complete.
+Memory stays flat whatever the input size; a crash leaves no file under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schema
+from pipeline.config import IngestConfig
+from pipeline.formats import INVALID_UTF8, RecordError, to_conversation
+from pipeline.fsutil import atomic_path
+from pipeline.readers import InputError, RawRecord, container_of, iter_records
+from pipeline.stage import StageStats, Timer
+
+__all__ = ["InputError", "expand_inputs", "ingest_file"]
+
+STAGE = "ingest"
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Files, globs and save_to_disk folders -> the input paths, sorted and deduplicated.
+
+    Every path is checked up front (exists, readable, a supported container), so a run stops
+    before any work with one sentence naming the culprit.
+    """
+    found: dict[Path, Path] = {}
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise InputError(f"{pattern} matches no files")
+            paths = [Path(match) for match in matches]
+        else:
+            paths = [Path(pattern)]
+        for path in paths:
+            if not path.exists():
+                raise InputError(f"{path} does not exist")
+            container_of(path)
+            if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+                raise InputError(f"{path} is not readable (permission denied)")
+            found.setdefault(path.resolve(), path)
+    return sorted(found.values(), key=str)
+
+
+def ingest_file(
+    path: Path,
+    source: str,
+    kept_path: Path,
+    rejected_path: Path,
+    config: IngestConfig,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+) -> StageStats:
+    """Read one input file; write kept canonical rows and rejected rows; return the counts.
+
+    ``kept_path`` is always written (an empty Parquet file when nothing was kept) so later
+    stages find it; ``rejected_path`` only when something was rejected (a stale one from an
+    earlier run is removed). ``on_batch(n)`` is called after every ``n`` records, for progress
+    bars. Raises :class:`InputError` if the file is not a readable container.
+    """
+    stats = StageStats(STAGE)
+    timer = Timer()
+    with timer, contextlib.ExitStack() as stack:
+        kept = _ParquetSink(kept_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
+        rejected = _ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
+        kept_rows: list[dict[str, Any]] = []
+        rejected_rows: list[dict[str, Any]] = []
+        pending = 0
+        records = iter_records(Path(path), batch_size=config.batch_size, max_record_bytes=config.max_record_bytes)
+        for record in records:
+            stats.records_in += 1
+            pending += 1
+            row, drop = _convert(record, source, config)
+            if row is not None:
+                kept_rows.append(row)
+            else:
+                rejected_rows.append(drop)
+                stats.rejected[drop[schema.REASON]] += 1
+            if pending >= config.batch_size:
+                stats.records_out += kept.write(kept_rows)
+                rejected.write(rejected_rows)
+                kept_rows, rejected_rows = [], []
+                if on_batch:
+                    on_batch(pending)
+                pending = 0
+        stats.records_out += kept.write(kept_rows)
+        rejected.write(rejected_rows)
+        if on_batch and pending:
+            on_batch(pending)
+        kept.finish()
+        rejected.finish()
+    stats.seconds = timer.seconds
+    stats.check_conservation()
+    if not rejected.rows and Path(rejected_path).exists():
+        Path(rejected_path).unlink()  # a quarantine left by an earlier run of this input
+    return stats
+
+
+def _convert(record: RawRecord, source: str, config: IngestConfig) -> tuple[dict | None, dict | None]:
+    """A kept canonical row, or a rejected row."""
+    error = record.error
+    if error is None:
+        try:
+            messages, tools = to_conversation(
+                record.value, config.mapping, merge_consecutive=config.merge_consecutive_turns
+            )
+            conversation_id = schema.conversation_id(messages, tools)
+        except RecordError as exc:
+            error = exc
+        except UnicodeEncodeError:
+            # json.loads turns an escaped lone surrogate ("\ud800") into text no file can hold.
+            error = RecordError(INVALID_UTF8, "the record contains a lone surrogate escape, which is not valid Unicode")
+        else:
+            return {
+                schema.ID: conversation_id,
+                schema.SOURCE: source,
+                schema.SOURCE_INDEX: record.index,
+                schema.MESSAGES: messages,
+                schema.TOOLS: tools,
+            }, None
+    return None, {
+        schema.SOURCE: source,
+        schema.SOURCE_INDEX: record.index,
+        schema.STAGE: STAGE,
+        schema.REASON: error.reason,
+        schema.DETAIL: error.detail,
+        schema.ID: None,
+        schema.DUPLICATE_OF: None,
+        schema.SIMILARITY: None,
+        schema.RAW: schema.cut_raw(record.raw_text()),
+    }
+
+
+class _ParquetSink:
+    """Rows -> one Parquet file written batch by batch under a temporary name.
+
+    The file is opened on the first write (or at :meth:`finish` when ``create_when_empty``), and
+    renamed to its final name when the enclosing ExitStack closes without an error.
+    """
+
+    def __init__(self, final: Path, arrow_schema: pa.Schema, stack: contextlib.ExitStack, *, create_when_empty: bool):
+        self.final = Path(final)
+        self.schema = arrow_schema
+        self.stack = stack
+        self.create_when_empty = create_when_empty
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, rows: list[dict[str, Any]]) -> int:
+        if not rows:
+            return 0
+        self._open().write_table(pa.Table.from_pylist(rows, schema=self.schema))
+        self.rows += len(rows)
+        return len(rows)
+
+    def finish(self) -> None:
+        if self.writer is None and self.create_when_empty:
+            self._open()
+
+    def _open(self) -> pq.ParquetWriter:
+        if self.writer is None:
+            tmp = self.stack.enter_context(atomic_path(self.final))
+            self.writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
+            # Registered after atomic_path, so it runs first: the file is closed before the rename.
+            self.stack.callback(self.writer.close)
+        return self.writer
