@@ -1,0 +1,130 @@
+"""Small, real prepared-dataset folders for the trainer tests.
+
+``write_dataset`` lays out exactly what ``sftkit prepare`` promises (CONTRACT.md): Parquet shards
+with the SHARD_SCHEMA columns under ``DIR/shards/`` and a ``manifest.json`` listing them with
+their sha256, using pipeline.schema, pipeline.fsutil and pipeline.manifest. ``corpus_rows``
+turns the bundled corpus into prompt/response rows tokenized by the bundled BPE tokenizer, with
+the prompt masked out of the labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+
+from pipeline.fsutil import sha256_file, write_parquet_atomic
+from pipeline.manifest import now_iso, write_manifest
+from pipeline.schema import (
+    FORMAT_VERSION,
+    IGNORE_INDEX,
+    META_FORMAT_VERSION,
+    META_SPLIT,
+    META_TOKENIZER_FINGERPRINT,
+    META_TOKENIZER_NAME,
+    SHARD_SCHEMA,
+    conversation_id,
+    make_message,
+    shard_file_name,
+)
+from pipeline.tokenizers import tokenizer_fingerprint
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "data_samples" / "tokenizer_corpus.txt"
+Row = tuple[Sequence[int], Sequence[int]]
+
+
+def corpus_rows(tokenizer, repeat: int = 1) -> list[Row]:
+    """(input_ids, labels) for every pair of consecutive corpus lines: prompt masked, response trained."""
+    lines = [line.strip() for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows: list[Row] = []
+    for copy in range(repeat):
+        for prompt, response in zip(lines, lines[1:]):
+            prompt_ids = tokenizer.encode(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+            response_ids = tokenizer.encode(f"{response}<|im_end|>", add_special_tokens=False)
+            if copy:  # distinct rows when repeating: vary the prompt a little
+                prompt_ids = prompt_ids + tokenizer.encode(f" ({copy})", add_special_tokens=False)
+            rows.append((prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids))
+    return rows
+
+
+def _shard_table(rows: Sequence[Row], split: str, start_index: int) -> pa.Table:
+    records = []
+    for offset, (input_ids, labels) in enumerate(rows):
+        input_ids, labels = [int(t) for t in input_ids], [int(t) for t in labels]
+        assert len(input_ids) == len(labels)
+        messages = [make_message("user", f"{split} row {start_index + offset}"), make_message("assistant", "x")]
+        records.append(
+            {
+                "id": conversation_id(messages),
+                "source": "fixture.jsonl",
+                "source_index": start_index + offset,
+                "messages": messages,
+                "tools": None,
+                "input_ids": input_ids,
+                "labels": labels,
+                "length": len(input_ids),
+                "num_trainable": sum(1 for t in labels if t != IGNORE_INDEX),
+            }
+        )
+    return pa.Table.from_pylist(records, schema=SHARD_SCHEMA)
+
+
+def write_dataset(
+    out: str | Path,
+    train_rows: Sequence[Row],
+    val_rows: Sequence[Row] = (),
+    *,
+    tokenizer,
+    tokenizer_name: str | Path,
+    rows_per_shard: int = 1000,
+) -> Path:
+    """A dataset folder (shards + manifest) holding these rows; returns the folder."""
+    out = Path(out)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    metadata = {
+        META_TOKENIZER_NAME: str(tokenizer_name).encode(),
+        META_TOKENIZER_FINGERPRINT: fingerprint.encode(),
+        META_FORMAT_VERSION: FORMAT_VERSION.encode(),
+    }
+    entries = []
+    for split, rows in (("train", train_rows), ("val", val_rows)):
+        for shard_index, start in enumerate(range(0, len(rows), rows_per_shard)):
+            chunk = rows[start : start + rows_per_shard]
+            relative = f"shards/{shard_file_name(split, shard_index)}"
+            table = _shard_table(chunk, split, start)
+            write_parquet_atomic(table, out / relative, metadata={**metadata, META_SPLIT: split.encode()})
+            entries.append(
+                {
+                    "path": relative,
+                    "split": split,
+                    "rows": len(chunk),
+                    "tokens": sum(len(ids) for ids, _ in chunk),
+                    "trainable_tokens": sum(sum(1 for t in labels if t != IGNORE_INDEX) for _, labels in chunk),
+                    "sha256": sha256_file(out / relative),
+                }
+            )
+    kept = len(train_rows) + len(val_rows)
+    write_manifest(
+        out,
+        {
+            "version": 1,
+            "created_at": now_iso(),
+            "tokenizer": {"name": str(tokenizer_name), "fingerprint": fingerprint},
+            "template": {"name": "fixture", "fingerprint": "none"},
+            "config": {},
+            "shards": entries,
+            "counts": {"read": kept, "kept": kept, "rejected": {}},
+            "stages": [],
+        },
+    )
+    return out
+
+
+def corpus_dataset(out: str | Path, tokenizer, tokenizer_name: str | Path, *, repeat: int = 4, rows_per_shard: int = 40) -> Path:
+    """The bundled corpus as a dataset: every 8th row in val, the rest in train, several shards."""
+    rows = corpus_rows(tokenizer, repeat=repeat)
+    val = rows[::8]
+    train = [row for i, row in enumerate(rows) if i % 8]
+    return write_dataset(out, train, val, tokenizer=tokenizer, tokenizer_name=tokenizer_name, rows_per_shard=rows_per_shard)

@@ -1,0 +1,379 @@
+"""The training loop, top to bottom: plan -> fetch micro-batches -> masked loss -> step -> eval/save.
+
+Everything that is not the loop lives next door: the data (:mod:`trainer.data`), batch plans and
+collate (:mod:`trainer.batching`, :mod:`trainer.sampling`), the loss (:mod:`trainer.loss`), the
+optimizer and schedule (:mod:`trainer.schedule`), checkpoints (:mod:`trainer.checkpoint`),
+telemetry (:mod:`trainer.metrics`) and process groups (:mod:`trainer.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.fsutil import TMP_PREFIX
+from trainer import distributed
+from trainer.batching import PlannedBatches
+from trainer.checkpoint import (
+    TrainState, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint, step_dir,
+)
+from trainer.loss import count_targets, shifted_targets, summed_cross_entropy
+from trainer.metrics import MetricsLog, plot_loss, progress_bar
+from trainer.sampling import EpochPlanner, eval_plan
+from trainer.schedule import build_optimizer, build_scheduler
+
+FINAL_DIR = "final"
+
+
+class TrainConfig(BaseModel):
+    """Everything ``sftkit train`` can set; the defaults follow the lesson (lr 1e-5, 3 epochs, early stop)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    data: Path
+    out: Path
+    model: str = "tiny"
+    tokenizer: Optional[str] = Field(None, description="override the tokenizer named in the manifest")
+    max_steps: Optional[int] = Field(None, description="optimizer steps; overrides epochs")
+    epochs: float = 3.0
+    lr: float = 1e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_tokens: int = Field(8192, description="token slots per micro-batch (per rank)")
+    pack_length: Optional[int] = Field(None, description="length of one packed row; default batch_tokens")
+    grad_accum: int = 1
+    packing: bool = True
+    eval_every: int = 200
+    patience: Optional[int] = 3
+    save_every: int = 500
+    keep_last: int = 2
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    num_workers: Optional[int] = Field(None, description="DataLoader workers; default 2 on CUDA, 0 on CPU")
+    attn_implementation: Optional[str] = None
+    progress: bool = True
+
+
+class SFTTrainer:
+    """Fine-tunes ``model`` on a ShardDataset: ``compute_loss(batch)`` and ``train()``."""
+
+    def __init__(self, model, train_dataset, eval_dataset, config: TrainConfig, tokenizer=None):
+        self.config = config
+        self.dist = distributed.current()
+        self.device = distributed.resolve_device(config.device, self.dist)
+        self.model = model.to(self.device)
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) else None
+        self.tokenizer = tokenizer
+        self.pad_token_id = _pad_token_id(tokenizer, model)
+        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.wrapped = model
+        if self.dist.world_size > 1:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.planner = EpochPlanner(
+            train_dataset.lengths, config.seed, config.batch_tokens, config.packing, config.pack_length,
+            self.dist.rank, self.dist.world_size,
+        )
+        self.steps_per_epoch = self.planner.steps_per_epoch(config.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{config.data} has too few training rows for {self.dist.world_size} rank(s) at "
+                f"--batch-tokens {config.batch_tokens}"
+            )
+        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, self.device)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, config.warmup_ratio)
+        self.state = TrainState()
+
+    # --- the loss ------------------------------------------------------------------------
+    def compute_loss(self, batch: dict, num_targets: float | None = None) -> torch.Tensor:
+        """Summed CE over the batch's trained targets / ``num_targets`` (default: their own count)."""
+        loss_sum, count = self._loss_sum(self.wrapped, batch)
+        return loss_sum / max(num_targets if num_targets is not None else count, 1)
+
+    def _loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True).long()
+        position_ids = batch["position_ids"].to(self.device, non_blocking=True).long()
+        targets = shifted_targets(batch["labels"].to(self.device, non_blocking=True), position_ids)
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        if not batch.get("packed", False):  # a mask would hide the restarting positions of packed rows
+            inputs["attention_mask"] = batch["attention_mask"].to(self.device, non_blocking=True).long()
+        with self._autocast():
+            logits = model(**inputs).logits
+        return summed_cross_entropy(logits, targets), int(targets.ne(-100).sum())
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # --- one optimizer step's worth of forward/backward ------------------------------------
+    def forward_backward(self, micro_batches: list[dict], stop_requested: bool = False) -> dict:
+        """Accumulate gradients over this rank's micro-batches, normalised by the step's trained
+        tokens on every rank; returns global loss/token figures. Nothing runs if any rank must stop."""
+        local_targets = sum(count_targets(b) for b in micro_batches)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        global_targets, global_tokens, stop = distributed.all_reduce_sum(
+            [local_targets, local_tokens, float(stop_requested)], self.device
+        )
+        if stop:
+            return {"stop": True}
+        # DDP averages gradients over ranks; scaling by world size turns that into a plain sum.
+        normaliser = max(global_targets, 1) / self.dist.world_size
+        loss_sum = torch.zeros((), device=self.device)
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.wrapped is self.model else self.wrapped.no_sync()
+            with sync:
+                batch_loss_sum, _ = self._loss_sum(self.wrapped, batch)
+                (batch_loss_sum / normaliser).backward()
+            loss_sum += batch_loss_sum.detach()
+        (global_loss_sum,) = distributed.all_reduce_sum([float(loss_sum)], self.device)
+        return {
+            "stop": False,
+            "loss": global_loss_sum / global_targets if global_targets else 0.0,
+            "trained_tokens": int(global_targets),
+            "tokens": int(global_tokens),
+        }
+
+    def optimizer_step(self, trained_tokens: int) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        if trained_tokens:  # a step with nothing to learn from must not move Adam's moments
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    # --- data ------------------------------------------------------------------------------
+    def _step_batches(self) -> Iterator[tuple[int, int, list[dict], float]]:
+        """Yield (epoch, next micro index, micro-batches, seconds waited) per optimizer step,
+        starting at the saved position; the plan of each epoch is derived, never stored."""
+        epoch, start = self.state.epoch, self.state.micro_index
+        workers = self.config.num_workers if self.config.num_workers is not None else (2 if self.device.type == "cuda" else 0)
+        while True:
+            plan = self.planner.rank_plan(epoch)
+            loader = torch.utils.data.DataLoader(
+                PlannedBatches(self.train_dataset, plan[start:], self.pad_token_id),
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=4 if workers else None,
+            )
+            batches = iter(loader)
+            index = start
+            while index < len(plan):
+                waited = time.perf_counter()
+                count = min(self.config.grad_accum, len(plan) - index)
+                micro = [next(batches) for _ in range(count)]
+                index += count
+                yield epoch, index, micro, time.perf_counter() - waited
+            epoch, start = epoch + 1, 0
+
+    # --- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, int]:
+        """Mean CE per trained token over the whole validation split (every rank a disjoint part)."""
+        self.model.eval()
+        plan = eval_plan(
+            self.eval_dataset.lengths, self.config.batch_tokens, self.config.packing, self.config.pack_length,
+            self.dist.rank, self.dist.world_size,
+        )
+        loss_sum, targets = 0.0, 0
+        for batch in PlannedBatches(self.eval_dataset, plan, self.pad_token_id):
+            batch_sum, batch_targets = self._loss_sum(self.model, batch)  # unwrapped: ranks may differ in count
+            loss_sum, targets = loss_sum + float(batch_sum), targets + batch_targets
+        loss_sum, targets = distributed.all_reduce_sum([loss_sum, targets], self.device)
+        self.model.train()
+        return (loss_sum / targets if targets else float("nan")), int(targets)
+
+    # --- the loop --------------------------------------------------------------------------
+    def train(self) -> dict:
+        config, state = self.config, self.state
+        run_dir = Path(config.out)
+        self._start_or_resume(run_dir)
+        log = MetricsLog(run_dir, enabled=self.dist.is_main, resume_step=state.step if config.resume else None)
+        bar = progress_bar(self.total_steps, state.step, enabled=self.dist.is_main and config.progress)
+        stop_reason = "max_steps"
+        self.model.train()
+        with _SigtermFlag() as sigterm:
+            batches = self._step_batches()
+            while state.step < self.total_steps:
+                epoch, next_index, micro, waited = next(batches)
+                started = time.perf_counter() - waited
+                result = self.forward_backward(micro, stop_requested=sigterm.raised)
+                if result["stop"]:
+                    stop_reason = "sigterm"
+                    break
+                lr = self.scheduler.get_last_lr()[0]
+                grad_norm = self.optimizer_step(result["trained_tokens"])
+                state.step += 1
+                state.epoch, state.micro_index = epoch, next_index
+                state.tokens_seen += result["tokens"]
+                state.trained_tokens_seen += result["trained_tokens"]
+                elapsed = time.perf_counter() - started
+                log.write({
+                    "type": "train", "step": state.step, "epoch": epoch, "loss": result["loss"], "lr": lr,
+                    "grad_norm": grad_norm, "tokens": result["tokens"], "trained_tokens": result["trained_tokens"],
+                    "tokens_per_s": result["tokens"] / elapsed, "data_wait": waited / elapsed,
+                })
+                bar.update(1)
+                bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+
+                saved_best = False
+                if self.eval_dataset is not None and state.step % config.eval_every == 0:
+                    saved_best = self._evaluate_and_track(log, run_dir)
+                    if config.patience is not None and state.evals_since_best >= config.patience:
+                        stop_reason = "early_stopping"
+                if state.step % config.save_every == 0 and not saved_best:
+                    self._save(run_dir)
+                if stop_reason == "early_stopping":
+                    break
+            batches.close()
+        bar.close()
+        self._save(run_dir)
+        log.write({"type": "stop", "step": state.step, "reason": stop_reason})
+        log.close()
+        if stop_reason != "sigterm":
+            self._save_final(run_dir)
+        return self._summary(run_dir, stop_reason)
+
+    def _evaluate_and_track(self, log: MetricsLog, run_dir: Path) -> bool:
+        """Evaluate, update early-stopping counters, and checkpoint when the model is the best yet."""
+        state = self.state
+        eval_loss, eval_tokens = self.evaluate()
+        improved = eval_loss < state.best_eval_loss
+        if improved:
+            state.best_eval_loss, state.best_step, state.evals_since_best = eval_loss, state.step, 0
+        else:
+            state.evals_since_best += 1
+        log.write({"type": "eval", "step": state.step, "eval_loss": eval_loss, "eval_tokens": eval_tokens, "best": improved})
+        if improved:
+            self._save(run_dir)
+        return improved
+
+    # --- checkpoints and the final model ---------------------------------------------------
+    def _start_or_resume(self, run_dir: Path) -> None:
+        if self.dist.is_main:
+            remove_partial(run_dir)
+        distributed.barrier()
+        found = list_checkpoints(run_dir)
+        if found and not self.config.resume:
+            raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
+        if self.config.resume and found:
+            step, path = found[-1]
+            self.state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            if self.dist.is_main:
+                print(f"resuming {run_dir} from step {step} (epoch {self.state.epoch}, micro-batch {self.state.micro_index})")
+        elif self.config.resume and self.dist.is_main:
+            print(f"--resume: no checkpoint in {run_dir}, starting from step 0")
+
+    def _save(self, run_dir: Path) -> None:
+        save_checkpoint(
+            run_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=self.state,
+            config=self.config.model_dump(mode="json"), keep_last=self.config.keep_last,
+        )
+
+    def _save_final(self, run_dir: Path) -> None:
+        """``RUN/final``: the best checkpoint's weights (or the last ones when there was no eval)."""
+        if self.state.best_step >= 0 and self.state.best_step != self.state.step:
+            load_checkpoint(step_dir(run_dir, self.state.best_step), model=self.model)
+        if self.dist.is_main:
+            final, tmp = run_dir / FINAL_DIR, run_dir / f"{TMP_PREFIX}{FINAL_DIR}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            plot_loss(run_dir)
+        distributed.barrier()
+
+    def _summary(self, run_dir: Path, stop_reason: str) -> dict:
+        state = self.state
+        return {
+            "steps": state.step,
+            "epoch": state.epoch,
+            "stop_reason": stop_reason,
+            "tokens_seen": state.tokens_seen,
+            "trained_tokens_seen": state.trained_tokens_seen,
+            "best_eval_loss": state.best_eval_loss if state.best_step >= 0 else None,
+            "best_step": state.best_step if state.best_step >= 0 else None,
+            "run_dir": str(run_dir),
+            "final_dir": str(run_dir / FINAL_DIR) if stop_reason != "sigterm" else None,
+        }
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps, so it can save and exit cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def _pad_token_id(tokenizer, model) -> int:
+    for candidate in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(model.config, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def run_training(config: TrainConfig) -> dict:
+    """``sftkit train``: build tokenizer, datasets and model from the config, train, return final metrics."""
+    from trainer.data import ShardDataset
+    from trainer.models import load_model, resolve_tokenizer
+
+    info = distributed.init_from_env(config.device)
+    try:
+        tokenizer = resolve_tokenizer(Path(config.data), config.model, config.tokenizer)
+        # Rank 0 builds any missing memory-map companions first; the others then just open them.
+        if not info.is_main:
+            distributed.barrier()
+        train_dataset = ShardDataset(config.data, "train", tokenizer=tokenizer)
+        eval_dataset = ShardDataset(config.data, "val", tokenizer=tokenizer)
+        if info.is_main:
+            distributed.barrier()
+        if len(train_dataset) == 0:
+            raise ValueError(f"{config.data} has no training rows")
+        longest = int(max(train_dataset.lengths.max(), eval_dataset.lengths.max(initial=0)))
+        max_positions = max(4096, config.pack_length or config.batch_tokens, longest)
+        model = load_model(
+            config.model, tokenizer, seed=config.seed, max_positions=max_positions,
+            attn_implementation=config.attn_implementation,
+        )
+        torch.manual_seed(config.seed)
+        trainer = SFTTrainer(model, train_dataset, eval_dataset, config, tokenizer=tokenizer)
+        return trainer.train()
+    finally:
+        distributed.shutdown()
