@@ -60,6 +60,11 @@ class DedupConfig(_Section):
     word_ngram: int = Field(5, gt=0)
     char_ngram: int = Field(5, gt=0, description="shingle size for CJK and Thai text")
     verify: bool = Field(True, description="confirm LSH candidates by estimated Jaccard")
+    verify_exact: bool = Field(
+        True,
+        description="verify candidates within a run by the exact Jaccard of their shingle sets "
+        "(pairs against an earlier run's index use the MinHash estimate)",
+    )
     seed: int = 1
     partitions: int = Field(8, gt=0, description="band-bucket partitions, one task each when scaled out")
 

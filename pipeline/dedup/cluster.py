@@ -1,0 +1,324 @@
+"""The global reduce of dedup: verify candidate pairs, cluster them, pick who stays, write.
+
+Owns the keep policy and every removal decision.
+
+1. Exact duplicates first: rows whose normal form an earlier run kept are removed
+   (``exact_duplicate`` of that record); the others group by normal form.
+2. Candidate pairs (from :func:`pipeline.dedup.lsh.candidate_pairs`, one group of bands per
+   partition) are verified: pairs within this run by the exact Jaccard of their shingle sets
+   (``verify_exact``, precise at the threshold), pairs against an earlier run's record by the
+   MinHash estimate (its text is no longer at hand, its signature is). Pairs below the
+   threshold are dropped.
+3. Connected components over the verified pairs (``scipy.sparse.csgraph``), exact-duplicate
+   groups folded in: each component is a cluster.
+4. Keep policy, deterministic: a cluster holding a record kept by an earlier run keeps only the
+   old records (they are in shards already); otherwise it keeps the member that passes
+   ``is_good`` (if given), then has the longest response, then comes first in
+   ``(source, source_index)`` order, then has the smallest id.
+5. Every other member is removed: ``exact_duplicate`` when its normal form equals the kept one,
+   else ``near_duplicate``; ``duplicate_of`` = the kept record's id (the most similar old record
+   when old ones win) and ``similarity`` = the estimated Jaccard to it (1.0 for exact). Through
+   a chain A~B~C a removed member can be less similar to the kept one than the threshold;
+   ``detail`` says so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from pipeline import schema
+from pipeline.config import DedupConfig
+from pipeline.dedup import index as dedup_index
+from pipeline.dedup.lsh import RESPONSE_CHARS, lsh_shape, read_uint64, run_params
+from pipeline.dedup.minhash import estimated_jaccard
+from pipeline.dedup.normalize import key_texts, normalize_all, row_dicts
+from pipeline.dedup.shingles import shingle_hashes
+from pipeline.fsutil import write_parquet_atomic
+from pipeline.stage import Drop, StageStats, Timer, rejected_rows_from_table, write_rejected
+
+EXACT, NEAR = "exact_duplicate", "near_duplicate"
+
+
+class _Rows:
+    """The new rows of this run across chunk files: global row <-> (file, local row)."""
+
+    def __init__(self, sig_paths: list[Path]) -> None:
+        self.sig_paths = sig_paths
+        counts = [pq.read_metadata(p).num_rows for p in sig_paths]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.total = int(self.offsets[-1])
+
+    def split(self, rows: np.ndarray):
+        """Yield ``(file_index, global_rows, local_rows)`` for sorted global ``rows``."""
+        for i in range(len(self.sig_paths)):
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            picked = rows[(rows >= lo) & (rows < hi)]
+            if len(picked):
+                yield i, picked, picked - lo
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        return pa.chunked_array(
+            [pq.read_table(p, columns=[name]).column(name).combine_chunks() for p in self.sig_paths]
+        )
+
+    def signatures(self, rows: np.ndarray, num_perm: int) -> np.ndarray:
+        out = np.empty((len(rows), num_perm), dtype=np.uint32)
+        for i, picked, local in self.split(rows):
+            sig = pq.read_table(self.sig_paths[i], columns=[dedup_index.SIGNATURE]).column(0).combine_chunks()
+            values = sig.take(pa.array(local)).flatten().to_numpy().reshape(-1, num_perm)
+            out[np.searchsorted(rows, picked)] = values
+        return out
+
+
+def _fixed_list_numpy(array: pa.Array, width: int) -> np.ndarray:
+    return array.flatten().to_numpy().reshape(-1, width)
+
+
+def _exact_jaccard(in_paths: list[Path], rows: _Rows, nodes: np.ndarray, config: DedupConfig) -> dict[int, np.ndarray]:
+    """Sorted unique shingle hashes of the given new rows (re-shingled from their text)."""
+    sets: dict[int, np.ndarray] = {}
+    for i, picked, local in rows.split(nodes):
+        table = pq.read_table(in_paths[i], columns=[schema.MESSAGES]).take(pa.array(local))
+        forms, cjk = normalize_all(key_texts(table, config.key))
+        hashes, offsets = shingle_hashes(forms, cjk, config.word_ngram, config.char_ngram)
+        for node, lo, hi in zip(picked, offsets[:-1], offsets[1:]):
+            sets[int(node)] = np.unique(hashes[lo:hi])
+    return sets
+
+
+def _set_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    if not len(a) and not len(b):
+        return 1.0
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def resolve_clusters(
+    in_paths: list[str | os.PathLike],
+    sig_paths: list[str | os.PathLike],
+    edges: list[np.ndarray | str | os.PathLike],
+    out_paths: list[str | os.PathLike],
+    rejected_path: str | os.PathLike,
+    index_dir: str | os.PathLike,
+    config: DedupConfig,
+    is_good: Callable[[dict[str, Any]], bool] | None = None,
+    index_parts: list[str] | None = None,
+) -> StageStats:
+    """Decide, write the kept rows per chunk and the rejected rows, and write the new index part.
+
+    ``edges``: the candidate pairs of every partition (arrays or ``.npy`` paths). The new part's
+    name is returned in ``stats.extra["index_part"]`` (None when nothing was kept) and the full
+    list to commit in ``stats.extra["index_parts"]``; the part is not made current here.
+    """
+    in_paths, sig_paths, out_paths = [Path(p) for p in in_paths], [Path(p) for p in sig_paths], [Path(p) for p in out_paths]
+    if not len(in_paths) == len(sig_paths) == len(out_paths):
+        raise ValueError(
+            f"dedup needs one signature file and one output per input chunk: {len(in_paths)} inputs, "
+            f"{len(sig_paths)} signature files, {len(out_paths)} outputs"
+        )
+    timer = Timer()
+    with timer:
+        stats, removed_by_file = _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts)
+        stats.extra["index_part"] = _write_outputs(
+            in_paths, sig_paths, out_paths, rejected_path, index_dir, config, removed_by_file
+        )
+        committed = dedup_index.current_parts(index_dir) if index_parts is None else list(index_parts)
+        stats.extra["index_parts"] = committed + ([stats.extra["index_part"]] if stats.extra["index_part"] else [])
+    stats.seconds = timer.seconds
+    stats.check_conservation()
+    return stats
+
+
+def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts):
+    params = run_params(config)
+    rows = _Rows(sig_paths)
+    for in_path, sig_path, count in zip(in_paths, sig_paths, np.diff(rows.offsets)):
+        if pq.read_metadata(in_path).num_rows != count:
+            raise ValueError(f"dedup signature file {sig_path} does not match its chunk {in_path} (row counts differ)")
+    num_new = rows.total
+    old = dedup_index.load_index(index_dir, index_parts, columns=[schema.ID, dedup_index.EXACT_HASH], params=params)
+    old_ids = old.column(schema.ID).combine_chunks()
+    old_exact = old.column(dedup_index.EXACT_HASH).to_numpy().astype(np.uint64)
+    new_exact = read_uint64(sig_paths, dedup_index.EXACT_HASH)
+    ids = rows.column(schema.ID).combine_chunks()
+
+    reason = np.zeros(num_new, dtype=np.int8)  # 0 kept, 1 exact, 2 near
+    dup_node = np.full(num_new, -1, dtype=np.int64)
+    similarity = np.zeros(num_new, dtype=np.float64)
+    chained = np.zeros(num_new, dtype=bool)
+
+    # 1. exact duplicates of records kept before, and exact groups within this run
+    if config.exact:
+        order = np.argsort(old_exact, kind="stable")
+        pos = np.searchsorted(old_exact[order], new_exact)
+        pos = np.minimum(pos, max(len(order) - 1, 0))
+        hit = (old_exact[order][pos] == new_exact) if len(order) else np.zeros(num_new, dtype=bool)
+        reason[hit] = 1
+        dup_node[hit] = num_new + order[pos[hit]]
+        similarity[hit] = 1.0
+        _, first, inverse = np.unique(new_exact, return_index=True, return_inverse=True)
+        rep_of = first[inverse.reshape(-1)]
+    else:
+        hit = np.zeros(num_new, dtype=bool)
+        rep_of = np.arange(num_new)
+
+    # 2. verify candidate pairs
+    pairs = [np.load(e) if isinstance(e, (str, os.PathLike)) else np.asarray(e) for e in edges]
+    pairs = np.concatenate(pairs).astype(np.int64) if pairs else np.empty((0, 2), np.int64)
+    total = num_new + old.num_rows
+    if len(pairs):
+        codes = np.unique(pairs[:, 0] * total + pairs[:, 1])
+        pairs = np.stack([codes // total, codes % total], axis=1)
+    nodes = np.unique(pairs)
+    sig_nodes = _node_signatures(nodes, rows, index_dir, index_parts, config.num_perm)
+    pair_sim = estimated_jaccard(sig_nodes[np.searchsorted(nodes, pairs[:, 0])], sig_nodes[np.searchsorted(nodes, pairs[:, 1])])
+    if config.verify:
+        decided = pair_sim.copy()
+        if config.verify_exact:
+            within = np.flatnonzero(pairs[:, 1] < num_new)
+            sets = _exact_jaccard(in_paths, rows, np.unique(pairs[within]), config)
+            for k in within:
+                decided[k] = _set_jaccard(sets[int(pairs[k, 0])], sets[int(pairs[k, 1])])
+        accepted = pairs[decided >= config.threshold]
+    else:
+        accepted = pairs
+    stats_extra = {"candidate_pairs": int(len(pairs)), "verified_pairs": int(len(accepted))}
+
+    # 3. clusters: components over verified pairs, exact groups folded in through rep_of
+    label_of_node = np.full(total, -1, dtype=np.int64)
+    if len(accepted):
+        comp_nodes = np.unique(accepted)
+        a, b = np.searchsorted(comp_nodes, accepted[:, 0]), np.searchsorted(comp_nodes, accepted[:, 1])
+        graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(comp_nodes),) * 2)
+        _, labels = connected_components(graph, directed=False)
+        label_of_node[comp_nodes] = labels
+    num_labels = int(label_of_node.max()) + 1
+    live = np.flatnonzero(~hit)
+    cluster = label_of_node[rep_of[live]]
+    alone = cluster < 0
+    cluster[alone] = num_labels + rep_of[live][alone]  # exact group outside any component
+    order = np.lexsort((live, cluster))
+    live, cluster = live[order], cluster[order]
+    bounds = np.flatnonzero(np.concatenate([[True], cluster[1:] != cluster[:-1], [True]])) if len(live) else []
+    old_by_label: dict[int, list[int]] = {}
+    for node in np.flatnonzero(label_of_node[num_new:] >= 0) + num_new:
+        old_by_label.setdefault(int(label_of_node[node]), []).append(int(node))
+
+    groups = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        members = live[lo:hi]
+        olds = old_by_label.get(int(cluster[lo]), [])
+        if len(members) + len(olds) > 1:
+            groups.append((members, olds))
+
+    # 4. keep policy
+    good: dict[int, bool] = {}
+    if is_good is not None:
+        need = np.sort(np.concatenate([m for m, olds in groups if not olds] or [np.empty(0, np.int64)]))
+        for i, picked, local in rows.split(need):
+            table = pq.read_table(in_paths[i])
+            for node, record in zip(picked, row_dicts(table, local).values()):
+                good[int(node)] = bool(is_good(record))
+    sources = rows.column(schema.SOURCE).combine_chunks()
+    source_index = read_uint64(sig_paths, schema.SOURCE_INDEX).astype(np.int64)
+    response = read_uint64(sig_paths, RESPONSE_CHARS).astype(np.int64)
+
+    def sig_of(node: int) -> np.ndarray:
+        return sig_nodes[np.searchsorted(nodes, node)]
+
+    for members, olds in groups:
+        if olds:
+            for m in members:
+                rep = int(rep_of[m])
+                sims = [float(estimated_jaccard(sig_of(rep), sig_of(o))) for o in olds]
+                best = int(np.argmax(sims))
+                reason[m], dup_node[m], similarity[m] = 2, olds[best], sims[best]
+            continue
+        winner = min(
+            (int(m) for m in members),
+            key=lambda m: (
+                0 if good.get(m, True) else 1,
+                -response[m],
+                sources[m].as_py(),
+                source_index[m],
+                ids[m].as_py(),
+            ),
+        )
+        for m in members:
+            m = int(m)
+            if m == winner:
+                continue
+            dup_node[m] = winner
+            if config.exact and new_exact[m] == new_exact[winner]:
+                reason[m], similarity[m] = 1, 1.0
+            else:
+                reason[m] = 2
+                similarity[m] = float(estimated_jaccard(sig_of(int(rep_of[m])), sig_of(int(rep_of[winner]))))
+                chained[m] = similarity[m] < config.threshold
+
+    # the removed rows of each chunk, with their Drop
+    def dup_id(node: int) -> str:
+        return ids[node].as_py() if node < num_new else old_ids[node - num_new].as_py()
+
+    removed_by_file: list[tuple[np.ndarray, list[Drop]]] = []
+    for i in range(len(sig_paths)):
+        lo, hi = rows.offsets[i], rows.offsets[i + 1]
+        local = np.flatnonzero(reason[lo:hi])
+        drops = []
+        for r in local + lo:
+            kept_id = dup_id(int(dup_node[r]))
+            if reason[r] == 1:
+                drops.append(Drop(EXACT, f"same text as {kept_id} after normalisation", kept_id, 1.0))
+            else:
+                note = f"; joined through a chain of pairs >= {config.threshold:g}" if chained[r] else ""
+                drops.append(
+                    Drop(NEAR, f"near duplicate of {kept_id} (estimated Jaccard {similarity[r]:.3f}{note})", kept_id, float(similarity[r]))
+                )
+        removed_by_file.append((local, drops))
+
+    stats = StageStats("dedup", records_in=num_new, records_out=int(np.count_nonzero(reason == 0)))
+    for code, name in ((1, EXACT), (2, NEAR)):
+        if count := int(np.count_nonzero(reason == code)):
+            stats.rejected[name] = count
+    stats.extra.update(stats_extra)
+    bands, rows_per_band = lsh_shape(config)
+    stats.extra["lsh"] = f"{bands}x{rows_per_band}"
+    return stats, removed_by_file
+
+
+def _node_signatures(nodes: np.ndarray, rows: _Rows, index_dir, index_parts, num_perm: int) -> np.ndarray:
+    out = np.empty((len(nodes), num_perm), dtype=np.uint32)
+    new = nodes[nodes < rows.total]
+    out[: len(new)] = rows.signatures(new, num_perm)
+    old = nodes[nodes >= rows.total] - rows.total
+    if len(old):
+        out[len(new) :] = _fixed_list_numpy(dedup_index.index_rows(index_dir, index_parts, old, dedup_index.SIGNATURE), num_perm)
+    return out
+
+
+def _write_outputs(in_paths, sig_paths, out_paths, rejected_path, index_dir, config, removed_by_file) -> str | None:
+    rejected = []
+    writer = dedup_index.PartWriter(index_dir, run_params(config))
+    try:
+        for in_path, sig_path, out_path, (local, drops) in zip(in_paths, sig_paths, out_paths, removed_by_file):
+            table = pq.read_table(in_path)
+            keep = np.ones(table.num_rows, dtype=bool)
+            keep[local] = False
+            write_parquet_atomic(table.filter(pa.array(keep)), out_path)
+            rejected.append(rejected_rows_from_table(table, local.tolist(), drops, "dedup"))
+            del table
+            sig = pq.read_table(sig_path)
+            writer.write(sig.filter(pa.array(keep)))
+        write_rejected(pa.concat_tables(rejected) if rejected else schema.REJECTED_SCHEMA.empty_table(), rejected_path)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise

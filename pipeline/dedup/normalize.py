@@ -1,0 +1,127 @@
+"""Text normalisation and dedup keys: what "the same text" means for dedup.
+
+Owns the one normal form both exact and near dedup hash: Unicode NFKC, case-folded,
+punctuation (every Unicode ``P*`` category) turned into spaces, each CJK / Japanese / Korean /
+Thai-family character made a token of its own, whitespace collapsed to single spaces. The
+result is a space-separated token string, so formatting-only variants ("Hello,  WORLD!" /
+"hello world") share one form, and the shingler can cut n-grams without knowing the script.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import unicodedata
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schema
+
+# Scripts written without spaces between words (or where words are short syllable blocks):
+# Han (+ extensions and compatibility ideographs), Hiragana, Katakana, Hangul, Thai, Lao,
+# Khmer, Myanmar, Tibetan. Each character becomes one token; the shingler then uses character
+# n-grams for text made mostly of them.
+_CJK_RANGES = (
+    "\u0e00-\u0eff"  # Thai, Lao
+    "\u0f00-\u0fff"  # Tibetan
+    "\u1000-\u109f"  # Myanmar
+    "\u1100-\u11ff"  # Hangul Jamo
+    "\u1780-\u17ff"  # Khmer
+    "\u2e80-\u2fdf"  # CJK radicals
+    "\u3040-\u30ff"  # Hiragana, Katakana
+    "\u3100-\u31ff"  # Bopomofo, Hangul compatibility Jamo, Katakana extensions
+    "\u3400-\u4dbf"  # CJK extension A
+    "\u4e00-\u9fff"  # CJK unified ideographs
+    "\ua960-\ua97f"  # Hangul Jamo extended A
+    "\uac00-\ud7ff"  # Hangul syllables, Jamo extended B
+    "\uf900-\ufaff"  # CJK compatibility ideographs
+    "\U00020000-\U0003134f"  # CJK extensions B-G
+)
+_CJK_CHAR = re.compile(f"[{_CJK_RANGES}]")
+
+
+@functools.cache
+def _punctuation() -> re.Pattern[str]:
+    # Python's re has no \p{P}; build the class once from the Unicode database (about 0.3 s).
+    chars = [chr(cp) for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)).startswith("P")]
+    ranges: list[str] = []
+    start = prev = ord(chars[0])
+    for ch in chars[1:] + [chr(0x10FFFF)]:
+        cp = ord(ch)
+        if cp != prev + 1:
+            ranges.append(re.escape(chr(start)) + ("-" + re.escape(chr(prev)) if prev != start else ""))
+            start = cp
+        prev = cp
+    return re.compile("[" + "".join(ranges) + "]")
+
+
+def normalize(text: str) -> tuple[str, int]:
+    """The normal form of ``text`` and how many of its tokens are CJK/Thai characters.
+
+    >>> normalize("Hello,  WORLD!")[0]
+    'hello world'
+    >>> normalize("你好，世界")
+    ('你 好 世 界', 4)
+    """
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = _punctuation().sub(" ", text)
+    text, num_cjk = _CJK_CHAR.subn(r" \g<0> ", text)
+    return " ".join(text.split()), num_cjk
+
+
+def key_texts(table: pa.Table, key: str) -> list[str]:
+    """The text each canonical row is deduplicated on.
+
+    ``conversation``: every message's content, in order, one per line. ``prompt``: only the
+    non-assistant turns (system, user, tool), so rows asking the same thing collide whatever
+    their answers.
+    """
+    if key not in ("conversation", "prompt"):
+        raise ValueError(f"unknown dedup key {key!r}; expected 'conversation' or 'prompt'")
+    messages = table.column(schema.MESSAGES).combine_chunks()
+    offsets = messages.offsets.to_numpy()
+    flat = messages.flatten()
+    contents = flat.field("content").to_pylist()
+    if key == "prompt":
+        keep = pc.not_equal(flat.field("role"), "assistant").to_numpy(zero_copy_only=False)
+        contents = [c if k else None for c, k in zip(contents, keep)]
+    out = []
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        out.append("\n".join(c for c in contents[start:end] if c is not None))
+    return out
+
+
+def response_chars(table: pa.Table) -> np.ndarray:
+    """Characters of assistant content per row: the "longest response" of the keep policy."""
+    messages = table.column(schema.MESSAGES).combine_chunks()
+    offsets = messages.offsets.to_numpy()
+    flat = messages.flatten()
+    lengths = pc.utf8_length(flat.field("content")).to_numpy(zero_copy_only=False).astype(np.int64)
+    is_assistant = pc.equal(flat.field("role"), "assistant").to_numpy(zero_copy_only=False)
+    per_message = np.where(is_assistant, lengths, 0)
+    cumulative = np.concatenate([[0], np.cumsum(per_message)])
+    return cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+
+
+def normalize_all(texts: Iterable[str]) -> tuple[list[str], np.ndarray]:
+    """:func:`normalize` over many texts: normal forms and CJK token counts."""
+    forms: list[str] = []
+    cjk: list[int] = []
+    for text in texts:
+        form, num_cjk = normalize(text)
+        forms.append(form)
+        cjk.append(num_cjk)
+    return forms, np.asarray(cjk, dtype=np.int64)
+
+
+def row_dicts(table: pa.Table, rows: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """Canonical rows as plain dicts (what a quality predicate receives), by row index."""
+    rows = sorted(set(int(r) for r in rows))
+    if not rows:
+        return {}
+    picked = table.take(pa.array(rows, pa.int64())).to_pylist()
+    return dict(zip(rows, picked))

@@ -1,0 +1,309 @@
+"""Dedup behaviour users rely on: what is removed, what is kept, and why (issue 4)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from datasketch import MinHash
+
+from pipeline import schema
+from pipeline.config import DedupConfig
+from pipeline.dedup import commit_index, dedup_stage, load_index
+from pipeline.dedup.minhash import EMPTY, choose_bands, candidate_probability, signatures
+from pipeline.dedup.normalize import normalize, normalize_all
+from pipeline.dedup.shingles import hash32, ngram_sizes, shingle_hashes, shingle_strings
+
+VOCAB = [f"w{i}" for i in range(3000)]
+HANZI = [chr(c) for c in range(0x4E00, 0x4E00 + 2500)]
+
+
+def words(seed: int, n: int = 120) -> list[str]:
+    rng = random.Random(seed)
+    return [rng.choice(VOCAB) for _ in range(n)]
+
+
+def hanzi(seed: int, n: int = 200) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(HANZI) for _ in range(n))
+
+
+def conv(prompt: str, response: str) -> list[dict]:
+    return [schema.make_message("user", prompt), schema.make_message("assistant", response)]
+
+
+def write_chunk(path: Path, conversations: list[list[dict]], source: str = "data.jsonl", first_index: int = 0) -> Path:
+    rows = [
+        {
+            schema.ID: schema.conversation_id(messages),
+            schema.SOURCE: source,
+            schema.SOURCE_INDEX: first_index + i,
+            schema.MESSAGES: messages,
+            schema.TOOLS: None,
+        }
+        for i, messages in enumerate(conversations)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema.CONVERSATION_SCHEMA), path)
+    return path
+
+
+def run(tmp_path: Path, chunks: list[list[list[dict]]], config: DedupConfig | None = None, name: str = "run", **kwargs):
+    """Dedup the given chunks; returns (stats, kept tables, rejected rows as dicts, input tables)."""
+    config = config or DedupConfig()
+    folder = tmp_path / name
+    folder.mkdir()
+    ins = [write_chunk(folder / f"in-{i}.parquet", c, source=f"src{i}.jsonl") for i, c in enumerate(chunks)]
+    outs = [folder / f"out-{i}.parquet" for i in range(len(chunks))]
+    rejected = folder / "rejected.parquet"
+    stats = dedup_stage(ins, outs, rejected, kwargs.pop("index_dir", tmp_path / "index"), config, **kwargs)
+    kept = [pq.read_table(p) for p in outs]
+    rejected_rows = pq.read_table(rejected).to_pylist() if rejected.exists() else []
+    return stats, kept, rejected_rows, [pq.read_table(p) for p in ins]
+
+
+def kept_ids(kept: list[pa.Table]) -> list[str]:
+    return [i for t in kept for i in t.column(schema.ID).to_pylist()]
+
+
+def id_of(messages: list[dict]) -> str:
+    return schema.conversation_id(messages)
+
+
+# --- normal form and shingles ---------------------------------------------------------------
+
+
+def test_normal_form_ignores_case_width_punctuation_and_spacing():
+    assert normalize("Hello,  WORLD!\n\tＨｏｗ are   you?")[0] == normalize("hello world how are you")[0]
+    assert normalize("你好，世界！")[0] == normalize("你好 世界")[0] == "你 好 世 界"
+    assert normalize("hello world")[0] != normalize("hello word")[0]
+
+
+def test_cjk_thai_and_mixed_text_use_character_ngrams_short_texts_get_one_shingle():
+    forms, cjk = normalize_all(["我爱北京天安门广场", "สวัสดีครับทุกคน", "I love 北京 very much indeed", "hi there"])
+    counts = np.array([len(f.split(" ")) for f in forms])
+    sizes = ngram_sizes(counts, cjk, word_ngram=5, char_ngram=3)
+    assert sizes.tolist() == [3, 3, 5, 5]
+    assert shingle_strings(forms[0], 3)[:2] == ["我 爱 北", "爱 北 京"]
+    assert shingle_strings(forms[3], 5) == ["hi there"]  # fewer tokens than n: still one shingle
+    hashes, offsets = shingle_hashes(forms, cjk, 5, 3)
+    assert np.diff(offsets).tolist() == [7, 13, 3, 1]  # 9-2, 15-2, 7-4 tokens; 1
+    sig = signatures(hashes, offsets, 64, 1)
+    assert (sig[3] != EMPTY).all()
+
+
+def test_signatures_are_bit_identical_to_datasketch_minhash():
+    texts = [" ".join(words(1, 80)), hanzi(2, 60), "short", "Mixed 中文 and English words in one text here"]
+    forms, cjk = normalize_all(texts)
+    hashes, offsets = shingle_hashes(forms, cjk, 5, 5)
+    sig = signatures(hashes, offsets, 128, 7)
+    for row, form in enumerate(forms):
+        n = int(ngram_sizes(np.array([len(form.split(" "))]), cjk[row : row + 1], 5, 5)[0])
+        reference = MinHash(num_perm=128, seed=7, hashfunc=hash32)
+        for shingle in shingle_strings(form, n):
+            reference.update(shingle.encode("utf-8"))
+        np.testing.assert_array_equal(sig[row], reference.hashvalues)
+
+
+def test_band_choice_catches_pairs_at_the_threshold():
+    bands, rows = choose_bands(0.8, 128)
+    assert bands * rows <= 128
+    assert candidate_probability(0.8, bands, rows) >= 0.99
+    assert candidate_probability(0.4, bands, rows) < 0.1
+    assert choose_bands(0.8, 128, bands=16, rows=8) == (16, 8)
+    with pytest.raises(ValueError, match="exceeds num_perm"):
+        choose_bands(0.8, 128, bands=20, rows=8)
+
+
+# --- what is removed ------------------------------------------------------------------------
+
+
+def test_formatting_only_variants_are_exact_duplicates(tmp_path):
+    a = conv("What is the capital of France?", "The capital of France is Paris.")
+    b = conv("what is the capital of france", "THE CAPITAL OF FRANCE IS PARIS!")
+    other = conv("Name a prime number.", "Seven is prime.")
+    stats, kept, rejected, _ = run(tmp_path, [[a, other, b]])
+    assert kept_ids(kept) == [id_of(a), id_of(other)]  # same row order, first source order wins the tie
+    assert len(rejected) == 1
+    row = rejected[0]
+    assert (row["stage"], row["reason"], row["id"]) == ("dedup", "exact_duplicate", id_of(b))
+    assert row["duplicate_of"] == id_of(a) and row["similarity"] == 1.0
+    assert stats.rejected == {"exact_duplicate": 1} and stats.records_in == 3 and stats.records_out == 2
+
+
+def test_small_edits_and_truncations_are_near_duplicates_far_variants_kept(tmp_path):
+    base = words(10, 120)
+    edited = list(base)
+    edited[40] = "z"  # shorter than the original word: the original stays the longest
+    edited[90] = "y"
+    truncated = base[:110]
+    far = base[:50] + words(11, 70)  # shares 50 of 120 words: Jaccard ~0.35
+    unrelated = words(12, 120)
+    original = conv("Summarise this.", " ".join(base))
+    docs = [
+        original,
+        conv("Summarise this.", " ".join(edited)),
+        conv("Summarise this.", " ".join(truncated)),
+        conv("Summarise this.", " ".join(far)),
+        conv("Summarise this.", " ".join(unrelated)),
+    ]
+    stats, kept, rejected, _ = run(tmp_path, [docs])
+    assert kept_ids(kept) == [id_of(docs[0]), id_of(docs[3]), id_of(docs[4])]
+    by_id = {r["id"]: r for r in rejected}
+    for removed in (docs[1], docs[2]):
+        row = by_id[id_of(removed)]
+        assert row["reason"] == "near_duplicate"
+        assert row["duplicate_of"] == id_of(original)  # the longest response is kept
+        assert 0.7 < row["similarity"] < 1.0
+    assert stats.rejected == {"near_duplicate": 2}
+
+
+def test_chinese_near_duplicates_removed_different_chinese_kept(tmp_path):
+    text = hanzi(20, 300)
+    edited = text[:100] + "的" + text[101:200] + "了" + text[201:]
+    docs = [conv("请总结。", text), conv("请总结。", edited), conv("请总结。", hanzi(21, 300))]
+    _, kept, rejected, _ = run(tmp_path, [docs])
+    assert kept_ids(kept) == [id_of(docs[0]), id_of(docs[2])]
+    assert [(r["reason"], r["duplicate_of"]) for r in rejected] == [("near_duplicate", id_of(docs[0]))]
+
+
+def test_pair_just_below_threshold_is_kept_just_above_removed(tmp_path):
+    # 100 distinct words; replacing k words spaced apart breaks 5k of the 96 five-grams.
+    base = words(30, 100)
+
+    def variant(positions):
+        out = list(base)
+        for p in positions:
+            out[p] = f"x{p}"
+        return out
+
+    above = variant([10, 30])  # J = 86/106 = 0.81
+    below = variant([10, 30, 50])  # J = 81/111 = 0.73
+    docs = [conv("q", " ".join(base)), conv("q", " ".join(above))]
+    _, kept, _, _ = run(tmp_path, [docs], name="above")
+    assert kept_ids(kept) == [id_of(docs[0])]
+    docs = [conv("q", " ".join(base)), conv("q", " ".join(below))]
+    _, kept, _, _ = run(tmp_path, [docs], name="below", index_dir=tmp_path / "index2")
+    assert kept_ids(kept) == [id_of(docs[0]), id_of(docs[1])]
+
+
+# --- keep policy ----------------------------------------------------------------------------
+
+
+def test_keep_choice_is_deterministic_and_prefers_quality_then_length_then_order(tmp_path):
+    base = " ".join(words(40, 100))
+    short = conv("Explain.", base)
+    longer = conv("Explain.", base + " extra words at the end")
+    twin = conv("Explain!", base)  # exact duplicate of `short`
+    stats, kept, rejected, _ = run(tmp_path, [[short, twin], [longer]], name="a")
+    assert kept_ids(kept) == [id_of(longer)]
+    assert {r["id"]: r["duplicate_of"] for r in rejected} == {id_of(short): id_of(longer), id_of(twin): id_of(longer)}
+    # same records in another chunk order: same decision
+    _, kept_again, _, _ = run(tmp_path, [[longer], [twin, short]], name="b", index_dir=tmp_path / "i2")
+    assert kept_ids(kept_again) == [id_of(longer)]
+    # quality first: the longest one fails the quality predicate, so the earliest good one stays
+    bad_id = id_of(longer)
+    _, kept_q, rejected_q, _ = run(
+        tmp_path, [[short, twin], [longer]], name="c", index_dir=tmp_path / "i3",
+        is_good=lambda record: record[schema.ID] != bad_id,
+    )
+    assert kept_ids(kept_q) == [id_of(short)]
+    reasons = {r["id"]: (r["reason"], r["duplicate_of"]) for r in rejected_q}
+    assert reasons == {id_of(twin): ("exact_duplicate", id_of(short)), bad_id: ("near_duplicate", id_of(short))}
+
+
+def test_prompt_key_removes_same_prompt_with_other_answer_keeping_longest(tmp_path):
+    prompt = " ".join(words(50, 40))
+    a = conv(prompt, "Short answer.")
+    b = conv(prompt, "A much longer and more helpful answer to the question.")
+    _, kept, rejected, _ = run(tmp_path, [[a, b]], config=DedupConfig(key="prompt"), name="prompt")
+    assert kept_ids(kept) == [id_of(b)]
+    assert rejected[0]["reason"] == "exact_duplicate" and rejected[0]["duplicate_of"] == id_of(b)
+    _, kept, _, _ = run(tmp_path, [[a, b]], name="whole", index_dir=tmp_path / "i2")
+    assert kept_ids(kept) == [id_of(a), id_of(b)]
+
+
+# --- outputs, conservation, partitions ------------------------------------------------------
+
+
+def test_outputs_keep_schema_and_order_and_every_record_is_accounted_for(tmp_path):
+    docs = [conv(f"question {i}", " ".join(words(100 + i % 7, 60))) for i in range(40)]
+    stats, kept, rejected, inputs = run(tmp_path, [docs[:25], docs[25:]])
+    assert sum(t.num_rows for t in kept) + len(rejected) == 40 == stats.records_in
+    stats.check_conservation()
+    for table_in, table_out in zip(inputs, kept):
+        assert table_out.schema.equals(table_in.schema)
+        order = {i: k for k, i in enumerate(table_in.column(schema.ID).to_pylist())}
+        positions = [order[i] for i in table_out.column(schema.ID).to_pylist()]
+        assert positions == sorted(positions)
+    kept_set = set(kept_ids(kept))
+    assert len(kept_set) == 7  # seven distinct responses (the prompts differ by one word only)
+    assert all(r["duplicate_of"] in kept_set for r in rejected)
+    assert pq.read_schema(tmp_path / "run" / "rejected.parquet").equals(schema.REJECTED_SCHEMA)
+
+
+def test_partitioning_does_not_change_the_result(tmp_path):
+    docs = [conv("q", " ".join(words(200 + i % 9, 50) + words(300 + i, 3))) for i in range(30)]
+    _, kept_one, rej_one, _ = run(tmp_path, [docs], config=DedupConfig(partitions=1), name="p1")
+    _, kept_many, rej_many, _ = run(
+        tmp_path, [docs], config=DedupConfig(partitions=5), name="p5", index_dir=tmp_path / "i2"
+    )
+    assert kept_ids(kept_one) == kept_ids(kept_many)
+    assert rej_one == rej_many
+
+
+# --- incremental ----------------------------------------------------------------------------
+
+
+def test_refresh_dedups_new_records_against_committed_index_only(tmp_path):
+    index_dir = tmp_path / "index"
+    old_docs = [conv("Describe.", " ".join(words(60 + i, 100))) for i in range(5)]
+    stats1, kept1, _, _ = run(tmp_path, [old_docs], name="first", index_dir=index_dir)
+    part = stats1.extra["index_part"]
+    assert part and (index_dir / part).exists()
+    assert load_index(index_dir, [part]).num_rows == 5
+
+    near = words(62, 100)
+    near[50] = "edited"
+    new_docs = [
+        conv("Describe.", " ".join(near)),  # near duplicate of old_docs[2]
+        conv("describe", " ".join(words(63, 100))),  # exact duplicate of old_docs[3] after normalisation
+        conv("Describe.", " ".join(words(99, 100))),  # new
+        conv("Describe.", " ".join(words(99, 100)) + " tail"),  # near duplicate of the new one
+    ]
+    # not committed yet: a crash before commit must not make run 1's records count as kept
+    _, kept_uncommitted, _, _ = run(tmp_path, [new_docs], name="uncommitted", index_dir=index_dir)
+    assert len(kept_ids(kept_uncommitted)) == 3
+
+    commit_index(index_dir, stats1.extra["index_parts"])
+    stats2, kept2, rejected2, _ = run(tmp_path, [new_docs], name="second", index_dir=index_dir)
+    assert kept_ids(kept2) == [id_of(new_docs[3])]
+    by_id = {r["id"]: r for r in rejected2}
+    assert (by_id[id_of(new_docs[0])]["reason"], by_id[id_of(new_docs[0])]["duplicate_of"]) == (
+        "near_duplicate",
+        id_of(old_docs[2]),
+    )
+    assert by_id[id_of(new_docs[0])]["similarity"] > 0.8
+    assert (by_id[id_of(new_docs[1])]["reason"], by_id[id_of(new_docs[1])]["duplicate_of"]) == (
+        "exact_duplicate",
+        id_of(old_docs[3]),
+    )
+    assert by_id[id_of(new_docs[2])]["duplicate_of"] == id_of(new_docs[3])
+    assert stats2.extra["index_parts"] == [part, stats2.extra["index_part"]]
+
+    # a later run against both parts sees the record kept in run 2 and never removes old ones
+    commit_index(index_dir, stats2.extra["index_parts"])
+    again = conv("Describe.", " ".join(words(99, 100)) + " tail!")
+    _, kept3, rejected3, _ = run(tmp_path, [[again]], name="third", index_dir=index_dir)
+    assert kept_ids(kept3) == [] and rejected3[0]["duplicate_of"] == id_of(new_docs[3])
+
+
+def test_index_built_with_other_settings_is_refused(tmp_path):
+    index_dir = tmp_path / "index"
+    stats, _, _, _ = run(tmp_path, [[conv("a b c", "d e f g h i")]], name="first", index_dir=index_dir)
+    commit_index(index_dir, stats.extra["index_parts"])
+    with pytest.raises(ValueError, match="different dedup settings"):
+        run(tmp_path, [[conv("x", "y")]], config=DedupConfig(num_perm=64), name="second", index_dir=index_dir)
