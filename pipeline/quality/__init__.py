@@ -1,0 +1,184 @@
+"""Quality filters for instruction data: the chain built from the config, and the stage.
+
+Owns the ``quality`` stage: canonical conversations in, the kept ones out (with personal data
+redacted where configured), every dropped one written to ``rejected/`` with stage ``quality``, a
+reason code and a detail. The filters, in the order they run (cheap and decisive first; PII
+last, so a dropped record is quarantined exactly as it arrived):
+
+==================== =====================================================================
+name                 reason codes
+==================== =====================================================================
+missing_instruction  missing_instruction
+empty_response       no_response, empty_response, placeholder_response
+length               prompt_too_short/long, response_too_short/long, response_prompt_ratio
+garbage              control_characters, mojibake, low_letter_share, symbol_soup
+refusal              ai_disclaimer, refusal
+repetition           repeated_lines, repeated_paragraphs, top_ngram, repeated_ngrams
+decontaminate        contaminated (only when ``quality.decontaminate`` names files)
+pii                  pii (``quality.pii: drop``); redacts in place with ``redact``
+==================== =====================================================================
+
+Each filter's parameters are the fields of its class (see :mod:`pipeline.quality.filters`,
+:mod:`~pipeline.quality.pii`, :mod:`~pipeline.quality.decontaminate`); set them under
+``quality.filters.<name>`` in the config, or map a name to ``false`` to switch it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schema
+from pipeline.config import QualityConfig
+from pipeline.fsutil import atomic_path
+from pipeline.quality.base import Filter, FilterChain
+from pipeline.quality.decontaminate import Decontaminate
+from pipeline.quality.filters import EmptyResponse, Garbage, Length, MissingInstruction, Refusal, Repetition
+from pipeline.quality.pii import PII
+from pipeline.stage import Drop, StageStats, rejected_rows_from_table
+
+__all__ = ["Filter", "FILTERS", "build_filters", "passes", "quality_stage"]
+
+STAGE_NAME = "quality"
+
+FILTERS: dict[str, type[Filter]] = {
+    cls.name: cls
+    for cls in (MissingInstruction, EmptyResponse, Length, Garbage, Refusal, Repetition, Decontaminate, PII)
+}
+
+
+def _parameters(cls: type[Filter]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def build_filters(config: QualityConfig, *, tokenizer: Any = None) -> list[Filter]:
+    """The filter chain the config asks for, in run order.
+
+    ``config.filters`` maps a filter name to its parameters (``true`` or absent: defaults;
+    ``false``: off). ``refusal_phrases``, ``pii`` and ``decontaminate``/``decontaminate_ngram``
+    feed the refusal, PII and decontamination filters. ``tokenizer`` enables the length filter's
+    token bounds. Unknown names or parameters are an error naming them.
+    """
+    unknown = sorted(set(config.filters) - set(FILTERS))
+    if unknown:
+        raise ValueError(f"unknown quality filter(s) {unknown} in quality.filters; known: {sorted(FILTERS)}")
+    if not config.enabled:
+        return []
+    chain: list[Filter] = []
+    for name, cls in FILTERS.items():
+        setting = config.filters.get(name, True)
+        if setting is False:
+            continue
+        params = {} if setting is True else dict(setting)
+        bad = sorted(set(params) - set(_parameters(cls)))
+        if bad:
+            raise ValueError(
+                f"quality filter {name!r} has no parameter(s) {bad}; it takes {_parameters(cls)}"
+            )
+        if cls is Refusal:
+            params["phrases"] = [*params.get("phrases", []), *config.refusal_phrases]
+        elif cls is PII:
+            if config.pii == "off":
+                continue
+            params.setdefault("mode", config.pii)
+        elif cls is Decontaminate:
+            params.setdefault("files", list(config.decontaminate))
+            params.setdefault("ngram", config.decontaminate_ngram)
+            if not params["files"]:
+                continue
+        elif cls is Length and tokenizer is not None:
+            params.setdefault("tokenizer", tokenizer)
+        chain.append(cls(**params))
+    return chain
+
+
+def passes(record: dict[str, Any], filters: list[Filter]) -> bool:
+    """Would the chain keep ``record``? Never changes the record (redacting filters are skipped:
+    they never drop). Dedup uses it to prefer a copy that survives quality filtering."""
+    return all(flt.check(record) is None for flt in filters if not flt.transforms)
+
+
+def filter_records(records: list[dict[str, Any]], chain: FilterChain) -> tuple[list[dict], list[int], list[Drop]]:
+    """(kept records, row numbers of dropped ones, their drops); kept records may be redacted."""
+    kept, dropped_rows, drops = [], [], []
+    for row, record in enumerate(records):
+        drop = chain.apply(record)
+        if drop is None:
+            kept.append(record)
+        else:
+            dropped_rows.append(row)
+            drops.append(drop)
+    return kept, dropped_rows, drops
+
+
+def _open_input(in_path: Path) -> pq.ParquetFile:
+    try:
+        source = pq.ParquetFile(in_path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ValueError(f"quality stage cannot read {in_path}: {exc}") from exc
+    names = source.schema_arrow.names
+    if names != schema.CONVERSATION_SCHEMA.names:
+        raise ValueError(
+            f"quality stage input {in_path} is not a canonical conversation table: columns {names}, "
+            f"expected {schema.CONVERSATION_SCHEMA.names}"
+        )
+    return source
+
+
+def quality_stage(
+    in_path: Path,
+    out_path: Path,
+    rejected_path: Path,
+    config: QualityConfig,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 4096,
+) -> StageStats:
+    """Filter the canonical Parquet ``in_path`` into ``out_path`` (kept) and ``rejected_path``.
+
+    Streams record batches, so memory stays flat whatever the input size. Both outputs are
+    written atomically; the rejected file exists only when something was rejected (a stale one
+    from an earlier run is removed). Kept rows keep their original ``id`` even when redacted.
+    Statistics: ``extra["filters"]`` holds seconds, drops and reasons per filter,
+    ``extra["pii_redactions"]`` the number of redactions.
+    """
+    started = time.perf_counter()
+    in_path, out_path, rejected_path = Path(in_path), Path(out_path), Path(rejected_path)
+    stats = StageStats(STAGE_NAME)
+    chain = FilterChain(build_filters(config, tokenizer=tokenizer))
+    source = _open_input(in_path)
+    rejected_writer = None
+    with contextlib.ExitStack() as stack:
+        kept_tmp = stack.enter_context(atomic_path(out_path))
+        kept_writer = pq.ParquetWriter(kept_tmp, schema.CONVERSATION_SCHEMA, compression="zstd")
+        stack.callback(kept_writer.close)
+        for batch in source.iter_batches(batch_size=batch_size):
+            table = pa.Table.from_batches([batch]).cast(schema.CONVERSATION_SCHEMA)
+            kept, dropped_rows, drops = filter_records(table.to_pylist(), chain)
+            kept_writer.write_table(pa.Table.from_pylist(kept, schema=schema.CONVERSATION_SCHEMA))
+            stats.records_in += table.num_rows
+            stats.records_out += len(kept)
+            stats.rejected.update(drop.reason for drop in drops)
+            if drops:
+                if rejected_writer is None:
+                    rejected_tmp = stack.enter_context(atomic_path(rejected_path))
+                    rejected_writer = pq.ParquetWriter(rejected_tmp, schema.REJECTED_SCHEMA, compression="zstd")
+                    stack.callback(rejected_writer.close)
+                rejected_writer.write_table(rejected_rows_from_table(table, dropped_rows, drops, STAGE_NAME))
+    if rejected_writer is None and rejected_path.exists():
+        rejected_path.unlink()
+    summary = chain.summary()
+    stats.extra = {
+        "filters": summary,
+        "pii_redactions": sum(summary.get("pii", {}).get("redactions", {}).values()),
+    }
+    stats.seconds = time.perf_counter() - started
+    stats.check_conservation()
+    return stats

@@ -1,0 +1,138 @@
+"""Personal data in conversations: e-mail addresses, phone numbers, IPv4/IPv6 addresses.
+
+Redacted in place (default: the match becomes ``<EMAIL>``, ``<PHONE>``, ``<IP_ADDRESS>``, in
+message text and in tool-call arguments alike, so a conversation stays consistent) with a count
+per kind, or the record is dropped. Hand-written regular expressions because the kinds are few
+and an NER model would be far slower than the rest of the pipeline; IP candidates are confirmed
+with :mod:`ipaddress`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from pipeline.quality.base import Filter, messages
+from pipeline.stage import Drop
+
+EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![A-Za-z0-9-])")
+IPV4 = re.compile(
+    r"(?<![\w.])(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}(?![\w]|\.\d)"
+)
+IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+PHONE = re.compile(
+    "|".join(
+        [
+            # international: +86 138 0013 8000, +1 (415) 555-0132, +44 20 7946 0958
+            r"(?<![\w+])\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){2,4}(?!\d)",
+            # North American with separators: (415) 555-0132, 415-555-0132, 415.555.0132
+            r"(?<![\w-])(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\d-])",
+            # Chinese mobile: 13800138000, 138-0013-8000, 138 0013 8000
+            r"(?<![\d-])1[3-9]\d(?:\d{8}|[- ]\d{4}[- ]\d{4})(?![\d-])",
+            # Chinese landline with area code: 010-12345678, 0755-1234567
+            r"(?<![\d-])0\d{2,3}-\d{7,8}(?![\d-])",
+        ]
+    )
+)
+
+# Documentation-only e-mail domains (RFC 2606): examples in code answers are not personal data.
+DEFAULT_IGNORED_EMAIL_DOMAINS = ("example.com", "example.org", "example.net", "example.edu")
+
+
+@dataclass
+class PII(Filter):
+    """``pii``: e-mail addresses, phone numbers and IP addresses in any turn or tool call.
+
+    ``mode`` ``redact`` (default, from ``quality.pii``) replaces each match by its placeholder and
+    counts it (``redactions`` per kind in the stage statistics, ``pii_redactions`` in total);
+    ``drop`` rejects the record with reason ``pii``. ``kinds`` picks what to look for.
+
+    Not personal data, so never touched: e-mail addresses at the RFC 2606 example domains
+    (``ignored_email_domains``) and, with ``public_ips_only`` (default true), private, loopback,
+    link-local, documentation and other non-global addresses such as 192.168.1.1 or ::1 — the
+    stuff of networking tutorials. Phone numbers need the shape of one (separators, a ``+``
+    country code, or the 11-digit Chinese mobile form), so bare long numbers in maths stay.
+    """
+
+    name: ClassVar[str] = "pii"
+    mode: Literal["redact", "drop"] = "redact"
+    kinds: list[str] = field(default_factory=lambda: ["email", "phone", "ip"])
+    placeholders: dict = field(
+        default_factory=lambda: {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>"}
+    )
+    ignored_email_domains: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORED_EMAIL_DOMAINS))
+    public_ips_only: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - {"email", "phone", "ip"}
+        if unknown:
+            raise ValueError(f"quality filter 'pii' has unknown kinds {sorted(unknown)}; use email, phone, ip")
+        if self.mode not in ("redact", "drop"):
+            raise ValueError(f"quality filter 'pii' mode must be redact or drop, not {self.mode!r}")
+        self._ignored = tuple(d.lower() for d in self.ignored_email_domains)
+        # Redacting never drops; dropping never changes the record.
+        self.transforms = self.mode == "redact"
+
+    # --- what counts as a match --------------------------------------------------------------
+    def _is_email(self, match: re.Match) -> bool:
+        domain = match.group(0).rsplit("@", 1)[1].lower()
+        return not any(domain == d or domain.endswith("." + d) for d in self._ignored)
+
+    def _is_ip(self, match: re.Match) -> bool:
+        try:
+            address = ipaddress.ip_address(match.group(0))
+        except ValueError:
+            return False
+        return address.is_global or not self.public_ips_only
+
+    def _scrub(self, text: str, found: dict[str, int]) -> str:
+        """``text`` with every match replaced; adds the number of matches per kind to ``found``."""
+        steps = []
+        if "email" in self.kinds and "@" in text:
+            steps.append(("email", EMAIL, self._is_email))
+        if "ip" in self.kinds:
+            if ":" in text:
+                steps.append(("ip", IPV6, self._is_ip))
+            if "." in text:
+                steps.append(("ip", IPV4, self._is_ip))
+        if "phone" in self.kinds:
+            steps.append(("phone", PHONE, None))
+        for kind, pattern, accept in steps:
+            placeholder = self.placeholders.get(kind, f"<{kind.upper()}>")
+
+            def replace(match: re.Match, kind=kind, accept=accept, placeholder=placeholder) -> str:
+                if accept is not None and not accept(match):
+                    return match.group(0)
+                found[kind] = found.get(kind, 0) + 1
+                return placeholder
+
+            text = pattern.sub(replace, text)
+        return text
+
+    def check(self, record: dict[str, Any]) -> Drop | None:
+        found: dict[str, int] = {}
+        changes = []
+        for index, message in enumerate(messages(record)):
+            for key in ("content", "tool_calls"):
+                value = message.get(key)
+                if not value:
+                    continue
+                before = sum(found.values())
+                scrubbed = self._scrub(value, found)
+                if sum(found.values()) != before:
+                    changes.append((message, key, scrubbed, index))
+        if not found:
+            return None
+        if self.mode == "drop":
+            first = changes[0]
+            kinds = ", ".join(f"{n} {k}" for k, n in sorted(found.items()))
+            return Drop("pii", f"{first[0]['role']} turn {first[3]} holds personal data (record: {kinds})")
+        for message, key, scrubbed, _ in changes:
+            message[key] = scrubbed
+        self.counts.update(found)
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        return {"redactions": dict(sorted(self.counts.items()))}
