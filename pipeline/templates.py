@@ -1,0 +1,259 @@
+"""Chat templates: which Jinja template renders a conversation, and rendering it.
+
+This module owns the choice of template (the tokenizer's own, a built-in, or a custom Jinja
+file), the built-in templates themselves, the template fingerprint, and the one place where
+conversations are rendered. Rendering always goes through transformers' sandboxed Jinja
+environment (the same renderer ``apply_chat_template`` uses), never through a Jinja of our own.
+
+Built-in templates mark every assistant turn with ``{% generation %}`` … ``{% endgeneration %}``
+around exactly the text that is trained: the turn's content, its rendered tool calls and its
+end-of-turn token, not the header before it and not the newline after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TemplateConfig
+
+# --- built-in templates ----------------------------------------------------------------------
+# Tool calls render as one JSON object per call; `call.function` is the OpenAI shape.
+_TOOL_CALLS_JSON = (
+    "{%- for call in message.tool_calls %}"
+    "{%- set fn = call.function if call.function is defined else call %}"
+    "{{- ('' if loop.first else ', ') + '{\"name\": \"' + fn.name + '\", \"arguments\": ' "
+    "+ (fn.arguments if fn.arguments is string else fn.arguments | tojson) + '}' }}"
+    "{%- endfor %}"
+)
+
+CHATML = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- 'You may call these tools:\\n<tools>\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}"
+    "{{- '</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message.content }}"
+    "{%- if message.tool_calls %}{%- for call in message.tool_calls %}"
+    "{%- set fn = call.function if call.function is defined else call %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + fn.name + '\", \"arguments\": ' "
+    "+ (fn.arguments if fn.arguments is string else fn.arguments | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+LLAMA3 = (
+    "{%- if bos_token %}{{- bos_token }}{%- endif %}"
+    "{%- if tools %}{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- 'You have access to the following functions. To call a function, respond with JSON "
+    "{\"name\": function name, \"arguments\": dictionary of argument name and its value}.\\n\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n\\n' }}{%- endfor %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + messages[0].content + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- generation %}{{- message.content }}"
+    "{%- if message.tool_calls %}{{- '\\n' if message.content else '' }}" + _TOOL_CALLS_JSON + "{%- endif %}"
+    "{{- '<|eot_id|>' }}{%- endgeneration %}"
+    "{%- elif message.role == 'tool' %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message.content + '<|eot_id|>' }}"
+    "{%- else %}"
+    "{{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' + message.content + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+# Mistral's [INST] format (v0.1 spacing): the system prompt goes into the first user turn, as
+# Mistral's own templates do; tools are listed before the last user turn.
+MISTRAL = (
+    "{%- if bos_token %}{{- bos_token }}{%- endif %}"
+    "{%- set ns = namespace(system='', last_user=-1) %}"
+    "{%- if messages[0].role == 'system' %}{%- set ns.system = messages[0].content + '\\n\\n' %}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'user' %}"
+    "{%- if tools and loop.index0 == ns.last_user %}"
+    "{{- '[AVAILABLE_TOOLS] ' + tools | tojson + ' [/AVAILABLE_TOOLS]' }}{%- endif %}"
+    "{{- '[INST] ' + ns.system + message.content + ' [/INST]' }}{%- set ns.system = '' %}"
+    "{%- elif message.role == 'assistant' %}{{- ' ' if message.content else '' }}"
+    "{%- generation %}{{- message.content }}"
+    "{%- if message.tool_calls %}{{- ' ' if message.content else '' }}{{- '[TOOL_CALLS] [' }}"
+    + _TOOL_CALLS_JSON
+    + "{{- ']' }}{%- endif %}"
+    "{{- eos_token }}{%- endgeneration %}"
+    "{%- elif message.role == 'tool' %}"
+    "{{- '[TOOL_RESULTS] ' + message.content + ' [/TOOL_RESULTS]' }}"
+    "{%- else %}{{- '[INST] ' + message.content + ' [/INST]' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+ALPACA = (
+    "{%- if bos_token %}{{- bos_token }}{%- endif %}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{%- if tools %}{{- '### Tools:\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}{{- '\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'user' %}{{- '### Instruction:\\n' + message.content + '\\n\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '### Response:\\n' }}"
+    "{%- generation %}{{- message.content }}"
+    "{%- if message.tool_calls %}{{- '\\n' if message.content else '' }}{{- 'Tool calls: ' }}"
+    + _TOOL_CALLS_JSON
+    + "{%- endif %}"
+    "{{- eos_token }}{%- endgeneration %}{{- '\\n\\n' }}"
+    "{%- elif message.role == 'tool' %}{{- '### Tool result:\\n' + message.content + '\\n\\n' }}"
+    "{%- else %}{{- '### ' + message.role + ':\\n' + message.content + '\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '### Response:\\n' }}{%- endif %}"
+)
+
+BUILTIN_TEMPLATES: dict[str, str] = {
+    "chatml": CHATML,
+    "llama3": LLAMA3,
+    "mistral": MISTRAL,
+    "alpaca": ALPACA,
+}
+
+# The end-of-turn marker each built-in closes an assistant turn with; "{eos}" is the tokenizer's EOS.
+BUILTIN_END_TOKENS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "{eos}", "alpaca": "{eos}"}
+
+# End-of-turn markers of common model families, recognised after a turn's content when a
+# template's own generation span (or prefix rendering) does not include one.
+KNOWN_END_TOKENS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+)
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+@dataclass(frozen=True)
+class Template:
+    """A resolved chat template: its name, its Jinja text and everything that decides its output."""
+
+    name: str
+    source: str
+    default_system: str | None = None
+    end_token: str | None = None  # the marker that closes an assistant turn, when known
+
+    @property
+    def fingerprint(self) -> str:
+        payload = self.source + "\x00" + (self.default_system or "")
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+    @property
+    def has_generation_tags(self) -> bool:
+        return bool(_GENERATION_TAG.search(self.source))
+
+    @property
+    def supports_system(self) -> bool:
+        return "system" in self.source
+
+
+def resolve_template(tokenizer, config: TemplateConfig) -> Template:
+    """The template a run renders with: custom Jinja file > built-in name > the tokenizer's own."""
+    default_system = config.default_system
+    if config.jinja_file is not None:
+        path = Path(config.jinja_file)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read chat template file {path}: {exc}") from exc
+        if not source.strip():
+            raise ValueError(f"chat template file {path} is empty")
+        template = Template(f"file:{path.name}", source, default_system, None)
+    elif config.name == "auto":
+        source = getattr(tokenizer, "chat_template", None)
+        if isinstance(source, dict):  # tokenizers with several named templates
+            source = source.get("default")
+        if not source:
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template of its own; "
+                f"choose a built-in one with --template ({', '.join(BUILTIN_TEMPLATES)}) or pass a Jinja file"
+            )
+        template = Template("auto", source, default_system, None)
+    elif config.name in BUILTIN_TEMPLATES:
+        end = BUILTIN_END_TOKENS[config.name]
+        if end == "{eos}":
+            end = tokenizer.eos_token
+            if not end:
+                raise ValueError(
+                    f"template {config.name!r} ends assistant turns with the EOS token, but tokenizer "
+                    f"{getattr(tokenizer, 'name_or_path', '?')!r} has none"
+                )
+        template = Template(config.name, BUILTIN_TEMPLATES[config.name], default_system, end)
+    else:
+        raise ValueError(
+            f"unknown chat template {config.name!r}; expected auto, a Jinja file, or one of "
+            f"{', '.join(BUILTIN_TEMPLATES)}"
+        )
+    if default_system and not template.supports_system:
+        raise ValueError(f"chat template {template.name!r} has no system role, so default_system cannot be used")
+    return template
+
+
+def with_default_system(messages: list[dict[str, Any]], template: Template) -> list[dict[str, Any]]:
+    """Prepend the template's default system prompt when the conversation brings none of its own."""
+    if template.default_system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": template.default_system}, *messages]
+    return messages
+
+
+def template_variables(tokenizer) -> dict[str, Any]:
+    """The special-token variables (bos_token, eos_token …) a template sees, as apply_chat_template passes them."""
+    return {key: value for key, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
+
+
+def render(
+    template: Template,
+    variables: dict[str, Any],
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    *,
+    with_spans: bool = False,
+    add_generation_prompt: bool = False,
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render one conversation; with ``with_spans`` also the character spans of its generation blocks.
+
+    Uses transformers' own sandboxed renderer (what ``apply_chat_template`` calls), so a template
+    can do nothing outside Jinja's sandbox.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, spans = render_jinja_template(
+        conversations=[messages],
+        tools=tools,
+        chat_template=template.source,
+        return_assistant_tokens_mask=with_spans,
+        add_generation_prompt=add_generation_prompt,
+        **variables,
+    )
+    return rendered[0], [tuple(span) for span in spans[0]] if with_spans else []
