@@ -131,7 +131,7 @@ def length_plots(summary: DatasetSummary) -> tuple[str, str]:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, (title, values, colour) in zip(axes, series):
         if values.size:
-            ax.hist(values, bins=min(60, max(5, int(np.unique(values).size))), color=colour, alpha=0.85)
+            ax.hist(values, bins=min(60, max(5, int(np.unique(values).size))), color=colour)
             for q, style in zip(PERCENTILES, (":", "--", "-.")):
                 ax.axvline(np.percentile(values, q), color="#111827", linestyle=style, linewidth=1, label=f"p{q}")
             ax.legend(fontsize=8)
@@ -145,7 +145,7 @@ def length_plots(summary: DatasetSummary) -> tuple[str, str]:
     fig, ax = plt.subplots(figsize=(6, 2.8))
     share = np.divide(trained, length, out=np.zeros(length.shape, dtype=float), where=length > 0)
     if share.size:
-        ax.hist(share, bins=40, range=(0, 1), color="#16a34a", alpha=0.85)
+        ax.hist(share, bins=40, range=(0, 1), color="#16a34a")
     ax.set_xlabel("trained tokens / row length", fontsize=9)
     ax.set_ylabel("rows", fontsize=9)
     ax.set_title("trained share per row", fontsize=10)

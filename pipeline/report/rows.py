@@ -128,6 +128,22 @@ def spans(pieces: list[Piece]) -> list[Piece]:
     return merged
 
 
+def local_tokenizer_path(name: str) -> str | None:
+    """``name`` as a local folder or file, else its snapshot in the Hugging Face cache, else None.
+
+    Inspecting never goes to the network: a dataset prepared with a hub tokenizer finds it in the
+    local cache, and a missing one falls back to showing messages instead of waiting on retries.
+    """
+    if Path(name).exists():
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id=name, local_files_only=True)
+    except Exception:  # not a valid repo id, or not cached: both mean "not available offline"
+        return None
+
+
 def load_row_tokenizer(manifest: dict[str, Any], override: str | None = None):
     """The dataset's tokenizer (or ``override``), and a warning line if it cannot be trusted.
 
@@ -139,8 +155,14 @@ def load_row_tokenizer(manifest: dict[str, Any], override: str | None = None):
     name = override or recorded.get("name")
     if not name:
         return None, "the manifest names no tokenizer; showing the messages instead of the tokens"
+    local = local_tokenizer_path(str(name))
+    if local is None:
+        return None, (
+            f"the dataset's tokenizer {name!r} is neither a local folder nor in the Hugging Face cache "
+            "(pass --tokenizer PATH); showing the messages instead"
+        )
     try:
-        tokenizer = load_tokenizer(str(name))
+        tokenizer = load_tokenizer(local)
     except (ValueError, OSError) as exc:
         return None, f"cannot load the dataset's tokenizer {name!r} ({exc}); showing the messages instead"
     expected = recorded.get("fingerprint")

@@ -1,0 +1,348 @@
+"""``sftkit inspect``: the summary, the highlighted rows, the rejected view and the HTML report."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pipeline import schema
+from pipeline.report import find_row, inspect_dataset, read_row, sample_rows, summarize, token_pieces
+from pipeline.report.html_page import SECTION_IDS
+from pipeline.report.terminal import TOKEN_SEPARATOR, TRAINED_CLOSE, TRAINED_OPEN
+from report_fixtures import build_dataset
+
+TRAINED_SPAN = re.compile(re.escape(TRAINED_OPEN) + "(.*?)" + re.escape(TRAINED_CLOSE), re.S)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
+    return build_dataset(tmp_path_factory.mktemp("report") / "prepared", bpe_tokenizer, bpe_tokenizer_path)
+
+
+@pytest.fixture
+def dataset_copy(dataset, tmp_path):
+    """A private copy for tests that damage the folder."""
+    return shutil.copytree(dataset.path, tmp_path / "copy")
+
+
+def run_cli(*args: str):
+    # Wide, so that rich does not break long paths in error messages.
+    return CliRunner().invoke(app, ["inspect", *map(str, args)], env={"COLUMNS": "400"})
+
+
+def one_line(text: str) -> str:
+    """Error messages wrapped by the terminal width, as one line."""
+    return " ".join(text.split())
+
+
+def rows_shown(output: str) -> str:
+    """The output without its first line (the legend, which shows the markers once itself)."""
+    return output.split("\n", 1)[1]
+
+
+def trained_runs(tokenizer, row) -> list[str]:
+    """Ground truth: the decoded text of every run of consecutive trained tokens."""
+    runs, current = [], []
+    for token, label in zip(row[schema.INPUT_IDS], row[schema.LABELS]):
+        if label != schema.IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+
+
+# --- summary ----------------------------------------------------------------------------------
+def test_summary_figures_match_the_shards(dataset):
+    summary = summarize(dataset.path)
+    for split in schema.SPLITS:
+        rows = dataset.rows[split]
+        got = next(s for s in summary.splits if s["split"] == split)
+        assert got["rows"] == len(rows)
+        assert got["tokens"] == sum(r[schema.LENGTH] for r in rows)
+        assert got["trainable_tokens"] == sum(r[schema.NUM_TRAINABLE] for r in rows)
+        assert got["shards"] == sum(1 for e in dataset.manifest["shards"] if e["split"] == split)
+
+    everything = dataset.all_rows()
+    for source in {r[schema.SOURCE] for r in everything}:
+        mine = [r for r in everything if r[schema.SOURCE] == source]
+        got = next(s for s in summary.sources if s[schema.SOURCE] == source)
+        assert got["rows"] == len(mine)
+        assert got["val_rows"] == sum(1 for r in dataset.rows["val"] if r[schema.SOURCE] == source)
+        assert got["tokens"] == sum(r[schema.LENGTH] for r in mine)
+        assert got["max_length"] == max(r[schema.LENGTH] for r in mine)
+
+    lengths = np.array([r[schema.LENGTH] for r in everything])
+    trained = np.array([r[schema.NUM_TRAINABLE] for r in everything])
+    for key, values in (("total", lengths), ("trainable", trained), ("untrained", lengths - trained)):
+        for q in (50, 90, 99):
+            assert summary.lengths[key][f"p{q}"] == pytest.approx(np.percentile(values, q))
+        assert summary.lengths[key]["max"] == values.max()
+
+    expected: dict[str, dict[str, int]] = {}
+    for r in dataset.rejected:
+        expected.setdefault(r[schema.STAGE], {}).setdefault(r[schema.REASON], 0)
+        expected[r[schema.STAGE]][r[schema.REASON]] += 1
+    assert summary.rejected == expected
+    assert summary.rows + summary.rejected_total == dataset.manifest["counts"]["read"]
+
+
+def test_cli_summary_shows_splits_sources_lengths_rejected_and_history(dataset):
+    result = run_cli(dataset.path)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    summary = summarize(dataset.path)
+    for source in summary.sources:
+        assert source[schema.SOURCE] in out
+    assert f"{summary.rows} rows, {summary.tokens:,} tokens" in out
+    for stage, reasons in summary.rejected.items():
+        for reason in reasons:
+            assert re.search(rf"{stage}\s+│\s+{reason}\s+│\s+{reasons[reason]}\b", out), (stage, reason)
+    assert f"records read {dataset.manifest['counts']['read']} = kept {summary.rows} + rejected {summary.rejected_total}" in out
+    assert "2026-11-27T08:00:00+00:00" in out  # version 1 of the history
+    p99 = summary.lengths["total"]["p99"]
+    assert re.search(rf"total\s+│\s+\d+\s+│\s+\d+\s+│\s+{p99:.0f}\s+│", out)
+
+
+def test_summary_reports_rows_that_do_not_add_up(dataset_copy):
+    manifest = json.loads((dataset_copy / "manifest.json").read_text())
+    manifest["counts"]["read"] += 5
+    (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(dataset_copy)
+    assert result.exit_code == 0
+    assert "does not add up" in result.output
+
+
+# --- rows -------------------------------------------------------------------------------------
+def test_row_marks_exactly_the_trained_tokens(dataset, bpe_tokenizer):
+    for index in (0, 3, 5, len(dataset.rows["train"]) - 1):  # system prompt, Chinese, multi-turn, last
+        row = dataset.rows["train"][index]
+        result = run_cli(dataset.path, "--row", index)
+        assert result.exit_code == 0, result.output
+        assert row[schema.ID] in result.output
+        assert TRAINED_SPAN.findall(rows_shown(result.output)) == trained_runs(bpe_tokenizer, row)
+        # The prompt is shown, outside the markers.
+        outside = TRAINED_SPAN.sub("", rows_shown(result.output))
+        user = next(m for m in row[schema.MESSAGES] if m["role"] == "user")
+        assert user["content"] in outside
+
+
+def test_multi_turn_row_has_one_trained_span_per_assistant_turn(dataset):
+    index, row = next((i, r) for i, r in enumerate(dataset.rows["train"]) if len(r[schema.MESSAGES]) >= 4)
+    result = run_cli(dataset.path, "--row", index)
+    spans = TRAINED_SPAN.findall(rows_shown(result.output))
+    assistants = [m["content"] for m in row[schema.MESSAGES] if m["role"] == "assistant"]
+    assert len(spans) == len(assistants) >= 2
+    for span, content in zip(spans, assistants):
+        assert span.startswith(content) and span.endswith("<|im_end|>")
+
+
+def test_tokens_option_shows_every_token_boundary(dataset, bpe_tokenizer):
+    index = 0  # English only: every byte-level token decodes to whole characters
+    row = dataset.rows["train"][index]
+    result = run_cli(dataset.path, "--row", index, "--tokens")
+    assert result.exit_code == 0, result.output
+    body = result.output.split("\n", 2)[2]  # after the legend and the row header
+    body = body.replace(TRAINED_OPEN, "").replace(TRAINED_CLOSE, "")
+    assert body.rstrip("\n").count(TOKEN_SEPARATOR) == row[schema.LENGTH] - 1
+    shown = body.split(TOKEN_SEPARATOR)
+    expected = [bpe_tokenizer.decode([t], skip_special_tokens=False) for t in row[schema.INPUT_IDS]]
+    assert shown[:-1] == expected[:-1]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello  world, 你好吗？ 😀 naïve\n\n  indented",
+        "机器学习是让计算机从数据中学习规律。",
+    ],
+)
+def test_token_pieces_rebuild_the_decoded_text(text, bpe_tokenizer, mistral_tokenizer):
+    for tokenizer in (bpe_tokenizer, mistral_tokenizer):
+        ids = tokenizer(text)["input_ids"]
+        labels = [t if i % 2 else schema.IGNORE_INDEX for i, t in enumerate(ids)]
+        pieces = token_pieces(tokenizer, ids, labels)
+        assert len(pieces) == len(ids)
+        assert "".join(p.text for p in pieces) == tokenizer.decode(ids, skip_special_tokens=False)
+        assert [p.trained for p in pieces] == [i % 2 == 1 for i in range(len(ids))]
+
+
+def test_colour_terminal_uses_background_not_markers(dataset):
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, color_system="256", width=120)
+    inspect_dataset(dataset.path, row=0, console=console)
+    out = buffer.getvalue()
+    assert TRAINED_OPEN not in out
+    reply = next(m["content"] for m in dataset.rows["train"][0][schema.MESSAGES] if m["role"] == "assistant")
+    # dark_green is colour 22 of the 256-colour palette; the reply starts inside a green span.
+    assert re.search(r"\x1b\[[0-9;]*48;5;22m" + re.escape(reply[:20]), out)
+
+
+def test_id_finds_the_row_in_any_split(dataset):
+    row = dataset.rows["val"][1]
+    found = find_row(dataset.path, row[schema.ID])
+    assert found["split"] == "val" and found[schema.INPUT_IDS] == row[schema.INPUT_IDS]
+    result = run_cli(dataset.path, "--id", row[schema.ID])
+    assert result.exit_code == 0 and f"id {row[schema.ID]}" in result.output
+    missing = run_cli(dataset.path, "--id", "0" * 32)
+    assert missing.exit_code == 2 and "no row with id" in missing.output
+
+
+def test_read_row_crosses_shard_boundaries(dataset):
+    rows = dataset.rows["train"]
+    for index in (0, 19, 20, len(rows) - 1):  # 20 rows per shard in the fixture
+        assert read_row(dataset.path, index)[schema.ID] == rows[index][schema.ID]
+
+
+def test_sample_shows_distinct_rows_and_is_repeatable_with_a_seed(dataset):
+    first = [r[schema.ID] for r in sample_rows(dataset.path, 5, seed=7)]
+    assert len(set(first)) == 5
+    assert first == [r[schema.ID] for r in sample_rows(dataset.path, 5, seed=7)]
+    everything = sample_rows(dataset.path, 1000, split="val", seed=1)
+    assert sorted(r[schema.ID] for r in everything) == sorted(r[schema.ID] for r in dataset.rows["val"])
+    result = run_cli(dataset.path, "--sample", 3, "--seed", 7)
+    assert result.exit_code == 0
+    assert sum(f"id {i}" in result.output for i in first[:3]) == 3
+
+
+def test_row_out_of_range_is_a_clear_error(dataset):
+    result = run_cli(dataset.path, "--row", 1000)
+    assert result.exit_code == 2
+    message = one_line(result.output)
+    assert "row 1000 is out of range" in message and f"{len(dataset.rows['train'])} rows" in message
+    assert run_cli(dataset.path, "--row", 0, "--split", "test").exit_code == 2
+
+
+@pytest.mark.parametrize("name", ["{dir}/no-such-tokenizer", "some-org/model-not-in-the-cache", "{dir}/shards"])
+def test_unavailable_tokenizer_falls_back_to_the_messages(dataset_copy, name):
+    manifest = json.loads((dataset_copy / "manifest.json").read_text())
+    manifest["tokenizer"]["name"] = name.format(dir=dataset_copy)
+    (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(dataset_copy, "--row", 0)
+    assert result.exit_code == 0, result.output
+    assert "showing the messages instead" in one_line(result.output)
+    row = read_row(dataset_copy, 0)
+    assert f"[user] {row[schema.MESSAGES][-1]['content']}" in result.output or "[assistant]" in result.output
+    assert TRAINED_OPEN not in rows_shown(result.output)
+
+
+def test_a_different_tokenizer_is_flagged(dataset, mistral_tokenizer_path):
+    result = run_cli(dataset.path, "--row", 0, "--tokenizer", mistral_tokenizer_path)
+    assert result.exit_code == 0, result.output
+    assert "differs from the one that made the shards" in result.output
+
+
+# --- rejected ---------------------------------------------------------------------------------
+def test_rejected_view_counts_and_shows_examples_per_reason(dataset):
+    result = run_cli(dataset.path, "--rejected")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert f"Rejected: {len(dataset.rejected)} records" in out
+    for r in dataset.rejected:
+        assert f"{r[schema.STAGE]} / {r[schema.REASON]}" in out
+        assert r[schema.DETAIL] in out
+    # At most three examples per reason: the fourth refusal-like row would be over; there are 3.
+    assert out.count("matched phrase") == 3
+    # A long raw record is cut, and says by how much.
+    long_raw = max(dataset.rejected, key=lambda r: len(r[schema.RAW]))[schema.RAW]
+    assert f"(+{len(long_raw) - 300} chars)" in out
+    assert "duplicate of " + dataset.rows["train"][0][schema.ID] in out
+
+
+# --- errors -----------------------------------------------------------------------------------
+def test_not_a_dataset_is_a_clear_error(tmp_path):
+    result = run_cli(tmp_path)
+    assert result.exit_code == 2 and "manifest.json does not exist" in one_line(result.output)
+
+
+def test_missing_shard_is_a_clear_error(dataset_copy):
+    (dataset_copy / "shards" / "val-00000.parquet").unlink()
+    result = run_cli(dataset_copy)
+    assert result.exit_code == 2
+    assert "val-00000.parquet is listed in" in one_line(result.output)
+
+
+# --- HTML -------------------------------------------------------------------------------------
+class PageParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.images: list[str] = []
+        self.urls: list[str] = []
+        self.trained: list[str] = []
+        self._in_trained = 0
+        self._in_example = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.append(attrs["id"])
+        if tag == "img":
+            self.images.append(attrs["src"])
+        for key in ("src", "href"):
+            if key in attrs and tag != "img":
+                self.urls.append(attrs[key])
+        if tag == "pre":
+            self._in_example += 1
+        if tag == "span" and self._in_example and "tr" in (attrs.get("class") or "").split():
+            self._in_trained += 1
+            self.trained.append("")
+        elif tag == "link":
+            self.urls.append(attrs.get("href", ""))
+
+    def handle_endtag(self, tag):
+        if tag == "pre":
+            self._in_example -= 1
+        if tag == "span" and self._in_trained:
+            self._in_trained -= 1
+
+    def handle_data(self, data):
+        if self._in_trained:
+            self.trained[-1] += data
+
+
+def test_html_report_is_self_contained_with_every_section(dataset, tmp_path):
+    out = tmp_path / "report.html"
+    result = run_cli(dataset.path, "--html", out)
+    assert result.exit_code == 0, result.output
+    page = out.read_text(encoding="utf-8")
+    parser = PageParser()
+    parser.feed(page)
+    for section in SECTION_IDS:
+        assert section in parser.ids
+    assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", page)
+    assert all(url.startswith("#") for url in parser.urls)
+    assert len(parser.images) >= 4
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    for source in {r[schema.SOURCE] for r in dataset.all_rows()}:
+        assert source in page
+    for r in dataset.rejected:
+        assert r[schema.REASON] in page
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary left behind
+
+
+def test_html_examples_highlight_exactly_the_trained_tokens(dataset, bpe_tokenizer, tmp_path):
+    out = tmp_path / "report.html"
+    inspect_dataset(dataset.path, html=out, console=Console(file=io.StringIO()))
+    page = out.read_text(encoding="utf-8")
+    ids = re.findall(r"id <code>([0-9a-f]{32})</code>", page)
+    assert len(ids) == 4
+    assert any(find_row(dataset.path, i)["split"] == "val" for i in ids)
+    parser = PageParser()
+    parser.feed(page)
+    expected = "".join("".join(trained_runs(bpe_tokenizer, find_row(dataset.path, i))) for i in ids)
+    assert "".join(parser.trained) == expected
