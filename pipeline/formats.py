@@ -114,7 +114,7 @@ def to_conversation(
         messages, tools = _from_mapping(record, mapping)
     elif (key := _message_list_key(record)) is not None:
         messages, tools = _from_message_list(record, key)
-    elif "instruction" in record:
+    elif record.get("instruction") is not None:
         messages, tools = _from_alpaca(record)
     elif (pair := _prompt_completion_keys(record)) is not None:
         messages, tools = _from_prompt_completion(record, *pair)
@@ -129,19 +129,21 @@ def to_conversation(
 
 
 # --- layouts ---------------------------------------------------------------------------------
+# A null field counts as absent: Parquet and datasets files written from mixed inputs carry
+# every layout's columns on every row, null where a row does not use them.
 def _message_list_key(record: dict) -> str | None:
     for key in MESSAGE_LIST_KEYS:
-        if key in record:
+        if record.get(key) is not None:
             return key
     return None
 
 
 def _prompt_completion_keys(record: dict) -> tuple[str, str] | None:
     for prompt_key, completion_key in PROMPT_COMPLETION_KEYS:
-        if prompt_key in record and completion_key in record:
+        if record.get(prompt_key) is not None and completion_key in record:
             return prompt_key, completion_key
     for prompt_key, completion_key in PROMPT_COMPLETION_KEYS:
-        if prompt_key in record:
+        if record.get(prompt_key) is not None:
             return prompt_key, completion_key
     return None
 
@@ -209,9 +211,9 @@ def _from_prompt_completion(record: dict, prompt_key: str, completion_key: str) 
 
 def _mapping_applies(record: dict, mapping: FieldMapping) -> bool:
     if mapping.messages:
-        return _lookup(record, mapping.messages) is not _MISSING
+        return _lookup(record, mapping.messages) not in (_MISSING, None)
     if mapping.prompt and mapping.response:
-        return _lookup(record, mapping.prompt) is not _MISSING
+        return _lookup(record, mapping.prompt) not in (_MISSING, None)
     return False
 
 
@@ -274,9 +276,9 @@ def _convert_items(items: list, field_name: str) -> list[dict]:
     for position, item in enumerate(items):
         if not isinstance(item, dict):
             raise RecordError(WRONG_TYPE, f"message {position} of {field_name!r} is a {_json_type(item)}, not an object")
-        if "role" in item:
+        if item.get("role") is not None:
             speaker, content = item["role"], item.get("content")
-        elif "from" in item:
+        elif item.get("from") is not None:
             speaker, content = item["from"], item.get("value")
         else:
             raise RecordError(WRONG_TYPE, f"message {position} of {field_name!r} has neither 'role' nor 'from'")

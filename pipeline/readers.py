@@ -166,12 +166,57 @@ def _open_binary(path: Path, compression: str | None) -> IO[bytes]:
     if compression == "gzip":
         return gzip.open(path, "rb")
     if compression == "zstd":
+        return io.BufferedReader(_ZstdFrames(open(path, "rb")), buffer_size=CHUNK_CHARS)
+    return open(path, "rb", buffering=CHUNK_CHARS)
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Decompress one or more concatenated zstd frames; a stream cut inside a frame is an error.
+
+    ``zstandard``'s own ``stream_reader`` ends quietly at a truncated frame, which would drop
+    the tail of a cut download without a word, so the frames are walked with ``decompressobj``.
+    """
+
+    def __init__(self, source: IO[bytes]) -> None:
         import zstandard
 
-        raw = open(path, "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        return io.BufferedReader(reader, buffer_size=CHUNK_CHARS)
-    return open(path, "rb", buffering=CHUNK_CHARS)
+        self._source = source
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._frame = self._new_frame()
+        self._in_frame = False
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            compressed = self._source.read(CHUNK_CHARS)
+            if not compressed:
+                if self._in_frame:
+                    raise EOFError("the zstd stream ends in the middle of a frame (file truncated?)")
+                return 0
+            self._pending = self._decompress(compressed)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def _decompress(self, compressed: bytes) -> bytes:
+        out = []
+        while compressed:
+            self._in_frame = True
+            out.append(self._frame.decompress(compressed))
+            if not self._frame.eof:
+                break
+            compressed = self._frame.unused_data
+            self._frame = self._new_frame()
+            self._in_frame = False
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._source.close()
+        super().close()
 
 
 def _iter_text(path: Path, container: Container, max_record_bytes: int) -> Iterator[RawRecord]:

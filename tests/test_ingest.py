@@ -182,3 +182,28 @@ def test_expand_inputs_names_the_path_it_cannot_use(tmp_path, make, words):
         expand_inputs([pattern])
     assert pattern in str(caught.value)
     assert isinstance(caught.value, ValueError)
+
+
+def test_parquet_written_from_mixed_layouts_is_read_row_by_row(tmp_path):
+    # A file exported from mixed inputs (e.g. by datasets or pandas) carries every layout's
+    # columns on every row, null where unused; each row must still be read by its own layout.
+    import pyarrow as pa
+
+    rows = [
+        {"instruction": "Say hi", "input": "", "output": "Hi"},
+        {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]},
+        {"conversations": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+        {"prompt": "Capital of France?", "completion": "Paris"},
+    ]
+    columns = sorted({key for row in rows for key in row})
+    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+    assert table.column("instruction").null_count == 3 and table.column("conversations").null_count == 2
+    pq.write_table(table, tmp_path / "mixed.parquet")
+    stats, kept, rejected = run(tmp_path / "mixed.parquet", tmp_path)
+    assert rejected == []
+    assert [[m["content"] for m in row[schema.MESSAGES]] for row in kept] == [
+        ["Say hi", "Hi"],
+        ["你好", "你好！"],
+        ["2+2?", "4"],
+        ["Capital of France?", "Paris"],
+    ]

@@ -171,9 +171,18 @@ def test_folder_that_is_not_a_saved_dataset_is_refused(tmp_path):
         container_of(tmp_path)
 
 
-def test_corrupt_gzip_stream_midway_is_an_input_error(tmp_path):
-    data = gzip.compress(jsonl_bytes(RECORDS * 2000))
-    path = tmp_path / "cut.jsonl.gz"
+@pytest.mark.parametrize("suffix, compress", [(".gz", gzip.compress), (".zst", zstandard.ZstdCompressor().compress)])
+def test_truncated_compressed_stream_is_an_input_error_not_a_quiet_end(tmp_path, suffix, compress):
+    data = compress(jsonl_bytes(RECORDS * 2000))
+    path = tmp_path / f"cut.jsonl{suffix}"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match="cut.jsonl.gz"):
+    with pytest.raises(InputError, match=f"cut.jsonl{suffix}"):
         list(iter_records(path))
+
+
+def test_concatenated_zstd_frames_are_all_read(tmp_path):
+    # what `zstd -T` / pzstd and appending writers produce
+    compress = zstandard.ZstdCompressor().compress
+    path = tmp_path / "frames.jsonl.zst"
+    path.write_bytes(compress(jsonl_bytes(RECORDS)) + compress(jsonl_bytes(RECORDS[::-1])))
+    assert values(path) == RECORDS + RECORDS[::-1]
