@@ -62,6 +62,33 @@ QA_ZH = [
      "1. 鸡蛋打散，加少许盐。\n2. 番茄切块。\n3. 热锅倒油，先炒鸡蛋至凝固后盛出。\n4. 再炒番茄出汁，加入鸡蛋翻炒均匀，加盐和少许糖调味即可。"),
 ]
 
+# Each file's own ordinary pairs, so that duplicates in the samples are only the deliberate ones.
+QA_EN_OPENAI = [
+    ("What is the difference between weather and climate?",
+     "Weather is the state of the atmosphere on a given day; climate is the average pattern of weather in a region over decades."),
+    ("Suggest a name for a bakery that sells sourdough bread.",
+     "\"Rise & Crumb\" - short, warm, and it hints at the slow rise of sourdough."),
+    ("How many bytes are in a kilobyte?",
+     "It depends on the convention: 1,000 bytes in the SI definition used by disk makers, or 1,024 bytes (a kibibyte) in the binary convention used by many operating systems."),
+]
+QA_ZH_CHAT = [
+    ("为什么要多喝水？",
+     "水参与人体几乎所有的新陈代谢，帮助调节体温、运输营养和排出废物。成年人一般每天需要 1.5 到 2 升水。"),
+    ("解释一下什么是区块链。",
+     "区块链是一种按时间顺序把数据打包成“区块”并用密码学方法链接起来的分布式账本，数据一旦写入就很难被篡改。"),
+    ("学习编程应该从哪门语言开始？",
+     "初学者可以从 Python 开始：语法简洁，资料丰富，既能做数据分析，也能写网站和自动化脚本。"),
+    ("如何提高写作水平？",
+     "多读优秀作品，坚持每天写一点，写完后反复修改，并请别人给出反馈。"),
+]
+QA_PROMPT_COMPLETION = [
+    ("What is a prime number?", "A whole number greater than 1 whose only divisors are 1 and itself, such as 2, 3, 5 and 7."),
+    ("Name three renewable energy sources.", "Solar, wind and hydroelectric power."),
+    ("What does CPU stand for?", "Central Processing Unit: the chip that carries out a computer's instructions."),
+    ("“一带一路”指的是什么？", "“一带一路”是“丝绸之路经济带”和“21世纪海上丝绸之路”的简称，是中国提出的国际合作倡议。"),
+    ("用一句话解释光合作用。", "光合作用是植物利用阳光，把二氧化碳和水转化为葡萄糖并释放氧气的过程。"),
+]
+
 WEATHER_TOOL = {
     "name": "get_weather",
     "description": "Get the current weather for a city",
@@ -209,7 +236,7 @@ def openai_records() -> list:
     def msgs(*pairs, **extra):
         return {"messages": [{"role": r, "content": c} for r, c in pairs], **extra}
 
-    records = [msgs(("user", q), ("assistant", a)) for q, a in QA_EN[2:5]]
+    records = [msgs(("user", q), ("assistant", a)) for q, a in QA_EN_OPENAI]
     records += [
         msgs(("system", "You are a concise assistant."), ("user", QA_ZH[5][0]), ("assistant", QA_ZH[5][1])),
         {"messages": [
@@ -266,7 +293,7 @@ def chat_zh_records() -> list:
     def conv(*pairs):
         return {"conversations": [{"role": r, "content": c} for r, c in pairs]}
 
-    records = [conv(("user", q), ("assistant", a)) for q, a in QA_ZH]
+    records = [conv(("user", q), ("assistant", a)) for q, a in QA_ZH_CHAT]
     records += [
         conv(("system", "你是一名耐心的数学老师。"), ("user", "什么是质数？"),
              ("assistant", "质数是大于 1 的自然数，除了 1 和它本身以外没有其他因数，例如 2、3、5、7。"),
@@ -292,7 +319,7 @@ def chat_zh_records() -> list:
 
 # --- prompt/completion Parquet ---------------------------------------------------------------
 def prompt_completion_rows() -> list[dict]:
-    rows = [{"prompt": q, "completion": a} for q, a in QA_EN[:3] + QA_ZH[:2]]
+    rows = [{"prompt": q, "completion": a} for q, a in QA_PROMPT_COMPLETION]
     rows += [
         {"prompt": "Write a SQL query that counts the orders per customer.",
          "completion": "SELECT customer_id, COUNT(*) AS orders\nFROM orders\nGROUP BY customer_id\nORDER BY orders DESC;"},
