@@ -32,9 +32,9 @@ class PlanError(ValueError):
     """A row that cannot fit in any batch under the requested token budget."""
 
 
-def _check_fits(lengths: np.ndarray, capacity: int, flag: str) -> None:
-    if len(lengths) and int(lengths.max()) > capacity:
-        row = int(np.argmax(lengths))
+def _check_fits(lengths: np.ndarray, order: np.ndarray, capacity: int, flag: str) -> None:
+    if len(order) and int(lengths[order].max()) > capacity:
+        row = int(order[np.argmax(lengths[order])])
         raise PlanError(
             f"row {row} has {int(lengths[row])} tokens, more than {flag}={capacity}; raise {flag} "
             f"or prepare the data with --max-length <= {capacity}"
@@ -48,7 +48,7 @@ def best_fit_decreasing(lengths: np.ndarray, order: np.ndarray, capacity: int) -
     a bin changes from epoch to epoch while the fill does not.
     """
     order = np.asarray(order)
-    _check_fits(lengths[order], capacity, "--batch-tokens")
+    _check_fits(lengths, order, capacity, "--batch-tokens")
     by_length = order[np.argsort(-lengths[order], kind="stable")]
     sizes = lengths[by_length].tolist()
     smallest = min(sizes) if sizes else 0
@@ -71,7 +71,7 @@ def best_fit_decreasing(lengths: np.ndarray, order: np.ndarray, capacity: int) -
 
 def next_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
     """The naive packer (open a new bin whenever the next row does not fit); benchmarks only."""
-    _check_fits(lengths[np.asarray(order)], capacity, "--batch-tokens")
+    _check_fits(lengths, np.asarray(order), capacity, "--batch-tokens")
     bins: list[list[int]] = []
     fill = capacity + 1
     for row in np.asarray(order).tolist():
@@ -118,7 +118,7 @@ def plan_padded(
     length and cut greedily, then all batches are shuffled: little padding, still random.
     """
     order = np.asarray(order)
-    _check_fits(lengths[order], batch_tokens, "--batch-tokens")
+    _check_fits(lengths, order, batch_tokens, "--batch-tokens")
     if not len(order):
         return []
     mean = max(1.0, float(lengths[order].mean()))

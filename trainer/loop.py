@@ -13,6 +13,7 @@ import math
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -150,9 +151,13 @@ class SFTTrainer:
 
     def optimizer_step(self, trained_tokens: int) -> float:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-        if trained_tokens:  # a step with nothing to learn from must not move Adam's moments
+        if trained_tokens:
             self.optimizer.step()
-        self.scheduler.step()
+            self.scheduler.step()
+        else:  # nothing to learn from: Adam's moments must not move, the schedule still advances
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
@@ -200,9 +205,9 @@ class SFTTrainer:
 
     # --- the loop --------------------------------------------------------------------------
     def train(self) -> dict:
-        config, state = self.config, self.state
-        run_dir = Path(config.out)
+        config, run_dir = self.config, Path(self.config.out)
         self._start_or_resume(run_dir)
+        state = self.state
         log = MetricsLog(run_dir, enabled=self.dist.is_main, resume_step=state.step if config.resume else None)
         bar = progress_bar(self.total_steps, state.step, enabled=self.dist.is_main and config.progress)
         stop_reason = "max_steps"

@@ -1,0 +1,139 @@
+"""The training loop end to end on the tiny model: learning, exact resume after kill -9, SIGTERM, DDP.
+
+Runs that must survive a crash or span processes go through the real ``sftkit train`` command
+in subprocesses; one thread each so that CPU results are bit-for-bit reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.loop import TrainConfig, run_training
+from trainer.metrics import read_metrics
+from trainer_fixtures import corpus_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
+    return corpus_dataset(tmp_path_factory.mktemp("loop") / "data", bpe_tokenizer, bpe_tokenizer_path)
+
+
+def train_command(data_dir, out, *extra, launcher=(sys.executable, "-m")):
+    return [
+        *launcher, "flows.cli", "train", "--data", str(data_dir), "--out", str(out), "--model", "tiny",
+        "--batch-tokens", "512", "--lr", "3e-3", "--device", "cpu", "--eval-every", "10", "--seed", "1", *extra,
+    ]
+
+
+def train_losses(run_dir) -> list[float]:
+    return [row["loss"] for row in read_metrics(run_dir) if row["type"] == "train"]
+
+
+def test_loss_decreases_and_the_run_leaves_a_loadable_model(data_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = run_training(
+        TrainConfig(data=data_dir, out=out, max_steps=40, lr=3e-3, batch_tokens=1024, eval_every=10,
+                    save_every=20, device="cpu", progress=False)
+    )
+    rows = read_metrics(out)
+    train = [r for r in rows if r["type"] == "train"]
+    evals = [r for r in rows if r["type"] == "eval"]
+    assert summary["steps"] == 40 and len(train) == 40 and len(evals) == 4
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens", "data_wait"} <= set(train[0])
+    first, last = sum(r["loss"] for r in train[:5]) / 5, sum(r["loss"] for r in train[-5:]) / 5
+    assert last < first - 0.3
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert summary["best_eval_loss"] == min(r["eval_loss"] for r in evals)
+    assert (out / "loss.png").stat().st_size > 0
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+
+
+def test_kill_9_then_resume_reproduces_the_uninterrupted_loss_curve(data_dir, tmp_path):
+    steps = ["--max-steps", "40", "--save-every", "5"]
+    subprocess.run(train_command(data_dir, tmp_path / "full", *steps), cwd=REPO, env=ENV, check=True, capture_output=True)
+    uninterrupted = train_losses(tmp_path / "full")
+    assert len(uninterrupted) == 40
+
+    crashed = tmp_path / "crashed"
+    process = subprocess.Popen(train_command(data_dir, crashed, *steps), cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(train_losses(crashed)) < 12 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    logged_before_kill = len(train_losses(crashed))
+    assert 12 <= logged_before_kill < 40, "the run should have been killed mid-way"
+    assert not (crashed / "final").exists()
+
+    resumed = subprocess.run(train_command(data_dir, crashed, *steps, "--resume"), cwd=REPO, env=ENV,
+                             check=True, capture_output=True, text=True)
+    assert "resuming" in resumed.stdout and "from step 0" not in resumed.stdout
+    assert train_losses(crashed) == uninterrupted  # bit-for-bit, not approximately
+    assert [r["step"] for r in read_metrics(crashed) if r["type"] == "train"] == list(range(1, 41))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(train_command(data_dir, out, "--max-steps", "400", "--save-every", "1000"),
+                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while len(train_losses(out)) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    stop = [r for r in read_metrics(out) if r["type"] == "stop"]
+    assert stop and stop[-1]["reason"] == "sigterm"
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    assert checkpoints and int(checkpoints[-1].name.split("-")[1]) == stop[-1]["step"]
+    state = torch.load(checkpoints[-1] / "state.pt", weights_only=True)
+    assert state["train_state"]["step"] == stop[-1]["step"]
+    assert not (out / "final").exists()
+
+
+def test_two_process_ddp_matches_one_process_with_grad_accumulation(data_dir, tmp_path):
+    """2 ranks x 1 micro-batch per step and 1 rank x 2 accumulated micro-batches see the same
+    global batches, so with loss normalised over all ranks their curves must agree."""
+    steps = ["--max-steps", "6", "--save-every", "100", "--eval-every", "3"]
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m")
+    ddp = subprocess.run(train_command(data_dir, tmp_path / "ddp", *steps, launcher=torchrun),
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = run_training(
+        TrainConfig(data=data_dir, out=tmp_path / "single", max_steps=6, lr=3e-3, batch_tokens=512, grad_accum=2,
+                    eval_every=3, save_every=100, device="cpu", seed=1, progress=False)
+    )
+    ddp_rows, single_rows = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
+    for kind, key in (("train", "loss"), ("train", "trained_tokens"), ("eval", "eval_loss")):
+        ddp_values = [r[key] for r in ddp_rows if r["type"] == kind]
+        single_values = [r[key] for r in single_rows if r["type"] == kind]
+        assert len(ddp_values) == len(single_values) > 0
+        assert ddp_values == pytest.approx(single_values, rel=1e-4), key
+    assert single["steps"] == 6
+    assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
+
+
+def test_fresh_run_refuses_a_folder_that_holds_checkpoints(data_dir, tmp_path):
+    config = dict(data=data_dir, out=tmp_path / "run", max_steps=2, batch_tokens=1024, eval_every=100,
+                  save_every=1, device="cpu", progress=False)
+    run_training(TrainConfig(**config))
+    with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
+        run_training(TrainConfig(**config))
+    assert run_training(TrainConfig(**{**config, "max_steps": 3, "resume": True}))["steps"] == 3
