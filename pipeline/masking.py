@@ -61,6 +61,7 @@ class Encoded:
 
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32
+    truncated: bool = False
 
     @property
     def num_trainable(self) -> int:
@@ -413,6 +414,7 @@ class Masker:
                 return Rejection(
                     "tokenize", "no_trainable_tokens", f"nothing trainable left after truncating to {cut} tokens"
                 )
+            return Encoded(ids.astype(np.int32), labels.astype(np.int32), truncated=True)
         return Encoded(ids.astype(np.int32), labels.astype(np.int32))
 
 

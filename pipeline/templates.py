@@ -13,12 +13,15 @@ end-of-turn token, not the header before it and not the newline after it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import TemplateConfig
+
+log = logging.getLogger("sftkit.templates")
 
 # --- built-in templates ----------------------------------------------------------------------
 # Tool calls render as one JSON object per call; `call.function` is the OpenAI shape.
@@ -140,6 +143,12 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 # The end-of-turn marker each built-in closes an assistant turn with; "{eos}" is the tokenizer's EOS.
 BUILTIN_END_TOKENS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "{eos}", "alpaca": "{eos}"}
 
+# Turn markers a built-in writes that only work well as the tokenizer's own tokens.
+BUILTIN_MARKERS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+}
+
 # End-of-turn markers of common model families, recognised after a turn's content when a
 # template's own generation span (or prefix rendering) does not include one.
 KNOWN_END_TOKENS = (
@@ -210,6 +219,15 @@ def resolve_template(tokenizer, config: TemplateConfig) -> Template:
                     f"{getattr(tokenizer, 'name_or_path', '?')!r} has none"
                 )
         template = Template(config.name, BUILTIN_TEMPLATES[config.name], default_system, end)
+        missing = [m for m in BUILTIN_MARKERS.get(config.name, ()) if m not in tokenizer.get_vocab()]
+        if missing:
+            log.warning(
+                "template %r writes %s, which tokenizer %r does not have as tokens; they are encoded as "
+                "plain text, and turns whose end merges into the next header are rejected as mask_unverifiable",
+                config.name,
+                ", ".join(missing),
+                getattr(tokenizer, "name_or_path", "?"),
+            )
     else:
         raise ValueError(
             f"unknown chat template {config.name!r}; expected auto, a Jinja file, or one of "

@@ -1,0 +1,88 @@
+"""The shard writer: tokenized rows -> ``DIR/shards/{train,val}-NNNNN.parquet``.
+
+This module owns the train/validation split (by a hash of the row id, so a row keeps its split
+across refreshes whatever else is in the run), the row order inside the shards (by source and
+source index, so the bytes do not depend on parallelism), the cutting into files of about
+``target_rows`` rows, and the Parquet file metadata (tokenizer and template name and
+fingerprint, split, format version). Every file is written atomically; the same input and
+config give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import schema
+from pipeline.config import ShardConfig
+from pipeline.fsutil import sha256_file, write_parquet_atomic
+
+SHARDS_DIR = "shards"
+_SPLIT_KEY = b"sftkit-split"
+
+
+def split_of(row_id: str, val_fraction: float) -> str:
+    """``val`` for a stable ``val_fraction`` share of ids, ``train`` for the rest."""
+    digest = hashlib.blake2b(row_id.encode("utf-8"), digest_size=8, key=_SPLIT_KEY).digest()
+    return "val" if int.from_bytes(digest, "big") < val_fraction * 2**64 else "train"
+
+
+def write_shards(
+    tokenized_paths: list[Path],
+    data_dir: Path,
+    config: ShardConfig,
+    metadata: dict[bytes, bytes],
+    start_index: dict[str, int] | None = None,
+) -> list[dict]:
+    """Write the rows of ``tokenized_paths`` as shard files; return their manifest entries.
+
+    ``start_index`` gives the first file number per split, so a refresh appends after the files
+    the dataset already has.
+    """
+    data_dir = Path(data_dir)
+    start_index = dict(start_index or {})
+    tables = []
+    for path in tokenized_paths:
+        try:
+            tables.append(pq.read_table(path, schema=schema.SHARD_SCHEMA))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ValueError(f"cannot read tokenized rows from {path}: {exc}") from exc
+    if not tables:
+        return []
+    table = pa.concat_tables(tables)
+    if table.num_rows == 0:
+        return []
+    table = table.sort_by([(schema.SOURCE, "ascending"), (schema.SOURCE_INDEX, "ascending"), (schema.ID, "ascending")])
+    splits = np.array([split_of(row_id, config.val_fraction) for row_id in table.column(schema.ID).to_pylist()])
+    compression = None if config.compression == "none" else config.compression
+
+    entries = []
+    for split in schema.SPLITS:
+        part = table.filter(pa.array(splits == split))
+        for number, start in enumerate(range(0, part.num_rows, config.target_rows)):
+            chunk = part.slice(start, config.target_rows)
+            name = schema.shard_file_name(split, start_index.get(split, 0) + number)
+            path = data_dir / SHARDS_DIR / name
+            write_parquet_atomic(
+                chunk,
+                path,
+                metadata={**metadata, schema.META_SPLIT: split.encode()},
+                compression=compression,
+                row_group_size=config.row_group_rows,
+            )
+            entries.append(
+                {
+                    "path": f"{SHARDS_DIR}/{name}",
+                    "split": split,
+                    "rows": chunk.num_rows,
+                    "tokens": int(pc.sum(chunk.column(schema.LENGTH)).as_py() or 0),
+                    "trainable_tokens": int(pc.sum(chunk.column(schema.NUM_TRAINABLE)).as_py() or 0),
+                    "sha256": sha256_file(path),
+                }
+            )
+    return entries

@@ -1,0 +1,175 @@
+"""The render+tokenize stage: canonical conversations (Parquet) -> tokenized rows with labels.
+
+Reads the canonical Parquet in row batches (memory stays bounded by the batch size times the
+number of workers), renders, tokenizes and masks each batch with :class:`pipeline.masking.Masker`
+in a pool of worker processes, and writes the kept rows in :data:`schema.SHARD_SCHEMA` to one
+Parquet file (atomically) in input order, and the refused rows to ``rejected/`` with stage
+``template`` (the template failed to render) or ``tokenize`` (``too_long``,
+``mask_unverifiable``, ``no_trainable_tokens``).
+
+Parallelism is over batches, one worker process per core; each worker tokenizes its batch with
+the fast tokenizer's batch encoder. Results come back in submission order, so the output does
+not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import Counter, deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schema
+from pipeline.config import SFTConfig
+from pipeline.fsutil import atomic_path
+from pipeline.masking import Encoded, Masker, Rejection
+from pipeline.stage import Drop, StageStats, Timer, rejected_rows_from_table, write_rejected
+
+_CANONICAL_COLUMNS = [field.name for field in schema.CONVERSATION_SCHEMA]
+
+
+def build_masker(tokenizer, config: SFTConfig) -> Masker:
+    """The Masker a run with ``config`` uses for ``tokenizer``."""
+    from pipeline.templates import resolve_template
+
+    template = resolve_template(tokenizer, config.template)
+    return Masker(
+        tokenizer,
+        template,
+        max_length=config.tokenize.max_length,
+        train_on=config.tokenize.train_on,
+        truncate=config.tokenize.truncate,
+        span_method=config.tokenize.span_method,
+    )
+
+
+def encode_table(masker: Masker, table: pa.Table | pa.RecordBatch) -> tuple[pa.Table, pa.Table, dict]:
+    """Canonical rows -> (kept rows in SHARD_SCHEMA, rejected rows, figures) for one batch."""
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    table = table.select(_CANONICAL_COLUMNS).cast(schema.CONVERSATION_SCHEMA)
+    messages = table.column(schema.MESSAGES).to_pylist()
+    tools = table.column(schema.TOOLS).to_pylist()
+    results = masker.encode_batch(list(zip(messages, tools)))
+
+    kept = [i for i, r in enumerate(results) if isinstance(r, Encoded)]
+    encoded: list[Encoded] = [results[i] for i in kept]  # type: ignore[misc]
+    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int32)
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.concatenate([e.input_ids for e in encoded]) if encoded else np.zeros(0, np.int32)
+    labels = np.concatenate([e.labels for e in encoded]) if encoded else np.zeros(0, np.int32)
+    trainable = np.array([e.num_trainable for e in encoded], dtype=np.int32)
+    kept_table = table.take(pa.array(kept, pa.int64()))
+    kept_table = pa.Table.from_arrays(
+        [
+            *kept_table.columns,
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids, pa.int32())),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels, pa.int32())),
+            pa.array(lengths, pa.int32()),
+            pa.array(trainable, pa.int32()),
+        ],
+        schema=schema.SHARD_SCHEMA,
+    )
+
+    rejected_parts = []
+    for stage in ("template", "tokenize"):
+        rows = [i for i, r in enumerate(results) if isinstance(r, Rejection) and r.stage == stage]
+        drops = [Drop(results[i].reason, results[i].detail) for i in rows]  # type: ignore[union-attr]
+        if rows:
+            rejected_parts.append(rejected_rows_from_table(table, rows, drops, stage))
+    rejected = pa.concat_tables(rejected_parts) if rejected_parts else schema.REJECTED_SCHEMA.empty_table()
+    figures = {
+        "records_in": table.num_rows,
+        "rejected": Counter(r.reason for r in results if isinstance(r, Rejection)),
+        "tokens": int(lengths.sum()),
+        "trainable_tokens": int(trainable.sum()),
+        "truncated": sum(e.truncated for e in encoded),
+    }
+    return kept_table, rejected, figures
+
+
+# --- worker processes ------------------------------------------------------------------------
+_worker_masker: Masker | None = None
+
+
+def _init_worker(tokenizer_path: str, config_json: str) -> None:
+    # One process per core already; the tokenizer's own thread pool would only oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from pipeline.tokenizers import load_tokenizer
+
+    global _worker_masker
+    _worker_masker = build_masker(load_tokenizer(tokenizer_path), SFTConfig.model_validate_json(config_json))
+
+
+def _encode_in_worker(batch: pa.RecordBatch) -> tuple[pa.Table, pa.Table, dict]:
+    assert _worker_masker is not None, "worker was not initialised"
+    return encode_table(_worker_masker, batch)
+
+
+def _encoded_batches(
+    batches: Iterator[pa.RecordBatch], num_batches: int, tokenizer_path: str, config: SFTConfig
+) -> Iterator[tuple[pa.Table, pa.Table, dict]]:
+    """Encode batches in order, in a process pool when there is more than one batch and core."""
+    num_proc = config.tokenize.num_proc or os.cpu_count() or 1
+    num_proc = min(num_proc, num_batches)
+    if num_proc <= 1:
+        from pipeline.tokenizers import load_tokenizer
+
+        masker = build_masker(load_tokenizer(tokenizer_path), config)
+        for batch in batches:
+            yield encode_table(masker, batch)
+        return
+    # forkserver: never fork a process that may run threads (Prefect runs tasks in threads).
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(
+        num_proc, mp_context=context, initializer=_init_worker, initargs=(tokenizer_path, config.model_dump_json())
+    ) as pool:
+        in_flight: deque[Future] = deque()
+        for batch in batches:
+            in_flight.append(pool.submit(_encode_in_worker, batch))
+            if len(in_flight) >= 2 * num_proc:  # bounded: at most two batches per worker in memory
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+def tokenize_stage(
+    in_path: Path, out_path: Path, rejected_path: Path, tokenizer_path: str, config: SFTConfig
+) -> StageStats:
+    """Render, tokenize and mask every conversation of ``in_path``; write kept and rejected rows."""
+    in_path, out_path, rejected_path = Path(in_path), Path(out_path), Path(rejected_path)
+    stats = StageStats("tokenize", extra={"tokens": 0, "trainable_tokens": 0, "truncated": 0})
+    rejected_tables = []
+    with Timer() as timer:
+        try:
+            source = pq.ParquetFile(in_path)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ValueError(f"cannot read canonical conversations from {in_path}: {exc}") from exc
+        batch_size = config.tokenize.batch_size
+        num_batches = -(-source.metadata.num_rows // batch_size) if source.metadata.num_rows else 0
+        batches = source.iter_batches(batch_size=batch_size, columns=_CANONICAL_COLUMNS)
+        with atomic_path(out_path) as tmp:
+            with pq.ParquetWriter(tmp, schema.SHARD_SCHEMA, compression="zstd") as writer:
+                for kept, rejected, figures in _encoded_batches(batches, num_batches, tokenizer_path, config):
+                    if kept.num_rows:
+                        writer.write_table(kept)
+                    if rejected.num_rows:
+                        rejected_tables.append(rejected)
+                    stats.records_in += figures["records_in"]
+                    stats.records_out += kept.num_rows
+                    stats.rejected.update(figures["rejected"])
+                    for key in ("tokens", "trainable_tokens", "truncated"):
+                        stats.extra[key] += figures[key]
+        if rejected_tables:
+            write_rejected(pa.concat_tables(rejected_tables), rejected_path)
+    stats.seconds = timer.seconds
+    stats.check_conservation()
+    return stats
+

@@ -1,0 +1,140 @@
+"""Choosing and rendering chat templates: the tokenizer's own, built-ins, custom files, default system."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import TemplateConfig
+from pipeline.masking import Encoded, Masker, Rejection
+from pipeline.schema import make_message, messages_for_template, tools_for_template
+from pipeline.templates import BUILTIN_TEMPLATES, render, resolve_template, template_variables
+
+CHAT = [make_message("user", "What is 2+2?"), make_message("assistant", "4.")]
+TOOLS = json.dumps(
+    [{"type": "function", "function": {"name": "lookup_price", "description": "price", "parameters": {"type": "object"}}}]
+)
+
+
+def rendered(tokenizer, template, messages=CHAT, tools=None):
+    text, _ = render(template, template_variables(tokenizer), messages_for_template(messages), tools_for_template(tools))
+    return text
+
+
+def test_auto_uses_the_tokenizers_own_template(bpe_tokenizer):
+    template = resolve_template(bpe_tokenizer, TemplateConfig(name="auto"))
+    assert template.name == "auto"
+    assert template.source == bpe_tokenizer.chat_template
+    assert template.has_generation_tags
+
+
+def test_auto_without_a_template_names_the_builtins(mistral_tokenizer):
+    with pytest.raises(ValueError, match="no chat template") as info:
+        resolve_template(mistral_tokenizer, TemplateConfig(name="auto"))
+    for name in BUILTIN_TEMPLATES:
+        assert name in str(info.value)
+
+
+def test_unknown_name_is_a_clear_error(bpe_tokenizer):
+    with pytest.raises(ValueError, match="unknown chat template 'vicuna'"):
+        resolve_template(bpe_tokenizer, TemplateConfig(name="vicuna"))
+
+
+def test_custom_jinja_file_wins_over_the_name(bpe_tokenizer, tmp_path):
+    path = tmp_path / "mine.jinja"
+    path.write_text("{% for m in messages %}<<{{ m.role }}>>{{ m.content }}{% endfor %}", encoding="utf-8")
+    template = resolve_template(bpe_tokenizer, TemplateConfig(name="chatml", jinja_file=path))
+    assert template.name == "file:mine.jinja"
+    assert rendered(bpe_tokenizer, template) == "<<user>>What is 2+2?<<assistant>>4."
+
+
+def test_missing_jinja_file_names_the_file(bpe_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="nothere.jinja"):
+        resolve_template(bpe_tokenizer, TemplateConfig(jinja_file=tmp_path / "nothere.jinja"))
+
+
+def test_fingerprint_follows_the_template_text_and_default_system(bpe_tokenizer):
+    chatml = resolve_template(bpe_tokenizer, TemplateConfig(name="chatml"))
+    assert chatml.fingerprint == resolve_template(bpe_tokenizer, TemplateConfig(name="chatml")).fingerprint
+    assert chatml.fingerprint != resolve_template(bpe_tokenizer, TemplateConfig(name="llama3")).fingerprint
+    with_system = resolve_template(bpe_tokenizer, TemplateConfig(name="chatml", default_system="Be brief."))
+    assert with_system.fingerprint != chatml.fingerprint
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_TEMPLATES))
+def test_default_system_is_added_and_the_datas_own_system_wins(bpe_tokenizer, name):
+    template = resolve_template(bpe_tokenizer, TemplateConfig(name=name, default_system="DEFAULT-SYS"))
+    masker = Masker(bpe_tokenizer, template, max_length=4096)
+    plain = masker.encode(CHAT)
+    assert isinstance(plain, Encoded)
+    assert "DEFAULT-SYS" in bpe_tokenizer.decode(plain.input_ids)
+    own = masker.encode([make_message("system", "OWN-SYS"), *CHAT])
+    assert isinstance(own, Encoded)
+    text = bpe_tokenizer.decode(own.input_ids)
+    assert "OWN-SYS" in text and "DEFAULT-SYS" not in text
+
+
+def test_default_system_needs_a_template_with_a_system_role(bpe_tokenizer, tmp_path):
+    path = tmp_path / "nosys.jinja"
+    path.write_text("{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
+    with pytest.raises(ValueError, match="no system role"):
+        resolve_template(bpe_tokenizer, TemplateConfig(jinja_file=path, default_system="x"))
+
+
+def test_builtin_layouts(bpe_tokenizer, mistral_tokenizer):
+    def text(tokenizer, name, messages=CHAT):
+        return rendered(tokenizer, resolve_template(tokenizer, TemplateConfig(name=name)), messages)
+
+    assert text(bpe_tokenizer, "chatml") == (
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n"
+    )
+    assert text(bpe_tokenizer, "llama3") == (
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n4.<|eot_id|>"
+    )
+    # Mistral: BOS written by the template, [INST] … [/INST], the tokenizer's EOS closes the turn.
+    assert text(mistral_tokenizer, "mistral") == "<s>[INST] What is 2+2? [/INST] 4.</s>"
+    with_system = text(mistral_tokenizer, "mistral", [make_message("system", "Be brief."), *CHAT])
+    assert with_system == "<s>[INST] Be brief.\n\nWhat is 2+2? [/INST] 4.</s>"
+    assert text(mistral_tokenizer, "alpaca") == "<s>### Instruction:\nWhat is 2+2?\n\n### Response:\n4.</s>\n\n"
+
+
+@pytest.mark.parametrize("name", ["auto", *BUILTIN_TEMPLATES])
+def test_tools_and_tool_calls_are_passed_through(bpe_tokenizer, name):
+    template = resolve_template(bpe_tokenizer, TemplateConfig(name=name))
+    messages = [
+        make_message("user", "How much is a kiwi?"),
+        make_message(
+            "assistant",
+            "",
+            tool_calls=[{"type": "function", "function": {"name": "lookup_price", "arguments": {"item": "kiwi"}}}],
+        ),
+        make_message("tool", '{"price": 3}'),
+        make_message("assistant", "Three."),
+    ]
+    text = rendered(bpe_tokenizer, template, messages, TOOLS)
+    assert text.count("lookup_price") == 2  # the schema and the call
+    assert '"item": "kiwi"' in text and '{"price": 3}' in text
+
+
+def test_templates_render_in_a_sandbox(bpe_tokenizer, tmp_path):
+    path = tmp_path / "evil.jinja"
+    path.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}{% generation %}x{% endgeneration %}", encoding="utf-8")
+    template = resolve_template(bpe_tokenizer, TemplateConfig(jinja_file=path))
+    result = Masker(bpe_tokenizer, template, max_length=512).encode(CHAT)
+    assert isinstance(result, Rejection)
+    assert (result.stage, result.reason) == ("template", "template_error")
+
+
+def test_a_template_that_raises_rejects_the_row_with_its_message(mistral_tokenizer, tmp_path):
+    path = tmp_path / "strict.jinja"
+    path.write_text(
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system prompts here') }}"
+        "{% endif %}{{ m.content }}{% endfor %}",
+        encoding="utf-8",
+    )
+    template = resolve_template(mistral_tokenizer, TemplateConfig(jinja_file=path))
+    result = Masker(mistral_tokenizer, template, max_length=512).encode([make_message("system", "s"), *CHAT])
+    assert isinstance(result, Rejection)
+    assert result.stage == "template" and "no system prompts here" in result.detail
