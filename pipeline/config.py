@@ -92,12 +92,18 @@ class TokenizeConfig(_Section):
     truncate: bool = Field(False, description="cut long rows instead of rejecting them as too_long")
     batch_size: int = Field(1000, gt=0)
     num_proc: int | None = Field(None, description="tokenizer worker processes; default all cores")
+    span_method: Literal["auto", "generation", "prefix"] = Field(
+        "auto",
+        description="how assistant turns are located: the template's {% generation %} blocks, rendering "
+        "prefixes of the conversation, or auto (generation blocks when the template has them)",
+    )
 
 
 class ShardConfig(_Section):
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
     target_rows: int = Field(50_000, gt=0, description="rows per shard file")
     compression: Literal["zstd", "snappy", "none"] = "zstd"
+    row_group_rows: int = Field(2048, gt=0, description="rows per Parquet row group (the unit a reader fetches)")
 
 
 class SFTConfig(_Section):
