@@ -178,6 +178,8 @@ def test_token_bounds_without_a_tokenizer_are_an_error():
         ("作为AI，我没有个人情感，但我可以给你一些建议。", "ai_disclaimer"),
         ("抱歉，我无法回答这个问题。", "refusal"),
         ("很抱歉，我不能帮你完成这个任务。", "refusal"),
+        ("对不起，我没办法评价这个人。", "refusal"),
+        ("我无法提供这类信息。", "refusal"),
     ],
 )
 def test_refusal_drops_disclaimers_and_refusals(response, expected):
@@ -194,6 +196,7 @@ def test_refusal_drops_disclaimers_and_refusals(response, expected):
         "作为一名老师，我认为阅读习惯最重要。",
         "人工智能语言模型是一种基于大量文本训练的程序。",
         "如果服务器无法连接，请先检查网络设置。",
+        "我不会游泳，但我的哥哥游得很好。",
     ],
 )
 def test_refusal_keeps_ordinary_answers(response):
@@ -317,7 +320,7 @@ def test_repetition_thresholds_are_configurable():
 PII_RECORD_TURNS = [
     ("user", "Mail john.doe@gmail.com or call (415) 555-0132, server at 203.0.113.7 or 8.8.4.4."),
     ("assistant", "Noted: john.doe@gmail.com, +44 20 7946 0958, and 2001:4860:4860::8888."),
-    ("user", "我的手机号是13812345678，座机010-62345678，邮箱zhang.san@qq.com或 zhangsan@163.com。"),
+    ("user", "我的手机号是13812345678，座机010-62345678，邮箱zhang.san@qq.com或 zhangsan@163.com，服务器地址是8.8.8.8。"),
     ("assistant", "好的，已记录 138-1234-5678。"),
 ]
 
@@ -330,9 +333,9 @@ def test_pii_redacts_in_place_and_counts():
     assert texts[0] == "Mail <EMAIL> or call <PHONE>, server at 203.0.113.7 or <IP_ADDRESS>."
     assert texts[1] == "Noted: <EMAIL>, <PHONE>, and <IP_ADDRESS>."
     assert "13812345678" not in texts[2] and "62345678" not in texts[2] and "zhangsan@163.com" not in texts[2]
-    assert texts[2].endswith("邮箱<EMAIL>或 <EMAIL>。")
+    assert texts[2].endswith("邮箱<EMAIL>或 <EMAIL>，服务器地址是<IP_ADDRESS>。")
     assert texts[3] == "好的，已记录 <PHONE>。"
-    assert flt.summary()["redactions"] == {"email": 4, "ip": 2, "phone": 5}
+    assert flt.summary()["redactions"] == {"email": 4, "ip": 3, "phone": 5}
 
 
 def test_pii_drop_mode_rejects_the_record_unchanged():
@@ -395,7 +398,8 @@ def test_decontamination_drops_records_sharing_a_13_gram(eval_files):
     (flt,) = build_filters(config)
     copied = qa("Solve: a TRAIN leaves the station at noon, travelling at sixty miles per hour towards the city. When?", "At 2pm.")
     assert reason(flt, copied) == "contaminated"
-    assert reason(flt, qa("讲讲长江。", "长江是中国最长的河流，全长约六千三百公里。")) == "contaminated"
+    drop = flt.check(qa("讲讲长江。", "长江是中国最长的河流，全长约六千三百公里。"))
+    assert drop.reason == "contaminated" and "长江是中国最长的河流全长约" in drop.detail
     assert flt.check(qa("A train leaves at noon.", "It arrives at two.")) is None
     assert flt.check(qa("What is the capital of France?", "Paris.")) is None  # shorter than 13 tokens
     assert flt.summary()["short_strings"] == 2  # "B" and the France question

@@ -26,7 +26,6 @@ Each filter's parameters are the fields of its class (see :mod:`pipeline.quality
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import time
 from pathlib import Path

@@ -99,7 +99,7 @@ class Decontaminate(Filter):
             words = tx.tokens(message.get("content") or "")
             for i in range(len(words) - n + 1):
                 if hash(tuple(words[i : i + n])) in self._hashes:
-                    span = " ".join(words[i : i + n])
+                    span = tx.join_tokens(words[i : i + n])
                     return Drop(
                         "contaminated",
                         f"{message['role']} turn {index} shares the {n}-token span {span!r} with the evaluation set",

@@ -246,9 +246,12 @@ _EN_REFUSAL = re.compile(
     r"^(?:(?:i'm |i am )?(?:sorry|apologies|i apologize|i apologise)[,.!]? ?(?:but )?" + _EN_INABILITY
     + r"|" + _EN_INABILITY + _EN_REFUSAL_VERB + r")"
 )
+_ZH_INABILITY = r"我(?:不能|无法|没办法|没有办法|不可以|不会|拒绝)"
+_ZH_REFUSAL_VERB = r"(?:为你|为您|帮你|帮您|帮助|提供|回答|完成|协助|满足|执行|访问|生成|创作)"
+# The same rule as in English: after an apology any inability is a refusal.
 _ZH_REFUSAL = re.compile(
-    r"^(?:很|非常)?(?:抱歉|对不起|不好意思)?[,.!。!]?\s*(?:但是?)?\s*"
-    r"我(?:不能|无法|没办法|没有办法|不可以|不会|拒绝)(?:为你|为您|帮你|帮您|帮助|提供|回答|完成|协助|满足|执行|访问|生成|创作)"
+    r"^(?:(?:很|非常)?(?:抱歉|对不起|不好意思)[,.!。!]?\s*(?:但是?)?\s*" + _ZH_INABILITY
+    + r"|" + _ZH_INABILITY + _ZH_REFUSAL_VERB + r")"
 )
 
 
@@ -475,10 +478,16 @@ class Repetition(Filter):
             share = _top_ngram_chars(words, n) / total
             if share > limit:
                 return Drop("top_ngram", f"{where}: the most frequent {n}-gram covers {share:.0%} of the text (> {limit:.0%})")
-        for n, limit in self._dup.items():
+        sizes = sorted(self._dup)
+        for position, n in enumerate(sizes):
             share = _duplicate_ngram_chars(words, n) / total
+            limit = self._dup[n]
             if share > limit:
                 return Drop("repeated_ngrams", f"{where}: repeated {n}-grams cover {share:.0%} of the text (> {limit:.0%})")
+            # Text inside a repeated m-gram (m > n) is inside repeated n-grams too, so the shares
+            # only shrink with n: once under every remaining limit, the larger n cannot fail.
+            if share <= min((self._dup[m] for m in sizes[position + 1 :]), default=1.0):
+                break
         return None
 
 

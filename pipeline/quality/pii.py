@@ -18,17 +18,19 @@ from pipeline.quality.base import Filter, messages
 from pipeline.stage import Drop
 
 EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![A-Za-z0-9-])")
+# Boundaries are ASCII-only on purpose: Chinese text puts addresses right after a character
+# ("服务器地址是8.8.8.8"), and \w would count that character as part of a word.
 IPV4 = re.compile(
-    r"(?<![\w.])(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}(?![\w]|\.\d)"
+    r"(?<![A-Za-z0-9_.])(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}(?![A-Za-z0-9_]|\.\d)"
 )
-IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+IPV6 = re.compile(r"(?<![A-Za-z0-9_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![A-Za-z0-9_:])")
 PHONE = re.compile(
     "|".join(
         [
             # international: +86 138 0013 8000, +1 (415) 555-0132, +44 20 7946 0958
-            r"(?<![\w+])\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){2,4}(?!\d)",
+            r"(?<![A-Za-z0-9_+])\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){2,4}(?!\d)",
             # North American with separators: (415) 555-0132, 415-555-0132, 415.555.0132
-            r"(?<![\w-])(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\d-])",
+            r"(?<![A-Za-z0-9_-])(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\d-])",
             # Chinese mobile: 13800138000, 138-0013-8000, 138 0013 8000
             r"(?<![\d-])1[3-9]\d(?:\d{8}|[- ]\d{4}[- ]\d{4})(?![\d-])",
             # Chinese landline with area code: 010-12345678, 0755-1234567

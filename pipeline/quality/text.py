@@ -11,7 +11,6 @@ import re
 
 # CJK unified ideographs (+ extension A, compatibility) and Japanese kana.
 CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff"
-CJK_CHAR = re.compile(f"[{CJK_RANGES}]")
 # One CJK character, or a run of letters/digits that are not CJK.
 _TOKEN = re.compile(f"[{CJK_RANGES}]|[^\\W_{CJK_RANGES}]+")
 
@@ -21,8 +20,17 @@ def tokens(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def is_cjk(char: str) -> bool:
-    return CJK_CHAR.match(char) is not None
+_CJK_START = re.compile(f"[{CJK_RANGES}]")
+
+
+def join_tokens(words: list[str]) -> str:
+    """Tokens back to readable text: spaces between words, none around CJK characters."""
+    out = []
+    for i, word in enumerate(words):
+        if i and not (_CJK_START.match(word) or _CJK_START.match(words[i - 1])):
+            out.append(" ")
+        out.append(word)
+    return "".join(out)
 
 
 _LETTER = re.compile(r"[^\W\d_]")
