@@ -78,13 +78,16 @@ def encode_table(masker: Masker, table: pa.Table | pa.RecordBatch) -> tuple[pa.T
         schema=schema.SHARD_SCHEMA,
     )
 
-    rejected_parts = []
+    rejected_parts, positions = [], []
     for stage in ("template", "tokenize"):
         rows = [i for i, r in enumerate(results) if isinstance(r, Rejection) and r.stage == stage]
         drops = [Drop(results[i].reason, results[i].detail) for i in rows]  # type: ignore[union-attr]
         if rows:
             rejected_parts.append(rejected_rows_from_table(table, rows, drops, stage))
-    rejected = pa.concat_tables(rejected_parts) if rejected_parts else schema.REJECTED_SCHEMA.empty_table()
+            positions += rows
+    rejected = schema.REJECTED_SCHEMA.empty_table()
+    if rejected_parts:  # in input order, whatever the stage
+        rejected = pa.concat_tables(rejected_parts).take(pa.array(np.argsort(positions, kind="stable")))
     figures = {
         "records_in": table.num_rows,
         "rejected": Counter(r.reason for r in results if isinstance(r, Rejection)),

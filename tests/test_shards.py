@@ -1,0 +1,225 @@
+"""The tokenize stage and the shard writer: real Parquet in, contract shards out."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import schema
+from pipeline.config import SFTConfig, ShardConfig
+from pipeline.fsutil import TMP_PREFIX, sha256_file
+from pipeline.schema import make_message as msg
+from pipeline.shards import split_of, write_shards
+from pipeline.tokenize import tokenize_stage
+
+
+def conversation_rows(source: str, count: int, *, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "数据", "🙂", "tokens", "shard"]
+    rows = []
+    for index in range(count):
+        messages = [
+            msg("user", f"Question {index}: " + " ".join(rng.choices(words, k=rng.randint(3, 30)))),
+            msg("assistant", f"Answer {index}: " + " ".join(rng.choices(words, k=rng.randint(3, 60)))),
+        ]
+        rows.append(
+            {
+                schema.ID: schema.conversation_id(messages),
+                schema.SOURCE: source,
+                schema.SOURCE_INDEX: index,
+                schema.MESSAGES: messages,
+                schema.TOOLS: None,
+            }
+        )
+    return rows
+
+
+def write_canonical(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema.CONVERSATION_SCHEMA), path)
+    return path
+
+
+@pytest.fixture()
+def canonical(tmp_path) -> Path:
+    rows = conversation_rows("chat.jsonl", 60)
+    # hard rows: one too long, one with nothing to train, one whose template render fails
+    rows[5][schema.MESSAGES] = [msg("user", "long " * 3000), msg("assistant", "x")]
+    rows[9][schema.MESSAGES] = [msg("user", "hi"), msg("assistant", "no", train=False)]
+    rows[12][schema.MESSAGES] = [msg("user", "call"), msg("assistant", "", tool_calls="{not json")]
+    return write_canonical(tmp_path / "canonical.parquet", rows)
+
+
+def config(**tokenize) -> SFTConfig:
+    cfg = SFTConfig()
+    cfg.tokenize = cfg.tokenize.model_copy(update={"max_length": 512, "num_proc": 1, **tokenize})
+    return cfg
+
+
+def test_tokenize_stage_writes_contract_rows_and_rejects_with_reasons(tmp_path, canonical, bpe_tokenizer_path):
+    out, rejected = tmp_path / "tok.parquet", tmp_path / "rejected" / "tok.parquet"
+    stats = tokenize_stage(canonical, out, rejected, str(bpe_tokenizer_path), config())
+    stats.check_conservation()
+    assert (stats.name, stats.records_in, stats.records_out) == ("tokenize", 60, 57)
+    assert dict(stats.rejected) == {"too_long": 1, "no_trainable_tokens": 1, "template_error": 1}
+
+    table = pq.read_table(out)
+    assert table.schema.equals(schema.SHARD_SCHEMA)
+    assert stats.extra["tokens"] == pa.compute.sum(table[schema.LENGTH]).as_py()
+    assert stats.extra["trainable_tokens"] == pa.compute.sum(table[schema.NUM_TRAINABLE]).as_py()
+    for row in table.to_pylist():
+        assert len(row[schema.INPUT_IDS]) == len(row[schema.LABELS]) == row[schema.LENGTH] <= 512
+        labels = np.array(row[schema.LABELS])
+        assert row[schema.NUM_TRAINABLE] == int((labels != schema.IGNORE_INDEX).sum()) > 0
+        trained = labels != schema.IGNORE_INDEX
+        assert (labels[trained] == np.array(row[schema.INPUT_IDS])[trained]).all()
+
+    quarantine = {r[schema.SOURCE_INDEX]: r for r in pq.read_table(rejected).to_pylist()}
+    assert {i: (r[schema.STAGE], r[schema.REASON]) for i, r in quarantine.items()} == {
+        5: ("tokenize", "too_long"),
+        9: ("tokenize", "no_trainable_tokens"),
+        12: ("template", "template_error"),
+    }
+    assert "long long" in quarantine[5][schema.RAW] and quarantine[5][schema.DETAIL]
+    assert not list(tmp_path.rglob(f"{TMP_PREFIX}*"))
+
+
+def test_tokenize_stage_output_does_not_depend_on_workers_or_batch_size(tmp_path, canonical, bpe_tokenizer_path):
+    single = tmp_path / "single.parquet"
+    tokenize_stage(canonical, single, tmp_path / "r1.parquet", str(bpe_tokenizer_path), config())
+    pooled = tmp_path / "pooled.parquet"
+    stats = tokenize_stage(
+        canonical, pooled, tmp_path / "r2.parquet", str(bpe_tokenizer_path), config(num_proc=2, batch_size=7)
+    )
+    assert stats.records_out == 57
+    assert pq.read_table(single).equals(pq.read_table(pooled))
+    assert pq.read_table(tmp_path / "r1.parquet").equals(pq.read_table(tmp_path / "r2.parquet"))
+
+
+def test_tokenize_stage_on_an_empty_input_writes_an_empty_file(tmp_path, bpe_tokenizer_path):
+    empty = write_canonical(tmp_path / "empty.parquet", [])
+    stats = tokenize_stage(empty, tmp_path / "out.parquet", tmp_path / "rej.parquet", str(bpe_tokenizer_path), config())
+    assert (stats.records_in, stats.records_out) == (0, 0)
+    assert pq.read_table(tmp_path / "out.parquet").schema.equals(schema.SHARD_SCHEMA)
+    assert not (tmp_path / "rej.parquet").exists()
+
+
+def test_tokenize_stage_names_an_unreadable_input(tmp_path, bpe_tokenizer_path):
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="broken.parquet"):
+        tokenize_stage(bad, tmp_path / "o.parquet", tmp_path / "r.parquet", str(bpe_tokenizer_path), config())
+    assert not (tmp_path / "o.parquet").exists()
+
+
+@pytest.fixture()
+def tokenized(tmp_path, bpe_tokenizer_path) -> list[Path]:
+    paths = []
+    for name, count, seed in (("a.jsonl", 130, 1), ("b.json", 75, 2)):
+        canonical_path = write_canonical(tmp_path / f"{name}.canonical.parquet", conversation_rows(name, count, seed=seed))
+        out = tmp_path / f"{name}.tok.parquet"
+        tokenize_stage(canonical_path, out, tmp_path / f"{name}.rej.parquet", str(bpe_tokenizer_path), config())
+        paths.append(out)
+    return paths
+
+
+METADATA = {
+    schema.META_TOKENIZER_NAME: b"bundled",
+    schema.META_TOKENIZER_FINGERPRINT: b"tokfp",
+    schema.META_TEMPLATE_NAME: b"auto",
+    schema.META_TEMPLATE_FINGERPRINT: b"tplfp",
+}
+
+
+def test_shards_layout_entries_and_metadata(tmp_path, tokenized):
+    shard_config = ShardConfig(val_fraction=0.2, target_rows=50)
+    entries = write_shards(tokenized, tmp_path / "data", shard_config, METADATA)
+    assert sum(e["rows"] for e in entries) == 205
+    for entry in entries:
+        path = tmp_path / "data" / entry["path"]
+        assert entry["path"].startswith("shards/") and path.name.startswith(entry["split"] + "-")
+        assert 0 < entry["rows"] <= 50
+        assert entry["sha256"] == sha256_file(path)
+        table = pq.read_table(path)
+        assert table.num_rows == entry["rows"]
+        assert entry["tokens"] == sum(table[schema.LENGTH].to_pylist())
+        assert entry["trainable_tokens"] == sum(table[schema.NUM_TRAINABLE].to_pylist())
+        metadata = pq.read_schema(path).metadata
+        for key, value in METADATA.items():
+            assert metadata[key] == value
+        assert metadata[schema.META_SPLIT] == entry["split"].encode()
+        assert {split_of(i, 0.2) for i in table[schema.ID].to_pylist()} == {entry["split"]}
+    names = [e["path"] for e in entries if e["split"] == "train"]
+    assert names == [f"shards/train-{i:05d}.parquet" for i in range(len(names))]
+    assert 10 < sum(e["rows"] for e in entries if e["split"] == "val") < 80
+    assert not list((tmp_path / "data").rglob(f"{TMP_PREFIX}*"))
+
+
+def test_same_input_gives_byte_identical_shards_in_any_input_order(tmp_path, tokenized):
+    shard_config = ShardConfig(val_fraction=0.1, target_rows=64)
+    first = write_shards(tokenized, tmp_path / "one", shard_config, METADATA)
+    second = write_shards(list(reversed(tokenized)), tmp_path / "two", shard_config, METADATA)
+    assert [(e["path"], e["sha256"]) for e in first] == [(e["path"], e["sha256"]) for e in second]
+
+
+def test_split_is_by_id_not_position():
+    ids = [f"{i:032x}" for i in range(4000)]
+    val = {i for i in ids if split_of(i, 0.1) == "val"}
+    assert 300 < len(val) < 500
+    # the same id lands in the same split whatever else is in the run
+    assert {i for i in reversed(ids[:500]) if split_of(i, 0.1) == "val"} == val & set(ids[:500])
+    assert not any(split_of(i, 0.0) == "val" for i in ids)
+
+
+def test_start_index_appends_after_existing_files(tmp_path, tokenized):
+    shard_config = ShardConfig(val_fraction=0.1, target_rows=1000)
+    entries = write_shards(tokenized[:1], tmp_path / "data", shard_config, METADATA, start_index={"train": 3, "val": 1})
+    assert {e["path"] for e in entries} == {"shards/train-00003.parquet", "shards/val-00001.parquet"}
+
+
+def test_shards_load_with_polars_and_datasets(tmp_path, tokenized):
+    import datasets
+    import polars as pl
+
+    entries = write_shards(tokenized, tmp_path / "data", ShardConfig(val_fraction=0.1, target_rows=80), METADATA)
+    total = sum(e["rows"] for e in entries)
+    lazy = pl.scan_parquet(str(tmp_path / "data" / "shards" / "*.parquet"))
+    frame = lazy.select(pl.col(schema.LENGTH).sum(), pl.len()).collect()
+    assert frame.row(0) == (sum(e["tokens"] for e in entries), total)
+    train = datasets.load_dataset(
+        "parquet", data_files=str(tmp_path / "data" / "shards" / "train-*.parquet"), split="train",
+        cache_dir=str(tmp_path / "hf-cache"),
+    )
+    assert len(train) == sum(e["rows"] for e in entries if e["split"] == "train")
+    row = train[0]
+    assert len(row[schema.INPUT_IDS]) == len(row[schema.LABELS]) == row[schema.LENGTH]
+    assert row[schema.MESSAGES][0]["role"] == "user"
+
+
+def test_no_rows_no_files(tmp_path, bpe_tokenizer_path):
+    empty = write_canonical(tmp_path / "empty.parquet", [])
+    tokenize_stage(empty, tmp_path / "t.parquet", tmp_path / "r.parquet", str(bpe_tokenizer_path), config())
+    assert write_shards([tmp_path / "t.parquet"], tmp_path / "data", ShardConfig(), METADATA) == []
+
+
+def test_real_data_end_to_end(tmp_path, real_data_dir, bpe_tokenizer_path):
+    """The real instruction data (Alpaca, ShareGPT, Glaive tool calls) through ingest -> tokenize -> shards."""
+    from pipeline.config import IngestConfig
+    from pipeline.ingest import ingest_file
+
+    tokenized_paths = []
+    for path in sorted(real_data_dir.glob("*.json")):
+        canonical_path = tmp_path / f"{path.stem}.canonical.parquet"
+        ingest_file(path, path.name, canonical_path, tmp_path / f"{path.stem}.ingest-rej.parquet", IngestConfig())
+        out, rejected = tmp_path / f"{path.stem}.tok.parquet", tmp_path / f"{path.stem}.rej.parquet"
+        stats = tokenize_stage(canonical_path, out, rejected, str(bpe_tokenizer_path), config(max_length=4096))
+        # real data must never hit an unverifiable mask or a template failure
+        assert set(stats.rejected) <= {"too_long"}, json.dumps(stats.to_dict())
+        tokenized_paths.append(out)
+    entries = write_shards(tokenized_paths, tmp_path / "data", ShardConfig(), METADATA)
+    assert sum(e["trainable_tokens"] for e in entries) > 0
