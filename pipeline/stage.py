@@ -42,16 +42,13 @@ class StageStats:
     def __add__(self, other: "StageStats") -> "StageStats":
         if other.name != self.name:
             raise ValueError(f"cannot add stats of stage {other.name!r} to {self.name!r}")
-        extra = dict(self.extra)
-        for key, value in other.extra.items():
-            extra[key] = extra.get(key, 0) + value if isinstance(value, (int, float)) else value
         return StageStats(
             self.name,
             self.records_in + other.records_in,
             self.records_out + other.records_out,
             self.seconds + other.seconds,
             self.rejected + other.rejected,
-            extra,
+            _merge_extra(self.extra, other.extra),
         )
 
     @classmethod
@@ -86,6 +83,19 @@ class StageStats:
             "rejected": dict(sorted(self.rejected.items())),
             **({"extra": self.extra} if self.extra else {}),
         }
+
+
+def _merge_extra(left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
+    """Numbers add up, nested dicts merge key by key, anything else takes the newer value."""
+    merged = dict(left)
+    for key, value in right.items():
+        if key in merged and isinstance(value, dict) and isinstance(merged[key], dict):
+            merged[key] = _merge_extra(merged[key], value)
+        elif key in merged and isinstance(value, (int, float)) and isinstance(merged[key], (int, float)):
+            merged[key] = merged[key] + value
+        else:
+            merged[key] = value
+    return merged
 
 
 class Timer:
