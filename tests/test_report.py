@@ -261,6 +261,18 @@ def test_rejected_view_counts_and_shows_examples_per_reason(dataset):
     assert "duplicate of " + dataset.rows["train"][0][schema.ID] in out
 
 
+def test_a_dataset_where_everything_was_rejected_still_reports(tmp_path, bpe_tokenizer, bpe_tokenizer_path):
+    empty = build_dataset(tmp_path / "empty", bpe_tokenizer, bpe_tokenizer_path, rows_per_source=0)
+    summary = summarize(empty.path)
+    assert summary.rows == 0 and summary.rejected_total == len(empty.rejected)
+    result = run_cli(empty.path)
+    assert result.exit_code == 0, result.output
+    assert f"records read {len(empty.rejected)} = kept 0 + rejected {len(empty.rejected)}" in result.output
+    report = tmp_path / "empty.html"
+    assert run_cli(empty.path, "--html", report).exit_code == 0
+    assert 'id="rejected"' in report.read_text(encoding="utf-8")
+
+
 # --- errors -----------------------------------------------------------------------------------
 def test_not_a_dataset_is_a_clear_error(tmp_path):
     result = run_cli(tmp_path)

@@ -131,7 +131,13 @@ def length_plots(summary: DatasetSummary) -> tuple[str, str]:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, (title, values, colour) in zip(axes, series):
         if values.size:
-            ax.hist(values, bins=min(60, max(5, int(np.unique(values).size))), color=colour)
+            # A long tail would squeeze the bulk into a few bins: fold rows above p99.5 into the last.
+            cap = float(np.percentile(values, 99.5))
+            folded = values.max() > cap
+            drawn = np.minimum(values, cap) if folded else values
+            ax.hist(drawn, bins=min(60, max(5, int(np.unique(drawn).size))), color=colour)
+            if folded:
+                title += f"\n(last bin: {int((values > cap).sum()):,} rows above p99.5 = {cap:.0f})"
             for q, style in zip(PERCENTILES, (":", "--", "-.")):
                 ax.axvline(np.percentile(values, q), color="#111827", linestyle=style, linewidth=1, label=f"p{q}")
             ax.legend(fontsize=8)
