@@ -182,7 +182,7 @@ def begin_run(plan: RunPlan) -> None:
         # Index parts written by a run that crashed before its manifest: drop them, and the
         # dedup step that wrote them, so the step reruns against exactly the listed index.
         listed = set(plan.index_parts)
-        stale = [part for part in index_dir.iterdir() if part.name not in listed]
+        stale = [part for part in index_dir.glob("part-*.parquet") if part.name not in listed]
         for part in stale:
             part.unlink()
         if stale:
@@ -264,7 +264,10 @@ def run_dedup(plan: RunPlan, ingest_results: list[dict]) -> dict:
         is_good = lambda record: passes(record, filters)  # noqa: E731
     out_paths = [_work(plan, "dedup", f"{key}-{i:05d}") for i in range(len(in_paths))]
     rejected = _rejected(plan, "dedup", key)
-    stats = dedup_stage(in_paths, out_paths, rejected, plan.root / DEDUP_INDEX, config.dedup, is_good=is_good)
+    stats = dedup_stage(
+        in_paths, out_paths, rejected, plan.root / DEDUP_INDEX, config.dedup, is_good=is_good,
+        index_parts=list(plan.index_parts),
+    )
     return _step_result(plan, "dedup", key, out_paths, rejected, stats)
 
 
