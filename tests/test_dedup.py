@@ -307,3 +307,73 @@ def test_index_built_with_other_settings_is_refused(tmp_path):
     commit_index(index_dir, stats.extra["index_parts"])
     with pytest.raises(ValueError, match="different dedup settings"):
         run(tmp_path, [[conv("x", "y")]], config=DedupConfig(num_perm=64), name="second", index_dir=index_dir)
+
+
+def test_mapped_steps_compose_to_the_same_result_as_dedup_stage(tmp_path):
+    """What a scaled-out flow does: signatures per chunk, one task per band partition passing
+    edges as files, one global reduce."""
+    from pipeline.dedup import candidate_pairs, compute_signatures, resolve_clusters, save_edges
+
+    docs = [conv("q", " ".join(words(500 + i % 6, 60) + words(600 + i, 2))) for i in range(24)]
+    config = DedupConfig(partitions=4)
+    _, kept_ref, rejected_ref, _ = run(tmp_path, [docs[:12], docs[12:]], config=config, name="ref")
+
+    folder = tmp_path / "mapped"
+    folder.mkdir()
+    ins = [write_chunk(folder / f"in-{i}.parquet", c, source=f"src{i}.jsonl") for i, c in enumerate([docs[:12], docs[12:]])]
+    sigs = [folder / f"sig-{i}.parquet" for i in range(2)]
+    for in_path, sig_path in zip(ins, sigs):
+        compute_signatures(in_path, sig_path, config)
+    edge_files = [
+        save_edges(candidate_pairs(sigs, p, config, tmp_path / "index2"), folder / f"edges-{p}.npy")
+        for p in range(config.partitions)
+    ]
+    outs = [folder / f"out-{i}.parquet" for i in range(2)]
+    stats = resolve_clusters(ins, sigs, edge_files, outs, folder / "rejected.parquet", tmp_path / "index2", config)
+    assert kept_ids([pq.read_table(p) for p in outs]) == kept_ids(kept_ref)
+    assert pq.read_table(folder / "rejected.parquet").to_pylist() == rejected_ref
+    assert stats.records_out == 6
+
+
+def test_japanese_and_korean_near_duplicates(tmp_path):
+    rng = random.Random(7)
+    kana = [chr(c) for c in range(0x3041, 0x3097)] + HANZI[:200]
+    hangul = [chr(c) for c in range(0xAC00, 0xAC00 + 500)]
+    ja = "".join(rng.choice(kana) for _ in range(250))
+    ko = " ".join("".join(rng.choice(hangul) for _ in range(3)) for _ in range(80))  # spaced words
+    docs = [
+        conv("要約してください。", ja),
+        conv("要約してください。", ja[:120] + "を" + ja[121:]),
+        conv("요약해 주세요.", ko),
+        conv("요약해 주세요.", ko[:-8]),
+    ]
+    _, kept, rejected, _ = run(tmp_path, [docs])
+    assert kept_ids(kept) == [id_of(docs[0]), id_of(docs[2])]
+    assert {r["id"]: r["duplicate_of"] for r in rejected} == {id_of(docs[1]): id_of(docs[0]), id_of(docs[3]): id_of(docs[2])}
+
+
+def test_disabled_dedup_passes_every_row_through(tmp_path):
+    a = conv("same", "same")
+    stats, kept, rejected, _ = run(tmp_path, [[a, a]], config=DedupConfig(enabled=False))
+    assert kept_ids(kept) == [id_of(a), id_of(a)] and rejected == []
+    assert (stats.records_in, stats.records_out) == (2, 2)
+
+
+def test_exact_only_and_near_only(tmp_path):
+    base = " ".join(words(70, 80))
+    twin = conv("Q", base)
+    same = conv("q!", base)
+    near = conv("Q", base + " more")
+    _, kept, rejected, _ = run(tmp_path, [[twin, same, near]], config=DedupConfig(near=False), name="exact")
+    assert kept_ids(kept) == [id_of(twin), id_of(near)]
+    _, kept, rejected, _ = run(
+        tmp_path, [[twin, same, near]], config=DedupConfig(exact=False), name="near", index_dir=tmp_path / "i2"
+    )
+    assert kept_ids(kept) == [id_of(near)]
+    assert {r["reason"] for r in rejected} == {"near_duplicate"}
+
+
+def test_mismatched_inputs_and_outputs_are_refused(tmp_path):
+    path = write_chunk(tmp_path / "in.parquet", [conv("a", "b")])
+    with pytest.raises(ValueError, match="one output per input chunk"):
+        dedup_stage([path], [], tmp_path / "rejected.parquet", tmp_path / "index", DedupConfig())

@@ -4,8 +4,9 @@ Owns the signature file of a chunk and the candidate edge list of a band partiti
 
 Signature file (Parquet, one per input chunk, row order = the chunk's): ``id``, ``source``,
 ``source_index``, ``response_chars`` (the keep policy's "longest response"), ``exact_hash``
-(uint64 of the normal form), ``signature`` (uint32 x num_perm), ``band_000`` ... (uint64 per
-LSH band, one column each so a partition reads only its bands).
+(uint64 of the normal form), ``signature`` (uint32 x num_perm), ``shingles`` (the sorted
+distinct shingle hashes, for exact-Jaccard verification), ``band_000`` ... (uint64 per LSH
+band, one column each so a partition reads only its bands).
 
 Node numbering shared by every step: the rows of the signature files in order are nodes
 ``0 .. N-1``; the rows of the committed index parts in order are ``N .. N+M-1``.
@@ -27,11 +28,13 @@ from pipeline.config import DedupConfig
 from pipeline.dedup import index as dedup_index
 from pipeline.dedup.minhash import band_hashes, choose_bands, signatures
 from pipeline.dedup.normalize import key_texts, normalize_all, response_chars
-from pipeline.dedup.shingles import shingle_hashes
+from pipeline.dedup.shingles import shingle_hashes, unique_per_document
 from pipeline.fsutil import write_parquet_atomic
 
 RESPONSE_CHARS = "response_chars"
-_BATCH_ROWS = 2048
+SHINGLES = "shingles"
+_BATCH_ROWS = 4096
+_BATCH_CHARS = 1_000_000  # measured: larger batches fall out of cache
 # Bucket groups up to this size give all their pairs to verification; larger ones (a template
 # repeated thousands of times) a star plus a chain, which keeps them connected at linear cost.
 _ALL_PAIRS_MAX = 32
@@ -55,24 +58,43 @@ def exact_hashes(forms: list[str]) -> np.ndarray:
     )
 
 
-def table_signatures(table: pa.Table, config: DedupConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(exact_hash, signature, bands)`` of every row of a canonical table."""
+def table_signatures(table: pa.Table, config: DedupConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, pa.Array]:
+    """``(exact_hash, signature, bands, shingle_sets)`` of every row of a canonical table;
+    ``shingle_sets`` is a list<uint32> array of each row's sorted distinct shingle hashes (what
+    exact-Jaccard verification compares, so the text is never shingled twice)."""
     bands, rows = lsh_shape(config)
     texts = key_texts(table, config.key)
     exact = np.empty(len(texts), dtype=np.uint64)
     sig = np.empty((len(texts), config.num_perm), dtype=np.uint32)
-    for start in range(0, len(texts), _BATCH_ROWS):
-        forms, cjk = normalize_all(texts[start : start + _BATCH_ROWS])
-        exact[start : start + len(forms)] = exact_hashes(forms)
+    sets = []
+    for start, end in _batches(texts):
+        forms, cjk = normalize_all(texts[start:end])
+        exact[start:end] = exact_hashes(forms)
         hashes, offsets = shingle_hashes(forms, cjk, config.word_ngram, config.char_ngram)
-        sig[start : start + len(forms)] = signatures(hashes, offsets, config.num_perm, config.seed)
-    return exact, sig, band_hashes(sig, bands, rows)
+        sig[start:end] = signatures(hashes, offsets, config.num_perm, config.seed)
+        values, set_offsets = unique_per_document(hashes, offsets)
+        sets.append(pa.ListArray.from_arrays(pa.array(set_offsets.astype(np.int32)), pa.array(values, pa.uint32())))
+    shingle_sets = pa.concat_arrays(sets) if sets else pa.array([], pa.list_(pa.uint32()))
+    return exact, sig, band_hashes(sig, bands, rows), shingle_sets
+
+
+def _batches(texts: list[str]):
+    """Row ranges of at most _BATCH_ROWS rows and about _BATCH_CHARS characters, which bounds
+    the memory of the batch-wide shingle arrays whatever the conversation lengths."""
+    start, chars = 0, 0
+    for i, text in enumerate(texts):
+        chars += len(text)
+        if i + 1 - start >= _BATCH_ROWS or chars >= _BATCH_CHARS:
+            yield start, i + 1
+            start, chars = i + 1, 0
+    if start < len(texts):
+        yield start, len(texts)
 
 
 def compute_signatures(in_path: str | os.PathLike, sig_path: str | os.PathLike, config: DedupConfig) -> int:
     """Write the signature file of one canonical chunk; returns its row count."""
     table = pq.read_table(in_path, columns=[schema.ID, schema.SOURCE, schema.SOURCE_INDEX, schema.MESSAGES])
-    exact, sig, bands = table_signatures(table, config)
+    exact, sig, bands, shingle_sets = table_signatures(table, config)
     columns = {
         schema.ID: table.column(schema.ID),
         schema.SOURCE: table.column(schema.SOURCE),
@@ -80,6 +102,7 @@ def compute_signatures(in_path: str | os.PathLike, sig_path: str | os.PathLike, 
         RESPONSE_CHARS: pa.array(response_chars(table), pa.int64()),
         dedup_index.EXACT_HASH: pa.array(exact, pa.uint64()),
         dedup_index.SIGNATURE: pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1)), config.num_perm),
+        SHINGLES: shingle_sets,
     }
     for band in range(bands.shape[1]):
         columns[dedup_index.band_column(band)] = pa.array(bands[:, band], pa.uint64())

@@ -1,0 +1,341 @@
+"""Dedup benchmark: sftkit vs datasketch, side by side on the same documents.
+
+    .venv/bin/python bench/dedup.py [--pairs 10000] [--rss-docs 200000 1000000]
+
+1. Speed, on the same ``2 x pairs`` documents (a generated near-duplicate set, 80 % English-like
+   word text, 20 % Chinese), same num_perm (128) and the same shingles (sftkit's normal form
+   and n-grams; datasketch hashes the shingle strings with its default sha1):
+   * datasketch: ``MinHash.update`` per shingle, ``MinHashLSH(threshold=0.8).insert`` every
+     document, then ``query`` every document (its documented way); also ``update_batch``.
+   * sftkit: :func:`pipeline.dedup.dedup_stage` end to end (Parquet in, Parquet out, exact
+     dedup, LSH, verification, clustering, index part), and its signature step alone.
+2. Accuracy against exact Jaccard: each pair is (base, variant) with a target Jaccard drawn
+   uniformly from [0.6, 1.0] (edits at random positions); the truth is the exact Jaccard of the
+   two shingle sets, positive when >= 0.8. A pair is predicted a duplicate by sftkit when one
+   member is removed as a duplicate of the other, by datasketch when the query of one returns
+   the other (and, for "datasketch + verify", its MinHash.jaccard estimate is >= 0.8).
+3. Peak RSS of ``dedup_stage`` over N short synthetic documents (10 % near duplicates), each
+   in a fresh subprocess, in chunks of 50k rows.
+
+Writes bench/results/dedup.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline import schema  # noqa: E402
+from pipeline.config import DedupConfig  # noqa: E402
+from pipeline.dedup import dedup_stage, lsh_shape  # noqa: E402
+from pipeline.dedup.lsh import table_signatures  # noqa: E402
+from pipeline.dedup.minhash import s_curve_table  # noqa: E402
+from pipeline.dedup.normalize import normalize  # noqa: E402
+from pipeline.dedup.shingles import shingle_strings  # noqa: E402
+
+THRESHOLD = 0.8
+NUM_PERM = 128
+HANZI = np.array([chr(c) for c in range(0x4E00, 0x4E00 + 3000)])
+
+
+def vocabulary(size: int = 30_000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    lengths = rng.integers(2, 10, size)
+    return np.array(["".join(rng.choice(letters, n)) for n in lengths])
+
+
+def zipf_words(rng: np.random.Generator, vocab: np.ndarray, n: int) -> list[str]:
+    ranks = np.minimum(rng.zipf(1.15, n), len(vocab)) - 1
+    return vocab[ranks].tolist()
+
+
+def make_pairs(num_pairs: int, seed: int = 1) -> tuple[list[str], list[tuple[int, int]]]:
+    """Documents ``[base_0, variant_0, base_1, variant_1, ...]`` and the pairs."""
+    rng = np.random.default_rng(seed)
+    vocab = vocabulary()
+    docs: list[str] = []
+    for _ in range(num_pairs):
+        chinese = rng.random() < 0.2
+        length = int(rng.integers(120, 300))
+        tokens = HANZI[rng.integers(0, len(HANZI), length)].tolist() if chinese else zipf_words(rng, vocab, length)
+        target = rng.uniform(0.6, 1.0)
+        shingles = max(length - 4, 1)
+        edits = int(round(shingles * (1 - target) / (5 * (1 + target))))
+        variant = list(tokens)
+        for pos in rng.choice(length, size=min(edits, length), replace=False):
+            kind = rng.random()
+            replacement = (HANZI[rng.integers(0, len(HANZI))] if chinese else vocab[rng.integers(0, len(vocab))])
+            if kind < 0.7:
+                variant[pos] = str(replacement)
+            elif kind < 0.85:
+                variant[pos] = ""  # deletion
+            else:
+                variant[pos] = variant[pos] + (" " if not chinese else "") + str(replacement)  # insertion
+        sep = "" if chinese else " "
+        docs.append(sep.join(tokens))
+        docs.append(sep.join(t for t in variant if t))
+    return docs, [(2 * i, 2 * i + 1) for i in range(num_pairs)]
+
+
+def exact_jaccard(a: str, b: str, config: DedupConfig) -> float:
+    def shingle_set(text: str) -> set[str]:
+        form, cjk = normalize(text)
+        count = len(form.split(" ")) if form else 0
+        n = config.char_ngram if 2 * cjk > count else config.word_ngram
+        return set(shingle_strings(form, n))
+
+    sa, sb = shingle_set(a), shingle_set(b)
+    return len(sa & sb) / len(sa | sb) if sa or sb else 1.0
+
+
+def canonical_table(docs: list[str], prompt: str = "") -> pa.Table:
+    """A canonical-schema table, one user + one assistant message per document (vectorised).
+
+    The prompt is empty so that the dedup key (all contents) is exactly the document and
+    sftkit sees the same shingle sets as the ground truth and datasketch."""
+    n = len(docs)
+    roles = pa.array(["user", "assistant"] * n)
+    contents = pa.array([x for d in docs for x in (prompt, d)])
+    nulls_s = pa.nulls(2 * n, pa.string())
+    struct = pa.StructArray.from_arrays(
+        [roles, contents, nulls_s, nulls_s, pa.nulls(2 * n, pa.bool_())],
+        fields=list(schema.MESSAGE_TYPE),
+    )
+    messages = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), struct)
+    return pa.Table.from_arrays(
+        [
+            pa.array([f"{i:032x}" for i in range(n)]),
+            pa.array(["bench.jsonl"] * n),
+            pa.array(np.arange(n, dtype=np.int64)),
+            messages,
+            pa.nulls(n, pa.string()),
+        ],
+        schema=schema.CONVERSATION_SCHEMA,
+    )
+
+
+def run_datasketch(docs: list[str], config: DedupConfig, batch: bool) -> tuple[float, list[set[int]], list]:
+    from datasketch import MinHash, MinHashLSH
+
+    start = time.perf_counter()
+    minhashes = []
+    for text in docs:
+        form, cjk = normalize(text)
+        count = len(form.split(" ")) if form else 0
+        n = config.char_ngram if 2 * cjk > count else config.word_ngram
+        m = MinHash(num_perm=NUM_PERM, seed=config.seed)
+        shingles = [s.encode("utf-8") for s in shingle_strings(form, n)]
+        if batch:
+            m.update_batch(shingles)
+        else:
+            for s in shingles:
+                m.update(s)
+        minhashes.append(m)
+    lsh = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM)
+    for i, m in enumerate(minhashes):
+        lsh.insert(i, m)
+    found = [set(lsh.query(m)) - {i} for i, m in enumerate(minhashes)]
+    return time.perf_counter() - start, found, minhashes
+
+
+def run_sftkit(docs: list[str], config: DedupConfig, workdir: Path) -> tuple[float, float, list[dict]]:
+    table = canonical_table(docs)
+    chunk = 5000
+    ins, outs = [], []
+    for k, start in enumerate(range(0, len(docs), chunk)):
+        ins.append(workdir / f"in-{k}.parquet")
+        outs.append(workdir / f"out-{k}.parquet")
+        pq.write_table(table.slice(start, chunk), ins[-1])
+    # warm-up on 50 documents: one-time imports and table building are not per-document cost
+    warm = workdir / "warm"
+    warm.mkdir()
+    pq.write_table(table.slice(0, 50), warm / "in.parquet")
+    dedup_stage([warm / "in.parquet"], [warm / "out.parquet"], warm / "rejected.parquet", warm / "index", config)
+    start = time.perf_counter()
+    dedup_stage(ins, outs, workdir / "rejected.parquet", workdir / "index", config)
+    seconds = time.perf_counter() - start
+    rejected = pq.read_table(workdir / "rejected.parquet").to_pylist() if (workdir / "rejected.parquet").exists() else []
+    start = time.perf_counter()
+    table_signatures(table, config)
+    sig_seconds = time.perf_counter() - start
+    return seconds, sig_seconds, rejected
+
+
+def precision_recall(predicted: set[tuple[int, int]], truth: set[tuple[int, int]], pairs) -> dict:
+    tp = len(predicted & truth)
+    fp = len(predicted - truth)
+    fn = len(truth - predicted)
+    return {
+        "precision": round(tp / (tp + fp), 4) if tp + fp else 1.0,
+        "recall": round(tp / (tp + fn), 4) if tp + fn else 1.0,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
+
+
+def band(pairs, jaccards, lo, hi):
+    return {p for p, j in zip(pairs, jaccards) if lo <= j < hi}
+
+
+def speed_and_accuracy(num_pairs: int) -> dict:
+    config = DedupConfig(threshold=THRESHOLD, num_perm=NUM_PERM)
+    docs, pairs = make_pairs(num_pairs)
+    print(f"generated {len(docs)} documents ({num_pairs} pairs); computing exact Jaccard ground truth ...", flush=True)
+    jaccards = [exact_jaccard(docs[a], docs[b], config) for a, b in pairs]
+    truth = {p for p, j in zip(pairs, jaccards) if j >= THRESHOLD}
+    pair_set = set(pairs)
+
+    with tempfile.TemporaryDirectory() as work:
+        sft_seconds, sig_seconds, rejected = run_sftkit(docs, config, Path(work))
+    id_to_row = {f"{i:032x}": i for i in range(len(docs))}
+    sft_pred = set()
+    for r in rejected:
+        a, b = sorted((id_to_row[r["id"]], id_to_row[r["duplicate_of"]]))
+        sft_pred.add((a, b))
+    stray = sft_pred - pair_set
+    sft_pred &= pair_set
+    print(f"sftkit dedup_stage: {sft_seconds:.1f} s", flush=True)
+
+    run_datasketch(docs[:50], config, batch=False)  # warm-up, as for sftkit
+    ds_seconds, found, minhashes = run_datasketch(docs, config, batch=False)
+    print(f"datasketch update-per-shingle + LSH: {ds_seconds:.1f} s", flush=True)
+    ds_batch_seconds, _, _ = run_datasketch(docs, config, batch=True)
+    print(f"datasketch update_batch + LSH: {ds_batch_seconds:.1f} s", flush=True)
+    ds_pred = {(a, b) for a, b in pairs if b in found[a] or a in found[b]}
+    ds_verified = {(a, b) for a, b in ds_pred if minhashes[a].jaccard(minhashes[b]) >= THRESHOLD}
+
+    bands, rows = lsh_shape(config)
+    near = band(pairs, jaccards, 0.75, 0.85)
+    result = {
+        "documents": len(docs),
+        "num_perm": NUM_PERM,
+        "threshold": THRESHOLD,
+        "sftkit_lsh": f"{bands} bands x {rows} rows",
+        "sftkit_s_curve": s_curve_table(bands, rows),
+        "speed_docs_per_s": {
+            "sftkit_dedup_stage_end_to_end": round(len(docs) / sft_seconds),
+            "sftkit_signatures_only": round(len(docs) / sig_seconds),
+            "datasketch_update_per_shingle_lsh": round(len(docs) / ds_seconds),
+            "datasketch_update_batch_lsh": round(len(docs) / ds_batch_seconds),
+        },
+        "speedup_end_to_end_vs_datasketch_update": round(ds_seconds / sft_seconds, 1),
+        "speedup_end_to_end_vs_datasketch_update_batch": round(ds_batch_seconds / sft_seconds, 1),
+        "accuracy_all_pairs": {
+            "pairs": len(pairs),
+            "positives": len(truth),
+            "sftkit": precision_recall(sft_pred, truth, pairs),
+            "datasketch_lsh": precision_recall(ds_pred, truth, pairs),
+            "datasketch_lsh_plus_estimate_verify": precision_recall(ds_verified, truth, pairs),
+        },
+        "accuracy_pairs_with_jaccard_0.75_to_0.85": {
+            "pairs": len(near),
+            "positives": len(near & truth),
+            "sftkit": precision_recall(sft_pred & near, truth & near, near),
+            "datasketch_lsh": precision_recall(ds_pred & near, truth & near, near),
+            "datasketch_lsh_plus_estimate_verify": precision_recall(ds_verified & near, truth & near, near),
+        },
+        "sftkit_removals_outside_generated_pairs": len(stray),
+    }
+    return result
+
+
+RSS_CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from pipeline.config import DedupConfig
+from pipeline.dedup import dedup_stage
+work = Path(sys.argv[2])
+ins = sorted(work.glob("in-*.parquet"))
+outs = [work / p.name.replace("in-", "out-") for p in ins]
+start = time.perf_counter()
+stats = dedup_stage(ins, outs, work / "rejected.parquet", work / "index", DedupConfig())
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "kept": stats.records_out, "rejected": dict(stats.rejected)}))
+"""
+
+
+def write_short_docs(num_docs: int, work: Path, chunk: int = 50_000, seed: int = 3) -> None:
+    rng = np.random.default_rng(seed)
+    vocab = vocabulary()
+    for k, start in enumerate(range(0, num_docs, chunk)):
+        n = min(chunk, num_docs - start)
+        lengths = rng.integers(20, 60, n)
+        ranks = np.minimum(rng.zipf(1.15, int(lengths.sum())), len(vocab)) - 1
+        words = vocab[ranks]
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        docs = [" ".join(words[bounds[i] : bounds[i + 1]]) for i in range(n)]
+        for i in np.flatnonzero(rng.random(n) < 0.1)[1:]:  # 10 % near duplicates of an earlier doc
+            src = docs[int(rng.integers(0, i))].split(" ")
+            src[int(rng.integers(0, len(src)))] = "edit"
+            docs[i] = " ".join(src)
+        table = canonical_table(docs)
+        ids = pa.array([f"{start + i:032x}" for i in range(n)])
+        table = table.set_column(0, schema.ID, ids).set_column(
+            2, schema.SOURCE_INDEX, pa.array(np.arange(start, start + n, dtype=np.int64))
+        )
+        pq.write_table(table, work / f"in-{k:05d}.parquet")
+
+
+def peak_rss(num_docs: int) -> dict:
+    with tempfile.TemporaryDirectory() as work:
+        write_short_docs(num_docs, Path(work))
+        proc = subprocess.run(
+            [sys.executable, "-c", RSS_CHILD, str(REPO), work], capture_output=True, text=True, check=True
+        )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["documents"] = num_docs
+    out["docs_per_s"] = round(num_docs / out["seconds"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=10_000, help="near-duplicate pairs (documents = 2 x pairs)")
+    parser.add_argument("--rss-docs", type=int, nargs="*", default=[200_000, 1_000_000])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "dedup.json")
+    args = parser.parse_args()
+
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)", "python": platform.python_version()}
+    results.update(speed_and_accuracy(args.pairs))
+    speed = results["speed_docs_per_s"]
+    print(json.dumps(results, indent=2))
+    print(
+        f"\nspeed: sftkit {speed['sftkit_dedup_stage_end_to_end']} docs/s end to end vs datasketch "
+        f"{speed['datasketch_update_per_shingle_lsh']} docs/s -> {results['speedup_end_to_end_vs_datasketch_update']}x "
+        f"({results['speedup_end_to_end_vs_datasketch_update_batch']}x vs update_batch)",
+        flush=True,
+    )
+    results["peak_rss"] = []
+    for num_docs in args.rss_docs:
+        print(f"peak RSS run: {num_docs} documents ...", flush=True)
+        measured = peak_rss(num_docs)
+        print(json.dumps(measured), flush=True)
+        results["peak_rss"].append(measured)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
