@@ -14,6 +14,14 @@ from trainer.models import tiny_model
 from trainer_fixtures import corpus_dataset
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
     folder = corpus_dataset(tmp_path_factory.mktemp("loss") / "data", bpe_tokenizer, bpe_tokenizer_path, repeat=1)
