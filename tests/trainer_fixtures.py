@@ -1,38 +1,40 @@
 """Small, real prepared-dataset folders for the trainer tests.
 
-``write_dataset`` lays out exactly what ``sftkit prepare`` promises (CONTRACT.md): Parquet shards
-with the SHARD_SCHEMA columns under ``DIR/shards/`` and a ``manifest.json`` listing them with
-their sha256, using pipeline.schema, pipeline.fsutil and pipeline.manifest. ``corpus_rows``
+``write_dataset`` lays out exactly what ``sftkit prepare`` promises (CONTRACT.md): SHARD_SCHEMA
+rows written by the real shard writer (pipeline.shards.write_shards) under ``DIR/shards/`` and a
+``manifest.json`` listing them with their sha256 (pipeline.manifest). ``corpus_rows``
 turns the bundled corpus into prompt/response rows tokenized by the bundled BPE tokenizer, with
 the prompt masked out of the labels.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.fsutil import sha256_file, write_parquet_atomic
+from pipeline.config import ShardConfig
 from pipeline.manifest import now_iso, write_manifest
 from pipeline.schema import (
     FORMAT_VERSION,
     IGNORE_INDEX,
     META_FORMAT_VERSION,
-    META_SPLIT,
     META_TOKENIZER_FINGERPRINT,
     META_TOKENIZER_NAME,
     SHARD_SCHEMA,
     conversation_id,
     make_message,
-    shard_file_name,
 )
+from pipeline.shards import split_of, write_shards
 from pipeline.tokenizers import tokenizer_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data_samples" / "tokenizer_corpus.txt"
 Row = tuple[Sequence[int], Sequence[int]]
+SPLIT_FRACTION = 0.5
 
 
 def corpus_rows(tokenizer, repeat: int = 1) -> list[Row]:
@@ -50,11 +52,15 @@ def corpus_rows(tokenizer, repeat: int = 1) -> list[Row]:
 
 
 def _shard_table(rows: Sequence[Row], split: str, start_index: int) -> pa.Table:
+    """Shard rows whose ids (content hashes) fall in ``split`` under ``SPLIT_FRACTION``."""
     records = []
     for offset, (input_ids, labels) in enumerate(rows):
         input_ids, labels = [int(t) for t in input_ids], [int(t) for t in labels]
         assert len(input_ids) == len(labels)
-        messages = [make_message("user", f"{split} row {start_index + offset}"), make_message("assistant", "x")]
+        for attempt in range(1000):  # the writer splits by a hash of the id: pick content that lands in `split`
+            messages = [make_message("user", f"row {start_index + offset} try {attempt}"), make_message("assistant", "x")]
+            if split_of(conversation_id(messages), SPLIT_FRACTION) == split:
+                break
         records.append(
             {
                 "id": conversation_id(messages),
@@ -80,7 +86,7 @@ def write_dataset(
     tokenizer_name: str | Path,
     rows_per_shard: int = 1000,
 ) -> Path:
-    """A dataset folder (shards + manifest) holding these rows; returns the folder."""
+    """A dataset folder (shards + manifest) holding these rows, written by the real shard writer."""
     out = Path(out)
     fingerprint = tokenizer_fingerprint(tokenizer)
     metadata = {
@@ -88,23 +94,14 @@ def write_dataset(
         META_TOKENIZER_FINGERPRINT: fingerprint.encode(),
         META_FORMAT_VERSION: FORMAT_VERSION.encode(),
     }
-    entries = []
-    for split, rows in (("train", train_rows), ("val", val_rows)):
-        for shard_index, start in enumerate(range(0, len(rows), rows_per_shard)):
-            chunk = rows[start : start + rows_per_shard]
-            relative = f"shards/{shard_file_name(split, shard_index)}"
-            table = _shard_table(chunk, split, start)
-            write_parquet_atomic(table, out / relative, metadata={**metadata, META_SPLIT: split.encode()})
-            entries.append(
-                {
-                    "path": relative,
-                    "split": split,
-                    "rows": len(chunk),
-                    "tokens": sum(len(ids) for ids, _ in chunk),
-                    "trainable_tokens": sum(sum(1 for t in labels if t != IGNORE_INDEX) for _, labels in chunk),
-                    "sha256": sha256_file(out / relative),
-                }
-            )
+    table = pa.concat_tables([_shard_table(train_rows, "train", 0), _shard_table(val_rows, "val", len(train_rows))])
+    staging = out / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, staging / "rows.parquet")
+    entries = write_shards(
+        [staging / "rows.parquet"], out, ShardConfig(val_fraction=SPLIT_FRACTION, target_rows=rows_per_shard), metadata
+    )
+    shutil.rmtree(staging)
     kept = len(train_rows) + len(val_rows)
     write_manifest(
         out,
