@@ -377,3 +377,23 @@ def test_mismatched_inputs_and_outputs_are_refused(tmp_path):
     path = write_chunk(tmp_path / "in.parquet", [conv("a", "b")])
     with pytest.raises(ValueError, match="one output per input chunk"):
         dedup_stage([path], [], tmp_path / "rejected.parquet", tmp_path / "index", DedupConfig())
+
+
+def test_index_can_be_restricted_to_what_reached_the_shards(tmp_path):
+    from pipeline.dedup import restrict_part
+
+    index_dir = tmp_path / "index"
+    kept_doc = conv("Tell me.", " ".join(words(80, 100)))
+    dropped_doc = conv("Tell me.", " ".join(words(81, 100)))  # kept by dedup, dropped by a later stage
+    stats, _, _, _ = run(tmp_path, [[kept_doc, dropped_doc]], name="first", index_dir=index_dir)
+    part = stats.extra["index_part"]
+    assert restrict_part(index_dir, part, [id_of(kept_doc), id_of(dropped_doc)]) == part
+    smaller = restrict_part(index_dir, part, [id_of(kept_doc)])
+    assert smaller != part and load_index(index_dir, [smaller]).column(schema.ID).to_pylist() == [id_of(kept_doc)]
+    assert restrict_part(index_dir, part, []) is None
+
+    copy_of_kept = conv("Tell me.", " ".join(words(80, 100)) + " again")
+    copy_of_dropped = conv("Tell me.", " ".join(words(81, 100)) + " again")
+    _, kept, rejected, _ = run(tmp_path, [[copy_of_kept, copy_of_dropped]], name="second", index_dir=index_dir, index_parts=[smaller])
+    assert kept_ids(kept) == [id_of(copy_of_dropped)]
+    assert rejected[0]["duplicate_of"] == id_of(kept_doc)

@@ -39,7 +39,7 @@ Incremental and crash-safe: see :mod:`pipeline.dedup.index` (two-phase: write pa
 """
 
 from pipeline.dedup.cluster import resolve_clusters
-from pipeline.dedup.index import commit_index, current_parts, load_index
+from pipeline.dedup.index import commit_index, current_parts, load_index, restrict_part
 from pipeline.dedup.lsh import candidate_pairs, compute_signatures, lsh_shape
 from pipeline.dedup.minhash import choose_bands
 from pipeline.dedup.normalize import normalize
@@ -54,6 +54,7 @@ __all__ = [
     "load_index",
     "commit_index",
     "current_parts",
+    "restrict_part",
     "choose_bands",
     "lsh_shape",
     "normalize",

@@ -25,6 +25,7 @@ Owns the keep policy and every removal decision.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -138,165 +139,222 @@ def resolve_clusters(
     return stats
 
 
+@dataclass
+class _Decisions:
+    """Per new row: why it goes (0 kept, 1 exact, 2 near), whom it duplicates, how similar."""
+
+    reason: np.ndarray
+    dup_node: np.ndarray
+    similarity: np.ndarray
+    chained: np.ndarray
+
+    @classmethod
+    def keep_all(cls, num_rows: int) -> "_Decisions":
+        return cls(
+            np.zeros(num_rows, dtype=np.int8),
+            np.full(num_rows, -1, dtype=np.int64),
+            np.zeros(num_rows, dtype=np.float64),
+            np.zeros(num_rows, dtype=bool),
+        )
+
+
+@dataclass
+class _Members:
+    """What the keep policy looks at, for every new row (sources and ids as Arrow arrays)."""
+
+    ids: pa.Array
+    sources: pa.Array
+    source_index: np.ndarray
+    response: np.ndarray
+    exact: np.ndarray
+
+    def order_key(self, row: int, good: dict[int, bool]) -> tuple:
+        return (
+            0 if good.get(row, True) else 1,
+            -self.response[row],
+            self.sources[row].as_py(),
+            self.source_index[row],
+            self.ids[row].as_py(),
+        )
+
+
 def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts):
-    params = run_params(config)
     rows = _Rows(sig_paths)
     for in_path, sig_path, count in zip(in_paths, sig_paths, np.diff(rows.offsets)):
         if pq.read_metadata(in_path).num_rows != count:
             raise ValueError(f"dedup signature file {sig_path} does not match its chunk {in_path} (row counts differ)")
     num_new = rows.total
-    old = dedup_index.load_index(index_dir, index_parts, columns=[schema.ID, dedup_index.EXACT_HASH], params=params)
-    old_ids = old.column(schema.ID).combine_chunks()
+    old = dedup_index.load_index(
+        index_dir, index_parts, columns=[schema.ID, dedup_index.EXACT_HASH], params=run_params(config)
+    )
     old_exact = old.column(dedup_index.EXACT_HASH).to_numpy().astype(np.uint64)
-    new_exact = read_uint64(sig_paths, dedup_index.EXACT_HASH)
-    ids = rows.column(schema.ID).combine_chunks()
+    members = _Members(
+        ids=rows.column(schema.ID).combine_chunks(),
+        sources=rows.column(schema.SOURCE).combine_chunks(),
+        source_index=read_uint64(sig_paths, schema.SOURCE_INDEX).astype(np.int64),
+        response=read_uint64(sig_paths, RESPONSE_CHARS).astype(np.int64),
+        exact=read_uint64(sig_paths, dedup_index.EXACT_HASH),
+    )
+    decisions = _Decisions.keep_all(num_new)
 
-    reason = np.zeros(num_new, dtype=np.int8)  # 0 kept, 1 exact, 2 near
-    dup_node = np.full(num_new, -1, dtype=np.int64)
-    similarity = np.zeros(num_new, dtype=np.float64)
-    chained = np.zeros(num_new, dtype=bool)
-
-    # 1. exact duplicates of records kept before, and exact groups within this run
+    # 1. exact duplicates of records kept before; exact groups within this run share a rep
     if config.exact:
-        order = np.argsort(old_exact, kind="stable")
-        pos = np.searchsorted(old_exact[order], new_exact)
-        pos = np.minimum(pos, max(len(order) - 1, 0))
-        hit = (old_exact[order][pos] == new_exact) if len(order) else np.zeros(num_new, dtype=bool)
-        reason[hit] = 1
-        dup_node[hit] = num_new + order[pos[hit]]
-        similarity[hit] = 1.0
-        _, first, inverse = np.unique(new_exact, return_index=True, return_inverse=True)
+        hit = _exact_in_index(members.exact, old_exact, decisions, num_new)
+        _, first, inverse = np.unique(members.exact, return_index=True, return_inverse=True)
         rep_of = first[inverse.reshape(-1)]
     else:
         hit = np.zeros(num_new, dtype=bool)
         rep_of = np.arange(num_new)
 
     # 2. verify candidate pairs
-    pairs = [np.load(e) if isinstance(e, (str, os.PathLike)) else np.asarray(e) for e in edges]
-    pairs = np.concatenate(pairs).astype(np.int64) if pairs else np.empty((0, 2), np.int64)
     total = num_new + old.num_rows
-    if len(pairs):
-        codes = np.unique(pairs[:, 0] * total + pairs[:, 1])
-        pairs = np.stack([codes // total, codes % total], axis=1)
+    pairs = _load_pairs(edges, total)
     nodes = np.unique(pairs)
-    sig_nodes = _node_signatures(nodes, rows, index_dir, index_parts, config.num_perm)
-    pair_sim = estimated_jaccard(sig_nodes[np.searchsorted(nodes, pairs[:, 0])], sig_nodes[np.searchsorted(nodes, pairs[:, 1])])
-    if config.verify:
-        decided = pair_sim.copy()
-        if config.verify_exact:
-            # Only pairs whose estimate is near the threshold need their text re-shingled: the
-            # estimate's standard deviation is <= 0.5 / sqrt(num_perm) (0.044 at 128), so one
-            # EXACT_MARGIN away it decides the same way except with negligible probability.
-            near = np.abs(pair_sim - config.threshold) < EXACT_MARGIN
-            within = np.flatnonzero((pairs[:, 1] < num_new) & near)
-            sets = _shingle_sets(rows, np.unique(pairs[within]))
-            for k in within:
-                decided[k] = _set_jaccard(sets[int(pairs[k, 0])], sets[int(pairs[k, 1])])
-        accepted = pairs[decided >= config.threshold]
-    else:
-        accepted = pairs
-    stats_extra = {"candidate_pairs": int(len(pairs)), "verified_pairs": int(len(accepted))}
+    node_sigs = _node_signatures(nodes, rows, index_dir, index_parts, config.num_perm)
 
-    # 3. clusters: components over verified pairs, exact groups folded in through rep_of
+    def signature(node) -> np.ndarray:
+        return node_sigs[np.searchsorted(nodes, node)]
+
+    estimate = estimated_jaccard(signature(pairs[:, 0]), signature(pairs[:, 1]))
+    accepted = _verify(pairs, estimate, rows, config) if config.verify else pairs
+
+    # 3. clusters, 4. keep policy
+    groups = _clusters(accepted, rep_of, hit, num_new, total)
+    good = _quality(groups, rows, in_paths, is_good) if is_good is not None else {}
+    for new_members, old_members in groups:
+        if old_members:
+            for m in new_members:
+                sims = estimated_jaccard(signature(rep_of[m]), signature(np.asarray(old_members)))
+                best = int(np.argmax(sims))
+                decisions.reason[m], decisions.dup_node[m], decisions.similarity[m] = 2, old_members[best], sims[best]
+            continue
+        winner = min((int(m) for m in new_members), key=lambda m: members.order_key(m, good))
+        for m in new_members:
+            if m == winner:
+                continue
+            decisions.dup_node[m] = winner
+            if config.exact and members.exact[m] == members.exact[winner]:
+                decisions.reason[m], decisions.similarity[m] = 1, 1.0
+            else:
+                sim = float(estimated_jaccard(signature(rep_of[m]), signature(rep_of[winner])))
+                decisions.reason[m], decisions.similarity[m] = 2, sim
+                decisions.chained[m] = sim < config.threshold
+
+    # 5. the removed rows of each chunk, with their Drop
+    old_ids = old.column(schema.ID).combine_chunks()
+    removed_by_file = _drops(rows, decisions, members.ids, old_ids, config.threshold)
+    stats = StageStats("dedup", records_in=num_new, records_out=int(np.count_nonzero(decisions.reason == 0)))
+    for code, name in ((1, EXACT), (2, NEAR)):
+        if count := int(np.count_nonzero(decisions.reason == code)):
+            stats.rejected[name] = count
+    bands, rows_per_band = lsh_shape(config)
+    stats.extra.update(
+        {"candidate_pairs": int(len(pairs)), "verified_pairs": int(len(accepted)), "lsh": f"{bands}x{rows_per_band}"}
+    )
+    return stats, removed_by_file
+
+
+def _exact_in_index(new_exact: np.ndarray, old_exact: np.ndarray, decisions: _Decisions, num_new: int) -> np.ndarray:
+    """Mark rows whose normal form an earlier run kept; returns that mask."""
+    if not len(old_exact):
+        return np.zeros(len(new_exact), dtype=bool)
+    order = np.argsort(old_exact, kind="stable")
+    pos = np.minimum(np.searchsorted(old_exact[order], new_exact), len(order) - 1)
+    hit = old_exact[order][pos] == new_exact
+    decisions.reason[hit] = 1
+    decisions.dup_node[hit] = num_new + order[pos[hit]]
+    decisions.similarity[hit] = 1.0
+    return hit
+
+
+def _load_pairs(edges, total: int) -> np.ndarray:
+    """All partitions' candidate pairs, unique and sorted, as an ``(E, 2)`` array."""
+    arrays = [np.load(e) if isinstance(e, (str, os.PathLike)) else np.asarray(e) for e in edges]
+    arrays = [a.reshape(-1, 2).astype(np.int64) for a in arrays]
+    if not arrays or not sum(len(a) for a in arrays):
+        return np.empty((0, 2), dtype=np.int64)
+    codes = np.unique(np.concatenate([a[:, 0] * total + a[:, 1] for a in arrays]))
+    return np.stack([codes // total, codes % total], axis=1)
+
+
+def _verify(pairs: np.ndarray, estimate: np.ndarray, rows: _Rows, config: DedupConfig) -> np.ndarray:
+    """The pairs whose similarity reaches the threshold (see the module docstring)."""
+    similarity = estimate.copy()
+    if config.verify_exact:
+        # Only pairs whose estimate is near the threshold need their exact Jaccard: the
+        # estimate's standard deviation is <= 0.5 / sqrt(num_perm) (0.044 at 128), so one
+        # EXACT_MARGIN away it decides the same way except with negligible probability.
+        near = np.abs(estimate - config.threshold) < EXACT_MARGIN
+        within = np.flatnonzero((pairs[:, 1] < rows.total) & near)
+        sets = _shingle_sets(rows, np.unique(pairs[within]))
+        for k in within:
+            similarity[k] = _set_jaccard(sets[int(pairs[k, 0])], sets[int(pairs[k, 1])])
+    return pairs[similarity >= config.threshold]
+
+
+def _clusters(accepted: np.ndarray, rep_of: np.ndarray, hit: np.ndarray, num_new: int, total: int):
+    """``[(new member rows, old member nodes)]`` of every cluster with more than one member:
+    connected components over the verified pairs, each exact group riding on its rep."""
     label_of_node = np.full(total, -1, dtype=np.int64)
     if len(accepted):
-        comp_nodes = np.unique(accepted)
-        a, b = np.searchsorted(comp_nodes, accepted[:, 0]), np.searchsorted(comp_nodes, accepted[:, 1])
-        graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(comp_nodes),) * 2)
+        nodes = np.unique(accepted)
+        a, b = np.searchsorted(nodes, accepted[:, 0]), np.searchsorted(nodes, accepted[:, 1])
+        graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(nodes),) * 2)
         _, labels = connected_components(graph, directed=False)
-        label_of_node[comp_nodes] = labels
-    num_labels = int(label_of_node.max()) + 1
+        label_of_node[nodes] = labels
     live = np.flatnonzero(~hit)
+    if not len(live):
+        return []
     cluster = label_of_node[rep_of[live]]
     alone = cluster < 0
-    cluster[alone] = num_labels + rep_of[live][alone]  # exact group outside any component
+    cluster[alone] = int(label_of_node.max()) + 1 + rep_of[live][alone]  # exact group outside any component
     order = np.lexsort((live, cluster))
     live, cluster = live[order], cluster[order]
-    bounds = np.flatnonzero(np.concatenate([[True], cluster[1:] != cluster[:-1], [True]])) if len(live) else []
+    bounds = np.flatnonzero(np.concatenate([[True], cluster[1:] != cluster[:-1], [True]]))
     old_by_label: dict[int, list[int]] = {}
     for node in np.flatnonzero(label_of_node[num_new:] >= 0) + num_new:
         old_by_label.setdefault(int(label_of_node[node]), []).append(int(node))
-
     groups = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        members = live[lo:hi]
-        olds = old_by_label.get(int(cluster[lo]), [])
-        if len(members) + len(olds) > 1:
-            groups.append((members, olds))
+        new_members = [int(m) for m in live[lo:hi]]
+        old_members = old_by_label.get(int(cluster[lo]), [])
+        if len(new_members) + len(old_members) > 1:
+            groups.append((new_members, old_members))
+    return groups
 
-    # 4. keep policy
+
+def _quality(groups, rows: _Rows, in_paths: list[Path], is_good) -> dict[int, bool]:
+    """``is_good`` of every row that competes in a cluster without old members."""
+    need = np.array(sorted(m for new_members, old in groups if not old for m in new_members), dtype=np.int64)
     good: dict[int, bool] = {}
-    if is_good is not None:
-        need = np.sort(np.concatenate([m for m, olds in groups if not olds] or [np.empty(0, np.int64)]))
-        for i, picked, local in rows.split(need):
-            table = pq.read_table(in_paths[i])
-            for node, record in zip(picked, row_dicts(table, local).values()):
-                good[int(node)] = bool(is_good(record))
-    sources = rows.column(schema.SOURCE).combine_chunks()
-    source_index = read_uint64(sig_paths, schema.SOURCE_INDEX).astype(np.int64)
-    response = read_uint64(sig_paths, RESPONSE_CHARS).astype(np.int64)
+    for i, picked, local in rows.split(need):
+        table = pq.read_table(in_paths[i])
+        for node, record in zip(picked, row_dicts(table, local).values()):
+            good[int(node)] = bool(is_good(record))
+    return good
 
-    def sig_of(node: int) -> np.ndarray:
-        return sig_nodes[np.searchsorted(nodes, node)]
 
-    for members, olds in groups:
-        if olds:
-            for m in members:
-                rep = int(rep_of[m])
-                sims = [float(estimated_jaccard(sig_of(rep), sig_of(o))) for o in olds]
-                best = int(np.argmax(sims))
-                reason[m], dup_node[m], similarity[m] = 2, olds[best], sims[best]
-            continue
-        winner = min(
-            (int(m) for m in members),
-            key=lambda m: (
-                0 if good.get(m, True) else 1,
-                -response[m],
-                sources[m].as_py(),
-                source_index[m],
-                ids[m].as_py(),
-            ),
-        )
-        for m in members:
-            m = int(m)
-            if m == winner:
-                continue
-            dup_node[m] = winner
-            if config.exact and new_exact[m] == new_exact[winner]:
-                reason[m], similarity[m] = 1, 1.0
-            else:
-                reason[m] = 2
-                similarity[m] = float(estimated_jaccard(sig_of(int(rep_of[m])), sig_of(int(rep_of[winner]))))
-                chained[m] = similarity[m] < config.threshold
+def _drops(rows: _Rows, decisions: _Decisions, ids: pa.Array, old_ids: pa.Array, threshold: float):
+    """``[(local row indices, Drops)]`` per chunk."""
 
-    # the removed rows of each chunk, with their Drop
-    def dup_id(node: int) -> str:
-        return ids[node].as_py() if node < num_new else old_ids[node - num_new].as_py()
+    def kept_id(node: int) -> str:
+        return ids[node].as_py() if node < rows.total else old_ids[node - rows.total].as_py()
 
     removed_by_file: list[tuple[np.ndarray, list[Drop]]] = []
-    for i in range(len(sig_paths)):
+    for i in range(len(rows.sig_paths)):
         lo, hi = rows.offsets[i], rows.offsets[i + 1]
-        local = np.flatnonzero(reason[lo:hi])
+        local = np.flatnonzero(decisions.reason[lo:hi])
         drops = []
         for r in local + lo:
-            kept_id = dup_id(int(dup_node[r]))
-            if reason[r] == 1:
-                drops.append(Drop(EXACT, f"same text as {kept_id} after normalisation", kept_id, 1.0))
-            else:
-                note = f"; joined through a chain of pairs >= {config.threshold:g}" if chained[r] else ""
-                drops.append(
-                    Drop(NEAR, f"near duplicate of {kept_id} (estimated Jaccard {similarity[r]:.3f}{note})", kept_id, float(similarity[r]))
-                )
+            of = kept_id(int(decisions.dup_node[r]))
+            if decisions.reason[r] == 1:
+                drops.append(Drop(EXACT, f"same text as {of} after normalisation", of, 1.0))
+                continue
+            sim = float(decisions.similarity[r])
+            note = f"; joined through a chain of pairs >= {threshold:g}" if decisions.chained[r] else ""
+            drops.append(Drop(NEAR, f"near duplicate of {of} (estimated Jaccard {sim:.3f}{note})", of, sim))
         removed_by_file.append((local, drops))
-
-    stats = StageStats("dedup", records_in=num_new, records_out=int(np.count_nonzero(reason == 0)))
-    for code, name in ((1, EXACT), (2, NEAR)):
-        if count := int(np.count_nonzero(reason == code)):
-            stats.rejected[name] = count
-    stats.extra.update(stats_extra)
-    bands, rows_per_band = lsh_shape(config)
-    stats.extra["lsh"] = f"{bands}x{rows_per_band}"
-    return stats, removed_by_file
+    return removed_by_file
 
 
 def _node_signatures(nodes: np.ndarray, rows: _Rows, index_dir, index_parts, num_perm: int) -> np.ndarray:

@@ -33,6 +33,7 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema
@@ -170,6 +171,31 @@ def index_rows(index_dir, parts, rows: np.ndarray, column: str) -> pa.Array | No
     if offset and rows.size and rows.max() >= offset:
         raise IndexError(f"dedup index row {int(rows.max())} out of range ({offset} rows)")
     return pa.concat_arrays(out) if out else None
+
+
+def restrict_part(index_dir: str | os.PathLike, part: str, keep_ids: Iterable[str]) -> str | None:
+    """A part holding only those records of ``part`` whose id is in ``keep_ids``; its name.
+
+    For a pipeline whose later stages (quality, tokenize) drop some records dedup kept: the
+    index should remember only what reached the shards, or a later, better near-copy of a
+    dropped record would be removed as a duplicate of nothing. Returns ``part`` itself when
+    every record stays and None when none does; the original file is left for the caller's
+    clean-up (it may still be listed by a committed manifest).
+    """
+    index_dir = Path(index_dir)
+    path = index_dir / _check_part_name(part, index_dir)
+    table = pq.read_table(path)
+    keep = pc.is_in(table.column(schema.ID), value_set=pa.array(sorted(set(keep_ids)), pa.string()))
+    if pc.all(keep).as_py() is not False:
+        return part
+    params = json.loads((pq.read_schema(path).metadata or {})[PARAMS_KEY])
+    writer = PartWriter(index_dir, params)
+    try:
+        writer.write(table.filter(keep))
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 class PartWriter:
