@@ -98,7 +98,7 @@ def print_summary(console: Console, summary: DatasetSummary) -> None:
     if summary.history:
         history = Table(title="Manifest history", title_justify="left")
         for name in ("version", "created at", "read", "kept", "shards added"):
-            history.add_column(name, justify="right" if name not in ("created at",) else "left")
+            history.add_column(name, justify="left" if name == "created at" else "right")
         for h in summary.history:
             history.add_row(
                 str(h.get("version", "")), str(h.get("created_at", "")),
