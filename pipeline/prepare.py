@@ -110,6 +110,9 @@ def plan_refresh(input_paths: list[Path], sources: list[str], tokenizer: str, da
     from pipeline.tokenizers import load_tokenizer, tokenizer_fingerprint
 
     data_dir = Path(data_dir)
+    # Record a local tokenizer by absolute path, so the manifest still finds it from elsewhere.
+    if Path(tokenizer).exists():
+        tokenizer = str(Path(tokenizer).resolve())
     tok = load_tokenizer(tokenizer)
     template = resolve_template(tok, config.template)
     tokenizer_fp = tokenizer_fingerprint(tok)
