@@ -200,7 +200,13 @@ def collate(rows: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | N
 
 
 class PlannedBatches(torch.utils.data.Dataset):
-    """Micro-batch ``k`` of a plan, collated: what a DataLoader's workers produce ahead of the loop."""
+    """Micro-batch ``k`` of a plan, collated: what a DataLoader's workers produce ahead of the loop.
+
+    Every ``release_every`` batches the dataset's mapped pages are released in the process doing
+    the reading, so its RSS does not grow with the share of the dataset it has read.
+    """
+
+    release_every = 256
 
     def __init__(self, dataset, plan: Sequence[MicroBatch], pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.dataset = dataset
@@ -213,4 +219,7 @@ class PlannedBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor | bool]:
         groups = [[self.dataset[r] for r in packed] for packed in self.plan[k]]
-        return collate_packed(groups, self.pad_token_id, self.pad_to_multiple_of)
+        batch = collate_packed(groups, self.pad_token_id, self.pad_to_multiple_of)
+        if k % self.release_every == self.release_every - 1 and hasattr(self.dataset, "release_pages"):
+            self.dataset.release_pages()
+        return batch
