@@ -91,7 +91,10 @@ class TokenizeConfig(_Section):
     train_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"
     truncate: bool = Field(False, description="cut long rows instead of rejecting them as too_long")
     batch_size: int = Field(1000, gt=0)
-    num_proc: int | None = Field(None, description="tokenizer worker processes; default all cores")
+    num_proc: int | None = Field(None, description="tokenizer workers; default all cores")
+    workers: Literal["threads", "processes"] = Field(
+        "threads", description="threads (the Rust tokenizer runs without the GIL) or worker processes"
+    )
     span_method: Literal["auto", "generation", "prefix"] = Field(
         "auto",
         description="how assistant turns are located: the template's {% generation %} blocks, rendering "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -193,6 +194,7 @@ class Masker:
         self.controls = control_tokens(tokenizer, template.source)
         self.control_re = re.compile("|".join(re.escape(c) for c in self.controls)) if self.controls else None
         self._plain_control_encoder: _PlainControlEncoder | None = None
+        self._lock = threading.Lock()
         if template.end_token:
             self.end_tokens: tuple[str, ...] = (template.end_token,)
         else:
@@ -255,9 +257,10 @@ class Masker:
 
     # --- rendering ---------------------------------------------------------------------------
     def _control_encoder(self) -> _PlainControlEncoder:
-        if self._plain_control_encoder is None:
-            self._plain_control_encoder = _PlainControlEncoder(self.backend, self.controls)
-        return self._plain_control_encoder
+        with self._lock:  # one Masker may serve several tokenizing threads
+            if self._plain_control_encoder is None:
+                self._plain_control_encoder = _PlainControlEncoder(self.backend, self.controls)
+            return self._plain_control_encoder
 
     def _render_row(self, canonical: list[dict[str, Any]], tools: str | None):
         try:

@@ -7,9 +7,12 @@ Parquet file (atomically) in input order, and the refused rows to ``rejected/`` 
 ``template`` (the template failed to render) or ``tokenize`` (``too_long``,
 ``mask_unverifiable``, ``no_trainable_tokens``).
 
-Parallelism is over batches, one worker process per core; each worker tokenizes its batch with
-the fast tokenizer's batch encoder. Results come back in submission order, so the output does
-not depend on the number of workers.
+Parallelism is over batches, ``num_proc`` workers (default: one per core): threads by default,
+since the fast tokenizer's batch encoder and decoder run in Rust without holding the GIL and a
+thread needs no start-up (a worker process has to import torch-backed transformers and load
+the tokenizer, seconds each); ``workers: processes`` for templates whose Python rendering
+dominates (prefix rendering of long multi-turn conversations). Results come back in
+submission order, so the output does not depend on the number or kind of workers.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import Counter, deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -119,24 +122,33 @@ def _encode_in_worker(batch: pa.RecordBatch) -> tuple[pa.Table, pa.Table, dict]:
 def _encoded_batches(
     batches: Iterator[pa.RecordBatch], num_batches: int, tokenizer_path: str, config: SFTConfig
 ) -> Iterator[tuple[pa.Table, pa.Table, dict]]:
-    """Encode batches in order, in a process pool when there is more than one batch and core."""
-    num_proc = config.tokenize.num_proc or os.cpu_count() or 1
-    num_proc = min(num_proc, num_batches)
-    if num_proc <= 1:
+    """Encode batches, yielding results in input order, on ``num_proc`` threads or processes."""
+    num_proc = min(config.tokenize.num_proc or os.cpu_count() or 1, max(num_batches, 1))
+    if num_proc <= 1 or config.tokenize.workers == "threads":
         from pipeline.tokenizers import load_tokenizer
 
         masker = build_masker(load_tokenizer(tokenizer_path), config)
-        for batch in batches:
-            yield encode_table(masker, batch)
-        return
-    # forkserver: never fork a process that may run threads (Prefect runs tasks in threads).
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(
-        num_proc, mp_context=context, initializer=_init_worker, initargs=(tokenizer_path, config.model_dump_json())
-    ) as pool:
+        if num_proc <= 1:
+            for batch in batches:
+                yield encode_table(masker, batch)
+            return
+        # The tokenizer's batch encode and decode run in Rust without the GIL, so threads share
+        # one loaded tokenizer and still tokenize on every core; no worker start-up, no pickling.
+        executor = ThreadPoolExecutor(num_proc, thread_name_prefix="sftkit-tokenize")
+        submit = lambda batch: executor.submit(encode_table, masker, batch)  # noqa: E731
+    else:
+        # forkserver: never fork a process that may run threads (Prefect runs tasks in threads).
+        executor = ProcessPoolExecutor(
+            num_proc,
+            mp_context=multiprocessing.get_context("forkserver"),
+            initializer=_init_worker,
+            initargs=(tokenizer_path, config.model_dump_json()),
+        )
+        submit = lambda batch: executor.submit(_encode_in_worker, batch)  # noqa: E731
+    with executor:
         in_flight: deque[Future] = deque()
         for batch in batches:
-            in_flight.append(pool.submit(_encode_in_worker, batch))
+            in_flight.append(submit(batch))
             if len(in_flight) >= 2 * num_proc:  # bounded: at most two batches per worker in memory
                 yield in_flight.popleft().result()
         while in_flight:

@@ -89,12 +89,14 @@ def test_tokenize_stage_writes_contract_rows_and_rejects_with_reasons(tmp_path, 
     assert not list(tmp_path.rglob(f"{TMP_PREFIX}*"))
 
 
-def test_tokenize_stage_output_does_not_depend_on_workers_or_batch_size(tmp_path, canonical, bpe_tokenizer_path):
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_tokenize_stage_output_does_not_depend_on_workers_or_batch_size(tmp_path, canonical, bpe_tokenizer_path, workers):
     single = tmp_path / "single.parquet"
     tokenize_stage(canonical, single, tmp_path / "r1.parquet", str(bpe_tokenizer_path), config())
     pooled = tmp_path / "pooled.parquet"
     stats = tokenize_stage(
-        canonical, pooled, tmp_path / "r2.parquet", str(bpe_tokenizer_path), config(num_proc=2, batch_size=7)
+        canonical, pooled, tmp_path / "r2.parquet", str(bpe_tokenizer_path),
+        config(num_proc=3, batch_size=7, workers=workers),
     )
     assert stats.records_out == 57
     assert pq.read_table(single).equals(pq.read_table(pooled))
