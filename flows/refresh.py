@@ -56,14 +56,43 @@ def ingest_task(plan: steps.RunPlan, item: steps.InputFile) -> dict:
     return steps.run_ingest(plan, item)
 
 
+@task(name="dedup-signatures", **IO_RETRIES)
+def dedup_signatures_task(plan: steps.RunPlan, ingest_result: dict) -> str:
+    return steps.dedup_signatures(plan, ingest_result)
+
+
+@task(name="dedup-partition", **IO_RETRIES)
+def dedup_partition_task(plan: steps.RunPlan, ingest_results: list[dict], signature_paths: list[str], partition: int) -> str:
+    return steps.dedup_partition(plan, ingest_results, signature_paths, partition)
+
+
 @task(
-    name="dedup",
+    name="dedup-resolve",
     cache_key_fn=_cache_key("dedup", lambda plan, p: steps.dedup_key(plan, p["ingest_results"])),
     persist_result=True,
     **IO_RETRIES,
 )
-def dedup_task(plan: steps.RunPlan, ingest_results: list[dict]) -> dict:
+def dedup_resolve_task(plan: steps.RunPlan, ingest_results: list[dict], signature_paths: list[str], edge_paths: list[str]) -> dict:
+    return steps.dedup_resolve(plan, ingest_results, signature_paths, edge_paths)
+
+
+@task(name="dedup-skip")
+def dedup_skip_task(plan: steps.RunPlan, ingest_results: list[dict]) -> dict:
     return steps.run_dedup(plan, ingest_results)
+
+
+def _dedup(plan: steps.RunPlan, ingest_results: list[dict]) -> dict:
+    """Signatures mapped per chunk, band partitions mapped, clustering as the one global reduce."""
+    if not plan.sft_config.dedup.enabled:
+        return dedup_skip_task(plan, ingest_results)
+    signatures = [f.result() for f in dedup_signatures_task.map(unmapped(plan), ingest_results)]
+    edges = [
+        f.result()
+        for f in dedup_partition_task.map(
+            unmapped(plan), unmapped(ingest_results), unmapped(signatures), steps.dedup_partitions(plan)
+        )
+    ]
+    return dedup_resolve_task(plan, ingest_results, signatures, edges)
 
 
 @task(
@@ -111,7 +140,7 @@ def refresh_flow(inputs: list[str], tokenizer: str, out: str, config: dict[str, 
     )
     begin_task(plan)
     ingest_results = [f.result() for f in ingest_task.map(unmapped(plan), plan.inputs)]
-    dedup_result = dedup_task(plan, ingest_results)
+    dedup_result = _dedup(plan, ingest_results)
     chunks = list(range(len(dedup_result["outputs"])))
     quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]
     tokenize_results = [f.result() for f in tokenize_task.map(unmapped(plan), quality_results)]

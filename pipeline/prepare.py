@@ -246,32 +246,75 @@ def dedup_key(plan: RunPlan, ingest_results: list[dict]) -> str:
     return _key("dedup", [r["key"] for r in ingest_results], plan.index_parts, plan.config["dedup"], plan.config["quality"], plan.code_version)
 
 
-def run_dedup(plan: RunPlan, ingest_results: list[dict]) -> dict:
-    """Exact and near-duplicate removal over all new chunks, against the persisted index."""
+def _pass_through_dedup(plan: RunPlan, ingest_results: list[dict]) -> dict:
     in_paths = [Path(r["outputs"][0]) for r in ingest_results]
+    records = sum(pq.ParquetFile(p).metadata.num_rows for p in in_paths)
+    key = dedup_key(plan, ingest_results)
+    return _step_result(plan, "dedup", key, in_paths, _rejected(plan, "dedup", key), StageStats("dedup", records, records))
+
+
+def dedup_signatures(plan: RunPlan, ingest_result: dict) -> str:
+    """MinHash signatures and band hashes of one ingested chunk (mappable per chunk)."""
+    from pipeline.dedup import compute_signatures
+
+    key = _key("dedup-signatures", ingest_result["key"], plan.config["dedup"], plan.code_version)
+    path = _work(plan, "dedup-signatures", key)
+    if not path.exists():
+        compute_signatures(Path(ingest_result["outputs"][0]), path, plan.sft_config.dedup)
+    return str(path)
+
+
+def dedup_partition(plan: RunPlan, ingest_results: list[dict], signature_paths: list[str], partition: int) -> str:
+    """Candidate pairs from one partition of the LSH bands (mappable per partition)."""
+    from pipeline.dedup import candidate_pairs, save_edges
+
+    path = _work(plan, "dedup-edges", f"{dedup_key(plan, ingest_results)}-{partition:03d}", ".npy")
+    if not path.exists():
+        edges = candidate_pairs(
+            signature_paths, partition, plan.sft_config.dedup, plan.root / DEDUP_INDEX, list(plan.index_parts)
+        )
+        save_edges(edges, path)
+    return str(path)
+
+
+def dedup_resolve(plan: RunPlan, ingest_results: list[dict], signature_paths: list[str], edge_paths: list[str]) -> dict:
+    """The global step: connected components over all candidate pairs, keep policy, outputs."""
+    from pipeline.dedup import resolve_clusters
+
     key = dedup_key(plan, ingest_results)
     if done := _done(plan, "dedup", key):
         return done
     config = plan.sft_config
-    if not config.dedup.enabled:
-        records = sum(pq.ParquetFile(p).metadata.num_rows for p in in_paths)
-        stats = StageStats("dedup", records, records)
-        return _step_result(plan, "dedup", key, in_paths, _rejected(plan, "dedup", key), stats)
-    from pipeline.dedup import dedup_stage
-
     is_good = None
     if config.quality.enabled:
         from pipeline.quality import build_filters, passes
 
         filters = build_filters(config.quality)
         is_good = lambda record: passes(record, filters)  # noqa: E731
+    in_paths = [Path(r["outputs"][0]) for r in ingest_results]
     out_paths = [_work(plan, "dedup", f"{key}-{i:05d}") for i in range(len(in_paths))]
     rejected = _rejected(plan, "dedup", key)
-    stats = dedup_stage(
-        in_paths, out_paths, rejected, plan.root / DEDUP_INDEX, config.dedup, is_good=is_good,
-        index_parts=list(plan.index_parts),
+    stats = resolve_clusters(
+        in_paths, signature_paths, edge_paths, out_paths, rejected, plan.root / DEDUP_INDEX,
+        config.dedup, is_good, list(plan.index_parts),
     )
     return _step_result(plan, "dedup", key, out_paths, rejected, stats)
+
+
+def dedup_partitions(plan: RunPlan) -> list[int]:
+    config = plan.sft_config.dedup
+    return list(range(config.partitions)) if config.near else []
+
+
+def run_dedup(plan: RunPlan, ingest_results: list[dict]) -> dict:
+    """Exact and near-duplicate removal over all new chunks, against the persisted index."""
+    if not plan.sft_config.dedup.enabled:
+        return _pass_through_dedup(plan, ingest_results)
+    if done := _done(plan, "dedup", dedup_key(plan, ingest_results)):
+        return done
+    signatures = [dedup_signatures(plan, r) for r in ingest_results]
+    edges = [dedup_partition(plan, ingest_results, signatures, p) for p in dedup_partitions(plan)]
+    return dedup_resolve(plan, ingest_results, signatures, edges)
 
 
 def quality_key(plan: RunPlan, upstream_key: str, chunk: int) -> str:
