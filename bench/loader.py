@@ -215,15 +215,18 @@ def bench_rss(folder: Path) -> dict:
         ds = ShardDataset(folder, "train")
         plan = plan_packed(ds.lengths, epoch_order(len(ds), 5, 0), 8192, rng=np.random.default_rng(5))
         batches = PlannedBatches(ds, plan, pad_token_id=0)
-        batches.release_every = 64 if release else 10**12
+        batches.release_every = 64 if release else None
         batches[0]  # warm-up: the first collate pages in torch's own code, which is not data
+        ds.release_pages()
         start = rss_fields()
         peak = dict(start)
+        started, tokens = time.perf_counter(), 0
         for k in range(1, len(batches)):
-            batches[k]
-            if k % 32 == 0:
+            tokens += int(batches[k]["attention_mask"].sum())
+            if k % 31 == 0:  # not a multiple of release_every: sample between releases
                 now = rss_fields()
                 peak = {key: max(peak[key], now[key]) for key in now}
+        seconds = time.perf_counter() - started
         companion_bytes = sum((s.folder / f).stat().st_size for s in ds.shards for f in ("input_ids.i32", "labels.i32", "offsets.i64"))
         out["with_page_release" if release else "without_page_release"] = {
             "companion_bytes": companion_bytes,
@@ -231,7 +234,9 @@ def bench_rss(folder: Path) -> dict:
             "rss_peak_growth_bytes": peak["VmRSS"] - start["VmRSS"],
             "rss_anon_peak_growth_bytes": peak["RssAnon"] - start["RssAnon"],
             "rss_file_peak_growth_bytes": peak["RssFile"] - start["RssFile"],
-            "dataset_over_peak_rss": companion_bytes / peak["VmRSS"],
+            "process_anon_bytes": peak["RssAnon"],
+            "dataset_over_process_anon": companion_bytes / peak["RssAnon"],
+            "tokens_per_s": tokens / seconds,
         }
         del ds, batches
     return out
@@ -312,9 +317,13 @@ def main() -> None:
           f"{access['parquet_in_memory']['load_seconds']}s to load; datasets {access['datasets_arrow']['load_seconds']}s to convert)")
     print("\nRSS reading every row once in random order (collated 8192-token batches)")
     for name, figures in results["rss"].items():
-        print(f"  {name:<22} companion {figures['companion_bytes'] / 2**20:.0f} MiB, RSS peak growth "
-              f"{figures['rss_peak_growth_bytes'] / 2**20:.1f} MiB (anon {figures['rss_anon_peak_growth_bytes'] / 2**20:.1f}, "
-              f"file {figures['rss_file_peak_growth_bytes'] / 2**20:.1f}); dataset / peak RSS = {figures['dataset_over_peak_rss']:.1f}x")
+        print(f"  {name:<22} companion {figures['companion_bytes'] / 2**20:.0f} MiB = "
+              f"{figures['dataset_over_process_anon']:.1f}x the process's own (anon) memory; RSS peak growth "
+              f"{figures['rss_peak_growth_bytes'] / 2**20:.1f} MiB: anon {figures['rss_anon_peak_growth_bytes'] / 2**20:.1f}, "
+              f"mapped page cache {figures['rss_file_peak_growth_bytes'] / 2**20:.1f}; "
+              f"{figures['tokens_per_s'] / 1e6:.1f}M tokens/s")
+    print(f"  (pyarrow in-memory random access instead grows anonymous RSS by "
+          f"{access['parquet_in_memory']['rss_growth_bytes'] / 2**20:.0f} MiB for the same rows)")
     packing = results["packing"]
     print(f"\npacking {packing['rows']} rows (mean {packing['mean_length']:.0f}, max {packing['max_length']} tokens)")
     for capacity in ("4096", "8192", "16384"):

@@ -202,11 +202,13 @@ def collate(rows: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | N
 class PlannedBatches(torch.utils.data.Dataset):
     """Micro-batch ``k`` of a plan, collated: what a DataLoader's workers produce ahead of the loop.
 
-    Every ``release_every`` batches the dataset's mapped pages are released in the process doing
-    the reading, so its RSS does not grow with the share of the dataset it has read.
+    Mapped pages are page cache: clean, shared, reclaimed by the kernel under pressure, yet
+    counted in RSS once touched (and on kernels that map whole large folios, a few random rows
+    map megabytes). Where something polices RSS itself, set ``release_every`` to drop this
+    process's mappings every that many batches; it costs throughput (bench/loader.py), so it is off.
     """
 
-    release_every = 256
+    release_every: int | None = None
 
     def __init__(self, dataset, plan: Sequence[MicroBatch], pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.dataset = dataset
@@ -220,6 +222,6 @@ class PlannedBatches(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor | bool]:
         groups = [[self.dataset[r] for r in packed] for packed in self.plan[k]]
         batch = collate_packed(groups, self.pad_token_id, self.pad_to_multiple_of)
-        if k % self.release_every == self.release_every - 1 and hasattr(self.dataset, "release_pages"):
+        if self.release_every and k % self.release_every == self.release_every - 1:
             self.dataset.release_pages()
         return batch

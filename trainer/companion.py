@@ -181,11 +181,8 @@ class Companion:
         return tokens[start:end], labels[start:end]
 
     def release_pages(self) -> None:
-        """Unmap the pages read so far from this process (they stay in the page cache).
-
-        Touched pages of a file map count towards RSS until the kernel needs them back; dropping
-        them every few batches keeps the reported RSS flat however much of the dataset was read.
-        """
+        """Drop this process's mappings of the pages read so far; they stay in the page cache and
+        the next read maps them again. Only the RSS figure changes: mapped file pages count in it."""
         for mapped in self._mmaps:
             mapped.madvise(mmap.MADV_DONTNEED)
 

@@ -102,9 +102,10 @@ class SFTTrainer:
     def compute_loss(self, batch: dict, num_targets: float | None = None) -> torch.Tensor:
         """Summed CE over the batch's trained targets / ``num_targets`` (default: their own count)."""
         loss_sum, count = self._loss_sum(self.wrapped, batch)
-        return loss_sum / max(num_targets if num_targets is not None else count, 1)
+        return loss_sum / (max(num_targets, 1) if num_targets is not None else count.clamp(min=1))
 
-    def _loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+    def _loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed CE, number of trained targets), both still on the device: no host sync here."""
         input_ids = batch["input_ids"].to(self.device, non_blocking=True).long()
         position_ids = batch["position_ids"].to(self.device, non_blocking=True).long()
         targets = shifted_targets(batch["labels"].to(self.device, non_blocking=True), position_ids)
@@ -113,7 +114,7 @@ class SFTTrainer:
             inputs["attention_mask"] = batch["attention_mask"].to(self.device, non_blocking=True).long()
         with self._autocast():
             logits = model(**inputs).logits
-        return summed_cross_entropy(logits, targets), int(targets.ne(-100).sum())
+        return summed_cross_entropy(logits, targets), targets.ne(-100).sum()
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -195,11 +196,13 @@ class SFTTrainer:
             self.eval_dataset.lengths, self.config.batch_tokens, self.config.packing, self.config.pack_length,
             self.dist.rank, self.dist.world_size,
         )
-        loss_sum, targets = 0.0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        targets = torch.zeros((), dtype=torch.int64, device=self.device)
         for batch in PlannedBatches(self.eval_dataset, plan, self.pad_token_id):
             batch_sum, batch_targets = self._loss_sum(self.model, batch)  # unwrapped: ranks may differ in count
-            loss_sum, targets = loss_sum + float(batch_sum), targets + batch_targets
-        loss_sum, targets = distributed.all_reduce_sum([loss_sum, targets], self.device)
+            loss_sum += batch_sum.double()
+            targets += batch_targets
+        loss_sum, targets = distributed.all_reduce_sum([float(loss_sum), float(targets)], self.device)
         self.model.train()
         return (loss_sum / targets if targets else float("nan")), int(targets)
 

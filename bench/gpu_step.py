@@ -1,0 +1,154 @@
+"""GPU training-step benchmark: tokens/s, MFU and data-wait share of the trainer on a ~0.5B model.
+
+A randomly initialised Qwen2-0.5B-shaped model (24 layers, hidden 896, 14 heads / 2 KV heads,
+vocab 151,936, tied embeddings) trains on a synthetic prepared dataset (realistic lengths, built
+by bench/loader.py's builder with the real shard writer) through the trainer's own path:
+ShardDataset memory maps -> BFD packing plan -> DataLoader workers with pinned int32 batches ->
+SFTTrainer.forward_backward (bf16 autocast, masked CE) -> fused AdamW step.
+
+MFU counts 6 x parameters x tokens (the LM head included, the embedding lookup not) plus the
+attention term 12 x layers x hidden x mean sequence length per token (PaLM appendix B), over the
+GPU's dense bf16 peak (``--peak-tflops`` to override the built-in table).
+
+    .venv/bin/python bench/gpu_step.py                 # on a CUDA machine
+    .venv/bin/python bench/gpu_step.py --smoke         # tiny model, CPU, a few steps: checks it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from loader import build_dataset  # noqa: E402
+from trainer.data import ShardDataset  # noqa: E402
+from trainer.loop import SFTTrainer, TrainConfig  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "4090": 165.0}
+
+
+def model_config(smoke: bool):
+    from transformers import Qwen2Config
+
+    if smoke:
+        return Qwen2Config(vocab_size=32_000, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                           max_position_embeddings=8192, use_cache=False)
+    return Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                       max_position_embeddings=32_768, rope_theta=1_000_000.0, use_cache=False)
+
+
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps")
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--batch-tokens", type=int, default=None)
+    parser.add_argument("--pack-length", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--attn", default=None, help="sdpa | flash_attention_2 | eager")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    smoke = args.smoke or not torch.cuda.is_available()
+    if smoke and not args.smoke:
+        print("no CUDA device: running the CPU smoke configuration")
+    rows = args.rows or (2_000 if smoke else 40_000)
+    steps = args.steps or (3 if smoke else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if smoke else 5)
+    batch_tokens = args.batch_tokens or (2048 if smoke else 16_384)
+    pack_length = args.pack_length or (None if smoke else 4096)
+    device = torch.device("cpu" if smoke else "cuda")
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="sftkit-bench-gpu-"))
+    data = work / "data"
+    if not (data / "manifest.json").exists():
+        build_dataset(data, rows)
+    dataset = ShardDataset(data, "train")
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(smoke), attn_implementation=args.attn or "sdpa", dtype=torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    config = TrainConfig(data=data, out=work / "run", device=device.type, batch_tokens=batch_tokens, pack_length=pack_length,
+                         max_steps=warmup + steps, lr=1e-4, num_workers=args.workers, progress=False)
+    trainer = SFTTrainer(model, dataset, None, config)
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+
+    batches = trainer._step_batches()
+    timed = {"tokens": 0, "seconds": 0.0, "wait": 0.0, "sequences": 0}
+    losses = []
+    for step in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        _, _, micro, waited = next(batches)
+        result = trainer.forward_backward(micro)
+        trainer.optimizer_step(result["trained_tokens"])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started  # includes the wait for batches
+        losses.append(result["loss"])
+        if step >= warmup:
+            timed["tokens"] += result["tokens"]
+            timed["seconds"] += elapsed
+            timed["wait"] += waited
+            timed["sequences"] += sum(int(((b["position_ids"] == 0) & (b["attention_mask"] == 1)).sum()) for b in micro)
+    batches.close()
+
+    tokens_per_s = timed["tokens"] / timed["seconds"]
+    mean_seq = timed["tokens"] / max(timed["sequences"], 1)
+    flops_per_token = 6 * params + 12 * layers * hidden * mean_seq
+    peak = peak_flops(device, args.peak_tflops)
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
+        "model_parameters": params,
+        "batch_tokens": batch_tokens,
+        "pack_length": pack_length,
+        "timed_steps": steps,
+        "tokens_per_s": tokens_per_s,
+        "data_wait_fraction": timed["wait"] / timed["seconds"],
+        "mean_sequence_tokens": mean_seq,
+        "achieved_tflops": flops_per_token * tokens_per_s / 1e12,
+        "mfu": flops_per_token * tokens_per_s / peak if peak else None,
+        "loss_first_last": [losses[0], losses[-1]],
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    print(json.dumps(results, indent=2))
+    out = args.out or (REPO / "bench" / "results" / ("gpu_step_smoke.json" if smoke else "gpu_step.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
