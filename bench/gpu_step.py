@@ -83,7 +83,7 @@ def main() -> None:
     rows = args.rows or (2_000 if smoke else 40_000)
     steps = args.steps or (3 if smoke else 30)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 5)
-    batch_tokens = args.batch_tokens or (2048 if smoke else 16_384)
+    batch_tokens = args.batch_tokens or (4096 if smoke else 16_384)
     pack_length = args.pack_length or (None if smoke else 4096)
     device = torch.device("cpu" if smoke else "cuda")
 

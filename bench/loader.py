@@ -8,7 +8,8 @@ ids, prompt share masked) with the real shard writer, then on ONE core measures,
    one-group cache, which is what fits in bounded memory; and the whole table loaded into RAM
    first) vs ``datasets.Dataset.from_parquet(...).with_format("numpy")[i]`` (Arrow-backed);
 2. RSS while reading the whole dataset in random order through the trainer's batch path, for a
-   dataset several times larger than the process's RSS, with and without releasing mapped pages;
+   dataset several times larger than the process's own memory: the anonymous part (what the
+   process holds) and the mapped page cache (clean, reclaimable, but counted in RSS) apart;
 3. packing for 100k rows: best-fit decreasing (the trainer's planner) vs naive next-fit and vs
    length-grouped padding: share of real tokens and plan time.
 
@@ -210,36 +211,30 @@ def bench_access(folder: Path, work: Path, budget_s: float) -> dict:
 
 def bench_rss(folder: Path) -> dict:
     """Read every row once in random order through the trainer's batch path; sample RSS."""
-    out = {}
-    for release in (True, False):
-        ds = ShardDataset(folder, "train")
-        plan = plan_packed(ds.lengths, epoch_order(len(ds), 5, 0), 8192, rng=np.random.default_rng(5))
-        batches = PlannedBatches(ds, plan, pad_token_id=0)
-        batches.release_every = 64 if release else None
-        batches[0]  # warm-up: the first collate pages in torch's own code, which is not data
-        ds.release_pages()
-        start = rss_fields()
-        peak = dict(start)
-        started, tokens = time.perf_counter(), 0
-        for k in range(1, len(batches)):
-            tokens += int(batches[k]["attention_mask"].sum())
-            if k % 31 == 0:  # not a multiple of release_every: sample between releases
-                now = rss_fields()
-                peak = {key: max(peak[key], now[key]) for key in now}
-        seconds = time.perf_counter() - started
-        companion_bytes = sum((s.folder / f).stat().st_size for s in ds.shards for f in ("input_ids.i32", "labels.i32", "offsets.i64"))
-        out["with_page_release" if release else "without_page_release"] = {
-            "companion_bytes": companion_bytes,
-            "rss_start_bytes": start["VmRSS"],
-            "rss_peak_growth_bytes": peak["VmRSS"] - start["VmRSS"],
-            "rss_anon_peak_growth_bytes": peak["RssAnon"] - start["RssAnon"],
-            "rss_file_peak_growth_bytes": peak["RssFile"] - start["RssFile"],
-            "process_anon_bytes": peak["RssAnon"],
-            "dataset_over_process_anon": companion_bytes / peak["RssAnon"],
-            "tokens_per_s": tokens / seconds,
-        }
-        del ds, batches
-    return out
+    ds = ShardDataset(folder, "train")
+    plan = plan_packed(ds.lengths, epoch_order(len(ds), 5, 0), 8192, rng=np.random.default_rng(5))
+    batches = PlannedBatches(ds, plan, pad_token_id=0)
+    batches[0]  # warm-up: the first collate pages in torch's own code, which is not data
+    start = rss_fields()
+    peak = dict(start)
+    started, tokens = time.perf_counter(), 0
+    for k in range(1, len(batches)):
+        tokens += int(batches[k]["attention_mask"].sum())
+        if k % 32 == 0:
+            now = rss_fields()
+            peak = {key: max(peak[key], now[key]) for key in now}
+    seconds = time.perf_counter() - started
+    companion_bytes = sum((s.folder / f).stat().st_size for s in ds.shards for f in ("input_ids.i32", "labels.i32", "offsets.i64"))
+    return {
+        "companion_bytes": companion_bytes,
+        "rss_start_bytes": start["VmRSS"],
+        "rss_peak_growth_bytes": peak["VmRSS"] - start["VmRSS"],
+        "rss_anon_peak_growth_bytes": peak["RssAnon"] - start["RssAnon"],
+        "rss_file_peak_growth_bytes": peak["RssFile"] - start["RssFile"],
+        "process_anon_bytes": peak["RssAnon"],
+        "dataset_over_process_anon": companion_bytes / peak["RssAnon"],
+        "tokens_per_s": tokens / seconds,
+    }
 
 
 def bench_packing(rows: int = 100_000) -> dict:
@@ -315,13 +310,12 @@ def main() -> None:
             print(f"  {name:<44} {'':>9} {figures['tokens_per_s'] / 1e6:>10.2f}")
     print(f"  (pyarrow in-memory needs {access['parquet_in_memory']['rss_growth_bytes'] / 2**20:.0f} MiB RSS and "
           f"{access['parquet_in_memory']['load_seconds']}s to load; datasets {access['datasets_arrow']['load_seconds']}s to convert)")
+    rss = results["rss"]
     print("\nRSS reading every row once in random order (collated 8192-token batches)")
-    for name, figures in results["rss"].items():
-        print(f"  {name:<22} companion {figures['companion_bytes'] / 2**20:.0f} MiB = "
-              f"{figures['dataset_over_process_anon']:.1f}x the process's own (anon) memory; RSS peak growth "
-              f"{figures['rss_peak_growth_bytes'] / 2**20:.1f} MiB: anon {figures['rss_anon_peak_growth_bytes'] / 2**20:.1f}, "
-              f"mapped page cache {figures['rss_file_peak_growth_bytes'] / 2**20:.1f}; "
-              f"{figures['tokens_per_s'] / 1e6:.1f}M tokens/s")
+    print(f"  companion {rss['companion_bytes'] / 2**20:.0f} MiB = {rss['dataset_over_process_anon']:.1f}x the process's own "
+          f"(anon) memory; RSS peak growth {rss['rss_peak_growth_bytes'] / 2**20:.1f} MiB: anon "
+          f"{rss['rss_anon_peak_growth_bytes'] / 2**20:.1f} MiB, mapped page cache {rss['rss_file_peak_growth_bytes'] / 2**20:.1f} MiB; "
+          f"{rss['tokens_per_s'] / 1e6:.1f}M tokens/s")
     print(f"  (pyarrow in-memory random access instead grows anonymous RSS by "
           f"{access['parquet_in_memory']['rss_growth_bytes'] / 2**20:.0f} MiB for the same rows)")
     packing = results["packing"]

@@ -114,9 +114,3 @@ def test_empty_split_is_an_empty_dataset(tmp_path, bpe_tokenizer, bpe_tokenizer_
     assert len(ShardDataset(data, "val")) == 0
     assert len(ShardDataset(data, "train")) == 5
 
-
-def test_rows_stay_correct_after_releasing_mapped_pages(dataset_dir):
-    ds = ShardDataset(dataset_dir, "train")
-    before = [ds[i]["input_ids"].copy() for i in range(len(ds))]
-    ds.release_pages()
-    assert all(np.array_equal(ds[i]["input_ids"], before[i]) for i in range(len(ds)))

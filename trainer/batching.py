@@ -41,14 +41,14 @@ def _check_fits(lengths: np.ndarray, order: np.ndarray, capacity: int, flag: str
         )
 
 
-def best_fit_decreasing(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+def best_fit_decreasing(lengths: np.ndarray, order: np.ndarray, capacity: int, flag: str = "--batch-tokens") -> list[list[int]]:
     """Pack rows into bins of ``capacity`` tokens: longest first, each into the fullest bin it fits.
 
     Rows of equal length keep their order in ``order`` (the epoch's shuffle), so which rows share
     a bin changes from epoch to epoch while the fill does not.
     """
     order = np.asarray(order)
-    _check_fits(lengths, order, capacity, "--batch-tokens")
+    _check_fits(lengths, order, capacity, flag)
     by_length = order[np.argsort(-lengths[order], kind="stable")]
     sizes = lengths[by_length].tolist()
     smallest = min(sizes) if sizes else 0
@@ -97,7 +97,7 @@ def plan_packed(
     pack_length = pack_length or batch_tokens
     if pack_length > batch_tokens:
         raise PlanError(f"--pack-length {pack_length} is larger than --batch-tokens {batch_tokens}")
-    bins = best_fit_decreasing(lengths, order, pack_length)
+    bins = best_fit_decreasing(lengths, order, pack_length, "--pack-length" if pack_length < batch_tokens else "--batch-tokens")
     if rng is not None:
         bins = [bins[i] for i in rng.permutation(len(bins))]
     per_batch = max(1, batch_tokens // pack_length)
@@ -200,15 +200,7 @@ def collate(rows: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | N
 
 
 class PlannedBatches(torch.utils.data.Dataset):
-    """Micro-batch ``k`` of a plan, collated: what a DataLoader's workers produce ahead of the loop.
-
-    Mapped pages are page cache: clean, shared, reclaimed by the kernel under pressure, yet
-    counted in RSS once touched (and on kernels that map whole large folios, a few random rows
-    map megabytes). Where something polices RSS itself, set ``release_every`` to drop this
-    process's mappings every that many batches; it costs throughput (bench/loader.py), so it is off.
-    """
-
-    release_every: int | None = None
+    """Micro-batch ``k`` of a plan, collated: what a DataLoader's workers produce ahead of the loop."""
 
     def __init__(self, dataset, plan: Sequence[MicroBatch], pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.dataset = dataset
@@ -221,7 +213,4 @@ class PlannedBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor | bool]:
         groups = [[self.dataset[r] for r in packed] for packed in self.plan[k]]
-        batch = collate_packed(groups, self.pad_token_id, self.pad_to_multiple_of)
-        if self.release_every and k % self.release_every == self.release_every - 1:
-            self.dataset.release_pages()
-        return batch
+        return collate_packed(groups, self.pad_token_id, self.pad_to_multiple_of)

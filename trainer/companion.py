@@ -138,13 +138,17 @@ def build_companion(shard_path: str | os.PathLike, sha256: str, folder: str | os
 
 
 # --- the reader ------------------------------------------------------------------------------
-def _map(path: Path, dtype: str) -> tuple[np.ndarray, mmap.mmap | None]:
-    """A read-only ndarray over the file's pages (a plain ndarray: slicing it is cheap), and its map."""
+def _map(path: Path, dtype: str) -> np.ndarray:
+    """A read-only ndarray over the file's pages (a plain ndarray: slicing it is cheap).
+
+    Pages read through it are page cache: clean, shared and reclaimable, but counted in this
+    process's RSS (as RssFile) once touched; the process's own memory (RssAnon) does not grow.
+    """
     if path.stat().st_size == 0:
-        return np.empty(0, dtype=dtype), None
+        return np.empty(0, dtype=dtype)
     with open(path, "rb") as fh:
         mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    return np.frombuffer(mapped, dtype=dtype), mapped
+    return np.frombuffer(mapped, dtype=dtype)
 
 
 class Companion:
@@ -160,18 +164,18 @@ class Companion:
         self.tokens: int = meta["tokens"]
         self.trainable_tokens: int = meta["trainable_tokens"]
         self._maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._mmaps: list[mmap.mmap] = []
 
     def _open(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._maps is None:
-            mapped = [_map(self.folder / name, dtype) for name, dtype in
-                      ((TOKENS_FILE, "<i4"), (LABELS_FILE, "<i4"), (OFFSETS_FILE, "<i8"))]
-            self._mmaps = [m for _, m in mapped if m is not None]
-            self._maps = tuple(array for array, _ in mapped)
+            self._maps = (
+                _map(self.folder / TOKENS_FILE, "<i4"),
+                _map(self.folder / LABELS_FILE, "<i4"),
+                _map(self.folder / OFFSETS_FILE, "<i8"),
+            )
         return self._maps
 
     def lengths(self) -> np.ndarray:
-        offsets, _ = _map(self.folder / OFFSETS_FILE, "<i8")
+        offsets = _map(self.folder / OFFSETS_FILE, "<i8")
         return np.diff(offsets).astype(np.int32)
 
     def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,13 +184,7 @@ class Companion:
         start, end = offsets[index], offsets[index + 1]
         return tokens[start:end], labels[start:end]
 
-    def release_pages(self) -> None:
-        """Drop this process's mappings of the pages read so far; they stay in the page cache and
-        the next read maps them again. Only the RSS figure changes: mapped file pages count in it."""
-        for mapped in self._mmaps:
-            mapped.madvise(mmap.MADV_DONTNEED)
-
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_maps"], state["_mmaps"] = None, []
+        state["_maps"] = None
         return state

@@ -91,11 +91,6 @@ class ShardDataset:
         input_ids, labels = self.row(index)
         return {"input_ids": input_ids, "labels": labels}
 
-    def release_pages(self) -> None:
-        """Drop this process's mapped pages (see :meth:`Companion.release_pages`); rows stay readable."""
-        for shard in self.shards:
-            shard.release_pages()
-
 
 def check_tokenizer(manifest: dict, tokenizer, data_dir: Path) -> None:
     """Refuse a tokenizer whose ids differ from the ones the shards were written with."""
