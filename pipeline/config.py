@@ -59,7 +59,7 @@ class DedupConfig(_Section):
     rows: int | None = Field(None, description="rows per band; chosen from threshold when unset")
     word_ngram: int = Field(5, gt=0)
     char_ngram: int = Field(5, gt=0, description="shingle size for CJK and Thai text")
-    verify: bool = Field(True, description="confirm LSH candidates by estimated Jaccard")
+    verify: bool = Field(True, description="confirm LSH candidates by Jaccard (see verify_exact); off: every candidate counts")
     verify_exact: bool = Field(
         True,
         description="verify candidates within a run by the exact Jaccard of their shingle sets "
