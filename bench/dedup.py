@@ -28,8 +28,6 @@ import argparse
 import json
 import os
 import platform
-import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -133,7 +131,8 @@ def canonical_table(docs: list[str], prompt: str = "") -> pa.Table:
     )
 
 
-def run_datasketch(docs: list[str], config: DedupConfig, batch: bool) -> tuple[tuple[float, float], list[set[int]], list]:
+def run_datasketch(docs: list[str], config: DedupConfig, batch: bool):
+    """((wall s, CPU s), per document the set of other documents its query returned, MinHashes)."""
     from datasketch import MinHash, MinHashLSH
 
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -173,7 +172,8 @@ def run_sftkit(docs: list[str], config: DedupConfig, workdir: Path) -> tuple[tup
     start, cpu_start = time.perf_counter(), time.process_time()
     dedup_stage(ins, outs, workdir / "rejected.parquet", workdir / "index", config)
     seconds = (time.perf_counter() - start, time.process_time() - cpu_start)
-    rejected = pq.read_table(workdir / "rejected.parquet").to_pylist() if (workdir / "rejected.parquet").exists() else []
+    rejected_path = workdir / "rejected.parquet"
+    rejected = pq.read_table(rejected_path).to_pylist() if rejected_path.exists() else []
     start = time.perf_counter()
     table_signatures(table, config)
     sig_seconds = time.perf_counter() - start
@@ -200,7 +200,7 @@ def band(pairs, jaccards, lo, hi):
 def speed_and_accuracy(num_pairs: int) -> dict:
     config = DedupConfig(threshold=THRESHOLD, num_perm=NUM_PERM)
     docs, pairs = make_pairs(num_pairs)
-    print(f"generated {len(docs)} documents ({num_pairs} pairs); computing exact Jaccard ground truth ...", flush=True)
+    print(f"generated {len(docs)} documents ({num_pairs} pairs); exact Jaccard ground truth ...", flush=True)
     jaccards = [exact_jaccard(docs[a], docs[b], config) for a, b in pairs]
     truth = {p for p, j in zip(pairs, jaccards) if j >= THRESHOLD}
     pair_set = set(pairs)
@@ -225,7 +225,7 @@ def speed_and_accuracy(num_pairs: int) -> dict:
     ds_seconds, found, minhashes = run_datasketch(docs, config, batch=False)
     print(f"datasketch update-per-shingle + LSH: {ds_seconds[0]:.1f} s wall, {ds_seconds[1]:.1f} s CPU", flush=True)
     ds_batch_seconds, _, _ = run_datasketch(docs, config, batch=True)
-    print(f"datasketch update_batch + LSH: {ds_batch_seconds[0]:.1f} s wall, {ds_batch_seconds[1]:.1f} s CPU", flush=True)
+    print(f"datasketch update_batch + LSH: {ds_batch_seconds[0]:.1f} s wall, {ds_batch_seconds[1]:.1f} s CPU")
     ds_pred = {(a, b) for a, b in pairs if b in found[a] or a in found[b]}
     ds_verified = {(a, b) for a, b in ds_pred if minhashes[a].jaccard(minhashes[b]) >= THRESHOLD}
 
@@ -285,7 +285,8 @@ ins = sorted(work.glob("in-*.parquet"))
 outs = [work / p.name.replace("in-", "out-") for p in ins]
 start = time.perf_counter()
 stats = dedup_stage(ins, outs, work / "rejected.parquet", work / "index", DedupConfig())
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb,
                   "kept": stats.records_out, "rejected": dict(stats.rejected)}))
 """
 
@@ -331,7 +332,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "dedup.json")
     args = parser.parse_args()
 
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)", "python": platform.python_version()}
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)"}
+    results["python"] = platform.python_version()
     results.update(speed_and_accuracy(args.pairs))
     speed = results["speed_docs_per_s"]
     print(json.dumps(results, indent=2))

@@ -36,12 +36,12 @@ def conv(prompt: str, response: str) -> list[dict]:
     return [schema.make_message("user", prompt), schema.make_message("assistant", response)]
 
 
-def write_chunk(path: Path, conversations: list[list[dict]], source: str = "data.jsonl", first_index: int = 0) -> Path:
+def write_chunk(path: Path, conversations: list[list[dict]], source: str = "data.jsonl") -> Path:
     rows = [
         {
             schema.ID: schema.conversation_id(messages),
             schema.SOURCE: source,
-            schema.SOURCE_INDEX: first_index + i,
+            schema.SOURCE_INDEX: i,
             schema.MESSAGES: messages,
             schema.TOOLS: None,
         }
@@ -51,7 +51,7 @@ def write_chunk(path: Path, conversations: list[list[dict]], source: str = "data
     return path
 
 
-def run(tmp_path: Path, chunks: list[list[list[dict]]], config: DedupConfig | None = None, name: str = "run", **kwargs):
+def run(tmp_path: Path, chunks: list[list[list[dict]]], config: DedupConfig | None = None, name="run", **kwargs):
     """Dedup the given chunks; returns (stats, kept tables, rejected rows as dicts, input tables)."""
     config = config or DedupConfig()
     folder = tmp_path / name
@@ -83,7 +83,8 @@ def test_normal_form_ignores_case_width_punctuation_and_spacing():
 
 
 def test_cjk_thai_and_mixed_text_use_character_ngrams_short_texts_get_one_shingle():
-    forms, cjk = normalize_all(["我爱北京天安门广场", "สวัสดีครับทุกคน", "I love 北京 very much indeed", "hi there"])
+    texts = ["我爱北京天安门广场", "สวัสดีครับทุกคน", "I love 北京 very much indeed", "hi there"]
+    forms, cjk = normalize_all(texts)
     counts = np.array([len(f.split(" ")) for f in forms])
     sizes = ngram_sizes(counts, cjk, word_ngram=5, char_ngram=3)
     assert sizes.tolist() == [3, 3, 5, 5]
@@ -320,7 +321,8 @@ def test_mapped_steps_compose_to_the_same_result_as_dedup_stage(tmp_path):
 
     folder = tmp_path / "mapped"
     folder.mkdir()
-    ins = [write_chunk(folder / f"in-{i}.parquet", c, source=f"src{i}.jsonl") for i, c in enumerate([docs[:12], docs[12:]])]
+    chunks = [docs[:12], docs[12:]]
+    ins = [write_chunk(folder / f"in-{i}.parquet", c, source=f"src{i}.jsonl") for i, c in enumerate(chunks)]
     sigs = [folder / f"sig-{i}.parquet" for i in range(2)]
     for in_path, sig_path in zip(ins, sigs):
         compute_signatures(in_path, sig_path, config)
@@ -349,7 +351,8 @@ def test_japanese_and_korean_near_duplicates(tmp_path):
     ]
     _, kept, rejected, _ = run(tmp_path, [docs])
     assert kept_ids(kept) == [id_of(docs[0]), id_of(docs[2])]
-    assert {r["id"]: r["duplicate_of"] for r in rejected} == {id_of(docs[1]): id_of(docs[0]), id_of(docs[3]): id_of(docs[2])}
+    duplicate_of = {r["id"]: r["duplicate_of"] for r in rejected}
+    assert duplicate_of == {id_of(docs[1]): id_of(docs[0]), id_of(docs[3]): id_of(docs[2])}
 
 
 def test_disabled_dedup_passes_every_row_through(tmp_path):
@@ -394,6 +397,8 @@ def test_index_can_be_restricted_to_what_reached_the_shards(tmp_path):
 
     copy_of_kept = conv("Tell me.", " ".join(words(80, 100)) + " again")
     copy_of_dropped = conv("Tell me.", " ".join(words(81, 100)) + " again")
-    _, kept, rejected, _ = run(tmp_path, [[copy_of_kept, copy_of_dropped]], name="second", index_dir=index_dir, index_parts=[smaller])
+    _, kept, rejected, _ = run(
+        tmp_path, [[copy_of_kept, copy_of_dropped]], name="second", index_dir=index_dir, index_parts=[smaller]
+    )
     assert kept_ids(kept) == [id_of(copy_of_dropped)]
     assert rejected[0]["duplicate_of"] == id_of(kept_doc)

@@ -120,7 +120,7 @@ def resolve_clusters(
     name is returned in ``stats.extra["index_part"]`` (None when nothing was kept) and the full
     list to commit in ``stats.extra["index_parts"]``; the part is not made current here.
     """
-    in_paths, sig_paths, out_paths = [Path(p) for p in in_paths], [Path(p) for p in sig_paths], [Path(p) for p in out_paths]
+    in_paths, sig_paths, out_paths = ([Path(p) for p in paths] for paths in (in_paths, sig_paths, out_paths))
     if not len(in_paths) == len(sig_paths) == len(out_paths):
         raise ValueError(
             f"dedup needs one signature file and one output per input chunk: {len(in_paths)} inputs, "
@@ -182,7 +182,9 @@ def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts)
     rows = _Rows(sig_paths)
     for in_path, sig_path, count in zip(in_paths, sig_paths, np.diff(rows.offsets)):
         if pq.read_metadata(in_path).num_rows != count:
-            raise ValueError(f"dedup signature file {sig_path} does not match its chunk {in_path} (row counts differ)")
+            raise ValueError(
+                f"dedup signature file {sig_path} does not match its chunk {in_path} (row counts differ)"
+            )
     num_new = rows.total
     old = dedup_index.load_index(
         index_dir, index_parts, columns=[schema.ID, dedup_index.EXACT_HASH], params=run_params(config)
@@ -363,7 +365,8 @@ def _node_signatures(nodes: np.ndarray, rows: _Rows, index_dir, index_parts, num
     out[: len(new)] = rows.signatures(new, num_perm)
     old = nodes[nodes >= rows.total] - rows.total
     if len(old):
-        out[len(new) :] = _fixed_list_numpy(dedup_index.index_rows(index_dir, index_parts, old, dedup_index.SIGNATURE), num_perm)
+        values = dedup_index.index_rows(index_dir, index_parts, old, dedup_index.SIGNATURE)
+        out[len(new) :] = _fixed_list_numpy(values, num_perm)
     return out
 
 
@@ -380,7 +383,8 @@ def _write_outputs(in_paths, sig_paths, out_paths, rejected_path, index_dir, con
             del table
             sig = pq.read_table(sig_path, columns=writer.schema.names)
             writer.write(sig.filter(pa.array(keep)))
-        write_rejected(pa.concat_tables(rejected) if rejected else schema.REJECTED_SCHEMA.empty_table(), rejected_path)
+        all_rejected = pa.concat_tables(rejected) if rejected else schema.REJECTED_SCHEMA.empty_table()
+        write_rejected(all_rejected, rejected_path)
         return writer.close()
     except BaseException:
         writer.abort()
