@@ -402,3 +402,12 @@ def test_index_can_be_restricted_to_what_reached_the_shards(tmp_path):
     )
     assert kept_ids(kept) == [id_of(copy_of_dropped)]
     assert rejected[0]["duplicate_of"] == id_of(kept_doc)
+
+
+def test_a_killed_runs_signature_folder_is_cleared(tmp_path):
+    leftover = tmp_path / "index" / ".tmp-dedup-crashed"
+    leftover.mkdir(parents=True)
+    (leftover / "sig-00000.parquet").write_bytes(b"half written")
+    run(tmp_path, [[conv("a", "b")]])
+    assert not leftover.exists()
+    assert [p.name for p in (tmp_path / "index").iterdir() if p.name.startswith(".tmp-")] == []

@@ -9,6 +9,7 @@ process, one after the other.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,8 @@ from pipeline.dedup.cluster import resolve_clusters
 from pipeline.dedup.lsh import candidate_pairs, compute_signatures
 from pipeline.fsutil import TMP_PREFIX, write_parquet_atomic
 from pipeline.stage import StageStats, Timer
+
+WORK_PREFIX = f"{TMP_PREFIX}dedup-"
 
 
 def dedup_stage(
@@ -49,8 +52,11 @@ def dedup_stage(
         return _pass_through(in_paths, out_paths)
     index_dir = Path(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
+    # A killed run leaves its signature folder behind; one run at a time owns index_dir.
+    for stale in index_dir.glob(f"{WORK_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     timer = Timer()
-    with timer, tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}dedup-", dir=index_dir) as work:
+    with timer, tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=index_dir) as work:
         sig_paths = [Path(work) / f"sig-{i:05d}.parquet" for i in range(len(in_paths))]
         for in_path, sig_path in zip(in_paths, sig_paths):
             compute_signatures(in_path, sig_path, config)
