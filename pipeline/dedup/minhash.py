@@ -25,7 +25,11 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """datasketch's ``(a, b)`` permutation parameters for ``num_perm`` and ``seed``."""
     from datasketch import MinHash
 
-    a, b = MinHash(num_perm=num_perm, seed=seed).permutations
+    try:
+        # Named explicitly: a future default scheme must not silently change stored indexes.
+        a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+    except TypeError as exc:  # datasketch < 2.0 has only the legacy scheme
+        raise RuntimeError("sftkit dedup needs datasketch >= 2.0 (its affine32 MinHash scheme)") from exc
     return a.astype(np.uint32), b.astype(np.uint32)
 
 
