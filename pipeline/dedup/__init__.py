@@ -35,6 +35,10 @@ against an earlier run's record by the MinHash estimate (std ~0.035 at J=0.8 wit
 permutations), since only its signature is kept. ``similarity`` in rejected rows is always the
 MinHash estimate between the removed record and the one kept.
 
+Measured (bench/dedup.py, 10k generated pairs with Jaccard spread over 0.6-1.0): precision and
+recall 1.00 / 1.00 within a run; 0.92 / 0.93 with the estimate alone (the incremental case,
+most of it from pairs within +-0.05 of the threshold); datasketch's MinHashLSH 0.87 / 0.83.
+
 Incremental and crash-safe: see :mod:`pipeline.dedup.index` (two-phase: write part, commit).
 """
 
