@@ -7,6 +7,7 @@ in subprocesses; one thread each so that CPU results are bit-for-bit reproducibl
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,11 +67,52 @@ def test_loss_decreases_and_the_run_leaves_a_loadable_model(data_dir, tmp_path):
     assert summary["best_eval_loss"] == min(r["eval_loss"] for r in evals)
     assert (out / "loss.png").stat().st_size > 0
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # every eval improved, so the best is the last: keep-last-2 leaves steps 20 and 30
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000020", "step-00000030"]
 
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
-    tokenizer = AutoTokenizer.from_pretrained(out / "final")
-    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    # final/ is a plain Hugging Face folder: fine-tuning continues from it with --model
+    again = tmp_path / "again"
+    run_training(TrainConfig(data=data_dir, out=again, model=str(out / "final"), max_steps=2, lr=3e-3,
+                             batch_tokens=512, eval_every=100, device="cpu", progress=False))
+    assert train_losses(again)[0] < train[0]["loss"] - 0.3
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(data_dir, tmp_path):
+    out = tmp_path / "run"
+    # lr 0: the model never changes, so no evaluation after the first is an improvement
+    summary = run_training(
+        TrainConfig(data=data_dir, out=out, max_steps=50, lr=0.0, batch_tokens=512, eval_every=2, patience=2,
+                    save_every=1000, device="cpu", progress=False)
+    )
+    assert summary["stop_reason"] == "early_stopping"
+    assert summary["steps"] == 6 and summary["best_step"] == 2
+    assert [r["best"] for r in read_metrics(out) if r["type"] == "eval"] == [True, False, False]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_no_packing_trains_on_length_grouped_padded_batches(data_dir, tmp_path):
+    summary = run_training(
+        TrainConfig(data=data_dir, out=tmp_path / "run", max_steps=4, lr=3e-3, batch_tokens=512, packing=False,
+                    eval_every=2, save_every=1000, device="cpu", progress=False)
+    )
+    rows = [r for r in read_metrics(tmp_path / "run") if r["type"] == "train"]
+    assert summary["steps"] == 4 and all(0 < r["loss"] < 20 for r in rows)
+    assert all(r["tokens"] <= 512 for r in rows)
+
+
+def test_cli_reports_a_corrupted_shard_as_one_clear_error(data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    corrupted = tmp_path / "data"
+    shutil.copytree(data_dir, corrupted, ignore=shutil.ignore_patterns(".cache"))
+    shard = corrupted / "shards" / "train-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100] + b"\0" * 100)
+    result = CliRunner().invoke(app, ["train", "--data", str(corrupted), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code == 2
+    # rich wraps long lines (even inside the path), so compare without whitespace
+    assert "shards/train-00000.parquetiscorrupted" in "".join(result.output.split())
 
 
 def test_kill_9_then_resume_reproduces_the_uninterrupted_loss_curve(data_dir, tmp_path):
@@ -145,4 +187,6 @@ def test_fresh_run_refuses_a_folder_that_holds_checkpoints(data_dir, tmp_path):
     run_training(TrainConfig(**config))
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
         run_training(TrainConfig(**config))
+    with pytest.raises(ValueError, match="batch plan changed .*batch_tokens 1024 -> 2048"):
+        run_training(TrainConfig(**{**config, "resume": True, "batch_tokens": 2048}))
     assert run_training(TrainConfig(**{**config, "max_steps": 3, "resume": True}))["steps"] == 3

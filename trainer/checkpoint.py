@@ -42,6 +42,7 @@ class TrainState:
     best_eval_loss: float = float("inf")
     best_step: int = -1
     evals_since_best: int = 0
+    world_size: int = 1  # the per-rank plans, hence micro_index, depend on it
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -140,6 +141,12 @@ def prune(run_dir: Path, *, keep_last: int, best_step: int) -> None:
     for step, path in found:
         if step not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_config(path: Path) -> dict[str, Any]:
+    """The training config a checkpoint was written with (to refuse resuming with another plan)."""
+    payload = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    return {**payload["config"], "world_size": payload["train_state"].get("world_size", 1)}
 
 
 def load_checkpoint(path: Path, *, model, optimizer=None, scheduler=None) -> TrainState:

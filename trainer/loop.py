@@ -24,7 +24,7 @@ from pipeline.fsutil import TMP_PREFIX
 from trainer import distributed
 from trainer.batching import PlannedBatches
 from trainer.checkpoint import (
-    TrainState, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint, step_dir,
+    TrainState, checkpoint_config, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint, step_dir,
 )
 from trainer.loss import count_targets, shifted_targets, summed_cross_entropy
 from trainer.metrics import MetricsLog, plot_loss, progress_bar
@@ -32,6 +32,8 @@ from trainer.sampling import EpochPlanner, eval_plan
 from trainer.schedule import build_optimizer, build_scheduler
 
 FINAL_DIR = "final"
+# Settings that decide which rows each micro-batch holds; a resume must keep them.
+PLAN_KEYS = ("data", "seed", "batch_tokens", "pack_length", "packing", "grad_accum", "world_size")
 
 
 class TrainConfig(BaseModel):
@@ -39,8 +41,8 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    data: Path
-    out: Path
+    data: Optional[Path] = Field(None, description="dataset folder (needed by run_training, not by SFTTrainer)")
+    out: Path = Path("runs/sft")
     model: str = "tiny"
     tokenizer: Optional[str] = Field(None, description="override the tokenizer named in the manifest")
     max_steps: Optional[int] = Field(None, description="optimizer steps; overrides epochs")
@@ -68,8 +70,8 @@ class TrainConfig(BaseModel):
 class SFTTrainer:
     """Fine-tunes ``model`` on a ShardDataset: ``compute_loss(batch)`` and ``train()``."""
 
-    def __init__(self, model, train_dataset, eval_dataset, config: TrainConfig, tokenizer=None):
-        self.config = config
+    def __init__(self, model, train_dataset, eval_dataset, config: TrainConfig | dict, tokenizer=None):
+        self.config = config = config if isinstance(config, TrainConfig) else TrainConfig(**config)
         self.dist = distributed.current()
         self.device = distributed.resolve_device(config.device, self.dist)
         self.model = model.to(self.device)
@@ -96,7 +98,7 @@ class SFTTrainer:
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, config.warmup_ratio)
-        self.state = TrainState()
+        self.state = TrainState(world_size=self.dist.world_size)
 
     # --- the loss ------------------------------------------------------------------------
     def compute_loss(self, batch: dict, num_targets: float | None = None) -> torch.Tensor:
@@ -281,11 +283,21 @@ class SFTTrainer:
             raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
         if self.config.resume and found:
             step, path = found[-1]
+            self._check_same_plan(path)
             self.state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             if self.dist.is_main:
                 print(f"resuming {run_dir} from step {step} (epoch {self.state.epoch}, micro-batch {self.state.micro_index})")
         elif self.config.resume and self.dist.is_main:
             print(f"--resume: no checkpoint in {run_dir}, starting from step 0")
+
+    def _check_same_plan(self, path: Path) -> None:
+        """The saved data position only means something under the same batch plan."""
+        saved = checkpoint_config(path)
+        current = {**self.config.model_dump(mode="json"), "world_size": self.dist.world_size}
+        changed = [key for key in PLAN_KEYS if saved.get(key) != current[key]]
+        if changed:
+            details = ", ".join(f"{key} {saved.get(key)} -> {current[key]}" for key in changed)
+            raise ValueError(f"cannot resume {path}: the batch plan changed ({details}); resume with the same settings")
 
     def _save(self, run_dir: Path) -> None:
         save_checkpoint(
@@ -362,6 +374,8 @@ def run_training(config: TrainConfig) -> dict:
     from trainer.data import ShardDataset
     from trainer.models import load_model, resolve_tokenizer
 
+    if config.data is None:
+        raise ValueError("no dataset given: pass --data DIR (a folder made by `sftkit prepare`)")
     info = distributed.init_from_env(config.device)
     try:
         tokenizer = resolve_tokenizer(Path(config.data), config.model, config.tokenizer)
