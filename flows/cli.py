@@ -109,9 +109,16 @@ def train(
         device=device.value,
     )
     try:
-        run_training(config)
+        summary = run_training(config)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    from rich.console import Console
+
+    best = f", best val loss {summary['best_eval_loss']:.4f} at step {summary['best_step']}" if summary["best_step"] else ""
+    Console().print(f"[bold]trained[/] {summary['steps']} steps ({summary['stop_reason']}){best}")
+    if summary["final_dir"]:
+        Console().print(f"final model + tokenizer: {summary['final_dir']}")
+    Console().print(f"metrics: {out}/metrics.jsonl, loss curve: {out}/loss.png, checkpoints: {out}/checkpoints/")
 
 
 @app.command()
