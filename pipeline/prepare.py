@@ -429,7 +429,16 @@ def finalize(
     version = plan.previous_version + 1
     index_parts = list(plan.index_parts)
     if dedup_result and (part := dedup_result["stats"].get("extra", {}).get("index_part")):
-        index_parts.append(part)
+        # Remember only what reached the shards: a record that quality or tokenize dropped must
+        # not make a later, better near-copy of it look like a duplicate.
+        from pipeline.dedup.index import restrict_part
+
+        kept_ids = [
+            i for entry in new_shards
+            for i in pq.read_table(root / entry["path"], columns=[schema.ID]).column(schema.ID).to_pylist()
+        ]
+        if restricted := restrict_part(root / DEDUP_INDEX, part, kept_ids):
+            index_parts.append(restricted)
     created = manifest_io.now_iso()
     inputs = (previous.get("inputs", []) if previous else []) + [
         {"source": i.source, "sha256": i.sha256, "records": r["stats"]["records_in"]}
@@ -469,6 +478,11 @@ def _remove_unlisted(root: Path, manifest: dict) -> None:
         for path in (root / folder).glob("*.parquet") if (root / folder).exists() else []:
             if path.relative_to(root).as_posix() not in listed:
                 path.unlink()
+    index_dir = root / DEDUP_INDEX
+    if index_dir.exists():
+        for part in index_dir.glob("part-*.parquet"):
+            if part.name not in manifest["dedup_index"]:
+                part.unlink()
     shutil.rmtree(root / WORK, ignore_errors=True)
     (root / "manifest.previous.json").unlink(missing_ok=True)
 

@@ -167,3 +167,20 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path, bpe_tokenizer_path, re
     leftovers = [p for p in crashed.rglob("*") if p.name.startswith(".tmp-")]
     assert leftovers == []
     json.loads((crashed / "manifest.json").read_text())
+
+
+def test_dedup_index_remembers_only_rows_that_reached_the_shards(tmp_path, bpe_tokenizer_path):
+    """A record dropped by quality must not make its later, good near-copy a 'duplicate'."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    refusal = {"instruction": "Tell me a joke about cats, please.", "input": "",
+               "output": "As an AI language model, I cannot tell jokes about cats or anything else."}
+    first = write_json(folder / "first.json", alpaca_records(0, 5) + [refusal])
+    out = tmp_path / "data"
+    manifest = prepare([str(first)], str(bpe_tokenizer_path), out, _config())
+    assert manifest["counts"]["rejected"]["quality"]
+    indexed = set()
+    for part in manifest["dedup_index"]:
+        indexed |= set(pq.read_table(out / "dedup_index" / part, columns=["id"]).column("id").to_pylist())
+    assert indexed == {row["id"] for row in shard_rows(out)}
+    assert sorted(p.name for p in (out / "dedup_index").glob("part-*.parquet")) == sorted(manifest["dedup_index"])
