@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf demo_out
 	$(VENV)/bin/sftkit prepare data_samples/inputs/* --tokenizer data_samples/tokenizer \
 		--out demo_out/data --config data_samples/demo.yaml
 	$(VENV)/bin/sftkit train --data demo_out/data --out demo_out/run --model tiny \
