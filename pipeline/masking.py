@@ -134,7 +134,7 @@ class _PlainControlEncoder:
             )
         self.tokenizer.add_tokens(new_tokens)
         self.base = min(self.tokenizer.token_to_id(t.content) for t in new_tokens)
-        lookup = np.zeros(len(new_tokens), dtype=np.int64)
+        lookup = np.zeros(len(new_tokens), dtype=np.int32)
         for control, placeholder in self.template_placeholders.items():
             lookup[self.tokenizer.token_to_id(placeholder) - self.base] = backend.token_to_id(control)
         self.lookup = lookup
@@ -157,7 +157,7 @@ class _PlainControlEncoder:
         encodings = self.tokenizer.encode_batch(marked_texts, add_special_tokens=False)
         ids = []
         for encoding in encodings:
-            array = np.asarray(encoding.ids, dtype=np.int64)
+            array = np.asarray(encoding.ids, dtype=np.int32)
             placeholder = array >= self.base
             array[placeholder] = self.lookup[array[placeholder] - self.base]
             ids.append(array)
@@ -184,7 +184,7 @@ class Masker:
         if span_method == "generation" and not template.has_generation_tags:
             raise ValueError(f"chat template {template.name!r} has no {{% generation %}} blocks to find spans with")
         self.tokenizer = tokenizer
-        self.backend = tokenizer.backend_tokenizer
+        self.backend = _private_copy(tokenizer.backend_tokenizer)
         self.template = template
         self.max_length = max_length
         self.train_on = train_on
@@ -223,7 +223,7 @@ class Masker:
         encoded = []
         if plain:
             encodings = self.backend.encode_batch([p[1] for p in plain], add_special_tokens=False)
-            encoded += [(p, e, np.asarray(e.ids, dtype=np.int64)) for p, e in zip(plain, encodings)]
+            encoded += [(p, e, np.asarray(e.ids, dtype=np.int32)) for p, e in zip(plain, encodings)]
         if hidden:
             encodings, ids = self._control_encoder().encode_batch([p[1] for p in hidden])
             encoded += [(p, e, i) for p, e, i in zip(hidden, encodings, ids)]
@@ -378,7 +378,7 @@ class Masker:
             labels = np.full_like(ids, schema.IGNORE_INDEX)
             for turn in selected:
                 labels[turn.first_token : turn.last_token + 1] = ids[turn.first_token : turn.last_token + 1]
-        if not np.any(labels != schema.IGNORE_INDEX):
+        if not (labels != schema.IGNORE_INDEX).any():
             return Rejection(
                 "tokenize",
                 "no_trainable_tokens",
@@ -413,12 +413,28 @@ class Masker:
             turn_ends = [t.last_token + 1 for t in turns if t.last_token + 1 <= self.max_length]
             cut = max(turn_ends) if turn_ends and self.train_on != "all" else self.max_length
             ids, labels = ids[:cut], labels[:cut]
-            if not np.any(labels != schema.IGNORE_INDEX):
+            if not (labels != schema.IGNORE_INDEX).any():
                 return Rejection(
                     "tokenize", "no_trainable_tokens", f"nothing trainable left after truncating to {cut} tokens"
                 )
             return Encoded(ids.astype(np.int32), labels.astype(np.int32), truncated=True)
-        return Encoded(ids.astype(np.int32), labels.astype(np.int32))
+        return Encoded(ids.astype(np.int32, copy=False), labels.astype(np.int32, copy=False))
+
+
+def _private_copy(backend):
+    """The Rust tokenizer with this Masker's own settings.
+
+    transformers leaves state on the shared backend (``split_special_tokens=True`` sets
+    ``encode_special_tokens`` until the next call; padding and truncation may be switched on), and
+    such state would silently change ids; a copy encodes exactly the vocabulary, nothing else.
+    """
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    copy.encode_special_tokens = False
+    return copy
 
 
 class _PrefixMismatch(Exception):

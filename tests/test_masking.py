@@ -364,3 +364,17 @@ def test_batch_results_keep_row_order(bpe_tokenizer):
 def test_template_variables_are_the_tokenizers_special_tokens(mistral_tokenizer):
     variables = template_variables(mistral_tokenizer)
     assert variables["bos_token"] == "<s>" and variables["eos_token"] == "</s>"
+
+
+def test_state_left_on_the_tokenizer_does_not_change_ids(mistral_tokenizer):
+    template = resolve_template(mistral_tokenizer, TemplateConfig(name="mistral"))
+    masker = Masker(mistral_tokenizer, template, max_length=512)
+    before = masker.encode(CONVERSATIONS["single"][0]).input_ids.tolist()
+    # transformers keeps split_special_tokens on the shared Rust tokenizer after this call
+    mistral_tokenizer("<s>x</s>", split_special_tokens=True)
+    assert mistral_tokenizer.backend_tokenizer.encode_special_tokens
+    try:
+        after = Masker(mistral_tokenizer, template, max_length=512).encode(CONVERSATIONS["single"][0])
+        assert after.input_ids.tolist() == before and before[0] == mistral_tokenizer.bos_token_id
+    finally:
+        mistral_tokenizer.backend_tokenizer.encode_special_tokens = False

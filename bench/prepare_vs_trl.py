@@ -1,0 +1,248 @@
+"""sftkit's render+tokenize+mask+write against TRL's SFTTrainer dataset preparation.
+
+Same data (the real instruction files in ../shared/data/real, repeated to >= 20k conversations),
+same tokenizer (the bundled byte-level BPE, whose chat template has the {% generation %} blocks
+TRL's ``assistant_only_loss`` needs), same cores. Three measurements, tokens per second:
+
+* **sftkit**: ``tokenize_stage`` (render, tokenize, mask, verify, write Parquet) + ``write_shards``
+  over the canonical Parquet, ``num_proc`` = cores;
+* **TRL**: ``SFTTrainer._prepare_dataset`` with ``assistant_only_loss=True`` and
+  ``dataset_num_proc`` = cores, on a trainer built around a tiny random model;
+* **raw tokenizer** (the ceiling): ``tokenizer(batch)`` over the already rendered texts, in
+  batches of 1000, with the tokenizer's own thread pool over all cores.
+
+TRL is installed only in the bench environment, never in sftkit's dependencies:
+
+    /work/main/.venv/bin/python -m venv .bench/venv      # plus a .pth pointing at .venv's site-packages
+    .bench/venv/bin/pip install trl -c .bench/constraints.txt   # pins torch/transformers to .venv's
+    .bench/venv/bin/python bench/prepare_vs_trl.py [--conversations 20000] [--repeats 3]
+
+Prints the ratios and writes bench/results/prepare_vs_trl.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from pipeline import schema  # noqa: E402
+from pipeline.config import SFTConfig  # noqa: E402
+from pipeline.formats import to_conversation  # noqa: E402
+from pipeline.readers import iter_records  # noqa: E402
+
+TOKENIZER = REPO / "data_samples" / "tokenizer"
+REAL = Path(os.environ.get("SFTKIT_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+MAX_LENGTH = 4096
+
+
+def load_conversations(target: int) -> list[dict]:
+    """Canonical rows of the real data, repeated (with distinct source indices) to ``target`` rows."""
+    base = []
+    for path in sorted(REAL.glob("*.json")):
+        for record in iter_records(path):
+            if record.error is None:
+                messages, tools = to_conversation(record.value)
+                base.append((path.name, messages, tools))
+    rows = []
+    while len(rows) < target:
+        for source, messages, tools in base:
+            rows.append(
+                {
+                    schema.ID: schema.conversation_id(messages, tools),
+                    schema.SOURCE: source,
+                    schema.SOURCE_INDEX: len(rows),
+                    schema.MESSAGES: messages,
+                    schema.TOOLS: tools,
+                }
+            )
+    return rows
+
+
+def bench_sftkit(rows: list[dict], workdir: Path, cores: int) -> dict:
+    from pipeline.shards import write_shards
+    from pipeline.tokenize import tokenize_stage
+
+    canonical = workdir / "canonical.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema.CONVERSATION_SCHEMA), canonical)
+    config = SFTConfig()
+    config.tokenize.max_length = MAX_LENGTH
+    config.tokenize.num_proc = cores
+    out = workdir / "sftkit"
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    stats = tokenize_stage(canonical, out / "tok.parquet", out / "rejected.parquet", str(TOKENIZER), config)
+    entries = write_shards([out / "tok.parquet"], out / "data", config.shards, {})
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "rows": stats.records_out,
+        "rejected": dict(stats.rejected),
+        "tokens": stats.extra["tokens"],
+        "trainable_tokens": stats.extra["trainable_tokens"],
+        "shard_files": len(entries),
+    }
+
+
+def trl_rows(rows: list[dict]) -> list[dict]:
+    """The same conversations in the layout TRL reads: messages + tools (JSON text)."""
+    out = []
+    for row in rows:
+        messages = []
+        for message in schema.messages_for_template(row[schema.MESSAGES]):
+            if "tool_calls" in message:
+                # arguments as JSON text: one Arrow type for every row's calls
+                message["tool_calls"] = [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": call["function"]["name"],
+                            "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False),
+                        },
+                    }
+                    for call in message["tool_calls"]
+                ]
+            messages.append(message)
+        out.append({"messages": messages, "tools": row[schema.TOOLS]})
+    return out
+
+
+def bench_trl(rows: list[dict], workdir: Path, cores: int) -> dict:
+    import datasets
+    import transformers
+    import trl
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    datasets.disable_caching()
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=MAX_LENGTH,
+        )
+    )
+    args = trl.SFTConfig(
+        output_dir=str(workdir / "trl"), assistant_only_loss=True, dataset_num_proc=cores, max_length=MAX_LENGTH,
+        report_to=[], use_cpu=True,
+    )
+    data = datasets.Dataset.from_list(trl_rows(rows))
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data.select(range(8)), processing_class=tokenizer)
+    started = time.perf_counter()
+    prepared = trainer._prepare_dataset(data, tokenizer, args, False, None, "train")
+    seconds = time.perf_counter() - started
+    lengths = prepared.map(
+        lambda batch: {"n": [len(x) for x in batch["input_ids"]], "t": [sum(y != -100 for y in x) for x in batch["labels"]]},
+        batched=True, remove_columns=prepared.column_names,
+    )
+    return {
+        "seconds": seconds,
+        "rows": len(prepared),
+        "tokens": int(sum(lengths["n"])),
+        "trainable_tokens": int(sum(lengths["t"])),
+        "trl_version": trl.__version__,
+    }
+
+
+def bench_raw_tokenizer(rows: list[dict]) -> dict:
+    from pipeline.templates import render, resolve_template, template_variables
+    from pipeline.config import TemplateConfig
+    from pipeline.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(str(TOKENIZER))
+    template = resolve_template(tokenizer, TemplateConfig())
+    variables = template_variables(tokenizer)
+    texts = [
+        render(template, variables, schema.messages_for_template(r[schema.MESSAGES]), schema.tools_for_template(r[schema.TOOLS]))[0]
+        for r in rows
+    ]
+    started = time.perf_counter()
+    tokens = 0
+    for start in range(0, len(texts), 1000):
+        tokens += sum(len(ids) for ids in tokenizer(texts[start : start + 1000])["input_ids"])
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "rows": len(texts), "tokens": tokens}
+
+
+def best(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: r["seconds"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conversations", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each; the fastest counts")
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--skip-trl", action="store_true")
+    options = parser.parse_args()
+
+    rows = load_conversations(options.conversations)
+    print(f"{len(rows)} conversations from {REAL}, {options.cores} cores, tokenizer {TOKENIZER.name}")
+    workdir = Path(tempfile.mkdtemp(prefix="sftkit-bench-"))
+    try:
+        # The tokenizer's own Rust thread pool may use every core, for all three.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        runs: dict[str, list[dict]] = {"raw_tokenizer": [], "sftkit": []}
+        if not options.skip_trl:
+            runs["trl"] = []
+        # Interleaved rounds, fastest of each counts: a shared machine's load drifts over minutes.
+        for round_number in range(options.repeats):
+            runs["raw_tokenizer"].append(bench_raw_tokenizer(rows))
+            runs["sftkit"].append(bench_sftkit(rows, workdir, options.cores))
+            if "trl" in runs:
+                runs["trl"].append(bench_trl(rows, workdir, options.cores))
+            print(f"round {round_number + 1}: " + ", ".join(f"{k} {v[-1]['seconds']:.2f} s" for k, v in runs.items()))
+        results = {name: dict(best(values), all_seconds=[round(v["seconds"], 3) for v in values]) for name, values in runs.items()}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    for name, result in results.items():
+        result["tokens_per_second"] = result["tokens"] / result["seconds"]
+        print(f"{name:>14}: {result['tokens']:>11,} tokens in {result['seconds']:7.2f} s = "
+              f"{result['tokens_per_second']:>12,.0f} tokens/s  ({result['rows']} rows)")
+    sftkit = results["sftkit"]["tokens_per_second"]
+    ratios = {"sftkit_vs_raw_tokenizer": sftkit / results["raw_tokenizer"]["tokens_per_second"]}
+    if "trl" in results:
+        ratios["sftkit_vs_trl"] = sftkit / results["trl"]["tokens_per_second"]
+        print(f"sftkit / TRL SFTTrainer prep:  {ratios['sftkit_vs_trl']:.2f}x   (target >= 4x)")
+    print(f"sftkit / raw tokenizer(batch): {ratios['sftkit_vs_raw_tokenizer']:.0%}    (target >= 75%)")
+
+    out = REPO / "bench" / "results" / "prepare_vs_trl.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "conversations": len(rows),
+                "cores": options.cores,
+                "machine": platform.platform(),
+                "max_length": MAX_LENGTH,
+                "results": results,
+                "ratios": ratios,
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    print(f"wrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
