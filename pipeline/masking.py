@@ -164,6 +164,18 @@ class _PlainControlEncoder:
         return encodings, ids
 
 
+@dataclass
+class _Rendered:
+    """One conversation rendered and located, ready to tokenize."""
+
+    index: int  # row in the batch
+    marked_text: str  # the text the encoder tokenizes (placeholders for template control tokens)
+    turns: list[_Turn]
+    messages: list[dict[str, Any]]  # as rendered (default system included), with the data's own text
+    train_flags: list[bool | None]
+    has_control_text: bool
+
+
 class Masker:
     """Renders, tokenizes and masks conversations for one tokenizer, template and policy."""
 
@@ -210,33 +222,34 @@ class Masker:
     def encode_batch(self, rows: Sequence[tuple[list[dict[str, Any]], str | None]]) -> list[Encoded | Rejection]:
         """Canonical conversations (messages, tools JSON) -> an Encoded or a Rejection each, in order."""
         results: list[Encoded | Rejection | None] = [None] * len(rows)
-        prepared = []  # (row index, text to tokenize, true text, turns, messages, train flags, uses control encoder)
+        rendered: list[_Rendered] = []
         for index, (messages, tools) in enumerate(rows):
-            outcome = self._render_row(messages, tools)
+            outcome = self._render_row(index, messages, tools)
             if isinstance(outcome, Rejection):
                 results[index] = outcome
             else:
-                prepared.append((index, *outcome))
+                rendered.append(outcome)
 
-        plain = [p for p in prepared if not p[6]]
-        hidden = [p for p in prepared if p[6]]
+        # One batch call per encoder: the Rust tokenizer encodes the whole batch at once.
+        plain = [r for r in rendered if not r.has_control_text]
+        hidden = [r for r in rendered if r.has_control_text]
         encoded = []
         if plain:
-            encodings = self.backend.encode_batch([p[1] for p in plain], add_special_tokens=False)
-            encoded += [(p, e, np.asarray(e.ids, dtype=np.int32)) for p, e in zip(plain, encodings)]
+            encodings = self.backend.encode_batch([r.marked_text for r in plain], add_special_tokens=False)
+            encoded += [(r, e, np.asarray(e.ids, dtype=np.int32)) for r, e in zip(plain, encodings)]
         if hidden:
-            encodings, ids = self._control_encoder().encode_batch([p[1] for p in hidden])
-            encoded += [(p, e, i) for p, e, i in zip(hidden, encodings, ids)]
+            encodings, ids = self._control_encoder().encode_batch([r.marked_text for r in hidden])
+            encoded += list(zip(hidden, encodings, ids))
 
-        checks = []  # (row index, turn, message)
+        checks = []  # (row index, turn, the turn's message as rendered)
         staged = {}
-        for (index, _marked, text, turns, messages, train_flags, _hidden), encoding, ids in encoded:
-            outcome = self._label_row(text, turns, messages, train_flags, encoding, ids)
+        for row, encoding, ids in encoded:
+            outcome = self._label_row(row, encoding, ids)
             if isinstance(outcome, Rejection):
-                results[index] = outcome
+                results[row.index] = outcome
                 continue
-            staged[index] = outcome
-            checks += [(index, turn, messages[turn.message_index]) for turn in outcome[2]]
+            staged[row.index] = outcome
+            checks += [(row.index, turn, row.messages[turn.message_index]) for turn in outcome[2]]
 
         decoded = self.backend.decode_batch(
             [staged[index][0][t.first_token : t.last_token + 1].tolist() for index, t, _ in checks],
@@ -262,7 +275,7 @@ class Masker:
                 self._plain_control_encoder = _PlainControlEncoder(self.backend, self.controls)
             return self._plain_control_encoder
 
-    def _render_row(self, canonical: list[dict[str, Any]], tools: str | None):
+    def _render_row(self, index: int, canonical: list[dict[str, Any]], tools: str | None) -> _Rendered | Rejection:
         try:
             true_messages = schema.messages_for_template(canonical)
             tool_schemas = schema.tools_for_template(tools)
@@ -321,7 +334,7 @@ class Masker:
         turns = [
             _Turn(i, *self._trim_span(text, start, end)) for i, (start, end) in zip(assistant_indices, spans)
         ]
-        return marked, text, turns, true_messages, train_flags, has_control_text
+        return _Rendered(index, marked, turns, true_messages, train_flags, has_control_text)
 
     def _prefix_spans(self, rendered: str, messages, tools) -> list[tuple[int, int]]:
         spans = []
@@ -357,7 +370,8 @@ class Masker:
         return start, body_end, None
 
     # --- labels ------------------------------------------------------------------------------
-    def _label_row(self, text, turns: list[_Turn], messages, train_flags, encoding, ids: np.ndarray):
+    def _label_row(self, row: _Rendered, encoding, ids: np.ndarray):
+        turns, train_flags = row.turns, row.train_flags
         for turn in turns:
             first = _token_at_or_after(encoding, turn.char_start, turn.char_end)
             last = _token_at_or_before(encoding, turn.char_end - 1, turn.char_start)
@@ -368,7 +382,7 @@ class Masker:
                     f"assistant turn {turn.message_index} covers no tokens of the rendered text",
                 )
             turn.first_token, turn.last_token = first, last
-        selected = self._selected_turns(turns, messages, train_flags)
+        selected = self._selected_turns(turns, train_flags)
         if self.train_on == "all":
             labels = ids.copy()
             for turn in turns:
@@ -387,7 +401,7 @@ class Masker:
             )
         return ids, labels, turns
 
-    def _selected_turns(self, turns: list[_Turn], messages, train_flags) -> list[_Turn]:
+    def _selected_turns(self, turns: list[_Turn], train_flags) -> list[_Turn]:
         wanted = [t for t in turns if train_flags[t.message_index] is not False]
         if self.train_on == "last_assistant":
             last = turns[-1] if turns and train_flags[turns[-1].message_index] is not False else None
