@@ -74,7 +74,7 @@ def load_conversations(target: int) -> list[dict]:
     return rows
 
 
-def bench_sftkit(rows: list[dict], workdir: Path, cores: int) -> dict:
+def bench_sftkit(rows: list[dict], workdir: Path, cores: int, workers: str = "threads") -> dict:
     from pipeline.shards import write_shards
     from pipeline.tokenize import tokenize_stage
 
@@ -83,6 +83,7 @@ def bench_sftkit(rows: list[dict], workdir: Path, cores: int) -> dict:
     config = SFTConfig()
     config.tokenize.max_length = MAX_LENGTH
     config.tokenize.num_proc = cores
+    config.tokenize.workers = workers
     out = workdir / "sftkit"
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
@@ -191,6 +192,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each; the fastest counts")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--workers", choices=["threads", "processes"], default="threads", help="sftkit's workers")
     options = parser.parse_args()
 
     rows = load_conversations(options.conversations)
@@ -205,7 +207,7 @@ def main() -> None:
         # Interleaved rounds, fastest of each counts: a shared machine's load drifts over minutes.
         for round_number in range(options.repeats):
             runs["raw_tokenizer"].append(bench_raw_tokenizer(rows))
-            runs["sftkit"].append(bench_sftkit(rows, workdir, options.cores))
+            runs["sftkit"].append(bench_sftkit(rows, workdir, options.cores, options.workers))
             if "trl" in runs:
                 runs["trl"].append(bench_trl(rows, workdir, options.cores))
             print(f"round {round_number + 1}: " + ", ".join(f"{k} {v[-1]['seconds']:.2f} s" for k, v in runs.items()))
@@ -224,13 +226,15 @@ def main() -> None:
         print(f"sftkit / TRL SFTTrainer prep:  {ratios['sftkit_vs_trl']:.2f}x   (target >= 4x)")
     print(f"sftkit / raw tokenizer(batch): {ratios['sftkit_vs_raw_tokenizer']:.0%}    (target >= 75%)")
 
-    out = REPO / "bench" / "results" / "prepare_vs_trl.json"
+    suffix = "" if options.workers == "threads" and not options.skip_trl else f"-{options.workers}"
+    out = REPO / "bench" / "results" / f"prepare_vs_trl{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
                 "conversations": len(rows),
                 "cores": options.cores,
+                "sftkit_workers": options.workers,
                 "machine": platform.platform(),
                 "max_length": MAX_LENGTH,
                 "results": results,
