@@ -424,7 +424,11 @@ class Masker:
                 return Rejection("tokenize", "too_long", f"{length} tokens, max_length is {self.max_length}")
             # Cut after the last whole trained turn that fits, so no later header is left dangling;
             # if none fits, cut inside the first one: its end token is then not trained.
-            turn_ends = [t.last_token + 1 for t in turns if t.last_token + 1 <= self.max_length]
+            turn_ends = [
+                t.last_token + 1
+                for t in turns
+                if t.last_token + 1 <= self.max_length and labels[t.last_token] != schema.IGNORE_INDEX
+            ]
             cut = max(turn_ends) if turn_ends and self.train_on != "all" else self.max_length
             ids, labels = ids[:cut], labels[:cut]
             if not (labels != schema.IGNORE_INDEX).any():

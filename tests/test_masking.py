@@ -378,3 +378,17 @@ def test_state_left_on_the_tokenizer_does_not_change_ids(mistral_tokenizer):
         assert after.input_ids.tolist() == before and before[0] == mistral_tokenizer.bos_token_id
     finally:
         mistral_tokenizer.backend_tokenizer.encode_special_tokens = False
+
+
+def test_truncation_cuts_after_a_trained_turn_not_an_untrained_one(bpe_tokenizer):
+    # last_assistant: the first turn fits but is not trained; cutting after it would leave
+    # nothing to learn, so the cut goes inside the trained last turn instead.
+    template = resolve_template(bpe_tokenizer, TemplateConfig(name="chatml"))
+    messages = [msg("user", "Q1"), msg("assistant", "A1."), msg("user", "Q2"), msg("assistant", "long " * 200)]
+    masker = Masker(bpe_tokenizer, template, max_length=10_000, train_on="last_assistant")
+    full = masker.encode(messages)
+    start = trained_runs(full.labels)[0][0]
+    result = Masker(bpe_tokenizer, template, max_length=start + 10, truncate=True, train_on="last_assistant").encode(
+        messages
+    )
+    assert isinstance(result, Encoded) and len(result.input_ids) == start + 10 and result.num_trainable == 10
