@@ -96,3 +96,19 @@ def test_pipeline_never_imports_prefect(repo_root):
         if "import prefect" in path.read_text() or "from prefect" in path.read_text()
     ]
     assert offenders == []
+
+
+def test_deployment_registered_on_server_has_its_schedule(prefect_harness, tmp_path, bpe_tokenizer_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import build_deployment
+
+    inputs = make_inputs(tmp_path / "in")
+    deployment = build_deployment([str(inputs[0])], "0 3 * * *", str(bpe_tokenizer_path), tmp_path / "data", name="nightly-test")
+    deployment_id = deployment.apply()
+    with get_client(sync_client=True) as client:
+        stored = client.read_deployment(deployment_id)
+    assert stored.name == "nightly-test"
+    assert [s.schedule.cron for s in stored.schedules] == ["0 3 * * *"]
+    assert all(s.active for s in stored.schedules)
+    assert stored.parameters["tokenizer"] == str(bpe_tokenizer_path.absolute())
