@@ -381,6 +381,18 @@ class Masker:
                     "mask_unverifiable",
                     f"assistant turn {turn.message_index} covers no tokens of the rendered text",
                 )
+            # A token that merges template text with the turn (e.g. "][" across "[/INST][TOOL_CALLS]")
+            # would train prompt characters: only whitespace may lie outside the turn's span.
+            token_start, token_end = encoding.offsets[first][0], encoding.offsets[last][1]
+            text = row.marked_text
+            if text[token_start : turn.char_start].strip() or text[turn.char_end : token_end].strip():
+                return Rejection(
+                    "tokenize",
+                    "mask_unverifiable",
+                    f"assistant turn {turn.message_index}: a token straddles the turn's boundary "
+                    f"({text[min(token_start, turn.char_start) : turn.char_start + 8]!r}), so the "
+                    "response cannot be trained without training template text",
+                )
             turn.first_token, turn.last_token = first, last
         selected = self._selected_turns(turns, train_flags)
         if self.train_on == "all":

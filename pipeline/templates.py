@@ -99,7 +99,7 @@ MISTRAL = (
     "{%- if tools and loop.index0 == ns.last_user %}"
     "{{- '[AVAILABLE_TOOLS] ' + tools | tojson + ' [/AVAILABLE_TOOLS]' }}{%- endif %}"
     "{{- '[INST] ' + ns.system + message.content + ' [/INST]' }}{%- set ns.system = '' %}"
-    "{%- elif message.role == 'assistant' %}{{- ' ' if message.content else '' }}"
+    "{%- elif message.role == 'assistant' %}{{- ' ' if message.content or message.tool_calls else '' }}"
     "{%- generation %}{{- message.content }}"
     "{%- if message.tool_calls %}{{- ' ' if message.content else '' }}{{- '[TOOL_CALLS] [' }}"
     + _TOOL_CALLS_JSON
