@@ -383,7 +383,8 @@ class Masker:
                 )
             # A token that merges template text with the turn (e.g. "][" across "[/INST][TOOL_CALLS]")
             # would train prompt characters: only whitespace may lie outside the turn's span.
-            token_start, token_end = encoding.offsets[first][0], encoding.offsets[last][1]
+            # token_to_chars, not offsets[i]: the offsets property builds the whole row's list per call.
+            token_start, token_end = encoding.token_to_chars(first)[0], encoding.token_to_chars(last)[1]
             text = row.marked_text
             if text[token_start : turn.char_start].strip() or text[turn.char_end : token_end].strip():
                 return Rejection(
