@@ -57,13 +57,18 @@ def write_shards(
     table = pa.concat_tables(tables)
     if table.num_rows == 0:
         return []
-    table = table.sort_by([(schema.SOURCE, "ascending"), (schema.SOURCE_INDEX, "ascending"), (schema.ID, "ascending")])
+    # One gather per split (sorted order, rows of that split) instead of sorting the whole table
+    # and then filtering it: the list columns are copied once, not twice.
+    order = pc.sort_indices(
+        table, [(schema.SOURCE, "ascending"), (schema.SOURCE_INDEX, "ascending"), (schema.ID, "ascending")]
+    ).to_numpy()
     splits = np.array([split_of(row_id, config.val_fraction) for row_id in table.column(schema.ID).to_pylist()])
     compression = None if config.compression == "none" else config.compression
 
     entries = []
     for split in schema.SPLITS:
-        part = table.filter(pa.array(splits == split))
+        rows = order[splits[order] == split]
+        part = table.take(pa.array(rows, pa.int64()))
         for number, start in enumerate(range(0, part.num_rows, config.target_rows)):
             chunk = part.slice(start, config.target_rows)
             name = schema.shard_file_name(split, start_index.get(split, 0) + number)
