@@ -38,7 +38,7 @@ def _cache_key(stage: str, key_of):
 @task(name="plan", **IO_RETRIES)
 def plan_task(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]) -> steps.RunPlan:
     paths = expand_inputs(inputs)
-    return steps.plan_refresh(paths, [p.name for p in paths], tokenizer, Path(out), SFTConfig.model_validate(config))
+    return steps.plan_refresh(paths, tokenizer, Path(out), SFTConfig.model_validate(config))
 
 
 @task(name="begin")
@@ -116,13 +116,13 @@ def tokenize_task(plan: steps.RunPlan, upstream: dict) -> dict:
 
 
 @task(name="write-shards", **IO_RETRIES)
-def shards_task(plan: steps.RunPlan, tokenize_results: list[dict]) -> list[dict]:
+def shards_task(plan: steps.RunPlan, tokenize_results: list[dict]) -> dict:
     return steps.run_write_shards(plan, tokenize_results)
 
 
 @task(name="manifest", **IO_RETRIES)
-def manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_results) -> dict:
-    return steps.finalize(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_results)
+def manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_result) -> dict:
+    return steps.finalize(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_result)
 
 
 @flow(name="sftkit-refresh", description="Refresh a prepared SFT dataset from its inputs (incremental).")
@@ -144,8 +144,8 @@ def refresh_flow(inputs: list[str], tokenizer: str, out: str, config: dict[str, 
     chunks = list(range(len(dedup_result["outputs"])))
     quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]
     tokenize_results = [f.result() for f in tokenize_task.map(unmapped(plan), quality_results)]
-    shard_results = shards_task(plan, tokenize_results)
-    manifest = manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_results)
+    shard_result = shards_task(plan, tokenize_results)
+    manifest = manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_result)
     logger.info("manifest version %s: %s", manifest["version"], manifest["counts"])
     _publish(manifest, new_inputs=len(plan.inputs), up_to_date=False)
     return manifest

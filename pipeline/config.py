@@ -128,7 +128,25 @@ class SFTConfig(_Section):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
         return cls.model_validate(data)
 
+    def output_settings(self) -> dict:
+        """Every setting that can change what is written: all of them but :data:`RUNTIME_ONLY`."""
+        data = self.model_dump(mode="json")
+        for section, name in RUNTIME_ONLY:
+            data[section].pop(name, None)
+        return data
+
     def fingerprint(self) -> str:
-        """Hash of every setting; a change means a refresh must rebuild instead of append."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Hash of the output settings; a change means a refresh must rebuild instead of append."""
+        payload = json.dumps(self.output_settings(), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# Settings that change how fast a run goes, never what it writes (each is tested to give
+# byte-identical shards): changing them must not rebuild a dataset or invalidate cached steps.
+RUNTIME_ONLY = (
+    ("ingest", "batch_size"),
+    ("dedup", "partitions"),
+    ("tokenize", "batch_size"),
+    ("tokenize", "num_proc"),
+    ("tokenize", "workers"),
+)

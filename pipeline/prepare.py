@@ -74,6 +74,11 @@ class RunPlan(BaseModel):
         return _config_from_dump(json.dumps(self.config, sort_keys=True))
 
     @property
+    def output_settings(self) -> dict[str, Any]:
+        """The config without its speed-only settings: what step keys hash."""
+        return self.sft_config.output_settings()
+
+    @property
     def root(self) -> Path:
         return Path(self.data_dir)
 
@@ -104,8 +109,12 @@ def code_version() -> str:
 
 
 # --- planning --------------------------------------------------------------------------------
-def plan_refresh(input_paths: list[Path], sources: list[str], tokenizer: str, data_dir: Path, config: SFTConfig) -> RunPlan:
-    """Hash the inputs, read the existing manifest, and decide what this run must do."""
+def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config: SFTConfig) -> RunPlan:
+    """Hash the inputs, read the existing manifest, and decide what this run must do.
+
+    A record's ``source`` is its input path as given (``data/a.jsonl``), so two files of the same
+    name in different folders stay apart.
+    """
     from pipeline.templates import resolve_template
     from pipeline.tokenizers import load_tokenizer, tokenizer_fingerprint
 
@@ -119,8 +128,7 @@ def plan_refresh(input_paths: list[Path], sources: list[str], tokenizer: str, da
     config_fp = config.fingerprint()
 
     inputs = [
-        InputFile(path=str(path), source=source, sha256=_hash_input(path))
-        for path, source in zip(input_paths, sources)
+        InputFile(path=str(path), source=str(path), sha256=_hash_input(Path(path))) for path in input_paths
     ]
     previous = manifest_io.read_manifest_or_none(data_dir)
     rebuild = previous is not None and (
@@ -201,20 +209,18 @@ def _rejected(plan: RunPlan, stage: str, key: str) -> Path:
     return plan.root / REJECTED / f"{stage}-{key}.parquet"
 
 
-def _step_result(plan: RunPlan, stage: str, key: str, outputs: list[Path], rejected: Path, stats: StageStats | None) -> dict:
+def _step_result(plan: RunPlan, stage: str, key: str, outputs: list[Path], rejected: Path, stats: StageStats) -> dict:
     """Record a finished step (stats JSON written last = the step's completion mark)."""
-    stats_path = _work(plan, stage, key, ".stats.json")
-    if stats is not None:
-        stats.check_conservation()
-        result = {
-            "stage": stage,
-            "key": key,
-            "outputs": [str(p) for p in outputs],
-            "rejected": str(rejected) if rejected.exists() else None,
-            "stats": stats.to_dict(),
-        }
-        write_json_atomic(result, stats_path)
-    return json.loads(stats_path.read_text(encoding="utf-8"))
+    stats.check_conservation()
+    result = {
+        "stage": stage,
+        "key": key,
+        "outputs": [str(p) for p in outputs],
+        "rejected": str(rejected) if rejected.exists() else None,
+        "stats": stats.to_dict(),
+    }
+    write_json_atomic(result, _work(plan, stage, key, ".stats.json"))
+    return result
 
 
 def _done(plan: RunPlan, stage: str, key: str) -> dict | None:
@@ -228,7 +234,7 @@ def _done(plan: RunPlan, stage: str, key: str) -> dict | None:
 
 
 def ingest_key(plan: RunPlan, item: InputFile) -> str:
-    return _key("ingest", item.sha256, item.source, plan.config["ingest"], plan.code_version)
+    return _key("ingest", item.sha256, item.source, plan.output_settings["ingest"], plan.code_version)
 
 
 def run_ingest(plan: RunPlan, item: InputFile) -> dict:
@@ -243,7 +249,7 @@ def run_ingest(plan: RunPlan, item: InputFile) -> dict:
 
 
 def dedup_key(plan: RunPlan, ingest_results: list[dict]) -> str:
-    return _key("dedup", [r["key"] for r in ingest_results], plan.index_parts, plan.config["dedup"], plan.config["quality"], plan.code_version)
+    return _key("dedup", [r["key"] for r in ingest_results], plan.index_parts, plan.output_settings["dedup"], plan.output_settings["quality"], plan.code_version)
 
 
 def _pass_through_dedup(plan: RunPlan, ingest_results: list[dict]) -> dict:
@@ -257,7 +263,7 @@ def dedup_signatures(plan: RunPlan, ingest_result: dict) -> str:
     """MinHash signatures and band hashes of one ingested chunk (mappable per chunk)."""
     from pipeline.dedup import compute_signatures
 
-    key = _key("dedup-signatures", ingest_result["key"], plan.config["dedup"], plan.code_version)
+    key = _key("dedup-signatures", ingest_result["key"], plan.output_settings["dedup"], plan.code_version)
     path = _work(plan, "dedup-signatures", key)
     if not path.exists():
         compute_signatures(Path(ingest_result["outputs"][0]), path, plan.sft_config.dedup)
@@ -268,7 +274,8 @@ def dedup_partition(plan: RunPlan, ingest_results: list[dict], signature_paths: 
     """Candidate pairs from one partition of the LSH bands (mappable per partition)."""
     from pipeline.dedup import candidate_pairs, save_edges
 
-    path = _work(plan, "dedup-edges", f"{dedup_key(plan, ingest_results)}-{partition:03d}", ".npy")
+    partitions = plan.sft_config.dedup.partitions
+    path = _work(plan, "dedup-edges", f"{dedup_key(plan, ingest_results)}-{partition:03d}-of-{partitions:03d}", ".npy")
     if not path.exists():
         edges = candidate_pairs(
             signature_paths, partition, plan.sft_config.dedup, plan.root / DEDUP_INDEX, list(plan.index_parts)
@@ -288,8 +295,9 @@ def dedup_resolve(plan: RunPlan, ingest_results: list[dict], signature_paths: li
     is_good = None
     if config.quality.enabled:
         from pipeline.quality import build_filters, passes
+        from pipeline.tokenizers import load_tokenizer
 
-        filters = build_filters(config.quality)
+        filters = build_filters(config.quality, tokenizer=load_tokenizer(plan.tokenizer))
         is_good = lambda record: passes(record, filters)  # noqa: E731
     in_paths = [Path(r["outputs"][0]) for r in ingest_results]
     out_paths = [_work(plan, "dedup", f"{key}-{i:05d}") for i in range(len(in_paths))]
@@ -318,7 +326,7 @@ def run_dedup(plan: RunPlan, ingest_results: list[dict]) -> dict:
 
 
 def quality_key(plan: RunPlan, upstream_key: str, chunk: int) -> str:
-    return _key("quality", upstream_key, chunk, plan.config["quality"], plan.code_version)
+    return _key("quality", upstream_key, chunk, plan.output_settings["quality"], plan.code_version)
 
 
 def run_quality(plan: RunPlan, upstream: dict, chunk: int) -> dict:
@@ -332,16 +340,18 @@ def run_quality(plan: RunPlan, upstream: dict, chunk: int) -> dict:
         records = pq.ParquetFile(in_path).metadata.num_rows
         return _step_result(plan, "quality", key, [in_path], rejected, StageStats("quality", records, records))
     from pipeline.quality import quality_stage
+    from pipeline.tokenizers import load_tokenizer
 
     out = _work(plan, "quality", key)
-    stats = quality_stage(in_path, out, rejected, config)
+    # The tokenizer serves the length filter's optional token bounds.
+    stats = quality_stage(in_path, out, rejected, config, tokenizer=load_tokenizer(plan.tokenizer))
     return _step_result(plan, "quality", key, [out], rejected, stats)
 
 
 def tokenize_key(plan: RunPlan, upstream_key: str) -> str:
     return _key(
         "tokenize", upstream_key, plan.tokenizer_fingerprint, plan.template_fingerprint,
-        plan.config["template"], plan.config["tokenize"], plan.code_version,
+        plan.output_settings["template"], plan.output_settings["tokenize"], plan.code_version,
     )
 
 
@@ -357,8 +367,11 @@ def run_tokenize(plan: RunPlan, upstream: dict) -> dict:
     return _step_result(plan, "tokenize", key, [out], rejected, stats)
 
 
-def run_write_shards(plan: RunPlan, tokenize_results: list[dict]) -> list[dict]:
-    """Split by id and write this run's shard files after the ones the dataset already has."""
+def run_write_shards(plan: RunPlan, tokenize_results: list[dict]) -> dict:
+    """Split by id and write this run's shard files after the ones the dataset already has.
+
+    Returns ``{"entries": [manifest shard entries], "stats": shard-stage statistics}``.
+    """
     import time
 
     from pipeline.shards import write_shards
@@ -377,7 +390,7 @@ def run_write_shards(plan: RunPlan, tokenize_results: list[dict]) -> list[dict]:
     records_in = sum(r["stats"]["records_out"] for r in tokenize_results)
     stats = StageStats("shards", records_in, rows, time.perf_counter() - started)
     stats.check_conservation()
-    return [dict(e, _stats=stats.to_dict()) for e in entries] or [{"_stats": stats.to_dict()}]
+    return {"entries": entries, "stats": stats.to_dict()}
 
 
 # --- finishing -------------------------------------------------------------------------------
@@ -387,13 +400,12 @@ def finalize(
     dedup_result: dict | None,
     quality_results: list[dict],
     tokenize_results: list[dict],
-    shard_results: list[dict],
+    shard_result: dict,
 ) -> dict:
     """Write the new manifest (atomically, last), check conservation, remove this run's debris."""
     root = plan.root
     previous = None if plan.rebuild else manifest_io.read_manifest_or_none(root)
-    new_shards = [{k: v for k, v in e.items() if k != "_stats"} for e in shard_results if "path" in e]
-    shard_stats = shard_results[0]["_stats"] if shard_results else StageStats("shards").to_dict()
+    new_shards = shard_result["entries"]
 
     step_results = ingest_results + ([dedup_result] if dedup_result else []) + quality_results + tokenize_results
     stage_totals: dict[str, StageStats] = {}
@@ -401,18 +413,21 @@ def finalize(
         stats = StageStats.from_dict(result["stats"])
         name = stats.name
         stage_totals[name] = stage_totals[name] + stats if name in stage_totals else stats
-    stage_totals["shards"] = StageStats.from_dict(shard_stats)
+    stage_totals["shards"] = StageStats.from_dict(shard_result["stats"])
 
-    rejected_files = [
-        {"path": Path(r["rejected"]).relative_to(root).as_posix(), "rows": StageStats.from_dict(r["stats"]).num_rejected}
-        for r in step_results
-        if r.get("rejected")
-    ]
+    # Counted from the rejected files themselves, by each row's own stage (the tokenize step
+    # also files template failures under stage "template"): what inspect shows is what is there.
     rejected_counts: dict[str, dict[str, int]] = {} if previous is None else json.loads(json.dumps(previous["counts"]["rejected"]))
-    for name, stats in stage_totals.items():
-        for reason, count in stats.rejected.items():
-            stage_counts = rejected_counts.setdefault(name, {})
-            stage_counts[reason] = stage_counts.get(reason, 0) + count
+    rejected_files = []
+    for result in step_results:
+        if not result.get("rejected"):
+            continue
+        path = Path(result["rejected"])
+        table = pq.read_table(path, columns=[schema.STAGE, schema.REASON])
+        rejected_files.append({"path": path.relative_to(root).as_posix(), "rows": table.num_rows})
+        for stage, reason in zip(table.column(schema.STAGE).to_pylist(), table.column(schema.REASON).to_pylist()):
+            stage_counts = rejected_counts.setdefault(stage, {})
+            stage_counts[reason] = stage_counts.get(reason, 0) + 1
 
     read_now = stage_totals["ingest"].records_in if "ingest" in stage_totals else 0
     shards = (previous["shards"] if previous else []) + new_shards
@@ -503,7 +518,7 @@ def prepare(
 
     config = config or SFTConfig()
     paths = expand_inputs(inputs)
-    plan = plan_refresh(paths, [p.name for p in paths], tokenizer, Path(data_dir), config)
+    plan = plan_refresh(paths, tokenizer, Path(data_dir), config)
     if plan.up_to_date:
         log.info("nothing new to prepare in %s", data_dir)
         return manifest_io.read_manifest(data_dir)
@@ -524,6 +539,6 @@ def prepare(
     for i, upstream in enumerate(quality_results):
         tokenize_results.append(run_tokenize(plan, upstream))
         notify("tokenize", i + 1, len(quality_results))
-    shard_results = run_write_shards(plan, tokenize_results)
+    shard_result = run_write_shards(plan, tokenize_results)
     notify("shards", 1, 1)
-    return finalize(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_results)
+    return finalize(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_result)

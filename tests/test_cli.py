@@ -29,7 +29,7 @@ def test_prepare_samples_prints_summary_and_conserves(tmp_path, samples_dir, bpe
     assert "read" in result.output and str(counts["read"]) in result.output
     assert "rejected: ingest / invalid_json" in result.output
     # every sample format contributed kept rows
-    sources = {p.split("/")[-1] for p in inputs}
+    sources = set(inputs)
     kept_sources = set(pl.scan_parquet(str(out / "shards" / "*.parquet")).select("source").collect()["source"].to_list())
     assert kept_sources == sources
 

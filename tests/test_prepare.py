@@ -76,7 +76,7 @@ def test_unchanged_rerun_does_nothing_and_new_file_is_appended(tmp_path, bpe_tok
 
     third = prepare([str(p) for p in inputs], str(bpe_tokenizer_path), out, _config())
     assert third["version"] == first["version"] + 1
-    assert [i["source"] for i in third["inputs"]] == ["alpaca.json", "chat.jsonl"]
+    assert [i["source"] for i in third["inputs"]] == [str(p) for p in inputs]
     assert third["history"][-1]["read"] == 9  # only the new file was read
     after = shard_bytes(out)
     assert all(after[name] == data for name, data in before.items())  # old shards untouched
@@ -184,3 +184,55 @@ def test_dedup_index_remembers_only_rows_that_reached_the_shards(tmp_path, bpe_t
         indexed |= set(pq.read_table(out / "dedup_index" / part, columns=["id"]).column("id").to_pylist())
     assert indexed == {row["id"] for row in shard_rows(out)}
     assert sorted(p.name for p in (out / "dedup_index").glob("part-*.parquet")) == sorted(manifest["dedup_index"])
+
+
+def test_inputs_with_the_same_name_in_different_folders_stay_apart(tmp_path, bpe_tokenizer_path):
+    first = write_json((tmp_path / "a").mkdir() or tmp_path / "a" / "data.json", alpaca_records(0, 4))
+    second = write_json((tmp_path / "b").mkdir() or tmp_path / "b" / "data.json", alpaca_records(100, 4))
+    out = tmp_path / "data"
+    prepare([str(first), str(second)], str(bpe_tokenizer_path), out, _config())
+    keys = [(row["source"], row["source_index"]) for row in shard_rows(out)]
+    assert len(keys) == len(set(keys)) == 8
+    assert {source for source, _ in keys} == {str(first), str(second)}
+
+
+def test_speed_only_settings_neither_rebuild_nor_change_bytes(tmp_path, bpe_tokenizer_path):
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "data"
+    first = prepare([str(inputs[0])], str(bpe_tokenizer_path), out, _config())
+    fast = SFTConfig.model_validate({
+        "shards": {"val_fraction": 0.2},
+        "ingest": {"batch_size": 3},
+        "dedup": {"partitions": 3},
+        "tokenize": {"batch_size": 5, "num_proc": 1},
+    })
+    assert fast.fingerprint() == _config().fingerprint()
+    refreshed = prepare([str(p) for p in inputs], str(bpe_tokenizer_path), out, fast)
+    assert refreshed["history"][-1]["rebuild"] is False
+    assert refreshed["version"] == first["version"] + 1
+
+    reference = tmp_path / "reference"
+    prepare([str(inputs[0])], str(bpe_tokenizer_path), reference, _config())
+    prepare([str(p) for p in inputs], str(bpe_tokenizer_path), reference, _config())
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
+def test_template_failures_are_counted_under_the_template_stage(tmp_path, bpe_tokenizer_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    records = alpaca_records(0, 3) + [{"instruction": "BOOM please", "input": "", "output": "fine"}]
+    source = write_json(folder / "data.json", records)
+    template = tmp_path / "strict.jinja"
+    template.write_text(
+        "{%- for m in messages %}{%- if 'BOOM' in m.content %}{{ raise_exception('no BOOM here') }}{%- endif %}"
+        "{{- '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}{%- generation %}"
+        "{{- m.content + '<|im_end|>' }}{%- endgeneration %}{%- else %}{{- m.content + '<|im_end|>' }}{%- endif %}"
+        "{{- '\\n' }}{%- endfor %}"
+    )
+    config = SFTConfig.model_validate({"template": {"jinja_file": str(template)}, "quality": {"enabled": False}})
+    out = tmp_path / "data"
+    manifest = prepare([str(source)], str(bpe_tokenizer_path), out, config)
+    rejected = pl.read_parquet([str(out / r["path"]) for r in manifest["rejected"]])
+    stages = dict(zip(rejected["reason"].to_list(), rejected["stage"].to_list()))
+    assert set(stages.values()) == {"template"}
+    assert manifest["counts"]["rejected"] == {"template": {reason: 1 for reason in stages}}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
@@ -57,6 +58,30 @@ def evaluation_texts(path: Path) -> Iterator[str]:
         raise ValueError(f"evaluation file {path} must be .json or .jsonl")
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    if not path.is_file():
+        raise ValueError(f"evaluation file {path} for decontamination does not exist")
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@lru_cache(maxsize=8)
+def _evaluation_ngrams(stamps: tuple[tuple[str, int, int], ...], n: int) -> tuple[frozenset[int], int, int]:
+    """Hashed n-grams of the evaluation files (read once per process while the files are unchanged:
+    the filter chain is built for every chunk and for dedup's keep policy)."""
+    hashes: set[int] = set()
+    texts = short = 0
+    for path, _mtime, _size in stamps:
+        for text in evaluation_texts(Path(path)):
+            words = tx.tokens(text)
+            texts += 1
+            if len(words) < n:
+                short += 1
+                continue
+            hashes.update(ngram_hashes(words, n))
+    return frozenset(hashes), texts, short
+
+
 def ngram_hashes(tokens: list[str], n: int) -> Iterator[int]:
     for i in range(len(tokens) - n + 1):
         yield hash(tuple(tokens[i : i + n]))
@@ -79,17 +104,8 @@ class Decontaminate(Filter):
     def __post_init__(self) -> None:
         if self.ngram < 1:
             raise ValueError("quality filter 'decontaminate' needs ngram >= 1")
-        self._hashes: set[int] = set()
-        self._short = 0
-        self._texts = 0
-        for path in self.files:
-            for text in evaluation_texts(Path(path)):
-                words = tx.tokens(text)
-                self._texts += 1
-                if len(words) < self.ngram:
-                    self._short += 1
-                    continue
-                self._hashes.update(ngram_hashes(words, self.ngram))
+        stamps = tuple((str(path), *_stamp(Path(path))) for path in self.files)
+        self._hashes, self._texts, self._short = _evaluation_ngrams(stamps, self.ngram)
 
     def check(self, record: dict[str, Any]) -> Drop | None:
         if not self._hashes:
