@@ -19,19 +19,12 @@ import torch
 
 from trainer.loop import TrainConfig, run_training
 from trainer.metrics import read_metrics
+from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
 from trainer_fixtures import corpus_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and reproducibly) on one thread, especially on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,9 @@ import torch
 from trainer import SFTTrainer, ShardDataset, TrainConfig, collate
 from trainer.batching import collate_packed
 from trainer.models import tiny_model
+from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
 from trainer_fixtures import corpus_dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from pipeline.config import ShardConfig
@@ -125,3 +126,16 @@ def corpus_dataset(out: str | Path, tokenizer, tokenizer_name: str | Path, *, re
     val = rows[::8]
     train = [row for i, row in enumerate(rows) if i % 8]
     return write_dataset(out, train, val, tokenizer=tokenizer, tokenizer_name=tokenizer_name, rows_per_shard=rows_per_shard)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and reproducibly) on one thread, especially on a busy machine.
+
+    Autouse in every test module that imports it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
