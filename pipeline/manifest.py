@@ -83,11 +83,5 @@ def shard_entries(manifest: dict[str, Any], split: str | None = None) -> list[di
     return [s for s in manifest["shards"] if split is None or s["split"] == split]
 
 
-def shard_paths(data_dir: str | os.PathLike, split: str | None = None) -> list[Path]:
-    """Absolute paths of the shards the manifest lists (optionally one split), in order."""
-    manifest = read_manifest(data_dir)
-    return [resolve_inside(data_dir, s["path"]) for s in shard_entries(manifest, split)]
-
-
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()

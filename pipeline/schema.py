@@ -178,7 +178,3 @@ def cut_raw(raw: str) -> str:
     if len(raw) <= RAW_MAX_CHARS:
         return raw
     return raw[: RAW_MAX_CHARS - len(RAW_CUT_MARK)] + RAW_CUT_MARK
-
-
-def empty_table(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
