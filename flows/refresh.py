@@ -131,7 +131,7 @@ def refresh_flow(inputs: list[str], tokenizer: str, out: str, config: dict[str, 
     plan = plan_task(inputs, tokenizer, out, config or SFTConfig().model_dump(mode="json"))
     if plan.up_to_date:
         logger.info("%s is up to date: all %d inputs were prepared before", out, len(plan.skipped_inputs))
-        manifest = steps.manifest_io.read_manifest(out)
+        manifest = steps.tidy(Path(out))
         _publish(manifest, new_inputs=0, up_to_date=True)
         return manifest
     logger.info(

@@ -486,6 +486,14 @@ def finalize(
     return manifest
 
 
+def tidy(data_dir: Path) -> dict:
+    """Nothing new to do: remove what a run killed after its manifest left behind; the manifest."""
+    manifest = manifest_io.read_manifest(data_dir)
+    remove_stale_temporaries(data_dir)
+    _remove_unlisted(Path(data_dir), manifest)
+    return manifest
+
+
 def _remove_unlisted(root: Path, manifest: dict) -> None:
     """Shards/rejected files of crashed runs that no manifest lists, and the work folder, go."""
     listed = {s["path"] for s in manifest["shards"]} | {r["path"] for r in manifest["rejected"]}
@@ -521,7 +529,7 @@ def prepare(
     plan = plan_refresh(paths, tokenizer, Path(data_dir), config)
     if plan.up_to_date:
         log.info("nothing new to prepare in %s", data_dir)
-        return manifest_io.read_manifest(data_dir)
+        return tidy(Path(data_dir))
     begin_run(plan)
     notify = progress or (lambda stage, done, total: None)
 

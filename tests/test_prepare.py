@@ -236,3 +236,22 @@ def test_template_failures_are_counted_under_the_template_stage(tmp_path, bpe_to
     stages = dict(zip(rejected["reason"].to_list(), rejected["stage"].to_list()))
     assert set(stages.values()) == {"template"}
     assert manifest["counts"]["rejected"] == {"template": {reason: 1 for reason in stages}}
+
+
+def test_unchanged_rerun_removes_what_a_killed_run_left_behind(tmp_path, bpe_tokenizer_path):
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "data"
+    manifest = prepare([str(inputs[0])], str(bpe_tokenizer_path), out, _config())
+    # what a run killed between writing its manifest and cleaning up leaves
+    (out / ".work" / "ingest").mkdir(parents=True)
+    (out / ".work" / "ingest" / "x.parquet").write_bytes(b"partial")
+    (out / "shards" / "train-00099.parquet").write_bytes(b"not listed")
+    (out / "shards" / ".tmp-abc-train-00100.parquet").write_bytes(b"half written")
+    listed = shard_bytes(out)
+    listed.pop("train-00099.parquet")
+
+    again = prepare([str(inputs[0])], str(bpe_tokenizer_path), out, _config())
+    assert again["version"] == manifest["version"]
+    assert not (out / ".work").exists()
+    assert shard_bytes(out) == listed
+    assert not list((out / "shards").glob(".tmp-*"))
