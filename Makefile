@@ -34,6 +34,8 @@ demo: $(STAMP)
 	rm -rf demo_out
 	$(VENV)/bin/sftkit prepare data_samples/inputs/* --tokenizer data_samples/tokenizer \
 		--out demo_out/data --config data_samples/demo.yaml
+	@# A randomly initialised tiny model needs a far larger learning rate than the 1e-5 default
+	@# for pretrained models to show its loss falling within 30 steps.
 	$(VENV)/bin/sftkit train --data demo_out/data --out demo_out/run --model tiny \
 		--max-steps 30 --batch-tokens 2048 --lr 1e-3 --eval-every 10 --device cpu
 	$(VENV)/bin/sftkit inspect demo_out/data
