@@ -83,7 +83,7 @@ def dedup_skip_task(plan: steps.RunPlan, ingest_results: list[dict]) -> dict:
 
 def _dedup(plan: steps.RunPlan, ingest_results: list[dict]) -> dict:
     """Signatures mapped per chunk, band partitions mapped, clustering as the one global reduce."""
-    if not plan.sft_config.dedup.enabled:
+    if not plan.config.dedup.enabled:
         return dedup_skip_task(plan, ingest_results)
     signatures = [f.result() for f in dedup_signatures_task.map(unmapped(plan), ingest_results)]
     edges = [

@@ -34,7 +34,7 @@ from pipeline import manifest as manifest_io
 from pipeline import schema
 from pipeline.config import SFTConfig
 from pipeline.fsutil import remove_stale_temporaries, sha256_file, write_json_atomic
-from pipeline.stage import StageStats
+from pipeline.stage import StageStats, Timer
 
 log = logging.getLogger("sftkit.prepare")
 
@@ -56,7 +56,7 @@ class RunPlan(BaseModel):
 
     data_dir: str
     tokenizer: str
-    config: dict[str, Any]
+    config: SFTConfig
     config_fingerprint: str
     tokenizer_fingerprint: str
     template_name: str
@@ -70,13 +70,9 @@ class RunPlan(BaseModel):
     start_index: dict[str, int]
 
     @property
-    def sft_config(self) -> SFTConfig:
-        return _config_from_dump(json.dumps(self.config, sort_keys=True))
-
-    @property
     def output_settings(self) -> dict[str, Any]:
         """The config without its speed-only settings: what step keys hash."""
-        return self.sft_config.output_settings()
+        return self.config.output_settings()
 
     @property
     def root(self) -> Path:
@@ -85,11 +81,6 @@ class RunPlan(BaseModel):
     @property
     def up_to_date(self) -> bool:
         return not self.inputs and not self.rebuild
-
-
-@lru_cache(maxsize=4)
-def _config_from_dump(dump: str) -> SFTConfig:
-    return SFTConfig.model_validate(json.loads(dump))
 
 
 def _key(*parts: Any) -> str:
@@ -152,7 +143,7 @@ def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config
     return RunPlan(
         data_dir=str(data_dir),
         tokenizer=tokenizer,
-        config=config.model_dump(mode="json"),
+        config=config,
         config_fingerprint=config_fp,
         tokenizer_fingerprint=tokenizer_fp,
         template_name=template.name,
@@ -244,7 +235,7 @@ def run_ingest(plan: RunPlan, item: InputFile) -> dict:
     if done := _done(plan, "ingest", key):
         return done
     out, rejected = _work(plan, "ingest", key), _rejected(plan, "ingest", key)
-    stats = ingest_file(Path(item.path), item.source, out, rejected, plan.sft_config.ingest)
+    stats = ingest_file(Path(item.path), item.source, out, rejected, plan.config.ingest)
     return _step_result(plan, "ingest", key, [out], rejected, stats)
 
 
@@ -266,7 +257,7 @@ def dedup_signatures(plan: RunPlan, ingest_result: dict) -> str:
     key = _key("dedup-signatures", ingest_result["key"], plan.output_settings["dedup"], plan.code_version)
     path = _work(plan, "dedup-signatures", key)
     if not path.exists():
-        compute_signatures(Path(ingest_result["outputs"][0]), path, plan.sft_config.dedup)
+        compute_signatures(Path(ingest_result["outputs"][0]), path, plan.config.dedup)
     return str(path)
 
 
@@ -274,11 +265,11 @@ def dedup_partition(plan: RunPlan, ingest_results: list[dict], signature_paths: 
     """Candidate pairs from one partition of the LSH bands (mappable per partition)."""
     from pipeline.dedup import candidate_pairs, save_edges
 
-    partitions = plan.sft_config.dedup.partitions
+    partitions = plan.config.dedup.partitions
     path = _work(plan, "dedup-edges", f"{dedup_key(plan, ingest_results)}-{partition:03d}-of-{partitions:03d}", ".npy")
     if not path.exists():
         edges = candidate_pairs(
-            signature_paths, partition, plan.sft_config.dedup, plan.root / DEDUP_INDEX, list(plan.index_parts)
+            signature_paths, partition, plan.config.dedup, plan.root / DEDUP_INDEX, list(plan.index_parts)
         )
         save_edges(edges, path)
     return str(path)
@@ -291,7 +282,7 @@ def dedup_resolve(plan: RunPlan, ingest_results: list[dict], signature_paths: li
     key = dedup_key(plan, ingest_results)
     if done := _done(plan, "dedup", key):
         return done
-    config = plan.sft_config
+    config = plan.config
     is_good = None
     if config.quality.enabled:
         from pipeline.quality import build_filters, passes
@@ -310,13 +301,13 @@ def dedup_resolve(plan: RunPlan, ingest_results: list[dict], signature_paths: li
 
 
 def dedup_partitions(plan: RunPlan) -> list[int]:
-    config = plan.sft_config.dedup
+    config = plan.config.dedup
     return list(range(config.partitions)) if config.near else []
 
 
 def run_dedup(plan: RunPlan, ingest_results: list[dict]) -> dict:
     """Exact and near-duplicate removal over all new chunks, against the persisted index."""
-    if not plan.sft_config.dedup.enabled:
+    if not plan.config.dedup.enabled:
         return _pass_through_dedup(plan, ingest_results)
     if done := _done(plan, "dedup", dedup_key(plan, ingest_results)):
         return done
@@ -334,7 +325,7 @@ def run_quality(plan: RunPlan, upstream: dict, chunk: int) -> dict:
     key = quality_key(plan, upstream["key"], chunk)
     if done := _done(plan, "quality", key):
         return done
-    config = plan.sft_config.quality
+    config = plan.config.quality
     rejected = _rejected(plan, "quality", key)
     if not config.enabled:
         records = pq.ParquetFile(in_path).metadata.num_rows
@@ -363,7 +354,7 @@ def run_tokenize(plan: RunPlan, upstream: dict) -> dict:
     if done := _done(plan, "tokenize", key):
         return done
     out, rejected = _work(plan, "tokenize", key), _rejected(plan, "tokenize", key)
-    stats = tokenize_stage(in_path, out, rejected, plan.tokenizer, plan.sft_config)
+    stats = tokenize_stage(in_path, out, rejected, plan.tokenizer, plan.config)
     return _step_result(plan, "tokenize", key, [out], rejected, stats)
 
 
@@ -372,11 +363,8 @@ def run_write_shards(plan: RunPlan, tokenize_results: list[dict]) -> dict:
 
     Returns ``{"entries": [manifest shard entries], "stats": shard-stage statistics}``.
     """
-    import time
-
     from pipeline.shards import write_shards
 
-    started = time.perf_counter()
     metadata = {
         schema.META_TOKENIZER_NAME: plan.tokenizer.encode(),
         schema.META_TOKENIZER_FINGERPRINT: plan.tokenizer_fingerprint.encode(),
@@ -385,10 +373,11 @@ def run_write_shards(plan: RunPlan, tokenize_results: list[dict]) -> dict:
         schema.META_FORMAT_VERSION: schema.FORMAT_VERSION.encode(),
     }
     paths = [Path(r["outputs"][0]) for r in tokenize_results]
-    entries = write_shards(paths, plan.root, plan.sft_config.shards, metadata, start_index=dict(plan.start_index))
+    with Timer() as timer:
+        entries = write_shards(paths, plan.root, plan.config.shards, metadata, start_index=dict(plan.start_index))
     rows = sum(e["rows"] for e in entries)
     records_in = sum(r["stats"]["records_out"] for r in tokenize_results)
-    stats = StageStats("shards", records_in, rows, time.perf_counter() - started)
+    stats = StageStats("shards", records_in, rows, timer.seconds)
     stats.check_conservation()
     return {"entries": entries, "stats": stats.to_dict()}
 
@@ -417,7 +406,7 @@ def finalize(
 
     # Counted from the rejected files themselves, by each row's own stage (the tokenize step
     # also files template failures under stage "template"): what inspect shows is what is there.
-    rejected_counts: dict[str, dict[str, int]] = {} if previous is None else json.loads(json.dumps(previous["counts"]["rejected"]))
+    rejected_counts = {stage: dict(reasons) for stage, reasons in (previous["counts"]["rejected"] if previous else {}).items()}
     rejected_files = []
     for result in step_results:
         if not result.get("rejected"):
@@ -468,7 +457,7 @@ def finalize(
         "created_at": created,
         "tokenizer": {"name": plan.tokenizer, "fingerprint": plan.tokenizer_fingerprint},
         "template": {"name": plan.template_name, "fingerprint": plan.template_fingerprint},
-        "config": plan.config,
+        "config": plan.config.model_dump(mode="json"),
         "config_fingerprint": plan.config_fingerprint,
         "code_version": plan.code_version,
         "inputs": inputs,
