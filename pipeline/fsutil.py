@@ -104,3 +104,50 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
             tmp.unlink()
             removed += 1
     return removed
+
+
+class ParquetSink:
+    """Rows or tables -> one Parquet file, written batch by batch under a temporary name.
+
+    The file is opened on the first write (or at :meth:`finish` when ``create_when_empty``) and
+    renamed to its final name when the enclosing ExitStack closes without an error. A sink that
+    wrote nothing and need not exist removes a file of that name left by an earlier run.
+    """
+
+    def __init__(self, final: str | os.PathLike, arrow_schema: pa.Schema, stack: contextlib.ExitStack, *,
+                 create_when_empty: bool, compression: str = "zstd"):
+        self.final = Path(final)
+        self.schema = arrow_schema
+        self.stack = stack
+        self.create_when_empty = create_when_empty
+        self.compression = compression
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, rows: list[dict[str, Any]]) -> int:
+        """Append plain-dict rows; returns how many."""
+        if not rows:
+            return 0
+        return self.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+
+    def write_table(self, table: pa.Table) -> int:
+        if not table.num_rows:
+            return 0
+        self._open().write_table(table)
+        self.rows += table.num_rows
+        return table.num_rows
+
+    def finish(self) -> None:
+        if self.writer is None:
+            if self.create_when_empty:
+                self._open()
+            elif self.final.exists():
+                self.final.unlink()  # an earlier run's output that this run has nothing for
+
+    def _open(self) -> pq.ParquetWriter:
+        if self.writer is None:
+            tmp = self.stack.enter_context(atomic_path(self.final))
+            self.writer = pq.ParquetWriter(tmp, self.schema, compression=self.compression)
+            # Registered after atomic_path, so it runs first: the file is closed before the rename.
+            self.stack.callback(self.writer.close)
+        return self.writer

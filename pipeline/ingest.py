@@ -15,13 +15,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from pipeline import schema
 from pipeline.config import IngestConfig
 from pipeline.formats import INVALID_UTF8, RecordError, to_conversation
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import ParquetSink
 from pipeline.readers import InputError, RawRecord, container_of, iter_records
 from pipeline.stage import StageStats, Timer
 
@@ -74,8 +71,8 @@ def ingest_file(
     stats = StageStats(STAGE)
     timer = Timer()
     with timer, contextlib.ExitStack() as stack:
-        kept = _ParquetSink(kept_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
-        rejected = _ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
+        kept = ParquetSink(kept_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
+        rejected = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
         kept_rows: list[dict[str, Any]] = []
         rejected_rows: list[dict[str, Any]] = []
         pending = 0
@@ -104,8 +101,6 @@ def ingest_file(
         rejected.finish()
     stats.seconds = timer.seconds
     stats.check_conservation()
-    if not rejected.rows and Path(rejected_path).exists():
-        Path(rejected_path).unlink()  # a quarantine left by an earlier run of this input
     return stats
 
 
@@ -131,49 +126,4 @@ def _convert(record: RawRecord, source: str, config: IngestConfig) -> tuple[dict
                 schema.MESSAGES: messages,
                 schema.TOOLS: tools,
             }, None
-    return None, {
-        schema.SOURCE: source,
-        schema.SOURCE_INDEX: record.index,
-        schema.STAGE: STAGE,
-        schema.REASON: error.reason,
-        schema.DETAIL: error.detail,
-        schema.ID: None,
-        schema.DUPLICATE_OF: None,
-        schema.SIMILARITY: None,
-        schema.RAW: schema.cut_raw(record.raw_text()),
-    }
-
-
-class _ParquetSink:
-    """Rows -> one Parquet file written batch by batch under a temporary name.
-
-    The file is opened on the first write (or at :meth:`finish` when ``create_when_empty``), and
-    renamed to its final name when the enclosing ExitStack closes without an error.
-    """
-
-    def __init__(self, final: Path, arrow_schema: pa.Schema, stack: contextlib.ExitStack, *, create_when_empty: bool):
-        self.final = Path(final)
-        self.schema = arrow_schema
-        self.stack = stack
-        self.create_when_empty = create_when_empty
-        self.writer: pq.ParquetWriter | None = None
-        self.rows = 0
-
-    def write(self, rows: list[dict[str, Any]]) -> int:
-        if not rows:
-            return 0
-        self._open().write_table(pa.Table.from_pylist(rows, schema=self.schema))
-        self.rows += len(rows)
-        return len(rows)
-
-    def finish(self) -> None:
-        if self.writer is None and self.create_when_empty:
-            self._open()
-
-    def _open(self) -> pq.ParquetWriter:
-        if self.writer is None:
-            tmp = self.stack.enter_context(atomic_path(self.final))
-            self.writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
-            # Registered after atomic_path, so it runs first: the file is closed before the rename.
-            self.stack.callback(self.writer.close)
-        return self.writer
+    return None, schema.rejected_row(source, record.index, STAGE, error.reason, error.detail, record.raw_text())

@@ -173,6 +173,32 @@ def tools_for_template(tools: str | None) -> list[dict[str, Any]] | None:
     return json.loads(tools) if tools else None
 
 
+def rejected_row(
+    source: str,
+    source_index: int,
+    stage: str,
+    reason: str,
+    detail: str,
+    raw: str,
+    *,
+    id: str | None = None,
+    duplicate_of: str | None = None,
+    similarity: float | None = None,
+) -> dict[str, Any]:
+    """One row of :data:`REJECTED_SCHEMA` as a plain dict (``raw`` cut with :func:`cut_raw`)."""
+    return {
+        SOURCE: source,
+        SOURCE_INDEX: source_index,
+        STAGE: stage,
+        REASON: reason,
+        DETAIL: detail,
+        ID: id,
+        DUPLICATE_OF: duplicate_of,
+        SIMILARITY: similarity,
+        RAW: cut_raw(raw),
+    }
+
+
 def cut_raw(raw: str) -> str:
     """Keep at most :data:`RAW_MAX_CHARS` of a rejected record's original text."""
     if len(raw) <= RAW_MAX_CHARS:

@@ -126,20 +126,20 @@ def rejected_rows_from_table(
     rows = []
     for rec, drop in zip(picked, drops):
         raw = json.dumps(
-            {"messages": rec[schema.MESSAGES], "tools": rec.get(schema.TOOLS)}, ensure_ascii=False
+            {schema.MESSAGES: rec[schema.MESSAGES], schema.TOOLS: rec.get(schema.TOOLS)}, ensure_ascii=False
         )
         rows.append(
-            {
-                schema.SOURCE: rec[schema.SOURCE],
-                schema.SOURCE_INDEX: rec[schema.SOURCE_INDEX],
-                schema.STAGE: stage,
-                schema.REASON: drop.reason,
-                schema.DETAIL: drop.detail,
-                schema.ID: rec[schema.ID],
-                schema.DUPLICATE_OF: drop.duplicate_of,
-                schema.SIMILARITY: drop.similarity,
-                schema.RAW: schema.cut_raw(raw),
-            }
+            schema.rejected_row(
+                rec[schema.SOURCE],
+                rec[schema.SOURCE_INDEX],
+                stage,
+                drop.reason,
+                drop.detail,
+                raw,
+                id=rec[schema.ID],
+                duplicate_of=drop.duplicate_of,
+                similarity=drop.similarity,
+            )
         )
     return pa.Table.from_pylist(rows, schema=schema.REJECTED_SCHEMA)
 

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import QualityConfig
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import ParquetSink
 from pipeline.quality.base import Filter, FilterChain
 from pipeline.quality.decontaminate import Decontaminate
 from pipeline.quality.filters import EmptyResponse, Garbage, Length, MissingInstruction, Refusal, Repetition
@@ -153,26 +153,18 @@ def quality_stage(
     stats = StageStats(STAGE_NAME)
     chain = FilterChain(build_filters(config, tokenizer=tokenizer))
     source = _open_input(in_path)
-    rejected_writer = None
     with contextlib.ExitStack() as stack:
-        kept_tmp = stack.enter_context(atomic_path(out_path))
-        kept_writer = pq.ParquetWriter(kept_tmp, schema.CONVERSATION_SCHEMA, compression="zstd")
-        stack.callback(kept_writer.close)
+        kept_sink = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
+        rejected_sink = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
         for batch in source.iter_batches(batch_size=batch_size):
             table = pa.Table.from_batches([batch]).cast(schema.CONVERSATION_SCHEMA)
             kept, dropped_rows, drops = filter_records(table.to_pylist(), chain)
-            kept_writer.write_table(pa.Table.from_pylist(kept, schema=schema.CONVERSATION_SCHEMA))
+            stats.records_out += kept_sink.write(kept)
             stats.records_in += table.num_rows
-            stats.records_out += len(kept)
             stats.rejected.update(drop.reason for drop in drops)
-            if drops:
-                if rejected_writer is None:
-                    rejected_tmp = stack.enter_context(atomic_path(rejected_path))
-                    rejected_writer = pq.ParquetWriter(rejected_tmp, schema.REJECTED_SCHEMA, compression="zstd")
-                    stack.callback(rejected_writer.close)
-                rejected_writer.write_table(rejected_rows_from_table(table, dropped_rows, drops, STAGE_NAME))
-    if rejected_writer is None and rejected_path.exists():
-        rejected_path.unlink()
+            rejected_sink.write_table(rejected_rows_from_table(table, dropped_rows, drops, STAGE_NAME))
+        kept_sink.finish()
+        rejected_sink.finish()
     summary = chain.summary()
     stats.extra = {
         "filters": summary,
