@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.fsutil import TMP_PREFIX
+from pipeline.schema import IGNORE_INDEX
 from trainer import distributed
 from trainer.batching import PlannedBatches
 from trainer.checkpoint import (
@@ -116,7 +117,7 @@ class SFTTrainer:
             inputs["attention_mask"] = batch["attention_mask"].to(self.device, non_blocking=True).long()
         with self._autocast():
             logits = model(**inputs).logits
-        return summed_cross_entropy(logits, targets), targets.ne(-100).sum()
+        return summed_cross_entropy(logits, targets), targets.ne(IGNORE_INDEX).sum()
 
     def _autocast(self):
         if self.autocast_dtype is None:
