@@ -19,6 +19,12 @@ This module owns how a conversation becomes tokens and which of them are trained
 * **Verification.** The trained tokens of every assistant turn are decoded and must equal the
   turn's content (plus its rendered tool calls) and its end token; otherwise the row is rejected
   as ``mask_unverifiable`` — a wrong mask is never written.
+* **Byte-level tokenizers take a faster road to the same result.** When every token of the
+  tokenizer stands for a fixed byte string (byte-level BPE without a normalizer that changes the
+  text, GPT-2/Llama-3/Qwen style), the ids are encoded without offsets and token boundaries come
+  from the cumulative byte lengths of the ids; decoding for verification is a gather from the
+  same byte table. A row whose ids do not spell its rendered text byte for byte takes the
+  offsets road instead, so the table can only make rows faster, never make them different.
 * **Length.** Rows over ``max_length`` are rejected as ``too_long`` or, with ``truncate``, cut at
   the end of the last whole assistant turn that fits (or inside the first one, whose end token
   is then not trained); a prompt that alone does not fit is always ``too_long``.
@@ -29,7 +35,8 @@ from __future__ import annotations
 import json
 import re
 import threading
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -153,8 +160,9 @@ class _PlainControlEncoder:
         marked = self._content_re.sub(lambda m: self._to_text[m.group(0)], marked)
         return true_text, marked
 
-    def encode_batch(self, marked_texts: list[str]):
-        encodings = self.tokenizer.encode_batch(marked_texts, add_special_tokens=False)
+    def encode_batch(self, marked_texts: list[str], *, offsets: bool = True):
+        encode = self.tokenizer.encode_batch if offsets else self.tokenizer.encode_batch_fast
+        encodings = encode(marked_texts, add_special_tokens=False)
         ids = []
         for encoding in encodings:
             array = np.asarray(encoding.ids, dtype=np.int32)
@@ -164,11 +172,107 @@ class _PlainControlEncoder:
         return encodings, ids
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte, inverted: character -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    stand_ins, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            stand_ins[chr(byte)] = byte
+        else:
+            stand_ins[chr(256 + extra)] = byte
+            extra += 1
+    return stand_ins
+
+
+class _TokenBytes:
+    """The byte string every token id stands for, as one flat table, for byte-level tokenizers.
+
+    Built only when concatenating the tokens' bytes gives back the encoded text exactly: a BPE
+    model over GPT-2's byte alphabet, a ByteLevel pre-tokenizer that adds no prefix space, no
+    normalizer or NFC only (rows whose text NFC would change are left to the offsets road), and
+    added tokens that strip no whitespace. :meth:`build` returns None for any other tokenizer.
+    """
+
+    def __init__(self, pieces: list[bytes | None], normalizer: str | None):
+        self.normalizer = normalizer
+        self.lengths = np.array([-1 if p is None else len(p) for p in pieces], dtype=np.int64)
+        self.starts = np.zeros(len(pieces), dtype=np.int64)
+        np.cumsum(np.maximum(self.lengths, 0)[:-1], out=self.starts[1:])
+        self.flat = np.frombuffer(b"".join(p or b"" for p in pieces), dtype=np.uint8)
+
+    @classmethod
+    def build(cls, backend) -> "_TokenBytes | None":
+        data = json.loads(backend.to_str())
+        model, normalizer = data.get("model") or {}, data.get("normalizer")
+        if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
+            return None
+        if model.get("end_of_word_suffix"):
+            return None
+        if normalizer is not None and normalizer.get("type") != "NFC":
+            return None
+        pre = data.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+        byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
+        if len(byte_level) != 1 or byte_level[0].get("add_prefix_space"):
+            return None
+        alphabet = _byte_level_alphabet()
+        vocab: dict[str, int] = model.get("vocab") or {}
+        size = max([*vocab.values(), *(t["id"] for t in data.get("added_tokens", []))], default=-1) + 1
+        pieces: list[bytes | None] = [None] * size
+        for token, token_id in vocab.items():
+            try:
+                pieces[token_id] = bytes(alphabet[ch] for ch in token)
+            except KeyError:  # a token outside the byte alphabet: not a byte-level vocabulary
+                return None
+        for added in data.get("added_tokens", []):
+            if added.get("lstrip") or added.get("rstrip"):
+                return None  # such a token swallows whitespace its own text does not hold
+            pieces[added["id"]] = added["content"].encode("utf-8")
+        return cls(pieces, normalizer and normalizer["type"])
+
+    def takes(self, text: str) -> bool:
+        """Whether the tokenizer sees ``text`` unchanged (nothing for the normalizer to do)."""
+        return self.normalizer is None or unicodedata.is_normalized("NFC", text)
+
+    def boundaries(self, ids: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Byte offset of each token's start, plus the end; and whether every id has known bytes."""
+        lengths = self.lengths[ids]
+        complete = not (len(lengths) and lengths.min() < 0)
+        bounds = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(np.maximum(lengths, 0) if not complete else lengths, out=bounds[1:])
+        return bounds, complete
+
+    def spell(self, ids: np.ndarray) -> bytes:
+        """The bytes the ids stand for, one after the other (an unknown id stands for none)."""
+        lengths = np.maximum(self.lengths[ids], 0)
+        ends = np.cumsum(lengths)
+        total = int(ends[-1]) if len(ends) else 0
+        # index of every output byte in the flat table: token start + position within the token
+        dtype = np.int32 if max(total, len(self.flat)) < 2**31 else np.int64  # half the memory traffic
+        shift = (self.starts[ids] - (ends - lengths)).astype(dtype)
+        index = np.repeat(shift, lengths)
+        index += np.arange(total, dtype=dtype)
+        return self.flat[index].tobytes()
+
+
+@dataclass
+class RenderedBatch:
+    """A batch between the phases of :meth:`Masker.encode_batch`."""
+
+    results: list  # per row: a Rejection as soon as one is known, else None until finish
+    by_bytes: list["_Rendered"] = field(default_factory=list)  # rows the byte table takes
+    by_offsets: list["_Rendered"] = field(default_factory=list)  # rows that need the tokenizer's offsets
+    encoded_by_bytes: list = field(default_factory=list)  # (row, encoding, ids) once tokenized
+    encoded_by_offsets: list = field(default_factory=list)
+
+
 @dataclass
 class _Rendered:
     """One conversation rendered and located, ready to tokenize."""
 
     index: int  # row in the batch
+    text: str  # the rendered conversation, as apply_chat_template gives it
     marked_text: str  # the text the encoder tokenizes (placeholders for template control tokens)
     turns: list[_Turn]
     messages: list[dict[str, Any]]  # as rendered (default system included), with the data's own text
@@ -197,6 +301,7 @@ class Masker:
             raise ValueError(f"chat template {template.name!r} has no {{% generation %}} blocks to find spans with")
         self.tokenizer = tokenizer
         self.backend = _private_copy(tokenizer.backend_tokenizer)
+        self.token_bytes = _TokenBytes.build(self.backend)
         self.template = template
         self.max_length = max_length
         self.train_on = train_on
@@ -221,41 +326,80 @@ class Masker:
 
     def encode_batch(self, rows: Sequence[tuple[list[dict[str, Any]], str | None]]) -> list[Encoded | Rejection]:
         """Canonical conversations (messages, tools JSON) -> an Encoded or a Rejection each, in order."""
-        results: list[Encoded | Rejection | None] = [None] * len(rows)
-        rendered: list[_Rendered] = []
+        return self.finish(self.tokenize(self.render(rows)))
+
+    # The three phases of encode_batch, for callers that overlap them: render and finish are
+    # Python, tokenize is the Rust tokenizer (it runs without the GIL, on its own thread pool).
+    def render(self, rows: Sequence[tuple[list[dict[str, Any]], str | None]]) -> "RenderedBatch":
+        """Phase 1: render every conversation and locate its assistant turns in the text."""
+        batch = RenderedBatch([None] * len(rows))
+        table = self.token_bytes
         for index, (messages, tools) in enumerate(rows):
             outcome = self._render_row(index, messages, tools)
             if isinstance(outcome, Rejection):
-                results[index] = outcome
+                batch.results[index] = outcome
+            elif table is not None and table.takes(outcome.text):
+                batch.by_bytes.append(outcome)
             else:
-                rendered.append(outcome)
+                batch.by_offsets.append(outcome)
+        return batch
 
-        # One batch call per encoder: the Rust tokenizer encodes the whole batch at once.
-        plain = [r for r in rendered if not r.has_control_text]
-        hidden = [r for r in rendered if r.has_control_text]
-        encoded = []
-        if plain:
-            encodings = self.backend.encode_batch([r.marked_text for r in plain], add_special_tokens=False)
-            encoded += [(r, e, np.asarray(e.ids, dtype=np.int32)) for r, e in zip(plain, encodings)]
-        if hidden:
-            encodings, ids = self._control_encoder().encode_batch([r.marked_text for r in hidden])
-            encoded += list(zip(hidden, encodings, ids))
+    def tokenize(self, batch: "RenderedBatch") -> "RenderedBatch":
+        """Phase 2: tokenize the rendered texts (byte-table rows without offsets)."""
+        batch.encoded_by_bytes = self._encode(batch.by_bytes, offsets=False)
+        batch.encoded_by_offsets = self._encode(batch.by_offsets, offsets=True)
+        return batch
 
-        checks = []  # (row index, turn, the turn's message as rendered)
-        staged = {}
-        for row, encoding, ids in encoded:
-            outcome = self._label_row(row, encoding, ids)
+    def finish(self, batch: "RenderedBatch") -> list[Encoded | Rejection]:
+        """Phase 3: locate turns in tokens, build labels, verify every trained span, fit the length."""
+        results, table = batch.results, self.token_bytes
+        staged: dict[int, tuple[np.ndarray, np.ndarray, list[_Turn]]] = {}
+        checks = []  # (row index, turn, the turn's message as rendered, its trained tokens decoded)
+        encoded = batch.encoded_by_bytes
+        leftovers = []
+        # Every row's ids, spelled through the table in one gather, must give back its text byte
+        # for byte: then a span of the text *is* the decoding of the tokens over it. A row that is
+        # not spelled exactly (it cannot happen for a true byte-level vocabulary) takes the
+        # offsets road.
+        spelled = memoryview(table.spell(np.concatenate([ids for _, _, ids in encoded]))) if encoded else b""
+        position = 0
+        for row, _encoding, ids in encoded:
+            raw = row.text.encode("utf-8")
+            bounds, complete = table.boundaries(ids)  # type: ignore[union-attr]
+            size = int(bounds[-1])
+            exact = complete and size == len(raw) and spelled[position : position + size] == raw
+            position += size
+            if not exact:
+                leftovers.append(row)
+                continue
+            outcome = self._locate_by_bytes(row, raw, bounds) or self._labels(row, ids)
             if isinstance(outcome, Rejection):
                 results[row.index] = outcome
                 continue
             staged[row.index] = outcome
-            checks += [(row.index, turn, row.messages[turn.message_index]) for turn in outcome[2]]
-
+            checks += [
+                (
+                    row.index,
+                    turn,
+                    row.messages[turn.message_index],
+                    raw[bounds[turn.first_token] : bounds[turn.last_token + 1]].decode("utf-8", "replace"),
+                )
+                for turn in outcome[2]
+            ]
+        offset_checks = []
+        for row, encoding, ids in batch.encoded_by_offsets + self._encode(leftovers, offsets=True):
+            outcome = self._locate_by_offsets(row, encoding) or self._labels(row, ids)
+            if isinstance(outcome, Rejection):
+                results[row.index] = outcome
+            else:
+                staged[row.index] = outcome
+                offset_checks += [(row.index, turn, row.messages[turn.message_index]) for turn in outcome[2]]
         decoded = self.backend.decode_batch(
-            [staged[index][0][t.first_token : t.last_token + 1].tolist() for index, t, _ in checks],
+            [staged[index][0][t.first_token : t.last_token + 1].tolist() for index, t, _ in offset_checks],
             skip_special_tokens=False,
         )
-        for (index, turn, message), text in zip(checks, decoded):
+        checks += [(*check, text) for check, text in zip(offset_checks, decoded)]
+        for index, turn, message, text in checks:
             if index in staged and not _span_matches(text, message, turn.end_token):
                 del staged[index]
                 results[index] = Rejection(
@@ -334,7 +478,7 @@ class Masker:
         turns = [
             _Turn(i, *self._trim_span(text, start, end)) for i, (start, end) in zip(assistant_indices, spans)
         ]
-        return _Rendered(index, marked, turns, true_messages, train_flags, has_control_text)
+        return _Rendered(index, text, marked, turns, true_messages, train_flags, has_control_text)
 
     def _prefix_spans(self, rendered: str, messages, tools) -> list[tuple[int, int]]:
         spans = []
@@ -370,31 +514,56 @@ class Masker:
         return start, body_end, None
 
     # --- labels ------------------------------------------------------------------------------
-    def _label_row(self, row: _Rendered, encoding, ids: np.ndarray):
-        turns, train_flags = row.turns, row.train_flags
-        for turn in turns:
+    def _encode(self, rows: list[_Rendered], *, offsets: bool) -> list[tuple[_Rendered, Any, np.ndarray]]:
+        """(row, encoding, ids) for ``rows``: one Rust batch call per encoder, plain rows first."""
+        plain = [r for r in rows if not r.has_control_text]
+        hidden = [r for r in rows if r.has_control_text]
+        encoded = []
+        if plain:
+            encode = self.backend.encode_batch if offsets else self.backend.encode_batch_fast
+            encodings = encode([r.marked_text for r in plain], add_special_tokens=False)
+            encoded += [(r, e, np.asarray(e.ids, dtype=np.int32)) for r, e in zip(plain, encodings)]
+        if hidden:
+            encodings, ids = self._control_encoder().encode_batch([r.marked_text for r in hidden], offsets=offsets)
+            encoded += list(zip(hidden, encodings, ids))
+        return encoded
+
+    def _locate_by_offsets(self, row: _Rendered, encoding) -> Rejection | None:
+        """Set each turn's first and last token from the encoding's character offsets."""
+        for turn in row.turns:
             first = _token_at_or_after(encoding, turn.char_start, turn.char_end)
             last = _token_at_or_before(encoding, turn.char_end - 1, turn.char_start)
             if first is None or last is None or last < first:
-                return Rejection(
-                    "tokenize",
-                    "mask_unverifiable",
-                    f"assistant turn {turn.message_index} covers no tokens of the rendered text",
-                )
+                return _no_tokens(turn)
             # A token that merges template text with the turn (e.g. "][" across "[/INST][TOOL_CALLS]")
             # would train prompt characters: only whitespace may lie outside the turn's span.
             # token_to_chars, not offsets[i]: the offsets property builds the whole row's list per call.
             token_start, token_end = encoding.token_to_chars(first)[0], encoding.token_to_chars(last)[1]
             text = row.marked_text
             if text[token_start : turn.char_start].strip() or text[turn.char_end : token_end].strip():
-                return Rejection(
-                    "tokenize",
-                    "mask_unverifiable",
-                    f"assistant turn {turn.message_index}: a token straddles the turn's boundary "
-                    f"({text[min(token_start, turn.char_start) : turn.char_start + 8]!r}), so the "
-                    "response cannot be trained without training template text",
-                )
+                return _straddles(turn, text[min(token_start, turn.char_start) : turn.char_start + 8])
             turn.first_token, turn.last_token = first, last
+        return None
+
+    def _locate_by_bytes(self, row: _Rendered, raw: bytes, bounds: np.ndarray) -> Rejection | None:
+        """Set each turn's first and last token from the tokens' byte boundaries (``bounds``)."""
+        ascii_text = len(raw) == len(row.text)
+        for turn in row.turns:
+            start = turn.char_start if ascii_text else len(row.text[: turn.char_start].encode("utf-8"))
+            end = turn.char_end if ascii_text else start + len(row.text[turn.char_start : turn.char_end].encode("utf-8"))
+            if end <= start:
+                return _no_tokens(turn)
+            first = int(np.searchsorted(bounds, start, "right")) - 1  # the token holding byte `start`
+            last = int(np.searchsorted(bounds, end, "left")) - 1  # the token holding byte `end - 1`
+            token_start, token_end = int(bounds[first]), int(bounds[last + 1])
+            if raw[token_start:start].decode("utf-8", "replace").strip() or raw[end:token_end].decode("utf-8", "replace").strip():
+                return _straddles(turn, raw[token_start : start + 8].decode("utf-8", "replace"))
+            turn.first_token, turn.last_token = first, last
+        return None
+
+    def _labels(self, row: _Rendered, ids: np.ndarray):
+        """Labels for a row whose turns are located: (ids, labels, turns) or a Rejection."""
+        turns, train_flags = row.turns, row.train_flags
         selected = self._selected_turns(turns, train_flags)
         if self.train_on == "all":
             labels = ids.copy()
@@ -470,6 +639,21 @@ def _private_copy(backend):
 
 class _PrefixMismatch(Exception):
     pass
+
+
+def _no_tokens(turn: _Turn) -> Rejection:
+    return Rejection(
+        "tokenize", "mask_unverifiable", f"assistant turn {turn.message_index} covers no tokens of the rendered text"
+    )
+
+
+def _straddles(turn: _Turn, around: str) -> Rejection:
+    return Rejection(
+        "tokenize",
+        "mask_unverifiable",
+        f"assistant turn {turn.message_index}: a token straddles the turn's boundary ({around!r}), so the "
+        "response cannot be trained without training template text",
+    )
 
 
 def _row_strings(messages: list[dict[str, Any]], tools: str | None):
