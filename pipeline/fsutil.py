@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -55,28 +56,42 @@ def write_parquet_atomic(
     table: pa.Table,
     final: str | os.PathLike,
     *,
+    rows: np.ndarray | None = None,
     metadata: dict[bytes, bytes] | None = None,
     compression: str = "zstd",
     row_group_size: int | None = None,
 ) -> Path:
-    """Write ``table`` to ``final`` atomically, merging ``metadata`` into the schema metadata.
+    """Write ``table`` (or its ``rows``, in that order) to ``final`` atomically.
 
-    Written without timestamps or writer-specific varying fields so the same table gives the
-    same bytes.
+    ``metadata`` is merged into the schema metadata. Every row group is gathered into one
+    contiguous chunk before it is written, so the bytes depend on the rows alone, not on how
+    ``table`` happens to be chunked (the Parquet writer cuts pages at chunk boundaries), and
+    only one row group is ever copied at a time. Written without timestamps or other varying
+    fields, so the same rows give the same bytes.
     """
+    arrow_schema = table.schema
     if metadata:
-        merged = dict(table.schema.metadata or {})
-        merged.update(metadata)
-        table = table.replace_schema_metadata(merged)
+        arrow_schema = arrow_schema.with_metadata({**(arrow_schema.metadata or {}), **metadata})
+    rows = np.arange(table.num_rows) if rows is None else np.asarray(rows, dtype=np.int64)
+    step = row_group_size or 1024 * 1024  # pyarrow's own default row group size
     with atomic_path(final) as tmp:
-        pq.write_table(
-            table,
-            tmp,
-            compression=compression,
-            row_group_size=row_group_size,
-            write_statistics=True,
-        )
+        with pq.ParquetWriter(tmp, arrow_schema, compression=compression, write_statistics=True) as writer:
+            for start in range(0, len(rows), step):
+                writer.write_table(gather_rows(table, rows[start : start + step]), row_group_size=step)
     return Path(final)
+
+
+def gather_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table.take(rows)`` as one contiguous chunk; runs of consecutive rows are sliced, not gathered."""
+    if not len(rows):
+        return table.slice(0, 0).combine_chunks()
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    if len(breaks) > len(rows) // 8:  # mostly scattered rows: one gather beats many slices
+        return table.take(pa.array(rows, pa.int64())).combine_chunks()
+    starts = np.concatenate([[0], breaks]).tolist()
+    ends = np.concatenate([breaks, [len(rows)]]).tolist()
+    runs = [table.slice(int(rows[a]), int(rows[b - 1]) - int(rows[a]) + 1) for a, b in zip(starts, ends)]
+    return pa.concat_tables(runs).combine_chunks()
 
 
 def write_json_atomic(obj: Any, final: str | os.PathLike) -> Path:

@@ -353,7 +353,7 @@ def run_tokenize(plan: RunPlan, upstream: dict) -> dict:
     key = tokenize_key(plan, upstream["key"])
     if done := _done(plan, "tokenize", key):
         return done
-    out, rejected = _work(plan, "tokenize", key), _rejected(plan, "tokenize", key)
+    out, rejected = _work(plan, "tokenize", key, ".arrow"), _rejected(plan, "tokenize", key)
     stats = tokenize_stage(in_path, out, rejected, plan.tokenizer, plan.config)
     return _step_result(plan, "tokenize", key, [out], rejected, stats)
 

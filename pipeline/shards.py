@@ -32,6 +32,21 @@ def split_of(row_id: str, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest, "big") < val_fraction * 2**64 else "train"
 
 
+def read_tokenized(path: Path) -> pa.Table:
+    """Tokenized rows in :data:`schema.SHARD_SCHEMA` from an Arrow IPC file (what the tokenize
+    stage writes) or a Parquet file."""
+    try:
+        with open(path, "rb") as f:
+            arrow_ipc = f.read(6) == b"ARROW1"
+        if arrow_ipc:
+            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        else:
+            table = pq.read_table(path, schema=schema.SHARD_SCHEMA)
+        return table.cast(schema.SHARD_SCHEMA)
+    except (OSError, pa.ArrowInvalid, ValueError) as exc:
+        raise ValueError(f"cannot read tokenized rows from {path}: {exc}") from exc
+
+
 def write_shards(
     tokenized_paths: list[Path],
     data_dir: Path,
@@ -46,36 +61,32 @@ def write_shards(
     """
     data_dir = Path(data_dir)
     start_index = dict(start_index or {})
-    tables = []
-    for path in tokenized_paths:
-        try:
-            tables.append(pq.read_table(path, schema=schema.SHARD_SCHEMA))
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise ValueError(f"cannot read tokenized rows from {path}: {exc}") from exc
+    tables = [read_tokenized(path) for path in tokenized_paths]
     if not tables:
         return []
     table = pa.concat_tables(tables)
     if table.num_rows == 0:
         return []
-    # One gather per split (sorted order, rows of that split) instead of sorting the whole table
-    # and then filtering it: the list columns are copied once, not twice.
     order = pc.sort_indices(
         table, [(schema.SOURCE, "ascending"), (schema.SOURCE_INDEX, "ascending"), (schema.ID, "ascending")]
     ).to_numpy()
     splits = np.array([split_of(row_id, config.val_fraction) for row_id in table.column(schema.ID).to_pylist()])
+    lengths = table.column(schema.LENGTH).to_numpy()
+    trainable = table.column(schema.NUM_TRAINABLE).to_numpy()
     compression = None if config.compression == "none" else config.compression
 
     entries = []
     for split in schema.SPLITS:
         rows = order[splits[order] == split]
-        part = table.take(pa.array(rows, pa.int64()))
-        for number, start in enumerate(range(0, part.num_rows, config.target_rows)):
-            chunk = part.slice(start, config.target_rows)
+        # The rows are gathered one row group at a time while writing: no copy of the whole split.
+        for number, start in enumerate(range(0, len(rows), config.target_rows)):
+            file_rows = rows[start : start + config.target_rows]
             name = schema.shard_file_name(split, start_index.get(split, 0) + number)
             path = data_dir / SHARDS_DIR / name
             write_parquet_atomic(
-                chunk,
+                table,
                 path,
+                rows=file_rows,
                 metadata={**metadata, schema.META_SPLIT: split.encode()},
                 compression=compression,
                 row_group_size=config.row_group_rows,
@@ -84,9 +95,9 @@ def write_shards(
                 {
                     "path": f"{SHARDS_DIR}/{name}",
                     "split": split,
-                    "rows": chunk.num_rows,
-                    "tokens": int(pc.sum(chunk.column(schema.LENGTH)).as_py() or 0),
-                    "trainable_tokens": int(pc.sum(chunk.column(schema.NUM_TRAINABLE)).as_py() or 0),
+                    "rows": len(file_rows),
+                    "tokens": int(lengths[file_rows].sum()),
+                    "trainable_tokens": int(trainable[file_rows].sum()),
                     "sha256": sha256_file(path),
                 }
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pipeline import schema
 from pipeline.config import SFTConfig, ShardConfig
 from pipeline.fsutil import TMP_PREFIX, sha256_file
 from pipeline.schema import make_message as msg
-from pipeline.shards import split_of, write_shards
+from pipeline.shards import read_tokenized, split_of, write_shards
 from pipeline.tokenize import tokenize_stage
 
 
@@ -62,13 +63,13 @@ def config(**tokenize) -> SFTConfig:
 
 
 def test_tokenize_stage_writes_contract_rows_and_rejects_with_reasons(tmp_path, canonical, bpe_tokenizer_path):
-    out, rejected = tmp_path / "tok.parquet", tmp_path / "rejected" / "tok.parquet"
+    out, rejected = tmp_path / "tok.arrow", tmp_path / "rejected" / "tok.parquet"
     stats = tokenize_stage(canonical, out, rejected, str(bpe_tokenizer_path), config())
     stats.check_conservation()
     assert (stats.name, stats.records_in, stats.records_out) == ("tokenize", 60, 57)
     assert dict(stats.rejected) == {"too_long": 1, "no_trainable_tokens": 1, "template_error": 1}
 
-    table = pq.read_table(out)
+    table = read_tokenized(out)
     assert table.schema.equals(schema.SHARD_SCHEMA)
     assert stats.extra["tokens"] == pa.compute.sum(table[schema.LENGTH]).as_py()
     assert stats.extra["trainable_tokens"] == pa.compute.sum(table[schema.NUM_TRAINABLE]).as_py()
@@ -91,23 +92,23 @@ def test_tokenize_stage_writes_contract_rows_and_rejects_with_reasons(tmp_path, 
 
 @pytest.mark.parametrize("workers", ["threads", "processes"])
 def test_tokenize_stage_output_does_not_depend_on_workers_or_batch_size(tmp_path, canonical, bpe_tokenizer_path, workers):
-    single = tmp_path / "single.parquet"
+    single = tmp_path / "single.arrow"
     tokenize_stage(canonical, single, tmp_path / "r1.parquet", str(bpe_tokenizer_path), config())
-    pooled = tmp_path / "pooled.parquet"
+    pooled = tmp_path / "pooled.arrow"
     stats = tokenize_stage(
         canonical, pooled, tmp_path / "r2.parquet", str(bpe_tokenizer_path),
         config(num_proc=3, batch_size=7, workers=workers),
     )
     assert stats.records_out == 57
-    assert pq.read_table(single).equals(pq.read_table(pooled))
+    assert read_tokenized(single).equals(read_tokenized(pooled))
     assert pq.read_table(tmp_path / "r1.parquet").equals(pq.read_table(tmp_path / "r2.parquet"))
 
 
 def test_tokenize_stage_on_an_empty_input_writes_an_empty_file(tmp_path, bpe_tokenizer_path):
     empty = write_canonical(tmp_path / "empty.parquet", [])
-    stats = tokenize_stage(empty, tmp_path / "out.parquet", tmp_path / "rej.parquet", str(bpe_tokenizer_path), config())
+    stats = tokenize_stage(empty, tmp_path / "out.arrow", tmp_path / "rej.parquet", str(bpe_tokenizer_path), config())
     assert (stats.records_in, stats.records_out) == (0, 0)
-    assert pq.read_table(tmp_path / "out.parquet").schema.equals(schema.SHARD_SCHEMA)
+    assert read_tokenized(tmp_path / "out.arrow").schema.equals(schema.SHARD_SCHEMA)
     assert not (tmp_path / "rej.parquet").exists()
 
 
@@ -115,8 +116,8 @@ def test_tokenize_stage_names_an_unreadable_input(tmp_path, bpe_tokenizer_path):
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="broken.parquet"):
-        tokenize_stage(bad, tmp_path / "o.parquet", tmp_path / "r.parquet", str(bpe_tokenizer_path), config())
-    assert not (tmp_path / "o.parquet").exists()
+        tokenize_stage(bad, tmp_path / "o.arrow", tmp_path / "r.parquet", str(bpe_tokenizer_path), config())
+    assert not (tmp_path / "o.arrow").exists()
 
 
 @pytest.fixture()
@@ -124,7 +125,7 @@ def tokenized(tmp_path, bpe_tokenizer_path) -> list[Path]:
     paths = []
     for name, count, seed in (("a.jsonl", 130, 1), ("b.json", 75, 2)):
         canonical_path = write_canonical(tmp_path / f"{name}.canonical.parquet", conversation_rows(name, count, seed=seed))
-        out = tmp_path / f"{name}.tok.parquet"
+        out = tmp_path / f"{name}.tok.arrow"
         tokenize_stage(canonical_path, out, tmp_path / f"{name}.rej.parquet", str(bpe_tokenizer_path), config())
         paths.append(out)
     return paths
@@ -169,6 +170,48 @@ def test_same_input_gives_byte_identical_shards_in_any_input_order(tmp_path, tok
     assert [(e["path"], e["sha256"]) for e in first] == [(e["path"], e["sha256"]) for e in second]
 
 
+def test_shard_bytes_do_not_depend_on_the_tokenize_batch_size(tmp_path, bpe_tokenizer_path):
+    # The batch size decides how the tokenized rows are chunked in memory; the Parquet writer
+    # cuts pages at chunk boundaries, so the shard writer must not let that reach the bytes.
+    # (Row groups of a few MB, so that pages fill up and are cut: long rows, one row group.)
+    rows = conversation_rows("c.jsonl", 240, seed=3)
+    for row in rows:
+        row[schema.MESSAGES][1]["content"] *= 40
+    canonical_path = write_canonical(tmp_path / "c.parquet", rows)
+    hashes = []
+    for batch_size in (7, 1000):
+        out = tmp_path / f"tok-{batch_size}.arrow"
+        tokenize_stage(
+            canonical_path, out, tmp_path / f"r-{batch_size}.parquet", str(bpe_tokenizer_path),
+            config(batch_size=batch_size, max_length=32_768),
+        )
+        entries = write_shards([out], tmp_path / f"data-{batch_size}", ShardConfig(val_fraction=0.1), METADATA)
+        hashes.append([(e["path"], e["sha256"]) for e in entries])
+    assert hashes[0] == hashes[1]
+
+
+def test_a_truncated_work_file_is_named_not_half_read(tmp_path, tokenized):
+    broken = tmp_path / "broken.arrow"
+    data = tokenized[0].read_bytes()
+    broken.write_bytes(data[: len(data) // 2])  # a writer killed halfway (atomic_path never renames such a file)
+    with pytest.raises(ValueError, match="broken.arrow"):
+        read_tokenized(broken)
+
+
+def test_threaded_tokenizing_leaves_tokenizers_parallelism_as_it_was(tmp_path, canonical, bpe_tokenizer_path, monkeypatch):
+    for before in (None, "true"):
+        if before is None:
+            monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+        else:
+            monkeypatch.setenv("TOKENIZERS_PARALLELISM", before)
+        stats = tokenize_stage(
+            canonical, tmp_path / f"t-{before}.arrow", tmp_path / f"r-{before}.parquet", str(bpe_tokenizer_path),
+            config(num_proc=2, batch_size=8, workers="threads"),
+        )
+        assert stats.records_out == 57
+        assert os.environ.get("TOKENIZERS_PARALLELISM") == before
+
+
 def test_split_is_by_id_not_position():
     ids = [f"{i:032x}" for i in range(4000)]
     val = {i for i in ids if split_of(i, 0.1) == "val"}
@@ -205,8 +248,8 @@ def test_shards_load_with_polars_and_datasets(tmp_path, tokenized):
 
 def test_no_rows_no_files(tmp_path, bpe_tokenizer_path):
     empty = write_canonical(tmp_path / "empty.parquet", [])
-    tokenize_stage(empty, tmp_path / "t.parquet", tmp_path / "r.parquet", str(bpe_tokenizer_path), config())
-    assert write_shards([tmp_path / "t.parquet"], tmp_path / "data", ShardConfig(), METADATA) == []
+    tokenize_stage(empty, tmp_path / "t.arrow", tmp_path / "r.parquet", str(bpe_tokenizer_path), config())
+    assert write_shards([tmp_path / "t.arrow"], tmp_path / "data", ShardConfig(), METADATA) == []
 
 
 def test_real_data_end_to_end(tmp_path, real_data_dir, bpe_tokenizer_path):
@@ -218,7 +261,7 @@ def test_real_data_end_to_end(tmp_path, real_data_dir, bpe_tokenizer_path):
     for path in sorted(real_data_dir.glob("*.json")):
         canonical_path = tmp_path / f"{path.stem}.canonical.parquet"
         ingest_file(path, path.name, canonical_path, tmp_path / f"{path.stem}.ingest-rej.parquet", IngestConfig())
-        out, rejected = tmp_path / f"{path.stem}.tok.parquet", tmp_path / f"{path.stem}.rej.parquet"
+        out, rejected = tmp_path / f"{path.stem}.tok.arrow", tmp_path / f"{path.stem}.rej.parquet"
         stats = tokenize_stage(canonical_path, out, rejected, str(bpe_tokenizer_path), config(max_length=4096))
         # real data must never hit an unverifiable mask or a template failure
         assert set(stats.rejected) <= {"too_long"}, json.dumps(stats.to_dict())
