@@ -4,8 +4,8 @@ Same data (the real instruction files in ../shared/data/real, repeated to >= 20k
 same tokenizer (the bundled byte-level BPE, whose chat template has the {% generation %} blocks
 TRL's ``assistant_only_loss`` needs), same cores. Three measurements, tokens per second:
 
-* **sftkit**: ``tokenize_stage`` (render, tokenize, mask, verify, write Parquet) + ``write_shards``
-  over the canonical Parquet, ``num_proc`` = cores;
+* **sftkit**: ``tokenize_stage`` (render, tokenize, mask, verify, write the work file) +
+  ``write_shards`` (split, write the Parquet shards) over the canonical Parquet, ``num_proc`` = cores;
 * **TRL**: ``SFTTrainer._prepare_dataset`` with ``assistant_only_loss=True`` and
   ``dataset_num_proc`` = cores, on a trainer built around a tiny random model;
 * **raw tokenizer** (the ceiling): ``tokenizer(batch)`` over the already rendered texts, in
@@ -208,16 +208,19 @@ def main() -> None:
     print(f"{len(rows)} conversations from {REAL}, {options.cores} cores, tokenizer {TOKENIZER.name}")
     workdir = Path(tempfile.mkdtemp(prefix="sftkit-bench-"))
     try:
-        # The tokenizer's own Rust thread pool may use every core, for all three.
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
         runs: dict[str, list[dict]] = {"raw_tokenizer": [], "sftkit": []}
         if not options.skip_trl:
             runs["trl"] = []
         # Interleaved rounds, fastest of each counts: a shared machine's load drifts over minutes.
         for round_number in range(options.repeats):
+            # The tokenizer's own Rust thread pool may use every core, for all three. Set before
+            # each run: datasets.map(num_proc>1), inside TRL, sets it to false for good.
+            os.environ["TOKENIZERS_PARALLELISM"] = "true"
             runs["raw_tokenizer"].append(bench_raw_tokenizer(rows))
+            os.environ["TOKENIZERS_PARALLELISM"] = "true"
             runs["sftkit"].append(bench_sftkit(rows, workdir, options.cores, options.workers))
             if "trl" in runs:
+                os.environ["TOKENIZERS_PARALLELISM"] = "true"
                 runs["trl"].append(bench_trl(rows, workdir, options.cores))
             print(
                 f"round {round_number + 1}: "

@@ -235,25 +235,20 @@ class _TokenBytes:
         """Whether the tokenizer sees ``text`` unchanged (nothing for the normalizer to do)."""
         return self.normalizer is None or unicodedata.is_normalized("NFC", text)
 
-    def boundaries(self, ids: np.ndarray) -> tuple[np.ndarray, bool]:
-        """Byte offset of each token's start, plus the end; and whether every id has known bytes."""
-        lengths = self.lengths[ids]
-        complete = not (len(lengths) and lengths.min() < 0)
+    def spell(self, ids: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
+        """The bytes the ids stand for, one after the other (an unknown id stands for none);
+        the byte offset of every token's start plus the end; and which ids are unknown."""
+        raw_lengths = self.lengths[ids]
+        unknown = raw_lengths < 0
+        lengths = np.maximum(raw_lengths, 0)
         bounds = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.cumsum(np.maximum(lengths, 0) if not complete else lengths, out=bounds[1:])
-        return bounds, complete
-
-    def spell(self, ids: np.ndarray) -> bytes:
-        """The bytes the ids stand for, one after the other (an unknown id stands for none)."""
-        lengths = np.maximum(self.lengths[ids], 0)
-        ends = np.cumsum(lengths)
-        total = int(ends[-1]) if len(ends) else 0
+        np.cumsum(lengths, out=bounds[1:])
+        total = int(bounds[-1])
         # index of every output byte in the flat table: token start + position within the token
         dtype = np.int32 if max(total, len(self.flat)) < 2**31 else np.int64  # half the memory traffic
-        shift = (self.starts[ids] - (ends - lengths)).astype(dtype)
-        index = np.repeat(shift, lengths)
+        index = np.repeat((self.starts[ids] - bounds[:-1]).astype(dtype), lengths)
         index += np.arange(total, dtype=dtype)
-        return self.flat[index].tobytes()
+        return self.flat[index].tobytes(), bounds, unknown
 
 
 @dataclass
@@ -361,18 +356,21 @@ class Masker:
         # for byte: then a span of the text *is* the decoding of the tokens over it. A row that is
         # not spelled exactly (it cannot happen for a true byte-level vocabulary) takes the
         # offsets road.
-        spelled = memoryview(table.spell(np.concatenate([ids for _, _, ids in encoded]))) if encoded else b""
-        position = 0
+        if encoded:
+            blob, all_bounds, unknown = table.spell(np.concatenate([ids for _, _, ids in encoded]))  # type: ignore[union-attr]
+            spelled = memoryview(blob)
+            unknown_before = np.concatenate([[0], np.cumsum(unknown)]) if unknown.any() else None
+        first_token = 0
         for row, _encoding, ids in encoded:
+            bounds = all_bounds[first_token : first_token + len(ids) + 1]  # this row's, offset by `base`
+            base, end = int(bounds[0]), int(bounds[-1])
             raw = row.text.encode("utf-8")
-            bounds, complete = table.boundaries(ids)  # type: ignore[union-attr]
-            size = int(bounds[-1])
-            exact = complete and size == len(raw) and spelled[position : position + size] == raw
-            position += size
-            if not exact:
+            complete = unknown_before is None or unknown_before[first_token + len(ids)] == unknown_before[first_token]
+            first_token += len(ids)
+            if not (complete and end - base == len(raw) and spelled[base:end] == raw):
                 leftovers.append(row)
                 continue
-            outcome = self._locate_by_bytes(row, raw, bounds) or self._labels(row, ids)
+            outcome = self._locate_by_bytes(row, raw, bounds, base) or self._labels(row, ids)
             if isinstance(outcome, Rejection):
                 results[row.index] = outcome
                 continue
@@ -382,7 +380,7 @@ class Masker:
                     row.index,
                     turn,
                     row.messages[turn.message_index],
-                    raw[bounds[turn.first_token] : bounds[turn.last_token + 1]].decode("utf-8", "replace"),
+                    raw[bounds[turn.first_token] - base : bounds[turn.last_token + 1] - base].decode("utf-8", "replace"),
                 )
                 for turn in outcome[2]
             ]
@@ -545,17 +543,17 @@ class Masker:
             turn.first_token, turn.last_token = first, last
         return None
 
-    def _locate_by_bytes(self, row: _Rendered, raw: bytes, bounds: np.ndarray) -> Rejection | None:
-        """Set each turn's first and last token from the tokens' byte boundaries (``bounds``)."""
+    def _locate_by_bytes(self, row: _Rendered, raw: bytes, bounds: np.ndarray, base: int) -> Rejection | None:
+        """Set each turn's first and last token from the tokens' byte boundaries (``bounds - base``)."""
         ascii_text = len(raw) == len(row.text)
         for turn in row.turns:
             start = turn.char_start if ascii_text else len(row.text[: turn.char_start].encode("utf-8"))
             end = turn.char_end if ascii_text else start + len(row.text[turn.char_start : turn.char_end].encode("utf-8"))
             if end <= start:
                 return _no_tokens(turn)
-            first = int(np.searchsorted(bounds, start, "right")) - 1  # the token holding byte `start`
-            last = int(np.searchsorted(bounds, end, "left")) - 1  # the token holding byte `end - 1`
-            token_start, token_end = int(bounds[first]), int(bounds[last + 1])
+            first = int(np.searchsorted(bounds, start + base, "right")) - 1  # the token holding byte `start`
+            last = int(np.searchsorted(bounds, end + base, "left")) - 1  # the token holding byte `end - 1`
+            token_start, token_end = int(bounds[first]) - base, int(bounds[last + 1]) - base
             if raw[token_start:start].decode("utf-8", "replace").strip() or raw[end:token_end].decode("utf-8", "replace").strip():
                 return _straddles(turn, raw[token_start : start + 8].decode("utf-8", "replace"))
             turn.first_token, turn.last_token = first, last
