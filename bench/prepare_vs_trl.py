@@ -15,7 +15,7 @@ TRL is installed only in the bench environment, never in sftkit's dependencies:
 
     /work/main/.venv/bin/python -m venv .bench/venv      # plus a .pth pointing at .venv's site-packages
     .bench/venv/bin/pip install trl -c .bench/constraints.txt   # pins torch/transformers to .venv's
-    .bench/venv/bin/python bench/prepare_vs_trl.py [--conversations 20000] [--repeats 3]
+    .bench/venv/bin/python bench/prepare_vs_trl.py [--conversations 20000] [--repeats 3] [--vocab 32000]
 
 Prints the ratios and writes bench/results/prepare_vs_trl.json.
 """
@@ -81,7 +81,7 @@ def load_conversations(target: int) -> list[dict]:
     return rows
 
 
-def bench_sftkit(rows: list[dict], workdir: Path, cores: int, workers: str = "threads") -> dict:
+def bench_sftkit(rows: list[dict], workdir: Path, cores: int, workers: str = "threads", tokenizer: Path = TOKENIZER) -> dict:
     from pipeline.shards import write_shards
     from pipeline.tokenize import tokenize_stage
 
@@ -94,8 +94,8 @@ def bench_sftkit(rows: list[dict], workdir: Path, cores: int, workers: str = "th
     out = workdir / "sftkit"
     shutil.rmtree(out, ignore_errors=True)
     started, cpu_started = time.perf_counter(), cpu_seconds()
-    stats = tokenize_stage(canonical, out / "tok.parquet", out / "rejected.parquet", str(TOKENIZER), config)
-    entries = write_shards([out / "tok.parquet"], out / "data", config.shards, {})
+    stats = tokenize_stage(canonical, out / "tok.arrow", out / "rejected.parquet", str(tokenizer), config)
+    entries = write_shards([out / "tok.arrow"], out / "data", config.shards, {})
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     return {
         "seconds": seconds,
@@ -106,6 +106,21 @@ def bench_sftkit(rows: list[dict], workdir: Path, cores: int, workers: str = "th
         "trainable_tokens": stats.extra["trainable_tokens"],
         "shard_files": len(entries),
     }
+
+
+def train_tokenizer(rows: list[dict], out: Path, vocab_size: int) -> Path:
+    """The bundled tokenizer's recipe (data_samples/make_tokenizer.py) with a real model's vocabulary size."""
+    sys.path.insert(0, str(REPO / "data_samples"))
+    from make_tokenizer import build
+
+    seen, lines = set(), []
+    for row in rows:
+        for message in row[schema.MESSAGES]:
+            if message["content"] not in seen:
+                seen.add(message["content"])
+                lines.append(message["content"])
+    build(lines, out, vocab_size)
+    return out
 
 
 def trl_rows(rows: list[dict]) -> list[dict]:
@@ -131,7 +146,7 @@ def trl_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def bench_trl(rows: list[dict], workdir: Path, cores: int) -> dict:
+def bench_trl(rows: list[dict], workdir: Path, cores: int, tokenizer_path: Path = TOKENIZER) -> dict:
     import datasets
     import transformers
     import trl
@@ -141,7 +156,7 @@ def bench_trl(rows: list[dict], workdir: Path, cores: int) -> dict:
     transformers.logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
     model = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -171,12 +186,12 @@ def bench_trl(rows: list[dict], workdir: Path, cores: int) -> dict:
     }
 
 
-def bench_raw_tokenizer(rows: list[dict]) -> dict:
+def bench_raw_tokenizer(rows: list[dict], tokenizer_path: Path = TOKENIZER) -> dict:
     from pipeline.templates import render, resolve_template, template_variables
     from pipeline.config import TemplateConfig
     from pipeline.tokenizers import load_tokenizer
 
-    tokenizer = load_tokenizer(str(TOKENIZER))
+    tokenizer = load_tokenizer(str(tokenizer_path))
     template = resolve_template(tokenizer, TemplateConfig())
     variables = template_variables(tokenizer)
     texts = [
@@ -202,11 +217,19 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--workers", choices=["threads", "processes"], default="threads", help="sftkit's workers")
+    parser.add_argument(
+        "--vocab", type=int, default=None,
+        help="instead of the bundled tokenizer (1.5k tokens), train a byte-level BPE of this many tokens on the "
+        "benchmark's own text, same pre-tokenizer and ChatML template (real models' vocabularies are 32k-150k)",
+    )
     options = parser.parse_args()
 
     rows = load_conversations(options.conversations)
-    print(f"{len(rows)} conversations from {REAL}, {options.cores} cores, tokenizer {TOKENIZER.name}")
     workdir = Path(tempfile.mkdtemp(prefix="sftkit-bench-"))
+    tokenizer = TOKENIZER
+    if options.vocab:
+        tokenizer = train_tokenizer(rows, workdir / "tokenizer", options.vocab)
+    print(f"{len(rows)} conversations from {REAL}, {options.cores} cores, tokenizer {tokenizer}")
     try:
         runs: dict[str, list[dict]] = {"raw_tokenizer": [], "sftkit": []}
         if not options.skip_trl:
@@ -216,12 +239,12 @@ def main() -> None:
             # The tokenizer's own Rust thread pool may use every core, for all three. Set before
             # each run: datasets.map(num_proc>1), inside TRL, sets it to false for good.
             os.environ["TOKENIZERS_PARALLELISM"] = "true"
-            runs["raw_tokenizer"].append(bench_raw_tokenizer(rows))
+            runs["raw_tokenizer"].append(bench_raw_tokenizer(rows, tokenizer))
             os.environ["TOKENIZERS_PARALLELISM"] = "true"
-            runs["sftkit"].append(bench_sftkit(rows, workdir, options.cores, options.workers))
+            runs["sftkit"].append(bench_sftkit(rows, workdir, options.cores, options.workers, tokenizer))
             if "trl" in runs:
                 os.environ["TOKENIZERS_PARALLELISM"] = "true"
-                runs["trl"].append(bench_trl(rows, workdir, options.cores))
+                runs["trl"].append(bench_trl(rows, workdir, options.cores, tokenizer))
             print(
                 f"round {round_number + 1}: "
                 + ", ".join(f"{k} {v[-1]['seconds']:.2f} s ({v[-1]['cpu_seconds']:.2f} s CPU)" for k, v in runs.items())
@@ -256,6 +279,8 @@ def main() -> None:
     print("per CPU second: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items() if k.endswith("cpu_second")))
 
     suffix = "" if options.workers == "threads" and not options.skip_trl else f"-{options.workers}"
+    if options.vocab:
+        suffix += f"-vocab{options.vocab}"
     out = REPO / "bench" / "results" / f"prepare_vs_trl{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -266,6 +291,7 @@ def main() -> None:
                 "sftkit_workers": options.workers,
                 "machine": platform.platform(),
                 "max_length": MAX_LENGTH,
+                "tokenizer": "bundled" if tokenizer == TOKENIZER else f"byte-level BPE, {options.vocab} tokens, trained on the benchmark text",
                 "results": results,
                 "ratios": ratios,
             },

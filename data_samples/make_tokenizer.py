@@ -62,18 +62,20 @@ def corpus() -> list[str]:
     return [line for line in text if line.strip()]
 
 
-def main() -> None:
+def build(lines: list[str], out: Path, vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """Train the byte-level BPE on ``lines`` and save it, with the ChatML template, to ``out``."""
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         min_frequency=2,
+        show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.train_from_iterator(lines, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -85,8 +87,13 @@ def main() -> None:
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHAT_TEMPLATE
-    OUT.mkdir(exist_ok=True)
-    fast.save_pretrained(OUT)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return fast
+
+
+def main() -> None:
+    fast = build(corpus(), OUT)
     print(f"saved {len(fast)} tokens to {OUT}")
     print(json.dumps(fast.special_tokens_map))
 
