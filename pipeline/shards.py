@@ -34,7 +34,8 @@ def split_of(row_id: str, val_fraction: float) -> str:
 
 def read_tokenized(path: Path) -> pa.Table:
     """Tokenized rows in :data:`schema.SHARD_SCHEMA` from an Arrow IPC file (what the tokenize
-    stage writes) or a Parquet file."""
+    stage writes: memory-mapped, so the rows stay on disk until a row group is gathered) or a
+    Parquet file (read into memory)."""
     try:
         with open(path, "rb") as f:
             arrow_ipc = f.read(6) == b"ARROW1"

@@ -235,11 +235,11 @@ def tokenize_stage(
         num_batches = -(-source.metadata.num_rows // batch_size) if source.metadata.num_rows else 0
         batches = source.iter_batches(batch_size=batch_size, columns=_CANONICAL_COLUMNS)
         with atomic_path(out_path) as tmp:
-            # An intermediate that write_shards reads back once, so Arrow IPC rather than Parquet:
-            # no encoding of list levels, the same columns in the same buffers. zstd-compressed
-            # buffers keep it about the size of the final shards; written and read back, it
-            # costs about half the CPU of a Parquet file.
-            options = pa.ipc.IpcWriteOptions(compression="zstd")
+            # An intermediate that write_shards reads back once, so Arrow IPC rather than Parquet
+            # (no encoding of list levels: the same columns in the same buffers), uncompressed so
+            # that write_shards memory-maps it instead of decompressing a run's rows into memory.
+            # It costs disk, about four times the shards' size, until the run finishes.
+            options = pa.ipc.IpcWriteOptions(compression=None)
             with pa.ipc.new_file(tmp, schema.SHARD_SCHEMA, options=options) as writer:
                 for kept, rejected, figures in _encoded_batches(batches, num_batches, tokenizer_path, config):
                     if kept.num_rows:
