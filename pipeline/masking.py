@@ -551,10 +551,13 @@ class Masker:
             end = turn.char_end if ascii_text else start + len(row.text[turn.char_start : turn.char_end].encode("utf-8"))
             if end <= start:
                 return _no_tokens(turn)
-            first = int(np.searchsorted(bounds, start + base, "right")) - 1  # the token holding byte `start`
-            last = int(np.searchsorted(bounds, end + base, "left")) - 1  # the token holding byte `end - 1`
+            first = int(bounds.searchsorted(start + base, "right")) - 1  # the token holding byte `start`
+            last = int(bounds.searchsorted(end + base, "left")) - 1  # the token holding byte `end - 1`
             token_start, token_end = int(bounds[first]) - base, int(bounds[last + 1]) - base
-            if raw[token_start:start].decode("utf-8", "replace").strip() or raw[end:token_end].decode("utf-8", "replace").strip():
+            if (token_start != start or token_end != end) and (
+                raw[token_start:start].decode("utf-8", "replace").strip()
+                or raw[end:token_end].decode("utf-8", "replace").strip()
+            ):
                 return _straddles(turn, raw[token_start : start + 8].decode("utf-8", "replace"))
             turn.first_token, turn.last_token = first, last
         return None
