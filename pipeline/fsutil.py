@@ -82,16 +82,15 @@ def write_parquet_atomic(
 
 
 def gather_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
-    """``table.take(rows)`` as one contiguous chunk; runs of consecutive rows are sliced, not gathered."""
+    """``table.take(rows)`` as one contiguous chunk, built from zero-copy slices of the runs of
+    consecutive rows (``take`` on a chunked table concatenates every chunk of every column first,
+    which would copy the whole table for each row group)."""
     if not len(rows):
         return table.slice(0, 0).combine_chunks()
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    if len(breaks) > len(rows) // 8:  # mostly scattered rows: one gather beats many slices
-        return table.take(pa.array(rows, pa.int64())).combine_chunks()
-    starts = np.concatenate([[0], breaks]).tolist()
-    ends = np.concatenate([breaks, [len(rows)]]).tolist()
-    runs = [table.slice(int(rows[a]), int(rows[b - 1]) - int(rows[a]) + 1) for a, b in zip(starts, ends)]
-    return pa.concat_tables(runs).combine_chunks()
+    starts = rows[np.concatenate([[0], breaks])].tolist()
+    lengths = np.diff(np.concatenate([[0], breaks, [len(rows)]])).tolist()
+    return pa.concat_tables([table.slice(start, length) for start, length in zip(starts, lengths)]).combine_chunks()
 
 
 def write_json_atomic(obj: Any, final: str | os.PathLike) -> Path:
