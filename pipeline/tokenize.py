@@ -2,18 +2,16 @@
 
 Reads the canonical Parquet in row batches (memory stays bounded by the batch size times the
 number of workers), renders, tokenizes and masks each batch with :class:`pipeline.masking.Masker`,
-and writes the kept rows in :data:`schema.SHARD_SCHEMA` to one
-Arrow IPC file (atomically) in input order, and the refused rows to ``rejected/`` with stage
-``template`` (the template failed to render) or ``tokenize`` (``too_long``,
-``mask_unverifiable``, ``no_trainable_tokens``).
+and writes the kept rows in :data:`schema.SHARD_SCHEMA` to one Arrow IPC file (atomically) in
+input order, and the refused rows to ``rejected/`` with stage ``template`` (the template failed
+to render) or ``tokenize`` (``too_long``, ``mask_unverifiable``, ``no_trainable_tokens``).
 
 Parallelism, ``num_proc`` workers (default: one per core). With ``workers: threads`` (the
-default) this thread renders and finishes batches while ``num_proc - 1`` threads run the Rust
-encoder, which releases the GIL and spreads each batch over the cores with its own thread pool;
-no worker start-up, no pickling. ``workers: processes`` runs whole batches in worker processes,
-for templates whose Python rendering dominates (prefix rendering of long multi-turn
-conversations). Results come back in submission order, so the output does not depend on the
-number or kind of workers.
+default) this thread renders and finishes batches while ``num_proc`` threads run the Rust
+encoder, which releases the GIL; no worker start-up, no pickling. ``workers: processes`` runs
+whole batches in worker processes, for templates whose Python rendering dominates (prefix
+rendering of long multi-turn conversations). Results come back in submission order, so the
+output does not depend on the number or kind of workers.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -176,7 +175,7 @@ def _pipelined(masker: Masker, batches: Iterator[pa.RecordBatch], num_proc: int)
     10% slower next to this thread's Python).
     """
     in_flight: deque[tuple[pa.Table, Future]] = deque()
-    with _tokenizer_thread_pool_off(), ThreadPoolExecutor(num_proc, thread_name_prefix="sftkit-tokenize") as executor:
+    with _TOKENIZER_THREAD_POOL_OFF.held(), ThreadPoolExecutor(num_proc, thread_name_prefix="sftkit-tokenize") as executor:
         for batch in batches:
             table = _canonical(batch)
             in_flight.append((table, executor.submit(masker.tokenize, masker.render(_conversations(table)))))
@@ -188,35 +187,53 @@ def _pipelined(masker: Masker, batches: Iterator[pa.RecordBatch], num_proc: int)
             yield assemble(table, masker.finish(future.result()))
 
 
-@contextmanager
-def _tokenizer_thread_pool_off() -> Iterator[None]:
-    """``TOKENIZERS_PARALLELISM=false`` while sftkit's own threads encode, as it was afterwards.
+class _ProcessWide:
+    """A process-wide setting held while at least one stage needs it (stages may run side by
+    side in threads, as Prefect's thread runner does): the first to enter applies it, the last
+    to leave restores what was there before."""
 
-    The Rust tokenizer reads the variable at every batch call and offers no other switch.
-    """
+    def __init__(self, apply, restore):
+        self._apply, self._restore = apply, restore
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved = None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._holders == 0:
+                self._saved = self._apply()
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    self._restore(self._saved)
+
+
+def _parallelism_off() -> str | None:
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    return previous
 
 
-@contextmanager
-def _gc_frozen() -> Iterator[None]:
-    """Leave the objects that exist before the stage out of the collector's full passes.
+def _parallelism_restore(previous: str | None) -> None:
+    if previous is None:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = previous
 
-    The stage allocates millions of short-lived containers (messages, render contexts); every
-    full collection they trigger would otherwise walk the whole heap of the caller as well.
-    """
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
+
+# TOKENIZERS_PARALLELISM=false while sftkit's own threads encode: the Rust tokenizer reads the
+# variable at every batch call and offers no other switch.
+_TOKENIZER_THREAD_POOL_OFF = _ProcessWide(_parallelism_off, _parallelism_restore)
+
+# The objects that exist before the stage are left out of the collector's full passes: the
+# stage allocates millions of short-lived containers (messages, render contexts), and every full
+# collection they trigger would otherwise walk the caller's whole heap as well.
+_GC_FROZEN = _ProcessWide(gc.freeze, lambda _: gc.unfreeze())
 
 
 def tokenize_stage(
@@ -226,7 +243,7 @@ def tokenize_stage(
     in_path, out_path, rejected_path = Path(in_path), Path(out_path), Path(rejected_path)
     stats = StageStats("tokenize", extra={"tokens": 0, "trainable_tokens": 0, "truncated": 0})
     rejected_tables = []
-    with Timer() as timer, _gc_frozen():
+    with Timer() as timer, _GC_FROZEN.held():
         try:
             source = pq.ParquetFile(in_path)
         except (OSError, pa.ArrowInvalid) as exc:

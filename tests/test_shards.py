@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,17 @@ def test_threaded_tokenizing_leaves_tokenizers_parallelism_as_it_was(tmp_path, c
         )
         assert stats.records_out == 57
         assert os.environ.get("TOKENIZERS_PARALLELISM") == before
+    # Two stages side by side (Prefect's thread runner): the last one out restores the value.
+    with ThreadPoolExecutor(2) as pool:
+        runs = [
+            pool.submit(
+                tokenize_stage, canonical, tmp_path / f"p{i}.arrow", tmp_path / f"pr{i}.parquet",
+                str(bpe_tokenizer_path), config(num_proc=2, batch_size=4 + i, workers="threads"),
+            )
+            for i in range(2)
+        ]
+        assert [run.result().records_out for run in runs] == [57, 57]
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == "true"
 
 
 def test_split_is_by_id_not_position():
