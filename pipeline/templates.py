@@ -12,7 +12,6 @@ end-of-turn token, not the header before it and not the newline after it.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import re
@@ -262,73 +261,17 @@ def render(
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render one conversation; with ``with_spans`` also the character spans of its generation blocks.
 
-    Renders with transformers' own sandboxed Jinja environment (what ``apply_chat_template``
-    uses), so a template can do nothing outside the sandbox. ``messages`` and ``tools`` must be
-    plain JSON data (dicts, lists, strings, numbers), as :func:`pipeline.schema.messages_for_template`
-    and ``json.loads`` give them.
+    Uses transformers' own sandboxed renderer (what ``apply_chat_template`` calls), so a template
+    can do nothing outside Jinja's sandbox.
     """
-    direct = _direct_renderer(template.source, tuple(sorted(variables.items())))
-    if direct is not None:
-        return direct(messages, tools, with_spans, add_generation_prompt)
-    return _render_public(template.source, variables, messages, tools, with_spans, add_generation_prompt)
-
-
-def _render_public(source, variables, messages, tools, with_spans, add_generation_prompt):
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, spans = render_jinja_template(
         conversations=[messages],
         tools=tools,
-        chat_template=source,
+        chat_template=template.source,
         return_assistant_tokens_mask=with_spans,
         add_generation_prompt=add_generation_prompt,
         **variables,
     )
     return rendered[0], [tuple(span) for span in spans[0]] if with_spans else []
-
-
-_PROBE = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi <b>&</b> 你好 🙂"},
-    {"role": "assistant", "content": "Hello!"},
-    {"role": "user", "content": "Again?"},
-    {"role": "assistant", "content": "Hello again."},
-]
-
-
-@functools.lru_cache(maxsize=16)
-def _direct_renderer(source: str, variables: tuple[tuple[str, Any], ...]):
-    """The template compiled by transformers (same sandboxed environment, same cache), called
-    without ``render_jinja_template``'s per-call rebuilding of its inputs as plain data, which
-    sftkit's inputs already are: about a quarter less time per conversation.
-
-    Used only if it renders a probe conversation exactly as ``render_jinja_template`` does, spans
-    and generation prompt included; None otherwise, or if transformers has moved these internals.
-    """
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
-    except ImportError:
-        return None
-    keywords = dict(variables)
-
-    def direct(messages, tools, with_spans, add_generation_prompt):
-        compiled = _compile_jinja_template(source)
-        if with_spans:
-            rendered, spans = _render_with_assistant_indices(
-                compiled, messages, tools, None, add_generation_prompt, **keywords
-            )
-            return rendered, [tuple(span) for span in spans]
-        rendered = compiled.render(
-            messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **keywords
-        )
-        return rendered, []
-
-    try:
-        for with_spans in (False, True):
-            for prompt in (False, True):
-                expected = _render_public(source, keywords, _PROBE, None, with_spans, prompt)
-                if direct([dict(m) for m in _PROBE], None, with_spans, prompt) != expected:
-                    return None
-    except Exception:  # e.g. a template that refuses a system turn: the public path reports its errors
-        return None
-    return direct

@@ -127,44 +127,14 @@ def test_templates_render_in_a_sandbox(bpe_tokenizer, tmp_path):
     assert (result.stage, result.reason) == ("template", "template_error")
 
 
-def no_system_template(tokenizer, tmp_path):
-    """A custom template that raises on a system turn, as some models' templates do."""
+def test_a_template_that_raises_rejects_the_row_with_its_message(mistral_tokenizer, tmp_path):
     path = tmp_path / "strict.jinja"
     path.write_text(
         "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system prompts here') }}"
         "{% endif %}{{ m.content }}{% endfor %}",
         encoding="utf-8",
     )
-    return resolve_template(tokenizer, TemplateConfig(jinja_file=path))
-
-
-def test_a_template_that_raises_rejects_the_row_with_its_message(mistral_tokenizer, tmp_path):
-    template = no_system_template(mistral_tokenizer, tmp_path)
+    template = resolve_template(mistral_tokenizer, TemplateConfig(jinja_file=path))
     result = Masker(mistral_tokenizer, template, max_length=512).encode([make_message("system", "s"), *CHAT])
     assert isinstance(result, Rejection)
     assert result.stage == "template" and "no system prompts here" in result.detail
-
-
-@pytest.mark.parametrize("name", ["auto", *BUILTIN_TEMPLATES])
-def test_the_direct_renderer_matches_transformers_render_jinja_template(bpe_tokenizer, name):
-    from pipeline.templates import _direct_renderer, _render_public
-
-    template = resolve_template(bpe_tokenizer, TemplateConfig(name=name))
-    variables = template_variables(bpe_tokenizer)
-    assert _direct_renderer(template.source, tuple(sorted(variables.items()))) is not None
-    messages = messages_for_template(
-        [make_message("system", "Be kind."), *CHAT, make_message("user", "And 3+3?"), make_message("assistant", "6.")]
-    )
-    for with_spans in (False, True):
-        for prompt in (False, True):
-            direct = render(template, variables, messages, None, with_spans=with_spans, add_generation_prompt=prompt)
-            assert direct == _render_public(template.source, variables, messages, None, with_spans, prompt)
-
-
-def test_a_template_that_fails_the_probe_is_rendered_the_public_way(mistral_tokenizer, tmp_path):
-    from pipeline.templates import _direct_renderer
-
-    template = no_system_template(mistral_tokenizer, tmp_path)
-    variables = template_variables(mistral_tokenizer)
-    assert _direct_renderer(template.source, tuple(sorted(variables.items()))) is None
-    assert rendered(mistral_tokenizer, template) == "What is 2+2?4."
