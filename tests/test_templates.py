@@ -138,3 +138,22 @@ def test_a_template_that_raises_rejects_the_row_with_its_message(mistral_tokeniz
     result = Masker(mistral_tokenizer, template, max_length=512).encode([make_message("system", "s"), *CHAT])
     assert isinstance(result, Rejection)
     assert result.stage == "template" and "no system prompts here" in result.detail
+
+
+def test_rich_objects_in_the_data_reach_the_template_as_plain_values(bpe_tokenizer, tmp_path):
+    # numpy.str_ has a tofile method; a template must never be handed it (the sandbox relies on
+    # transformers rebuilding every input as plain data before rendering).
+    np = pytest.importorskip("numpy")
+    target = tmp_path / "written-by-template.bin"
+    path = tmp_path / "sneaky.jinja"
+    path.write_text(
+        "{% for m in messages %}{% if m.content.tofile is defined %}{% set _ = m.content.tofile('"
+        + str(target)
+        + "') %}{% endif %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+        "<|im_end|>{% endgeneration %}{% else %}{{ m.content }}<|im_end|>{% endif %}\n{% endfor %}",
+        encoding="utf-8",
+    )
+    template = resolve_template(bpe_tokenizer, TemplateConfig(jinja_file=path))
+    messages = [make_message("user", np.str_("hello")), make_message("assistant", np.str_("hi"))]
+    Masker(bpe_tokenizer, template, max_length=512).encode(messages)
+    assert not target.exists()
