@@ -87,6 +87,8 @@ def gather_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
     which would copy the whole table for each row group)."""
     if not len(rows):
         return table.slice(0, 0).combine_chunks()
+    if rows.min() < 0 or rows.max() >= table.num_rows:  # slice would clamp them silently
+        raise IndexError(f"rows {rows.min()}..{rows.max()} outside a table of {table.num_rows} rows")
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     starts = rows[np.concatenate([[0], breaks])].tolist()
     lengths = np.diff(np.concatenate([[0], breaks, [len(rows)]])).tolist()

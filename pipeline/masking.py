@@ -19,12 +19,17 @@ This module owns how a conversation becomes tokens and which of them are trained
 * **Verification.** The trained tokens of every assistant turn are decoded and must equal the
   turn's content (plus its rendered tool calls) and its end token; otherwise the row is rejected
   as ``mask_unverifiable`` — a wrong mask is never written.
-* **Byte-level tokenizers take a faster road to the same result.** When every token of the
+* **Byte-level tokenizers take a faster road.** When every token of the
   tokenizer stands for a fixed byte string (byte-level BPE without a normalizer that changes the
   text, GPT-2/Llama-3/Qwen style), the ids are encoded without offsets and token boundaries come
-  from the cumulative byte lengths of the ids; decoding for verification is a gather from the
-  same byte table. A row whose ids do not spell its rendered text byte for byte takes the
-  offsets road instead, so the table can only make rows faster, never make them different.
+  from the cumulative byte lengths of the ids, after every row's ids, spelled through a byte
+  table, are checked to give back its rendered text byte for byte (a row that does not takes
+  the offsets road). Byte boundaries are finer than character offsets, so in two corners the
+  byte road is the more exact of the two: a trained span that ends inside a character split
+  over several byte tokens (the offsets road loses its last tokens and rejects the row), and a
+  post-processor that trims whitespace from offsets (the offsets road leaves a leading-space
+  token of the content untrained; the byte road trains it, as ``apply_chat_template``'s
+  assistant mask does).
 * **Length.** Rows over ``max_length`` are rejected as ``too_long`` or, with ``truncate``, cut at
   the end of the last whole assistant turn that fits (or inside the first one, whose end token
   is then not trained); a prompt that alone does not fit is always ``too_long``.

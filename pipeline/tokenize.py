@@ -230,10 +230,22 @@ def _parallelism_restore(previous: str | None) -> None:
 # variable at every batch call and offers no other switch.
 _TOKENIZER_THREAD_POOL_OFF = _ProcessWide(_parallelism_off, _parallelism_restore)
 
+def _gc_freeze() -> bool:
+    if gc.get_freeze_count():
+        return False  # the caller freezes its own heap; unfreezing later would undo that
+    gc.freeze()
+    return True
+
+
+def _gc_unfreeze(froze: bool) -> None:
+    if froze:
+        gc.unfreeze()
+
+
 # The objects that exist before the stage are left out of the collector's full passes: the
 # stage allocates millions of short-lived containers (messages, render contexts), and every full
 # collection they trigger would otherwise walk the caller's whole heap as well.
-_GC_FROZEN = _ProcessWide(gc.freeze, lambda _: gc.unfreeze())
+_GC_FROZEN = _ProcessWide(_gc_freeze, _gc_unfreeze)
 
 
 def tokenize_stage(

@@ -224,6 +224,30 @@ def test_threaded_tokenizing_leaves_tokenizers_parallelism_as_it_was(tmp_path, c
     assert os.environ.get("TOKENIZERS_PARALLELISM") == "true"
 
 
+def test_a_callers_own_gc_freeze_survives_the_stage(tmp_path, canonical, bpe_tokenizer_path):
+    import gc
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        tokenize_stage(canonical, tmp_path / "t.arrow", tmp_path / "r.parquet", str(bpe_tokenizer_path), config())
+        # still frozen (a few frozen objects may have been freed meanwhile); unfreeze would give 0
+        assert gc.get_freeze_count() > frozen // 2
+    finally:
+        gc.unfreeze()
+    tokenize_stage(canonical, tmp_path / "t2.arrow", tmp_path / "r2.parquet", str(bpe_tokenizer_path), config())
+    assert gc.get_freeze_count() == 0  # and a stage leaves nothing frozen behind it
+
+
+def test_gather_rows_refuses_rows_outside_the_table():
+    from pipeline.fsutil import gather_rows
+
+    table = pa.table({"x": list(range(10))})
+    assert gather_rows(table, np.array([3, 4, 5, 9, 0])).column("x").to_pylist() == [3, 4, 5, 9, 0]
+    with pytest.raises(IndexError):
+        gather_rows(table, np.array([8, 9, 10]))
+
+
 def test_split_is_by_id_not_position():
     ids = [f"{i:032x}" for i in range(4000)]
     val = {i for i in ids if split_of(i, 0.1) == "val"}
