@@ -359,8 +359,8 @@ class Masker:
         leftovers = []
         # Every row's ids, spelled through the table in one gather, must give back its text byte
         # for byte: then a span of the text *is* the decoding of the tokens over it. A row that is
-        # not spelled exactly (it cannot happen for a true byte-level vocabulary) takes the
-        # offsets road.
+        # not spelled exactly takes the offsets road (none does with a plain byte-level
+        # tokenizer; a pre-tokenizer step that drops characters would send every row there).
         if encoded:
             blob, all_bounds, unknown = table.spell(np.concatenate([ids for _, _, ids in encoded]))  # type: ignore[union-attr]
             spelled = memoryview(blob)
