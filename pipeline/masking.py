@@ -177,19 +177,6 @@ class _PlainControlEncoder:
         return encodings, ids
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's printable stand-in character for each byte, inverted: character -> byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    stand_ins, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            stand_ins[chr(byte)] = byte
-        else:
-            stand_ins[chr(256 + extra)] = byte
-            extra += 1
-    return stand_ins
-
-
 class _TokenBytes:
     """The byte string every token id stands for, as one flat table, for byte-level tokenizers.
 
@@ -221,7 +208,9 @@ class _TokenBytes:
         byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
         if len(byte_level) != 1 or byte_level[0].get("add_prefix_space"):
             return None
-        alphabet = _byte_level_alphabet()
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        alphabet = {char: byte for byte, char in bytes_to_unicode().items()}  # GPT-2's stand-in chars
         vocab: dict[str, int] = model.get("vocab") or {}
         size = max([*vocab.values(), *(t["id"] for t in data.get("added_tokens", []))], default=-1) + 1
         pieces: list[bytes | None] = [None] * size
@@ -329,7 +318,7 @@ class Masker:
         return self.finish(self.tokenize(self.render(rows)))
 
     # The three phases of encode_batch, for callers that overlap them: render and finish are
-    # Python, tokenize is the Rust tokenizer (it runs without the GIL, on its own thread pool).
+    # Python, tokenize is the Rust tokenizer (it runs without the GIL).
     def render(self, rows: Sequence[tuple[list[dict[str, Any]], str | None]]) -> "RenderedBatch":
         """Phase 1: render every conversation and locate its assistant turns in the text."""
         batch = RenderedBatch([None] * len(rows))
