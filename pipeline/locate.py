@@ -1,0 +1,320 @@
+"""Find each assistant turn in a rendered conversation, for any chat template.
+
+A template without ``{% generation %}`` blocks says nothing about where a turn's trained text
+lies, and the templates of today's reasoning models cannot be probed by rendering prefixes:
+Qwen3 adds an empty think block to the last turn only, DeepSeek-R1 cuts everything up to
+``</think>`` out of every turn, Phi-3 closes the whole conversation with EOS, so a partial
+render is not a prefix of the whole one. This module locates turns without that assumption:
+
+1. **Skeleton.** The conversation is rendered a second time with every piece of user text
+   (each message's content, each assistant turn's reasoning) replaced by a unique sentinel.
+   Whatever the template does with the text — drop it (earlier turns' reasoning), trim it,
+   move it (a system prompt folded into the first user turn) — it does to the sentinel, so the
+   skeleton shows exactly which pieces the template rendered and the fixed text around them.
+2. **Alignment.** The real rendering must equal the skeleton with every sentinel replaced by
+   its piece, trimmed of surrounding whitespace at most (``trim``, ``strip('\\n')``); anything
+   else (a template that branches on what the text says, a content split at ``</think>``) is
+   refused, and the caller tries again with fewer sentinels or rejects the row. So every
+   position of the skeleton's fixed text maps to one position of the real text.
+3. **Turn start.** For assistant turn *i* the generation prompt — the conversation before it
+   rendered with ``add_generation_prompt=True`` — is compared with the skeleton right after
+   the last piece of text before the turn: the turn starts where the two part, so what is
+   trained is what the model generates after the prompt it sees at inference (Qwen3's
+   ``<think>\\n`` is trained; Llama-3's ``\\n\\n`` after the header is not). Spaces the
+   template writes there (Mistral's after ``[/INST]``) are a separator, as a
+   ``{% generation %}`` block would treat them; the turn's own leading spaces are its text. Where the generation prompt goes
+   on past the point where they part, only an opened think block may be left over (DeepSeek-R1
+   prompts with ``<think>\\n`` but renders past turns without one): the turn then starts where
+   they part and is flagged as rendered unlike inference; anything else is refused.
+4. **Turn end.** The first end-of-turn marker after the turn's last text (content, or the tool
+   calls the template renders after it), before the next message's text.
+
+Positions are found in the skeleton and mapped to the real text; the caller tokenizes the real
+text once and verifies every trained span, as for generation blocks.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+# An opened think block is all a generation prompt may hold beyond what the full render shows.
+_OPEN_THINK = re.compile(r"\s*<think>\s*$")
+
+Render = Callable[[list[dict[str, Any]], bool], str]  # (messages, add_generation_prompt) -> text
+
+
+@dataclass(frozen=True)
+class Piece:
+    """User text inside a message field; the template may trim it, and nothing else."""
+
+    text: str
+
+
+# A field value for rendering: plain text, or literal text and pieces one after the other
+# (reasoning put inline as ``<think>\n`` + piece + ``\n</think>\n\n`` + piece).
+FieldValue = str | list[str | Piece]
+
+
+@dataclass(frozen=True)
+class LocatedTurn:
+    """One assistant turn in the real rendering: ``[start, end)`` is what is trained."""
+
+    message_index: int
+    start: int
+    end: int
+    end_token: str | None
+    like_inference: bool  # the text before `start` is what the generation prompt renders there
+    rendered_fields: tuple[str, ...]  # which of the turn's text fields the template rendered
+
+
+class LocateError(ValueError):
+    """The turns of this rendering cannot be located exactly (the row must be rejected)."""
+
+
+PIECE_FIELDS = ("content", "reasoning_content")
+
+
+def realise(messages: Sequence[dict[str, Any]], sentinel: Callable[[int, str], str | None] | None) -> list[dict[str, Any]]:
+    """Messages with piece lists joined: the real text, or each named piece as ``sentinel(i, field)``."""
+    out = []
+    for index, message in enumerate(messages):
+        copy = dict(message)
+        for field in PIECE_FIELDS:
+            value = message.get(field)
+            if isinstance(value, list):
+                parts = []
+                for part_index, part in enumerate(value):
+                    if isinstance(part, Piece):
+                        name = sentinel(index, f"{field}.{part_index}") if sentinel is not None else None
+                        parts.append(part.text if name is None else name)
+                    else:
+                        parts.append(part)
+                copy[field] = "".join(parts)
+            elif isinstance(value, str) and sentinel is not None:
+                name = sentinel(index, field)
+                if name is not None:
+                    copy[field] = name
+        out.append(copy)
+    return out
+
+
+def _pieces(messages: Sequence[dict[str, Any]], only_assistant: bool) -> dict[tuple[int, str], str]:
+    found = {}
+    for index, message in enumerate(messages):
+        if only_assistant and message.get("role") != "assistant":
+            continue
+        for field in PIECE_FIELDS:
+            value = message.get(field)
+            if isinstance(value, list):
+                for part_index, part in enumerate(value):
+                    if isinstance(part, Piece) and part.text.strip():
+                        found[(index, f"{field}.{part_index}")] = part.text
+            elif isinstance(value, str) and value.strip():
+                found[(index, field)] = value
+    return found
+
+
+class _Skeleton:
+    """The sentinel rendering aligned with the real one."""
+
+    def __init__(self, real: str, skeleton: str, slots: list[tuple[tuple[int, str], int, int, int, int]]):
+        self.real = real
+        self.text = skeleton
+        # (key, skeleton start, skeleton end, real start, real end) of every rendered piece, in order
+        self.slots = slots
+        # fixed text j starts at skeleton position fixed_s[j] and real position fixed_r[j]
+        self.fixed_s = [0] + [s_end for _, _, s_end, _, _ in slots]
+        self.fixed_r = [0] + [r_end for _, _, _, _, r_end in slots]
+
+    def to_real(self, position: int) -> int:
+        """A skeleton position in fixed text (or at a piece's edge) -> the real text's position."""
+        j = bisect_right(self.fixed_s, position) - 1
+        return self.fixed_r[j] + position - self.fixed_s[j]
+
+
+def _align(real: str, skeleton: str, pattern: re.Pattern, keys: dict[str, tuple[int, str]], values) -> _Skeleton | None:
+    slots = []
+    seen = set()
+    s_pos = r_pos = 0
+    for match in pattern.finditer(skeleton):
+        key = keys.get(match.group(0))
+        if key is None or key in seen:  # a sentinel rendered twice: its place is ambiguous
+            return None
+        seen.add(key)
+        fixed = skeleton[s_pos : match.start()]
+        if not real.startswith(fixed, r_pos):
+            return None
+        r_pos += len(fixed)
+        value = values[key]
+        core = value.strip()
+        lead = len(value) - len(value.lstrip())
+        trail = len(value) - len(value.rstrip())
+        ws = _whitespace_run(real, r_pos)
+        if ws > lead or real[r_pos : r_pos + ws] != value[lead - ws : lead] or not real.startswith(core, r_pos + ws):
+            return None
+        start = r_pos
+        after_core = r_pos + ws + len(core)
+        next_fixed = skeleton[match.end() : _next_match_start(pattern, skeleton, match.end())]
+        kept = None
+        tail = value[len(value) - trail :]
+        for b in range(min(_whitespace_run(real, after_core), trail, 256), -1, -1):
+            if real[after_core : after_core + b] == tail[:b] and real.startswith(next_fixed, after_core + b):
+                kept = b
+                break
+        if kept is None:
+            return None
+        r_pos = after_core + kept
+        slots.append((key, match.start(), match.end(), start, r_pos))
+        s_pos = match.end()
+    if real[r_pos:] != skeleton[s_pos:]:
+        return None
+    return _Skeleton(real, skeleton, slots)
+
+
+def _next_match_start(pattern: re.Pattern, text: str, position: int) -> int:
+    match = pattern.search(text, position)
+    return match.start() if match else len(text)
+
+
+def _whitespace_run(text: str, position: int) -> int:
+    end = position
+    while end < len(text) and text[end].isspace():
+        end += 1
+    return end - position
+
+
+def _common_prefix(a: str, b: str) -> int:
+    limit = min(len(a), len(b))
+    if a[:limit] == b[:limit]:
+        return limit
+    low, high = 0, limit  # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def locate_turns(
+    render: Render,
+    messages: Sequence[dict[str, Any]],
+    rendered: str,
+    end_tokens: Sequence[str],
+) -> list[LocatedTurn]:
+    """Every assistant turn of ``messages`` in ``rendered`` (their rendering), in order.
+
+    ``messages`` are template-ready dicts whose ``content``/``reasoning_content`` may be piece
+    lists (see :data:`FieldValue`); ``render(messages, add_generation_prompt)`` renders plain ones.
+    Raises :class:`LocateError` when a turn cannot be placed exactly.
+    """
+    marker = "@@sk"
+    while marker in rendered:
+        marker += "k"
+    failure = "the template renders the conversation's text in a way sftkit cannot follow"
+    for only_assistant in (False, True):
+        values = _pieces(messages, only_assistant)
+        names = {key: f"{marker}{n}@@" for n, key in enumerate(values)}
+        keys = {name: key for key, name in names.items()}
+
+        shaped = realise(messages, lambda index, field: names.get((index, field)))
+        skeleton_text = render(shaped, False)
+        pattern = re.compile(re.escape(marker) + r"\d+@@")
+        skeleton = _align(rendered, skeleton_text, pattern, keys, values)
+        if skeleton is None:
+            failure = (
+                "the template changes the conversation's text beyond trimming it, or renders it in "
+                "an order or number sftkit cannot follow"
+            )
+            continue
+        try:
+            return _turns(render, shaped, skeleton, pattern, keys, end_tokens, strict_prompt=only_assistant)
+        except LocateError as exc:
+            failure = str(exc)
+    raise LocateError(failure)
+
+
+def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, *, strict_prompt: bool) -> list[LocatedTurn]:
+    text = skeleton.text
+    by_message: dict[int, list[tuple[int, int, str]]] = {}
+    order = []
+    for (index, field), s_start, s_end, _, _ in skeleton.slots:
+        by_message.setdefault(index, []).append((s_start, s_end, field))
+        order.append(index)
+    if order != sorted(order):
+        raise LocateError("the template renders the messages out of their order")
+    turns = []
+    for m, message in enumerate(shaped):
+        if message.get("role") != "assistant":
+            continue
+        before = [s_end for i, slots in by_message.items() if i < m for _, s_end, _ in slots]
+        after = [s_start for i, slots in by_message.items() if i > m for s_start, _, _ in slots]
+        own = by_message.get(m, [])
+        base = max(before, default=0)
+        limit = min(after, default=len(text))
+        anchor = own[0][0] if own else None
+
+        prompt = render(shaped[:m], True)
+        last = None
+        for last in pattern.finditer(prompt):
+            pass
+        tail = prompt[last.end() :] if last else prompt
+        same_anchor = (keys.get(last.group(0)) if last else None) == _key_ending_at(skeleton, base)
+        region_end = anchor if anchor is not None else limit
+        matched = _common_prefix(tail, text[base:region_end])
+        start = base + matched
+        like_inference = matched == len(tail) and same_anchor
+        if not like_inference:
+            opened = _OPEN_THINK.search(tail)
+            if opened and opened.start() <= matched:
+                matched = opened.start()  # parted inside the think block ("<" of "<think>" vs "<｜tool…")
+                start = base + matched
+            if strict_prompt or not same_anchor or not opened or opened.start() != matched:
+                raise LocateError(
+                    f"assistant turn {m}: its generation prompt ends {_clip(tail)!r} but the conversation "
+                    f"renders {_clip(text[base:region_end])!r} there, so where the turn starts is unknown"
+                )
+        while start < region_end and text[start] == " ":
+            start += 1  # the template's separator space (Mistral's after [/INST]) is not generated text
+        search_from = own[-1][1] if own else start
+        end, end_token = _first_end_token(text, search_from, limit, end_tokens)
+        if end is None:
+            if not own:
+                raise LocateError(f"assistant turn {m} has no text and no end-of-turn marker to find it by")
+            end = own[-1][1]
+        turns.append(
+            LocatedTurn(
+                m,
+                skeleton.to_real(start),
+                skeleton.to_real(end),
+                end_token,
+                like_inference,
+                tuple(field for _, _, field in own),
+            )
+        )
+    return turns
+
+
+def _key_ending_at(skeleton: _Skeleton, position: int):
+    for key, _, s_end, _, _ in skeleton.slots:
+        if s_end == position:
+            return key
+    return None
+
+
+def _first_end_token(text: str, start: int, limit: int, end_tokens: Sequence[str]) -> tuple[int | None, str | None]:
+    """The end of the first end-of-turn marker in ``text[start:limit]`` (the longest at a tie)."""
+    best, best_token = None, None
+    for token in end_tokens:
+        found = text.find(token, start, limit)
+        if found >= 0 and (best is None or found < best or (found == best and len(token) > len(best_token))):
+            best, best_token = found, token
+    return (None, None) if best is None else (best + len(best_token), best_token)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else "…" + text[-limit:]

@@ -1,0 +1,257 @@
+"""Official chat templates of six real models, and their generation-tagged twins, as test fixtures.
+
+Each ``<name>.jinja`` file is the model's published chat template (see the comment at its top for
+where the text came from and what, if anything, was changed); ``<name>_gen.jinja`` is the same
+template with ``{% generation %}`` … ``{% endgeneration %}`` around exactly what the model writes in
+each assistant turn (from right after the assistant header through the end-of-turn marker). A twin
+renders byte-identical text to its original for every input; its generation spans are the ground
+truth a mask locator working on the *untagged* original has to reproduce.
+
+``TEMPLATES[name]`` holds, per model:
+
+- ``file`` / ``twin``: the two file names in this folder;
+- ``controls``: the control tokens the template writes, added as *special* tokens by
+  :func:`tokenizer_for`;
+- ``added``: tokens the real tokenizer has as ordinary (non-special) added tokens, e.g. ``<think>``;
+- ``bos`` / ``eos`` / ``end_of_turn``: the model's strings (``bos`` is None for Qwen3);
+- ``variables``: extra keyword arguments to pass when rendering (``enable_thinking`` for Qwen3);
+- ``conversations``: the names in :data:`CONVERSATIONS` the template renders faithfully;
+- ``raises``: the names in :data:`CONVERSATIONS` the template refuses with ``raise_exception``
+  (a ``jinja2.TemplateError``). Names in neither list render but lose or mangle information
+  (Phi-3 drops tool messages; Llama-3.1 JSON-quotes string arguments again) or fail with an
+  ordinary error (DeepSeek-R1 concatenates dict arguments).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "City name, e.g. Paris"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city"],
+        },
+    },
+}
+
+
+def _tool_conversation(arguments) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": "What's the weather in Paris right now?"},
+            {
+                "role": "assistant",
+                # "" rather than None: transformers' apply_chat_template drops keys whose value is
+                # None, and DeepSeek-R1's `message['content'] is none` test then fails on the
+                # missing key. Both render the same text.
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "call_0001",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_0001", "name": "get_weather",
+             "content": '{"temperature": 18, "unit": "celsius", "sky": "cloudy"}'},
+            {"role": "assistant", "content": "It is 18 °C and cloudy in Paris."},
+        ],
+        "tools": [WEATHER_TOOL],
+    }
+
+
+#: name -> {"messages": [OpenAI-style messages], "tools": [tool schemas] or None}
+CONVERSATIONS: dict[str, dict] = {
+    "single_turn": {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is Paris."},
+        ],
+        "tools": None,
+    },
+    "multi_turn": {
+        "messages": [
+            {"role": "user", "content": "Give me a number between 1 and 10."},
+            {"role": "assistant", "content": "Seven."},
+            {"role": "user", "content": "  Now double it.  "},
+            {"role": "assistant", "content": "  Fourteen.\n"},
+        ],
+        "tools": None,
+    },
+    "system_multi_turn": {
+        "messages": [
+            {"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Name a prime number."},
+            {"role": "assistant", "content": "Thirteen."},
+        ],
+        "tools": None,
+    },
+    # OpenAI shape: arguments as an object (what transformers documents for tool calling).
+    "tool_call": _tool_conversation({"city": "Paris", "unit": "celsius"}),
+    # The same call with arguments as a JSON string (what DeepSeek-R1's template concatenates).
+    "tool_call_json_args": _tool_conversation('{"city": "Paris", "unit": "celsius"}'),
+    # Assistant turns carrying reasoning in a separate field (Qwen3 reads it; the others ignore it).
+    "reasoning": {
+        "messages": [
+            {"role": "user", "content": "What is 12 * 12?"},
+            {"role": "assistant", "reasoning_content": "12 * 12 = 144.", "content": "144"},
+            {"role": "user", "content": "And 13 * 13?"},
+            {"role": "assistant", "reasoning_content": "13 * 13 = 169.", "content": "169"},
+        ],
+        "tools": None,
+    },
+    # Reasoning inline in the content (Qwen3 splits it out, DeepSeek-R1 drops it, the others keep it).
+    "think_in_content": {
+        "messages": [
+            {"role": "user", "content": "Is 91 prime?"},
+            {"role": "assistant", "content": "<think>\n91 = 7 * 13.\n</think>\n\nNo, 91 = 7 × 13."},
+        ],
+        "tools": None,
+    },
+}
+
+_ALL = list(CONVERSATIONS)
+_NO_TOOLS = [c for c in _ALL if not c.startswith("tool_call")]
+
+TEMPLATES: dict[str, dict] = {
+    "qwen3": {
+        "file": "qwen3.jinja",
+        "twin": "qwen3_gen.jinja",
+        "controls": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        "added": ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "end_of_turn": "<|im_end|>",
+        "variables": {"enable_thinking": True},
+        "conversations": _ALL,
+        "raises": [],
+    },
+    "deepseek_r1": {
+        "file": "deepseek_r1.jinja",
+        "twin": "deepseek_r1_gen.jinja",
+        "controls": [
+            "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+            "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+            "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
+            "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>",
+        ],
+        "added": ["<think>", "</think>"],
+        "bos": "<｜begin▁of▁sentence｜>",
+        "eos": "<｜end▁of▁sentence｜>",
+        "end_of_turn": "<｜end▁of▁sentence｜>",
+        "variables": {},
+        # Tool calls only with arguments as a JSON string: the template concatenates them (a dict
+        # raises a TypeError, not a raise_exception, so "tool_call" is simply left out).
+        "conversations": [c for c in _ALL if c != "tool_call"],
+        "raises": [],
+    },
+    "phi3": {
+        "file": "phi3.jinja",
+        "twin": "phi3_gen.jinja",
+        "controls": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"],
+        "added": [],
+        "bos": "<s>",
+        "eos": "<|endoftext|>",
+        "end_of_turn": "<|end|>",
+        "variables": {},
+        # No tool support: the tool conversations render, but tool messages are silently dropped
+        # and tool_calls ignored, so they are not listed.
+        "conversations": _NO_TOOLS,
+        "raises": [],
+    },
+    "gemma": {
+        "file": "gemma.jinja",
+        "twin": "gemma_gen.jinja",
+        "controls": ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
+        "added": [],
+        "bos": "<bos>",
+        "eos": "<eos>",
+        "end_of_turn": "<end_of_turn>",
+        "variables": {},
+        # No system role, no tools (a tool message breaks the user/model alternation check).
+        "conversations": [c for c in _NO_TOOLS if c != "system_multi_turn"],
+        "raises": ["system_multi_turn", "tool_call", "tool_call_json_args"],
+    },
+    "llama31": {
+        "file": "llama31.jinja",
+        "twin": "llama31_gen.jinja",
+        "controls": [
+            "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eot_id|>", "<|eom_id|>", "<|python_tag|>",
+        ],
+        "added": [],
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "end_of_turn": "<|eot_id|>",
+        # date_string defaults to strftime_now("%d %b %Y"): pass date_string="26 Jul 2024" to pin it.
+        "variables": {},
+        # One tool call per turn, arguments as an object (a string would be JSON-quoted again).
+        "conversations": [c for c in _ALL if c != "tool_call_json_args"],
+        "raises": [],
+    },
+    "mistral": {
+        "file": "mistral.jinja",
+        "twin": "mistral_gen.jinja",
+        # Mistral-7B v0.1/v0.2 (SentencePiece v1): [INST] and [/INST] are plain text, not tokens.
+        "controls": ["<s>", "</s>"],
+        "added": [],
+        "bos": "<s>",
+        "eos": "</s>",
+        "end_of_turn": "</s>",
+        "variables": {},
+        "conversations": _NO_TOOLS,
+        "raises": ["tool_call", "tool_call_json_args"],
+    },
+}
+
+
+def template_text(name: str, twin: bool = False) -> str:
+    """The text of a template file (the official one, or its generation-tagged twin)."""
+    entry = TEMPLATES[name]
+    return (HERE / entry["twin" if twin else "file"]).read_text(encoding="utf-8")
+
+
+def conversation(name: str) -> tuple[list[dict], list[dict] | None]:
+    """A deep copy of one example conversation: (messages, tools)."""
+    conv = CONVERSATIONS[name]
+    return copy.deepcopy(conv["messages"]), copy.deepcopy(conv["tools"])
+
+
+def tokenizer_for(name: str, base_tokenizer, twin: bool = False):
+    """A copy of ``base_tokenizer`` dressed as model ``name``.
+
+    The model's control tokens become special tokens, its other added tokens (``<think>`` …)
+    ordinary added tokens, bos/eos are set to the model's strings (bos is removed for Qwen3, which
+    has none) and ``chat_template`` is the official template (or its twin). ``base_tokenizer`` is
+    never modified (``load_tokenizer`` caches and shares its tokenizers).
+    """
+    entry = TEMPLATES[name]
+    tokenizer = copy.deepcopy(base_tokenizer)
+    specials = list(entry["controls"])
+    for token in (entry["bos"], entry["eos"]):
+        if token is not None and token not in specials:
+            specials.append(token)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    if entry["added"]:
+        tokenizer.add_tokens(list(entry["added"]), special_tokens=False)
+    tokenizer.add_special_tokens({"eos_token": entry["eos"]})
+    if entry["bos"] is None:
+        tokenizer.bos_token = None
+    else:
+        tokenizer.add_special_tokens({"bos_token": entry["bos"]})
+    tokenizer.chat_template = template_text(name, twin=twin)
+    return tokenizer
