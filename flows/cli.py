@@ -47,6 +47,12 @@ def prepare(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="longest row in tokens"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of rows in the validation split"),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="skip exact and near-duplicate removal"),
+    reasoning: Optional[str] = typer.Option(
+        None, "--reasoning", help="template | per_turn | drop: how assistant reasoning is rendered and trained"
+    ),
+    strict_render: bool = typer.Option(
+        False, "--strict-render", help="reject rows whose prompt tokens differ from what inference renders"
+    ),
     task_runner: TaskRunner = typer.Option(TaskRunner.threads, "--task-runner", help="where flow tasks run"),
     no_flow: bool = typer.Option(False, "--no-flow", help="run the stages in this process, without Prefect"),
 ) -> None:
@@ -65,6 +71,8 @@ def prepare(
             no_dedup=no_dedup,
             task_runner=task_runner.value,
             use_flow=not no_flow,
+            reasoning=reasoning,
+            strict_render=strict_render,
         )
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

@@ -19,6 +19,8 @@ def build_config(
     max_length: int | None = None,
     val_fraction: float | None = None,
     no_dedup: bool = False,
+    reasoning: str | None = None,
+    strict_render: bool = False,
 ) -> SFTConfig:
     """The YAML config (or defaults) with command-line options applied on top."""
     config = SFTConfig.from_yaml(config_file) if config_file else SFTConfig()
@@ -34,6 +36,10 @@ def build_config(
         data["shards"]["val_fraction"] = val_fraction
     if no_dedup:
         data["dedup"]["enabled"] = False
+    if reasoning is not None:
+        data["tokenize"]["reasoning"] = reasoning
+    if strict_render:
+        data["tokenize"]["strict_render"] = True
     return SFTConfig.model_validate(data)
 
 
@@ -80,10 +86,12 @@ def run_prepare(
     no_dedup: bool = False,
     task_runner: str = "threads",
     use_flow: bool = True,
+    reasoning: str | None = None,
+    strict_render: bool = False,
 ) -> dict[str, Any]:
     from pipeline.ingest import expand_inputs
 
-    config = build_config(config_file, template, max_length, val_fraction, no_dedup)
+    config = build_config(config_file, template, max_length, val_fraction, no_dedup, reasoning, strict_render)
     expand_inputs(inputs)  # fail fast, before any engine starts, on a path that is not there
     if use_flow:
         from flows.refresh import refresh_flow

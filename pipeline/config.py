@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import date
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -84,6 +85,20 @@ class TemplateConfig(_Section):
     name: str = Field("auto", description="auto (the tokenizer's own) | chatml | llama3 | mistral | alpaca")
     jinja_file: Path | None = Field(None, description="a custom chat template; wins over name")
     default_system: str | None = Field(None, description="system prompt added when the data has none")
+    system: Literal["keep", "merge", "reject"] = Field(
+        "keep",
+        description="a system prompt: render it as it is, merge it into the first user turn (for templates "
+        "without a system role, e.g. Gemma), or reject rows that have one",
+    )
+    variables: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra template variables, e.g. {enable_thinking: false}; recorded in the template fingerprint",
+    )
+    today: date = Field(
+        date(2024, 7, 26),
+        description="the date a template sees: strftime_now() and date_string (Llama-3.1 prints it into every "
+        "system header); pinned so that the same input gives the same shards on any day",
+    )
 
 
 class TokenizeConfig(_Section):
@@ -95,10 +110,20 @@ class TokenizeConfig(_Section):
     workers: Literal["threads", "processes"] = Field(
         "threads", description="threads (the Rust tokenizer runs without the GIL) or worker processes"
     )
-    span_method: Literal["auto", "generation", "prefix"] = Field(
+    span_method: Literal["auto", "generation", "locate", "prefix"] = Field(
         "auto",
-        description="how assistant turns are located: the template's {% generation %} blocks, rendering "
-        "prefixes of the conversation, or auto (generation blocks when the template has them)",
+        description="how assistant turns are located: the template's {% generation %} blocks, or locate "
+        "(render with sentinels and align, any template; 'prefix' is its old name), or auto "
+        "(generation blocks when the template has them)",
+    )
+    reasoning: Literal["template", "per_turn", "drop"] = Field(
+        "template",
+        description="assistant reasoning: train what the template renders for the whole conversation; per_turn "
+        "(one row per assistant turn, rendered as at inference, reasoning included); or drop it",
+    )
+    strict_render: bool = Field(
+        False,
+        description="reject rows whose tokens before the last trained turn differ from the generation prompt's",
     )
 
 

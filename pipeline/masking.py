@@ -47,7 +47,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline import schema
-from pipeline.templates import KNOWN_END_TOKENS, Template, render, template_variables, with_default_system
+from pipeline.locate import LocateError, Piece, locate_turns, realise
+from pipeline.templates import KNOWN_END_TOKENS, Template, render, template_variables
 
 # Private-use characters for placeholders. The lead character of a placeholder names which
 # control token it stands for; the filler pads it to the same length, so offsets never shift.
@@ -56,7 +57,9 @@ _TEMPLATE_LEAD, _TEMPLATE_FILL = 0x100000, "\U0010FF00"  # control tokens writte
 _PLACEHOLDER_CHARS = re.compile("[\U000F0000-\U0010FFFF]")
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
-SPAN_METHODS = ("auto", "generation", "prefix")
+SPAN_METHODS = ("auto", "generation", "locate", "prefix")  # "prefix": the old name of "locate"
+REASONING_POLICIES = ("template", "per_turn", "drop")
+SYSTEM_POLICIES = ("keep", "merge", "reject")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ class Encoded:
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32
     truncated: bool = False
+    # The tokens before the last trained turn differ from what the generation prompt of the
+    # messages before it tokenizes to: training shows the model something inference never will.
+    render_mismatch: bool = False
 
     @property
     def num_trainable(self) -> int:
@@ -267,6 +273,10 @@ class _Rendered:
     messages: list[dict[str, Any]]  # as rendered (default system included), with the data's own text
     train_flags: list[bool | None]
     has_control_text: bool
+    # The generation prompt of the last trained turn when its text differs from the row's text
+    # before that turn; None when it agrees, then ``prompt_length`` is its length.
+    prompt: str | None = None
+    prompt_length: int = -1
 
 
 class Masker:
@@ -281,6 +291,9 @@ class Masker:
         train_on: str = "all_assistant",
         truncate: bool = False,
         span_method: str = "auto",
+        reasoning: str = "template",
+        system: str = "keep",
+        strict_render: bool = False,
     ):
         if train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
@@ -297,6 +310,9 @@ class Masker:
         self.truncate = truncate
         self.use_generation = span_method == "generation" or (span_method == "auto" and template.has_generation_tags)
         self.variables = template_variables(tokenizer)
+        self.reasoning = ReasoningShape(template, reasoning)
+        self.roles = RolePolicy(template, self.variables, system)
+        self.strict_render = strict_render
         self.controls = control_tokens(tokenizer, template.source)
         self.control_re = re.compile("|".join(re.escape(c) for c in self.controls)) if self.controls else None
         self._plain_control_encoder: _PlainControlEncoder | None = None
@@ -308,6 +324,9 @@ class Masker:
             if tokenizer.eos_token:
                 ends.add(tokenizer.eos_token)
             self.end_tokens = tuple(sorted(ends, key=lambda t: (-len(t), t)))
+        self.control_ids = np.array(
+            sorted({i for i in (self.backend.token_to_id(c) for c in self.controls) if i is not None}), dtype=np.int32
+        )
 
     # --- public ------------------------------------------------------------------------------
     def encode(self, messages: list[dict[str, Any]], tools: str | None = None) -> Encoded | Rejection:
@@ -343,6 +362,7 @@ class Masker:
         """Phase 3: locate turns in tokens, build labels, verify every trained span, fit the length."""
         results, table = batch.results, self.token_bytes
         staged: dict[int, tuple[np.ndarray, np.ndarray, list[_Turn]]] = {}
+        starts: dict[int, tuple[_Rendered, Any]] = {}  # row, and where each token starts in its text
         checks = []  # (row index, turn, the turn's message as rendered, its trained tokens decoded)
         encoded = batch.encoded_by_bytes
         leftovers = []
@@ -369,6 +389,7 @@ class Masker:
                 results[row.index] = outcome
                 continue
             staged[row.index] = outcome
+            starts[row.index] = (row, _byte_start_to_char(raw, bounds, base))
             checks += [
                 (
                     row.index,
@@ -385,6 +406,7 @@ class Masker:
                 results[row.index] = outcome
             else:
                 staged[row.index] = outcome
+                starts[row.index] = (row, lambda token, encoding=encoding: encoding.token_to_chars(token)[0])
                 offset_checks += [(row.index, turn, row.messages[turn.message_index]) for turn in outcome[2]]
         decoded = self.backend.decode_batch(
             [staged[index][0][t.first_token : t.last_token + 1].tolist() for index, t, _ in offset_checks],
@@ -398,11 +420,63 @@ class Masker:
                     "tokenize",
                     "mask_unverifiable",
                     f"trained tokens of assistant turn {turn.message_index} decode to {_clip(text)!r}, "
-                    f"not to its content and end token",
+                    f"not to its reasoning, content and end token",
                 )
+        mismatched = self._render_mismatches({i: starts[i] for i in staged}, staged)
         for index, (ids, labels, _turns) in staged.items():
-            results[index] = self._fit_length(ids, labels, _turns)
+            outcome = self._fit_length(ids, labels, _turns)
+            if isinstance(outcome, Encoded) and index in mismatched:
+                if self.strict_render:
+                    outcome = Rejection("tokenize", "render_mismatch", mismatched[index])
+                else:
+                    outcome.render_mismatch = True
+            results[index] = outcome
         return results  # type: ignore[return-value]
+
+    def _render_mismatches(self, starts: dict, staged: dict) -> dict[int, str]:
+        """Rows whose tokens before the last trained turn are not what inference tokenizes there.
+
+        ``starts[i]`` is (row, a function giving a token's first character in the row's marked
+        text). The text was compared when rendering; here only the tokens around the prompt's
+        end can differ (a merge across it), and the tokens after the last control token before
+        it are encoded again on their own: the control token cuts the tokenization there.
+        """
+        mismatched: dict[int, str] = {}
+        plain, hidden = [], []
+        for index, (row, token_start) in starts.items():
+            ids, labels, turns = staged[index]
+            trained = [t for t in turns if labels[t.first_token] != schema.IGNORE_INDEX]
+            if not trained:
+                continue
+            turn = trained[-1]
+            if row.prompt is not None:
+                mismatched[index] = (
+                    f"the text before assistant turn {turn.message_index} is not what "
+                    f"apply_chat_template(messages[:{turn.message_index}], add_generation_prompt=True) renders: "
+                    f"it ends {_clip(row.text[max(0, turn.char_start - 60) : turn.char_start])!r}, the prompt ends "
+                    f"{_clip(row.prompt[-60:])!r}"
+                )
+                continue
+            first = turn.first_token
+            controls = np.flatnonzero(np.isin(ids[:first], self.control_ids)) if len(self.control_ids) else []
+            t0 = int(controls[-1]) + 1 if len(controls) else 0
+            c0 = token_start(t0) if t0 < first else row.prompt_length
+            piece = row.marked_text[c0 : row.prompt_length] if c0 <= row.prompt_length else None
+            (hidden if row.has_control_text else plain).append((index, turn, ids[t0:first], piece))
+        if plain:
+            encodings = self.backend.encode_batch_fast([p or "" for *_, p in plain], add_special_tokens=False)
+            got = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        else:
+            got = []
+        if hidden:
+            got += self._control_encoder().encode_batch([p or "" for *_, p in hidden], offsets=False)[1]
+        for (index, turn, expected, piece), ids in zip(plain + hidden, got):
+            if piece is None or not np.array_equal(expected, ids):
+                mismatched[index] = (
+                    f"the tokens before assistant turn {turn.message_index} differ from those of its generation "
+                    f"prompt: a token merges the prompt's end {_clip(piece or '')!r} with the response"
+                )
+        return mismatched
 
     # --- rendering ---------------------------------------------------------------------------
     def _control_encoder(self) -> _PlainControlEncoder:
@@ -436,63 +510,74 @@ class Masker:
                     "content": encoder.hide(m["content"], self.control_re),
                     "name": encoder.hide(m["name"], self.control_re) if m.get("name") else m.get("name"),
                     "tool_calls": encoder.hide(m["tool_calls"], self.control_re) if m.get("tool_calls") else None,
+                    "reasoning": encoder.hide(m["reasoning"], self.control_re) if m.get("reasoning") else None,
                 }
                 for m in canonical
             ]
             messages = schema.messages_for_template(hidden)
             tool_schemas = schema.tools_for_template(encoder.hide(tools, self.control_re) if tools else tools)
         train_flags = [m.get("train") for m in canonical]
-        if self.template.default_system and (not messages or messages[0]["role"] != "system"):
-            train_flags = [None, *train_flags]
-        messages = with_default_system(messages, self.template)
-        true_messages = with_default_system(true_messages, self.template)
+        prepared = self.roles.prepare(messages, true_messages, train_flags)
+        if isinstance(prepared, Rejection):
+            return prepared
+        messages, true_messages, train_flags = prepared
+        shaped = self.reasoning.shape(messages)
+        plain = realise(shaped, None)
         try:
-            rendered, spans = render(
-                self.template, self.variables, messages, tool_schemas, with_spans=self.use_generation
-            )
-            if not self.use_generation:
-                spans = self._prefix_spans(rendered, messages, tool_schemas)
-        except _PrefixMismatch as exc:
-            return Rejection("tokenize", "mask_unverifiable", str(exc))
+            rendered, spans = render(self.template, self.variables, plain, tool_schemas, with_spans=self.use_generation)
         except Exception as exc:  # a template raises whatever its author chose (raise_exception, TypeError …)
-            return Rejection("template", "template_error", f"chat template {self.template.name!r} failed: {exc}")
+            return self.roles.render_failure(messages, exc)
         assistant_indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if len(spans) != len(assistant_indices):
-            return Rejection(
-                "tokenize",
-                "mask_unverifiable",
-                f"the template marked {len(spans)} generation blocks for {len(assistant_indices)} assistant turns",
-            )
         if has_control_text:
             text, marked = self._control_encoder().texts(rendered)
         else:
             text = marked = rendered
-        turns = [
-            _Turn(i, *self._trim_span(text, start, end)) for i, (start, end) in zip(assistant_indices, spans)
-        ]
-        return _Rendered(index, text, marked, turns, true_messages, train_flags, has_control_text)
-
-    def _prefix_spans(self, rendered: str, messages, tools) -> list[tuple[int, int]]:
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before, _ = render(self.template, self.variables, messages[:i], tools, add_generation_prompt=True)
-            through, _ = render(self.template, self.variables, messages[: i + 1], tools)
-            if not (rendered.startswith(before) and rendered.startswith(through) and len(through) >= len(before)):
-                raise _PrefixMismatch(
-                    f"rendering the conversation up to assistant turn {i} is not a prefix of the whole "
-                    "rendering, so the turn cannot be located (template without {% generation %} blocks)"
+        if self.use_generation:
+            if len(spans) != len(assistant_indices):
+                return Rejection(
+                    "tokenize",
+                    "mask_unverifiable",
+                    f"the template marked {len(spans)} generation blocks for {len(assistant_indices)} assistant turns",
                 )
-            # The template's separator before the content (Mistral's " " after [/INST]) is not
-            # part of the turn; a generation block would start after it too.
-            start = len(before)
-            content = message["content"].strip()
-            skip = _leading_space(rendered, start, len(through))
-            if content and rendered.startswith(content, start + skip):
-                start += skip - _leading_space(message["content"], 0, None) if skip else 0
-            spans.append((start, len(through)))
-        return spans
+            turns = [
+                _Turn(i, *self._trim_span(text, start, end)) for i, (start, end) in zip(assistant_indices, spans)
+            ]
+        else:
+            try:
+                located = locate_turns(
+                    lambda msgs, prompt: render(
+                        self.template, self.variables, msgs, tool_schemas, add_generation_prompt=prompt
+                    )[0],
+                    shaped,
+                    rendered,
+                    self.end_tokens,
+                )
+            except LocateError as exc:
+                return Rejection("tokenize", "mask_unverifiable", str(exc))
+            except Exception as exc:
+                return self.roles.render_failure(messages, exc)
+            turns = [_Turn(t.message_index, t.start, t.end, t.end_token) for t in located]
+        row = _Rendered(index, text, marked, turns, true_messages, train_flags, has_control_text)
+        row.prompt = self._inference_prompt(row, rendered, plain, tool_schemas)
+        return row
+
+    def _inference_prompt(self, row: "_Rendered", rendered: str, plain: list[dict[str, Any]], tool_schemas) -> str | None:
+        """What the model sees before the row's last trained turn at inference, when the row
+        renders something else there; None when the two agree (as text: tokens are checked later)."""
+        selected = self._selected_turns(row.turns, row.train_flags)
+        if not selected:
+            return None
+        turn = selected[-1]
+        try:
+            prompt, _ = render(
+                self.template, self.variables, plain[: turn.message_index], tool_schemas, add_generation_prompt=True
+            )
+        except Exception as exc:  # the prompt alone does not render: certainly not what training shows
+            return f"<the generation prompt does not render: {exc}>"
+        if len(prompt) <= turn.char_start and rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
+            row.prompt_length = len(prompt)
+            return None
+        return prompt
 
     def _trim_span(self, text: str, start: int, end: int) -> tuple[int, int, str | None]:
         """Cut the whitespace after a turn's end token; take an end token left just outside the span."""
@@ -616,6 +701,140 @@ class Masker:
         return Encoded(ids.astype(np.int32, copy=False), labels.astype(np.int32, copy=False))
 
 
+class ReasoningShape:
+    """How an assistant turn's reasoning reaches the template (``tokenize.reasoning``).
+
+    A template that reads ``reasoning_content`` (Qwen3, DeepSeek-R1 distills, gpt-oss ports) gets
+    it there; for one that reads only ``content`` the reasoning is put back inline, as
+    ``<think>\nREASONING\n</think>\n\n`` before the content, the form such models were trained on.
+    ``drop`` renders no reasoning at all. ``per_turn`` renders like ``template``; the rows are cut
+    per turn before rendering (:func:`per_turn_rows`).
+    """
+
+    def __init__(self, template: Template, policy: str):
+        if policy not in REASONING_POLICIES:
+            raise ValueError(f"tokenize.reasoning must be one of {REASONING_POLICIES}, got {policy!r}")
+        self.policy = policy
+        self.reads_field = "reasoning_content" in template.source
+
+    def shape(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Template messages with reasoning where the template will find it (piece lists, see locate)."""
+        shaped = []
+        for message in messages:
+            reasoning = message.get("reasoning_content")
+            if reasoning is None:
+                shaped.append(message)
+                continue
+            message = {k: v for k, v in message.items() if k != "reasoning_content"}
+            if self.policy != "drop":
+                if self.reads_field:
+                    message["reasoning_content"] = reasoning
+                else:
+                    message["content"] = ["<think>\n", Piece(reasoning), "\n</think>\n\n", Piece(message["content"])]
+            shaped.append(message)
+        return shaped
+
+
+class RolePolicy:
+    """System prompts and roles a template cannot render (``template.system``).
+
+    ``keep`` renders the system message as it is; ``merge`` folds it into the first user turn
+    (``SYSTEM\n\nUSER``, what Gemma's model card suggests); ``reject`` refuses rows that have one.
+    Which roles the template refuses is probed once on tiny conversations, so a row it cannot
+    render is rejected as ``template_unsupported_role`` naming the role, not as a generic error.
+    """
+
+    def __init__(self, template: Template, variables: dict[str, Any], policy: str):
+        if policy not in SYSTEM_POLICIES:
+            raise ValueError(f"template.system must be one of {SYSTEM_POLICIES}, got {policy!r}")
+        self.template = template
+        self.policy = policy
+        self.unsupported: dict[str, str] = {}  # role -> what the template said when asked to render it
+        user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+        call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+        probes = {
+            "system": [{"role": "system", "content": "Be brief."}, user, answer],
+            "tool": [user, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "1"}, answer],
+        }
+        # Some templates concatenate a call's arguments as text (DeepSeek-R1): they get JSON text.
+        self.arguments_as_text = False
+        try:
+            render(template, variables, [user, answer])
+        except Exception:
+            return  # nothing renders: every row gets the template's own error
+        for role, conversation in probes.items():
+            try:
+                render(template, variables, conversation)
+            except Exception as exc:
+                if role == "tool" and _renders(template, variables, _arguments_as_text(conversation)):
+                    self.arguments_as_text = True
+                else:
+                    self.unsupported[role] = str(exc) or type(exc).__name__
+
+    def prepare(self, messages, true_messages, train_flags):
+        """(messages, true messages, train flags) with the default system prompt and the policy applied."""
+        if self.arguments_as_text:
+            messages, true_messages = _arguments_as_text(messages), _arguments_as_text(true_messages)
+        if self.template.default_system and (not messages or messages[0]["role"] != "system"):
+            system = {"role": "system", "content": self.template.default_system}
+            messages, true_messages, train_flags = [system, *messages], [system, *true_messages], [None, *train_flags]
+        if not messages or messages[0]["role"] != "system" or self.policy == "keep":
+            return messages, true_messages, train_flags
+        if self.policy == "reject":
+            return Rejection(
+                "template",
+                "template_unsupported_role",
+                f"the conversation has a system prompt and template.system is reject (template {self.template.name!r})",
+            )
+        return _merge_system(messages), _merge_system(true_messages), train_flags[1:]
+
+    def render_failure(self, messages: list[dict[str, Any]], exc: Exception) -> Rejection:
+        roles = {m["role"] for m in messages}
+        for role, said in self.unsupported.items():
+            if role in roles:
+                hint = " (template.system: merge folds it into the first user turn)" if role == "system" else ""
+                return Rejection(
+                    "template",
+                    "template_unsupported_role",
+                    f"chat template {self.template.name!r} cannot render a {role!r} message: {_clip(said)}{hint}",
+                )
+        return Rejection("template", "template_error", f"chat template {self.template.name!r} failed: {exc}")
+
+
+def _renders(template: Template, variables: dict[str, Any], messages: list[dict[str, Any]]) -> bool:
+    try:
+        render(template, variables, messages)
+    except Exception:
+        return False
+    return True
+
+
+def _arguments_as_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages whose tool calls carry their arguments as JSON text instead of an object."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls:
+            as_text = []
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and not isinstance(fn.get("arguments"), str):
+                    call = {**call, "function": {**fn, "arguments": json.dumps(fn.get("arguments"), ensure_ascii=False)}}
+                as_text.append(call)
+            message = {**message, "tool_calls": as_text}
+        out.append(message)
+    return out
+
+
+def _merge_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    system, rest = messages[0], list(messages[1:])
+    for i, message in enumerate(rest):
+        if message["role"] == "user":
+            rest[i] = {**message, "content": f"{system['content']}\n\n{message['content']}"}
+            return rest
+    return rest
+
+
 def _private_copy(backend):
     """The Rust tokenizer with this Masker's own settings.
 
@@ -632,8 +851,11 @@ def _private_copy(backend):
     return copy
 
 
-class _PrefixMismatch(Exception):
-    pass
+def _byte_start_to_char(raw: bytes, bounds: np.ndarray, base: int):
+    def token_start(token: int) -> int:
+        return len(raw[: int(bounds[token]) - base].decode("utf-8", "replace"))
+
+    return token_start
 
 
 def _no_tokens(turn: _Turn) -> Rejection:
@@ -658,13 +880,10 @@ def _row_strings(messages: list[dict[str, Any]], tools: str | None):
             yield m["name"]
         if m.get("tool_calls"):
             yield m["tool_calls"]
+        if m.get("reasoning"):
+            yield m["reasoning"]
     if tools:
         yield tools
-
-
-def _leading_space(text: str, start: int, end: int | None) -> int:
-    stretch = text[start:end]
-    return len(stretch) - len(stretch.lstrip())
 
 
 def _token_at_or_after(encoding, char: int, limit: int) -> int | None:
@@ -685,26 +904,39 @@ def _token_at_or_before(encoding, char: int, limit: int) -> int | None:
     return None
 
 
+# What may stand before a turn's content in its trained text, once its reasoning is taken out:
+# nothing, or one pair of tags left empty (Qwen3's "<think>\n\n</think>\n\n" on the last turn).
+_BEFORE_CONTENT = re.compile(r"\s*(?:<(\w+)>\s*</\1>\s*)?")
+
+
 def _span_matches(decoded: str, message: dict[str, Any], end_token: str | None) -> bool:
-    """Decoded trained tokens == the turn's content (+ its rendered tool calls) + its end token."""
+    """Decoded trained tokens == the turn's [reasoning block +] content [+ tool calls] + end token."""
     body = decoded.strip()
     if end_token:
         if not body.endswith(end_token):
             return False
         body = body[: -len(end_token)].rstrip()
     content = message["content"].strip()
+    reasoning = (message.get("reasoning_content") or "").strip()
     calls = message.get("tool_calls")
     if not calls:
-        return body == content
-    if not body.startswith(content):
-        return False
-    rest = body[len(content) :]
-    for call in calls:
-        fn = call.get("function", call) if isinstance(call, dict) else {}
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if not name or name not in rest:
+        if not body.endswith(content):
             return False
-    return True
+        before, rest = body[: len(body) - len(content)], ""
+    else:
+        after_reasoning = body.find(reasoning) + len(reasoning) if reasoning and reasoning in body else 0
+        at = body.find(content, after_reasoning) if content else -1
+        if content and at < 0:
+            return False
+        before, rest = (body[:at], body[at + len(content) :]) if content else ("", body)
+        for call in calls:
+            fn = call.get("function", call) if isinstance(call, dict) else {}
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if not name or name not in rest:
+                return False
+    if reasoning and reasoning in before:
+        before = before.replace(reasoning, "", 1)
+    return _BEFORE_CONTENT.fullmatch(before) is not None
 
 
 def _clip(text: str, limit: int = 120) -> str:

@@ -423,6 +423,10 @@ def finalize(
     rejected_listed = (previous.get("rejected", []) if previous else []) + rejected_files
     read_total = (previous["counts"]["read"] if previous else 0) + read_now
     kept_total = sum(s["rows"] for s in shards)
+    # Kept rows whose tokens before the last trained turn are not what inference shows there.
+    render_mismatch = (previous["counts"].get("render_mismatch", 0) if previous else 0) + (
+        stage_totals["tokenize"].extra.get("render_mismatch", 0) if "tokenize" in stage_totals else 0
+    )
     rejected_total = sum(f["rows"] for f in rejected_listed)
     if read_total != kept_total + rejected_total:
         raise AssertionError(
@@ -464,7 +468,12 @@ def finalize(
         "shards": shards,
         "rejected": rejected_listed,
         "dedup_index": index_parts,
-        "counts": {"read": read_total, "kept": kept_total, "rejected": rejected_counts},
+        "counts": {
+            "read": read_total,
+            "kept": kept_total,
+            "rejected": rejected_counts,
+            "render_mismatch": render_mismatch,
+        },
         "stages": [
             {**stage_totals[name].to_dict(), "name": name} for name in STAGE_ORDER if name in stage_totals
         ],

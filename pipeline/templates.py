@@ -13,9 +13,11 @@ end-of-turn token, not the header before it and not the newline after it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -164,19 +166,47 @@ KNOWN_END_TOKENS = (
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
+DEFAULT_TODAY = date(2024, 7, 26)  # Llama-3.1's own fallback date: any fixed day would do
+
+
 @dataclass(frozen=True)
 class Template:
-    """A resolved chat template: its name, its Jinja text and everything that decides its output."""
+    """A resolved chat template: its name, its Jinja text and everything that decides its output.
+
+    ``variables`` are the user's extra template variables (``enable_thinking`` …) and ``today``
+    the date every render sees: ``strftime_now`` is replaced by one that formats it and
+    ``date_string`` defaults to it, so a template that prints the date (Llama-3.1) renders the
+    same text on every day. Both are part of the fingerprint.
+    """
 
     name: str
     source: str
     default_system: str | None = None
     end_token: str | None = None  # the marker that closes an assistant turn, when known
+    variables: tuple[tuple[str, Any], ...] = ()
+    today: date = DEFAULT_TODAY
 
     @property
     def fingerprint(self) -> str:
         payload = self.source + "\x00" + (self.default_system or "")
+        pinned = self.pinned_variables()
+        if self.variables or "strftime_now" in self.source or "date_string" in self.source:
+            # only templates that can see them change with them: old fingerprints stay valid
+            payload += "\x00" + json.dumps(
+                {k: v for k, v in pinned.items() if k != "strftime_now"}, sort_keys=True, default=str
+            )
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+    def pinned_variables(self) -> dict[str, Any]:
+        """What every render of this template passes besides the conversation."""
+        today = self.today
+
+        def strftime_now(format: str) -> str:
+            return today.strftime(format)
+
+        variables = {"date_string": today.strftime("%d %b %Y"), "strftime_now": strftime_now}
+        variables.update(dict(self.variables))
+        return variables
 
     @property
     def has_generation_tags(self) -> bool:
@@ -235,7 +265,10 @@ def resolve_template(tokenizer, config: TemplateConfig) -> Template:
         )
     if default_system and not template.supports_system:
         raise ValueError(f"chat template {template.name!r} has no system role, so default_system cannot be used")
-    return template
+    reserved = {"messages", "tools", "add_generation_prompt", "strftime_now", "raise_exception"} & set(config.variables)
+    if reserved:
+        raise ValueError(f"template.variables cannot set {', '.join(sorted(reserved))}: sftkit passes those itself")
+    return replace(template, variables=tuple(sorted(config.variables.items())), today=config.today)
 
 
 def with_default_system(messages: list[dict[str, Any]], template: Template) -> list[dict[str, Any]]:
@@ -272,6 +305,6 @@ def render(
         chat_template=template.source,
         return_assistant_tokens_mask=with_spans,
         add_generation_prompt=add_generation_prompt,
-        **variables,
+        **{**variables, **template.pinned_variables()},
     )
     return rendered[0], [tuple(span) for span in spans[0]] if with_spans else []

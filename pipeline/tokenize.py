@@ -51,6 +51,9 @@ def build_masker(tokenizer, config: SFTConfig) -> Masker:
         train_on=config.tokenize.train_on,
         truncate=config.tokenize.truncate,
         span_method=config.tokenize.span_method,
+        reasoning=config.tokenize.reasoning,
+        system=config.template.system,
+        strict_render=config.tokenize.strict_render,
     )
 
 
@@ -110,6 +113,7 @@ def assemble(table: pa.Table, results: list[Encoded | Rejection]) -> tuple[pa.Ta
         "tokens": int(lengths.sum()),
         "trainable_tokens": int(trainable.sum()),
         "truncated": sum(e.truncated for e in encoded),
+        "render_mismatch": sum(e.render_mismatch for e in encoded),
     }
     return kept_table, rejected, figures
 
@@ -253,7 +257,7 @@ def tokenize_stage(
 ) -> StageStats:
     """Render, tokenize and mask every conversation of ``in_path``; write kept and rejected rows."""
     in_path, out_path, rejected_path = Path(in_path), Path(out_path), Path(rejected_path)
-    stats = StageStats("tokenize", extra={"tokens": 0, "trainable_tokens": 0, "truncated": 0})
+    stats = StageStats("tokenize", extra={"tokens": 0, "trainable_tokens": 0, "truncated": 0, "render_mismatch": 0})
     rejected_tables = []
     with Timer() as timer, _GC_FROZEN.held():
         try:
@@ -278,7 +282,7 @@ def tokenize_stage(
                     stats.records_in += figures["records_in"]
                     stats.records_out += kept.num_rows
                     stats.rejected.update(figures["rejected"])
-                    for key in ("tokens", "trainable_tokens", "truncated"):
+                    for key in ("tokens", "trainable_tokens", "truncated", "render_mismatch"):
                         stats.extra[key] += figures[key]
         if rejected_tables:
             write_rejected(pa.concat_tables(rejected_tables), rejected_path)
