@@ -11,9 +11,12 @@ Layouts recognised, tried in this order:
    mapping's columns (records without them fall through to auto-detection);
 2. a message list under ``messages``, ``conversations`` or ``conversation``, whose items are
    either OpenAI style (``role``/``content``, content as text or a list of ``{"type": "text"}``
-   parts, ``tool_calls``, legacy ``function_call``, ``tool`` role, optional ``train``/``weight``)
-   or ShareGPT style (``from``/``value`` with human, gpt, system, function_call, observation),
-   plus optional record-level ``system`` and ``tools`` (a JSON string or a list);
+   parts, ``tool_calls``, legacy ``function_call``, ``tool`` role, optional ``train``/``weight``,
+   ``reasoning_content``/``reasoning``), LLaMA-Factory style (``role``/``content`` with content a
+   list of ``{"type": "text"|"reasoning"|"tool_call", "value": ...}`` parts, per-message
+   ``loss_weight``), or ShareGPT style (``from``/``value`` with human, gpt, system,
+   function_call, observation), plus optional record-level ``system`` and ``tools`` (a JSON
+   string or a list);
 3. Alpaca: ``instruction`` + ``output`` (``input``, ``system``, ``history`` optional);
 4. prompt/completion: ``prompt`` + ``completion`` as strings or message lists (also the pairs
    prompt/response, query/response, question/answer).
@@ -21,15 +24,36 @@ Layouts recognised, tried in this order:
 Normalisation decisions (documented here because users see their effect):
 
 * Tool calls become OpenAI style ``[{"type": "function", "function": {"name", "arguments"}}]``
-  with ``arguments`` parsed to an object when it is JSON text; a call ``id`` is kept.
+  with ``arguments`` parsed to an object when it is JSON text; a call ``id`` is kept. A
+  LLaMA-Factory ``tool_call`` content part (JSON text ``{"name", "arguments"}``) is one call;
+  a message may have several. Calls both in ``tool_calls`` and in parts are ``wrong_type``.
+* Content parts: several text parts are joined by a newline; a part's payload is read from
+  ``value`` (LLaMA-Factory) or ``text`` (OpenAI). Part types other than text, reasoning and
+  tool_call (images, audio) are ``wrong_type``, and so are reasoning/tool_call parts on a
+  non-assistant message.
+* Reasoning (an assistant's "thinking") goes to the message's ``reasoning`` field, from
+  ``reasoning_content`` (OpenAI-compatible APIs, Qwen3, DeepSeek-R1; preferred), a string
+  ``reasoning`` field, ``reasoning`` content parts (joined by a newline), or a
+  ``<think>…</think>`` block at the very start of an assistant's content in any layout (newlines
+  around the reasoning and leading newlines of the rest are dropped; ``<think>`` without a
+  ``</think>`` stays content as written; an empty block is removed and gives no reasoning).
+  Two sources on one message must agree, else ``wrong_type``; null or empty reasoning is none.
+  Reasoning on a system, user or tool message is ``wrong_type``.
+* An assistant turn must answer: one with reasoning but no content and no tool call is an
+  ``empty_response`` (training on thinking that leads nowhere teaches the model to stop there).
+* Per-message ``train`` (bool) wins over ``weight`` (axolotl, 0 or 1), which wins over
+  ``loss_weight`` (LLaMA-Factory, 0/0.0 -> not trained, 1/1.0 -> trained; any other value is
+  ``wrong_type``: fractional loss weights are not supported).
 * Tool schemas given bare (``{"name", "description", "parameters"}``) are wrapped as
   ``{"type": "function", "function": {...}}``, the shape chat templates expect.
 * Empty system messages are dropped; several leading system messages are joined.
 * Consecutive messages of the same role (user after user, assistant after assistant) are
   merged into one, joined by a blank line, because most chat templates demand alternation;
   pass ``merge_consecutive=False`` (config ``ingest.merge_consecutive_turns``) to reject them
-  as ``bad_turn_order`` instead. Messages with different ``train`` flags, or an earlier
-  assistant message that already calls tools, are never merged.
+  as ``bad_turn_order`` instead. Messages with different ``train`` flags, an earlier
+  assistant message that already calls tools, or a later assistant message that has reasoning
+  (its reasoning would be rendered before text it came after) are never merged; the merged turn
+  keeps the earlier turn's reasoning.
 * Rejected as ``bad_turn_order``: a conversation whose first non-system turn is not the user's,
   a system message after the start, a tool result not following an assistant tool call, a
   user turn right after a tool result, and a conversation that ends on a user turn or a tool
@@ -125,7 +149,7 @@ def to_conversation(
             f"no known layout matches the record's fields ({keys}); expected messages, conversations, "
             "instruction/output, prompt/completion, or a custom mapping in the config",
         )
-    return validate(messages, merge_consecutive=merge_consecutive), tools
+    return validate(_inline_reasoning(messages), merge_consecutive=merge_consecutive), tools
 
 
 # --- layouts ---------------------------------------------------------------------------------
@@ -239,8 +263,8 @@ def _from_mapping(record: dict, mapping: FieldMapping) -> tuple[list[dict], str 
             if role is None:
                 known = ", ".join(sorted(mapping.roles)) or "none"
                 raise RecordError(UNKNOWN_ROLE, f"message {position} has role {speaker!r}, which the mapping does not name (mapped: {known})")
-            content = _content_text(item.get(mapping.content_key), position, allow_null=False)
-            messages.append(schema.make_message(role, content, train=_train_flag(item, position)))
+            content, reasoning, calls = _read_content(item.get(mapping.content_key), position, role, allow_null=False)
+            messages.append(schema.make_message(role, content, tool_calls=calls, train=_train_flag(item, position), reasoning=reasoning))
     else:
         for column, role in ((mapping.prompt, "user"), (mapping.response, "assistant")):
             value = _lookup(record, column)
@@ -288,11 +312,14 @@ def _convert_items(items: list, field_name: str) -> list[dict]:
         if role is None:
             raise RecordError(UNKNOWN_ROLE, f"message {position} has role {speaker!r}; known roles are {', '.join(sorted(ROLE_ALIASES))}")
         train = _train_flag(item, position)
+        reasoning = _field_reasoning(item, position)
+        if reasoning is not None and role not in ("assistant", "function_call"):
+            raise RecordError(WRONG_TYPE, f"message {position} is a {role} message but carries reasoning; only assistant messages can")
 
         if role == "function_call":
             # ShareGPT: the whole value is the call, e.g. {"name": ..., "arguments": {...}}.
             calls = _parse_function_call_value(content, position)
-            messages.append(schema.make_message("assistant", "", tool_calls=calls, train=train))
+            messages.append(schema.make_message("assistant", "", tool_calls=calls, train=train, reasoning=reasoning))
             continue
 
         tool_calls = None
@@ -306,9 +333,18 @@ def _convert_items(items: list, field_name: str) -> list[dict]:
             for call in tool_calls:
                 if "id" in call:
                     call_names[str(call["id"])] = call["function"]["name"]
-        if role == "tool" and isinstance(content, (dict, list)) and not _is_text_parts(content):
+        if role == "tool" and isinstance(content, (dict, list)) and not _is_content_parts(content):
             content = json.dumps(content, ensure_ascii=False)  # a tool's structured result, as text
-        text = _content_text(content, position, allow_null=tool_calls is not None or role == "tool")
+        allow_null = tool_calls is not None or reasoning is not None or role == "tool"
+        text, part_reasoning, part_calls = _read_content(content, position, role, allow_null=allow_null)
+        if part_calls is not None:
+            if tool_calls is not None:
+                raise RecordError(WRONG_TYPE, f"message {position} carries tool calls both in 'tool_calls' and in tool_call content parts")
+            tool_calls = part_calls
+        if part_reasoning is not None:
+            if reasoning is not None and reasoning != part_reasoning:
+                raise RecordError(WRONG_TYPE, f"message {position} carries reasoning both in a field and in reasoning content parts, and they differ")
+            reasoning = part_reasoning
 
         name = item.get("name")
         if name is not None and not isinstance(name, str):
@@ -317,33 +353,138 @@ def _convert_items(items: list, field_name: str) -> list[dict]:
             name = call_names.get(str(item.get("tool_call_id")))
             if name is None:
                 name = _single_call_name(messages)
-        messages.append(schema.make_message(role, text, name=name, tool_calls=tool_calls, train=train))
+        messages.append(schema.make_message(role, text, name=name, tool_calls=tool_calls, train=train, reasoning=reasoning))
     return messages
 
 
-def _content_text(content: Any, position: int, *, allow_null: bool) -> str:
+# Content part types a message list may carry, OpenAI style ({"type": "text", "text": ...}) or
+# LLaMA-Factory style ({"type": ..., "value": ...}); reasoning and tool_call only on assistants.
+PART_TYPES = ("text", "reasoning", "tool_call")
+
+
+def _read_content(content: Any, position: int, role: str, *, allow_null: bool) -> tuple[str, str | None, list[dict] | None]:
+    """A message's content -> (text, reasoning from reasoning parts, tool calls from tool_call parts).
+
+    Content is text, null (where ``allow_null``), or a list of parts: plain strings and
+    ``{"type": "text"|"reasoning"|"tool_call"}`` objects whose payload is under ``text`` or
+    ``value``. Several text parts are joined by a newline, several reasoning parts too; a
+    tool_call part's payload is JSON text (or an object) ``{"name": ..., "arguments": ...}``.
+    """
     if isinstance(content, str):
-        return content
+        return content, None, None
     if content is None:
         if allow_null:
-            return ""
+            return "", None, None
         raise RecordError(WRONG_TYPE, f"message {position} has no content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            else:
-                kind = part.get("type") if isinstance(part, dict) else _json_type(part)
-                raise RecordError(WRONG_TYPE, f"message {position} has a content part of type {kind!r}; only text parts can be trained")
-        return "\n".join(texts)
-    raise RecordError(WRONG_TYPE, f"message {position} has content of type {_json_type(content)}, not text")
+    if not isinstance(content, list):
+        raise RecordError(WRONG_TYPE, f"message {position} has content of type {_json_type(content)}, not text")
+    texts: list[str] = []
+    reasonings: list[str] = []
+    calls: list[dict] = []
+    for part_index, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise RecordError(WRONG_TYPE, f"message {position} has a content part that is a {_json_type(part)}, not text or an object")
+        kind = part.get("type", "text")
+        if kind not in PART_TYPES:
+            raise RecordError(
+                WRONG_TYPE,
+                f"message {position} has a content part of type {kind!r}, which sftkit does not take; "
+                "accepted part types are 'text', and on assistant messages 'reasoning' and 'tool_call'",
+            )
+        if kind != "text" and role not in ("assistant", "function_call"):
+            raise RecordError(WRONG_TYPE, f"message {position} is a {role} message but has a {kind!r} content part; only assistant messages can")
+        key = "value" if "value" in part else "text"
+        payload = part.get(key)
+        if kind == "tool_call":
+            calls.extend(_part_calls(payload, position, part_index))
+        elif not isinstance(payload, str):
+            raise RecordError(
+                WRONG_TYPE,
+                f"message {position} has a {kind!r} content part whose 'text'/'value' is {_json_type(payload)}, not text",
+            )
+        elif kind == "reasoning":
+            reasonings.append(payload)
+        else:
+            texts.append(payload)
+    return "\n".join(texts), "\n".join(reasonings) or None, calls or None
 
 
-def _is_text_parts(content: Any) -> bool:
-    return isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content)
+def _part_calls(payload: Any, position: int, part_index: int) -> list[dict]:
+    """A tool_call content part's payload -> normalised calls."""
+    if isinstance(payload, str):
+        try:
+            payload = json.loads(payload)
+        except json.JSONDecodeError:
+            payload = None
+    if isinstance(payload, dict):
+        payload = [payload]
+    if not isinstance(payload, list) or not payload or not all(isinstance(c, dict) for c in payload):
+        raise RecordError(
+            WRONG_TYPE,
+            f"message {position} has a tool_call content part (part {part_index}) that is not JSON of the form "
+            '{"name": ..., "arguments": ...}',
+        )
+    return _normalise_calls([c if "function" in c else {"type": "function", "function": c} for c in payload], position)
+
+
+def _field_reasoning(item: dict, position: int) -> str | None:
+    """Reasoning given as a message field: ``reasoning_content`` (OpenAI-compatible APIs, Qwen3,
+    DeepSeek-R1), else ``reasoning``. Null or empty text means none."""
+    for key in ("reasoning_content", "reasoning"):
+        value = item.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise RecordError(WRONG_TYPE, f"message {position} has {key!r} of type {_json_type(value)}, not text")
+        if value:
+            return value
+    return None
+
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+
+def split_inline_reasoning(text: str) -> tuple[str | None, str]:
+    """``"<think>R</think>C"`` at the very start of ``text`` -> ``(R, C)``; otherwise ``(None, text)``.
+
+    Newlines around R are dropped, and leading newlines of C; an empty R gives ``None``. Text
+    that opens ``<think>`` and never closes it is left as it is (content, not reasoning).
+    """
+    if not text.startswith(THINK_OPEN):
+        return None, text
+    end = text.find(THINK_CLOSE, len(THINK_OPEN))
+    if end < 0:
+        return None, text
+    reasoning = text[len(THINK_OPEN) : end].strip("\r\n")
+    return reasoning or None, text[end + len(THINK_CLOSE) :].lstrip("\r\n")
+
+
+def _inline_reasoning(messages: list[dict]) -> list[dict]:
+    """Move a leading ``<think>…</think>`` block of every assistant message into ``reasoning``."""
+    out = []
+    for position, message in enumerate(messages):
+        if message["role"] == "assistant" and message["content"].startswith(THINK_OPEN):
+            reasoning, content = split_inline_reasoning(message["content"])
+            if content != message["content"]:
+                given = message.get("reasoning")
+                if given is not None and reasoning is not None and given != reasoning:
+                    raise RecordError(
+                        WRONG_TYPE,
+                        f"assistant message {position} has reasoning in a field or part and a different "
+                        "<think> block at the start of its content",
+                    )
+                message = {**message, "content": content, "reasoning": given or reasoning}
+        out.append(message)
+    return out
+
+
+def _is_content_parts(content: Any) -> bool:
+    """A list of typed content parts (as opposed to a tool's structured JSON result)."""
+    return isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in PART_TYPES for p in content)
 
 
 def _train_flag(item: dict, position: int) -> bool | None:
@@ -356,6 +497,15 @@ def _train_flag(item: dict, position: int) -> bool | None:
         if item["weight"] not in (0, 1) or isinstance(item["weight"], bool):
             raise RecordError(WRONG_TYPE, f"message {position} has 'weight' {item['weight']!r}; only 0 or 1 is supported")
         return bool(item["weight"])
+    if "loss_weight" in item and item["loss_weight"] is not None:
+        # LLaMA-Factory's per-message loss_weight: 0.0 -> not trained, 1.0 -> trained.
+        weight = item["loss_weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+            raise RecordError(
+                WRONG_TYPE,
+                f"message {position} has 'loss_weight' {weight!r}; only 0 (not trained) or 1 (trained) is supported",
+            )
+        return weight == 1
     return None
 
 
@@ -477,6 +627,8 @@ def validate(messages: list[dict], *, merge_consecutive: bool = True) -> list[di
     for position, message in enumerate(merged):
         if message["role"] == "assistant" and not message["tool_calls"] and not message["content"].strip():
             what = "empty" if not message["content"] else "whitespace only"
+            if message.get("reasoning"):
+                what = f"{what} apart from its reasoning (a turn must answer with content or a tool call)"
             raise RecordError(EMPTY_RESPONSE, f"assistant message {position} is {what}")
     last = merged[-1]["role"]
     if last in ("user", "tool"):
@@ -498,7 +650,14 @@ def _leading_system(messages: list[dict]) -> list[dict]:
 
 
 def _can_merge(earlier: dict, later: dict) -> bool:
-    return earlier["train"] == later["train"] and not earlier["tool_calls"] and earlier["role"] in ("user", "assistant")
+    # A later turn's reasoning was thought after the earlier turn's text; merged, it would be
+    # rendered before that text. So a turn with reasoning never merges into the one before it.
+    return (
+        earlier["train"] == later["train"]
+        and not earlier["tool_calls"]
+        and earlier["role"] in ("user", "assistant")
+        and not later.get("reasoning")
+    )
 
 
 def _merge(earlier: dict, later: dict) -> dict:
@@ -509,4 +668,5 @@ def _merge(earlier: dict, later: dict) -> dict:
         name=earlier["name"] or later["name"],
         tool_calls=later["tool_calls"],
         train=earlier["train"],
+        reasoning=earlier.get("reasoning"),
     )

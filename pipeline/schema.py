@@ -14,10 +14,16 @@ Canonical record
 ``id``            stable content hash of the conversation (see :func:`conversation_id`)
 ``source``        input file name as given on the command line
 ``source_index``  0-based record index inside that file (JSONL: counting every non-empty line)
-``messages``      list of {role, content, name, tool_calls, train}
+``messages``      list of {role, content, name, tool_calls, train, reasoning}
                   role in system | user | assistant | tool; content is text;
                   ``tool_calls`` is a JSON string (a list of OpenAI-style calls) or null;
-                  ``train`` is null (follow the policy) or an explicit per-message bool
+                  ``train`` is null (follow the policy) or an explicit per-message bool;
+                  ``reasoning`` is the assistant's reasoning ("thinking") text that precedes
+                  its content, or null (always null on other roles). It is kept apart from
+                  ``content`` so that a chat template can render it its own way; it reaches
+                  templates as ``reasoning_content`` (the Qwen3 / DeepSeek-R1 convention, see
+                  :func:`messages_for_template`). Added as the last struct field: shards written
+                  before it read back with ``reasoning`` null.
 ``tools``         JSON string of the tool schemas offered to the model, or null
 
 Shard row
@@ -71,6 +77,7 @@ MESSAGE_TYPE = pa.struct(
         pa.field("name", pa.string()),
         pa.field("tool_calls", pa.string()),
         pa.field("train", pa.bool_()),
+        pa.field("reasoning", pa.string()),
     ]
 )
 
@@ -135,28 +142,48 @@ def make_message(
     name: str | None = None,
     tool_calls: list[dict[str, Any]] | str | None = None,
     train: bool | None = None,
+    reasoning: str | None = None,
 ) -> dict[str, Any]:
-    """One canonical message as a plain dict matching :data:`MESSAGE_TYPE`."""
+    """One canonical message as a plain dict matching :data:`MESSAGE_TYPE`.
+
+    An empty ``reasoning`` is stored as null: "no reasoning" has one spelling.
+    """
     if tool_calls is not None and not isinstance(tool_calls, str):
         tool_calls = json.dumps(tool_calls, ensure_ascii=False, sort_keys=True)
-    return {"role": role, "content": content, "name": name, "tool_calls": tool_calls, "train": train}
+    return {
+        "role": role,
+        "content": content,
+        "name": name,
+        "tool_calls": tool_calls,
+        "train": train,
+        "reasoning": reasoning or None,
+    }
 
 
 def conversation_id(messages: Iterable[dict[str, Any]], tools: str | None = None) -> str:
     """Stable content hash of a conversation: same messages (and tools) -> same id.
 
     Independent of source file and position, so the same conversation met twice has one id and
-    the train/validation split by id is stable across refreshes.
+    the train/validation split by id is stable across refreshes. A message's reasoning joins the
+    hashed payload only when the message has some, so the ids of conversations without reasoning
+    are the same as before reasoning existed.
     """
-    canonical = [
-        [m["role"], m["content"], m.get("name"), m.get("tool_calls"), m.get("train")] for m in messages
-    ]
+    canonical = []
+    for m in messages:
+        item = [m["role"], m["content"], m.get("name"), m.get("tool_calls"), m.get("train")]
+        if m.get("reasoning"):
+            item.append(m["reasoning"])
+        canonical.append(item)
     payload = json.dumps([canonical, tools], ensure_ascii=False, separators=(",", ":"))
     return hashlib.blake2b(payload.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def messages_for_template(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Canonical messages -> the list-of-dicts shape ``apply_chat_template`` expects."""
+    """Canonical messages -> the list-of-dicts shape ``apply_chat_template`` expects.
+
+    Reasoning goes out as ``reasoning_content`` (what Qwen3's and DeepSeek-R1's templates read),
+    and only for a message with non-empty reasoning text.
+    """
     out = []
     for m in messages:
         msg: dict[str, Any] = {"role": m["role"], "content": m["content"]}
@@ -164,6 +191,9 @@ def messages_for_template(messages: Iterable[dict[str, Any]]) -> list[dict[str, 
             msg["name"] = m["name"]
         if m.get("tool_calls"):
             msg["tool_calls"] = json.loads(m["tool_calls"])
+        reasoning = m.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            msg["reasoning_content"] = reasoning
         out.append(msg)
     return out
 

@@ -288,3 +288,339 @@ def test_assistant_tool_call_with_empty_content_is_not_an_empty_response():
         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": {}}}]},
     ]})
     assert messages[-1]["tool_calls"] is not None
+
+
+# --- ids -------------------------------------------------------------------------------------
+# Computed with the code as it was before messages had reasoning: these ids must never change.
+ID_SAMPLE_TOOLS = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+        {"role": "assistant", "content": "It is 18°C in Paris.", "train": False},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "You're welcome."},
+    ],
+    "tools": [{"name": "weather", "description": "d", "parameters": {"type": "object"}}],
+}
+ID_SAMPLE_TOOLS_ID = "d1cc81078c81253cfe26a658487898f2"
+ID_SAMPLE_ALPACA_ID = "a90b7e9fe2815ccad3fd6c07967817b7"
+
+
+def test_ids_of_conversations_without_reasoning_are_unchanged():
+    assert schema.conversation_id(*to_conversation(ID_SAMPLE_TOOLS)) == ID_SAMPLE_TOOLS_ID
+    assert schema.conversation_id(*to_conversation({"instruction": "Say hi", "output": "hi"})) == ID_SAMPLE_ALPACA_ID
+    # Built by hand, with reasoning absent, null or empty: the same id.
+    for reasoning in ({}, {"reasoning": None}, {"reasoning": ""}):
+        messages = [schema.make_message("user", "Say hi"), {**schema.make_message("assistant", "hi"), **reasoning}]
+        assert schema.conversation_id(messages) == ID_SAMPLE_ALPACA_ID
+    old_shape = [{"role": "user", "content": "Say hi", "name": None, "tool_calls": None, "train": None},
+                 {"role": "assistant", "content": "hi", "name": None, "tool_calls": None, "train": None}]
+    assert schema.conversation_id(old_shape) == ID_SAMPLE_ALPACA_ID
+
+
+def test_reasoning_changes_the_id():
+    plain = [schema.make_message("user", "Say hi"), schema.make_message("assistant", "hi")]
+    thought = [schema.make_message("user", "Say hi"), schema.make_message("assistant", "hi", reasoning="Greet back.")]
+    other = [schema.make_message("user", "Say hi"), schema.make_message("assistant", "hi", reasoning="Be polite.")]
+    assert len({schema.conversation_id(m) for m in (plain, thought, other)}) == 3
+
+
+def test_messages_for_template_passes_reasoning_as_reasoning_content():
+    messages = [
+        schema.make_message("user", "2+2?"),
+        schema.make_message("assistant", "4", reasoning="Two and two make four."),
+        schema.make_message("user", "3+3?"),
+        {**schema.make_message("assistant", "6"), "reasoning": ""},
+    ]
+    out = schema.messages_for_template(messages)
+    assert out[1] == {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}
+    assert all("reasoning_content" not in m for m in (out[0], out[2], out[3]))
+    assert schema.make_message("assistant", "x", reasoning="")["reasoning"] is None
+    assert list(schema.MESSAGE_TYPE)[-1].name == "reasoning"
+
+
+# --- reasoning -------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
+def test_reasoning_field_on_an_assistant_message(key):
+    messages, _ = to_conversation({"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", key: "Two and two make four."},
+    ]})
+    assert messages[-1]["content"] == "4"
+    assert messages[-1]["reasoning"] == "Two and two make four."
+    assert messages[0]["reasoning"] is None
+
+
+def test_reasoning_content_is_preferred_and_null_or_empty_means_none():
+    messages, _ = to_conversation({"messages": [
+        {"role": "user", "content": "2+2?", "reasoning_content": None},
+        {"role": "assistant", "content": "4", "reasoning_content": "from the API", "reasoning": "other"},
+        {"role": "user", "content": "3+3?", "reasoning_content": ""},
+        {"role": "assistant", "content": "6", "reasoning_content": "", "reasoning": None},
+    ]})
+    assert [m["reasoning"] for m in messages] == [None, "from the API", None, None]
+
+
+def test_sharegpt_reasoning_field():
+    messages, _ = to_conversation({"conversations": [
+        {"from": "human", "value": "2+2?"},
+        {"from": "gpt", "value": "4", "reasoning_content": "Add."},
+    ]})
+    assert (messages[-1]["content"], messages[-1]["reasoning"]) == ("4", "Add.")
+
+
+def test_llamafactory_parts_give_reasoning_text_and_tool_calls():
+    record = {
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "value": "Use tools."}]},
+            {"role": "user", "content": [{"type": "text", "value": "Weather in Paris"}, {"type": "text", "value": "and Rome?"}]},
+            {"role": "assistant", "content": [
+                {"type": "reasoning", "value": "Two cities: two calls."},
+                {"type": "tool_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Paris"}})},
+                {"type": "tool_call", "value": json.dumps({"name": "weather", "arguments": "{\"city\": \"Rome\"}"})},
+            ]},
+            {"role": "tool", "content": [{"type": "text", "value": "18C"}]},
+            {"role": "tool", "content": [{"type": "text", "value": "25C"}]},
+            {"role": "assistant", "content": [
+                {"type": "reasoning", "value": "Compare."},
+                {"type": "reasoning", "value": "Rome is warmer."},
+                {"type": "text", "value": "Paris 18C, Rome 25C."},
+            ]},
+        ],
+        "tools": json.dumps([{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]),
+    }
+    messages, tools = to_conversation(record)
+    assert roles(messages) == ["system", "user", "assistant", "tool", "tool", "assistant"]
+    assert messages[0]["content"] == "Use tools."
+    assert messages[1]["content"] == "Weather in Paris\nand Rome?"
+    call_turn, answer = messages[2], messages[5]
+    assert call_turn["content"] == "" and call_turn["reasoning"] == "Two cities: two calls."
+    assert json.loads(call_turn["tool_calls"]) == [
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}},
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Rome"}}},
+    ]
+    assert answer["content"] == "Paris 18C, Rome 25C." and answer["reasoning"] == "Compare.\nRome is warmer."
+    assert [m["content"] for m in messages[3:5]] == ["18C", "25C"]
+    assert json.loads(tools)[0]["function"]["name"] == "weather"
+
+
+def test_openai_style_reasoning_part_with_text_key():
+    messages, _ = to_conversation({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "reasoning", "text": "Greet."}, {"type": "text", "text": "Hello"}]},
+    ]})
+    assert (messages[-1]["content"], messages[-1]["reasoning"]) == ("Hello", "Greet.")
+
+
+@pytest.mark.parametrize("weight, train", [(0, False), (0.0, False), (1, True), (1.0, True), (None, None)])
+def test_loss_weight_maps_to_train(weight, train):
+    messages, _ = to_conversation({"messages": [
+        {"role": "user", "content": [{"type": "text", "value": "Hi"}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [{"type": "text", "value": "Hello"}], "loss_weight": weight},
+    ]})
+    assert [m["train"] for m in messages] == [False, train]
+
+
+@pytest.mark.parametrize("weight", [0.5, 2, -1, True, "1"])
+def test_other_loss_weights_are_wrong_type_with_a_clear_message(weight):
+    with pytest.raises(RecordError) as caught:
+        to_conversation({"messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello", "loss_weight": weight},
+        ]})
+    assert caught.value.reason == "wrong_type"
+    assert f"'loss_weight' {weight!r}" in caught.value.detail
+    assert "only 0 (not trained) or 1 (trained)" in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    "content, reasoning, rest",
+    [
+        ("<think>\nAdd them.\n</think>\n\n4", "Add them.", "4"),
+        ("<think>Add them.</think>4", "Add them.", "4"),
+        ("<think>\n\nline 1\n\nline 2\n\n</think>\n\n  4\n", "line 1\n\nline 2", "  4\n"),
+        ("<think>\n\n</think>\n\n4", None, "4"),  # Qwen3's empty block in non-thinking mode
+        ("<think>unfinished thought, 4", None, "<think>unfinished thought, 4"),  # never closed: content
+        (" <think>x</think>4", None, " <think>x</think>4"),  # not at the very start
+        ("4 <think>x</think>", None, "4 <think>x</think>"),
+    ],
+)
+def test_inline_think_block_at_the_start_of_an_assistant_message(content, reasoning, rest):
+    messages, _ = to_conversation({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": content}]})
+    assert (messages[-1]["reasoning"], messages[-1]["content"]) == (reasoning, rest)
+
+
+def test_inline_think_block_in_every_layout_and_never_in_user_text():
+    layouts = [
+        {"instruction": "2+2?", "output": "<think>\nAdd.\n</think>\n\n4"},
+        {"prompt": "2+2?", "completion": "<think>Add.</think>\n4"},
+        {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "<think>Add.</think>4"}]},
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": [{"type": "text", "value": "<think>Add.</think>4"}]}]},
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>Add.</think>4", "reasoning_content": "Add."}]},
+    ]
+    results = [to_conversation(record) for record in layouts]
+    assert all((m[-1]["reasoning"], m[-1]["content"]) == ("Add.", "4") for m, _ in results)
+    assert len({schema.conversation_id(*r) for r in results}) == 1
+    messages, _ = to_conversation({"messages": [{"role": "user", "content": "<think>mine</think>2+2?"}, {"role": "assistant", "content": "4"}]})
+    assert (messages[0]["content"], messages[0]["reasoning"]) == ("<think>mine</think>2+2?", None)
+
+
+def test_mapping_reads_reasoning_parts_and_inline_think():
+    mapping = FieldMapping(messages="dialog", role_key="speaker", content_key="text", roles={"q": "user", "a": "assistant"})
+    messages, _ = to_conversation({"dialog": [
+        {"speaker": "q", "text": "2+2?"},
+        {"speaker": "a", "text": [{"type": "reasoning", "value": "Add."}, {"type": "text", "value": "4"}]},
+        {"speaker": "q", "text": "3+3?"},
+        {"speaker": "a", "text": "<think>Add again.</think>6"},
+    ]}, mapping)
+    assert [(m["reasoning"], m["content"]) for m in messages[1::2]] == [("Add.", "4"), ("Add again.", "6")]
+
+
+@pytest.mark.parametrize(
+    "record, words",
+    [
+        ({"messages": [{"role": "user", "content": "Hi", "reasoning_content": "I wonder"}, {"role": "assistant", "content": "Hello"}]}, "user message but carries reasoning"),
+        ({"messages": [{"role": "system", "content": "s", "reasoning": "x"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, "system message but carries reasoning"),
+        ({"messages": [{"role": "user", "content": [{"type": "reasoning", "value": "x"}, {"type": "text", "value": "Hi"}]}, {"role": "assistant", "content": "Hello"}]}, "user message but has a 'reasoning' content part"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": {"text": "x"}}]}, "'reasoning_content' of type object"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "reasoning", "value": "a"}, {"type": "text", "value": "b"}], "reasoning_content": "c"}]}, "they differ"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "c"}]}, "different <think> block"),
+    ],
+)
+def test_misplaced_or_conflicting_reasoning_is_wrong_type(record, words):
+    with pytest.raises(RecordError) as caught:
+        to_conversation(record)
+    assert caught.value.reason == "wrong_type"
+    assert words in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    "assistant",
+    [
+        {"role": "assistant", "content": "", "reasoning_content": "Hmm."},
+        {"role": "assistant", "content": None, "reasoning_content": "Hmm."},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": "Hmm."}]},
+        {"role": "assistant", "content": "<think>Hmm.</think>\n\n"},
+    ],
+)
+def test_an_assistant_turn_with_only_reasoning_is_an_empty_response(assistant):
+    with pytest.raises(RecordError) as caught:
+        to_conversation({"messages": [{"role": "user", "content": "Hi"}, assistant]})
+    assert caught.value.reason == "empty_response"
+    assert "apart from its reasoning" in caught.value.detail
+
+
+def test_reasoning_then_tool_call_is_an_answer():
+    messages, _ = to_conversation({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": "Call w."}, {"type": "tool_call", "value": "{\"name\": \"w\", \"arguments\": {}}"}]},
+    ]})
+    assert messages[-1]["reasoning"] == "Call w." and json.loads(messages[-1]["tool_calls"])[0]["function"]["name"] == "w"
+
+
+def test_merging_consecutive_assistant_turns_keeps_the_first_turns_reasoning():
+    messages, _ = to_conversation({"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet."},
+        {"role": "assistant", "content": "How can I help?"},
+    ]})
+    assert len(messages) == 2
+    assert (messages[1]["reasoning"], messages[1]["content"]) == ("Greet.", "Hello.\n\nHow can I help?")
+
+
+@pytest.mark.parametrize("first_reasoning", [None, "Greet."])
+def test_an_assistant_turn_with_reasoning_is_never_merged_into_the_previous_one(first_reasoning):
+    record = {"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello.", "reasoning_content": first_reasoning},
+        {"role": "assistant", "content": "How can I help?", "reasoning_content": "Offer help."},
+    ]}
+    assert reason_of(record) == "bad_turn_order"
+
+
+# --- content parts: what is refused, and why --------------------------------------------------
+@pytest.mark.parametrize(
+    "part, words",
+    [
+        ({"type": "image_url", "image_url": {"url": "x"}}, "content part of type 'image_url', which sftkit does not take"),
+        ({"type": "input_audio", "input_audio": {}}, "content part of type 'input_audio'"),
+        ({"type": "text"}, "'text' content part whose 'text'/'value' is null, not text"),
+        ({"type": "text", "value": 5}, "'text' content part whose 'text'/'value' is number, not text"),
+        (7, "content part that is a number"),
+    ],
+)
+def test_refused_content_parts_are_named_truthfully(part, words):
+    with pytest.raises(RecordError) as caught:
+        to_conversation({"messages": [{"role": "user", "content": [part]}, {"role": "assistant", "content": "ok"}]})
+    detail = caught.value.detail
+    assert caught.value.reason == "wrong_type"
+    assert words in detail
+    assert "only text parts can be trained" not in detail
+    if "which sftkit does not take" in detail:
+        assert "accepted part types are 'text', and on assistant messages 'reasoning' and 'tool_call'" in detail
+
+
+@pytest.mark.parametrize(
+    "message, words",
+    [
+        ({"role": "tool", "content": [{"type": "tool_call", "value": "{\"name\": \"w\"}"}]}, "tool message but has a 'tool_call' content part"),
+        ({"role": "assistant", "content": [{"type": "tool_call", "value": "w(1)"}]}, "tool_call content part (part 0) that is not JSON"),
+        ({"role": "assistant", "content": [{"type": "tool_call", "value": "{\"arguments\": {}}"}]}, "tool call without a function name"),
+        ({"role": "assistant", "content": [{"type": "tool_call", "value": "{\"name\": \"w\"}"}], "tool_calls": [{"type": "function", "function": {"name": "w"}}]}, "both in 'tool_calls' and in tool_call content parts"),
+    ],
+)
+def test_bad_tool_call_parts_are_wrong_type(message, words):
+    record = {"messages": [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "w"}}]}, message, {"role": "assistant", "content": "done"}]}
+    if message["role"] == "assistant":
+        record["messages"] = [{"role": "user", "content": "weather?"}, message]
+    with pytest.raises(RecordError) as caught:
+        to_conversation(record)
+    assert caught.value.reason == "wrong_type"
+    assert words in caught.value.detail
+
+
+# --- real LLaMA-Factory data -----------------------------------------------------------------
+def _real_records(real_data_dir, name):
+    path = real_data_dir / name
+    if not path.exists():
+        pytest.skip(f"{path} is not present")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_real_llamafactory_v1_demo_converts_every_record_with_loss_weights(real_data_dir):
+    records = _real_records(real_data_dir, "v1_sft_demo.jsonl")
+    assert len(records) == 500
+    for record in records:
+        messages, tools = to_conversation(record)
+        assert tools is None
+        assert [m["role"] for m in messages] == [m["role"] for m in record["messages"]]
+        for original, message in zip(record["messages"], messages):
+            assert message["train"] is (original["loss_weight"] == 1)
+            assert message["content"] == "\n".join(p["value"] for p in original["content"])
+            assert message["reasoning"] is None
+    assert {m["train"] for r in records for m in to_conversation(r)[0]} == {True, False}
+
+
+def test_real_reasoning_tool_use_demo_keeps_reasoning_and_tool_calls(real_data_dir):
+    records = _real_records(real_data_dir, "reason_tool_use_demo_50.jsonl")
+    assert len(records) == 50
+    seen_reasoning = seen_calls = 0
+    for record in records:
+        messages, tools = to_conversation(record)
+        assert [m["role"] for m in messages] == [m["role"] for m in record["messages"]]
+        assert (json.loads(tools) if tools else []) == json.loads(record["tools"])  # "[]" means no tools
+        for original, message in zip(record["messages"], messages):
+            parts = original["content"]
+            want_reasoning = "\n".join(p["value"] for p in parts if p["type"] == "reasoning") or None
+            want_calls = [json.loads(p["value"]) for p in parts if p["type"] == "tool_call"]
+            assert message["reasoning"] == want_reasoning
+            assert message["content"] == "\n".join(p["value"] for p in parts if p["type"] == "text")
+            got_calls = json.loads(message["tool_calls"]) if message["tool_calls"] else []
+            assert [c["function"] for c in got_calls] == want_calls
+            seen_reasoning += want_reasoning is not None
+            seen_calls += len(want_calls)
+            if message["role"] == "assistant":
+                assert message["reasoning"]  # every assistant turn of this file reasons first
+    assert seen_reasoning == 112 and seen_calls == 68

@@ -125,6 +125,17 @@ def test_summary_reports_rows_that_do_not_add_up(dataset_copy):
     assert "does not add up" in result.output
 
 
+def test_summary_shows_rows_rendered_unlike_inference(dataset_copy):
+    result = run_cli(dataset_copy)
+    assert "generation prompt" not in result.output  # the bundled template renders as inference does
+    manifest = json.loads((dataset_copy / "manifest.json").read_text())
+    manifest["counts"]["render_mismatch"] = 7
+    (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(dataset_copy)
+    assert result.exit_code == 0
+    assert "7 kept rows render the prompt" in result.output and "--strict-render" in result.output
+
+
 # --- rows -------------------------------------------------------------------------------------
 def test_row_marks_exactly_the_trained_tokens(dataset, bpe_tokenizer):
     for index in (0, 3, 5, len(dataset.rows["train"]) - 1):  # system prompt, Chinese, multi-turn, last
@@ -358,3 +369,90 @@ def test_html_examples_highlight_exactly_the_trained_tokens(dataset, bpe_tokeniz
     parser.feed(page)
     expected = "".join("".join(trained_runs(bpe_tokenizer, find_row(dataset.path, i))) for i in ids)
     assert "".join(parser.trained) == expected
+
+
+# --- reasoning in the messages view --------------------------------------------------------------
+def _with_reasoning(data_dir, reasoning: str) -> dict:
+    """Give the assistant turns of train row 0 ``reasoning`` (rewriting its shard in place)."""
+    import pyarrow.parquet as pq
+
+    shard = sorted((data_dir / "shards").glob("train-*.parquet"))[0]
+    table = pq.read_table(shard)
+    rows = table.to_pylist()
+    rows[0][schema.MESSAGES] = [
+        {**m, "reasoning": reasoning if m["role"] == "assistant" else None} for m in rows[0][schema.MESSAGES]
+    ]
+    pq.write_table(type(table).from_pylist(rows, schema=schema.SHARD_SCHEMA), shard)
+    return rows[0]
+
+
+def _no_tokenizer(data_dir):
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    manifest["tokenizer"]["name"] = str(data_dir / "no-such-tokenizer")
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_messages_view_shows_an_assistants_reasoning_before_its_content(dataset_copy):
+    row = _with_reasoning(dataset_copy, "The user wants <b>brevity</b>; answer in one line.")
+    _no_tokenizer(dataset_copy)
+    result = run_cli(dataset_copy, "--row", 0)
+    assert result.exit_code == 0, result.output
+    assert "showing the messages instead" in one_line(result.output)
+    lines = result.output.splitlines()
+    answer = next(m for m in row[schema.MESSAGES] if m["role"] == "assistant")
+    first_answer_line = answer["content"].splitlines()[0]
+    thought = lines.index("[assistant reasoning] The user wants <b>brevity</b>; answer in one line.")
+    assert lines[thought + 1] == f"[assistant] {first_answer_line}"
+    assert sum(line.startswith("[assistant reasoning] ") for line in lines) == sum(
+        m["role"] == "assistant" for m in row[schema.MESSAGES]
+    )
+    assert "[user reasoning]" not in result.output and "[system reasoning]" not in result.output
+
+
+def test_messages_view_without_reasoning_is_unchanged(dataset_copy):
+    _no_tokenizer(dataset_copy)
+    result = run_cli(dataset_copy, "--row", 0)
+    assert result.exit_code == 0, result.output
+    assert "reasoning" not in result.output
+    row = read_row(dataset_copy, 0)
+    assert row[schema.MESSAGES][0]["reasoning"] is None  # the column exists and reads back null
+
+
+def test_colour_messages_view_sets_reasoning_apart():
+    from pipeline.report.terminal import REASONING_STYLE, print_row
+
+    console = Console(file=io.StringIO(), force_terminal=True, color_system="truecolor", width=200)
+    row = {
+        schema.ID: "0" * 32, schema.SOURCE: "s.jsonl", schema.SOURCE_INDEX: 0, schema.LENGTH: 10, schema.NUM_TRAINABLE: 4,
+        schema.MESSAGES: [
+            schema.make_message("user", "2+2?"),
+            schema.make_message("assistant", "4", reasoning="Add two and two."),
+        ],
+        schema.TOOLS: None,
+    }
+    with console.capture() as captured:
+        print_row(console, row, None, tokens=False, warning=None)
+    out = captured.get()
+    plain_out = re.sub(r"\x1b\[[0-9;]*m", "", out)
+    assert "[assistant reasoning] Add two and two.\n[assistant] 4" in plain_out
+    assert re.search(r"\x1b\[3;[0-9;]*mAdd two and two\.", out)  # italic, not bold like the labels
+    assert REASONING_STYLE.startswith("italic")
+
+
+def test_html_messages_view_shows_reasoning_escaped_and_set_apart(dataset_copy, tmp_path):
+    _with_reasoning(dataset_copy, "Think <script>alert(1)</script> & answer.")
+    _no_tokenizer(dataset_copy)
+    out = tmp_path / "report.html"
+    result = run_cli(dataset_copy, "--html", out, "--seed", 0)
+    assert result.exit_code == 0, result.output
+    page = out.read_text(encoding="utf-8")
+    assert "<script>alert(1)</script>" not in page
+    from pipeline.report.html_page import _example_html
+
+    row = read_row(dataset_copy, 0)
+    html_row = _example_html({"row": row, "pieces": None, "warning": None})
+    if row[schema.ID] in page:  # the report sampled the row
+        assert html_row in page
+    assert '<span class="rs">[assistant reasoning] Think &lt;script&gt;alert(1)&lt;/script&gt; &amp; answer.</span>\n[assistant] ' in html_row
+    plain_row = {**row, schema.MESSAGES: [{**m, "reasoning": None} for m in row[schema.MESSAGES]]}
+    assert 'class="rs"' not in _example_html({"row": plain_row, "pieces": None, "warning": None})

@@ -56,6 +56,7 @@ img.plot { max-width: 100%; height: auto; display: block; margin: 6px 0; }
                font: 13px/1.55 ui-monospace, SFMono-Regular, Menlo, Consolas, "Noto Sans Mono CJK SC", monospace; }
 .tr { background: var(--trained); color: #064e1b; }
 .un { color: var(--untrained); }
+.rs { color: var(--muted); font-style: italic; }
 #show-tokens:checked ~ .rows .tr.k1 { background: var(--trained2); }
 #show-tokens:checked ~ .rows .un.k1 { background: var(--untrained2); }
 #show-tokens:checked ~ .rows .k0, #show-tokens:checked ~ .rows .k1 { box-shadow: inset -1px 0 0 rgba(0,0,0,.18); }
@@ -181,6 +182,17 @@ def _pieces_html(pieces: list[Piece]) -> str:
     return "".join(out)
 
 
+def _messages_html(messages: list[dict[str, Any]]) -> str:
+    """The messages of a row, one ``[role] content`` line each; an assistant's reasoning gets its
+    own ``[assistant reasoning]`` line just before, in the ``rs`` style."""
+    lines = []
+    for m in messages:
+        if m.get("reasoning"):
+            lines.append(f'<span class="rs">[{_e(m["role"])} reasoning] {_e(m["reasoning"])}</span>')
+        lines.append(_e(f"[{m['role']}] {m['content']}"))
+    return "\n".join(lines)
+
+
 def _example_html(example: dict[str, Any]) -> str:
     row, pieces, warning = example["row"], example["pieces"], example.get("warning")
     length, trained = row[schema.LENGTH], row[schema.NUM_TRAINABLE]
@@ -192,8 +204,7 @@ def _example_html(example: dict[str, Any]) -> str:
     if warning:
         meta += f'<br><span class="muted">note: {_e(warning)}</span>'
     if pieces is None:
-        body = "\n".join(f"[{m['role']}] {m['content']}" for m in row[schema.MESSAGES])
-        return f'<div class="example"><div class="meta">{meta}</div><pre>{_e(body)}</pre></div>'
+        return f'<div class="example"><div class="meta">{meta}</div><pre>{_messages_html(row[schema.MESSAGES])}</pre></div>'
     return f'<div class="example"><div class="meta">{meta}</div><pre>{_pieces_html(pieces)}</pre></div>'
 
 

@@ -24,6 +24,10 @@ TRAINED_OPEN = "⟦"
 TRAINED_CLOSE = "⟧"
 TOKEN_SEPARATOR = "▏"
 RAW_PREVIEW_CHARS = 300
+# Where messages are shown instead of tokens, an assistant's reasoning gets its own line,
+# labelled ``[assistant reasoning]``, just before the message's content.
+REASONING_LABEL = "reasoning"
+REASONING_STYLE = "italic grey62"
 
 # Two shades each so that neighbouring tokens are told apart when boundaries are asked for.
 TRAINED_STYLES = ("bold white on dark_green", "bold white on green4")
@@ -93,6 +97,12 @@ def print_summary(console: Console, summary: DatasetSummary) -> None:
         console.print(
             f"records read {_int(counts['read'])} = kept {_int(summary.rows)} + rejected {_int(summary.rejected_total)}"
             + ("" if balanced else "  [bold red](does not add up: records are missing)[/]")
+        )
+    if counts.get("render_mismatch"):
+        console.print(
+            f"[yellow]{_int(counts['render_mismatch'])} kept rows render the prompt before their last trained turn "
+            "differently from the template's generation prompt[/] (training shows what inference will not; "
+            "`sftkit prepare --strict-render` rejects them)"
         )
 
     if summary.history:
@@ -185,6 +195,12 @@ def print_row(console: Console, row: dict[str, Any], pieces: list[Piece] | None,
         console.print(f"[yellow]note:[/] {warning}")
     if pieces is None:
         for message in row[schema.MESSAGES]:
+            if message.get("reasoning"):
+                # The reasoning precedes the answer it leads to; its own line, set apart.
+                thought = Text()
+                thought.append(f"[{message['role']} {REASONING_LABEL}] ", style="bold")
+                thought.append(message["reasoning"], style=REASONING_STYLE)
+                console.print(thought, soft_wrap=True)
             label = Text(f"[{message['role']}] ", style="bold")
             label.append(message["content"])
             if message.get("tool_calls"):
