@@ -116,10 +116,9 @@ class TokenizeConfig(_Section):
         "(render with sentinels and align, any template; 'prefix' is its old name), or auto "
         "(generation blocks when the template has them)",
     )
-    reasoning: Literal["template", "per_turn", "drop"] = Field(
+    reasoning: Literal["template", "drop"] = Field(
         "template",
-        description="assistant reasoning: train what the template renders for the whole conversation; per_turn "
-        "(one row per assistant turn, rendered as at inference, reasoning included); or drop it",
+        description="assistant reasoning: train what the template renders for the whole conversation, or drop it",
     )
     strict_render: bool = Field(
         False,

@@ -22,10 +22,10 @@ render is not a prefix of the whole one. This module locates turns without that 
    trained is what the model generates after the prompt it sees at inference (Qwen3's
    ``<think>\\n`` is trained; Llama-3's ``\\n\\n`` after the header is not). Spaces the
    template writes there (Mistral's after ``[/INST]``) are a separator, as a
-   ``{% generation %}`` block would treat them; the turn's own leading spaces are its text. Where the generation prompt goes
-   on past the point where they part, only an opened think block may be left over (DeepSeek-R1
-   prompts with ``<think>\\n`` but renders past turns without one): the turn then starts where
-   they part and is flagged as rendered unlike inference; anything else is refused.
+   ``{% generation %}`` block would treat them; the turn's own leading spaces are its text. Where the two part before the prompt
+   ends (DeepSeek-R1 prompts with ``<think>\\n`` but renders past turns without one), the turn
+   starts where they part, never inside a control token, and is flagged as rendered unlike
+   inference; the trained text is then verified to hold nothing but the turn's own.
 4. **Turn end.** The first end-of-turn marker after the turn's last text (content, or the tool
    calls the template renders after it), before the next message's text.
 
@@ -40,8 +40,6 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-# An opened think block is all a generation prompt may hold beyond what the full render shows.
-_OPEN_THINK = re.compile(r"\s*<think>\s*$")
 
 Render = Callable[[list[dict[str, Any]], bool], str]  # (messages, add_generation_prompt) -> text
 
@@ -205,11 +203,13 @@ def locate_turns(
     messages: Sequence[dict[str, Any]],
     rendered: str,
     end_tokens: Sequence[str],
+    markers: Sequence[str] = (),
 ) -> list[LocatedTurn]:
     """Every assistant turn of ``messages`` in ``rendered`` (their rendering), in order.
 
     ``messages`` are template-ready dicts whose ``content``/``reasoning_content`` may be piece
     lists (see :data:`FieldValue`); ``render(messages, add_generation_prompt)`` renders plain ones.
+    ``markers`` are the control tokens a turn may never start inside of.
     Raises :class:`LocateError` when a turn cannot be placed exactly.
     """
     marker = "@@sk"
@@ -232,13 +232,15 @@ def locate_turns(
             )
             continue
         try:
-            return _turns(render, shaped, skeleton, pattern, keys, end_tokens, strict_prompt=only_assistant)
+            return _turns(
+                render, shaped, skeleton, pattern, keys, end_tokens, (*markers, "<think>"), strict_prompt=only_assistant
+            )
         except LocateError as exc:
             failure = str(exc)
     raise LocateError(failure)
 
 
-def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, *, strict_prompt: bool) -> list[LocatedTurn]:
+def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, markers, *, strict_prompt: bool) -> list[LocatedTurn]:
     text = skeleton.text
     by_message: dict[int, list[tuple[int, int, str]]] = {}
     order = []
@@ -269,15 +271,16 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, *, st
         start = base + matched
         like_inference = matched == len(tail) and same_anchor
         if not like_inference:
-            opened = _OPEN_THINK.search(tail)
-            if opened and opened.start() <= matched:
-                matched = opened.start()  # parted inside the think block ("<" of "<think>" vs "<｜tool…")
-                start = base + matched
-            if strict_prompt or not same_anchor or not opened or opened.start() != matched:
+            if strict_prompt or not same_anchor:
                 raise LocateError(
                     f"assistant turn {m}: its generation prompt ends {_clip(tail)!r} but the conversation "
                     f"renders {_clip(text[base:region_end])!r} there, so where the turn starts is unknown"
                 )
+            # The turn starts where the conversation parts from its generation prompt (DeepSeek-R1
+            # prompts "<｜Assistant｜><think>\n", renders past turns as "<｜Assistant｜>" + content),
+            # never inside a marker: "<｜Assistant｜><" of "<think>" vs "<｜tool▁calls▁begin｜>".
+            matched = _back_off(tail, text, base, matched, markers)
+            start = base + matched
         while start < region_end and text[start] == " ":
             start += 1  # the template's separator space (Mistral's after [/INST]) is not generated text
         search_from = own[-1][1] if own else start
@@ -297,6 +300,17 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, *, st
             )
         )
     return turns
+
+
+def _back_off(tail: str, text: str, base: int, matched: int, markers: Sequence[str]) -> int:
+    """The parting point moved back to the start of any marker it would cut in two."""
+    for marker in markers:
+        for source, offset in ((tail, 0), (text, base)):
+            first = max(0, offset + matched - len(marker) + 1)
+            found = source.find(marker, first, offset + matched + len(marker) - 1)
+            if 0 <= found < offset + matched:
+                matched = min(matched, found - offset)
+    return matched
 
 
 def _key_ending_at(skeleton: _Skeleton, position: int):

@@ -58,7 +58,7 @@ _PLACEHOLDER_CHARS = re.compile("[\U000F0000-\U0010FFFF]")
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
 SPAN_METHODS = ("auto", "generation", "locate", "prefix")  # "prefix": the old name of "locate"
-REASONING_POLICIES = ("template", "per_turn", "drop")
+REASONING_POLICIES = ("template", "drop")
 SYSTEM_POLICIES = ("keep", "merge", "reject")
 
 
@@ -324,6 +324,8 @@ class Masker:
             if tokenizer.eos_token:
                 ends.add(tokenizer.eos_token)
             self.end_tokens = tuple(sorted(ends, key=lambda t: (-len(t), t)))
+        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        self.as_decoded = _metaspace if "\u2581" in json.dumps(decoder, ensure_ascii=False) else (lambda s: s)
         self.control_ids = np.array(
             sorted({i for i in (self.backend.token_to_id(c) for c in self.controls) if i is not None}), dtype=np.int32
         )
@@ -414,7 +416,7 @@ class Masker:
         )
         checks += [(*check, text) for check, text in zip(offset_checks, decoded)]
         for index, turn, message, text in checks:
-            if index in staged and not _span_matches(text, message, turn.end_token):
+            if index in staged and not _span_matches(text, message, turn.end_token, self.as_decoded):
                 del staged[index]
                 results[index] = Rejection(
                     "tokenize",
@@ -551,6 +553,7 @@ class Masker:
                     shaped,
                     rendered,
                     self.end_tokens,
+                    self.controls,
                 )
             except LocateError as exc:
                 return Rejection("tokenize", "mask_unverifiable", str(exc))
@@ -707,8 +710,7 @@ class ReasoningShape:
     A template that reads ``reasoning_content`` (Qwen3, DeepSeek-R1 distills, gpt-oss ports) gets
     it there; for one that reads only ``content`` the reasoning is put back inline, as
     ``<think>\nREASONING\n</think>\n\n`` before the content, the form such models were trained on.
-    ``drop`` renders no reasoning at all. ``per_turn`` renders like ``template``; the rows are cut
-    per turn before rendering (:func:`per_turn_rows`).
+    ``drop`` renders no reasoning at all.
     """
 
     def __init__(self, template: Template, policy: str):
@@ -751,28 +753,40 @@ class RolePolicy:
         self.policy = policy
         self.unsupported: dict[str, str] = {}  # role -> what the template said when asked to render it
         user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
-        call = {"type": "function", "function": {"name": "f", "arguments": {}}}
-        probes = {
-            "system": [{"role": "system", "content": "Be brief."}, user, answer],
-            "tool": [user, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "1"}, answer],
+        call = {"type": "function", "function": {"name": "sftkit_probe_call", "arguments": {}}}
+        probes = {  # role -> (conversation, texts its rendering must hold)
+            "system": ([{"role": "system", "content": "sftkit probe system"}, user, answer], ("sftkit probe system",)),
+            "tool": (
+                [user, {"role": "assistant", "content": "", "tool_calls": [call]},
+                 {"role": "tool", "content": "sftkit probe result"}, answer],
+                ("sftkit_probe_call", "sftkit probe result"),
+            ),
         }
         # Some templates concatenate a call's arguments as text (DeepSeek-R1): they get JSON text.
         self.arguments_as_text = False
-        try:
-            render(template, variables, [user, answer])
-        except Exception:
+        self.dropped: dict[str, str] = {}  # role -> why: the template renders it as nothing
+        if isinstance(_rendered_or_error(template, variables, [user, answer]), Exception):
             return  # nothing renders: every row gets the template's own error
-        for role, conversation in probes.items():
-            try:
-                render(template, variables, conversation)
-            except Exception as exc:
-                if role == "tool" and _renders(template, variables, _arguments_as_text(conversation)):
-                    self.arguments_as_text = True
-                else:
-                    self.unsupported[role] = str(exc) or type(exc).__name__
+        for role, (conversation, must_hold) in probes.items():
+            text = _rendered_or_error(template, variables, conversation)
+            if isinstance(text, Exception) and role == "tool":
+                as_text = _rendered_or_error(template, variables, _arguments_as_text(conversation))
+                if isinstance(as_text, str):
+                    self.arguments_as_text, text = True, as_text
+            if isinstance(text, Exception):
+                self.unsupported[role] = str(text) or type(text).__name__
+            elif not all(piece in text for piece in must_hold):
+                self.dropped[role] = f"the template renders no {role} messages or calls (it drops them silently)"
 
     def prepare(self, messages, true_messages, train_flags):
         """(messages, true messages, train flags) with the default system prompt and the policy applied."""
+        for role, said in self.dropped.items():
+            if any(m["role"] == role or (role == "tool" and m.get("tool_calls")) for m in messages):
+                return Rejection(
+                    "template",
+                    "template_unsupported_role",
+                    f"chat template {self.template.name!r} cannot render a {role!r} message: {said}",
+                )
         if self.arguments_as_text:
             messages, true_messages = _arguments_as_text(messages), _arguments_as_text(true_messages)
         if self.template.default_system and (not messages or messages[0]["role"] != "system"):
@@ -801,12 +815,12 @@ class RolePolicy:
         return Rejection("template", "template_error", f"chat template {self.template.name!r} failed: {exc}")
 
 
-def _renders(template: Template, variables: dict[str, Any], messages: list[dict[str, Any]]) -> bool:
+def _rendered_or_error(template: Template, variables: dict[str, Any], messages: list[dict[str, Any]]):
+    """The rendering of ``messages``, the exception the template raised, or None if a plain chat fails."""
     try:
-        render(template, variables, messages)
-    except Exception:
-        return False
-    return True
+        return render(template, variables, messages)[0]
+    except Exception as exc:
+        return exc
 
 
 def _arguments_as_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -849,6 +863,10 @@ def _private_copy(backend):
     copy.no_truncation()
     copy.encode_special_tokens = False
     return copy
+
+
+def _metaspace(text: str) -> str:
+    return text.replace("\u2581", " ")
 
 
 def _byte_start_to_char(raw: bytes, bounds: np.ndarray, base: int):
@@ -909,15 +927,20 @@ def _token_at_or_before(encoding, char: int, limit: int) -> int | None:
 _BEFORE_CONTENT = re.compile(r"\s*(?:<(\w+)>\s*</\1>\s*)?")
 
 
-def _span_matches(decoded: str, message: dict[str, Any], end_token: str | None) -> bool:
-    """Decoded trained tokens == the turn's [reasoning block +] content [+ tool calls] + end token."""
+def _span_matches(decoded: str, message: dict[str, Any], end_token: str | None, as_decoded=lambda s: s) -> bool:
+    """Decoded trained tokens == the turn's [reasoning block +] content [+ tool calls] + end token.
+
+    ``as_decoded`` spells a text the way the tokenizer's decoder gives it back (SentencePiece's
+    decoders turn every "▁", an added token's included, into a space).
+    """
     body = decoded.strip()
+    end_token = as_decoded(end_token) if end_token else end_token
     if end_token:
         if not body.endswith(end_token):
             return False
         body = body[: -len(end_token)].rstrip()
-    content = message["content"].strip()
-    reasoning = (message.get("reasoning_content") or "").strip()
+    content = as_decoded(message["content"]).strip()
+    reasoning = as_decoded(message.get("reasoning_content") or "").strip()
     calls = message.get("tool_calls")
     if not calls:
         if not body.endswith(content):
