@@ -302,8 +302,16 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
     return turns
 
 
+_OPENED_THINK = re.compile(r"<think>\s*$")
+
+
 def _back_off(tail: str, text: str, base: int, matched: int, markers: Sequence[str]) -> int:
-    """The parting point moved back to the start of any marker it would cut in two."""
+    """The parting point moved back to the start of any marker it would cut in two, and of a
+    think block both had opened (Qwen3 with enable_thinking false prompts with an empty block;
+    a turn that renders reasoning in it is trained from "<think>" on)."""
+    opened = _OPENED_THINK.search(tail, 0, matched)
+    if opened:
+        matched = opened.start()
     for marker in markers:
         for source, offset in ((tail, 0), (text, base)):
             first = max(0, offset + matched - len(marker) + 1)

@@ -134,3 +134,18 @@ def test_a_template_that_changes_the_text_is_refused_not_mislabelled(bpe_tokeniz
     result = masker.encode(*to_conversation({"messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}))
     assert isinstance(result, Rejection) and result.reason == "mask_unverifiable"
+
+
+def test_qwen3_without_thinking_trains_the_think_block_a_turn_brings(bpe_tokenizer):
+    """enable_thinking false: the prompt holds an empty think block; a turn with reasoning renders a
+    full one there. It is trained from "<think>" on and flagged as rendered unlike inference."""
+    tokenizer = tokenizer_for("qwen3", bpe_tokenizer)
+    template = Template("qwen3", template_text("qwen3"), variables=(("enable_thinking", False),))
+    masker = Masker(tokenizer, template, max_length=4096, span_method="locate")
+    result = masker.encode(*to_conversation({"messages": CONVERSATIONS["reasoning"]["messages"]}))
+    assert isinstance(result, Encoded), result
+    trained = tokenizer.decode([i for i, label in zip(result.input_ids, result.labels) if label != -100])
+    assert trained.endswith("<think>\n13 * 13 = 169.\n</think>\n\n169<|im_end|>")
+    assert result.render_mismatch
+    plain = masker.encode(*to_conversation({"messages": CONVERSATIONS["multi_turn"]["messages"]}))
+    assert isinstance(plain, Encoded) and not plain.render_mismatch  # the empty block is the prompt's
