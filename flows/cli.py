@@ -48,7 +48,7 @@ def prepare(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of rows in the validation split"),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="skip exact and near-duplicate removal"),
     reasoning: Optional[str] = typer.Option(
-        None, "--reasoning", help="template | drop: how assistant reasoning is rendered and trained"
+        None, "--reasoning", help="template | per_turn | drop: how assistant reasoning is rendered and trained"
     ),
     strict_render: bool = typer.Option(
         False, "--strict-render", help="reject rows whose prompt tokens differ from what inference renders"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
@@ -116,14 +116,23 @@ class TokenizeConfig(_Section):
         "(render with sentinels and align, any template; 'prefix' is its old name), or auto "
         "(generation blocks when the template has them)",
     )
-    reasoning: Literal["template", "drop"] = Field(
+    reasoning: Literal["template", "per_turn", "drop"] = Field(
         "template",
-        description="assistant reasoning: train what the template renders for the whole conversation, or drop it",
+        description="assistant reasoning: train what the template renders for the whole conversation; per_turn "
+        "(one row per assistant turn, rendered and trained as the model sees it at inference, reasoning "
+        "included; earlier turns untrained); or drop it",
     )
     strict_render: bool = Field(
         False,
         description="reject rows whose tokens before the last trained turn differ from the generation prompt's",
     )
+
+
+    @model_validator(mode="after")
+    def _per_turn_trains_turns(self) -> "TokenizeConfig":
+        if self.reasoning == "per_turn" and self.train_on == "all":
+            raise ValueError("tokenize.reasoning: per_turn trains one assistant turn a row; it cannot go with train_on: all")
+        return self
 
 
 class ShardConfig(_Section):

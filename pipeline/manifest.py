@@ -14,12 +14,20 @@ Layout::
       "template": {"name": ..., "fingerprint": ...},
       "config": {...}, "config_fingerprint": ...,
       "inputs": [{"source", "sha256", "records"}],          # what has been read, for incremental runs
-      "shards": [{"path", "split", "rows", "tokens", "trainable_tokens", "sha256"}],
-      "rejected": [{"path", "rows"}],
-      "counts": {"read", "kept", "rejected": {stage: {reason: n}}},
+      "shards": [{"path", "split", "rows", "records", "tokens", "trainable_tokens", "sha256"}],
+      "rejected": [{"path", "rows", "records"}],
+      "counts": {"read", "kept", "rows", "rejected": {stage: {reason: n}},
+                 "turns_rejected": {reason: n}, "render_mismatch": n},
       "stages": [{"name", "seconds", "records_in", "records_out"}],
       "history": [{"version", "created_at", "read", "kept", "shards_added"}]
     }
+
+Counts are of records (an input record is read, kept or rejected exactly once: read = kept +
+sum of rejected); ``rows`` is the rows in the shards, more than ``kept`` when
+``tokenize.reasoning: per_turn`` cut records into one row per assistant turn, and
+``turns_rejected`` the turns of kept records that were refused (filed in rejected/ with their
+``turn``; ``records`` of a rejected file counts only whole records). ``render_mismatch`` is the
+kept rows whose tokens before their last trained turn differ from the generation prompt's.
 """
 
 from __future__ import annotations

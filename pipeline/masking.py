@@ -58,7 +58,7 @@ _PLACEHOLDER_CHARS = re.compile("[\U000F0000-\U0010FFFF]")
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
 SPAN_METHODS = ("auto", "generation", "locate", "prefix")  # "prefix": the old name of "locate"
-REASONING_POLICIES = ("template", "drop")
+REASONING_POLICIES = ("template", "per_turn", "drop")
 SYSTEM_POLICIES = ("keep", "merge", "reject")
 
 
@@ -530,10 +530,6 @@ class Masker:
         except Exception as exc:  # a template raises whatever its author chose (raise_exception, TypeError …)
             return self.roles.render_failure(messages, exc)
         assistant_indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if has_control_text:
-            text, marked = self._control_encoder().texts(rendered)
-        else:
-            text = marked = rendered
         if self.use_generation:
             if len(spans) != len(assistant_indices):
                 return Rejection(
@@ -542,7 +538,7 @@ class Masker:
                     f"the template marked {len(spans)} generation blocks for {len(assistant_indices)} assistant turns",
                 )
             turns = [
-                _Turn(i, *self._trim_span(text, start, end)) for i, (start, end) in zip(assistant_indices, spans)
+                _Turn(i, *self._trim_span(rendered, start, end)) for i, (start, end) in zip(assistant_indices, spans)
             ]
         else:
             try:
@@ -560,9 +556,38 @@ class Masker:
             except Exception as exc:
                 return self.roles.render_failure(messages, exc)
             turns = [_Turn(t.message_index, t.start, t.end, t.end_token) for t in located]
+        if self.reasoning.policy == "per_turn" and turns:
+            composed = self._as_at_inference(rendered, turns[-1], plain, messages, tool_schemas)
+            if isinstance(composed, Rejection):
+                return composed
+            rendered, turns = composed
+        if has_control_text:
+            text, marked = self._control_encoder().texts(rendered)
+        else:
+            text = marked = rendered
         row = _Rendered(index, text, marked, turns, true_messages, train_flags, has_control_text)
         row.prompt = self._inference_prompt(row, rendered, plain, tool_schemas)
         return row
+
+    def _as_at_inference(self, rendered: str, turn: _Turn, plain, messages, tool_schemas):
+        """A per_turn row: (text, [its last turn]) rendered as the model sees it at inference."""
+        try:
+            prompt, _ = render(
+                self.template, self.variables, plain[: turn.message_index], tool_schemas, add_generation_prompt=True
+            )
+        except Exception as exc:
+            return Rejection(
+                "template", "template_error", f"the generation prompt before assistant turn {turn.message_index} "
+                f"does not render with chat template {self.template.name!r}: {exc}"
+            )
+        if rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
+            return rendered, [turn]
+        generated = rendered[turn.char_start : turn.char_end]
+        reasoning = (messages[turn.message_index].get("reasoning_content") or "").strip()
+        if reasoning and reasoning not in generated and _PROMPT_OPENS_THINK.search(prompt):
+            generated = reasoning + ("\n</think>" if generated.startswith("\n") else "\n</think>\n\n") + generated
+        text = prompt + generated
+        return text, [_Turn(turn.message_index, len(prompt), len(text), turn.end_token)]
 
     def _inference_prompt(self, row: "_Rendered", rendered: str, plain: list[dict[str, Any]], tool_schemas) -> str | None:
         """What the model sees before the row's last trained turn at inference, when the row
@@ -667,6 +692,8 @@ class Masker:
         return ids, labels, turns
 
     def _selected_turns(self, turns: list[_Turn], train_flags) -> list[_Turn]:
+        if self.reasoning.policy == "per_turn":  # a row per turn: only the turn it ends at
+            return [t for t in turns[-1:] if train_flags[t.message_index] is not False]
         wanted = [t for t in turns if train_flags[t.message_index] is not False]
         if self.train_on == "last_assistant":
             last = turns[-1] if turns and train_flags[turns[-1].message_index] is not False else None
@@ -710,7 +737,11 @@ class ReasoningShape:
     A template that reads ``reasoning_content`` (Qwen3, DeepSeek-R1 distills, gpt-oss ports) gets
     it there; for one that reads only ``content`` the reasoning is put back inline, as
     ``<think>\nREASONING\n</think>\n\n`` before the content, the form such models were trained on.
-    ``drop`` renders no reasoning at all.
+    ``drop`` renders no reasoning at all. ``per_turn`` rows (the tokenize stage cuts a conversation
+    into one row per assistant turn) train only their last turn, rendered as at inference: the
+    row is the generation prompt of the messages before the turn followed by the turn as the
+    template renders it last, and where the template leaves the reasoning out although the prompt
+    opens a think block (DeepSeek-R1) the reasoning is written into that block.
     """
 
     def __init__(self, template: Template, policy: str):
@@ -923,8 +954,10 @@ def _token_at_or_before(encoding, char: int, limit: int) -> int | None:
 
 
 # What may stand before a turn's content in its trained text, once its reasoning is taken out:
-# nothing, or one pair of tags left empty (Qwen3's "<think>\n\n</think>\n\n" on the last turn).
-_BEFORE_CONTENT = re.compile(r"\s*(?:<(\w+)>\s*</\1>\s*)?")
+# nothing, one pair of tags left empty (Qwen3's "<think>\n\n</think>\n\n" on the last turn), or
+# the close of a think block the prompt opened (DeepSeek-R1 per turn: "REASONING\n</think>\n\n").
+_BEFORE_CONTENT = re.compile(r"\s*(?:<(\w+)>\s*</\1>|</think>)?\s*")
+_PROMPT_OPENS_THINK = re.compile(r"<think>\s*$")
 
 
 def _span_matches(decoded: str, message: dict[str, Any], end_token: str | None, as_decoded=lambda s: s) -> bool:

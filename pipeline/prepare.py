@@ -375,9 +375,9 @@ def run_write_shards(plan: RunPlan, tokenize_results: list[dict]) -> dict:
     paths = [Path(r["outputs"][0]) for r in tokenize_results]
     with Timer() as timer:
         entries = write_shards(paths, plan.root, plan.config.shards, metadata, start_index=dict(plan.start_index))
-    rows = sum(e["rows"] for e in entries)
+    records = sum(e["records"] for e in entries)
     records_in = sum(r["stats"]["records_out"] for r in tokenize_results)
-    stats = StageStats("shards", records_in, rows, timer.seconds)
+    stats = StageStats("shards", records_in, records, timer.seconds)
     stats.check_conservation()
     return {"entries": entries, "stats": stats.to_dict()}
 
@@ -407,27 +407,32 @@ def finalize(
     # Counted from the rejected files themselves, by each row's own stage (the tokenize step
     # also files template failures under stage "template"): what inspect shows is what is there.
     rejected_counts = {stage: dict(reasons) for stage, reasons in (previous["counts"]["rejected"] if previous else {}).items()}
+    turns_rejected = dict(previous["counts"].get("turns_rejected", {})) if previous else {}
     rejected_files = []
     for result in step_results:
         if not result.get("rejected"):
             continue
         path = Path(result["rejected"])
-        table = pq.read_table(path, columns=[schema.STAGE, schema.REASON])
-        rejected_files.append({"path": path.relative_to(root).as_posix(), "rows": table.num_rows})
-        for stage, reason in zip(table.column(schema.STAGE).to_pylist(), table.column(schema.REASON).to_pylist()):
-            stage_counts = rejected_counts.setdefault(stage, {})
-            stage_counts[reason] = stage_counts.get(reason, 0) + 1
+        table = pq.read_table(path, columns=[schema.STAGE, schema.REASON, schema.TURN])
+        records = table.column(schema.TURN).null_count  # a turn refused while its record was kept is no record
+        rejected_files.append({"path": path.relative_to(root).as_posix(), "rows": table.num_rows, "records": records})
+        for stage, reason, turn in zip(*(table.column(c).to_pylist() for c in (schema.STAGE, schema.REASON, schema.TURN))):
+            if turn is None:
+                stage_counts = rejected_counts.setdefault(stage, {})
+                stage_counts[reason] = stage_counts.get(reason, 0) + 1
+            else:
+                turns_rejected[reason] = turns_rejected.get(reason, 0) + 1
 
     read_now = stage_totals["ingest"].records_in if "ingest" in stage_totals else 0
     shards = (previous["shards"] if previous else []) + new_shards
     rejected_listed = (previous.get("rejected", []) if previous else []) + rejected_files
     read_total = (previous["counts"]["read"] if previous else 0) + read_now
-    kept_total = sum(s["rows"] for s in shards)
+    kept_total = sum(s.get("records", s["rows"]) for s in shards)  # records: rows before per_turn
     # Kept rows whose tokens before the last trained turn are not what inference shows there.
     render_mismatch = (previous["counts"].get("render_mismatch", 0) if previous else 0) + (
         stage_totals["tokenize"].extra.get("render_mismatch", 0) if "tokenize" in stage_totals else 0
     )
-    rejected_total = sum(f["rows"] for f in rejected_listed)
+    rejected_total = sum(f.get("records", f["rows"]) for f in rejected_listed)
     if read_total != kept_total + rejected_total:
         raise AssertionError(
             f"conservation broken in {root}: read {read_total} records but shards hold {kept_total} and "
@@ -453,7 +458,8 @@ def finalize(
         for i, r in zip(plan.inputs, ingest_results)
     ]
     history = (previous.get("history", []) if previous else []) + [
-        {"version": version, "created_at": created, "read": read_now, "kept": sum(s["rows"] for s in new_shards),
+        {"version": version, "created_at": created, "read": read_now,
+         "kept": sum(s.get("records", s["rows"]) for s in new_shards),
          "shards_added": len(new_shards), "rebuild": plan.rebuild}
     ]
     manifest = {
@@ -473,6 +479,8 @@ def finalize(
             "kept": kept_total,
             "rejected": rejected_counts,
             "render_mismatch": render_mismatch,
+            "rows": sum(s["rows"] for s in shards),
+            "turns_rejected": turns_rejected,
         },
         "stages": [
             {**stage_totals[name].to_dict(), "name": name} for name in STAGE_ORDER if name in stage_totals

@@ -28,8 +28,19 @@ Canonical record
 
 Shard row
 ---------
-The canonical columns plus ``input_ids`` list<int32>, ``labels`` list<int32> (= input_ids where
-trained, -100 elsewhere, same length, not shifted), ``length`` int32, ``num_trainable`` int32.
+The canonical columns plus ``turn`` int32 (null for a row holding the whole conversation; with
+``tokenize.reasoning: per_turn`` the index in ``messages`` of the assistant turn the row ends at,
+``messages`` then holding the conversation up to that turn), ``input_ids`` list<int32>,
+``labels`` list<int32> (= input_ids where trained, -100 elsewhere, same length, not shifted),
+``length`` int32, ``num_trainable`` int32. Rows of one record share its ``id``, ``source`` and
+``source_index``: a record is counted once, whatever number of rows it became.
+
+Rejected row
+------------
+``source``, ``source_index``, ``stage``, ``reason``, ``detail``, ``id``, ``duplicate_of``,
+``similarity``, ``raw``, and ``turn``: null when the whole record was rejected; the turn's index
+when one turn-row of a record was refused while others of the same record were kept (such rows
+are not counted as rejected records).
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ INPUT_IDS = "input_ids"
 LABELS = "labels"
 LENGTH = "length"
 NUM_TRAINABLE = "num_trainable"
+TURN = "turn"
 
 STAGE = "stage"
 REASON = "reason"
@@ -94,6 +106,7 @@ CONVERSATION_SCHEMA = pa.schema(
 SHARD_SCHEMA = pa.schema(
     list(CONVERSATION_SCHEMA)
     + [
+        pa.field(TURN, pa.int32()),
         pa.field(INPUT_IDS, pa.list_(pa.int32()), nullable=False),
         pa.field(LABELS, pa.list_(pa.int32()), nullable=False),
         pa.field(LENGTH, pa.int32(), nullable=False),
@@ -112,6 +125,7 @@ REJECTED_SCHEMA = pa.schema(
         pa.field(DUPLICATE_OF, pa.string()),
         pa.field(SIMILARITY, pa.float32()),
         pa.field(RAW, pa.string(), nullable=False),
+        pa.field(TURN, pa.int32()),
     ]
 )
 
@@ -122,7 +136,7 @@ META_TEMPLATE_NAME = b"sftkit.template.name"
 META_TEMPLATE_FINGERPRINT = b"sftkit.template.fingerprint"
 META_SPLIT = b"sftkit.split"
 META_FORMAT_VERSION = b"sftkit.format_version"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: messages[].reasoning and the turn column
 
 SPLITS = ("train", "val")
 
@@ -214,6 +228,7 @@ def rejected_row(
     id: str | None = None,
     duplicate_of: str | None = None,
     similarity: float | None = None,
+    turn: int | None = None,
 ) -> dict[str, Any]:
     """One row of :data:`REJECTED_SCHEMA` as a plain dict (``raw`` cut with :func:`cut_raw`)."""
     return {
@@ -226,6 +241,7 @@ def rejected_row(
         DUPLICATE_OF: duplicate_of,
         SIMILARITY: similarity,
         RAW: cut_raw(raw),
+        TURN: turn,
     }
 
 

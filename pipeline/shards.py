@@ -69,8 +69,18 @@ def write_shards(
     if table.num_rows == 0:
         return []
     order = pc.sort_indices(
-        table, [(schema.SOURCE, "ascending"), (schema.SOURCE_INDEX, "ascending"), (schema.ID, "ascending")]
+        table,
+        [
+            (schema.SOURCE, "ascending"),
+            (schema.SOURCE_INDEX, "ascending"),
+            (schema.ID, "ascending"),
+            (schema.TURN, "ascending"),
+        ],
     ).to_numpy()
+    # A record's rows (several under per_turn) are one run in this order: a file is cut only
+    # between records, so each file's distinct records add up to the dataset's.
+    source = table.column(schema.SOURCE).to_numpy(zero_copy_only=False)
+    source_index = table.column(schema.SOURCE_INDEX).to_numpy()
     splits = np.array([split_of(row_id, config.val_fraction) for row_id in table.column(schema.ID).to_pylist()])
     lengths = table.column(schema.LENGTH).to_numpy()
     trainable = table.column(schema.NUM_TRAINABLE).to_numpy()
@@ -79,9 +89,13 @@ def write_shards(
     entries = []
     for split in schema.SPLITS:
         rows = order[splits[order] == split]
+        new_record = np.ones(len(rows), dtype=bool)
+        if len(rows) > 1:
+            new_record[1:] = (source[rows[1:]] != source[rows[:-1]]) | (source_index[rows[1:]] != source_index[rows[:-1]])
+        record_starts = np.flatnonzero(new_record)
         # The rows are gathered one row group at a time while writing: no copy of the whole split.
-        for number, start in enumerate(range(0, len(rows), config.target_rows)):
-            file_rows = rows[start : start + config.target_rows]
+        for number, (start, end) in enumerate(_cuts(record_starts, len(rows), config.target_rows)):
+            file_rows = rows[start:end]
             name = schema.shard_file_name(split, start_index.get(split, 0) + number)
             path = data_dir / SHARDS_DIR / name
             write_parquet_atomic(
@@ -97,9 +111,22 @@ def write_shards(
                     "path": f"{SHARDS_DIR}/{name}",
                     "split": split,
                     "rows": len(file_rows),
+                    "records": int(new_record[start:end].sum()),
                     "tokens": int(lengths[file_rows].sum()),
                     "trainable_tokens": int(trainable[file_rows].sum()),
                     "sha256": sha256_file(path),
                 }
             )
     return entries
+
+
+def _cuts(record_starts: np.ndarray, total: int, target_rows: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges of about ``target_rows`` rows each, cut only where a record starts."""
+    cuts, start = [], 0
+    while start < total:
+        wanted = start + target_rows
+        at = int(np.searchsorted(record_starts, wanted, "left"))
+        end = int(record_starts[at]) if at < len(record_starts) else total
+        cuts.append((start, end))
+        start = end
+    return cuts

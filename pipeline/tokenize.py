@@ -23,6 +23,7 @@ import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -59,22 +60,61 @@ def build_masker(tokenizer, config: SFTConfig) -> Masker:
 
 def encode_table(masker: Masker, table: pa.Table | pa.RecordBatch) -> tuple[pa.Table, pa.Table, dict]:
     """Canonical rows -> (kept rows in SHARD_SCHEMA, rejected rows, figures) for one batch."""
-    table = _canonical(table)
-    return assemble(table, masker.encode_batch(_conversations(table)))
+    rows = _rows(masker, table)
+    return assemble(rows, masker.encode_batch(_conversations(rows.table)))
 
 
-def _canonical(table: pa.Table | pa.RecordBatch) -> pa.Table:
+@dataclass
+class _Rows:
+    """One batch's rows to encode: the canonical records, cut per turn under ``per_turn``."""
+
+    table: pa.Table  # the canonical columns + ``turn``
+    record_of_row: np.ndarray | None  # per row, its record in the batch (None: a row per record)
+    records: int
+
+
+def _rows(masker: Masker, table: pa.Table | pa.RecordBatch) -> _Rows:
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
-    return table.select(_CANONICAL_COLUMNS).cast(schema.CONVERSATION_SCHEMA)
+    table = table.select(_CANONICAL_COLUMNS).cast(schema.CONVERSATION_SCHEMA)
+    records = table.num_rows
+    if masker.reasoning.policy != "per_turn":
+        return _Rows(table.append_column(_TURN_FIELD, pa.nulls(records, pa.int32())), None, records)
+    # One row per trained assistant turn, holding the conversation up to it; a record without
+    # any stays one row (and is rejected as no_trainable_tokens, as it would be otherwise).
+    take, turns, messages = [], [], []
+    last_only = masker.train_on == "last_assistant"
+    for index, conversation in enumerate(table.column(schema.MESSAGES).to_pylist()):
+        ends = [i for i, m in enumerate(conversation) if m["role"] == "assistant" and m.get("train") is not False]
+        for end in (ends[-1:] if last_only else ends) or [None]:
+            take.append(index)
+            turns.append(end)
+            messages.append(conversation if end is None else conversation[: end + 1])
+    expanded = table.take(pa.array(take, pa.int64()))
+    expanded = expanded.set_column(
+        expanded.schema.get_field_index(schema.MESSAGES),
+        schema.CONVERSATION_SCHEMA.field(schema.MESSAGES),
+        pa.array(messages, schema.CONVERSATION_SCHEMA.field(schema.MESSAGES).type),
+    )
+    expanded = expanded.append_column(_TURN_FIELD, pa.array(turns, pa.int32()))
+    return _Rows(expanded, np.asarray(take, dtype=np.int64), records)
+
+
+_TURN_FIELD = schema.SHARD_SCHEMA.field(schema.TURN)
 
 
 def _conversations(table: pa.Table) -> list[tuple[list[dict], str | None]]:
     return list(zip(table.column(schema.MESSAGES).to_pylist(), table.column(schema.TOOLS).to_pylist()))
 
 
-def assemble(table: pa.Table, results: list[Encoded | Rejection]) -> tuple[pa.Table, pa.Table, dict]:
-    """Canonical rows and the Masker's result for each -> (kept rows, rejected rows, figures)."""
+def assemble(rows: _Rows, results: list[Encoded | Rejection]) -> tuple[pa.Table, pa.Table, dict]:
+    """A batch's rows and the Masker's result for each -> (kept rows, rejected rows, figures).
+
+    Counts are of records: under ``per_turn`` a record with a kept row is kept (a refused turn
+    of it is filed in rejected/ with its ``turn``, not counted as a rejected record), and a
+    record none of whose rows is kept is rejected once, with its first row's reason.
+    """
+    table = rows.table
     kept = [i for i, r in enumerate(results) if isinstance(r, Encoded)]
     encoded: list[Encoded] = [results[i] for i in kept]  # type: ignore[misc]
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int32)
@@ -97,19 +137,44 @@ def assemble(table: pa.Table, results: list[Encoded | Rejection]) -> tuple[pa.Ta
         schema=schema.SHARD_SCHEMA,
     )
 
+    record_kept = np.zeros(rows.records, dtype=bool)
+    record_of_row = rows.record_of_row if rows.record_of_row is not None else np.arange(table.num_rows)
+    record_kept[record_of_row[kept]] = True
+    turns = table.column(schema.TURN).to_pylist()
+    filed: set[int] = set()
+    rejected_rows, reasons, turns_rejected = [], Counter(), 0
+    for i, result in enumerate(results):
+        if not isinstance(result, Rejection):
+            continue
+        record = int(record_of_row[i])
+        if record_kept[record]:
+            turn, turns_rejected = turns[i], turns_rejected + 1
+        elif record in filed:
+            continue  # the record is rejected once, with its first row's reason
+        else:
+            filed.add(record)
+            turn = None
+            reasons[result.reason] += 1
+        rejected_rows.append((i, result, turn))
     rejected_parts, positions = [], []
     for stage in ("template", "tokenize"):
-        rows = [i for i, r in enumerate(results) if isinstance(r, Rejection) and r.stage == stage]
-        drops = [Drop(results[i].reason, results[i].detail) for i in rows]  # type: ignore[union-attr]
-        if rows:
-            rejected_parts.append(rejected_rows_from_table(table, rows, drops, stage))
-            positions += rows
+        picked = [(i, r, t) for i, r, t in rejected_rows if r.stage == stage]
+        if picked:
+            part = rejected_rows_from_table(table, [i for i, _, _ in picked], [Drop(r.reason, r.detail) for _, r, _ in picked], stage)
+            part = part.set_column(
+                part.schema.get_field_index(schema.TURN), schema.REJECTED_SCHEMA.field(schema.TURN),
+                pa.array([t for _, _, t in picked], pa.int32()),
+            )
+            rejected_parts.append(part)
+            positions += [i for i, _, _ in picked]
     rejected = schema.REJECTED_SCHEMA.empty_table()
     if rejected_parts:  # in input order, whatever the stage
         rejected = pa.concat_tables(rejected_parts).take(pa.array(np.argsort(positions, kind="stable")))
     figures = {
-        "records_in": table.num_rows,
-        "rejected": Counter(r.reason for r in results if isinstance(r, Rejection)),
+        "records_in": rows.records,
+        "records_out": int(record_kept.sum()),
+        "rejected": reasons,
+        "turns_rejected": turns_rejected,
         "tokens": int(lengths.sum()),
         "trainable_tokens": int(trainable.sum()),
         "truncated": sum(e.truncated for e in encoded),
@@ -181,8 +246,8 @@ def _pipelined(masker: Masker, batches: Iterator[pa.RecordBatch], num_proc: int)
     in_flight: deque[tuple[pa.Table, Future]] = deque()
     with _TOKENIZER_THREAD_POOL_OFF.held(), ThreadPoolExecutor(num_proc, thread_name_prefix="sftkit-tokenize") as executor:
         for batch in batches:
-            table = _canonical(batch)
-            in_flight.append((table, executor.submit(masker.tokenize, masker.render(_conversations(table)))))
+            table = _rows(masker, batch)
+            in_flight.append((table, executor.submit(masker.tokenize, masker.render(_conversations(table.table)))))
             if len(in_flight) > num_proc:  # keep every encoder busy while this thread renders
                 table, future = in_flight.popleft()
                 yield assemble(table, masker.finish(future.result()))
@@ -257,7 +322,10 @@ def tokenize_stage(
 ) -> StageStats:
     """Render, tokenize and mask every conversation of ``in_path``; write kept and rejected rows."""
     in_path, out_path, rejected_path = Path(in_path), Path(out_path), Path(rejected_path)
-    stats = StageStats("tokenize", extra={"tokens": 0, "trainable_tokens": 0, "truncated": 0, "render_mismatch": 0})
+    stats = StageStats(
+        "tokenize",
+        extra={"tokens": 0, "trainable_tokens": 0, "truncated": 0, "render_mismatch": 0, "turns_rejected": 0},
+    )
     rejected_tables = []
     with Timer() as timer, _GC_FROZEN.held():
         try:
@@ -280,9 +348,9 @@ def tokenize_stage(
                     if rejected.num_rows:
                         rejected_tables.append(rejected)
                     stats.records_in += figures["records_in"]
-                    stats.records_out += kept.num_rows
+                    stats.records_out += figures["records_out"]
                     stats.rejected.update(figures["rejected"])
-                    for key in ("tokens", "trainable_tokens", "truncated", "render_mismatch"):
+                    for key in ("tokens", "trainable_tokens", "truncated", "render_mismatch", "turns_rejected"):
                         stats.extra[key] += figures[key]
         if rejected_tables:
             write_rejected(pa.concat_tables(rejected_tables), rejected_path)

@@ -246,7 +246,7 @@ def render_html(summary: DatasetSummary, examples: list[dict[str, Any]], rejecte
     counts = manifest.get("counts") or {}
     if "read" in counts:
         parts.append(
-            f'<p class="muted">records read {_int(counts["read"])} = kept {_int(summary.rows)} + rejected {_int(summary.rejected_total)}</p>'
+            f'<p class="muted">records read {_int(counts["read"])} = kept {_int(summary.records)} + rejected {_int(summary.rejected_total)}</p>'
         )
     parts.append("</section>")
 

@@ -39,6 +39,11 @@ class DatasetSummary:
         return sum(s["rows"] for s in self.splits)
 
     @property
+    def records(self) -> int:
+        """Records kept: the rows, but a record cut into one row per turn (per_turn) counts once."""
+        return sum(s.get("records", s["rows"]) for s in self.manifest.get("shards") or [])
+
+    @property
     def tokens(self) -> int:
         return sum(s["tokens"] for s in self.splits)
 
@@ -99,7 +104,14 @@ def rejected_counts(data_dir: str | os.PathLike, manifest: dict[str, Any]) -> di
     if not files:
         return {stage: dict(reasons) for stage, reasons in (manifest.get("counts", {}).get("rejected") or {}).items()}
     counted = (
-        pl.scan_parquet([str(p) for p in files])
+        # files written before the turn column read it as null: every row a rejected record
+        pl.scan_parquet(
+            [str(p) for p in files],
+            schema={schema.STAGE: pl.String, schema.REASON: pl.String, schema.TURN: pl.Int32},
+            missing_columns="insert",
+            extra_columns="ignore",
+        )
+        .filter(pl.col(schema.TURN).is_null())  # a refused turn of a kept record is no rejected record
         .group_by(schema.STAGE, schema.REASON)
         .agg(pl.len().alias("n"))
         .collect()

@@ -93,10 +93,17 @@ def print_summary(console: Console, summary: DatasetSummary) -> None:
 
     counts = manifest.get("counts") or {}
     if "read" in counts:
-        balanced = counts["read"] == summary.rows + summary.rejected_total
+        balanced = counts["read"] == summary.records + summary.rejected_total
         console.print(
-            f"records read {_int(counts['read'])} = kept {_int(summary.rows)} + rejected {_int(summary.rejected_total)}"
+            f"records read {_int(counts['read'])} = kept {_int(summary.records)} + rejected {_int(summary.rejected_total)}"
             + ("" if balanced else "  [bold red](does not add up: records are missing)[/]")
+        )
+    if summary.rows != summary.records:
+        refused = counts.get("turns_rejected") or {}
+        console.print(
+            f"{_int(summary.records)} records are {_int(summary.rows)} rows, one per assistant turn (tokenize.reasoning: "
+            f"per_turn)" + (f"; {_int(sum(refused.values()))} turns of kept records refused: "
+                            + ", ".join(f"{k} {v}" for k, v in sorted(refused.items())) if refused else "")
         )
     if counts.get("render_mismatch"):
         console.print(

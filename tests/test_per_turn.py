@@ -1,0 +1,153 @@
+"""tokenize.reasoning: per_turn — one row per assistant turn, rendered and trained as at inference.
+
+A conversation with N trained assistant turns becomes N rows; row k holds the conversation up to
+turn k, trains only that turn (its reasoning included) and shows before it exactly the generation
+prompt the model sees at inference. Records are still counted once (conservation by record), a
+turn refused while others of its record are kept is filed with its ``turn``, and a record all of
+whose turns are refused is rejected once.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+from pipeline import schema
+from pipeline.config import SFTConfig, TemplateConfig
+from pipeline.formats import to_conversation
+from pipeline.locate import realise
+from pipeline.manifest import read_manifest
+from pipeline.masking import Masker
+from pipeline.prepare import prepare
+from pipeline.templates import resolve_template
+from pipeline.tokenize import encode_table
+from tests.chat_templates.models import CONVERSATIONS, tokenizer_for
+
+REASONING = CONVERSATIONS["reasoning"]["messages"]  # two turns, each with reasoning_content
+
+
+def canonical_table(conversations) -> pa.Table:
+    rows = []
+    for index, messages in enumerate(conversations):
+        canonical, tools = to_conversation({"messages": messages})
+        rows.append({"id": schema.conversation_id(canonical, tools), "source": "in.jsonl", "source_index": index,
+                     "messages": canonical, "tools": tools})
+    return pa.Table.from_pylist(rows, schema=schema.CONVERSATION_SCHEMA)
+
+
+def masker(model: str, base_tokenizer, *, twin: bool = False, **kwargs):
+    tokenizer = tokenizer_for(model, base_tokenizer, twin=twin)
+    template = resolve_template(tokenizer, TemplateConfig())
+    return tokenizer, Masker(tokenizer, template, max_length=kwargs.pop("max_length", 4096), reasoning="per_turn",
+                             span_method="generation" if twin else "locate", **kwargs)
+
+
+def trained(tokenizer, ids, labels) -> str:
+    return tokenizer.decode([i for i, label in zip(ids, labels) if label != schema.IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("model", ["qwen3", "deepseek_r1", "phi3", "llama31"])
+def test_each_turn_is_a_row_trained_as_at_inference(model, bpe_tokenizer):
+    tokenizer, per_turn = masker(model, bpe_tokenizer)
+    kept, rejected, figures = encode_table(per_turn, canonical_table([REASONING]))
+    assert rejected.num_rows == 0 and kept.num_rows == 2
+    assert figures["records_in"] == figures["records_out"] == 1
+    assert kept.column(schema.TURN).to_pylist() == [1, 3]
+    assert [len(m) for m in kept.column(schema.MESSAGES).to_pylist()] == [2, 4]
+    rows = kept.to_pylist()
+    for row, (reasoning, answer) in zip(rows, [("12 * 12 = 144.", "144"), ("13 * 13 = 169.", "169")]):
+        text = trained(tokenizer, row[schema.INPUT_IDS], row[schema.LABELS])
+        assert reasoning in text and answer in text, text  # the turn's reasoning is trained, whatever the template
+        if answer == "169":
+            assert "12 * 12" not in text and "144" not in text  # nothing of an earlier turn is trained
+        # The text before the trained turn is exactly the inference prompt, token for token.
+        first = next(i for i, label in enumerate(row[schema.LABELS]) if label != schema.IGNORE_INDEX)
+        messages = realise(per_turn.reasoning.shape(schema.messages_for_template(row[schema.MESSAGES][:-1])), None)
+        prompt = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, date_string="26 Jul 2024"
+        )
+        assert row[schema.INPUT_IDS][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_deepseek_reasoning_is_written_into_the_think_block_the_prompt_opens(bpe_tokenizer):
+    """DeepSeek-R1's template strips reasoning even from the last turn; per_turn puts it back after
+    the prompt's "<think>\\n", as the model writes it at inference. Same as the tagged twin."""
+    tokenizer, per_turn = masker("deepseek_r1", bpe_tokenizer)
+    _, twin = masker("deepseek_r1", bpe_tokenizer, twin=True)
+    table = canonical_table([REASONING])
+    kept, _, _ = encode_table(per_turn, table)
+    reference, _, _ = encode_table(twin, table)
+    last = kept.to_pylist()[-1]
+    assert tokenizer.decode(last[schema.INPUT_IDS]).endswith(
+        "<｜Assistant｜><think>\n13 * 13 = 169.\n</think>\n\n169<｜end▁of▁sentence｜>"
+    )
+    assert trained(tokenizer, last[schema.INPUT_IDS], last[schema.LABELS]) == (
+        "13 * 13 = 169.\n</think>\n\n169<｜end▁of▁sentence｜>"
+    )
+    assert kept.column(schema.LABELS).to_pylist() == reference.column(schema.LABELS).to_pylist()
+    assert kept.column(schema.INPUT_IDS).to_pylist() == reference.column(schema.INPUT_IDS).to_pylist()
+
+
+def test_a_refused_turn_of_a_kept_record_is_filed_with_its_turn(bpe_tokenizer):
+    long_answer = "word " * 300
+    conversation = [
+        {"role": "user", "content": "Short?"},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "Long?"},
+        {"role": "assistant", "content": long_answer},
+    ]
+    tokenizer, per_turn = masker("qwen3", bpe_tokenizer, max_length=64)
+    kept, rejected, figures = encode_table(per_turn, canonical_table([conversation, conversation[2:]]))
+    assert kept.column(schema.TURN).to_pylist() == [1]  # record 0's first turn
+    assert rejected.column(schema.TURN).to_pylist() == [3, None]  # record 0's second turn; record 1 whole
+    assert rejected.column(schema.REASON).to_pylist() == ["too_long", "too_long"]
+    assert figures["records_in"] == 2 and figures["records_out"] == 1
+    assert figures["rejected"] == {"too_long": 1} and figures["turns_rejected"] == 1
+
+
+def test_per_turn_cannot_train_everything():
+    with pytest.raises(ValueError, match="per_turn"):
+        SFTConfig.model_validate({"tokenize": {"reasoning": "per_turn", "train_on": "all"}})
+
+
+def test_prepare_counts_records_once(tmp_path, bpe_tokenizer):
+    tokenizer = tokenizer_for("qwen3", bpe_tokenizer)
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tokenizer_dir)
+    long_answer = "word " * 300
+    records = [
+        {"messages": REASONING},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {"messages": [{"role": "user", "content": "Short?"}, {"role": "assistant", "content": "Yes."},
+                      {"role": "user", "content": "Long?"}, {"role": "assistant", "content": long_answer}]},
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    config = SFTConfig.model_validate({
+        "dedup": {"enabled": False}, "quality": {"enabled": False}, "shards": {"val_fraction": 0.0, "target_rows": 2},
+        "tokenize": {"reasoning": "per_turn", "max_length": 96},
+    })
+    manifest = prepare([str(source)], str(tokenizer_dir), tmp_path / "data", config)
+    counts = manifest["counts"]
+    assert counts["read"] == 3 and counts["kept"] == 3 and counts["rows"] == 4
+    assert counts["turns_rejected"] == {"too_long": 1}
+    assert sum(e["records"] for e in manifest["shards"]) == 3
+    # A file is cut only between records: the two rows of the reasoning record share one file.
+    for entry in manifest["shards"]:
+        table = pq.read_table(tmp_path / "data" / entry["path"], columns=[schema.SOURCE_INDEX, schema.TURN])
+        assert entry["records"] == len(set(table.column(schema.SOURCE_INDEX).to_pylist()))
+    rejected = pq.read_table(next((tmp_path / "data" / "rejected").glob("*.parquet")))
+    assert rejected.column(schema.TURN).to_pylist() == [3]
+    assert read_manifest(tmp_path / "data")["counts"] == counts
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "data")], env={"COLUMNS": "400"})
+    assert shown.exit_code == 0, shown.output
+    assert "records read 3 = kept 3 + rejected 0" in shown.output
+    assert "3 records are 4 rows, one per assistant turn" in shown.output and "too_long 1" in shown.output
