@@ -27,25 +27,12 @@ sys.path.insert(0, str(REPO))  # the tests' template fixtures live in the reposi
 
 from pipeline import schema  # noqa: E402
 from pipeline.config import TemplateConfig  # noqa: E402
-from pipeline.formats import to_conversation  # noqa: E402
 from pipeline.masking import Encoded, Masker  # noqa: E402
-from pipeline.readers import iter_records  # noqa: E402
 from pipeline.templates import resolve_template  # noqa: E402
 from pipeline.tokenizers import load_tokenizer  # noqa: E402
 from pipeline.tokenize import encode_table  # noqa: E402
 from tests.chat_templates.models import tokenizer_for  # noqa: E402
-
-
-def records(paths: list[Path]) -> list[tuple[list[dict], str | None]]:
-    rows = []
-    for path in paths:
-        for record in iter_records(path):
-            if record.error is None:
-                try:
-                    rows.append(to_conversation(record.value))
-                except ValueError:
-                    continue
-    return rows
+from tests.conversation_fixtures import conversations  # noqa: E402
 
 
 def measure(tokenizer, rows, policy: str) -> dict:
@@ -78,7 +65,7 @@ def main() -> None:
     paths = sorted((REPO / "data_samples" / "inputs").glob("*.*"))
     if options.real.is_dir():
         paths += sorted(options.real.glob("*.json*"))
-    rows = records(paths)
+    rows = conversations(paths)
     with_reasoning = sum(any(m.get("reasoning") for m in messages) for messages, _ in rows)
     base = load_tokenizer(str(REPO / "data_samples" / "tokenizer"))
     reasoning_rows = [(m, t) for m, t in rows if any(x.get("reasoning") for x in m)]

@@ -17,12 +17,11 @@ import pytest
 
 from pipeline import schema
 from pipeline.config import TemplateConfig
-from pipeline.formats import to_conversation
 from pipeline.masking import Encoded, Masker, Rejection
-from pipeline.readers import iter_records
 from pipeline.schema import make_message as msg
 from pipeline.schema import messages_for_template
 from pipeline.templates import resolve_template
+from tests.conversation_fixtures import conversations
 from pipeline.tokenizers import load_tokenizer
 
 
@@ -32,18 +31,6 @@ def masker(tokenizer, *, byte_table: bool = True, **kwargs) -> Masker:
     if not byte_table:
         built.token_bytes = None  # the offsets road for every row
     return built
-
-
-def conversations(paths) -> list[tuple[list[dict], str | None]]:
-    rows = []
-    for path in paths:
-        for record in iter_records(path):
-            if record.error is None:
-                try:
-                    rows.append(to_conversation(record.value))
-                except ValueError:
-                    continue  # the deliberately bad records of the samples
-    return rows
 
 
 def same(left, right) -> bool:

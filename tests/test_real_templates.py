@@ -12,25 +12,13 @@ from __future__ import annotations
 
 import pytest
 
-from chat_templates.models import CONVERSATIONS, TEMPLATES, conversation, template_text, tokenizer_for
+from tests.chat_templates.models import CONVERSATIONS, TEMPLATES, conversation, template_text, tokenizer_for
 from pipeline.formats import to_conversation
 from pipeline.masking import Encoded, Masker, Rejection
-from pipeline.readers import iter_records
 from pipeline.templates import Template
+from tests.conversation_fixtures import conversations as rows_of
 
 NAMES = list(TEMPLATES)
-
-
-def rows_of(paths) -> list[tuple[list[dict], str | None]]:
-    rows = []
-    for path in paths:
-        for record in iter_records(path):
-            if record.error is None:
-                try:
-                    rows.append(to_conversation(record.value))
-                except ValueError:
-                    continue  # the deliberately bad records of the samples
-    return rows
 
 
 def fixture_rows(name: str) -> list[tuple[list[dict], str | None]]:
