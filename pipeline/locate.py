@@ -77,6 +77,8 @@ PIECE_FIELDS = ("content", "reasoning_content")
 
 def realise(messages: Sequence[dict[str, Any]], sentinel: Callable[[int, str], str | None] | None) -> list[dict[str, Any]]:
     """Messages with piece lists joined: the real text, or each named piece as ``sentinel(i, field)``."""
+    if sentinel is None and not any(isinstance(m.get(f), list) for m in messages for f in PIECE_FIELDS):
+        return list(messages)  # nothing to join
     out = []
     for index, message in enumerate(messages):
         copy = dict(message)

@@ -326,9 +326,11 @@ class Masker:
             self.end_tokens = tuple(sorted(ends, key=lambda t: (-len(t), t)))
         decoder = json.loads(self.backend.to_str()).get("decoder") or {}
         self.as_decoded = _metaspace if "\u2581" in json.dumps(decoder, ensure_ascii=False) else (lambda s: s)
-        self.control_ids = np.array(
-            sorted({i for i in (self.backend.token_to_id(c) for c in self.controls) if i is not None}), dtype=np.int32
-        )
+        control_ids = [i for i in (self.backend.token_to_id(c) for c in self.controls) if i is not None]
+        # is_control[id]: the template's control tokens (they cut the tokenization of a text in two)
+        self.is_control = np.zeros(max([self.backend.get_vocab_size(with_added_tokens=True), *control_ids]) + 1, bool)
+        self.is_control[control_ids] = True
+        self._piece_ids: dict[str, np.ndarray] = {}  # a prompt's tail after its last control token -> ids
 
     # --- public ------------------------------------------------------------------------------
     def encode(self, messages: list[dict[str, Any]], tools: str | None = None) -> Encoded | Rejection:
@@ -391,7 +393,7 @@ class Masker:
                 results[row.index] = outcome
                 continue
             staged[row.index] = outcome
-            starts[row.index] = (row, _byte_start_to_char(raw, bounds, base))
+            starts[row.index] = (row, _byte_start_to_char(raw, row.text, bounds, base))
             checks += [
                 (
                     row.index,
@@ -444,13 +446,13 @@ class Masker:
         it are encoded again on their own: the control token cuts the tokenization there.
         """
         mismatched: dict[int, str] = {}
-        plain, hidden = [], []
+        pending: dict[str, list] = {}  # piece text -> rows whose prompt ends with it (plain rows)
+        hidden = []
         for index, (row, token_start) in starts.items():
             ids, labels, turns = staged[index]
-            trained = [t for t in turns if labels[t.first_token] != schema.IGNORE_INDEX]
-            if not trained:
+            turn = next((t for t in reversed(turns) if labels[t.first_token] != schema.IGNORE_INDEX), None)
+            if turn is None:
                 continue
-            turn = trained[-1]
             if row.prompt is not None:
                 mismatched[index] = (
                     f"the text before assistant turn {turn.message_index} is not what "
@@ -460,25 +462,45 @@ class Masker:
                 )
                 continue
             first = turn.first_token
-            controls = np.flatnonzero(np.isin(ids[:first], self.control_ids)) if len(self.control_ids) else []
-            t0 = int(controls[-1]) + 1 if len(controls) else 0
+            t0 = self._after_last_control(ids, first)
             c0 = token_start(t0) if t0 < first else row.prompt_length
             piece = row.marked_text[c0 : row.prompt_length] if c0 <= row.prompt_length else None
-            (hidden if row.has_control_text else plain).append((index, turn, ids[t0:first], piece))
-        if plain:
-            encodings = self.backend.encode_batch_fast([p or "" for *_, p in plain], add_special_tokens=False)
-            got = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-        else:
-            got = []
+            if row.has_control_text:
+                hidden.append((index, turn, ids[t0:first], piece))
+            else:  # the same few pieces ("assistant\n") come back row after row: encode each once
+                pending.setdefault(piece, []).append((index, turn, ids[t0:first]))
+        checks = []
+        pieces = [p for p in pending if p is not None and p not in self._piece_ids]
+        if pieces:
+            for piece, encoding in zip(pieces, self.backend.encode_batch_fast(pieces, add_special_tokens=False)):
+                if len(self._piece_ids) < 4096:
+                    self._piece_ids[piece] = np.asarray(encoding.ids, dtype=np.int32)
+                checks += [(i, t, e, piece, np.asarray(encoding.ids, dtype=np.int32)) for i, t, e in pending[piece]]
+        for piece, waiting in pending.items():
+            if piece is None or piece in self._piece_ids:
+                checks += [(i, t, e, piece, self._piece_ids.get(piece)) for i, t, e in waiting]
         if hidden:
-            got += self._control_encoder().encode_batch([p or "" for *_, p in hidden], offsets=False)[1]
-        for (index, turn, expected, piece), ids in zip(plain + hidden, got):
-            if piece is None or not np.array_equal(expected, ids):
+            encoded = self._control_encoder().encode_batch([p or "" for *_, p in hidden], offsets=False)[1]
+            checks += [(*h, got) for h, got in zip(hidden, encoded)]
+        for index, turn, expected, piece, got in checks:
+            if piece is None or got is None or expected.tobytes() != got.astype(np.int32, copy=False).tobytes():
                 mismatched[index] = (
                     f"the tokens before assistant turn {turn.message_index} differ from those of its generation "
                     f"prompt: a token merges the prompt's end {_clip(piece or '')!r} with the response"
                 )
         return mismatched
+
+    def _after_last_control(self, ids: np.ndarray, first: int) -> int:
+        """The token after the last control token before ``first`` (0 if none)."""
+        window = 64  # a control token is almost always a few tokens back (the turn's header)
+        while True:
+            low = max(0, first - window)
+            found = np.flatnonzero(self.is_control[ids[low:first]])
+            if len(found):
+                return low + int(found[-1]) + 1
+            if low == 0:
+                return 0
+            window *= 8
 
     # --- rendering ---------------------------------------------------------------------------
     def _control_encoder(self) -> _PlainControlEncoder:
@@ -541,6 +563,9 @@ class Masker:
                 _Turn(i, *self._trim_span(rendered, start, end)) for i, (start, end) in zip(assistant_indices, spans)
             ]
         else:
+            plain_marker = self._end_marker_in_tool_calls(messages)
+            if plain_marker is not None:
+                return plain_marker
             try:
                 located = locate_turns(
                     lambda msgs, prompt: render(
@@ -569,6 +594,26 @@ class Masker:
         row.prompt = self._inference_prompt(row, rendered, plain, tool_schemas)
         return row
 
+    def _end_marker_in_tool_calls(self, messages: list[dict[str, Any]]) -> Rejection | None:
+        """A turn whose tool calls hold its end marker as text cannot be located: the turn's end
+        is found as the first marker after its text, and tool calls are rendered, not replaced.
+        (A marker that is a control token is hidden before rendering; this is the plain-text one
+        of a template whose markers the tokenizer lacks.)"""
+        for index, message in enumerate(messages):
+            calls = message.get("tool_calls")
+            if not calls:
+                continue
+            text = json.dumps(calls, ensure_ascii=False)
+            for token in self.end_tokens:
+                if token in text or json.dumps(token, ensure_ascii=False)[1:-1] in text:
+                    return Rejection(
+                        "tokenize",
+                        "mask_unverifiable",
+                        f"assistant turn {index}: its tool calls hold the end-of-turn marker {token!r} as text, "
+                        "so where the turn ends cannot be told (the tokenizer has no such token)",
+                    )
+        return None
+
     def _as_at_inference(self, rendered: str, turn: _Turn, plain, messages, tool_schemas):
         """A per_turn row: (text, [its last turn]) rendered as the model sees it at inference."""
         try:
@@ -583,8 +628,10 @@ class Masker:
         if rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
             return rendered, [turn]
         generated = rendered[turn.char_start : turn.char_end]
-        reasoning = (messages[turn.message_index].get("reasoning_content") or "").strip()
-        if reasoning and reasoning not in generated and _PROMPT_OPENS_THINK.search(prompt):
+        if _PROMPT_OPENS_THINK.search(prompt) and "</think>" not in generated:
+            # The prompt opens a think block the rendered turn never closes (DeepSeek-R1 strips the
+            # block from every turn): the model writes its reasoning, or nothing, and closes it.
+            reasoning = (messages[turn.message_index].get("reasoning_content") or "").strip()
             generated = reasoning + ("\n</think>" if generated.startswith("\n") else "\n</think>\n\n") + generated
         text = prompt + generated
         return text, [_Turn(turn.message_index, len(prompt), len(text), turn.end_token)]
@@ -694,11 +741,8 @@ class Masker:
     def _selected_turns(self, turns: list[_Turn], train_flags) -> list[_Turn]:
         if self.reasoning.policy == "per_turn":  # a row per turn: only the turn it ends at
             return [t for t in turns[-1:] if train_flags[t.message_index] is not False]
-        wanted = [t for t in turns if train_flags[t.message_index] is not False]
-        if self.train_on == "last_assistant":
-            last = turns[-1] if turns and train_flags[turns[-1].message_index] is not False else None
-            wanted = [t for t in wanted if t is last or train_flags[t.message_index] is True]
-        return wanted
+        wanted = set(trained_turns([t.message_index for t in turns], train_flags, self.train_on))
+        return [t for t in turns if t.message_index in wanted]
 
     def _fit_length(self, ids: np.ndarray, labels: np.ndarray, turns: list[_Turn]) -> Encoded | Rejection:
         length = len(ids)
@@ -729,6 +773,19 @@ class Masker:
                 )
             return Encoded(ids.astype(np.int32), labels.astype(np.int32), truncated=True)
         return Encoded(ids.astype(np.int32, copy=False), labels.astype(np.int32, copy=False))
+
+
+def trained_turns(assistant_indices: Sequence[int], train_flags: Sequence[bool | None], train_on: str) -> list[int]:
+    """Which assistant turns (message indices) a conversation trains under ``train_on``.
+
+    A turn marked ``train: false`` never is; ``last_assistant`` trains the last turn and any
+    marked ``train: true``; ``all_assistant`` (and ``all``) every turn not marked false.
+    """
+    wanted = [i for i in assistant_indices if train_flags[i] is not False]
+    if train_on == "last_assistant":
+        last = assistant_indices[-1] if assistant_indices else None
+        wanted = [i for i in wanted if i == last or train_flags[i] is True]
+    return wanted
 
 
 class ReasoningShape:
@@ -811,27 +868,28 @@ class RolePolicy:
 
     def prepare(self, messages, true_messages, train_flags):
         """(messages, true messages, train flags) with the default system prompt and the policy applied."""
-        for role, said in self.dropped.items():
-            if any(m["role"] == role or (role == "tool" and m.get("tool_calls")) for m in messages):
-                return Rejection(
-                    "template",
-                    "template_unsupported_role",
-                    f"chat template {self.template.name!r} cannot render a {role!r} message: {said}",
-                )
         if self.arguments_as_text:
             messages, true_messages = _arguments_as_text(messages), _arguments_as_text(true_messages)
         if self.template.default_system and (not messages or messages[0]["role"] != "system"):
             system = {"role": "system", "content": self.template.default_system}
             messages, true_messages, train_flags = [system, *messages], [system, *true_messages], [None, *train_flags]
-        if not messages or messages[0]["role"] != "system" or self.policy == "keep":
-            return messages, true_messages, train_flags
-        if self.policy == "reject":
-            return Rejection(
-                "template",
-                "template_unsupported_role",
-                f"the conversation has a system prompt and template.system is reject (template {self.template.name!r})",
-            )
-        return _merge_system(messages), _merge_system(true_messages), train_flags[1:]
+        if messages and messages[0]["role"] == "system" and self.policy != "keep":
+            if self.policy == "reject":
+                return Rejection(
+                    "template",
+                    "template_unsupported_role",
+                    f"the conversation has a system prompt and template.system is reject (template {self.template.name!r})",
+                )
+            messages, true_messages, train_flags = _merge_system(messages), _merge_system(true_messages), train_flags[1:]
+        for role, said in self.dropped.items():
+            if any(m["role"] == role or (role == "tool" and m.get("tool_calls")) for m in messages):
+                hint = " (template.system: merge folds it into the first user turn)" if role == "system" else ""
+                return Rejection(
+                    "template",
+                    "template_unsupported_role",
+                    f"chat template {self.template.name!r} cannot render a {role!r} message: {said}{hint}",
+                )
+        return messages, true_messages, train_flags
 
     def render_failure(self, messages: list[dict[str, Any]], exc: Exception) -> Rejection:
         roles = {m["role"] for m in messages}
@@ -900,9 +958,12 @@ def _metaspace(text: str) -> str:
     return text.replace("\u2581", " ")
 
 
-def _byte_start_to_char(raw: bytes, bounds: np.ndarray, base: int):
+def _byte_start_to_char(raw: bytes, text: str, bounds: np.ndarray, base: int):
+    ascii_text = len(raw) == len(text)  # then a byte offset is a character offset
+
     def token_start(token: int) -> int:
-        return len(raw[: int(bounds[token]) - base].decode("utf-8", "replace"))
+        byte = int(bounds[token]) - base
+        return byte if ascii_text else len(raw[:byte].decode("utf-8", "replace"))
 
     return token_start
 

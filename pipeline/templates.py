@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, replace
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -189,24 +189,22 @@ class Template:
     @property
     def fingerprint(self) -> str:
         payload = self.source + "\x00" + (self.default_system or "")
-        pinned = self.pinned_variables()
         if self.variables or "strftime_now" in self.source or "date_string" in self.source:
             # only templates that can see them change with them: old fingerprints stay valid
-            payload += "\x00" + json.dumps(
-                {k: v for k, v in pinned.items() if k != "strftime_now"}, sort_keys=True, default=str
-            )
+            payload += "\x00" + json.dumps(self.pinned_variables(), sort_keys=True, default=str)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
+    @property
+    def date_string(self) -> str:
+        return self.today.strftime("%d %b %Y")
+
+    def strftime_now(self, format: str) -> str:
+        """The template's clock: ``today`` at midnight, whatever the day the run happens on."""
+        return datetime.combine(self.today, datetime.min.time()).strftime(format)
+
     def pinned_variables(self) -> dict[str, Any]:
-        """What every render of this template passes besides the conversation."""
-        today = self.today
-
-        def strftime_now(format: str) -> str:
-            return today.strftime(format)
-
-        variables = {"date_string": today.strftime("%d %b %Y"), "strftime_now": strftime_now}
-        variables.update(dict(self.variables))
-        return variables
+        """The variables every render passes besides the conversation (the clock aside)."""
+        return {"date_string": self.date_string, **dict(self.variables)}
 
     @property
     def has_generation_tags(self) -> bool:
@@ -294,17 +292,74 @@ def render(
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render one conversation; with ``with_spans`` also the character spans of its generation blocks.
 
-    Uses transformers' own sandboxed renderer (what ``apply_chat_template`` calls), so a template
-    can do nothing outside Jinja's sandbox.
+    The template is transformers' own compiled one (``apply_chat_template``'s sandboxed Jinja
+    environment, its ``{% generation %}`` tracker, its filters), rendered the way
+    ``render_jinja_template`` renders it, with two differences: the inputs are rebuilt as plain
+    JSON data here (:func:`_plain`, the same rule as transformers' ``_plain_template_data``, for
+    the shapes sftkit passes, at a third of its cost: rendering is most of a run's Python), and
+    ``strftime_now`` is the template's pinned clock (a function can only be passed this way;
+    transformers' rebuild would turn it into a string). Where transformers lacks the pieces, its
+    public ``render_jinja_template`` is used (without the pinned clock; ``date_string`` still is).
     """
-    from transformers.utils.chat_template_utils import render_jinja_template
+    context = {**_plain(variables), **_plain(template.pinned_variables())}
+    chat = _plain_messages(messages)
+    tool_schemas = _plain(tools)
+    if _compile is None:  # pragma: no cover - a transformers without the private helpers
+        from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, spans = render_jinja_template(
-        conversations=[messages],
-        tools=tools,
-        chat_template=template.source,
-        return_assistant_tokens_mask=with_spans,
-        add_generation_prompt=add_generation_prompt,
-        **{**variables, **template.pinned_variables()},
+        rendered, spans = render_jinja_template(
+            conversations=[chat], tools=tool_schemas, chat_template=template.source,
+            return_assistant_tokens_mask=with_spans, add_generation_prompt=add_generation_prompt, **context,
+        )
+        return rendered[0], [tuple(span) for span in spans[0]] if with_spans else []
+    compiled = _compile(template.source)
+    context["strftime_now"] = template.strftime_now
+    if with_spans:
+        text, spans = _render_with_spans(
+            compiled_template=compiled, messages=chat, tools=tool_schemas, documents=None,
+            add_generation_prompt=add_generation_prompt, **context,
+        )
+        return text, [tuple(span) for span in spans]
+    text = compiled.render(
+        messages=chat, tools=tool_schemas, documents=None, add_generation_prompt=add_generation_prompt, **context
     )
-    return rendered[0], [tuple(span) for span in spans[0]] if with_spans else []
+    return text, []
+
+
+try:  # transformers' compiled-template cache and generation tracker (apply_chat_template's own)
+    from transformers.utils.chat_template_utils import _compile_jinja_template as _compile
+    from transformers.utils.chat_template_utils import _render_with_assistant_indices as _render_with_spans
+except ImportError:  # pragma: no cover
+    _compile = _render_with_spans = None
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` rebuilt from plain JSON types only: a str subclass (numpy.str_, an enum) becomes a
+    str, so a template can reach no method the sandbox does not know; anything else that is not
+    JSON data becomes a placeholder naming its type, as transformers does."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is dict:
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [_plain(item) for item in value]
+    from transformers.utils.chat_template_utils import _plain_template_data
+
+    return _plain_template_data(value)  # the rare rich object: transformers' own full rule
+
+
+def _plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as plain data, with the reasoning also under ``thinking`` (gpt-oss templates)."""
+    chat = []
+    for message in messages:
+        if type(message) is not dict:
+            raise TypeError(f"chat messages must be dicts, got {type(message).__name__}")
+        plain = {k if type(k) is str else _plain(k): v if type(v) is str else _plain(v) for k, v in message.items()}
+        reasoning = plain.get("reasoning_content")
+        if reasoning is not None and "thinking" not in plain:
+            plain["thinking"] = reasoning
+        chat.append(plain)
+    return chat

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from pipeline import schema
 from pipeline.config import SFTConfig
 from pipeline.fsutil import atomic_path
-from pipeline.masking import Encoded, Masker, Rejection
+from pipeline.masking import Encoded, Masker, Rejection, trained_turns
 from pipeline.stage import Drop, StageStats, Timer, rejected_rows_from_table, write_rejected
 
 _CANONICAL_COLUMNS = [field.name for field in schema.CONVERSATION_SCHEMA]
@@ -71,6 +71,7 @@ class _Rows:
     table: pa.Table  # the canonical columns + ``turn``
     record_of_row: np.ndarray | None  # per row, its record in the batch (None: a row per record)
     records: int
+    record_table: pa.Table | None = None  # the records themselves, when cut per turn
 
 
 def _rows(masker: Masker, table: pa.Table | pa.RecordBatch) -> _Rows:
@@ -83,10 +84,10 @@ def _rows(masker: Masker, table: pa.Table | pa.RecordBatch) -> _Rows:
     # One row per trained assistant turn, holding the conversation up to it; a record without
     # any stays one row (and is rejected as no_trainable_tokens, as it would be otherwise).
     take, turns, messages = [], [], []
-    last_only = masker.train_on == "last_assistant"
     for index, conversation in enumerate(table.column(schema.MESSAGES).to_pylist()):
-        ends = [i for i, m in enumerate(conversation) if m["role"] == "assistant" and m.get("train") is not False]
-        for end in (ends[-1:] if last_only else ends) or [None]:
+        assistants = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+        ends = trained_turns(assistants, [m.get("train") for m in conversation], masker.train_on)
+        for end in ends or [None]:
             take.append(index)
             turns.append(end)
             messages.append(conversation if end is None else conversation[: end + 1])
@@ -97,7 +98,7 @@ def _rows(masker: Masker, table: pa.Table | pa.RecordBatch) -> _Rows:
         pa.array(messages, schema.CONVERSATION_SCHEMA.field(schema.MESSAGES).type),
     )
     expanded = expanded.append_column(_TURN_FIELD, pa.array(turns, pa.int32()))
-    return _Rows(expanded, np.asarray(take, dtype=np.int64), records)
+    return _Rows(expanded, np.asarray(take, dtype=np.int64), records, table)
 
 
 _TURN_FIELD = schema.SHARD_SCHEMA.field(schema.TURN)
@@ -160,7 +161,15 @@ def assemble(rows: _Rows, results: list[Encoded | Rejection]) -> tuple[pa.Table,
     for stage in ("template", "tokenize"):
         picked = [(i, r, t) for i, r, t in rejected_rows if r.stage == stage]
         if picked:
-            part = rejected_rows_from_table(table, [i for i, _, _ in picked], [Drop(r.reason, r.detail) for _, r, _ in picked], stage)
+            # A rejected record is filed whole (its full conversation), a refused turn as its row.
+            whole = rows.record_table is not None
+            sources = [(rows.record_table, int(record_of_row[i])) if whole and t is None else (table, i) for i, _, t in picked]
+            part = pa.concat_tables(
+                [
+                    rejected_rows_from_table(source.select(_CANONICAL_COLUMNS), [row], [Drop(r.reason, r.detail)], stage)
+                    for (source, row), (_, r, _) in zip(sources, picked)
+                ]
+            ) if whole else rejected_rows_from_table(table, [i for i, _, _ in picked], [Drop(r.reason, r.detail) for _, r, _ in picked], stage)
             part = part.set_column(
                 part.schema.get_field_index(schema.TURN), schema.REJECTED_SCHEMA.field(schema.TURN),
                 pa.array([t for _, _, t in picked], pa.int32()),

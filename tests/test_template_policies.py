@@ -394,3 +394,27 @@ def test_reasoning_policy_is_validated(bpe_tokenizer):
     template = resolve_template(tokenizer, TemplateConfig())
     with pytest.raises(ValueError, match="tokenize.reasoning"):
         Masker(tokenizer, template, max_length=512, reasoning="hide")
+
+
+def test_a_template_that_reads_the_clock_itself_sees_the_pinned_day(bpe_tokenizer, monkeypatch):
+    """strftime_now() called by the template (not through date_string) is pinned too."""
+    import transformers.utils.chat_template_utils as ctu
+
+    class FakeDatetime(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2031, 5, 6, 7, 8, 9)
+
+    monkeypatch.setattr(ctu, "datetime", FakeDatetime)
+    source = (
+        "{{- 'Today: ' + strftime_now('%Y-%m-%d') + '\\n' }}"
+        "{%- for m in messages %}{{- m.role + ': ' + m.content + '\\n' }}{%- endfor %}"
+    )
+    from pipeline.templates import Template
+
+    today = Template("clock", source, today=dt.date(2024, 7, 26))
+    text, _ = render(today, {}, [{"role": "user", "content": "hi"}])
+    assert text.startswith("Today: 2024-07-26\n")
+    other = Template("clock", source, today=dt.date(2025, 1, 2))
+    assert render(other, {}, [{"role": "user", "content": "hi"}])[0].startswith("Today: 2025-01-02\n")
+    assert today.fingerprint != other.fingerprint
