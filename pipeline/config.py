@@ -94,6 +94,12 @@ class TemplateConfig(_Section):
         default_factory=dict,
         description="extra template variables, e.g. {enable_thinking: false}; recorded in the template fingerprint",
     )
+    render_timeout_s: float = Field(
+        5.0, gt=0, description="a conversation whose rendering takes longer is rejected as template_timeout"
+    )
+    max_render_chars: int = Field(
+        8_000_000, gt=0, description="a rendering that grows longer is rejected as template_output_too_large"
+    )
     today: date = Field(
         date(2024, 7, 26),
         description="the date a template sees: strftime_now() and date_string (Llama-3.1 prints it into every "

@@ -47,8 +47,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline import schema
+from pipeline.deadline import RenderTimeout, time_limit
 from pipeline.locate import LocateError, Piece, locate_turns, realise
-from pipeline.templates import KNOWN_END_TOKENS, Template, render, template_variables
+from pipeline.templates import KNOWN_END_TOKENS, Renderer, RenderTooLarge, Template, render, template_variables
 
 # Private-use characters for placeholders. The lead character of a placeholder names which
 # control token it stands for; the filler pads it to the same length, so offsets never shift.
@@ -294,6 +295,8 @@ class Masker:
         reasoning: str = "template",
         system: str = "keep",
         strict_render: bool = False,
+        render_timeout: float | None = 5.0,
+        max_render_chars: int | None = 8_000_000,
     ):
         if train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
@@ -311,8 +314,11 @@ class Masker:
         self.use_generation = span_method == "generation" or (span_method == "auto" and template.has_generation_tags)
         self.variables = template_variables(tokenizer)
         self.reasoning = ReasoningShape(template, reasoning)
-        self.roles = RolePolicy(template, self.variables, system)
+        self.roles = RolePolicy(template, self.variables, system, limits=(render_timeout, max_render_chars))
         self.strict_render = strict_render
+        self.render_timeout = render_timeout
+        self.max_render_chars = max_render_chars
+        self.renderer = Renderer(template, self.variables, max_render_chars)
         self.controls = control_tokens(tokenizer, template.source)
         self.control_re = re.compile("|".join(re.escape(c) for c in self.controls)) if self.controls else None
         self._plain_control_encoder: _PlainControlEncoder | None = None
@@ -347,7 +353,7 @@ class Masker:
         batch = RenderedBatch([None] * len(rows))
         table = self.token_bytes
         for index, (messages, tools) in enumerate(rows):
-            outcome = self._render_row(index, messages, tools)
+            outcome = self._bounded_render_row(index, messages, tools)
             if isinstance(outcome, Rejection):
                 batch.results[index] = outcome
             elif table is not None and table.takes(outcome.text):
@@ -483,7 +489,7 @@ class Masker:
             encoded = self._control_encoder().encode_batch([p or "" for *_, p in hidden], offsets=False)[1]
             checks += [(*h, got) for h, got in zip(hidden, encoded)]
         for index, turn, expected, piece, got in checks:
-            if piece is None or got is None or expected.tobytes() != got.astype(np.int32, copy=False).tobytes():
+            if piece is None or got is None or expected.tobytes() != got.tobytes():  # both int32
                 mismatched[index] = (
                     f"the tokens before assistant turn {turn.message_index} differ from those of its generation "
                     f"prompt: a token merges the prompt's end {_clip(piece or '')!r} with the response"
@@ -508,6 +514,25 @@ class Masker:
             if self._plain_control_encoder is None:
                 self._plain_control_encoder = _PlainControlEncoder(self.backend, self.controls)
             return self._plain_control_encoder
+
+    def _bounded_render_row(self, index: int, canonical: list[dict[str, Any]], tools: str | None) -> "_Rendered | Rejection":
+        """:meth:`_render_row` within the row's time limit and output size (a template is a program)."""
+        try:
+            with time_limit(self.render_timeout):
+                return self._render_row(index, canonical, tools)
+        except RenderTimeout:
+            return Rejection(
+                "template",
+                "template_timeout",
+                f"chat template {self.template.name!r} took longer than {self.render_timeout:g} s to render the "
+                "conversation (template.render_timeout_s)",
+            )
+        except RenderTooLarge as exc:
+            return Rejection(
+                "template",
+                "template_output_too_large",
+                f"chat template {self.template.name!r}: {exc} (template.max_render_chars)",
+            )
 
     def _render_row(self, index: int, canonical: list[dict[str, Any]], tools: str | None) -> _Rendered | Rejection:
         try:
@@ -548,7 +573,7 @@ class Masker:
         shaped = self.reasoning.shape(messages)
         plain = realise(shaped, None)
         try:
-            rendered, spans = render(self.template, self.variables, plain, tool_schemas, with_spans=self.use_generation)
+            rendered, spans = self._render(plain, tool_schemas, with_spans=self.use_generation)
         except Exception as exc:  # a template raises whatever its author chose (raise_exception, TypeError …)
             return self.roles.render_failure(messages, exc)
         assistant_indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -568,9 +593,7 @@ class Masker:
                 return plain_marker
             try:
                 located = locate_turns(
-                    lambda msgs, prompt: render(
-                        self.template, self.variables, msgs, tool_schemas, add_generation_prompt=prompt
-                    )[0],
+                    lambda msgs, prompt: self._render(msgs, tool_schemas, add_generation_prompt=prompt)[0],
                     shaped,
                     rendered,
                     self.end_tokens,
@@ -593,6 +616,9 @@ class Masker:
         row = _Rendered(index, text, marked, turns, true_messages, train_flags, has_control_text)
         row.prompt = self._inference_prompt(row, rendered, plain, tool_schemas)
         return row
+
+    def _render(self, messages, tools, **options) -> tuple[str, list[tuple[int, int]]]:
+        return self.renderer.render(messages, tools, **options)
 
     def _end_marker_in_tool_calls(self, messages: list[dict[str, Any]]) -> Rejection | None:
         """A turn whose tool calls hold its end marker as text cannot be located: the turn's end
@@ -617,9 +643,7 @@ class Masker:
     def _as_at_inference(self, rendered: str, turn: _Turn, plain, messages, tool_schemas):
         """A per_turn row: (text, [its last turn]) rendered as the model sees it at inference."""
         try:
-            prompt, _ = render(
-                self.template, self.variables, plain[: turn.message_index], tool_schemas, add_generation_prompt=True
-            )
+            prompt, _ = self._render(plain[: turn.message_index], tool_schemas, add_generation_prompt=True)
         except Exception as exc:
             return Rejection(
                 "template", "template_error", f"the generation prompt before assistant turn {turn.message_index} "
@@ -644,9 +668,7 @@ class Masker:
             return None
         turn = selected[-1]
         try:
-            prompt, _ = render(
-                self.template, self.variables, plain[: turn.message_index], tool_schemas, add_generation_prompt=True
-            )
+            prompt, _ = self._render(plain[: turn.message_index], tool_schemas, add_generation_prompt=True)
         except Exception as exc:  # the prompt alone does not render: certainly not what training shows
             return f"<the generation prompt does not render: {exc}>"
         if len(prompt) <= turn.char_start and rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
@@ -741,8 +763,10 @@ class Masker:
     def _selected_turns(self, turns: list[_Turn], train_flags) -> list[_Turn]:
         if self.reasoning.policy == "per_turn":  # a row per turn: only the turn it ends at
             return [t for t in turns[-1:] if train_flags[t.message_index] is not False]
-        wanted = set(trained_turns([t.message_index for t in turns], train_flags, self.train_on))
-        return [t for t in turns if t.message_index in wanted]
+        wanted = trained_turns([t.message_index for t in turns], train_flags, self.train_on)
+        if len(wanted) == len(turns):
+            return turns
+        return [t for t in turns if t.message_index in set(wanted)]
 
     def _fit_length(self, ids: np.ndarray, labels: np.ndarray, turns: list[_Turn]) -> Encoded | Rejection:
         length = len(ids)
@@ -781,6 +805,8 @@ def trained_turns(assistant_indices: Sequence[int], train_flags: Sequence[bool |
     A turn marked ``train: false`` never is; ``last_assistant`` trains the last turn and any
     marked ``train: true``; ``all_assistant`` (and ``all``) every turn not marked false.
     """
+    if train_on != "last_assistant" and not any(train_flags) and False not in train_flags:
+        return list(assistant_indices)  # no flags at all (the common case): every turn
     wanted = [i for i in assistant_indices if train_flags[i] is not False]
     if train_on == "last_assistant":
         last = assistant_indices[-1] if assistant_indices else None
@@ -834,7 +860,7 @@ class RolePolicy:
     render is rejected as ``template_unsupported_role`` naming the role, not as a generic error.
     """
 
-    def __init__(self, template: Template, variables: dict[str, Any], policy: str):
+    def __init__(self, template: Template, variables: dict[str, Any], policy: str, limits=(None, None)):
         if policy not in SYSTEM_POLICIES:
             raise ValueError(f"template.system must be one of {SYSTEM_POLICIES}, got {policy!r}")
         self.template = template
@@ -853,12 +879,16 @@ class RolePolicy:
         # Some templates concatenate a call's arguments as text (DeepSeek-R1): they get JSON text.
         self.arguments_as_text = False
         self.dropped: dict[str, str] = {}  # role -> why: the template renders it as nothing
-        if isinstance(_rendered_or_error(template, variables, [user, answer]), Exception):
+        plain = _rendered_or_error(template, variables, [user, answer], limits)
+        if isinstance(plain, _Overrun):
+            raise ValueError(f"chat template {template.name!r} cannot be used: {plain} (template.render_timeout_s, "
+                             "template.max_render_chars)")
+        if isinstance(plain, Exception):
             return  # nothing renders: every row gets the template's own error
         for role, (conversation, must_hold) in probes.items():
-            text = _rendered_or_error(template, variables, conversation)
+            text = _rendered_or_error(template, variables, conversation, limits)
             if isinstance(text, Exception) and role == "tool":
-                as_text = _rendered_or_error(template, variables, _arguments_as_text(conversation))
+                as_text = _rendered_or_error(template, variables, _arguments_as_text(conversation), limits)
                 if isinstance(as_text, str):
                     self.arguments_as_text, text = True, as_text
             if isinstance(text, Exception):
@@ -904,12 +934,22 @@ class RolePolicy:
         return Rejection("template", "template_error", f"chat template {self.template.name!r} failed: {exc}")
 
 
-def _rendered_or_error(template: Template, variables: dict[str, Any], messages: list[dict[str, Any]]):
-    """The rendering of ``messages``, the exception the template raised, or None if a plain chat fails."""
+def _rendered_or_error(template: Template, variables: dict[str, Any], messages: list[dict[str, Any]], limits=(None, None)):
+    """The rendering of ``messages``, or the exception the template raised (or its overrun)."""
+    seconds, max_chars = limits
     try:
-        return render(template, variables, messages)[0]
+        with time_limit(seconds):
+            return render(template, variables, messages, max_chars=max_chars)[0]
     except Exception as exc:
         return exc
+    except RenderTimeout:
+        return _Overrun(f"it took longer than {seconds:g} s to render a short conversation")
+    except RenderTooLarge as exc:
+        return _Overrun(f"its rendering of a short conversation: {exc}")
+
+
+class _Overrun(Exception):
+    """A probe rendering ran out of time or size: the template cannot serve any row."""
 
 
 def _arguments_as_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

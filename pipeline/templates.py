@@ -17,6 +17,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, replace
+from itertools import islice
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -289,8 +290,12 @@ def render(
     *,
     with_spans: bool = False,
     add_generation_prompt: bool = False,
+    max_chars: int | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render one conversation; with ``with_spans`` also the character spans of its generation blocks.
+
+    A rendering that grows past ``max_chars`` raises :class:`RenderTooLarge` as soon as it does.
+    (:class:`Renderer` does the same with the template's variables prepared once.)
 
     The template is transformers' own compiled one (``apply_chat_template``'s sandboxed Jinja
     environment, its ``{% generation %}`` tracker, its filters), rendered the way
@@ -301,36 +306,87 @@ def render(
     transformers' rebuild would turn it into a string). Where transformers lacks the pieces, its
     public ``render_jinja_template`` is used (without the pinned clock; ``date_string`` still is).
     """
-    context = {**_plain(variables), **_plain(template.pinned_variables())}
-    chat = _plain_messages(messages)
-    tool_schemas = _plain(tools)
-    if _compile is None:  # pragma: no cover - a transformers without the private helpers
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        rendered, spans = render_jinja_template(
-            conversations=[chat], tools=tool_schemas, chat_template=template.source,
-            return_assistant_tokens_mask=with_spans, add_generation_prompt=add_generation_prompt, **context,
-        )
-        return rendered[0], [tuple(span) for span in spans[0]] if with_spans else []
-    compiled = _compile(template.source)
-    context["strftime_now"] = template.strftime_now
-    if with_spans:
-        text, spans = _render_with_spans(
-            compiled_template=compiled, messages=chat, tools=tool_schemas, documents=None,
-            add_generation_prompt=add_generation_prompt, **context,
-        )
-        return text, [tuple(span) for span in spans]
-    text = compiled.render(
-        messages=chat, tools=tool_schemas, documents=None, add_generation_prompt=add_generation_prompt, **context
+    return Renderer(template, variables, max_chars).render(
+        messages, tools, with_spans=with_spans, add_generation_prompt=add_generation_prompt
     )
-    return text, []
+
+
+class Renderer:
+    """:func:`render` for one template and one set of variables, prepared once (a Masker's)."""
+
+    def __init__(self, template: Template, variables: dict[str, Any], max_chars: int | None = None):
+        self.template = template
+        self.max_chars = max_chars
+        self.context = {**_plain(variables), **_plain(template.pinned_variables())}
+        self.compiled = _compile(template.source) if _compile is not None else None
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        with_spans: bool = False,
+        add_generation_prompt: bool = False,
+    ) -> tuple[str, list[tuple[int, int]]]:
+        chat = _plain_messages(messages)
+        tool_schemas = _plain(tools)
+        if self.compiled is None:  # pragma: no cover - a transformers without the private helpers
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            rendered, spans = render_jinja_template(
+                conversations=[chat], tools=tool_schemas, chat_template=self.template.source,
+                return_assistant_tokens_mask=with_spans, add_generation_prompt=add_generation_prompt, **self.context,
+            )
+            return rendered[0], [tuple(span) for span in spans[0]] if with_spans else []
+        compiled = self.compiled
+        context = compiled.new_context(
+            {
+                **self.context,
+                "strftime_now": self.template.strftime_now,
+                "messages": chat,
+                "tools": tool_schemas,
+                "documents": None,
+                "add_generation_prompt": add_generation_prompt,
+            }
+        )
+        blocks: list[str] = []
+        if not with_spans:
+            _collect(compiled.root_render_func(context), blocks, self.max_chars)
+            return "".join(blocks), []
+        spans: list[tuple[int, int]] = []
+        # what transformers' _render_with_assistant_indices does, with the size check inside: the
+        # tracker reads the blocks rendered so far, so they are appended as they come
+        with compiled.environment.activate_tracker(blocks, spans):
+            _collect(compiled.root_render_func(context), blocks, self.max_chars)
+            text = "".join(blocks)
+        return text, [tuple(span) for span in spans]
+
+
+class RenderTooLarge(BaseException):
+    """A rendering grew past its size limit (a template looping on its output); a BaseException,
+    so that the ``except Exception`` around a template's own errors does not take it for one."""
+
+
+def _collect(stream, blocks: list[str], max_chars: int | None) -> None:
+    """Append the rendering's blocks to ``blocks`` as they come, a few hundred at a time (the
+    append loop runs in C), stopping once they pass ``max_chars``."""
+    size = 0
+    while True:
+        before = len(blocks)
+        blocks.extend(islice(stream, 256))
+        if len(blocks) == before:
+            return
+        size += sum(map(len, blocks[before:]))
+        if max_chars is not None and size > max_chars:
+            stream.close()
+            raise RenderTooLarge(f"the rendering passed {max_chars:,} characters")
 
 
 try:  # transformers' compiled-template cache and generation tracker (apply_chat_template's own)
     from transformers.utils.chat_template_utils import _compile_jinja_template as _compile
-    from transformers.utils.chat_template_utils import _render_with_assistant_indices as _render_with_spans
+    from transformers.utils.chat_template_utils import _render_with_assistant_indices  # noqa: F401 (the tracker API)
 except ImportError:  # pragma: no cover
-    _compile = _render_with_spans = None
+    _compile = None
 
 _SCALARS = (str, int, float, bool, type(None))
 

@@ -38,6 +38,8 @@ from pipeline.masking import Encoded, Masker, Rejection, trained_turns
 from pipeline.stage import Drop, StageStats, Timer, rejected_rows_from_table, write_rejected
 
 _CANONICAL_COLUMNS = [field.name for field in schema.CONVERSATION_SCHEMA]
+# A template that fails every one of this many conversations stops the run: it will fail the rest.
+EARLY_STOP_SAMPLE = 256
 
 
 def build_masker(tokenizer, config: SFTConfig) -> Masker:
@@ -55,6 +57,8 @@ def build_masker(tokenizer, config: SFTConfig) -> Masker:
         reasoning=config.tokenize.reasoning,
         system=config.template.system,
         strict_render=config.tokenize.strict_render,
+        render_timeout=config.template.render_timeout_s,
+        max_render_chars=config.template.max_render_chars,
     )
 
 
@@ -144,6 +148,7 @@ def assemble(rows: _Rows, results: list[Encoded | Rejection]) -> tuple[pa.Table,
     turns = table.column(schema.TURN).to_pylist()
     filed: set[int] = set()
     rejected_rows, reasons, turns_rejected = [], Counter(), 0
+    template_failed, template_example = 0, None
     for i, result in enumerate(results):
         if not isinstance(result, Rejection):
             continue
@@ -156,6 +161,9 @@ def assemble(rows: _Rows, results: list[Encoded | Rejection]) -> tuple[pa.Table,
             filed.add(record)
             turn = None
             reasons[result.reason] += 1
+            if result.stage == "template":
+                template_failed += 1
+                template_example = template_example or result.detail
         rejected_rows.append((i, result, turn))
     rejected_parts, positions = [], []
     for stage in ("template", "tokenize"):
@@ -188,6 +196,8 @@ def assemble(rows: _Rows, results: list[Encoded | Rejection]) -> tuple[pa.Table,
         "trainable_tokens": int(trainable.sum()),
         "truncated": sum(e.truncated for e in encoded),
         "render_mismatch": sum(e.render_mismatch for e in encoded),
+        "template_failed": template_failed,
+        "template_example": template_example,
     }
     return kept_table, rejected, figures
 
@@ -351,7 +361,10 @@ def tokenize_stage(
             # It costs disk, about four times the shards' size, until the run finishes.
             options = pa.ipc.IpcWriteOptions(compression=None)
             with pa.ipc.new_file(tmp, schema.SHARD_SCHEMA, options=options) as writer:
+                template_failed, example = 0, None
                 for kept, rejected, figures in _encoded_batches(batches, num_batches, tokenizer_path, config):
+                    template_failed += figures["template_failed"]
+                    example = example or figures["template_example"]
                     if kept.num_rows:
                         writer.write_table(kept)
                     if rejected.num_rows:
@@ -361,6 +374,12 @@ def tokenize_stage(
                     stats.rejected.update(figures["rejected"])
                     for key in ("tokens", "trainable_tokens", "truncated", "render_mismatch", "turns_rejected"):
                         stats.extra[key] += figures[key]
+                    if stats.records_in >= EARLY_STOP_SAMPLE and template_failed == stats.records_in:
+                        raise ValueError(
+                            f"chat template {config.template.jinja_file or config.template.name!r} failed on every one "
+                            f"of the first {stats.records_in:,} conversations, so nothing would be kept; the first "
+                            f"said: {example}"
+                        )
         if rejected_tables:
             write_rejected(pa.concat_tables(rejected_tables), rejected_path)
     stats.seconds = timer.seconds
