@@ -23,7 +23,7 @@ from flows.cli import app
 from pipeline import schema
 from pipeline.config import SFTConfig, TemplateConfig
 from pipeline.formats import to_conversation
-from pipeline.locate import realise
+from pipeline.masking.locate import realise
 from pipeline.manifest import read_manifest
 from pipeline.masking import Masker
 from pipeline.prepare import prepare

@@ -1,38 +1,8 @@
-"""Token-exact loss masks: rendered conversation -> ``input_ids`` and ``labels``.
+"""The Masker: rendered conversation -> ``input_ids`` and ``labels``, in three phases.
 
-This module owns how a conversation becomes tokens and which of them are trained:
-
-* **One tokenization of the whole rendered text.** ``input_ids`` are what
-  ``apply_chat_template(..., tokenize=True)`` gives (``add_special_tokens=False``: the template
-  writes BOS itself, so there is exactly one). Prompt and response are never tokenized apart.
-* **Control-token text in the data stays text.** A literal ``<|im_end|>`` or ``</s>`` inside a
-  message is encoded as plain characters, never as the control token; only the control tokens
-  the template writes are control tokens. Rows without such text take the plain path (identical
-  to ``apply_chat_template``); rows with it are encoded by a copy of the tokenizer in which the
-  template's control tokens are renamed to private-use placeholders of the same length, so the
-  split points, offsets and the tokenization of every stretch between them stay those of the
-  original tokenizer (same result as ``apply_chat_template(..., sanitize_control_tokens=True)``,
-  but with offsets for the mask).
-* **Spans.** The character span of each assistant turn comes from the template's
-  ``{% generation %}`` blocks when it has them, otherwise from rendering prefixes of the
-  conversation; the span is mapped to tokens through the fast tokenizer's offsets.
-* **Verification.** The trained tokens of every assistant turn are decoded and must equal the
-  turn's content (plus its rendered tool calls) and its end token; otherwise the row is rejected
-  as ``mask_unverifiable`` — a wrong mask is never written.
-* **Byte-level tokenizers take a faster road.** When every token of the
-  tokenizer stands for a fixed byte string (byte-level BPE without a normalizer that changes the
-  text, GPT-2/Llama-3/Qwen style), the ids are encoded without offsets and token boundaries come
-  from the cumulative byte lengths of the ids, after every row's ids, spelled through a byte
-  table, are checked to give back its rendered text byte for byte (a row that does not takes
-  the offsets road). Byte boundaries are finer than character offsets, so in two corners the
-  byte road is the more exact of the two: a trained span that ends inside a character split
-  over several byte tokens (the offsets road loses its last tokens and rejects the row), and a
-  post-processor that trims whitespace from offsets (the offsets road leaves a leading-space
-  token of the content untrained; the byte road trains it, as ``apply_chat_template``'s
-  assistant mask does).
-* **Length.** Rows over ``max_length`` are rejected as ``too_long`` or, with ``truncate``, cut at
-  the end of the last whole assistant turn that fits (or inside the first one, whose end token
-  is then not trained); a prompt that alone does not fit is always ``too_long``.
+``render`` (Python: the template, turn location), ``tokenize`` (the Rust tokenizer, without the
+GIL) and ``finish`` (token positions of every turn, labels, verification, the render-vs-inference
+check, length). See the package docstring for what it guarantees.
 """
 
 from __future__ import annotations
@@ -40,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -48,44 +17,21 @@ import numpy as np
 
 from pipeline import schema
 from pipeline.deadline import RenderTimeout, time_limit
-from pipeline.locate import LocateError, Piece, locate_turns, realise
-from pipeline.templates import KNOWN_END_TOKENS, Renderer, RenderTooLarge, Template, render, template_variables
+from pipeline.masking.byte_table import _TokenBytes
+from pipeline.masking.control import (
+    _PLACEHOLDER_CHARS,
+    _PlainControlEncoder,
+    _private_copy,
+    _row_strings,
+    control_tokens,
+)
+from pipeline.masking.locate import LocateError, locate_turns, realise
+from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, trained_turns
+from pipeline.masking.results import Encoded, Rejection
+from pipeline.masking.verify import clip, metaspace, no_tokens, span_matches, straddles
+from pipeline.templates import KNOWN_END_TOKENS, Renderer, RenderTooLarge, Template, template_variables
 
-# Private-use characters for placeholders. The lead character of a placeholder names which
-# control token it stands for; the filler pads it to the same length, so offsets never shift.
-_CONTENT_LEAD, _CONTENT_FILL = 0xF0000, "\U000FFF00"  # control text found in the data
-_TEMPLATE_LEAD, _TEMPLATE_FILL = 0x100000, "\U0010FF00"  # control tokens written by the template
-_PLACEHOLDER_CHARS = re.compile("[\U000F0000-\U0010FFFF]")
-
-TRAIN_ON = ("all_assistant", "last_assistant", "all")
 SPAN_METHODS = ("auto", "generation", "locate", "prefix")  # "prefix": the old name of "locate"
-REASONING_POLICIES = ("template", "per_turn", "drop")
-SYSTEM_POLICIES = ("keep", "merge", "reject")
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A row that cannot be kept: the stage that refused it, a reason code and a human detail."""
-
-    stage: str
-    reason: str
-    detail: str
-
-
-@dataclass
-class Encoded:
-    """One conversation as training tokens: ``labels`` = ``input_ids`` where trained, -100 elsewhere."""
-
-    input_ids: np.ndarray  # int32
-    labels: np.ndarray  # int32
-    truncated: bool = False
-    # The tokens before the last trained turn differ from what the generation prompt of the
-    # messages before it tokenizes to: training shows the model something inference never will.
-    render_mismatch: bool = False
-
-    @property
-    def num_trainable(self) -> int:
-        return int(np.count_nonzero(self.labels != schema.IGNORE_INDEX))
 
 
 @dataclass
@@ -98,158 +44,6 @@ class _Turn:
     end_token: str | None
     first_token: int = -1
     last_token: int = -1  # inclusive
-
-
-def control_tokens(tokenizer, template_source: str) -> tuple[str, ...]:
-    """Token texts that must not be taken as control tokens when they appear in the data.
-
-    Same rule as transformers' ``sanitize_control_tokens``: every special added token, and every
-    other added token that the template itself writes (whitespace tokens excepted).
-    """
-    found = []
-    for token in tokenizer.added_tokens_decoder.values():
-        content = token.content
-        if not content or content.isspace():
-            continue
-        if token.special or content in template_source:
-            found.append(content)
-    return tuple(sorted(set(found), key=lambda t: (-len(t), t)))
-
-
-class _PlainControlEncoder:
-    """A copy of the tokenizer whose control tokens are matched only as placeholders.
-
-    The template's control tokens are replaced in the text by same-length placeholders that this
-    copy knows as added tokens with the original ids; the control-token text that came from the
-    data is left as it is and, no longer being an added token, is encoded as plain text.
-    """
-
-    def __init__(self, backend, controls: Sequence[str]):
-        from tokenizers import AddedToken, Tokenizer
-
-        data = json.loads(backend.to_str())
-        originals = {entry["content"]: entry for entry in data.get("added_tokens", [])}
-        data["added_tokens"] = [entry for entry in data.get("added_tokens", []) if entry["content"] not in controls]
-        self.tokenizer = Tokenizer.from_str(json.dumps(data))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
-        self.template_placeholders: dict[str, str] = {}
-        self.content_placeholders: dict[str, str] = {}
-        new_tokens = []
-        for index, control in enumerate(controls):
-            template_ph = chr(_TEMPLATE_LEAD + index) + _TEMPLATE_FILL * (len(control) - 1)
-            self.template_placeholders[control] = template_ph
-            self.content_placeholders[control] = chr(_CONTENT_LEAD + index) + _CONTENT_FILL * (len(control) - 1)
-            entry = originals.get(control, {})
-            new_tokens.append(
-                AddedToken(
-                    template_ph,
-                    single_word=entry.get("single_word", False),
-                    lstrip=entry.get("lstrip", False),
-                    rstrip=entry.get("rstrip", False),
-                    normalized=False,
-                    special=False,
-                )
-            )
-        self.tokenizer.add_tokens(new_tokens)
-        self.base = min(self.tokenizer.token_to_id(t.content) for t in new_tokens)
-        lookup = np.zeros(len(new_tokens), dtype=np.int32)
-        for control, placeholder in self.template_placeholders.items():
-            lookup[self.tokenizer.token_to_id(placeholder) - self.base] = backend.token_to_id(control)
-        self.lookup = lookup
-        self._to_text = {ph: control for control, ph in self.content_placeholders.items()}
-        self._content_re = re.compile("|".join(re.escape(p) for p in self.content_placeholders.values()))
-        self._template_re = re.compile("|".join(re.escape(c) for c in controls))
-
-    def hide(self, text: str, control_re: re.Pattern) -> str:
-        """Data text -> the same text with its control-token strings as content placeholders."""
-        return control_re.sub(lambda m: self.content_placeholders[m.group(0)], text)
-
-    def texts(self, rendered: str) -> tuple[str, str]:
-        """A render of hidden data -> (the true rendered text, the text this encoder tokenizes)."""
-        true_text = self._content_re.sub(lambda m: self._to_text[m.group(0)], rendered)
-        marked = self._template_re.sub(lambda m: self.template_placeholders[m.group(0)], rendered)
-        marked = self._content_re.sub(lambda m: self._to_text[m.group(0)], marked)
-        return true_text, marked
-
-    def encode_batch(self, marked_texts: list[str], *, offsets: bool = True):
-        encode = self.tokenizer.encode_batch if offsets else self.tokenizer.encode_batch_fast
-        encodings = encode(marked_texts, add_special_tokens=False)
-        ids = []
-        for encoding in encodings:
-            array = np.asarray(encoding.ids, dtype=np.int32)
-            placeholder = array >= self.base
-            array[placeholder] = self.lookup[array[placeholder] - self.base]
-            ids.append(array)
-        return encodings, ids
-
-
-class _TokenBytes:
-    """The byte string every token id stands for, as one flat table, for byte-level tokenizers.
-
-    Built only when concatenating the tokens' bytes gives back the encoded text exactly: a BPE
-    model over GPT-2's byte alphabet, a ByteLevel pre-tokenizer that adds no prefix space, no
-    normalizer or NFC only (rows whose text NFC would change are left to the offsets road), and
-    added tokens that strip no whitespace. :meth:`build` returns None for any other tokenizer.
-    """
-
-    def __init__(self, pieces: list[bytes | None], normalizer: str | None):
-        self.normalizer = normalizer
-        self.lengths = np.array([-1 if p is None else len(p) for p in pieces], dtype=np.int64)
-        self.starts = np.zeros(len(pieces), dtype=np.int64)
-        np.cumsum(np.maximum(self.lengths, 0)[:-1], out=self.starts[1:])
-        self.flat = np.frombuffer(b"".join(p or b"" for p in pieces), dtype=np.uint8)
-
-    @classmethod
-    def build(cls, backend) -> "_TokenBytes | None":
-        data = json.loads(backend.to_str())
-        model, normalizer = data.get("model") or {}, data.get("normalizer")
-        if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
-            return None
-        if model.get("end_of_word_suffix"):
-            return None
-        if normalizer is not None and normalizer.get("type") != "NFC":
-            return None
-        pre = data.get("pre_tokenizer") or {}
-        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-        byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
-        if len(byte_level) != 1 or byte_level[0].get("add_prefix_space"):
-            return None
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-        alphabet = {char: byte for byte, char in bytes_to_unicode().items()}  # GPT-2's stand-in chars
-        vocab: dict[str, int] = model.get("vocab") or {}
-        size = max([*vocab.values(), *(t["id"] for t in data.get("added_tokens", []))], default=-1) + 1
-        pieces: list[bytes | None] = [None] * size
-        for token, token_id in vocab.items():
-            try:
-                pieces[token_id] = bytes(alphabet[ch] for ch in token)
-            except KeyError:  # a token outside the byte alphabet: not a byte-level vocabulary
-                return None
-        for added in data.get("added_tokens", []):
-            if added.get("lstrip") or added.get("rstrip"):
-                return None  # such a token swallows whitespace its own text does not hold
-            pieces[added["id"]] = added["content"].encode("utf-8")
-        return cls(pieces, normalizer and normalizer["type"])
-
-    def takes(self, text: str) -> bool:
-        """Whether the tokenizer sees ``text`` unchanged (nothing for the normalizer to do)."""
-        return self.normalizer is None or unicodedata.is_normalized("NFC", text)
-
-    def spell(self, ids: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
-        """The bytes the ids stand for, one after the other (an unknown id stands for none);
-        the byte offset of every token's start plus the end; and which ids are unknown."""
-        raw_lengths = self.lengths[ids]
-        unknown = raw_lengths < 0
-        lengths = np.maximum(raw_lengths, 0)
-        bounds = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=bounds[1:])
-        total = int(bounds[-1])
-        # index of every output byte in the flat table: token start + position within the token
-        dtype = np.int32 if max(total, len(self.flat)) < 2**31 else np.int64  # half the memory traffic
-        index = np.repeat((self.starts[ids] - bounds[:-1]).astype(dtype), lengths)
-        index += np.arange(total, dtype=dtype)
-        return self.flat[index].tobytes(), bounds, unknown
 
 
 @dataclass
@@ -331,7 +125,7 @@ class Masker:
                 ends.add(tokenizer.eos_token)
             self.end_tokens = tuple(sorted(ends, key=lambda t: (-len(t), t)))
         decoder = json.loads(self.backend.to_str()).get("decoder") or {}
-        self.as_decoded = _metaspace if "\u2581" in json.dumps(decoder, ensure_ascii=False) else (lambda s: s)
+        self.as_decoded = metaspace if "\u2581" in json.dumps(decoder, ensure_ascii=False) else (lambda s: s)
         control_ids = [i for i in (self.backend.token_to_id(c) for c in self.controls) if i is not None]
         # is_control[id]: the template's control tokens (they cut the tokenization of a text in two)
         self.is_control = np.zeros(max([self.backend.get_vocab_size(with_added_tokens=True), *control_ids]) + 1, bool)
@@ -424,12 +218,12 @@ class Masker:
         )
         checks += [(*check, text) for check, text in zip(offset_checks, decoded)]
         for index, turn, message, text in checks:
-            if index in staged and not _span_matches(text, message, turn.end_token, self.as_decoded):
+            if index in staged and not span_matches(text, message, turn.end_token, self.as_decoded):
                 del staged[index]
                 results[index] = Rejection(
                     "tokenize",
                     "mask_unverifiable",
-                    f"trained tokens of assistant turn {turn.message_index} decode to {_clip(text)!r}, "
+                    f"trained tokens of assistant turn {turn.message_index} decode to {clip(text)!r}, "
                     f"not to its reasoning, content and end token",
                 )
         mismatched = self._render_mismatches({i: starts[i] for i in staged}, staged)
@@ -463,8 +257,8 @@ class Masker:
                 mismatched[index] = (
                     f"the text before assistant turn {turn.message_index} is not what "
                     f"apply_chat_template(messages[:{turn.message_index}], add_generation_prompt=True) renders: "
-                    f"it ends {_clip(row.text[max(0, turn.char_start - 60) : turn.char_start])!r}, the prompt ends "
-                    f"{_clip(row.prompt[-60:])!r}"
+                    f"it ends {clip(row.text[max(0, turn.char_start - 60) : turn.char_start])!r}, the prompt ends "
+                    f"{clip(row.prompt[-60:])!r}"
                 )
                 continue
             first = turn.first_token
@@ -492,7 +286,7 @@ class Masker:
             if piece is None or got is None or expected.tobytes() != got.tobytes():  # both int32
                 mismatched[index] = (
                     f"the tokens before assistant turn {turn.message_index} differ from those of its generation "
-                    f"prompt: a token merges the prompt's end {_clip(piece or '')!r} with the response"
+                    f"prompt: a token merges the prompt's end {clip(piece or '')!r} with the response"
                 )
         return mismatched
 
@@ -708,14 +502,14 @@ class Masker:
             first = _token_at_or_after(encoding, turn.char_start, turn.char_end)
             last = _token_at_or_before(encoding, turn.char_end - 1, turn.char_start)
             if first is None or last is None or last < first:
-                return _no_tokens(turn)
+                return no_tokens(turn)
             # A token that merges template text with the turn (e.g. "][" across "[/INST][TOOL_CALLS]")
             # would train prompt characters: only whitespace may lie outside the turn's span.
             # token_to_chars, not offsets[i]: the offsets property builds the whole row's list per call.
             token_start, token_end = encoding.token_to_chars(first)[0], encoding.token_to_chars(last)[1]
             text = row.marked_text
             if text[token_start : turn.char_start].strip() or text[turn.char_end : token_end].strip():
-                return _straddles(turn, text[min(token_start, turn.char_start) : turn.char_start + 8])
+                return straddles(turn, text[min(token_start, turn.char_start) : turn.char_start + 8])
             turn.first_token, turn.last_token = first, last
         return None
 
@@ -726,7 +520,7 @@ class Masker:
             start = turn.char_start if ascii_text else len(row.text[: turn.char_start].encode("utf-8"))
             end = turn.char_end if ascii_text else start + len(row.text[turn.char_start : turn.char_end].encode("utf-8"))
             if end <= start:
-                return _no_tokens(turn)
+                return no_tokens(turn)
             first = int(bounds.searchsorted(start + base, "right")) - 1  # the token holding byte `start`
             last = int(bounds.searchsorted(end + base, "left")) - 1  # the token holding byte `end - 1`
             token_start, token_end = int(bounds[first]) - base, int(bounds[last + 1]) - base
@@ -734,7 +528,7 @@ class Masker:
                 raw[token_start:start].decode("utf-8", "replace").strip()
                 or raw[end:token_end].decode("utf-8", "replace").strip()
             ):
-                return _straddles(turn, raw[token_start : start + 8].decode("utf-8", "replace"))
+                return straddles(turn, raw[token_start : start + 8].decode("utf-8", "replace"))
             turn.first_token, turn.last_token = first, last
         return None
 
@@ -799,203 +593,7 @@ class Masker:
         return Encoded(ids.astype(np.int32, copy=False), labels.astype(np.int32, copy=False))
 
 
-def trained_turns(assistant_indices: Sequence[int], train_flags: Sequence[bool | None], train_on: str) -> list[int]:
-    """Which assistant turns (message indices) a conversation trains under ``train_on``.
-
-    A turn marked ``train: false`` never is; ``last_assistant`` trains the last turn and any
-    marked ``train: true``; ``all_assistant`` (and ``all``) every turn not marked false.
-    """
-    if train_on != "last_assistant" and not any(train_flags) and False not in train_flags:
-        return list(assistant_indices)  # no flags at all (the common case): every turn
-    wanted = [i for i in assistant_indices if train_flags[i] is not False]
-    if train_on == "last_assistant":
-        last = assistant_indices[-1] if assistant_indices else None
-        wanted = [i for i in wanted if i == last or train_flags[i] is True]
-    return wanted
-
-
-class ReasoningShape:
-    """How an assistant turn's reasoning reaches the template (``tokenize.reasoning``).
-
-    A template that reads ``reasoning_content`` (Qwen3, DeepSeek-R1 distills, gpt-oss ports) gets
-    it there; for one that reads only ``content`` the reasoning is put back inline, as
-    ``<think>\nREASONING\n</think>\n\n`` before the content, the form such models were trained on.
-    ``drop`` renders no reasoning at all. ``per_turn`` rows (the tokenize stage cuts a conversation
-    into one row per assistant turn) train only their last turn, rendered as at inference: the
-    row is the generation prompt of the messages before the turn followed by the turn as the
-    template renders it last, and where the template leaves the reasoning out although the prompt
-    opens a think block (DeepSeek-R1) the reasoning is written into that block.
-    """
-
-    def __init__(self, template: Template, policy: str):
-        if policy not in REASONING_POLICIES:
-            raise ValueError(f"tokenize.reasoning must be one of {REASONING_POLICIES}, got {policy!r}")
-        self.policy = policy
-        self.reads_field = "reasoning_content" in template.source
-
-    def shape(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Template messages with reasoning where the template will find it (piece lists, see locate)."""
-        shaped = []
-        for message in messages:
-            reasoning = message.get("reasoning_content")
-            if reasoning is None:
-                shaped.append(message)
-                continue
-            message = {k: v for k, v in message.items() if k != "reasoning_content"}
-            if self.policy != "drop":
-                if self.reads_field:
-                    message["reasoning_content"] = reasoning
-                else:
-                    message["content"] = ["<think>\n", Piece(reasoning), "\n</think>\n\n", Piece(message["content"])]
-            shaped.append(message)
-        return shaped
-
-
-class RolePolicy:
-    """System prompts and roles a template cannot render (``template.system``).
-
-    ``keep`` renders the system message as it is; ``merge`` folds it into the first user turn
-    (``SYSTEM\n\nUSER``, what Gemma's model card suggests); ``reject`` refuses rows that have one.
-    Which roles the template refuses is probed once on tiny conversations, so a row it cannot
-    render is rejected as ``template_unsupported_role`` naming the role, not as a generic error.
-    """
-
-    def __init__(self, template: Template, variables: dict[str, Any], policy: str, limits=(None, None)):
-        if policy not in SYSTEM_POLICIES:
-            raise ValueError(f"template.system must be one of {SYSTEM_POLICIES}, got {policy!r}")
-        self.template = template
-        self.policy = policy
-        self.unsupported: dict[str, str] = {}  # role -> what the template said when asked to render it
-        user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
-        call = {"type": "function", "function": {"name": "sftkit_probe_call", "arguments": {}}}
-        probes = {  # role -> (conversation, texts its rendering must hold)
-            "system": ([{"role": "system", "content": "sftkit probe system"}, user, answer], ("sftkit probe system",)),
-            "tool": (
-                [user, {"role": "assistant", "content": "", "tool_calls": [call]},
-                 {"role": "tool", "content": "sftkit probe result"}, answer],
-                ("sftkit_probe_call", "sftkit probe result"),
-            ),
-        }
-        # Some templates concatenate a call's arguments as text (DeepSeek-R1): they get JSON text.
-        self.arguments_as_text = False
-        self.dropped: dict[str, str] = {}  # role -> why: the template renders it as nothing
-        plain = _rendered_or_error(template, variables, [user, answer], limits)
-        if isinstance(plain, _Overrun):
-            raise ValueError(f"chat template {template.name!r} cannot be used: {plain} (template.render_timeout_s, "
-                             "template.max_render_chars)")
-        if isinstance(plain, Exception):
-            return  # nothing renders: every row gets the template's own error
-        for role, (conversation, must_hold) in probes.items():
-            text = _rendered_or_error(template, variables, conversation, limits)
-            if isinstance(text, Exception) and role == "tool":
-                as_text = _rendered_or_error(template, variables, _arguments_as_text(conversation), limits)
-                if isinstance(as_text, str):
-                    self.arguments_as_text, text = True, as_text
-            if isinstance(text, Exception):
-                self.unsupported[role] = str(text) or type(text).__name__
-            elif not all(piece in text for piece in must_hold):
-                self.dropped[role] = f"the template renders no {role} messages or calls (it drops them silently)"
-
-    def prepare(self, messages, true_messages, train_flags):
-        """(messages, true messages, train flags) with the default system prompt and the policy applied."""
-        if self.arguments_as_text:
-            messages, true_messages = _arguments_as_text(messages), _arguments_as_text(true_messages)
-        if self.template.default_system and (not messages or messages[0]["role"] != "system"):
-            system = {"role": "system", "content": self.template.default_system}
-            messages, true_messages, train_flags = [system, *messages], [system, *true_messages], [None, *train_flags]
-        if messages and messages[0]["role"] == "system" and self.policy != "keep":
-            if self.policy == "reject":
-                return Rejection(
-                    "template",
-                    "template_unsupported_role",
-                    f"the conversation has a system prompt and template.system is reject (template {self.template.name!r})",
-                )
-            messages, true_messages, train_flags = _merge_system(messages), _merge_system(true_messages), train_flags[1:]
-        for role, said in self.dropped.items():
-            if any(m["role"] == role or (role == "tool" and m.get("tool_calls")) for m in messages):
-                hint = " (template.system: merge folds it into the first user turn)" if role == "system" else ""
-                return Rejection(
-                    "template",
-                    "template_unsupported_role",
-                    f"chat template {self.template.name!r} cannot render a {role!r} message: {said}{hint}",
-                )
-        return messages, true_messages, train_flags
-
-    def render_failure(self, messages: list[dict[str, Any]], exc: Exception) -> Rejection:
-        roles = {m["role"] for m in messages}
-        for role, said in self.unsupported.items():
-            if role in roles:
-                hint = " (template.system: merge folds it into the first user turn)" if role == "system" else ""
-                return Rejection(
-                    "template",
-                    "template_unsupported_role",
-                    f"chat template {self.template.name!r} cannot render a {role!r} message: {_clip(said)}{hint}",
-                )
-        return Rejection("template", "template_error", f"chat template {self.template.name!r} failed: {exc}")
-
-
-def _rendered_or_error(template: Template, variables: dict[str, Any], messages: list[dict[str, Any]], limits=(None, None)):
-    """The rendering of ``messages``, or the exception the template raised (or its overrun)."""
-    seconds, max_chars = limits
-    try:
-        with time_limit(seconds):
-            return render(template, variables, messages, max_chars=max_chars)[0]
-    except Exception as exc:
-        return exc
-    except RenderTimeout:
-        return _Overrun(f"it took longer than {seconds:g} s to render a short conversation")
-    except RenderTooLarge as exc:
-        return _Overrun(f"its rendering of a short conversation: {exc}")
-
-
-class _Overrun(Exception):
-    """A probe rendering ran out of time or size: the template cannot serve any row."""
-
-
-def _arguments_as_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages whose tool calls carry their arguments as JSON text instead of an object."""
-    out = []
-    for message in messages:
-        calls = message.get("tool_calls")
-        if calls:
-            as_text = []
-            for call in calls:
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict) and not isinstance(fn.get("arguments"), str):
-                    call = {**call, "function": {**fn, "arguments": json.dumps(fn.get("arguments"), ensure_ascii=False)}}
-                as_text.append(call)
-            message = {**message, "tool_calls": as_text}
-        out.append(message)
-    return out
-
-
-def _merge_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    system, rest = messages[0], list(messages[1:])
-    for i, message in enumerate(rest):
-        if message["role"] == "user":
-            rest[i] = {**message, "content": f"{system['content']}\n\n{message['content']}"}
-            return rest
-    return rest
-
-
-def _private_copy(backend):
-    """The Rust tokenizer with this Masker's own settings.
-
-    transformers leaves state on the shared backend (``split_special_tokens=True`` sets
-    ``encode_special_tokens`` until the next call; padding and truncation may be switched on), and
-    such state would silently change ids; a copy encodes exactly the vocabulary, nothing else.
-    """
-    from tokenizers import Tokenizer
-
-    copy = Tokenizer.from_str(backend.to_str())
-    copy.no_padding()
-    copy.no_truncation()
-    copy.encode_special_tokens = False
-    return copy
-
-
-def _metaspace(text: str) -> str:
-    return text.replace("\u2581", " ")
+_PROMPT_OPENS_THINK = re.compile(r"<think>\s*$")
 
 
 def _byte_start_to_char(raw: bytes, text: str, bounds: np.ndarray, base: int):
@@ -1006,34 +604,6 @@ def _byte_start_to_char(raw: bytes, text: str, bounds: np.ndarray, base: int):
         return byte if ascii_text else len(raw[:byte].decode("utf-8", "replace"))
 
     return token_start
-
-
-def _no_tokens(turn: _Turn) -> Rejection:
-    return Rejection(
-        "tokenize", "mask_unverifiable", f"assistant turn {turn.message_index} covers no tokens of the rendered text"
-    )
-
-
-def _straddles(turn: _Turn, around: str) -> Rejection:
-    return Rejection(
-        "tokenize",
-        "mask_unverifiable",
-        f"assistant turn {turn.message_index}: a token straddles the turn's boundary ({around!r}), so the "
-        "response cannot be trained without training template text",
-    )
-
-
-def _row_strings(messages: list[dict[str, Any]], tools: str | None):
-    for m in messages:
-        yield m["content"]
-        if m.get("name"):
-            yield m["name"]
-        if m.get("tool_calls"):
-            yield m["tool_calls"]
-        if m.get("reasoning"):
-            yield m["reasoning"]
-    if tools:
-        yield tools
 
 
 def _token_at_or_after(encoding, char: int, limit: int) -> int | None:
@@ -1052,49 +622,3 @@ def _token_at_or_before(encoding, char: int, limit: int) -> int | None:
             return token
         char -= 1
     return None
-
-
-# What may stand before a turn's content in its trained text, once its reasoning is taken out:
-# nothing, one pair of tags left empty (Qwen3's "<think>\n\n</think>\n\n" on the last turn), or
-# the close of a think block the prompt opened (DeepSeek-R1 per turn: "REASONING\n</think>\n\n").
-_BEFORE_CONTENT = re.compile(r"\s*(?:<(\w+)>\s*</\1>|</think>)?\s*")
-_PROMPT_OPENS_THINK = re.compile(r"<think>\s*$")
-
-
-def _span_matches(decoded: str, message: dict[str, Any], end_token: str | None, as_decoded=lambda s: s) -> bool:
-    """Decoded trained tokens == the turn's [reasoning block +] content [+ tool calls] + end token.
-
-    ``as_decoded`` spells a text the way the tokenizer's decoder gives it back (SentencePiece's
-    decoders turn every "▁", an added token's included, into a space).
-    """
-    body = decoded.strip()
-    end_token = as_decoded(end_token) if end_token else end_token
-    if end_token:
-        if not body.endswith(end_token):
-            return False
-        body = body[: -len(end_token)].rstrip()
-    content = as_decoded(message["content"]).strip()
-    reasoning = as_decoded(message.get("reasoning_content") or "").strip()
-    calls = message.get("tool_calls")
-    if not calls:
-        if not body.endswith(content):
-            return False
-        before, rest = body[: len(body) - len(content)], ""
-    else:
-        after_reasoning = body.find(reasoning) + len(reasoning) if reasoning and reasoning in body else 0
-        at = body.find(content, after_reasoning) if content else -1
-        if content and at < 0:
-            return False
-        before, rest = (body[:at], body[at + len(content) :]) if content else ("", body)
-        for call in calls:
-            fn = call.get("function", call) if isinstance(call, dict) else {}
-            name = fn.get("name") if isinstance(fn, dict) else None
-            if not name or name not in rest:
-                return False
-    if reasoning and reasoning in before:
-        before = before.replace(reasoning, "", 1)
-    return _BEFORE_CONTENT.fullmatch(before) is not None
-
-
-def _clip(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"

@@ -1,0 +1,195 @@
+"""Which turns are trained, how reasoning reaches the template, and roles a template refuses."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from pipeline.deadline import RenderTimeout, time_limit
+from pipeline.masking.locate import Piece
+from pipeline.masking.results import Rejection
+from pipeline.masking.verify import clip
+from pipeline.templates import RenderTooLarge, Template, render
+
+TRAIN_ON = ("all_assistant", "last_assistant", "all")
+REASONING_POLICIES = ("template", "per_turn", "drop")
+SYSTEM_POLICIES = ("keep", "merge", "reject")
+
+
+def trained_turns(assistant_indices: Sequence[int], train_flags: Sequence[bool | None], train_on: str) -> list[int]:
+    """Which assistant turns (message indices) a conversation trains under ``train_on``.
+
+    A turn marked ``train: false`` never is; ``last_assistant`` trains the last turn and any
+    marked ``train: true``; ``all_assistant`` (and ``all``) every turn not marked false.
+    """
+    if train_on != "last_assistant" and not any(train_flags) and False not in train_flags:
+        return list(assistant_indices)  # no flags at all (the common case): every turn
+    wanted = [i for i in assistant_indices if train_flags[i] is not False]
+    if train_on == "last_assistant":
+        last = assistant_indices[-1] if assistant_indices else None
+        wanted = [i for i in wanted if i == last or train_flags[i] is True]
+    return wanted
+
+
+class ReasoningShape:
+    """How an assistant turn's reasoning reaches the template (``tokenize.reasoning``).
+
+    A template that reads ``reasoning_content`` (Qwen3, DeepSeek-R1 distills, gpt-oss ports) gets
+    it there; for one that reads only ``content`` the reasoning is put back inline, as
+    ``<think>\nREASONING\n</think>\n\n`` before the content, the form such models were trained on.
+    ``drop`` renders no reasoning at all. ``per_turn`` rows (the tokenize stage cuts a conversation
+    into one row per assistant turn) train only their last turn, rendered as at inference: the
+    row is the generation prompt of the messages before the turn followed by the turn as the
+    template renders it last, and where the template leaves the reasoning out although the prompt
+    opens a think block (DeepSeek-R1) the reasoning is written into that block.
+    """
+
+    def __init__(self, template: Template, policy: str):
+        if policy not in REASONING_POLICIES:
+            raise ValueError(f"tokenize.reasoning must be one of {REASONING_POLICIES}, got {policy!r}")
+        self.policy = policy
+        self.reads_field = "reasoning_content" in template.source
+
+    def shape(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Template messages with reasoning where the template will find it (piece lists, see locate)."""
+        shaped = []
+        for message in messages:
+            reasoning = message.get("reasoning_content")
+            if reasoning is None:
+                shaped.append(message)
+                continue
+            message = {k: v for k, v in message.items() if k != "reasoning_content"}
+            if self.policy != "drop":
+                if self.reads_field:
+                    message["reasoning_content"] = reasoning
+                else:
+                    message["content"] = ["<think>\n", Piece(reasoning), "\n</think>\n\n", Piece(message["content"])]
+            shaped.append(message)
+        return shaped
+
+
+class RolePolicy:
+    """System prompts and roles a template cannot render (``template.system``).
+
+    ``keep`` renders the system message as it is; ``merge`` folds it into the first user turn
+    (``SYSTEM\n\nUSER``, what Gemma's model card suggests); ``reject`` refuses rows that have one.
+    Which roles the template refuses is probed once on tiny conversations, so a row it cannot
+    render is rejected as ``template_unsupported_role`` naming the role, not as a generic error.
+    """
+
+    def __init__(self, template: Template, variables: dict[str, Any], policy: str, limits=(None, None)):
+        if policy not in SYSTEM_POLICIES:
+            raise ValueError(f"template.system must be one of {SYSTEM_POLICIES}, got {policy!r}")
+        self.template = template
+        self.policy = policy
+        self.unsupported: dict[str, str] = {}  # role -> what the template said when asked to render it
+        user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+        call = {"type": "function", "function": {"name": "sftkit_probe_call", "arguments": {}}}
+        probes = {  # role -> (conversation, texts its rendering must hold)
+            "system": ([{"role": "system", "content": "sftkit probe system"}, user, answer], ("sftkit probe system",)),
+            "tool": (
+                [user, {"role": "assistant", "content": "", "tool_calls": [call]},
+                 {"role": "tool", "content": "sftkit probe result"}, answer],
+                ("sftkit_probe_call", "sftkit probe result"),
+            ),
+        }
+        # Some templates concatenate a call's arguments as text (DeepSeek-R1): they get JSON text.
+        self.arguments_as_text = False
+        self.dropped: dict[str, str] = {}  # role -> why: the template renders it as nothing
+        plain = _rendered_or_error(template, variables, [user, answer], limits)
+        if isinstance(plain, _Overrun):
+            raise ValueError(f"chat template {template.name!r} cannot be used: {plain} (template.render_timeout_s, "
+                             "template.max_render_chars)")
+        if isinstance(plain, Exception):
+            return  # nothing renders: every row gets the template's own error
+        for role, (conversation, must_hold) in probes.items():
+            text = _rendered_or_error(template, variables, conversation, limits)
+            if isinstance(text, Exception) and role == "tool":
+                as_text = _rendered_or_error(template, variables, _arguments_as_text(conversation), limits)
+                if isinstance(as_text, str):
+                    self.arguments_as_text, text = True, as_text
+            if isinstance(text, Exception):
+                self.unsupported[role] = str(text) or type(text).__name__
+            elif not all(piece in text for piece in must_hold):
+                self.dropped[role] = f"the template renders no {role} messages or calls (it drops them silently)"
+
+    def prepare(self, messages, true_messages, train_flags):
+        """(messages, true messages, train flags) with the default system prompt and the policy applied."""
+        if self.arguments_as_text:
+            messages, true_messages = _arguments_as_text(messages), _arguments_as_text(true_messages)
+        if self.template.default_system and (not messages or messages[0]["role"] != "system"):
+            system = {"role": "system", "content": self.template.default_system}
+            messages, true_messages, train_flags = [system, *messages], [system, *true_messages], [None, *train_flags]
+        if messages and messages[0]["role"] == "system" and self.policy != "keep":
+            if self.policy == "reject":
+                return Rejection(
+                    "template",
+                    "template_unsupported_role",
+                    f"the conversation has a system prompt and template.system is reject (template {self.template.name!r})",
+                )
+            messages, true_messages, train_flags = _merge_system(messages), _merge_system(true_messages), train_flags[1:]
+        for role, said in self.dropped.items():
+            if any(m["role"] == role or (role == "tool" and m.get("tool_calls")) for m in messages):
+                hint = " (template.system: merge folds it into the first user turn)" if role == "system" else ""
+                return Rejection(
+                    "template",
+                    "template_unsupported_role",
+                    f"chat template {self.template.name!r} cannot render a {role!r} message: {said}{hint}",
+                )
+        return messages, true_messages, train_flags
+
+    def render_failure(self, messages: list[dict[str, Any]], exc: Exception) -> Rejection:
+        roles = {m["role"] for m in messages}
+        for role, said in self.unsupported.items():
+            if role in roles:
+                hint = " (template.system: merge folds it into the first user turn)" if role == "system" else ""
+                return Rejection(
+                    "template",
+                    "template_unsupported_role",
+                    f"chat template {self.template.name!r} cannot render a {role!r} message: {clip(said)}{hint}",
+                )
+        return Rejection("template", "template_error", f"chat template {self.template.name!r} failed: {exc}")
+
+
+def _rendered_or_error(template: Template, variables: dict[str, Any], messages: list[dict[str, Any]], limits=(None, None)):
+    """The rendering of ``messages``, or the exception the template raised (or its overrun)."""
+    seconds, max_chars = limits
+    try:
+        with time_limit(seconds):
+            return render(template, variables, messages, max_chars=max_chars)[0]
+    except Exception as exc:
+        return exc
+    except RenderTimeout:
+        return _Overrun(f"it took longer than {seconds:g} s to render a short conversation")
+    except RenderTooLarge as exc:
+        return _Overrun(f"its rendering of a short conversation: {exc}")
+
+
+class _Overrun(Exception):
+    """A probe rendering ran out of time or size: the template cannot serve any row."""
+
+
+def _arguments_as_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages whose tool calls carry their arguments as JSON text instead of an object."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls:
+            as_text = []
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and not isinstance(fn.get("arguments"), str):
+                    call = {**call, "function": {**fn, "arguments": json.dumps(fn.get("arguments"), ensure_ascii=False)}}
+                as_text.append(call)
+            message = {**message, "tool_calls": as_text}
+        out.append(message)
+    return out
+
+
+def _merge_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    system, rest = messages[0], list(messages[1:])
+    for i, message in enumerate(rest):
+        if message["role"] == "user":
+            rest[i] = {**message, "content": f"{system['content']}\n\n{message['content']}"}
+            return rest
+    return rest

@@ -1,0 +1,34 @@
+"""What masking a conversation gives: training tokens, or a refusal with its reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline import schema
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A row that cannot be kept: the stage that refused it, a reason code and a human detail."""
+
+    stage: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class Encoded:
+    """One conversation as training tokens: ``labels`` = ``input_ids`` where trained, -100 elsewhere."""
+
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32
+    truncated: bool = False
+    # The tokens before the last trained turn differ from what the generation prompt of the
+    # messages before it tokenizes to: training shows the model something inference never will.
+    render_mismatch: bool = False
+
+    @property
+    def num_trainable(self) -> int:
+        return int(np.count_nonzero(self.labels != schema.IGNORE_INDEX))
