@@ -21,11 +21,13 @@ render is not a prefix of the whole one. This module locates turns without that 
    the last piece of text before the turn: the turn starts where the two part, so what is
    trained is what the model generates after the prompt it sees at inference (Qwen3's
    ``<think>\\n`` is trained; Llama-3's ``\\n\\n`` after the header is not). Spaces the
-   template writes there (Mistral's after ``[/INST]``) are a separator, as a
-   ``{% generation %}`` block would treat them; the turn's own leading spaces are its text. Where the two part before the prompt
-   ends (DeepSeek-R1 prompts with ``<think>\\n`` but renders past turns without one), the turn
-   starts where they part, never inside a control token, and is flagged as rendered unlike
-   inference; the trained text is then verified to hold nothing but the turn's own.
+   template writes there (Mistral's after ``[/INST]``) are a separator, as a ``{% generation %}``
+   block would treat them; the turn's own leading spaces are its text. Where the two part
+   before the prompt ends (DeepSeek-R1 prompts with ``<think>\\n`` but renders past turns
+   without one), the turn starts where they part, never inside a control token nor inside a
+   think block both opened, and is flagged as rendered unlike inference; its trained text is
+   then verified to hold nothing but the turn's own. (With sentinels in assistant turns only,
+   the fallback, a partial match is refused: the text between is not known to be fixed.)
 4. **Turn end.** The first end-of-turn marker after the turn's last text (content, or the tool
    calls the template renders after it), before the next message's text.
 
@@ -39,7 +41,6 @@ import re
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
-
 
 Render = Callable[[list[dict[str, Any]], bool], str]  # (messages, add_generation_prompt) -> text
 
