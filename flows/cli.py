@@ -28,13 +28,64 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-def _fail(message: str) -> None:
+# Exit codes scripts can rely on (tests/faults/test_exit_codes.py holds them to it).
+EXIT_FAILED = 1  # the command ran but produced nothing usable (prepare kept no record)
+EXIT_USAGE = 2  # bad options or inputs: nothing was done
+EXIT_INTEGRITY = 3  # a dataset's files are missing or differ from their manifest sha256
+EXIT_SIGTERM = 128 + 15  # train stopped by SIGTERM after saving its checkpoint (the shell's 143)
+
+
+def _say(message: str, label: str = "error") -> None:
     from rich.console import Console
     from rich.markup import escape
 
     # soft_wrap: a long path in the sentence is never broken by an inserted newline.
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code=2)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]{label}:[/] {escape(message)}", highlight=False)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    _say(message)
+    raise typer.Exit(code=code)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures that come from the user's inputs, not from a bug: one sentence, never a traceback.
+
+    OSError covers unreadable or vanished files (and pyarrow's IO errors); ValueError covers our
+    own refusals, pydantic's validation and pyarrow's ArrowInvalid (a damaged Parquet file).
+    """
+    errors: list[type[BaseException]] = [ValueError, OSError]
+    try:
+        from polars.exceptions import PolarsError
+
+        errors.append(PolarsError)
+    except ImportError:  # pragma: no cover - polars is a dependency
+        pass
+    return tuple(errors)
+
+
+def _validation_sentence(exc: Exception) -> str:
+    """A pydantic ValidationError as one sentence ("lr: Input should be ...; ..."), else str(exc)."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    try:
+        parts = [f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors()]
+    except Exception:  # noqa: BLE001 - anything odd: the plain text is still a sentence
+        return str(exc)
+    return "invalid settings: " + "; ".join(parts)
+
+
+def _at_least(low: float, *, strict: bool = False):
+    """A typer callback refusing values below ``low`` (or not above it, with ``strict``); None passes."""
+
+    def check(value):
+        if value is not None and (value <= low if strict else value < low):
+            bound = f"> {low:g}" if strict else f"≥ {low:g}"
+            raise typer.BadParameter(f"must be {bound} (got {value:g})")
+        return value
+
+    return check
 
 
 @app.command()
@@ -44,8 +95,10 @@ def prepare(
     out: Path = typer.Option(..., "--out", help="dataset folder (created; a later run refreshes it)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
     template: Optional[str] = typer.Option(None, "--template", help="auto | chatml | llama3 | mistral | alpaca | FILE.jinja"),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="longest row in tokens"),
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of rows in the validation split"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="longest row in tokens", callback=_at_least(1)),
+    val_fraction: Optional[float] = typer.Option(
+        None, "--val-fraction", help="share of rows in the validation split (0 to < 1)", callback=_at_least(0)
+    ),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="skip exact and near-duplicate removal"),
     reasoning: Optional[str] = typer.Option(
         None, "--reasoning", help="template | per_turn | drop: how assistant reasoning is rendered and trained"
@@ -60,7 +113,7 @@ def prepare(
     from flows.runner import run_prepare
 
     try:
-        run_prepare(
+        manifest = run_prepare(
             inputs=inputs,
             tokenizer=tokenizer,
             out=out,
@@ -75,7 +128,14 @@ def prepare(
             strict_render=strict_render,
         )
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        _fail(_validation_sentence(exc))
+    counts = manifest.get("counts") or {}
+    if not counts.get("kept"):
+        _fail(
+            f"nothing was kept: {out} holds no training row (all {counts.get('read', 0)} records read were "
+            f"rejected; see the reasons above or `sftkit inspect {out} --rejected`)",
+            code=EXIT_FAILED,
+        )
 
 
 @app.command()
@@ -84,15 +144,19 @@ def train(
     out: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.jsonl, loss.png, final/"),
     model: str = typer.Option("tiny", "--model", help="tiny | local HF model folder | hub name"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="override the tokenizer named in the dataset's manifest"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-    epochs: float = typer.Option(3.0, "--epochs"),
-    lr: float = typer.Option(1e-5, "--lr"),
-    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="tokens per micro-batch"),
-    grad_accum: int = typer.Option(1, "--grad-accum"),
+    max_steps: Optional[int] = typer.Option(
+        None, "--max-steps", help="optimizer steps (≥ 1); overrides --epochs", callback=_at_least(1)
+    ),
+    epochs: float = typer.Option(3.0, "--epochs", callback=_at_least(0, strict=True)),
+    lr: float = typer.Option(1e-5, "--lr", callback=_at_least(0, strict=True)),
+    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="tokens per micro-batch", callback=_at_least(1)),
+    grad_accum: int = typer.Option(1, "--grad-accum", callback=_at_least(1)),
     packing: bool = typer.Option(True, "--packing/--no-packing"),
-    eval_every: int = typer.Option(200, "--eval-every"),
-    patience: Optional[int] = typer.Option(3, "--patience", help="evaluations without improvement before stopping"),
-    save_every: int = typer.Option(500, "--save-every"),
+    eval_every: int = typer.Option(200, "--eval-every", callback=_at_least(1)),
+    patience: Optional[int] = typer.Option(
+        3, "--patience", help="evaluations without improvement before stopping", callback=_at_least(0)
+    ),
+    save_every: int = typer.Option(500, "--save-every", callback=_at_least(1)),
     resume: bool = typer.Option(False, "--resume"),
     seed: int = typer.Option(0, "--seed"),
     device: Device = typer.Option(Device.auto, "--device"),
@@ -100,29 +164,40 @@ def train(
     """Fine-tune a causal LM on prepared shards (memory-mapped, packed, masked loss)."""
     from trainer.loop import TrainConfig, run_training
 
-    config = TrainConfig(
-        data=data,
-        out=out,
-        model=model,
-        tokenizer=tokenizer,
-        max_steps=max_steps,
-        epochs=epochs,
-        lr=lr,
-        batch_tokens=batch_tokens,
-        grad_accum=grad_accum,
-        packing=packing,
-        eval_every=eval_every,
-        patience=patience,
-        save_every=save_every,
-        resume=resume,
-        seed=seed,
-        device=device.value,
-    )
+    try:
+        config = TrainConfig(
+            data=data,
+            out=out,
+            model=model,
+            tokenizer=tokenizer,
+            max_steps=max_steps,
+            epochs=epochs,
+            lr=lr,
+            batch_tokens=batch_tokens,
+            grad_accum=grad_accum,
+            packing=packing,
+            eval_every=eval_every,
+            patience=patience,
+            save_every=save_every,
+            resume=resume,
+            seed=seed,
+            device=device.value,
+        )
+    except ValueError as exc:
+        _fail(_validation_sentence(exc))
     try:
         summary = run_training(config)
-    except (ValueError, FileNotFoundError) as exc:
+    except _expected_errors() as exc:
         _fail(str(exc))
     from rich.console import Console
+
+    if summary["stop_reason"] == "sigterm":
+        _say(
+            f"stopped by SIGTERM at step {summary['steps']}; the checkpoint is saved in {out}/checkpoints/, "
+            "continue with the same command and --resume",
+            label="interrupted",
+        )
+        raise typer.Exit(code=EXIT_SIGTERM)
 
     best = f", best val loss {summary['best_eval_loss']:.4f} at step {summary['best_step']}" if summary["best_step"] else ""
     Console().print(f"[bold]trained[/] {summary['steps']} steps ({summary['stop_reason']}){best}")
@@ -144,16 +219,41 @@ def inspect(
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for --sample (random when not given)"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="decode with this tokenizer instead of the manifest's"),
 ) -> None:
-    """Summarise a prepared dataset, show rows with trained tokens highlighted, or write a report."""
-    from pipeline.report import inspect_dataset
+    """Summarise a prepared dataset, show rows with trained tokens highlighted, or write a report.
+
+    Every file the manifest lists is first checked against its sha256 (cached by size and
+    modification time, so an unchanged dataset is hashed once): a missing or altered file is
+    reported in red on stderr and the command exits 3.
+    """
+    from pipeline.report import check_integrity, inspect_dataset
+    from pipeline.report.integrity import load_manifest
 
     try:
-        inspect_dataset(
-            data, row=row, row_id=id, sample=sample, tokens=tokens, rejected=rejected, html=html,
-            split=split, seed=seed, tokenizer=tokenizer,
-        )
-    except (ValueError, FileNotFoundError) as exc:
+        manifest = load_manifest(data)
+        problems = check_integrity(data, manifest)
+    except _expected_errors() as exc:
         _fail(str(exc))
+    view_error = None
+    if not any(p.kind == "missing" for p in problems):  # with a file gone there is no whole view
+        try:
+            inspect_dataset(
+                data, row=row, row_id=id, sample=sample, tokens=tokens, rejected=rejected, html=html,
+                split=split, seed=seed, tokenizer=tokenizer,
+            )
+        except _expected_errors() as exc:
+            if not problems:
+                _fail(str(exc))
+            view_error = exc  # most likely the damage reported below
+    if problems:
+        for problem in problems:
+            _say(problem.message(), label="INTEGRITY")
+        if view_error is not None:
+            _say(f"could not show {data}: {view_error}", label="INTEGRITY")
+        _fail(
+            f"{len(problems)} file(s) of {data} are not what its manifest.json records; do not train on it "
+            f"(restore the files, or re-run `sftkit prepare` into a new folder)",
+            code=EXIT_INTEGRITY,
+        )
 
 
 @app.command()

@@ -46,20 +46,20 @@ class TrainConfig(BaseModel):
     out: Path = Path("runs/sft")
     model: str = "tiny"
     tokenizer: Optional[str] = Field(None, description="override the tokenizer named in the manifest")
-    max_steps: Optional[int] = Field(None, description="optimizer steps; overrides epochs")
-    epochs: float = 3.0
-    lr: float = 1e-5
+    max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(1e-5, ge=0, description="0 is allowed here (a frozen run); the CLI asks for > 0")
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    batch_tokens: int = Field(8192, description="token slots per micro-batch (per rank)")
-    pack_length: Optional[int] = Field(None, description="length of one packed row; default batch_tokens")
-    grad_accum: int = 1
+    batch_tokens: int = Field(8192, ge=1, description="token slots per micro-batch (per rank)")
+    pack_length: Optional[int] = Field(None, ge=1, description="length of one packed row; default batch_tokens")
+    grad_accum: int = Field(1, ge=1)
     packing: bool = True
-    eval_every: int = 200
-    patience: Optional[int] = 3
-    save_every: int = 500
-    keep_last: int = 2
+    eval_every: int = Field(200, ge=1)
+    patience: Optional[int] = Field(3, ge=0)
+    save_every: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
     resume: bool = False
     seed: int = 0
     device: str = "auto"
@@ -96,7 +96,9 @@ class SFTTrainer:
                 f"{config.data} has too few training rows for {self.dist.world_size} rank(s) at "
                 f"--batch-tokens {config.batch_tokens}"
             )
-        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        self.total_steps = (
+            config.max_steps if config.max_steps is not None else max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        )
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, config.warmup_ratio)
         self.state = TrainState(world_size=self.dist.world_size)
@@ -179,6 +181,7 @@ class SFTTrainer:
                 num_workers=workers,
                 pin_memory=self.device.type == "cuda",
                 prefetch_factor=4 if workers else None,
+                worker_init_fn=_ignore_sigterm if workers else None,
             )
             batches = iter(loader)
             index = start
@@ -252,12 +255,14 @@ class SFTTrainer:
                 if stop_reason == "early_stopping":
                     break
             batches.close()
-        bar.close()
-        self._save(run_dir)
-        log.write({"type": "stop", "step": state.step, "reason": stop_reason})
-        log.close()
-        if stop_reason != "sigterm":
-            self._save_final(run_dir)
+            bar.close()
+            # Still under the SIGTERM flag: a second SIGTERM (schedulers resend it) cannot kill the
+            # process halfway through the checkpoint it is waiting for.
+            self._save(run_dir)
+            log.write({"type": "stop", "step": state.step, "reason": stop_reason})
+            log.close()
+            if stop_reason != "sigterm":
+                self._save_final(run_dir)
         return self._summary(run_dir, stop_reason)
 
     def _evaluate_and_track(self, log: MetricsLog, run_dir: Path) -> bool:
@@ -359,6 +364,13 @@ class _SigtermFlag:
         return False
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: a scheduler signals the whole process group, and a worker
+    killed by it would make the main process fail with a traceback instead of saving and stopping.
+    Workers still end when the loader closes, and on their own when the main process is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _pad_token_id(tokenizer, model) -> int:
     for candidate in (
         getattr(tokenizer, "pad_token_id", None),
@@ -375,8 +387,13 @@ def run_training(config: TrainConfig) -> dict:
     from trainer.data import ShardDataset
     from trainer.models import load_model, resolve_tokenizer
 
+    from pipeline.report.integrity import load_manifest
+
     if config.data is None:
         raise ValueError("no dataset given: pass --data DIR (a folder made by `sftkit prepare`)")
+    load_manifest(config.data)  # a missing or damaged manifest: one sentence before anything starts
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise ValueError(f"--out {config.out} is a file; give a folder for the run (created if missing)")
     info = distributed.init_from_env(config.device)
     try:
         tokenizer = resolve_tokenizer(Path(config.data), config.model, config.tokenizer)

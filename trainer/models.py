@@ -20,6 +20,7 @@ TINY = "tiny"
 def resolve_tokenizer(data_dir: Path, model: str, explicit: str | None):
     """Explicit tokenizer > the model folder's own > the one named in the dataset's manifest."""
     if explicit:
+        _refuse_missing_folder(explicit, "tokenizer", "--tokenizer")
         return load_tokenizer(str(explicit))
     if model != TINY and Path(model).is_dir() and any(
         (Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -42,6 +43,15 @@ def resolve_tokenizer(data_dir: Path, model: str, explicit: str | None):
                 "pass the tokenizer folder with --tokenizer"
             ) from exc
     raise ValueError(f"tokenizer folder {name!r} named in {data_dir}/manifest.json does not exist; pass --tokenizer")
+
+
+def _refuse_missing_folder(name: str, what: str, option: str) -> None:
+    """A name written as a path (``/…``, ``./…``, ``~/…``, ``a/b/c``) that is not there is a typo or a
+    moved folder, not a hub id: say so instead of the hub client's complaint about repo ids."""
+    text = str(name)
+    looks_like_path = text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_like_path and not Path(text).expanduser().exists():
+        raise ValueError(f"{what} folder {text!r} given with {option} does not exist")
 
 
 def tiny_model(tokenizer, *, seed: int, max_positions: int = 4096, attn_implementation: str = "sdpa"):
@@ -74,6 +84,7 @@ def load_model(model: str, tokenizer, *, seed: int, max_positions: int, attn_imp
         return tiny_model(tokenizer, seed=seed, max_positions=max_positions, attn_implementation=attn_implementation or "sdpa")
     from transformers import AutoModelForCausalLM
 
+    _refuse_missing_folder(model, "model", "--model")
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
             model, trust_remote_code=False, dtype=torch.float32, attn_implementation=attn_implementation or "sdpa"
