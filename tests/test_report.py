@@ -293,7 +293,7 @@ def test_not_a_dataset_is_a_clear_error(tmp_path):
 def test_missing_shard_is_a_clear_error(dataset_copy):
     (dataset_copy / "shards" / "val-00000.parquet").unlink()
     result = run_cli(dataset_copy)
-    assert result.exit_code == 2
+    assert result.exit_code == 3  # an integrity failure (tests/faults/test_integrity.py), not a usage error
     assert "val-00000.parquet is listed in" in one_line(result.output)
 
 
@@ -373,8 +373,11 @@ def test_html_examples_highlight_exactly_the_trained_tokens(dataset, bpe_tokeniz
 
 # --- reasoning in the messages view --------------------------------------------------------------
 def _with_reasoning(data_dir, reasoning: str) -> dict:
-    """Give the assistant turns of train row 0 ``reasoning`` (rewriting its shard in place)."""
+    """Give the assistant turns of train row 0 ``reasoning`` (rewriting its shard in place, and its
+    sha256 in the manifest, as a real run would: inspect checks it)."""
     import pyarrow.parquet as pq
+
+    from pipeline.fsutil import sha256_file
 
     shard = sorted((data_dir / "shards").glob("train-*.parquet"))[0]
     table = pq.read_table(shard)
@@ -383,6 +386,11 @@ def _with_reasoning(data_dir, reasoning: str) -> dict:
         {**m, "reasoning": reasoning if m["role"] == "assistant" else None} for m in rows[0][schema.MESSAGES]
     ]
     pq.write_table(type(table).from_pylist(rows, schema=schema.SHARD_SCHEMA), shard)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        if entry["path"] == shard.relative_to(data_dir).as_posix():
+            entry["sha256"] = sha256_file(shard)
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
     return rows[0]
 
 

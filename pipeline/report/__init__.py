@@ -3,7 +3,8 @@
 * :mod:`pipeline.report.summary` — the figures (lazy polars over the narrow columns only),
 * :mod:`pipeline.report.rows` — single rows and their tokens, marked trained or not,
 * :mod:`pipeline.report.terminal` — the rich terminal views,
-* :mod:`pipeline.report.html_page` — the self-contained HTML report.
+* :mod:`pipeline.report.html_page` — the self-contained HTML report,
+* :mod:`pipeline.report.integrity` — every listed file against its manifest sha256, cached.
 
 :func:`inspect_dataset` is what the CLI calls.
 """
@@ -15,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import schema
+from pipeline.report.integrity import IntegrityProblem, check_integrity
 from pipeline.report.rows import find_row, load_row_tokenizer, read_row, sample_rows, token_pieces
 from pipeline.report.summary import DatasetSummary, rejected_examples, summarize
 
 __all__ = [
     "DatasetSummary",
+    "IntegrityProblem",
+    "check_integrity",
     "inspect_dataset",
     "summarize",
     "rejected_examples",
