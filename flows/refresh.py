@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from pipeline import outdir
 from pipeline import prepare as steps
 from pipeline.config import SFTConfig
 from pipeline.ingest import expand_inputs
@@ -127,6 +128,12 @@ def manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_
 
 @flow(name="sftkit-refresh", description="Refresh a prepared SFT dataset from its inputs (incremental).")
 def refresh_flow(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any] | None = None) -> dict:
+    # One run at a time per output folder, for the whole flow (pipeline.outdir); a second fails at once.
+    with outdir.hold(out):
+        return _refresh(inputs, tokenizer, out, config)
+
+
+def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any] | None) -> dict:
     logger = get_run_logger()
     plan = plan_task(inputs, tokenizer, out, config or SFTConfig().model_dump(mode="json"))
     if plan.up_to_date:

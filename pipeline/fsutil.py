@@ -3,6 +3,10 @@
 Every file sftkit produces goes through :func:`atomic_path`: it is written under a temporary
 name in the same folder, fsynced, and renamed into place only when complete. A run killed with
 ``kill -9`` leaves at worst a ``.tmp-*`` file that no reader lists and the next run removes.
+
+Inside an sftkit output folder, each final name is entered in the folder's journal before the
+file is created (``pipeline.outdir``: sftkit deletes only files it wrote), and a full disk, a
+folder one may not write or a read-only file system is one ``ValueError`` naming the folder.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import outdir
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -26,17 +32,24 @@ TMP_PREFIX = ".tmp-"
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it to ``final`` if the block succeeds."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{final.name}"
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        outdir.will_write(final)
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+    except OSError as exc:
+        error = outdir.write_error(exc, final)
+        if error is None:
+            raise
+        raise error from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -109,13 +122,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete ``.tmp-*`` leftovers of a crashed run under ``folder``; returns how many."""
+def remove_stale_temporaries(folder: str | os.PathLike, *, recursive: bool = True) -> int:
+    """Delete ``.tmp-*`` leftovers of a crashed run in ``folder`` (and below it, if ``recursive``);
+    returns how many."""
     removed = 0
     folder = Path(folder)
-    if not folder.exists():
+    if not folder.is_dir():
         return 0
-    for tmp in folder.rglob(f"{TMP_PREFIX}*"):
+    for tmp in (folder.rglob if recursive else folder.glob)(f"{TMP_PREFIX}*"):
         if tmp.is_file():
             tmp.unlink()
             removed += 1

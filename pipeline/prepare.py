@@ -14,6 +14,12 @@ Incremental refresh: inputs whose sha256 the manifest already lists are skipped;
 deduplicated against everything kept before (the persisted dedup index in ``DIR/dedup_index``)
 and appended as new shard files. A changed tokenizer, template or config rebuilds everything:
 the old manifest is moved aside first, so no reader ever sees old and new shards mixed.
+
+The output folder (``pipeline.outdir``): a run holds ``DIR/.sftkit.lock`` from start to end, so
+a second run into the same folder stops at once; a non-empty folder sftkit did not make is
+refused; and sftkit deletes only files its journal says it wrote (old shards, rejected files and
+dedup index parts no manifest lists, its ``.work/`` and ``.tmp-*`` temporaries), never a user's.
+What a run removed is listed in its manifest history entry (``"removed"``).
 """
 
 from __future__ import annotations
@@ -31,18 +37,20 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from pipeline import manifest as manifest_io
-from pipeline import schema
+from pipeline import outdir, schema
 from pipeline.config import SFTConfig
 from pipeline.fsutil import remove_stale_temporaries, sha256_file, write_json_atomic
 from pipeline.stage import StageStats, Timer
 
 log = logging.getLogger("sftkit.prepare")
 
-WORK = ".work"
+WORK = outdir.WORK
 SHARDS = "shards"
 REJECTED = "rejected"
 DEDUP_INDEX = "dedup_index"
 STAGE_ORDER = ("ingest", "dedup", "quality", "tokenize", "shards")
+PREVIOUS_MANIFEST = outdir.PREVIOUS_MANIFEST
+REMOVED_AT_BEGIN = "removed.json"  # in .work/: what begin_run removed, for the history entry
 
 
 class InputFile(BaseModel):
@@ -168,27 +176,55 @@ def _hash_input(path: Path) -> str:
     return sha256_file(path)
 
 
-def begin_run(plan: RunPlan) -> None:
-    """Make the folder ready: on a rebuild move the old dataset aside; drop a crashed run's debris."""
+def begin_run(plan: RunPlan) -> list[str]:
+    """Make the folder ready: on a rebuild move the old dataset aside; drop a crashed run's debris.
+
+    Removes only files sftkit wrote (``pipeline.outdir``); returns their relative paths.
+    """
     root = plan.root
-    root.mkdir(parents=True, exist_ok=True)
+    outdir.claim(root)
+    removed: list[str] = []
     if plan.rebuild:
         old = manifest_io.manifest_path(root)
         if old.exists():
-            os.replace(old, root / "manifest.previous.json")
-        for folder in (SHARDS, REJECTED, DEDUP_INDEX):
-            shutil.rmtree(root / folder, ignore_errors=True)
-    remove_stale_temporaries(root)
-    index_dir = root / DEDUP_INDEX
-    if index_dir.exists():
-        # Index parts written by a run that crashed before its manifest: drop them, and the
-        # dedup step that wrote them, so the step reruns against exactly the listed index.
-        listed = set(plan.index_parts)
-        stale = [part for part in index_dir.glob("part-*.parquet") if part.name not in listed]
-        for part in stale:
-            part.unlink()
-        if stale:
-            shutil.rmtree(root / WORK / "dedup", ignore_errors=True)
+            outdir.record(root, PREVIOUS_MANIFEST)
+            with outdir.writing_to(root):
+                os.replace(old, root / PREVIOUS_MANIFEST)
+        removed += outdir.remove(root, [r for r in _dataset_files(outdir.written(root)) if not r.startswith(f"{DEDUP_INDEX}/")])
+    _remove_temporaries(root)
+    # Index parts written by a run that crashed before its manifest: drop them, and the dedup
+    # step that wrote them, so the step reruns against exactly the listed index.
+    listed = {f"{DEDUP_INDEX}/{part}" for part in plan.index_parts}
+    stale = [r for r in _dataset_files(outdir.written(root)) if r.startswith(f"{DEDUP_INDEX}/") and r not in listed]
+    if stale_removed := outdir.remove(root, stale):
+        shutil.rmtree(root / WORK / "dedup", ignore_errors=True)
+        removed += stale_removed
+    if removed:
+        note = root / WORK / REMOVED_AT_BEGIN
+        earlier = json.loads(note.read_text(encoding="utf-8")) if note.exists() else []
+        write_json_atomic(sorted(set(earlier) | set(removed)), note)
+    return removed
+
+
+def _dataset_files(relatives) -> list[str]:
+    """Of paths relative to the output folder, those that are sftkit's dataset files by place and
+    name: ``shards/*.parquet``, ``rejected/*.parquet``, ``dedup_index/part-*.parquet``."""
+    out = []
+    for relative in relatives:
+        folder, _, name = relative.partition("/")
+        if "/" in name or not name.endswith(".parquet"):
+            continue
+        if folder in (SHARDS, REJECTED) or (folder == DEDUP_INDEX and name.startswith("part-")):
+            out.append(relative)
+    return sorted(out)
+
+
+def _remove_temporaries(root: Path) -> int:
+    """``.tmp-*`` files a killed run left in sftkit's own folders (never in a user's subfolders)."""
+    removed = remove_stale_temporaries(root / WORK)
+    for folder in (root, root / SHARDS, root / REJECTED, root / DEDUP_INDEX):
+        removed += remove_stale_temporaries(folder, recursive=False)
+    return removed
 
 
 # --- steps -----------------------------------------------------------------------------------
@@ -452,6 +488,10 @@ def finalize(
         ]
         if restricted := restrict_part(root / DEDUP_INDEX, part, kept_ids):
             index_parts.append(restricted)
+    listed = {s["path"] for s in shards} | {r["path"] for r in rejected_listed} | {f"{DEDUP_INDEX}/{p}" for p in index_parts}
+    unlisted = _unlisted(root, listed)
+    note = root / WORK / REMOVED_AT_BEGIN
+    removed_at_begin = json.loads(note.read_text(encoding="utf-8")) if note.exists() else []
     created = manifest_io.now_iso()
     inputs = (previous.get("inputs", []) if previous else []) + [
         {"source": i.source, "sha256": i.sha256, "records": r["stats"]["records_in"]}
@@ -460,7 +500,8 @@ def finalize(
     history = (previous.get("history", []) if previous else []) + [
         {"version": version, "created_at": created, "read": read_now,
          "kept": sum(s.get("records", s["rows"]) for s in new_shards),
-         "shards_added": len(new_shards), "rebuild": plan.rebuild}
+         "shards_added": len(new_shards), "rebuild": plan.rebuild,
+         "removed": sorted((set(removed_at_begin) - listed) | set(unlisted))}
     ]
     manifest = {
         "version": version,
@@ -488,32 +529,37 @@ def finalize(
         "history": history,
     }
     manifest_io.write_manifest(root, manifest)
-    _remove_unlisted(root, manifest)
+    _clean_up(root, unlisted)
     return manifest
 
 
 def tidy(data_dir: Path) -> dict:
     """Nothing new to do: remove what a run killed after its manifest left behind; the manifest."""
-    manifest = manifest_io.read_manifest(data_dir)
-    remove_stale_temporaries(data_dir)
-    _remove_unlisted(Path(data_dir), manifest)
+    root = Path(data_dir)
+    manifest = manifest_io.read_manifest(root)
+    outdir.claim(root)
+    _remove_temporaries(root)
+    listed = (
+        {s["path"] for s in manifest["shards"]} | {r["path"] for r in manifest["rejected"]}
+        | {f"{DEDUP_INDEX}/{p}" for p in manifest.get("dedup_index", [])}
+    )
+    _clean_up(root, _unlisted(root, listed))
     return manifest
 
 
-def _remove_unlisted(root: Path, manifest: dict) -> None:
-    """Shards/rejected files of crashed runs that no manifest lists, and the work folder, go."""
-    listed = {s["path"] for s in manifest["shards"]} | {r["path"] for r in manifest["rejected"]}
-    for folder in (SHARDS, REJECTED):
-        for path in (root / folder).glob("*.parquet") if (root / folder).exists() else []:
-            if path.relative_to(root).as_posix() not in listed:
-                path.unlink()
-    index_dir = root / DEDUP_INDEX
-    if index_dir.exists():
-        for part in index_dir.glob("part-*.parquet"):
-            if part.name not in manifest["dedup_index"]:
-                part.unlink()
-    shutil.rmtree(root / WORK, ignore_errors=True)
-    (root / "manifest.previous.json").unlink(missing_ok=True)
+def _unlisted(root: Path, listed: set[str]) -> list[str]:
+    """Dataset files sftkit wrote in ``root`` (its journal says so) that ``listed`` does not hold:
+    a crashed run's shards, an earlier dataset's rejected files, replaced index parts."""
+    return [r for r in _dataset_files(outdir.written(root)) if r not in listed and (root / r).exists()]
+
+
+def _clean_up(root: Path, unlisted: list[str]) -> list[str]:
+    """After the manifest: remove ``unlisted`` (files sftkit wrote), the work folder and the
+    moved-aside manifest; returns what was removed. Files sftkit did not write stay."""
+    removed = outdir.remove(root, [*unlisted, PREVIOUS_MANIFEST])
+    outdir.remove_work(root)
+    outdir.compact(root)
+    return removed
 
 
 # --- in-process composition ------------------------------------------------------------------
@@ -532,10 +578,15 @@ def prepare(
 
     config = config or SFTConfig()
     paths = expand_inputs(inputs)
-    plan = plan_refresh(paths, tokenizer, Path(data_dir), config)
+    with outdir.hold(data_dir):
+        return _prepare_locked(paths, tokenizer, Path(data_dir), config, progress)
+
+
+def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: SFTConfig, progress) -> dict:
+    plan = plan_refresh(paths, tokenizer, data_dir, config)
     if plan.up_to_date:
         log.info("nothing new to prepare in %s", data_dir)
-        return tidy(Path(data_dir))
+        return tidy(data_dir)
     begin_run(plan)
     notify = progress or (lambda stage, done, total: None)
 

@@ -14,7 +14,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
+from pipeline import outdir, schema
 from pipeline.config import SFTConfig
 from pipeline.manifest import read_manifest
 from pipeline.prepare import prepare
@@ -243,9 +243,11 @@ def test_unchanged_rerun_removes_what_a_killed_run_left_behind(tmp_path, bpe_tok
     out = tmp_path / "data"
     manifest = prepare([str(inputs[0])], str(bpe_tokenizer_path), out, _config())
     listed = shard_bytes(out)
-    # what a run killed between writing its manifest and cleaning up leaves
+    # what a run killed between writing its manifest and cleaning up leaves (sftkit enters a file
+    # in the folder's journal before it creates it; it deletes only files the journal lists)
     (out / ".work" / "ingest").mkdir(parents=True)
     (out / ".work" / "ingest" / "x.parquet").write_bytes(b"partial")
+    outdir.will_write(out / "shards" / "train-00099.parquet")
     (out / "shards" / "train-00099.parquet").write_bytes(b"not listed")
     (out / "shards" / ".tmp-abc-train-00100.parquet").write_bytes(b"half written")
 

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import schema
+from pipeline import outdir, schema
 from pipeline.config import DedupConfig
 from pipeline.fsutil import TMP_PREFIX, _fsync_dir, write_json_atomic
 
@@ -233,6 +233,7 @@ class PartWriter:
         try:
             with open(self.tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+            outdir.will_write(self.index_dir / name)  # sftkit's journal: a file it may delete later
             os.replace(self.tmp, self.index_dir / name)
             _fsync_dir(self.index_dir)
         finally:
