@@ -89,10 +89,12 @@ def run_prepare(
     reasoning: str | None = None,
     strict_render: bool = False,
 ) -> dict[str, Any]:
+    from pipeline import outdir
     from pipeline.ingest import expand_inputs
 
     config = build_config(config_file, template, max_length, val_fraction, no_dedup, reasoning, strict_render)
     expand_inputs(inputs)  # fail fast, before any engine starts, on a path that is not there
+    outdir.check_free(out)  # ... and on a folder that is not sftkit's or that another run is writing
     if use_flow:
         from flows.refresh import refresh_flow
 

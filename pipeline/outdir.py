@@ -178,6 +178,30 @@ def hold(root: str | os.PathLike, what: str = "sftkit prepare") -> Iterator[Path
             os.close(fd)
 
 
+def check_free(root: str | os.PathLike) -> None:
+    """Fail now, creating nothing, if ``root`` is someone else's folder or another run holds it.
+
+    For callers that would otherwise start something slow (a workflow engine) before :func:`hold`;
+    :func:`hold` itself is what keeps two runs apart.
+    """
+    root = Path(root)
+    check_usable(root)
+    try:
+        fd = os.open(root / LOCK, os.O_RDWR)
+    except OSError:
+        return  # no lock file (or none we can open): hold() will say what is wrong
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FolderBusy(f"another {_holder(root / LOCK)} is writing {root}; wait for it to finish") from None
+    except (ImportError, OSError):
+        pass
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+
+
 def _holder(lock: Path) -> str:
     """'sftkit prepare (pid N, started T)' from the lock file (the holder writes it just after locking)."""
     info: dict = {}

@@ -156,6 +156,25 @@ def test_the_refresh_flow_holds_the_lock_too(prefect_harness, tmp_path, bpe_toke
     assert not (out / "manifest.json").exists()
 
 
+def test_the_cli_refuses_a_busy_or_foreign_folder_before_starting_any_engine(tmp_path, bpe_tokenizer_path):
+    from flows.cli import app
+
+    inputs = make_inputs(tmp_path / "in")
+    out, foreign = tmp_path / "data", tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    args = [*map(str, inputs), "--tokenizer", str(bpe_tokenizer_path)]
+    with outdir.hold(out):
+        started = time.monotonic()
+        result = CliRunner().invoke(app, ["prepare", *args, "--out", str(out)])  # the Prefect flow path
+        assert time.monotonic() - started < 5  # no engine was started
+    assert result.exit_code == 2, result.output
+    assert re.search("error: " + _busy(out, os.getpid()), " ".join(result.output.split())), result.output
+    result = CliRunner().invoke(app, ["prepare", *args, "--out", str(foreign)])
+    assert result.exit_code == 2 and "was not made by sftkit" in result.output
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
 # --- whose folder ----------------------------------------------------------------------------
 def test_a_non_empty_folder_sftkit_did_not_make_is_refused_untouched(tmp_path, bpe_tokenizer_path):
     inputs = make_inputs(tmp_path / "in")
