@@ -95,6 +95,7 @@ def run_prepare(
     config = build_config(config_file, template, max_length, val_fraction, no_dedup, reasoning, strict_render)
     expand_inputs(inputs)  # fail fast, before any engine starts, on a path that is not there
     outdir.check_free(out)  # ... and on a folder that is not sftkit's or that another run is writing
+    refuse_missing_tokenizer_folder(tokenizer)
     if use_flow:
         from flows.refresh import refresh_flow
 
@@ -105,6 +106,15 @@ def run_prepare(
         manifest = _prepare_with_progress(inputs, tokenizer, out, config)
     print_summary(manifest, out)
     return manifest
+
+
+def refuse_missing_tokenizer_folder(tokenizer: str) -> None:
+    """A tokenizer written as a path (``/…``, ``./…``, ``~/…``, ``a/b/c``) that is not there is a typo
+    or a moved folder, not a hub name: say so, instead of the hub client's complaint about repo ids."""
+    text = str(tokenizer)
+    looks_like_path = text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_like_path and not Path(text).expanduser().exists():
+        raise ValueError(f"tokenizer folder {text!r} given with --tokenizer does not exist")
 
 
 def _prepare_with_progress(inputs, tokenizer, out, config) -> dict[str, Any]:

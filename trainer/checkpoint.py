@@ -143,21 +143,50 @@ def prune(run_dir: Path, *, keep_last: int, best_step: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder whose files cannot be read back (damaged on disk or by hand)."""
+
+
+def _load(file: Path, **kwargs) -> Any:
+    """``torch.load`` of a checkpoint file; an unreadable one is a CheckpointError naming what to do."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, **kwargs)
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
+        folder = file.parent
+        older = [p for step, p in list_checkpoints(folder.parent.parent) if p != folder and p.name < folder.name]
+        hint = (
+            f"move it aside to resume from the previous checkpoint {older[-1].name}" if older
+            else "move it aside to start over"
+        )
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {folder} is damaged: {file.name} cannot be read ({first_line}); {hint}") from exc
+
+
 def checkpoint_config(path: Path) -> dict[str, Any]:
     """The training config a checkpoint was written with (to refuse resuming with another plan)."""
-    payload = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
-    return {**payload["config"], "world_size": payload["train_state"].get("world_size", 1)}
+    payload = _load(path / "state.pt", mmap=True)
+    try:
+        return {**payload["config"], "world_size": payload["train_state"].get("world_size", 1)}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: state.pt lacks its config or train state") from exc
 
 
 def load_checkpoint(path: Path, *, model, optimizer=None, scheduler=None) -> TrainState:
     """Restore a checkpoint into these objects (and this rank's RNGs); returns the run position."""
-    payload = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(payload["model"])
+    payload = _load(path / "state.pt")
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:  # other shapes or names: another --model than the run was started with
+        first_line = str(exc).strip().splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint {path} holds weights of another model than the one given ({first_line}); "
+            "resume with the --model the run was started with"
+        ) from exc
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(payload["scheduler"])
     rng_file = path / f"rng-rank{distributed.current().rank}.pt"
     if optimizer is not None and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        set_rng_state(_load(rng_file))
     return TrainState(**payload["train_state"])

@@ -142,16 +142,17 @@ def load_row_tokenizer(manifest: dict[str, Any], override: str | None = None):
     name = override or recorded.get("name")
     if not name:
         return None, "the manifest names no tokenizer; showing the messages instead of the tokens"
+    whose = "the tokenizer given with --tokenizer" if override else "the dataset's tokenizer"
     local = local_tokenizer_path(str(name))
     if local is None:
         return None, (
-            f"the dataset's tokenizer {name!r} is neither a local folder nor in the Hugging Face cache "
-            "(pass --tokenizer PATH); showing the messages instead"
+            f"{whose} {name!r} is neither a local folder nor in the Hugging Face cache"
+            f"{'' if override else ' (pass --tokenizer PATH)'}; showing the messages instead"
         )
     try:
         tokenizer = load_tokenizer(local)
     except (ValueError, OSError) as exc:
-        return None, f"cannot load the dataset's tokenizer {name!r} ({exc}); showing the messages instead"
+        return None, f"cannot load {whose} {name!r} ({exc}); showing the messages instead"
     expected = recorded.get("fingerprint")
     if expected and tokenizer_fingerprint(tokenizer) != expected:
         return tokenizer, (

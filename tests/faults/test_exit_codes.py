@@ -81,6 +81,15 @@ def test_prepare_that_keeps_nothing_exits_1(tmp_path, bpe_tokenizer_path):
     assert manifest["counts"]["kept"] == 0 and manifest["counts"]["read"] == 5
 
 
+def test_prepare_with_a_tokenizer_folder_that_is_not_there_is_one_sentence(tmp_path):
+    source = tmp_path / "a.jsonl"
+    source.write_text(json.dumps({"instruction": "hi", "output": "hello"}) + "\n", encoding="utf-8")
+    missing = tmp_path / "no-such-tokenizer"
+    result = cli("prepare", source, "--tokenizer", missing, "--out", tmp_path / "ds", "--no-flow")
+    assert_clean_failure(result, EXIT_USAGE, f"tokenizer folder '{missing}' given with --tokenizer does not exist")
+    assert not (tmp_path / "ds").exists()
+
+
 # --- train: numeric options -----------------------------------------------------------------
 @pytest.mark.parametrize(
     "option, value, bound",
@@ -216,3 +225,35 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(data
     assert "stop_reason sigterm" in stdout
     assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
     assert sorted((out / "checkpoints").glob("step-*"))
+
+
+# --- train: a damaged checkpoint --------------------------------------------------------------
+def test_resume_from_a_damaged_checkpoint_names_it_and_the_one_to_use(data_dir, tmp_path):
+    out = tmp_path / "run"
+    steps = ["--max-steps", "4", "--save-every", "2", "--eval-every", "100"]
+    first = cli(*train_args(data_dir, out, *steps))
+    assert first.exit_code == 0, first.output
+    shutil.rmtree(out / "final")
+    latest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    state = latest / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a disk error, a copy cut short
+
+    result = cli(*train_args(data_dir, out, "--max-steps", "6", "--save-every", "2", "--eval-every", "100", "--resume"))
+    assert_clean_failure(result, EXIT_USAGE, f"checkpoint {latest} is damaged", "previous checkpoint step-00000002")
+
+    shutil.move(str(latest), str(tmp_path / "aside"))  # what the sentence says to do
+    result = cli(*train_args(data_dir, out, "--max-steps", "6", "--save-every", "2", "--eval-every", "100", "--resume"))
+    assert result.exit_code == 0, result.output
+    assert (out / "final").is_dir()
+
+
+def test_loading_a_checkpoint_into_another_model_is_one_sentence(tmp_path):
+    import torch
+
+    from trainer.checkpoint import CheckpointError, load_checkpoint
+
+    folder = tmp_path / "checkpoints" / "step-00000001"
+    folder.mkdir(parents=True)
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict(), "train_state": {}}, folder / "state.pt")
+    with pytest.raises(CheckpointError, match="another model"):
+        load_checkpoint(folder, model=torch.nn.Linear(3, 3))
