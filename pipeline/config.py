@@ -46,7 +46,26 @@ class IngestConfig(_Section):
     merge_consecutive_turns: bool = Field(
         True, description="join consecutive same-role turns into one; false rejects them as bad_turn_order"
     )
-    max_record_bytes: int = Field(64 << 20, gt=0, description="a longer record is rejected as record_too_large")
+    # 16 MiB: a million-token conversation is ~4 MB of English or ~9 MB of \u-escaped Chinese,
+    # and a record beyond it renders past template.max_render_chars (8M characters) unless it is
+    # almost all escapes; while later stages hold several copies of a record, a 50 MB one
+    # costs gigabytes. A longer line is refused before it is decoded or parsed.
+    max_record_bytes: int = Field(
+        16 << 20, gt=0, description="a longer record (its JSON text, or the text and data a columnar row holds) "
+        "is rejected as record_too_large without being parsed",
+    )
+    max_nesting: int = Field(
+        64, gt=0, le=256, description="a record whose arrays/objects nest deeper (JSON text inside it, such as tool-call "
+        "arguments, included) is rejected as too_deeply_nested; real instruction data nests about 10 levels",
+    )
+    # 64 GiB: more than any one instruction-data file we know of expands to (public sets ship
+    # as files of a few GB at most), so a genuine file is never refused; a decompression bomb
+    # costs at most that much reading (about a minute at gzip's ~1 GB/s when it is one endless
+    # line, which is skipped in bounded memory; longer when it expands to records), with
+    # progress lines meanwhile. The limit is checked as bytes come out: no more is decompressed.
+    max_expanded_bytes: int = Field(
+        64 << 30, gt=0, description="a .gz/.zst input that decompresses to more stops the run with an error naming it",
+    )
 
 
 class DedupConfig(_Section):

@@ -62,6 +62,7 @@ Normalisation decisions (documented here because users see their effect):
 
 from __future__ import annotations
 
+import contextvars
 import json
 from typing import Any
 
@@ -79,6 +80,7 @@ BAD_TURN_ORDER = "bad_turn_order"
 EMPTY_RESPONSE = "empty_response"
 INVALID_UTF8 = "invalid_utf8"
 RECORD_TOO_LARGE = "record_too_large"
+TOO_DEEPLY_NESTED = "too_deeply_nested"
 
 REASONS = (
     INVALID_JSON,
@@ -91,7 +93,14 @@ REASONS = (
     EMPTY_RESPONSE,
     INVALID_UTF8,
     RECORD_TOO_LARGE,
+    TOO_DEEPLY_NESTED,
 )
+
+# Real instruction data nests a few levels (a tool call's arguments inside a message inside a
+# list inside the record: 11 at most in the bundled real sets, embedded JSON text included);
+# 64 leaves room for any honest schema and stays far below Python's recursion limit, which a
+# deeper value would otherwise hit in the JSON parser, in json.dumps or in a chat template.
+DEFAULT_MAX_NESTING = 64
 
 
 class RecordError(ValueError):
@@ -102,6 +111,52 @@ class RecordError(ValueError):
         self.reason = reason
         self.detail = detail
 
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether arrays/objects in ``value`` nest more than ``limit`` levels (the value itself is 1).
+
+    Walks level by level without recursion, and stops as soon as the answer is known.
+    """
+    level = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            if isinstance(item, (dict, list, tuple))
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, (dict, list, tuple))
+        ]
+        if not level:
+            return False
+    return bool(level) and any(isinstance(item, (dict, list, tuple)) for item in level)
+
+
+def too_deep(limit: int, what: str = "the record") -> RecordError:
+    return RecordError(
+        TOO_DEEPLY_NESTED,
+        f"{what} nests arrays/objects more than {limit} levels deep (ingest.max_nesting); "
+        "real conversations nest a few levels, so this is not instruction data",
+    )
+
+
+def loads_bounded(text: str, limit: int, what: str = "the record") -> Any:
+    """``json.loads(text)``, refusing values nested deeper than ``limit`` with ``too_deeply_nested``.
+
+    A text with no more than ``limit`` brackets cannot nest deeper, so the common case costs two
+    ``str.count`` calls; a deeper one never reaches Python's recursion limit unhandled.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return json.loads(text)
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise too_deep(limit, what) from None
+    if nesting_exceeds(value, limit):
+        raise too_deep(limit, what)
+    return value
+
+
+_MAX_NESTING: contextvars.ContextVar[int] = contextvars.ContextVar("max_nesting", default=DEFAULT_MAX_NESTING)
 
 MESSAGE_LIST_KEYS = ("messages", "conversations", "conversation")
 PROMPT_COMPLETION_KEYS = (("prompt", "completion"), ("prompt", "response"), ("query", "response"), ("question", "answer"))
@@ -126,12 +181,34 @@ ROLE_ALIASES = {
 
 
 def to_conversation(
-    record: Any, mapping: FieldMapping | None = None, *, merge_consecutive: bool = True
+    record: Any,
+    mapping: FieldMapping | None = None,
+    *,
+    merge_consecutive: bool = True,
+    max_nesting: int = DEFAULT_MAX_NESTING,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Canonical messages (see :func:`schema.make_message`) and the tools JSON text of ``record``.
 
-    Raises :class:`RecordError` when the record has no usable conversation.
+    Raises :class:`RecordError` when the record has no usable conversation. JSON given as text
+    inside the record (tool schemas, tool-call arguments) is parsed with the same nesting limit
+    ``max_nesting`` as the record itself (``too_deeply_nested``).
     """
+    token = _MAX_NESTING.set(max_nesting)
+    try:
+        return _to_conversation(record, mapping, merge_consecutive)
+    except RecursionError:
+        # A safety net: every JSON text is parsed with the limit, but a value built deep
+        # elsewhere (a Parquet column) must still cost one record, not the run.
+        raise too_deep(max_nesting) from None
+    finally:
+        _MAX_NESTING.reset(token)
+
+
+def _loads(text: str, what: str) -> Any:
+    return loads_bounded(text, _MAX_NESTING.get(), what)
+
+
+def _to_conversation(record: Any, mapping: FieldMapping | None, merge_consecutive: bool) -> tuple[list[dict[str, Any]], str | None]:
     if not isinstance(record, dict):
         raise RecordError(NOT_AN_OBJECT, f"the record is a JSON {_json_type(record)}, not an object")
     if mapping is not None and _mapping_applies(record, mapping):
@@ -416,7 +493,7 @@ def _part_calls(payload: Any, position: int, part_index: int) -> list[dict]:
     """A tool_call content part's payload -> normalised calls."""
     if isinstance(payload, str):
         try:
-            payload = json.loads(payload)
+            payload = _loads(payload, f"the tool_call part of message {position}")
         except json.JSONDecodeError:
             payload = None
     if isinstance(payload, dict):
@@ -512,7 +589,7 @@ def _train_flag(item: dict, position: int) -> bool | None:
 def _parse_function_call_value(value: Any, position: int) -> list[dict]:
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = _loads(value, f"function_call message {position}")
         except json.JSONDecodeError:
             raise RecordError(WRONG_TYPE, f"function_call message {position} is not JSON of the form {{\"name\": ..., \"arguments\": ...}}") from None
     calls = value if isinstance(value, list) else [value]
@@ -530,7 +607,7 @@ def _normalise_calls(raw_calls: Any, position: int) -> list[dict]:
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                arguments = _loads(arguments, f"the tool call arguments of message {position}") if arguments.strip() else {}
             except json.JSONDecodeError:
                 pass  # not JSON: keep the text as written rather than guess
         normalised: dict[str, Any] = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
@@ -560,7 +637,7 @@ def normalise_tools(tools: Any, field_name: str = "tools") -> str | None:
         if not tools.strip():
             return None
         try:
-            tools = json.loads(tools)
+            tools = _loads(tools, f"field {field_name!r}")
         except json.JSONDecodeError:
             raise RecordError(WRONG_TYPE, f"field {field_name!r} is text but not JSON") from None
     if isinstance(tools, dict):

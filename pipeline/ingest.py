@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline import schema
 from pipeline.config import IngestConfig
-from pipeline.formats import INVALID_UTF8, RecordError, to_conversation
+from pipeline.formats import INVALID_UTF8, RecordError, to_conversation, too_deep
 from pipeline.fsutil import ParquetSink
-from pipeline.readers import InputError, RawRecord, container_of, iter_records
+from pipeline.readers import PROGRESS_INTERVAL_S, InputError, RawRecord, ReadProgress, container_of, iter_records
 from pipeline.stage import StageStats, Timer
 
 __all__ = ["InputError", "expand_inputs", "ingest_file"]
 
 STAGE = "ingest"
+
+log = logging.getLogger("sftkit.ingest")
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -60,23 +63,46 @@ def ingest_file(
     config: IngestConfig,
     *,
     on_batch: Callable[[int], None] | None = None,
+    on_progress: Callable[[ReadProgress, int], None] | None = None,
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
 ) -> StageStats:
     """Read one input file; write kept canonical rows and rejected rows; return the counts.
 
     ``kept_path`` is always written (an empty Parquet file when nothing was kept) so later
     stages find it; ``rejected_path`` only when something was rejected (a stale one from an
     earlier run is removed). ``on_batch(n)`` is called after every ``n`` records, for progress
-    bars. Raises :class:`InputError` if the file is not a readable container.
+    bars. While a text file is read, its progress (bytes read, compressed bytes read, records so
+    far) is logged at INFO on ``sftkit.ingest`` and passed to ``on_progress(progress, records)``
+    every ``progress_interval_s`` seconds: a big or compressed file, or one huge line being
+    skipped, shows signs of life. Raises :class:`InputError` if the file is not a readable
+    container, or if a compressed one expands past ``config.max_expanded_bytes``.
     """
     stats = StageStats(STAGE)
     timer = Timer()
+
+    def progress(read: ReadProgress) -> None:
+        if read.done and not read.compressed_bytes:
+            return  # a plain file's end says nothing the stage's own counts do not
+        where = f" from {_mib(read.compressed_bytes)} of {_mib(read.file_bytes)} compressed" if read.compressed_bytes is not None else f" of {_mib(read.file_bytes)}"
+        log.info("%s: %s %s read%s, %d records", source, "finished," if read.done else "reading,", _mib(read.bytes_read), where, stats.records_in)
+        if on_progress is not None:
+            on_progress(read, stats.records_in)
+
     with timer, contextlib.ExitStack() as stack:
         kept = ParquetSink(kept_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
         rejected = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
         kept_rows: list[dict[str, Any]] = []
         rejected_rows: list[dict[str, Any]] = []
         pending = 0
-        records = iter_records(Path(path), batch_size=config.batch_size, max_record_bytes=config.max_record_bytes)
+        records = iter_records(
+            Path(path),
+            batch_size=config.batch_size,
+            max_record_bytes=config.max_record_bytes,
+            max_nesting=config.max_nesting,
+            max_expanded_bytes=config.max_expanded_bytes,
+            on_progress=progress,
+            progress_interval_s=progress_interval_s,
+        )
         for record in records:
             stats.records_in += 1
             pending += 1
@@ -110,11 +136,16 @@ def _convert(record: RawRecord, source: str, config: IngestConfig) -> tuple[dict
     if error is None:
         try:
             messages, tools = to_conversation(
-                record.value, config.mapping, merge_consecutive=config.merge_consecutive_turns
+                record.value,
+                config.mapping,
+                merge_consecutive=config.merge_consecutive_turns,
+                max_nesting=config.max_nesting,
             )
             conversation_id = schema.conversation_id(messages, tools)
         except RecordError as exc:
             error = exc
+        except RecursionError:
+            error = too_deep(config.max_nesting)
         except UnicodeEncodeError:
             # json.loads turns an escaped lone surrogate ("\ud800") into text no file can hold.
             error = RecordError(INVALID_UTF8, "the record contains a lone surrogate escape, which is not valid Unicode")
@@ -127,3 +158,7 @@ def _convert(record: RawRecord, source: str, config: IngestConfig) -> tuple[dict
                 schema.TOOLS: tools,
             }, None
     return None, schema.rejected_row(source, record.index, STAGE, error.reason, error.detail, record.raw_text())
+
+
+def _mib(size: int | None) -> str:
+    return f"{(size or 0) / (1 << 20):.1f} MiB"
