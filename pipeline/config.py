@@ -203,6 +203,7 @@ class SFTConfig(_Section):
 # byte-identical shards): changing them must not rebuild a dataset or invalidate cached steps.
 RUNTIME_ONLY = (
     ("ingest", "batch_size"),
+    ("ingest", "max_expanded_bytes"),  # a run over it stops with an error; under it, it changes nothing
     ("dedup", "partitions"),
     ("tokenize", "batch_size"),
     ("tokenize", "num_proc"),
