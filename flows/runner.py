@@ -75,6 +75,18 @@ def make_task_runner(name: str, max_workers: int | None = None):
     raise ValueError(f"unknown task runner {name!r}; expected threads, processes, dask or ray")
 
 
+def show_sftkit_logs() -> None:
+    """sftkit's own INFO lines on stderr (a big compressed input's progress, files a run removed)."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("sftkit")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.addHandler(RichHandler(console=console, show_path=False, markup=False))
+        logger.setLevel(logging.INFO)
+
+
 def run_prepare(
     inputs: list[str],
     tokenizer: str,
@@ -93,6 +105,7 @@ def run_prepare(
     from pipeline.ingest import expand_inputs
 
     config = build_config(config_file, template, max_length, val_fraction, no_dedup, reasoning, strict_render)
+    show_sftkit_logs()
     expand_inputs(inputs)  # fail fast, before any engine starts, on a path that is not there
     outdir.check_free(out)  # ... and on a folder that is not sftkit's or that another run is writing
     refuse_missing_tokenizer_folder(tokenizer)
