@@ -18,11 +18,8 @@ fires under the same lock that the thread takes to leave, and an exception that 
 from __future__ import annotations
 
 import ctypes
-import sys
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 
 class RenderTimeout(BaseException):
@@ -40,35 +37,56 @@ _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
 
 
-@contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise :class:`RenderTimeout` in this thread if the block runs longer than ``seconds``."""
-    thread = threading.get_ident()
-    if seconds is None or seconds <= 0 or thread in _deadlines:  # none, or nested: the outer one holds
-        yield
-        return
-    global _watchdog
-    with _lock:
-        _deadlines[thread] = time.monotonic() + seconds
-        if _watchdog is None or not _watchdog.is_alive():
-            _watchdog = threading.Thread(target=_watch, name="sftkit-render-watchdog", daemon=True)
-            _watchdog.start()
-    try:
-        yield
-    finally:
+class time_limit:
+    """Raise :class:`RenderTimeout` in this thread if the ``with`` block runs longer than ``seconds``.
+
+    Nested limits: the outer one holds. A class, not a generator: the exception can land at any
+    bytecode, also in ``__exit__`` before it has removed the entry; an entry that already fired
+    is therefore never taken for an outer limit (it is a leftover), and :func:`release` (called
+    from ``__exit__``, and safe to call again) clears it.
+    """
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.owner = False
+
+    def __enter__(self) -> "time_limit":
+        if self.seconds is None or self.seconds <= 0:
+            return self
+        thread = threading.get_ident()
+        global _watchdog
         with _lock:
-            fired = _deadlines.pop(thread) == _FIRED
-        if fired and not isinstance(sys.exc_info()[1], RenderTimeout):
-            # The watchdog fired as the block was finishing: the exception is pending and surfaces
-            # at the next bytecode check, so take it here, inside the limit, not in the caller's
-            # later code. (Clearing it with SetAsyncExc(NULL) instead would leave the interpreter's
-            # eval breaker set for good, slowing every later line of the process.)
-            try:
-                for _ in range(10_000_000):
+            if _deadlines.get(thread, _FIRED) is not _FIRED:
+                return self  # inside an outer limit, which holds
+            _deadlines[thread] = time.monotonic() + self.seconds
+            self.owner = True
+            if _watchdog is None or not _watchdog.is_alive():
+                _watchdog = threading.Thread(target=_watch, name="sftkit-render-watchdog", daemon=True)
+                _watchdog.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.owner:
+            self.owner = False
+            fired = release()
+            if fired and exc_type is not RenderTimeout:
+                # The watchdog fired as the block was finishing: the exception is pending and
+                # surfaces at the next bytecode check; take it here, inside the limit, rather
+                # than in the caller's later code. (Clearing it with SetAsyncExc(NULL) instead
+                # would leave the interpreter's eval breaker set, slowing every later line.)
+                try:
+                    for _ in range(10_000_000):
+                        pass
+                except RenderTimeout:
                     pass
-            except RenderTimeout:
-                pass
-            raise RenderTimeout
+                raise RenderTimeout
+        return False
+
+
+def release() -> bool:
+    """Drop this thread's limit; whether the watchdog had fired it. Safe to call twice."""
+    with _lock:
+        return _deadlines.pop(threading.get_ident(), None) is _FIRED
 
 
 def _watch() -> None:

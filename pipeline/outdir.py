@@ -242,6 +242,11 @@ def will_write(path: str | os.PathLike) -> None:
     relative = Path(path).absolute().relative_to(root).as_posix()
     if relative.split("/")[0] == WORK or relative in OWN_FILES:
         return
+    if os.path.lexists(path) and relative not in written(root):
+        raise ValueError(
+            f"{path} is in the way: sftkit writes a file of that name there, and this one is not sftkit's; "
+            f"move it out of {root}"
+        )
     record(root, relative)
 
 

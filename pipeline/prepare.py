@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
@@ -148,6 +147,14 @@ def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config
     if previous is not None and not rebuild:
         for entry in previous["shards"]:
             start_index[entry["split"]] += 1
+    elif rebuild:
+        # A rebuild writes its shards beside the old dataset, under new numbers, and the old files
+        # go only after the new manifest is in place: a rebuild killed halfway leaves the old
+        # dataset whole.
+        for path in (data_dir / SHARDS).glob("*-*.parquet") if (data_dir / SHARDS).is_dir() else []:
+            split, _, number = path.stem.partition("-")
+            if split in start_index and number.isdigit():
+                start_index[split] = max(start_index[split], int(number) + 1)
     return RunPlan(
         data_dir=str(data_dir),
         tokenizer=tokenizer,
@@ -177,24 +184,21 @@ def _hash_input(path: Path) -> str:
 
 
 def begin_run(plan: RunPlan) -> list[str]:
-    """Make the folder ready: on a rebuild move the old dataset aside; drop a crashed run's debris.
+    """Make the folder ready: drop a crashed run's debris (a rebuild leaves the old dataset in
+    place; :func:`finalize` removes its files once the new manifest is written).
 
     Removes only files sftkit wrote (``pipeline.outdir``); returns their relative paths.
     """
     root = plan.root
     outdir.claim(root)
     removed: list[str] = []
-    if plan.rebuild:
-        old = manifest_io.manifest_path(root)
-        if old.exists():
-            outdir.record(root, PREVIOUS_MANIFEST)
-            with outdir.writing_to(root):
-                os.replace(old, root / PREVIOUS_MANIFEST)
-        removed += outdir.remove(root, [r for r in _dataset_files(outdir.written(root)) if not r.startswith(f"{DEDUP_INDEX}/")])
     _remove_temporaries(root)
     # Index parts written by a run that crashed before its manifest: drop them, and the dedup
-    # step that wrote them, so the step reruns against exactly the listed index.
-    listed = {f"{DEDUP_INDEX}/{part}" for part in plan.index_parts}
+    # step that wrote them, so the step reruns against exactly the listed index. (A rebuild
+    # keeps the old dataset's parts until its own manifest replaces the old one.)
+    current = manifest_io.read_manifest_or_none(root) if plan.rebuild else None
+    kept_parts = [*plan.index_parts, *((current or {}).get("dedup_index") or [])]
+    listed = {f"{DEDUP_INDEX}/{part}" for part in kept_parts}
     stale = [r for r in _dataset_files(outdir.written(root)) if r.startswith(f"{DEDUP_INDEX}/") and r not in listed]
     if stale_removed := outdir.remove(root, stale):
         shutil.rmtree(root / WORK / "dedup", ignore_errors=True)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline import schema
-from pipeline.deadline import RenderTimeout, time_limit
+from pipeline.deadline import RenderTimeout, release, time_limit
 from pipeline.masking.byte_table import _TokenBytes
 from pipeline.masking.control import (
     _PLACEHOLDER_CHARS,
@@ -315,6 +315,7 @@ class Masker:
             with time_limit(self.render_timeout):
                 return self._render_row(index, canonical, tools)
         except RenderTimeout:
+            release()  # if it landed as the limit was being left
             return Rejection(
                 "template",
                 "template_timeout",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from pipeline.deadline import RenderTimeout, time_limit
+from pipeline.deadline import RenderTimeout, release, time_limit
 from pipeline.masking.locate import Piece
 from pipeline.masking.results import Rejection
 from pipeline.masking.verify import clip
@@ -160,6 +160,7 @@ def _rendered_or_error(template: Template, variables: dict[str, Any], messages: 
     except Exception as exc:
         return exc
     except RenderTimeout:
+        release()  # if it landed as the limit was being left
         return _Overrun(f"it took longer than {seconds:g} s to render a short conversation")
     except RenderTooLarge as exc:
         return _Overrun(f"its rendering of a short conversation: {exc}")

@@ -385,3 +385,48 @@ def test_a_read_only_folder_for_real(tmp_path, bpe_tokenizer_path):
             prepare([str(p) for p in inputs], str(bpe_tokenizer_path), parent / "data", _config())
     finally:
         parent.chmod(0o700)
+
+
+def test_a_users_file_in_the_way_of_a_shard_stops_the_run_untouched(tmp_path, bpe_tokenizer_path):
+    """A file of the user's under the very name sftkit writes next is never overwritten."""
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "data"
+    first = prepare([str(inputs[0])], str(bpe_tokenizer_path), out, _config(val_fraction=0.0))
+    mine = out / "shards" / f"train-{len(first['shards']):05d}.parquet"  # the next number
+    mine.write_bytes(b"USER DATA")
+    with pytest.raises(ValueError, match=r"is in the way: .* move it out of"):
+        prepare([str(p) for p in inputs], str(bpe_tokenizer_path), out, _config(val_fraction=0.0))
+    assert mine.read_bytes() == b"USER DATA"
+    assert mine.relative_to(out).as_posix() not in outdir.written(out)
+    assert read_manifest(out)["version"] == first["version"]  # the dataset is as it was
+
+
+@pytest.mark.slow
+def test_a_rebuild_killed_halfway_leaves_the_old_dataset_whole(tmp_path, bpe_tokenizer_path, repo_root):
+    inputs = make_inputs(tmp_path / "in")
+    big = tmp_path / "in" / "big.json"
+    write_json(big, alpaca_records(0, 20_000))
+    out = tmp_path / "data"
+    first = prepare([str(inputs[0])], str(bpe_tokenizer_path), out, _config())
+    before = {s["path"]: (out / s["path"]).read_bytes() for s in first["shards"]}
+    run = subprocess.Popen(  # a rebuild (another max length) over much more data, killed mid-run
+        [sys.executable, "-m", "flows.cli", "prepare", str(inputs[0]), str(big), "--tokenizer",
+         str(bpe_tokenizer_path), "--out", str(out), "--no-flow", "--max-length", "777", "--val-fraction", "0.2"],
+        cwd=repo_root, env=_env(repo_root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / ".work").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert {k: v for k, v in read_manifest(out).items() if k != "format_version"} == first  # the old dataset
+    assert {p: (out / p).read_bytes() for p in before} == before
+    result = CliRunner().invoke(__import__("flows.cli", fromlist=["app"]).app, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    # The next run finishes the rebuild and removes the killed run's and the old dataset's files.
+    again = SFTConfig.model_validate({"shards": {"val_fraction": 0.2}, "tokenize": {"max_length": 777}})
+    rebuilt = prepare([str(inputs[0])], str(bpe_tokenizer_path), out, again)
+    assert rebuilt["version"] == first["version"] + 1
+    on_disk = {p.relative_to(out).as_posix() for p in (out / "shards").glob("*.parquet")}
+    assert on_disk == {s["path"] for s in rebuilt["shards"]}

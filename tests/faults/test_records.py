@@ -170,7 +170,7 @@ def test_the_default_nesting_limit_leaves_real_data_alone(real_data_dir):
 
 
 # --- size -------------------------------------------------------------------------------------
-def test_a_50_mb_record_is_refused_unparsed_and_prepare_stays_under_500_mb(tmp_path, bpe_tokenizer_path):
+def test_a_50_mb_record_is_refused_unparsed_in_bounded_memory(tmp_path, bpe_tokenizer_path):
     path = tmp_path / "huge.jsonl"
     with open(path, "w") as fh:
         fh.write(json.dumps(chat(0)) + "\n")
@@ -188,7 +188,13 @@ def test_a_50_mb_record_is_refused_unparsed_and_prepare_stays_under_500_mb(tmp_p
     assert (row["stage"], row["reason"], row["source_index"]) == ("ingest", "record_too_large", 1)
     assert "not parsed" in row["detail"] and "ingest.max_record_bytes" in row["detail"]
     assert len(row["raw"]) <= 65_536
-    assert rss < 500 << 20, f"peak RSS {rss >> 20} MiB"
+    # The same run without the huge line: the line itself may add only a little. (The absolute
+    # peak, about 430 MB here, is mostly the libraries a run imports, and moves with them.)
+    small = tmp_path / "small.jsonl"
+    small.write_text(json.dumps(chat(0)) + "\n" + json.dumps(chat(1)) + "\n")
+    code, output, baseline = peak_rss_of([sys.executable, "-m", "flows.cli", "prepare", str(small), "--tokenizer", str(bpe_tokenizer_path), "--out", str(tmp_path / "small-out"), "--no-flow"])
+    assert code == 0, output
+    assert rss - baseline < 64 << 20, f"peak RSS {rss >> 20} MiB with the 50 MB line, {baseline >> 20} MiB without"
 
 
 def test_a_record_over_the_limit_is_never_parsed(tmp_path, monkeypatch):
@@ -277,7 +283,7 @@ def test_a_zstd_bomb_is_decompressed_a_buffer_at_a_time(tmp_path):
     )
     code, output, rss = peak_rss_of([sys.executable, "-c", script, str(path)], timeout=60)
     assert code == 0 and "['record_too_large']" in output, output  # one line of 1 GiB, skipped
-    assert rss < 300 << 20, f"peak RSS {rss >> 20} MiB"
+    assert rss < 512 << 20, f"peak RSS {rss >> 20} MiB"  # holding the gigabyte would be twice that
 
 
 def test_reading_a_compressed_file_reports_progress(tmp_path, caplog):

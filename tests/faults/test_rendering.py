@@ -95,3 +95,36 @@ def test_limits_are_settings():
     assert config.template.render_timeout_s == 2 and config.template.max_render_chars == 1000
     with pytest.raises(ValueError):
         SFTConfig.model_validate({"template": {"render_timeout_s": 0}})
+
+
+def test_a_limit_that_fires_as_its_block_ends_never_escapes_nor_lingers():
+    """The watchdog may fire just as a render finishes: the timeout is taken inside the limit,
+    no later code sees it, and the thread's next limit still holds."""
+    import random
+
+    import pipeline.deadline as deadline
+    from pipeline.deadline import RenderTimeout, release, time_limit
+
+    def work(n):
+        total = 0
+        for i in range(n):
+            total += i
+        return total
+
+    escaped = 0
+    for _ in range(3000):
+        try:
+            try:
+                with time_limit(0.001):
+                    work(random.randint(5_000, 60_000))  # about as long as the limit
+            except RenderTimeout:
+                release()
+        except RenderTimeout:
+            escaped += 1
+    assert escaped == 0 and deadline._deadlines == {}
+    started = time.monotonic()
+    with pytest.raises(RenderTimeout):
+        with time_limit(0.2):
+            while True:
+                pass
+    assert time.monotonic() - started < 2
