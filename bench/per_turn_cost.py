@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))  # the tests' template fixtures live in the reposi
 
 from pipeline import schema  # noqa: E402
 from pipeline.config import TemplateConfig  # noqa: E402
-from pipeline.masking import Encoded, Masker  # noqa: E402
+from pipeline.masking import Masker  # noqa: E402
 from pipeline.templates import resolve_template  # noqa: E402
 from pipeline.tokenizers import load_tokenizer  # noqa: E402
 from pipeline.tokenize import encode_table  # noqa: E402

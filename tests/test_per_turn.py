@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
