@@ -165,19 +165,20 @@ def assemble(rows: _Rows, results: list[Encoded | Rejection]) -> tuple[pa.Table,
                 template_failed += 1
                 template_example = template_example or result.detail
         rejected_rows.append((i, result, turn))
+    # A rejected record is filed whole (its full conversation), a refused turn as its own row:
+    # rows i < n are the batch's rows, n + r is record r (when the batch was cut per turn).
+    pool = table.select(_CANONICAL_COLUMNS)
+    if rows.record_table is not None:
+        pool = pa.concat_tables([pool, rows.record_table.select(_CANONICAL_COLUMNS)])
     rejected_parts, positions = [], []
     for stage in ("template", "tokenize"):
         picked = [(i, r, t) for i, r, t in rejected_rows if r.stage == stage]
         if picked:
-            # A rejected record is filed whole (its full conversation), a refused turn as its row.
-            whole = rows.record_table is not None
-            sources = [(rows.record_table, int(record_of_row[i])) if whole and t is None else (table, i) for i, _, t in picked]
-            part = pa.concat_tables(
-                [
-                    rejected_rows_from_table(source.select(_CANONICAL_COLUMNS), [row], [Drop(r.reason, r.detail)], stage)
-                    for (source, row), (_, r, _) in zip(sources, picked)
-                ]
-            ) if whole else rejected_rows_from_table(table, [i for i, _, _ in picked], [Drop(r.reason, r.detail) for _, r, _ in picked], stage)
+            filed_rows = [
+                table.num_rows + int(record_of_row[i]) if rows.record_table is not None and t is None else i
+                for i, _, t in picked
+            ]
+            part = rejected_rows_from_table(pool, filed_rows, [Drop(r.reason, r.detail) for _, r, _ in picked], stage)
             part = part.set_column(
                 part.schema.get_field_index(schema.TURN), schema.REJECTED_SCHEMA.field(schema.TURN),
                 pa.array([t for _, _, t in picked], pa.int32()),

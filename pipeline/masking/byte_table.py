@@ -12,7 +12,6 @@ byte table trains it, as ``apply_chat_template``'s assistant mask does).
 
 from __future__ import annotations
 
-import json
 import unicodedata
 
 import numpy as np
@@ -35,8 +34,8 @@ class _TokenBytes:
         self.flat = np.frombuffer(b"".join(p or b"" for p in pieces), dtype=np.uint8)
 
     @classmethod
-    def build(cls, backend) -> "_TokenBytes | None":
-        data = json.loads(backend.to_str())
+    def build(cls, data: dict) -> "_TokenBytes | None":
+        """From the tokenizer's JSON (``json.loads(backend.to_str())``)."""
         model, normalizer = data.get("model") or {}, data.get("normalizer")
         if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
             return None

@@ -100,7 +100,8 @@ class Masker:
             raise ValueError(f"chat template {template.name!r} has no {{% generation %}} blocks to find spans with")
         self.tokenizer = tokenizer
         self.backend = _private_copy(tokenizer.backend_tokenizer)
-        self.token_bytes = _TokenBytes.build(self.backend)
+        tokenizer_json = json.loads(self.backend.to_str())  # read once: the byte table and the decoder
+        self.token_bytes = _TokenBytes.build(tokenizer_json)
         self.template = template
         self.max_length = max_length
         self.train_on = train_on
@@ -111,7 +112,6 @@ class Masker:
         self.roles = RolePolicy(template, self.variables, system, limits=(render_timeout, max_render_chars))
         self.strict_render = strict_render
         self.render_timeout = render_timeout
-        self.max_render_chars = max_render_chars
         self.renderer = Renderer(template, self.variables, max_render_chars)
         self.controls = control_tokens(tokenizer, template.source)
         self.control_re = re.compile("|".join(re.escape(c) for c in self.controls)) if self.controls else None
@@ -124,7 +124,7 @@ class Masker:
             if tokenizer.eos_token:
                 ends.add(tokenizer.eos_token)
             self.end_tokens = tuple(sorted(ends, key=lambda t: (-len(t), t)))
-        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        decoder = tokenizer_json.get("decoder") or {}
         self.as_decoded = metaspace if "\u2581" in json.dumps(decoder, ensure_ascii=False) else (lambda s: s)
         control_ids = [i for i in (self.backend.token_to_id(c) for c in self.controls) if i is not None]
         # is_control[id]: the template's control tokens (they cut the tokenization of a text in two)
@@ -269,16 +269,18 @@ class Masker:
                 hidden.append((index, turn, ids[t0:first], piece))
             else:  # the same few pieces ("assistant\n") come back row after row: encode each once
                 pending.setdefault(piece, []).append((index, turn, ids[t0:first]))
-        checks = []
-        pieces = [p for p in pending if p is not None and p not in self._piece_ids]
-        if pieces:
-            for piece, encoding in zip(pieces, self.backend.encode_batch_fast(pieces, add_special_tokens=False)):
-                if len(self._piece_ids) < 4096:
-                    self._piece_ids[piece] = np.asarray(encoding.ids, dtype=np.int32)
-                checks += [(i, t, e, piece, np.asarray(encoding.ids, dtype=np.int32)) for i, t, e in pending[piece]]
-        for piece, waiting in pending.items():
-            if piece is None or piece in self._piece_ids:
-                checks += [(i, t, e, piece, self._piece_ids.get(piece)) for i, t, e in waiting]
+        new = [p for p in pending if p is not None and p not in self._piece_ids]
+        fresh = {
+            piece: np.asarray(encoding.ids, dtype=np.int32)
+            for piece, encoding in zip(new, self.backend.encode_batch_fast(new, add_special_tokens=False))
+        } if new else {}
+        if len(self._piece_ids) < 4096:
+            self._piece_ids.update(fresh)
+        checks = [
+            (i, t, e, piece, fresh.get(piece, self._piece_ids.get(piece)) if piece is not None else None)
+            for piece, waiting in pending.items()
+            for i, t, e in waiting
+        ]
         if hidden:
             encoded = self._control_encoder().encode_batch([p or "" for *_, p in hidden], offsets=False)[1]
             checks += [(*h, got) for h, got in zip(hidden, encoded)]
@@ -399,17 +401,18 @@ class Masker:
             except Exception as exc:
                 return self.roles.render_failure(messages, exc)
             turns = [_Turn(t.message_index, t.start, t.end, t.end_token) for t in located]
+        prompt = None  # the last trained turn's generation prompt, where already rendered
         if self.reasoning.policy == "per_turn" and turns:
             composed = self._as_at_inference(rendered, turns[-1], plain, messages, tool_schemas)
             if isinstance(composed, Rejection):
                 return composed
-            rendered, turns = composed
+            rendered, turns, prompt = composed
         if has_control_text:
             text, marked = self._control_encoder().texts(rendered)
         else:
             text = marked = rendered
         row = _Rendered(index, text, marked, turns, true_messages, train_flags, has_control_text)
-        row.prompt = self._inference_prompt(row, rendered, plain, tool_schemas)
+        row.prompt = self._inference_prompt(row, rendered, plain, tool_schemas, prompt)
         return row
 
     def _render(self, messages, tools, **options) -> tuple[str, list[tuple[int, int]]]:
@@ -436,7 +439,7 @@ class Masker:
         return None
 
     def _as_at_inference(self, rendered: str, turn: _Turn, plain, messages, tool_schemas):
-        """A per_turn row: (text, [its last turn]) rendered as the model sees it at inference."""
+        """A per_turn row: (text, [its last turn], its generation prompt) as the model sees it at inference."""
         try:
             prompt, _ = self._render(plain[: turn.message_index], tool_schemas, add_generation_prompt=True)
         except Exception as exc:
@@ -445,7 +448,7 @@ class Masker:
                 f"does not render with chat template {self.template.name!r}: {exc}"
             )
         if rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
-            return rendered, [turn]
+            return rendered, [turn], prompt
         generated = rendered[turn.char_start : turn.char_end]
         if _PROMPT_OPENS_THINK.search(prompt) and "</think>" not in generated:
             # The prompt opens a think block the rendered turn never closes (DeepSeek-R1 strips the
@@ -453,19 +456,23 @@ class Masker:
             reasoning = (messages[turn.message_index].get("reasoning_content") or "").strip()
             generated = reasoning + ("\n</think>" if generated.startswith("\n") else "\n</think>\n\n") + generated
         text = prompt + generated
-        return text, [_Turn(turn.message_index, len(prompt), len(text), turn.end_token)]
+        return text, [_Turn(turn.message_index, len(prompt), len(text), turn.end_token)], prompt
 
-    def _inference_prompt(self, row: "_Rendered", rendered: str, plain: list[dict[str, Any]], tool_schemas) -> str | None:
+    def _inference_prompt(
+        self, row: "_Rendered", rendered: str, plain: list[dict[str, Any]], tool_schemas, prompt: str | None = None
+    ) -> str | None:
         """What the model sees before the row's last trained turn at inference, when the row
-        renders something else there; None when the two agree (as text: tokens are checked later)."""
+        renders something else there; None when the two agree (as text: tokens are checked later).
+        ``prompt`` is that turn's generation prompt when the caller has rendered it already."""
         selected = self._selected_turns(row.turns, row.train_flags)
         if not selected:
             return None
         turn = selected[-1]
-        try:
-            prompt, _ = self._render(plain[: turn.message_index], tool_schemas, add_generation_prompt=True)
-        except Exception as exc:  # the prompt alone does not render: certainly not what training shows
-            return f"<the generation prompt does not render: {exc}>"
+        if prompt is None:
+            try:
+                prompt, _ = self._render(plain[: turn.message_index], tool_schemas, add_generation_prompt=True)
+            except Exception as exc:  # the prompt alone does not render: certainly not what training shows
+                return f"<the generation prompt does not render: {exc}>"
         if len(prompt) <= turn.char_start and rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
             row.prompt_length = len(prompt)
             return None
