@@ -65,8 +65,6 @@ class LocatedTurn:
     start: int
     end: int
     end_token: str | None
-    like_inference: bool  # the text before `start` is what the generation prompt renders there
-    rendered_fields: tuple[str, ...]  # which of the turn's text fields the template rendered
 
 
 class LocateError(ValueError):
@@ -272,8 +270,7 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
         region_end = anchor if anchor is not None else limit
         matched = _common_prefix(tail, text[base:region_end])
         start = base + matched
-        like_inference = matched == len(tail) and same_anchor
-        if not like_inference:
+        if matched < len(tail) or not same_anchor:  # the rendering parts from the generation prompt
             if strict_prompt or not same_anchor:
                 raise LocateError(
                     f"assistant turn {m}: its generation prompt ends {_clip(tail)!r} but the conversation "
@@ -298,8 +295,6 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
                 skeleton.to_real(start),
                 skeleton.to_real(end),
                 end_token,
-                like_inference,
-                tuple(field for _, _, field in own),
             )
         )
     return turns
