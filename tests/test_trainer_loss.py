@@ -10,6 +10,7 @@ import torch
 
 from trainer import SFTTrainer, ShardDataset, TrainConfig, collate
 from trainer.batching import collate_packed
+from trainer.loss import count_targets
 from trainer.models import tiny_model
 from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
 from trainer_fixtures import corpus_dataset
@@ -91,3 +92,44 @@ def test_batch_without_trained_tokens_gives_zero_loss_not_nan(dataset, bpe_token
     trainer.optimizer_step(result["trained_tokens"])
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, before[name]), f"{name} moved on a step with nothing to learn"
+
+
+def _loss_and_grads(dataset, tokenizer, tmp_path, chunk, batch, weights=None):
+    torch.manual_seed(0)
+    model = tiny_model(tokenizer, seed=0)
+    config = TrainConfig(data=dataset.data_dir, out=tmp_path / f"run{chunk}", device="cpu", batch_tokens=1024,
+                         progress=False, loss_chunk_tokens=chunk)
+    trainer = SFTTrainer(model, dataset, None, config, tokenizer=tokenizer)
+    batch = dict(batch, loss_weights=weights) if weights is not None else batch
+    loss = trainer.compute_loss(batch)
+    loss.backward()
+    return trainer, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_loss_equals_the_plain_loss_in_value_and_gradients(dataset, bpe_tokenizer, tmp_path, packed):
+    rows = [dataset[i] for i in range(6)]
+    batch = collate_packed([rows[:3], rows[3:]], bpe_tokenizer.pad_token_id) if packed else collate(rows, bpe_tokenizer.pad_token_id)
+    plain_trainer, plain, plain_grads = _loss_and_grads(dataset, bpe_tokenizer, tmp_path, 0, batch)
+    # chunks of 7 trained positions: many chunks, the last one partial
+    chunked_trainer, chunked, chunked_grads = _loss_and_grads(dataset, bpe_tokenizer, tmp_path, 7, batch)
+    assert not plain_trainer.objective.chunked and chunked_trainer.objective.chunked
+    assert chunked == pytest.approx(plain, abs=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_per_token_loss_weights_scale_each_target_in_both_paths(dataset, bpe_tokenizer, tmp_path):
+    rows = [dataset[i] for i in range(4)]
+    batch = collate(rows, bpe_tokenizer.pad_token_id)
+    weights = torch.ones(batch["labels"].shape)
+    weights[:2] = 2.0  # the first two rows count double
+    _, unweighted, _ = _loss_and_grads(dataset, bpe_tokenizer, tmp_path, 0, batch)
+    for chunk in (0, 5):
+        _, weighted, _ = _loss_and_grads(dataset, bpe_tokenizer, tmp_path, chunk, batch, weights)
+        # the same value as summing per-row losses by hand, weight 2 on the first two rows
+        single = [_loss_and_grads(dataset, bpe_tokenizer, tmp_path, 0, collate([r], bpe_tokenizer.pad_token_id))[1] for r in rows]
+        counts = [count_targets(collate([r], bpe_tokenizer.pad_token_id)) for r in rows]
+        expected = sum(w * l * c for w, l, c in zip((2, 2, 1, 1), single, counts)) / sum(counts)
+        assert weighted == pytest.approx(expected, rel=1e-5)
+        assert weighted != pytest.approx(unweighted, rel=1e-3)

@@ -27,7 +27,7 @@ from trainer.batching import PlannedBatches
 from trainer.checkpoint import (
     TrainState, checkpoint_config, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint, step_dir,
 )
-from trainer.loss import count_targets, shifted_targets, summed_cross_entropy
+from trainer.loss import DEFAULT_CHUNK_TOKENS, CausalLMLoss, count_targets
 from trainer.metrics import MetricsLog, plot_loss, progress_bar
 from trainer.sampling import EpochPlanner, eval_plan
 from trainer.schedule import build_optimizer, build_scheduler
@@ -65,6 +65,9 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     num_workers: Optional[int] = Field(None, description="DataLoader workers; default 2 on CUDA, 0 on CPU")
     attn_implementation: Optional[str] = None
+    loss_chunk_tokens: int = Field(
+        DEFAULT_CHUNK_TOKENS, ge=0, description="trained positions whose logits exist at once; 0 = the model's full logits"
+    )
     progress: bool = True
 
 
@@ -81,10 +84,12 @@ class SFTTrainer:
         self.tokenizer = tokenizer
         self.pad_token_id = _pad_token_id(tokenizer, model)
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
-        self.wrapped = model
+        # The model and its loss in one module: what DDP (or FSDP) wraps and the loop calls.
+        self.objective = CausalLMLoss(self.model, config.loss_chunk_tokens)
+        self.wrapped = self.objective
         if self.dist.world_size > 1:
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.planner = EpochPlanner(
             train_dataset.lengths, config.seed, config.batch_tokens, config.packing, config.pack_length,
@@ -109,17 +114,19 @@ class SFTTrainer:
         loss_sum, count = self._loss_sum(self.wrapped, batch)
         return loss_sum / (max(num_targets, 1) if num_targets is not None else count.clamp(min=1))
 
-    def _loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_sum(self, objective, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed CE, number of trained targets), both still on the device: no host sync here."""
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True).long()
-        position_ids = batch["position_ids"].to(self.device, non_blocking=True).long()
-        targets = shifted_targets(batch["labels"].to(self.device, non_blocking=True), position_ids)
-        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        inputs = {
+            "input_ids": batch["input_ids"].to(self.device, non_blocking=True).long(),
+            "position_ids": batch["position_ids"].to(self.device, non_blocking=True).long(),
+            "labels": batch["labels"].to(self.device, non_blocking=True),
+        }
         if not batch.get("packed", False):  # a mask would hide the restarting positions of packed rows
             inputs["attention_mask"] = batch["attention_mask"].to(self.device, non_blocking=True).long()
+        if batch.get("loss_weights") is not None:
+            inputs["weights"] = batch["loss_weights"].to(self.device, non_blocking=True)
         with self._autocast():
-            logits = model(**inputs).logits
-        return summed_cross_entropy(logits, targets), targets.ne(IGNORE_INDEX).sum()
+            return objective(**inputs)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -142,7 +149,7 @@ class SFTTrainer:
         loss_sum = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or self.wrapped is self.model else self.wrapped.no_sync()
+            sync = contextlib.nullcontext() if last or self.wrapped is self.objective else self.wrapped.no_sync()
             with sync:
                 batch_loss_sum, _ = self._loss_sum(self.wrapped, batch)
                 (batch_loss_sum / normaliser).backward()
@@ -205,7 +212,7 @@ class SFTTrainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         targets = torch.zeros((), dtype=torch.int64, device=self.device)
         for batch in PlannedBatches(self.eval_dataset, plan, self.pad_token_id):
-            batch_sum, batch_targets = self._loss_sum(self.model, batch)  # unwrapped: ranks may differ in count
+            batch_sum, batch_targets = self._loss_sum(self.objective, batch)  # unwrapped: ranks may differ in count
             loss_sum += batch_sum.double()
             targets += batch_targets
         loss_sum, targets = distributed.all_reduce_sum([float(loss_sum), float(targets)], self.device)
