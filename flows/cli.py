@@ -22,6 +22,11 @@ class TaskRunner(str, Enum):
     ray = "ray"
 
 
+class DType(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -160,6 +165,17 @@ def train(
     resume: bool = typer.Option(False, "--resume"),
     seed: int = typer.Option(0, "--seed"),
     device: Device = typer.Option(Device.auto, "--device"),
+    dtype: DType = typer.Option(DType.fp32, "--dtype", help="dtype of the model's weights (bf16 halves them; for LoRA's frozen base)"),
+    lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0 = full fine-tuning)", callback=_at_least(0)),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 2 x rank)"),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", callback=_at_least(0)),
+    lora_targets: Optional[str] = typer.Option(
+        None, "--lora-targets", help="comma-separated layer names for adapters (default: attention and MLP projections)"
+    ),
+    merge: bool = typer.Option(False, "--merge", help="LoRA: also write final/merged, a plain transformers model"),
+    loss_chunk_tokens: int = typer.Option(
+        1024, "--loss-chunk-tokens", help="trained positions whose logits exist at once (0 = full logits)", callback=_at_least(0)
+    ),
 ) -> None:
     """Fine-tune a causal LM on prepared shards (memory-mapped, packed, masked loss)."""
     from trainer.loop import TrainConfig, run_training
@@ -182,6 +198,13 @@ def train(
             resume=resume,
             seed=seed,
             device=device.value,
+            dtype=dtype.value,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_targets=[name.strip() for name in lora_targets.split(",") if name.strip()] if lora_targets else None,
+            merge=merge,
+            loss_chunk_tokens=loss_chunk_tokens,
         )
     except ValueError as exc:
         _fail(_validation_sentence(exc))

@@ -15,14 +15,14 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.fsutil import TMP_PREFIX
 from pipeline.schema import IGNORE_INDEX
-from trainer import distributed
+from trainer import distributed, lora
 from trainer.batching import PlannedBatches
 from trainer.checkpoint import (
     TrainState, checkpoint_config, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint, step_dir,
@@ -68,7 +68,19 @@ class TrainConfig(BaseModel):
     loss_chunk_tokens: int = Field(
         DEFAULT_CHUNK_TOKENS, ge=0, description="trained positions whose logits exist at once; 0 = the model's full logits"
     )
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype the model's weights are loaded and kept in")
+    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning")
+    lora_alpha: Optional[float] = Field(None, gt=0, description="LoRA scale numerator; default 2 x lora_r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: Optional[list[str]] = Field(None, description="layer names that get adapters; default attention + MLP")
+    merge: bool = Field(False, description="LoRA: also write final/merged, the base model with the adapters folded in")
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _lora_options_need_lora(self):
+        if not self.lora_r and (self.merge or self.lora_targets):
+            raise ValueError("--merge and --lora-targets apply to LoRA runs only; add --lora-r N (e.g. 16)")
+        return self
 
 
 class SFTTrainer:
@@ -78,6 +90,10 @@ class SFTTrainer:
         self.config = config = config if isinstance(config, TrainConfig) else TrainConfig(**config)
         self.dist = distributed.current()
         self.device = distributed.resolve_device(config.device, self.dist)
+        if config.lora_r:
+            model = lora.apply_lora(
+                model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=config.lora_targets
+            )
         self.model = model.to(self.device)
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) else None
@@ -189,6 +205,9 @@ class SFTTrainer:
                 pin_memory=self.device.type == "cuda",
                 prefetch_factor=4 if workers else None,
                 worker_init_fn=_ignore_sigterm if workers else None,
+                # Its own generator: a loader draws a seed when it starts, and drawing it from the
+                # global RNG would shift dropout's masks after a resume (which restarts the loader).
+                generator=torch.Generator().manual_seed(self.config.seed),
             )
             batches = iter(loader)
             index = start
@@ -325,9 +344,12 @@ class SFTTrainer:
         if self.dist.is_main:
             final, tmp = run_dir / FINAL_DIR, run_dir / f"{TMP_PREFIX}{FINAL_DIR}"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
+            if lora.is_lora(self.model):
+                lora.save_final(self.model, tmp, self.tokenizer, merge=self.config.merge)
+            else:
+                self.model.save_pretrained(tmp)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             plot_loss(run_dir)
@@ -417,7 +439,7 @@ def run_training(config: TrainConfig) -> dict:
         max_positions = max(4096, config.pack_length or config.batch_tokens, longest)
         model = load_model(
             config.model, tokenizer, seed=config.seed, max_positions=max_positions,
-            attn_implementation=config.attn_implementation,
+            attn_implementation=config.attn_implementation, dtype=config.dtype,
         )
         torch.manual_seed(config.seed)
         trainer = SFTTrainer(model, train_dataset, eval_dataset, config, tokenizer=tokenizer)

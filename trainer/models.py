@@ -54,7 +54,10 @@ def _refuse_missing_folder(name: str, what: str, option: str) -> None:
         raise ValueError(f"{what} folder {text!r} given with {option} does not exist")
 
 
-def tiny_model(tokenizer, *, seed: int, max_positions: int = 4096, attn_implementation: str = "sdpa"):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def tiny_model(tokenizer, *, seed: int, max_positions: int = 4096, attn_implementation: str = "sdpa", dtype: str = "fp32"):
     """A 2-layer, 64-wide Llama with random weights and the tokenizer's vocabulary: for demos and tests."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -74,20 +77,25 @@ def tiny_model(tokenizer, *, seed: int, max_positions: int = 4096, attn_implemen
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=DTYPES[dtype])
     return model
 
 
-def load_model(model: str, tokenizer, *, seed: int, max_positions: int, attn_implementation: str | None):
-    """``tiny`` or a local Hugging Face causal-LM folder (fp32 master weights; autocast does bf16)."""
+def load_model(
+    model: str, tokenizer, *, seed: int, max_positions: int, attn_implementation: str | None, dtype: str = "fp32"
+):
+    """``tiny`` or a local Hugging Face causal-LM folder, its weights in ``dtype`` (``fp32``: master
+    weights in fp32 and bf16 autocast on GPU; ``bf16``: half the memory, for LoRA's frozen base)."""
     if model == TINY:
-        return tiny_model(tokenizer, seed=seed, max_positions=max_positions, attn_implementation=attn_implementation or "sdpa")
+        return tiny_model(
+            tokenizer, seed=seed, max_positions=max_positions, attn_implementation=attn_implementation or "sdpa", dtype=dtype
+        )
     from transformers import AutoModelForCausalLM
 
     _refuse_missing_folder(model, "model", "--model")
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
-            model, trust_remote_code=False, dtype=torch.float32, attn_implementation=attn_implementation or "sdpa"
+            model, trust_remote_code=False, dtype=DTYPES[dtype], attn_implementation=attn_implementation or "sdpa"
         )
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load model {model!r}: {exc}") from exc

@@ -1,0 +1,144 @@
+"""LoRA through peft on the real tiny Llama: only adapters train, the merged model equals base +
+adapter, checkpoints hold the adapters and resume exactly, and misuse is one clear sentence."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from trainer.loop import SFTTrainer, TrainConfig
+from trainer.lora import KNOWN_TARGETS, MERGED_DIR, find_targets
+from trainer.metrics import read_metrics
+from trainer.models import tiny_model
+from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
+from trainer_fixtures import corpus_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+ENV_KEYS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
+    return corpus_dataset(tmp_path_factory.mktemp("lora") / "data", bpe_tokenizer, bpe_tokenizer_path, repeat=2)
+
+
+def lora_trainer(data_dir, tokenizer, out, **options):
+    from trainer.data import ShardDataset
+
+    config = TrainConfig(
+        data=data_dir, out=out, device="cpu", batch_tokens=512, lr=1e-2, eval_every=100, save_every=100,
+        progress=False, seed=1, lora_r=8, **options,
+    )
+    model = tiny_model(tokenizer, seed=1)
+    return SFTTrainer(model, ShardDataset(data_dir, "train"), ShardDataset(data_dir, "val"), config, tokenizer=tokenizer)
+
+
+def train_losses(run_dir) -> list[float]:
+    return [row["loss"] for row in read_metrics(run_dir) if row["type"] == "train"]
+
+
+def test_lora_trains_only_the_adapters_and_its_loss_falls(data_dir, bpe_tokenizer, tmp_path):
+    trainer = lora_trainer(data_dir, bpe_tokenizer, tmp_path / "run", max_steps=12)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    # every attention and MLP projection of the Llama layout got an adapter
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name].detach())}
+    assert changed == {name for name in trainable if ".lora_B." in name or ".lora_A." in name}
+    assert any(".lora_B." in name for name in changed)  # B starts at zero: the adapters did move
+    losses = train_losses(tmp_path / "run")
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_final_holds_the_adapter_and_the_merged_model_gives_the_same_logits(data_dir, bpe_tokenizer, tmp_path):
+    from peft import PeftModel
+
+    trainer = lora_trainer(data_dir, bpe_tokenizer, tmp_path / "run", max_steps=6, merge=True)
+    trainer.train()
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    assert not (final / "model.safetensors").exists()  # the adapter, not a copy of the base
+
+    base_plus_adapter = PeftModel.from_pretrained(tiny_model(bpe_tokenizer, seed=1), final).eval()
+    merged = AutoModelForCausalLM.from_pretrained(final / MERGED_DIR).eval()  # plain transformers
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    plain_base = tiny_model(bpe_tokenizer, seed=1).eval()
+    ids = torch.tensor([bpe_tokenizer.encode("What is the capital of France? Paris is.")])
+    with torch.no_grad():
+        expected = base_plus_adapter(input_ids=ids).logits
+        actual = merged(input_ids=ids).logits
+        untouched = plain_base(input_ids=ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert (expected - untouched).abs().max() > 1e-3  # the adapter changed the model (the test can fail)
+
+
+def test_a_lora_run_resumes_from_its_checkpoint_exactly(data_dir, tmp_path):
+    command = [
+        sys.executable, "-m", "flows.cli", "train", "--data", str(data_dir), "--model", "tiny", "--device", "cpu",
+        "--batch-tokens", "512", "--lr", "1e-2", "--seed", "1", "--lora-r", "4", "--lora-dropout", "0.1",
+        "--max-steps", "8", "--save-every", "4", "--eval-every", "100",
+    ]
+    env = {**__import__("os").environ, **ENV_KEYS}
+    subprocess.run([*command, "--out", str(tmp_path / "full")], cwd=REPO, env=env, check=True, capture_output=True)
+    uninterrupted = train_losses(tmp_path / "full")
+    assert len(uninterrupted) == 8
+
+    # the same run stopped after its step-4 checkpoint (as a crash would leave it), then resumed
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-00000008")
+    shutil.rmtree(crashed / "final")
+    metrics = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(metrics[:4]) + "\n")
+    resumed = subprocess.run([*command, "--out", str(crashed), "--resume"], cwd=REPO, env=env,
+                             check=True, capture_output=True, text=True)
+    assert "from step 4" in resumed.stdout
+    assert train_losses(crashed) == uninterrupted  # dropout included: the RNG state is restored
+
+
+def test_bf16_weights_keep_adapters_in_fp32_and_train(data_dir, bpe_tokenizer, tmp_path):
+    from trainer.data import ShardDataset
+
+    config = TrainConfig(data=data_dir, out=tmp_path / "run", device="cpu", batch_tokens=512, lr=1e-2, max_steps=6,
+                         eval_every=100, progress=False, lora_r=8, dtype="bf16")
+    model = tiny_model(bpe_tokenizer, seed=1, dtype="bf16")
+    trainer = SFTTrainer(model, ShardDataset(data_dir, "train"), None, config, tokenizer=bpe_tokenizer)
+    dtypes = {p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
+    frozen = {p.dtype for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
+    trainer.train()
+    losses = train_losses(tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_targets_are_found_by_name_and_a_wrong_name_is_one_clear_sentence(bpe_tokenizer):
+    model = tiny_model(bpe_tokenizer, seed=0)
+    assert set(find_targets(model)) <= set(KNOWN_TARGETS)
+    assert find_targets(model, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match=r"--lora-targets qkv name no linear layer .* q_proj"):
+        find_targets(model, ["qkv"])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--merge"], "--merge and --lora-targets apply to LoRA runs only"),
+    (["--lora-r", "4", "--lora-targets", "attn"], "--lora-targets attn name no linear layer"),
+])
+def test_cli_refuses_lora_misuse_with_one_sentence(data_dir, tmp_path, options, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+         "--device", "cpu", "--max-steps", "1", *options],
+        cwd=REPO, env={**__import__("os").environ, **ENV_KEYS}, capture_output=True, text=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
