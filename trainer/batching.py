@@ -161,7 +161,10 @@ def collate_packed(
     ``labels`` (-100 on padding), ``attention_mask`` (0 on padding), ``position_ids``
     (restarting at 0 for every sequence, and for the padding tail so it is a sequence of its
     own), and ``packed`` — True when some row holds more than one sequence, in which case the
-    attention mask must not be given to the model (it would hide the restarts).
+    attention mask must not be given to the model (it would hide the restarts). When some row
+    carries a ``loss_weight`` (a mixture group's), ``loss_weights`` (float32, the weight of each
+    label position, 1 elsewhere) comes too; batches without such rows are unchanged. A row's
+    ``train_from`` (a mixture's ``train_on: last``) leaves its labels before that position -100.
     """
     widths = [sum(len(r["input_ids"]) for r in group) for group in packed_rows]
     width = max(widths, default=0)
@@ -173,6 +176,8 @@ def collate_packed(
     attention_mask = np.zeros(size, dtype=np.int32)
     position_ids = np.zeros(size, dtype=np.int32)
     positions = np.arange(width, dtype=np.int32)
+    weighted = any("loss_weight" in row for group in packed_rows for row in group)
+    loss_weights = np.ones(size, dtype=np.float32) if weighted else None
     for b, group in enumerate(packed_rows):
         cursor = 0
         for row in group:
@@ -180,18 +185,24 @@ def collate_packed(
             if len(row["labels"]) != n:
                 raise ValueError(f"a row has {len(row['labels'])} labels for {n} input_ids")
             input_ids[b, cursor : cursor + n] = row["input_ids"]
-            labels[b, cursor : cursor + n] = row["labels"]
+            start = row.get("train_from", 0)
+            labels[b, cursor + start : cursor + n] = row["labels"][start:]
             position_ids[b, cursor : cursor + n] = positions[:n]
+            if weighted and "loss_weight" in row:
+                loss_weights[b, cursor : cursor + n] = row["loss_weight"]
             cursor += n
         attention_mask[b, :cursor] = 1
         position_ids[b, cursor:] = positions[: width - cursor]
-    return {
+    batch = {
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
         "attention_mask": torch.from_numpy(attention_mask),
         "position_ids": torch.from_numpy(position_ids),
         "packed": any(len(group) > 1 for group in packed_rows),
     }
+    if loss_weights is not None:
+        batch["loss_weights"] = torch.from_numpy(loss_weights)
+    return batch
 
 
 def collate(rows: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor | bool]:

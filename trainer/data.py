@@ -4,11 +4,13 @@ Opening a dataset reads ``manifest.json``, checks every listed shard against its
 tokenizer against the manifest's fingerprint when one is given), and finds or builds each shard's
 memory-mappable companion (format and cache location: :mod:`trainer.companion`). Rows are then
 read straight from the page cache, so resident memory stays flat however large the dataset is.
+:meth:`ShardDataset.concat` lays several folders' splits end to end (a training mixture).
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import os
 from pathlib import Path
 
@@ -65,11 +67,25 @@ class ShardDataset:
                     f"manifest records {entry['rows']} / {entry['tokens']}"
                 )
             self.shards.append(companion)
+        self._index()
+
+    def _index(self) -> None:
         # First global row index of every shard, for a bisect from row index to shard.
         self._starts = np.cumsum([0] + [s.rows for s in self.shards]).tolist()
         self.lengths: np.ndarray = (
             np.concatenate([s.lengths() for s in self.shards]) if self.shards else np.zeros(0, np.int32)
         )
+
+    @classmethod
+    def concat(cls, datasets: list[ShardDataset]) -> ShardDataset:
+        """One dataset whose rows are those of ``datasets`` in turn (all of one split); its
+        ``data_dir`` and ``manifest`` are the first one's."""
+        if not datasets or len({d.split for d in datasets}) != 1:
+            raise DatasetError("concat needs at least one dataset, all of the same split")
+        joined = copy.copy(datasets[0])
+        joined.shards = [s for d in datasets for s in d.shards]
+        joined._index()
+        return joined
 
     def __len__(self) -> int:
         return self._starts[-1]

@@ -4,7 +4,8 @@
 * :mod:`pipeline.report.rows` — single rows and their tokens, marked trained or not,
 * :mod:`pipeline.report.terminal` — the rich terminal views,
 * :mod:`pipeline.report.html_page` — the self-contained HTML report,
-* :mod:`pipeline.report.integrity` — every listed file against its manifest sha256, cached.
+* :mod:`pipeline.report.integrity` — every listed file against its manifest sha256, cached,
+* :mod:`pipeline.report.plan` — a training mixture's pre-flight report (built by the trainer).
 
 :func:`inspect_dataset` is what the CLI calls.
 """
@@ -58,9 +59,12 @@ def write_report(
     seed: int = 0,
     tokenizer: str | None = None,
     summary: DatasetSummary | None = None,
+    mixture_plan: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the self-contained HTML report of ``data_dir`` to ``out`` (atomically)."""
+    """Write the self-contained HTML report of ``data_dir`` to ``out`` (atomically), with a
+    section for ``mixture_plan`` (a training mixture's report) when one is given."""
     from pipeline.report.html_page import render_html, write_html
+    from pipeline.report.plan import SECTION_ID, plan_section
 
     summary = summary or summarize(data_dir)
     # Mostly training rows, and one row of every other split, so a reader sees both.
@@ -73,6 +77,7 @@ def write_report(
         summary,
         _with_pieces(rows, summary.manifest, tokenizer),
         rejected_examples(data_dir, REJECTED_EXAMPLES_PER_REASON),
+        [(SECTION_ID, plan_section(mixture_plan))] if mixture_plan else [],
     )
     return write_html(out, page)
 
@@ -90,12 +95,14 @@ def inspect_dataset(
     seed: int | None = None,
     tokenizer: str | None = None,
     console=None,
+    mixture_plan: dict[str, Any] | None = None,
 ) -> DatasetSummary | None:
     """Print the view of ``data_dir`` the options ask for (the summary when none does).
 
     ``row``/``row_id``/``sample`` show conversations with trained tokens highlighted (``tokens``
     adds token boundaries); ``rejected`` shows rejected counts and examples per reason; ``html``
-    writes the HTML report there. Returns the summary when one was computed.
+    writes the HTML report there. ``mixture_plan`` (a training mixture's report) is printed after
+    the other views, or becomes a section of the HTML report. Returns the summary when one was computed.
     """
     from rich.console import Console
 
@@ -129,10 +136,14 @@ def inspect_dataset(
 
     if html is not None:
         summary = summary or summarize(data_dir)
-        path = write_report(data_dir, html, tokenizer=tokenizer, summary=summary, seed=seed or 0)
+        path = write_report(data_dir, html, tokenizer=tokenizer, summary=summary, seed=seed or 0, mixture_plan=mixture_plan)
         console.print(f"wrote {path}")
 
     if not rows and not rejected and html is None:
         summary = summarize(data_dir)
         terminal.print_summary(console, summary)
+    if mixture_plan and html is None:
+        from pipeline.report.plan import print_plan
+
+        print_plan(console, mixture_plan)
     return summary

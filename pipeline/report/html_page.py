@@ -3,7 +3,7 @@
 Everything is inline (CSS, PNG plots as base64 data URIs, a few lines of script that mark when
 all images have loaded), so the file can be mailed or archived and opens with no network. The
 sections have stable ids: ``summary``, ``lengths``, ``sources``, ``rejected``, ``examples``,
-``history``.
+``history``, and ``mixture`` when a training mixture's plan is added (``pipeline.report.plan``).
 """
 
 from __future__ import annotations
@@ -174,6 +174,22 @@ def barh_plot(labels: list[str], values: list[int], colour: str, xlabel: str) ->
     return _png(fig)
 
 
+def share_plot(labels: list[str], target: list[float], delivered: list[float]) -> str:
+    """Grouped horizontal bars: each mixture group's target and delivered share."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(labels) + 1.0))
+    positions = np.arange(len(labels))
+    ax.barh(positions - 0.2, [100 * t for t in target], height=0.4, color="#9ca3af", label="target")
+    ax.barh(positions + 0.2, [100 * d for d in delivered], height=0.4, color="#2563eb", label="delivered")
+    ax.set_yticks(positions, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the epoch (%)", fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _pieces_html(pieces: list[Piece]) -> str:
     out = []
     for i, piece in enumerate(pieces):
@@ -208,8 +224,14 @@ def _example_html(example: dict[str, Any]) -> str:
     return f'<div class="example"><div class="meta">{meta}</div><pre>{_pieces_html(pieces)}</pre></div>'
 
 
-def render_html(summary: DatasetSummary, examples: list[dict[str, Any]], rejected_examples: list[dict[str, Any]]) -> str:
-    """The whole page as one string."""
+def render_html(
+    summary: DatasetSummary,
+    examples: list[dict[str, Any]],
+    rejected_examples: list[dict[str, Any]],
+    extra_sections: list[tuple[str, str]] = (),
+) -> str:
+    """The whole page as one string; ``extra_sections`` are ``(id, html)`` appended after the
+    standard ones (the training mixture's plan, ``pipeline.report.plan``)."""
     manifest = summary.manifest
     tokenizer = manifest.get("tokenizer") or {}
     template = manifest.get("template") or {}
@@ -231,7 +253,7 @@ def render_html(summary: DatasetSummary, examples: list[dict[str, Any]], rejecte
         f"<header><h1>sftkit dataset report: {_e(summary.data_dir.name)}</h1>",
         f"<p>{_e(summary.data_dir)} · created {_e(manifest.get('created_at', '?'))} · tokenizer "
         f"{_e(tokenizer.get('name', '?'))} ({_e(tokenizer.get('fingerprint', '?'))}) · template {_e(template.get('name', '?'))}</p></header>",
-        "<nav>" + "".join(f'<a href="#{s}">{s}</a>' for s in SECTION_IDS) + "</nav><main>",
+        "<nav>" + "".join(f'<a href="#{s}">{s}</a>' for s in (*SECTION_IDS, *(i for i, _ in extra_sections))) + "</nav><main>",
     ]
 
     parts.append('<section id="summary"><h2>Summary</h2><div class="cards">')
@@ -313,7 +335,9 @@ def render_html(summary: DatasetSummary, examples: list[dict[str, Any]], rejecte
         if summary.history
         else "<p>No history recorded.</p>"
     )
-    parts.append("</section></main>")
+    parts.append("</section>")
+    parts += [section for _, section in extra_sections]
+    parts.append("</main>")
     parts.append(f"<script>{SCRIPT}</script></body></html>")
     return "\n".join(parts)
 
