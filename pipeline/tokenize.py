@@ -196,6 +196,7 @@ def assemble(rows: _Rows, results: list[Encoded | Rejection]) -> tuple[pa.Table,
         "tokens": int(lengths.sum()),
         "trainable_tokens": int(trainable.sum()),
         "truncated": sum(e.truncated for e in encoded),
+        "truncated_tokens": sum(e.truncated_tokens for e in encoded),
         "render_mismatch": sum(e.render_mismatch for e in encoded),
         "template_failed": template_failed,
         "template_example": template_example,
@@ -344,7 +345,7 @@ def tokenize_stage(
     in_path, out_path, rejected_path = Path(in_path), Path(out_path), Path(rejected_path)
     stats = StageStats(
         "tokenize",
-        extra={"tokens": 0, "trainable_tokens": 0, "truncated": 0, "render_mismatch": 0, "turns_rejected": 0},
+        extra={"tokens": 0, "trainable_tokens": 0, "truncated": 0, "truncated_tokens": 0, "render_mismatch": 0, "turns_rejected": 0},
     )
     rejected_tables = []
     with Timer() as timer, _GC_FROZEN.held():
@@ -373,7 +374,7 @@ def tokenize_stage(
                     stats.records_in += figures["records_in"]
                     stats.records_out += figures["records_out"]
                     stats.rejected.update(figures["rejected"])
-                    for key in ("tokens", "trainable_tokens", "truncated", "render_mismatch", "turns_rejected"):
+                    for key in ("tokens", "trainable_tokens", "truncated", "truncated_tokens", "render_mismatch", "turns_rejected"):
                         stats.extra[key] += figures[key]
                     if stats.records_in >= EARLY_STOP_SAMPLE and template_failed == stats.records_in:
                         raise ValueError(

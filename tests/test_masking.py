@@ -300,6 +300,7 @@ def test_truncation_keeps_whole_turns_and_never_a_dangling_header(tokenizer_case
     first_turn_end = trained_runs(full.labels)[0][1]
     result = Masker(tokenizer, template, max_length=first_turn_end + 8, truncate=True).encode(messages)
     assert isinstance(result, Encoded) and result.truncated
+    assert result.truncated_tokens == len(full.input_ids) - first_turn_end  # what the plan reports as lost
     # cut right after the first turn's end token: the second turn's header is not kept
     assert len(result.input_ids) == first_turn_end
     assert result.input_ids.tolist() == full.input_ids[:first_turn_end].tolist()

@@ -597,7 +597,7 @@ class Masker:
                 return Rejection(
                     "tokenize", "no_trainable_tokens", f"nothing trainable left after truncating to {cut} tokens"
                 )
-            return Encoded(ids.astype(np.int32), labels.astype(np.int32), truncated=True)
+            return Encoded(ids.astype(np.int32), labels.astype(np.int32), truncated=True, truncated_tokens=length - cut)
         return Encoded(ids.astype(np.int32, copy=False), labels.astype(np.int32, copy=False))
 
 

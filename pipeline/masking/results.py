@@ -25,6 +25,7 @@ class Encoded:
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32
     truncated: bool = False
+    truncated_tokens: int = 0  # tokens cut off the end by truncation
     # The tokens before the last trained turn differ from what the generation prompt of the
     # messages before it tokenizes to: training shows the model something inference never will.
     render_mismatch: bool = False
