@@ -3,31 +3,49 @@
 Layout of ``RUN/checkpoints/step-00000120/``::
 
     state.pt         {"model", "optimizer", "scheduler", "train_state", "config"}
+                     (a LoRA run's "model" holds only its adapters: the base is frozen)
     rng-rank{R}.pt   {"python", "numpy", "torch", "cuda"} of rank R (every rank has its own)
+
+and with ``--fsdp``, where no rank ever holds the whole model or optimizer::
+
+    state.pt         {"scheduler", "train_state", "config"}
+    sharded/         torch.distributed.checkpoint folder of {"model", "optimizer"}, keyed by
+                     parameter name: ``.metadata`` + one ``__R_0.distcp`` per saving rank R
+    rng-rank{R}.pt   as above
+
+A sharded checkpoint can be read back by any number of ranks (DCP reshards weights and AdamW
+moments), sharded or not; the data position is converted by :meth:`TrainState.on_ranks`.
 
 A checkpoint is assembled in ``RUN/checkpoints/.tmp-step-…`` and renamed into place once every
 rank's files are in it, so a folder named ``step-*`` is always complete; a crash leaves only a
 ``.tmp-`` folder that the next run deletes. Everything is stored as tensors and plain Python
 types so ``torch.load(..., weights_only=True)`` can read it: no pickled code is ever executed.
+DCP reads its ``.metadata`` with plain ``pickle``, so that file is first checked to name only
+DCP's own metadata classes, dtypes and paths (:func:`_check_metadata`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
+import pickle
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint import CheckpointException
 
 from pipeline.fsutil import TMP_PREFIX, atomic_path
-from trainer import distributed
+from trainer import distributed, lora, sharding
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+SHARDED_DIR = "sharded"
 
 
 @dataclass
@@ -43,6 +61,18 @@ class TrainState:
     best_step: int = -1
     evals_since_best: int = 0
     world_size: int = 1  # the per-rank plans, hence micro_index, depend on it
+
+    def on_ranks(self, world_size: int) -> tuple["TrainState", int]:
+        """This position for a run on ``world_size`` ranks, and how many micro-batches that skips.
+
+        Rank r's plan is ``plan[r::world_size]`` (:func:`trainer.sampling.rank_slice`), so
+        ``micro_index * self.world_size`` global micro-batches are consumed. The new ranks go on
+        at the first one none of them has consumed; when the count does not divide, fewer than
+        ``world_size`` micro-batches of this epoch are skipped.
+        """
+        consumed = self.micro_index * self.world_size
+        micro_index = -(-consumed // world_size)
+        return replace(self, micro_index=micro_index, world_size=world_size), micro_index * world_size - consumed
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -104,8 +134,10 @@ def save_checkpoint(
     state: TrainState,
     config: dict[str, Any],
     keep_last: int,
+    sharded: bool = False,
 ) -> Path:
-    """Write step ``state.step``'s checkpoint (a collective: every rank must call it)."""
+    """Write step ``state.step``'s checkpoint (a collective: every rank must call it); ``sharded``
+    writes model and optimizer with DCP, each rank its own shards."""
     info = distributed.current()
     final = step_dir(run_dir, state.step)
     tmp = final.parent / f"{TMP_PREFIX}{final.name}"
@@ -117,15 +149,13 @@ def save_checkpoint(
     distributed.barrier()
     with atomic_path(tmp / f"rng-rank{info.rank}.pt") as part:
         torch.save(rng_state(), part)
+    if sharded:
+        _save_sharded(tmp / SHARDED_DIR, model, optimizer)
     distributed.barrier()
     if info.is_main:
-        payload = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "train_state": asdict(state),
-            "config": config,
-        }
+        payload = {"scheduler": scheduler.state_dict(), "train_state": asdict(state), "config": config}
+        if not sharded:
+            payload.update(model=_model_state(model), optimizer=optimizer.state_dict())
         with atomic_path(tmp / "state.pt") as part:
             torch.save(payload, part)
         os.replace(tmp, final)
@@ -152,14 +182,16 @@ def _load(file: Path, **kwargs) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, **kwargs)
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
-        folder = file.parent
-        older = [p for step, p in list_checkpoints(folder.parent.parent) if p != folder and p.name < folder.name]
-        hint = (
-            f"move it aside to resume from the previous checkpoint {older[-1].name}" if older
-            else "move it aside to start over"
-        )
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {folder} is damaged: {file.name} cannot be read ({first_line}); {hint}") from exc
+        raise _damaged(file.parent, file.name, exc) from exc
+
+
+def _damaged(folder: Path, name: str, exc: BaseException) -> CheckpointError:
+    older = [p for step, p in list_checkpoints(folder.parent.parent) if p != folder and p.name < folder.name]
+    hint = (
+        f"move it aside to resume from the previous checkpoint {older[-1].name}" if older else "move it aside to start over"
+    )
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CheckpointError(f"checkpoint {folder} is damaged: {name} cannot be read ({first_line}); {hint}")
 
 
 def checkpoint_config(path: Path) -> dict[str, Any]:
@@ -172,21 +204,105 @@ def checkpoint_config(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, *, model, optimizer=None, scheduler=None) -> TrainState:
-    """Restore a checkpoint into these objects (and this rank's RNGs); returns the run position."""
+    """Restore a checkpoint into these objects (and this rank's RNGs); returns the run position.
+    A collective when the checkpoint is sharded: every rank must call it."""
     payload = _load(path / "state.pt")
     try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:  # other shapes or names: another --model than the run was started with
-        first_line = str(exc).strip().splitlines()[0]
+        if (path / SHARDED_DIR).is_dir():
+            _load_sharded(path / SHARDED_DIR, model, optimizer)
+        elif sharding.is_sharded(model):
+            raise CheckpointError(f"checkpoint {path} was saved without --fsdp; resume it without --fsdp")
+        else:
+            _load_model_state(model, payload["model"])
+            if optimizer is not None:
+                optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, CheckpointException) as exc:  # other shapes or names: another --model than the run's
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"checkpoint {path} holds weights of another model than the one given ({first_line}); "
             "resume with the --model the run was started with"
         ) from exc
-    if optimizer is not None:
-        optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(payload["scheduler"])
     rng_file = path / f"rng-rank{distributed.current().rank}.pt"
     if optimizer is not None and rng_file.is_file():
         set_rng_state(_load(rng_file))
     return TrainState(**payload["train_state"])
+
+
+def _model_state(model) -> dict[str, torch.Tensor]:
+    """The whole model, or only what trains when the rest is frozen: a LoRA run's checkpoints hold
+    its adapters (megabytes), since the frozen base is the --model the run is resumed with."""
+    return lora.trainable_state(model) if lora.is_lora(model) else model.state_dict()
+
+
+def _load_model_state(model, saved: dict[str, torch.Tensor]) -> None:
+    if not lora.is_lora(model):
+        model.load_state_dict(saved)
+        return
+    expected = set(lora.trainable_state(model))
+    if set(saved) != expected:
+        missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        raise RuntimeError(f"the adapters differ (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(saved, strict=False)
+
+
+# --- sharded (DCP) model + optimizer ---------------------------------------------------------
+def _save_sharded(folder: Path, model, optimizer) -> None:
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+
+
+def _load_sharded(folder: Path, model, optimizer=None) -> None:
+    """Read ``folder`` into the model (and optimizer) in place, whatever their sharding is now."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+    )
+
+    _check_metadata(folder)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        load(state, checkpoint_id=folder)
+        set_model_state_dict(model, state["model"])
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+# What a DCP ``.metadata`` pickle may name: DCP's metadata dataclasses and enums, torch dtypes,
+# layouts, memory formats and sizes, and the checkpoint's path. Nothing else is ever imported.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_TORCH_CONSTANTS = (torch.dtype, torch.layout, torch.memory_format)
+_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module in _METADATA_MODULES:
+            found = super().find_class(module, name)
+            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
+                return found
+        elif (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), _TORCH_CONSTANTS):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint")
+
+
+def _check_metadata(folder: Path) -> None:
+    """Unpickle DCP's ``.metadata`` with only the allowed globals, before DCP unpickles it for real."""
+    file = folder / ".metadata"
+    try:
+        with open(file, "rb") as stream:
+            _MetadataUnpickler(stream).load()
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError, AttributeError, ImportError) as exc:
+        raise _damaged(folder.parent, f"{SHARDED_DIR}/.metadata", exc) from exc
