@@ -8,9 +8,18 @@ SFTTrainer.forward_backward (bf16 autocast, masked CE) -> fused AdamW step.
 
 MFU counts 6 x parameters x tokens (the LM head included, the embedding lookup not) plus the
 attention term 12 x layers x hidden x mean sequence length per token (PaLM appendix B), over the
-GPU's dense bf16 peak (``--peak-tflops`` to override the built-in table).
+GPU's dense bf16 peak (``--peak-tflops`` to override the built-in table); the model FLOPs, so
+activation checkpointing's recomputation and LoRA's skipped weight gradients are not counted.
+
+The strategies go into the trainer's own TrainConfig: ``--lora R`` (lora_r), ``--dtype``,
+``--activation-checkpointing``, ``--fsdp`` (run it under torchrun; every rank builds its batches
+from the same dataset folder, rank 0 writes it). On CUDA the output holds the peak allocated
+memory (``torch.cuda.max_memory_allocated``) next to trainer/memory.py's estimate for the same
+settings, so the estimator can be checked on the GPU.
 
     .venv/bin/python bench/gpu_step.py                 # on a CUDA machine
+    .venv/bin/python bench/gpu_step.py --lora 16 --dtype bf16 --activation-checkpointing
+    torchrun --nproc-per-node 8 bench/gpu_step.py --fsdp --activation-checkpointing
     .venv/bin/python bench/gpu_step.py --smoke         # tiny model, CPU, a few steps: checks it runs
 """
 
@@ -28,12 +37,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from loader import build_dataset  # noqa: E402
+from trainer import distributed  # noqa: E402
 from trainer.data import ShardDataset  # noqa: E402
 from trainer.loop import SFTTrainer, TrainConfig  # noqa: E402
+from trainer.memory import estimate_memory  # noqa: E402
+from trainer.models import DTYPES  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "4090": 165.0}
@@ -74,6 +85,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--attn", default=None, help="sdpa | flash_attention_2 | eager")
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA rank (0 = full fine-tuning)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the weights' dtype")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 over torchrun's ranks (run under torchrun)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -85,21 +100,40 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 5)
     batch_tokens = args.batch_tokens or (4096 if smoke else 16_384)
     pack_length = args.pack_length or (None if smoke else 4096)
-    device = torch.device("cpu" if smoke else "cuda")
+    info = distributed.init_from_env("cpu" if smoke else "cuda")
+    if args.fsdp and info.world_size == 1:
+        print("--fsdp on one process trains unsharded; run it under torchrun --nproc-per-node N")
+    device = distributed.resolve_device("cpu" if smoke else "cuda", info)
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="sftkit-bench-gpu-"))
+    # Under torchrun every rank must read the same folder: a fixed one unless --work names it.
+    shared = Path(tempfile.gettempdir()) / f"sftkit-bench-gpu-{'smoke' if smoke else 'full'}-{rows}"
+    work = args.work or (shared if info.world_size > 1 else Path(tempfile.mkdtemp(prefix="sftkit-bench-gpu-")))
     data = work / "data"
-    if not (data / "manifest.json").exists():
+    if info.is_main and not (data / "manifest.json").exists():
         build_dataset(data, rows)
-    dataset = ShardDataset(data, "train")
+    if info.is_main:
+        dataset = ShardDataset(data, "train")  # builds the memory-map companions once, before the others open them
+    distributed.barrier()
+    if not info.is_main:
+        dataset = ShardDataset(data, "train")
 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(smoke), attn_implementation=args.attn or "sdpa", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        model_config(smoke), attn_implementation=args.attn or "sdpa", dtype=DTYPES[args.dtype]
+    )
     params = sum(p.numel() for p in model.parameters())
     config = TrainConfig(data=data, out=work / "run", device=device.type, batch_tokens=batch_tokens, pack_length=pack_length,
-                         max_steps=warmup + steps, lr=1e-4, num_workers=args.workers, progress=False)
+                         max_steps=warmup + steps, lr=1e-4, num_workers=args.workers, progress=False,
+                         lora_r=args.lora, dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
+                         fsdp=args.fsdp, attn_implementation=args.attn)
+    estimate = estimate_memory(
+        model.config, batch_tokens=batch_tokens, lora_r=args.lora, dtype=args.dtype,
+        fsdp_gpus=info.world_size if args.fsdp else 0, activation_checkpointing=args.activation_checkpointing,
+        loss_chunk_tokens=config.loss_chunk_tokens, pack_length=pack_length, world_size=info.world_size,
+        attn_implementation=args.attn or "sdpa", device=device.type,
+    )
     trainer = SFTTrainer(model, dataset, None, config)
     layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
 
@@ -128,22 +162,38 @@ def main() -> None:
     mean_seq = timed["tokens"] / max(timed["sequences"], 1)
     flops_per_token = 6 * params + 12 * layers * hidden * mean_seq
     peak = peak_flops(device, args.peak_tflops)
+    measured_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    gathered = distributed.all_reduce_max(measured_peak or 0, device) if info.world_size > 1 else measured_peak
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
+        "world_size": info.world_size,
+        "strategy": {"lora_r": args.lora, "dtype": args.dtype, "activation_checkpointing": args.activation_checkpointing,
+                     "fsdp": args.fsdp and info.world_size > 1, "loss_chunk_tokens": config.loss_chunk_tokens},
         "model_parameters": params,
         "batch_tokens": batch_tokens,
         "pack_length": pack_length,
         "timed_steps": steps,
-        "tokens_per_s": tokens_per_s,
+        "tokens_per_s": tokens_per_s,  # all ranks together
         "data_wait_fraction": timed["wait"] / timed["seconds"],
         "mean_sequence_tokens": mean_seq,
         "achieved_tflops": flops_per_token * tokens_per_s / 1e12,
-        "mfu": flops_per_token * tokens_per_s / peak if peak else None,
+        "mfu": flops_per_token * tokens_per_s / (peak * info.world_size) if peak else None,
         "loss_first_last": [losses[0], losses[-1]],
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        # torch.cuda.max_memory_allocated on the busiest rank, and the estimator's total for one GPU
+        "peak_memory_gib": gathered / 2**30 if measured_peak is not None else None,
+        "estimated_memory_gib": estimate.total / 2**30,
+        "estimated_memory_rows_gib": {name: value / 2**30 for name, value, _ in estimate.rows()},
+        "peak_over_estimate": gathered / estimate.total if measured_peak is not None else None,
     }
+    distributed.shutdown()
+    if not info.is_main:
+        return
     print(json.dumps(results, indent=2))
-    out = args.out or (REPO / "bench" / "results" / ("gpu_step_smoke.json" if smoke else "gpu_step.json"))
+    variant = "".join([
+        f"_lora{args.lora}" if args.lora else "", "_bf16" if args.dtype == "bf16" else "",
+        "_ac" if args.activation_checkpointing else "", f"_fsdp{info.world_size}" if results["strategy"]["fsdp"] else "",
+    ])
+    out = args.out or (REPO / "bench" / "results" / f"gpu_step{'_smoke' if smoke else ''}{variant}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

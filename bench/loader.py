@@ -78,6 +78,7 @@ def build_dataset(folder: Path, rows: int) -> Path:
             schema.SOURCE_INDEX: pa.array(np.arange(rows, dtype=np.int64)),
             schema.MESSAGES: pa.array([message] * rows, type=pa.list_(schema.MESSAGE_TYPE)),
             schema.TOOLS: pa.nulls(rows, pa.string()),
+            schema.TURN: pa.nulls(rows, pa.int32()),
             schema.INPUT_IDS: pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens)),
             schema.LABELS: pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels)),
             schema.LENGTH: pa.array(lengths),

@@ -1,0 +1,118 @@
+"""Peak memory of the loss on CPU: chunked cross-entropy vs the plain loss on full logits.
+
+A Qwen2-0.5B-sized LM head (hidden 896, vocabulary 151,936, no bias) over ``--tokens`` trained
+positions (every target trained, the worst case): one forward + backward of
+
+* plain: ``summed_cross_entropy(head(hidden), targets)``, the full ``(tokens, vocab)`` fp32 logits;
+* chunked: ``chunked_cross_entropy(hidden, head, targets, chunk_tokens=1024)`` (trainer/loss.py).
+
+Each runs in its own subprocess, so neither inherits the other's heap; the peak is the process's
+``ru_maxrss`` and its working memory that peak minus the resident size just before the loss (the
+head, its input and torch itself). The two losses (and the head's gradient norms) must agree to
+1e-6 relative. The estimator's logits row (trainer/memory.py) is printed next to the measurements.
+
+    .venv/bin/python bench/loss_memory.py                  # 8,192 tokens (the plain path needs ~16 GB)
+    .venv/bin/python bench/loss_memory.py --tokens 16384   # the plain path needs ~32 GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+HIDDEN, VOCAB, CHUNK = 896, 151_936, 1024
+
+
+def child(mode: str, tokens: int, chunk: int) -> dict:
+    import psutil
+    import torch
+
+    from trainer.loss import chunked_cross_entropy, summed_cross_entropy
+
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+    hidden = torch.randn(1, tokens + 1, HIDDEN, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (1, tokens))
+    before = psutil.Process().memory_info().rss
+    started = time.perf_counter()
+    if mode == "plain":
+        loss = summed_cross_entropy(head(hidden), targets)
+    else:
+        loss = chunked_cross_entropy(hidden, head, targets, chunk_tokens=chunk)
+    loss.backward()
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {
+        "mode": mode, "loss": loss.item(), "head_grad_norm": head.weight.grad.norm().item(),
+        "hidden_grad_norm": hidden.grad.norm().item(), "peak_rss": peak, "rss_before_loss": before,
+        "working_memory": peak - before, "seconds": seconds,
+    }
+
+
+def run(mode: str, tokens: int, chunk: int) -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--tokens", str(tokens), "--chunk", str(chunk)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} run failed (exit {done.returncode}; out of memory?):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="trained positions")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help="chunked loss: positions per chunk")
+    parser.add_argument("--child", choices=["plain", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loss_memory.json")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.tokens, args.chunk)))
+        return
+
+    plain, chunked = run("plain", args.tokens, args.chunk), run("chunked", args.tokens, args.chunk)
+    relative = abs(plain["loss"] - chunked["loss"]) / abs(plain["loss"])
+    grad_relative = max(
+        abs(plain[key] - chunked[key]) / abs(plain[key]) for key in ("head_grad_norm", "hidden_grad_norm")
+    )
+    # The estimator's logits rows for the same shapes (its hidden-state and head-gradient terms included).
+    from trainer.memory import LOGIT_BYTES
+
+    estimated = {
+        "plain": args.tokens * VOCAB * LOGIT_BYTES,
+        "chunked": min(args.chunk, args.tokens) * VOCAB * LOGIT_BYTES + args.tokens * HIDDEN * 4 + VOCAB * HIDDEN * 4,
+    }
+    results = {
+        "tokens": args.tokens, "vocab": VOCAB, "hidden": HIDDEN, "chunk_tokens": args.chunk,
+        "plain": plain, "chunked": chunked,
+        "working_memory_ratio": plain["working_memory"] / chunked["working_memory"],
+        "peak_rss_ratio": plain["peak_rss"] / chunked["peak_rss"],
+        "loss_relative_difference": relative, "grad_norm_relative_difference": grad_relative,
+        "estimated_logits_bytes": estimated,
+    }
+    gib = 2**30
+    print(f"loss forward+backward, {args.tokens:,} trained tokens, vocab {VOCAB:,}, hidden {HIDDEN} (fp32, CPU)")
+    print(f"{'':9} {'peak RSS':>10} {'working':>10} {'estimate':>10} {'seconds':>8}  loss")
+    for run_result in (plain, chunked):
+        mode = run_result["mode"]
+        print(f"{mode:9} {run_result['peak_rss'] / gib:8.2f} G {run_result['working_memory'] / gib:8.2f} G "
+              f"{estimated[mode] / gib:8.2f} G {run_result['seconds']:8.2f}  {run_result['loss']:.6f}")
+    print(f"plain / chunked: {results['working_memory_ratio']:.1f}x working memory, {results['peak_rss_ratio']:.1f}x peak RSS")
+    print(f"loss relative difference {relative:.2e}, gradient norms {grad_relative:.2e} (must be <= 1e-6)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if relative > 1e-6:
+        raise SystemExit("the chunked loss differs from the plain loss by more than 1e-6")
+
+
+if __name__ == "__main__":
+    main()
