@@ -145,7 +145,10 @@ def prepare(
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., "--data", help="a dataset folder made by `sftkit prepare`"),
+    data: Optional[Path] = typer.Option(None, "--data", help="a dataset folder made by `sftkit prepare`"),
+    mixture: Optional[Path] = typer.Option(
+        None, "--mixture", help="a training mixture spec (YAML: folders, source groups, weights) instead of --data"
+    ),
     out: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.jsonl, loss.png, final/"),
     model: str = typer.Option("tiny", "--model", help="tiny | local HF model folder | hub name"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="override the tokenizer named in the dataset's manifest"),
@@ -176,6 +179,24 @@ def train(
     loss_chunk_tokens: int = typer.Option(
         1024, "--loss-chunk-tokens", help="trained positions whose logits exist at once (0 = full logits)", callback=_at_least(0)
     ),
+    attn_implementation: Optional[str] = typer.Option(
+        None, "--attn-implementation",
+        help="sdpa (default) | flash_attention_2 | flex_attention | eager; flash attention runs packed rows as varlen "
+        "calls without a (row x row) mask",
+    ),
+    fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun: shard weights, gradients and optimizer state (FSDP2)"),
+    activation_checkpointing: bool = typer.Option(
+        False, "--activation-checkpointing", help="recompute each decoder layer's activations in backward (less memory)"
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="print the per-GPU memory estimate and exit (reads the model's config.json only)"
+    ),
+    gpu_memory: Optional[str] = typer.Option(
+        None, "--gpu-memory", help="--dry-run: memory of one GPU (80GB, 24GiB); prints the flags that fit it"
+    ),
+    gpus: Optional[int] = typer.Option(
+        None, "--gpus", help="--dry-run: number of GPUs (default torchrun's WORLD_SIZE, else 1)", callback=_at_least(1)
+    ),
 ) -> None:
     """Fine-tune a causal LM on prepared shards (memory-mapped, packed, masked loss)."""
     from trainer.loop import TrainConfig, run_training
@@ -183,6 +204,7 @@ def train(
     try:
         config = TrainConfig(
             data=data,
+            mixture=mixture,
             out=out,
             model=model,
             tokenizer=tokenizer,
@@ -205,9 +227,24 @@ def train(
             lora_targets=[name.strip() for name in lora_targets.split(",") if name.strip()] if lora_targets else None,
             merge=merge,
             loss_chunk_tokens=loss_chunk_tokens,
+            fsdp=fsdp,
+            activation_checkpointing=activation_checkpointing,
+            attn_implementation=attn_implementation,
         )
     except ValueError as exc:
         _fail(_validation_sentence(exc))
+    if dry_run:
+        from rich.console import Console
+
+        from trainer.memory_fit import dry_run as estimate_run, print_dry_run
+
+        try:
+            print_dry_run(estimate_run(config, gpus=gpus, gpu_memory=gpu_memory), Console(soft_wrap=True))
+        except _expected_errors() as exc:
+            _fail(str(exc))
+        return
+    if gpu_memory is not None or gpus is not None:
+        _fail("--gpu-memory and --gpus go with --dry-run (a training run takes its GPUs from torchrun)")
     try:
         summary = run_training(config)
     except _expected_errors() as exc:
@@ -230,8 +267,39 @@ def train(
 
 
 @app.command()
+def plan(
+    mixture: Path = typer.Option(..., "--mixture", help="a training mixture spec (YAML)"),
+    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="tokens per micro-batch", callback=_at_least(1)),
+    epochs: float = typer.Option(3.0, "--epochs", callback=_at_least(0, strict=True)),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", callback=_at_least(1)),
+    grad_accum: int = typer.Option(1, "--grad-accum", callback=_at_least(1)),
+    world_size: int = typer.Option(1, "--world-size", help="ranks the run will use (torchrun processes)", callback=_at_least(1)),
+    packing: bool = typer.Option(True, "--packing/--no-packing"),
+    seed: int = typer.Option(0, "--seed", help="train --seed (the spec's own seed, when it has one, decides the draws)"),
+    json_output: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Pre-flight report of a training mixture: per group target vs delivered share, repeats, steps."""
+    import json
+
+    from pipeline.report.plan import print_plan
+    from trainer.mixture_plan import plan_mixture
+
+    try:
+        report = plan_mixture(
+            mixture, batch_tokens=batch_tokens, packing=packing, grad_accum=grad_accum, world_size=world_size,
+            seed=seed, epochs=epochs, max_steps=max_steps,
+        ).to_json()
+    except _expected_errors() as exc:
+        _fail(str(exc))
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        print_plan(None, report)
+
+
+@app.command()
 def inspect(
-    data: Path = typer.Argument(..., help="a dataset folder made by `sftkit prepare`"),
+    data: Optional[Path] = typer.Argument(None, help="a dataset folder made by `sftkit prepare`"),
     row: Optional[int] = typer.Option(None, "--row", help="show row N of the train split"),
     id: Optional[str] = typer.Option(None, "--id", help="show the row with this id"),
     sample: Optional[int] = typer.Option(None, "--sample", help="show K random rows"),
@@ -241,16 +309,40 @@ def inspect(
     split: str = typer.Option("train", "--split", help="split that --row and --sample read"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for --sample (random when not given)"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="decode with this tokenizer instead of the manifest's"),
+    mixture: Optional[Path] = typer.Option(
+        None, "--mixture", help="a training mixture spec: its plan (at the train defaults; `sftkit plan` takes others)"
+    ),
 ) -> None:
     """Summarise a prepared dataset, show rows with trained tokens highlighted, or write a report.
 
     Every file the manifest lists is first checked against its sha256 (cached by size and
     modification time, so an unchanged dataset is hashed once): a missing or altered file is
-    reported in red on stderr and the command exits 3.
+    reported in red on stderr and the command exits 3. With ``--mixture FILE`` the mixture's
+    plan is shown too (with --html: as a section of the page; without DIR: on its own).
     """
     from pipeline.report import check_integrity, inspect_dataset
     from pipeline.report.integrity import load_manifest
 
+    mixture_plan = None
+    if mixture is not None:
+        from trainer.mixture_plan import plan_mixture
+
+        try:
+            mixture_plan = plan_mixture(mixture).to_json()
+        except _expected_errors() as exc:
+            _fail(str(exc))
+    if data is None:
+        if mixture_plan is None:
+            _fail("give a dataset folder made by `sftkit prepare`, or --mixture FILE")
+        from rich.console import Console
+
+        from pipeline.report.plan import print_plan, write_plan_page
+
+        if html is not None:
+            Console().print(f"wrote {write_plan_page(html, mixture_plan)}")
+        else:
+            print_plan(None, mixture_plan)
+        return
     try:
         manifest = load_manifest(data)
         problems = check_integrity(data, manifest)
@@ -261,7 +353,7 @@ def inspect(
         try:
             inspect_dataset(
                 data, row=row, row_id=id, sample=sample, tokens=tokens, rejected=rejected, html=html,
-                split=split, seed=seed, tokenizer=tokenizer,
+                split=split, seed=seed, tokenizer=tokenizer, mixture_plan=mixture_plan,
             )
         except _expected_errors() as exc:
             if not problems:

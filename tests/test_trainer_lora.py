@@ -105,6 +105,15 @@ def test_a_lora_run_resumes_from_its_checkpoint_exactly(data_dir, tmp_path):
                              check=True, capture_output=True, text=True)
     assert "from step 4" in resumed.stdout
     assert train_losses(crashed) == uninterrupted  # dropout included: the RNG state is restored
+    # the checkpoint holds the adapters and their optimizer state, not a copy of the frozen base
+    saved = torch.load(crashed / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)
+    assert saved["model"] and all(".lora_A." in name or ".lora_B." in name for name in saved["model"])
+
+    other_rank = subprocess.run(
+        [*command, "--lora-r", "8", "--out", str(crashed), "--resume"], cwd=REPO, env=env,  # the last --lora-r wins
+        capture_output=True, text=True,
+    )
+    assert other_rank.returncode == 2 and "holds LoRA adapters of another setup (lora_r 4 -> 8)" in other_rank.stderr
 
 
 def test_bf16_weights_keep_adapters_in_fp32_and_train(data_dir, bpe_tokenizer, tmp_path):

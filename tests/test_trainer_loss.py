@@ -133,3 +133,54 @@ def test_per_token_loss_weights_scale_each_target_in_both_paths(dataset, bpe_tok
         expected = sum(w * l * c for w, l, c in zip((2, 2, 1, 1), single, counts)) / sum(counts)
         assert weighted == pytest.approx(expected, rel=1e-5)
         assert weighted != pytest.approx(unweighted, rel=1e-3)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_chunked_loss_matches_the_plain_one_with_a_bias_softcap_and_weights(softcap):
+    """The parts the tiny Llama does not have: a head bias, Gemma-2's logit softcap, token weights."""
+    from trainer.loss import chunked_cross_entropy, summed_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    with torch.no_grad():
+        head.weight.mul_(8)  # sharp logits, so the softcap's tanh bends them
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 8))
+    targets[0, :3] = -100
+    weights = torch.rand(2, 8) + 0.5
+
+    logits = head(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = summed_cross_entropy(logits, targets, weights)
+    expected.backward()
+    want = [t.grad.clone() for t in (hidden, head.weight, head.bias)]
+    for t in (hidden, head.weight, head.bias):
+        t.grad = None
+    actual = chunked_cross_entropy(hidden, head, targets, weights, chunk_tokens=3, softcap=softcap)
+    actual.backward()
+    assert actual.item() == pytest.approx(expected.item(), rel=1e-6)
+    for got, wanted in zip((hidden.grad, head.weight.grad, head.bias.grad), want):
+        torch.testing.assert_close(got, wanted, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # evaluation: the same loss, no gradients computed
+        again = chunked_cross_entropy(hidden, head, targets, weights, chunk_tokens=3, softcap=softcap)
+    assert again.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_stays_close_to_the_plain_one(dataset, bpe_tokenizer, tmp_path):
+    rows = [dataset[i] for i in range(6)]
+    batch = collate(rows, bpe_tokenizer.pad_token_id)
+    results = {}
+    for chunk in (0, 7):
+        torch.manual_seed(0)
+        model = tiny_model(bpe_tokenizer, seed=0)
+        config = TrainConfig(data=dataset.data_dir, out=tmp_path / f"r{chunk}", device="cpu", batch_tokens=1024,
+                             progress=False, loss_chunk_tokens=chunk)
+        trainer = SFTTrainer(model, dataset, None, config, tokenizer=bpe_tokenizer)
+        trainer.autocast_dtype = torch.bfloat16  # what a GPU run uses
+        loss = trainer.compute_loss(batch)
+        loss.backward()
+        results[chunk] = (loss.item(), model.get_input_embeddings().weight.grad.clone())
+    assert results[7][0] == pytest.approx(results[0][0], rel=1e-2)
+    cosine = torch.nn.functional.cosine_similarity(results[7][1].flatten(), results[0][1].flatten(), dim=0)
+    assert cosine > 0.99

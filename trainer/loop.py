@@ -3,12 +3,14 @@
 Everything that is not the loop lives next door: the data (:mod:`trainer.data`), batch plans and
 collate (:mod:`trainer.batching`, :mod:`trainer.sampling`), the loss (:mod:`trainer.loss`), the
 optimizer and schedule (:mod:`trainer.schedule`), checkpoints (:mod:`trainer.checkpoint`),
-telemetry (:mod:`trainer.metrics`) and process groups (:mod:`trainer.distributed`).
+telemetry (:mod:`trainer.metrics`), process groups (:mod:`trainer.distributed`) and how the model
+is spread over them, DDP or FSDP2 (:mod:`trainer.sharding`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import shutil
 import signal
@@ -21,8 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.fsutil import TMP_PREFIX
-from pipeline.schema import IGNORE_INDEX
-from trainer import distributed, lora
+from trainer import distributed, lora, sharding
 from trainer.batching import PlannedBatches
 from trainer.checkpoint import (
     TrainState, checkpoint_config, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint, step_dir,
@@ -33,8 +34,12 @@ from trainer.sampling import EpochPlanner, eval_plan
 from trainer.schedule import build_optimizer, build_scheduler
 
 FINAL_DIR = "final"
-# Settings that decide which rows each micro-batch holds; a resume must keep them.
-PLAN_KEYS = ("data", "seed", "batch_tokens", "pack_length", "packing", "grad_accum", "world_size")
+# Settings that decide which rows each micro-batch holds; a resume must keep them. The number
+# of ranks may change: the data position is converted (TrainState.on_ranks). A mixture counts by
+# its content hash, so a spec edited in place is noticed.
+PLAN_KEYS = ("data", "mixture_sha256", "seed", "batch_tokens", "pack_length", "packing", "grad_accum")
+# What a LoRA checkpoint's adapters are bound to (its frozen base is not in the checkpoint).
+LORA_KEYS = ("model", "lora_r", "lora_alpha", "lora_targets")
 
 
 class TrainConfig(BaseModel):
@@ -43,6 +48,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     data: Optional[Path] = Field(None, description="dataset folder (needed by run_training, not by SFTTrainer)")
+    mixture: Optional[Path] = Field(None, description="a training mixture spec (YAML), instead of data")
     out: Path = Path("runs/sft")
     model: str = "tiny"
     tokenizer: Optional[str] = Field(None, description="override the tokenizer named in the manifest")
@@ -65,6 +71,8 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     num_workers: Optional[int] = Field(None, description="DataLoader workers; default 2 on CUDA, 0 on CPU")
     attn_implementation: Optional[str] = None
+    fsdp: bool = Field(False, description="under torchrun: shard weights, gradients and optimizer state (FSDP2)")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in backward")
     loss_chunk_tokens: int = Field(
         DEFAULT_CHUNK_TOKENS, ge=0, description="trained positions whose logits exist at once; 0 = the model's full logits"
     )
@@ -95,26 +103,29 @@ class SFTTrainer:
                 model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=config.lora_targets
             )
         self.model = model.to(self.device)
+        if self.dist.is_main and any(p.requires_grad and p.dtype == torch.bfloat16 for p in self.model.parameters()):
+            print(
+                "note: training bf16 weights directly: an update smaller than 1/256 of a weight rounds away "
+                "(at lr 1e-5, most of them); prefer --dtype fp32 (bf16 autocast on GPU) or --lora-r with --dtype bf16"
+            )
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) else None
         self.tokenizer = tokenizer
         self.pad_token_id = _pad_token_id(tokenizer, model)
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        if config.activation_checkpointing:
+            sharding.checkpoint_activations(self.model)
         # The model and its loss in one module: what DDP (or FSDP) wraps and the loop calls.
         self.objective = CausalLMLoss(self.model, config.loss_chunk_tokens)
-        self.wrapped = self.objective
-        if self.dist.world_size > 1:
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        self.wrapped = sharding.wrap(self.objective, self.device, fsdp=config.fsdp)  # before the optimizer sees the parameters
         self.planner = EpochPlanner(
             train_dataset.lengths, config.seed, config.batch_tokens, config.packing, config.pack_length,
-            self.dist.rank, self.dist.world_size,
+            self.dist.rank, self.dist.world_size, order=getattr(train_dataset, "epoch_order", None),  # a mixture's
         )
         self.steps_per_epoch = self.planner.steps_per_epoch(config.grad_accum)
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{config.data} has too few training rows for {self.dist.world_size} rank(s) at "
+                f"{config.data or config.mixture} has too few training rows for {self.dist.world_size} rank(s) at "
                 f"--batch-tokens {config.batch_tokens}"
             )
         self.total_steps = (
@@ -160,13 +171,11 @@ class SFTTrainer:
         )
         if stop:
             return {"stop": True}
-        # DDP averages gradients over ranks; scaling by world size turns that into a plain sum.
+        # DDP and FSDP2 average gradients over ranks; scaling by world size turns that into a plain sum.
         normaliser = max(global_targets, 1) / self.dist.world_size
         loss_sum = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or self.wrapped is self.objective else self.wrapped.no_sync()
-            with sync:
+            with sharding.micro_batch_sync(self.wrapped, last=index == len(micro_batches) - 1):
                 batch_loss_sum, _ = self._loss_sum(self.wrapped, batch)
                 (batch_loss_sum / normaliser).backward()
             loss_sum += batch_loss_sum.detach()
@@ -179,7 +188,7 @@ class SFTTrainer:
         }
 
     def optimizer_step(self, trained_tokens: int) -> float:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        grad_norm = sharding.clip_grad_norm(self.model.parameters(), self.config.max_grad_norm)
         if trained_tokens:
             self.optimizer.step()
             self.scheduler.step()
@@ -230,8 +239,9 @@ class SFTTrainer:
         )
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         targets = torch.zeros((), dtype=torch.int64, device=self.device)
-        for batch in PlannedBatches(self.eval_dataset, plan, self.pad_token_id):
-            batch_sum, batch_targets = self._loss_sum(self.objective, batch)  # unwrapped: ranks may differ in count
+        idle = sharding.idle_batches(self.objective, len(plan), self.pad_token_id, self.device)
+        for batch in itertools.chain(PlannedBatches(self.eval_dataset, plan, self.pad_token_id), idle):
+            batch_sum, batch_targets = self._loss_sum(self.objective, batch)  # not DDP: ranks may differ in count
             loss_sum += batch_sum.double()
             targets += batch_targets
         loss_sum, targets = distributed.all_reduce_sum([float(loss_sum), float(targets)], self.device)
@@ -316,38 +326,61 @@ class SFTTrainer:
         if self.config.resume and found:
             step, path = found[-1]
             self._check_same_plan(path)
-            self.state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.state, skipped = state.on_ranks(self.dist.world_size)
             if self.dist.is_main:
                 print(f"resuming {run_dir} from step {step} (epoch {self.state.epoch}, micro-batch {self.state.micro_index})")
+                if state.world_size != self.dist.world_size:
+                    print(
+                        f"the run was saved on {state.world_size} rank(s) and continues on {self.dist.world_size}: "
+                        f"{state.micro_index} micro-batches per rank become {self.state.micro_index}, "
+                        f"skipping {skipped} micro-batch(es) of epoch {state.epoch}"
+                    )
         elif self.config.resume and self.dist.is_main:
             print(f"--resume: no checkpoint in {run_dir}, starting from step 0")
 
     def _check_same_plan(self, path: Path) -> None:
         """The saved data position only means something under the same batch plan."""
         saved = checkpoint_config(path)
-        current = {**self.config.model_dump(mode="json"), "world_size": self.dist.world_size}
+        current = self._saved_config()
         changed = [key for key in PLAN_KEYS if saved.get(key) != current[key]]
+        if "mixture_sha256" in changed and saved.get("mixture_sha256") and current["mixture_sha256"]:
+            raise ValueError(
+                f"cannot resume {path}: the mixture {self.config.mixture} changed since this checkpoint (weights, "
+                "groups, seed or folders), so its saved position points into another epoch order; resume with the "
+                "spec the run started with, or start a new run (another --out) to train with the new mixture"
+            )
         if changed:
             details = ", ".join(f"{key} {saved.get(key)} -> {current[key]}" for key in changed)
             raise ValueError(f"cannot resume {path}: the batch plan changed ({details}); resume with the same settings")
+        # A LoRA checkpoint holds only adapters: they mean something on the base they were trained on.
+        lora_keys = [key for key in LORA_KEYS if saved.get(key) != current[key]]
+        if saved.get("lora_r") and lora_keys:
+            details = ", ".join(f"{key} {saved.get(key)} -> {current[key]}" for key in lora_keys)
+            raise ValueError(f"cannot resume {path}: it holds LoRA adapters of another setup ({details})")
 
     def _save(self, run_dir: Path) -> None:
         save_checkpoint(
             run_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=self.state,
-            config=self.config.model_dump(mode="json"), keep_last=self.config.keep_last,
+            config=self._saved_config(), keep_last=self.config.keep_last, sharded=self.config.fsdp,
         )
+
+    def _saved_config(self) -> dict:
+        """The settings a checkpoint records, with the mixture's content hash (None without one)."""
+        return {**self.config.model_dump(mode="json"), "mixture_sha256": getattr(self.train_dataset, "spec_sha256", None)}
 
     def _save_final(self, run_dir: Path) -> None:
         """``RUN/final``: the best checkpoint's weights (or the last ones when there was no eval)."""
         if self.state.best_step >= 0 and self.state.best_step != self.state.step:
             load_checkpoint(step_dir(run_dir, self.state.best_step), model=self.model)
+        weights = sharding.full_state_dict(self.model)  # FSDP: gathered on rank 0 (every rank takes part)
         if self.dist.is_main:
             final, tmp = run_dir / FINAL_DIR, run_dir / f"{TMP_PREFIX}{FINAL_DIR}"
             shutil.rmtree(tmp, ignore_errors=True)
             if lora.is_lora(self.model):
                 lora.save_final(self.model, tmp, self.tokenizer, merge=self.config.merge)
             else:
-                self.model.save_pretrained(tmp)
+                self.model.save_pretrained(tmp, state_dict=weights)
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp)
             shutil.rmtree(final, ignore_errors=True)
@@ -414,27 +447,38 @@ def _pad_token_id(tokenizer, model) -> int:
 def run_training(config: TrainConfig) -> dict:
     """``sftkit train``: build tokenizer, datasets and model from the config, train, return final metrics."""
     from trainer.data import ShardDataset
+    from trainer.mixture import load_mixture
     from trainer.models import load_model, resolve_tokenizer
 
     from pipeline.report.integrity import load_manifest
 
-    if config.data is None:
-        raise ValueError("no dataset given: pass --data DIR (a folder made by `sftkit prepare`)")
-    load_manifest(config.data)  # a missing or damaged manifest: one sentence before anything starts
+    if (config.data is None) == (config.mixture is None):
+        raise ValueError(
+            "give the training data as --data DIR (a folder made by `sftkit prepare`) or as --mixture FILE "
+            "(a mixture spec), exactly one of them"
+        )
+    # A missing or damaged manifest or spec: one sentence before anything starts.
+    mixture = load_mixture(config.mixture, default_seed=config.seed) if config.mixture is not None else None
+    if mixture is None:
+        load_manifest(config.data)
+    data_dir = mixture.folders[0] if mixture is not None else config.data
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise ValueError(f"--out {config.out} is a file; give a folder for the run (created if missing)")
     info = distributed.init_from_env(config.device)
     try:
-        tokenizer = resolve_tokenizer(Path(config.data), config.model, config.tokenizer)
+        tokenizer = resolve_tokenizer(Path(data_dir), config.model, config.tokenizer)
         # Rank 0 builds any missing memory-map companions first; the others then just open them.
         if not info.is_main:
             distributed.barrier()
-        train_dataset = ShardDataset(config.data, "train", tokenizer=tokenizer)
-        eval_dataset = ShardDataset(config.data, "val", tokenizer=tokenizer)
+        if mixture is not None:
+            train_dataset, eval_dataset = mixture.datasets(tokenizer)
+        else:
+            train_dataset = ShardDataset(data_dir, "train", tokenizer=tokenizer)
+            eval_dataset = ShardDataset(data_dir, "val", tokenizer=tokenizer)
         if info.is_main:
             distributed.barrier()
         if len(train_dataset) == 0:
-            raise ValueError(f"{config.data} has no training rows")
+            raise ValueError(f"{data_dir} has no training rows")
         longest = int(max(train_dataset.lengths.max(), eval_dataset.lengths.max(initial=0)))
         max_positions = max(4096, config.pack_length or config.batch_tokens, longest)
         model = load_model(
@@ -443,6 +487,10 @@ def run_training(config: TrainConfig) -> dict:
         )
         torch.manual_seed(config.seed)
         trainer = SFTTrainer(model, train_dataset, eval_dataset, config, tokenizer=tokenizer)
+        if mixture is not None and info.is_main:
+            from trainer.mixture_plan import announce_plan
+
+            announce_plan(mixture, trainer.planner, config)
         return trainer.train()
     finally:
         distributed.shutdown()

@@ -11,11 +11,11 @@ same update as one of 4096, and long and short conversations weigh per token, no
 :class:`CausalLMLoss` is the module the trainer runs (and DDP/FSDP wrap): the model and its loss
 in one ``forward``. By default it never builds the ``(batch, width, vocab)`` logits tensor (for a
 150k vocabulary and one 32k-token row that alone is 19 GB in fp32): it takes the decoder's
-hidden states, keeps only the positions that have a trained target, and computes the LM head
-and cross-entropy ``chunk_tokens`` positions at a time under activation checkpointing, so at
-most one chunk's logits exist, in the forward and again in the backward pass. The result equals
-the plain loss (tests/test_trainer_loss.py holds it to 1e-6); the memory saving is measured by
-``bench/loss_memory.py``.
+hidden states, keeps only the positions that have a trained target, and computes the LM head,
+the cross-entropy and its gradients ``chunk_tokens`` positions at a time in the forward pass
+(:class:`_LinearCrossEntropy`), so at most one chunk's logits exist and none is recomputed. The
+result equals the plain loss (tests/test_trainer_loss.py holds value and gradients to it); the
+memory saving and the time are measured by ``bench/loss_memory.py``.
 
 An optional per-token ``weights`` tensor (a mixture group's loss weight, aligned with ``labels``)
 scales each target's cross-entropy; the caller still divides by the unweighted target count.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from pipeline.schema import IGNORE_INDEX
 
@@ -59,14 +58,68 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: t
     return (per_token * weights.reshape(-1).to(per_token.dtype)).sum()
 
 
-def _chunk_cross_entropy(hidden, head_weight, head_bias, targets, weights, softcap: float | None):
-    logits = F.linear(hidden, head_weight, head_bias).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    per_token = F.cross_entropy(logits, targets, reduction="none")
-    if weights is not None:
-        per_token = per_token * weights.to(per_token.dtype)
-    return per_token.sum()
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed CE of ``head(hidden)`` whose backward is computed during the forward, a chunk at a time.
+
+    The gradient of CE with respect to a logit row is ``softmax - onehot(target)``, known as soon
+    as the chunk's logits are: so each chunk's logits are built, turned into their loss and
+    their gradients for ``hidden`` and the head, and freed. The backward pass then only scales
+    the kept gradients by the incoming one. Nothing is recomputed (activation checkpointing of
+    the chunks would compute every logit twice) and at most one chunk's logits exist at a time.
+    The same idea as Liger-Kernel's fused linear cross-entropy, in plain torch ops.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, token_weights, chunk_tokens: int, softcap: float | None, needs_grad: bool):
+        grad_hidden = torch.empty_like(hidden) if needs_grad and hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad and weight.requires_grad else None
+        grad_bias = (
+            torch.zeros_like(bias, dtype=torch.float32) if needs_grad and bias is not None and bias.requires_grad else None
+        )
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            part = slice(start, start + chunk_tokens)
+            chunk, chunk_targets = hidden[part], targets[part]
+            logits = F.linear(chunk, weight, bias).float()  # bf16 matmul under autocast, like the model's head
+            if softcap:
+                squashed = torch.tanh(logits / softcap)
+                logits = squashed * softcap
+            log_probs = torch.log_softmax(logits, dim=-1)
+            del logits
+            losses = -log_probs.gather(1, chunk_targets[:, None]).squeeze(1)
+            grad_logits = log_probs.exp_()  # softmax, in place of the log-probabilities
+            grad_logits[torch.arange(len(chunk_targets), device=hidden.device), chunk_targets] -= 1.0
+            if token_weights is not None:
+                scale = token_weights[part].float()
+                losses, grad_logits = losses * scale, grad_logits * scale[:, None]
+            if softcap:
+                grad_logits *= 1.0 - squashed.square()
+            total += losses.sum()
+            if not needs_grad:  # evaluation: the loss only
+                continue
+            # The backward matmuls in the dtype the forward ones ran in (bf16 under autocast).
+            device = hidden.device.type
+            grad_logits = grad_logits.to(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[part] = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ chunk.to(grad_logits.dtype)).float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.weight_dtypes
+        return (
+            grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            (grad_weight * grad_total).to(weight_dtype) if grad_weight is not None else None,
+            (grad_bias * grad_total).to(bias_dtype) if grad_bias is not None else None,
+            None, None, None, None, None,
+        )
 
 
 def chunked_cross_entropy(
@@ -81,22 +134,13 @@ def chunked_cross_entropy(
     """:func:`summed_cross_entropy` from the decoder's ``hidden`` states ``(batch, width, hidden)``
     without the full logits: only trained positions, ``chunk_tokens`` of them at a time."""
     keep = targets.ne(IGNORE_INDEX)
-    selected = hidden[:, :-1][keep]
-    chosen = targets[keep]
-    chosen_weights = weights[keep] if weights is not None else None
-    total = hidden.new_zeros((), dtype=torch.float32)
-    if selected.shape[0] == 0:
+    if not keep.any():
         # Still touch the head so every parameter takes part in the graph (DDP expects it).
-        return total + 0.0 * head.weight.sum()
-    for start in range(0, selected.shape[0], chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        total = total + checkpoint(
-            _chunk_cross_entropy,
-            selected[part], head.weight, head.bias, chosen[part],
-            chosen_weights[part] if chosen_weights is not None else None, softcap,
-            use_reentrant=False,
-        )
-    return total
+        return hidden.new_zeros((), dtype=torch.float32) + 0.0 * head.weight.sum()
+    return _LinearCrossEntropy.apply(
+        hidden[:, :-1][keep], head.weight, head.bias, targets[keep],
+        weights[keep] if weights is not None else None, chunk_tokens, softcap, torch.is_grad_enabled(),
+    )
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
