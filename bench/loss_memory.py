@@ -4,7 +4,8 @@ A Qwen2-0.5B-sized LM head (hidden 896, vocabulary 151,936, no bias) over ``--to
 positions (every target trained, the worst case): one forward + backward of
 
 * plain: ``summed_cross_entropy(head(hidden), targets)``, the full ``(tokens, vocab)`` fp32 logits;
-* chunked: ``chunked_cross_entropy(hidden, head, targets, chunk_tokens=1024)`` (trainer/loss.py).
+* chunked: ``chunked_cross_entropy(hidden, head, targets, chunk_tokens=1024)`` (trainer/loss.py:
+  each chunk's logits, loss and gradients in the forward pass, nothing recomputed).
 
 Each runs in its own subprocess, so neither inherits the other's heap; the peak is the process's
 ``ru_maxrss`` and its working memory that peak minus the resident size just before the loss (the
@@ -88,13 +89,14 @@ def main() -> None:
 
     estimated = {
         "plain": args.tokens * VOCAB * LOGIT_BYTES,
-        "chunked": min(args.chunk, args.tokens) * VOCAB * LOGIT_BYTES + args.tokens * HIDDEN * 4 + VOCAB * HIDDEN * 4,
+        "chunked": min(args.chunk, args.tokens) * VOCAB * LOGIT_BYTES + 2 * args.tokens * HIDDEN * 4 + VOCAB * HIDDEN * 4,
     }
     results = {
         "tokens": args.tokens, "vocab": VOCAB, "hidden": HIDDEN, "chunk_tokens": args.chunk,
         "plain": plain, "chunked": chunked,
         "working_memory_ratio": plain["working_memory"] / chunked["working_memory"],
         "peak_rss_ratio": plain["peak_rss"] / chunked["peak_rss"],
+        "time_ratio": chunked["seconds"] / plain["seconds"],
         "loss_relative_difference": relative, "grad_norm_relative_difference": grad_relative,
         "estimated_logits_bytes": estimated,
     }
@@ -105,7 +107,8 @@ def main() -> None:
         mode = run_result["mode"]
         print(f"{mode:9} {run_result['peak_rss'] / gib:8.2f} G {run_result['working_memory'] / gib:8.2f} G "
               f"{estimated[mode] / gib:8.2f} G {run_result['seconds']:8.2f}  {run_result['loss']:.6f}")
-    print(f"plain / chunked: {results['working_memory_ratio']:.1f}x working memory, {results['peak_rss_ratio']:.1f}x peak RSS")
+    print(f"plain / chunked: {results['working_memory_ratio']:.1f}x working memory, {results['peak_rss_ratio']:.1f}x peak RSS; "
+          f"chunked / plain time: {results['time_ratio']:.2f}x")
     print(f"loss relative difference {relative:.2e}, gradient norms {grad_relative:.2e} (must be <= 1e-6)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
