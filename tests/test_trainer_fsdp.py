@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -26,7 +24,7 @@ from trainer.metrics import read_metrics
 from trainer.models import tiny_model
 from trainer.schedule import build_optimizer
 from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import corpus_dataset
+from trainer_fixtures import corpus_dataset, kill_mid_run
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m")
 # 384-token micro-batches: 15 per rank and epoch (8 steps of 2), and 5 validation batches, so
@@ -76,15 +74,10 @@ def test_fsdp_matches_ddp_with_grad_accumulation(data_dir, fsdp_run, tmp_path):
 
 def test_fsdp_kill_9_then_resume_reproduces_the_uninterrupted_loss_curve(data_dir, fsdp_run, tmp_path):
     crashed = tmp_path / "crashed"
-    # a session of its own: SIGKILL reaches torchrun and both workers at once, like a lost node
-    process = subprocess.Popen(train_command(data_dir, crashed, *STEPS, *FSDP, launcher=TORCHRUN), cwd=REPO, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while len(train_losses(crashed)) < 7 and time.time() < deadline and process.poll() is None:
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    logged_before_kill = len(train_losses(crashed))
+    # SIGKILL reaches torchrun and both workers at once, like a lost node
+    logged_before_kill = kill_mid_run(
+        train_command(data_dir, crashed, *STEPS, *FSDP, launcher=TORCHRUN), crashed, after_steps=7
+    )
     assert 7 <= logged_before_kill < 24, "the run should have been killed mid-way"
     assert not (crashed / "final").exists()
 

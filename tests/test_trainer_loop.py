@@ -6,7 +6,6 @@ in subprocesses; one thread each so that CPU results are bit-for-bit reproducibl
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -20,10 +19,10 @@ import torch
 from trainer.loop import TrainConfig, run_training
 from trainer.metrics import read_metrics
 from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import corpus_dataset
+from trainer_fixtures import TRAIN_ENV, corpus_dataset, kill_mid_run, train_losses
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = TRAIN_ENV
 
 
 
@@ -37,10 +36,6 @@ def train_command(data_dir, out, *extra, launcher=(sys.executable, "-m")):
         *launcher, "flows.cli", "train", "--data", str(data_dir), "--out", str(out), "--model", "tiny",
         "--batch-tokens", "512", "--lr", "3e-3", "--device", "cpu", "--eval-every", "10", "--seed", "1", *extra,
     ]
-
-
-def train_losses(run_dir) -> list[float]:
-    return [row["loss"] for row in read_metrics(run_dir) if row["type"] == "train"]
 
 
 def test_loss_decreases_and_the_run_leaves_a_loadable_model(data_dir, tmp_path):
@@ -115,14 +110,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_loss_curve(data_dir, tm
     assert len(uninterrupted) == 24
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen(train_command(data_dir, crashed, *steps), cwd=REPO, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while len(train_losses(crashed)) < 8 and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    logged_before_kill = len(train_losses(crashed))
+    logged_before_kill = kill_mid_run(train_command(data_dir, crashed, *steps), crashed, after_steps=8)
     assert 8 <= logged_before_kill < 24, "the run should have been killed mid-way"
     assert not (crashed / "final").exists()
 

@@ -14,13 +14,11 @@ from transformers import AutoModelForCausalLM
 
 from trainer.loop import SFTTrainer, TrainConfig
 from trainer.lora import KNOWN_TARGETS, MERGED_DIR, find_targets
-from trainer.metrics import read_metrics
 from trainer.models import tiny_model
 from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import corpus_dataset
+from trainer_fixtures import TRAIN_ENV, corpus_dataset, train_losses
 
 REPO = Path(__file__).resolve().parent.parent
-ENV_KEYS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +35,6 @@ def lora_trainer(data_dir, tokenizer, out, **options):
     )
     model = tiny_model(tokenizer, seed=1)
     return SFTTrainer(model, ShardDataset(data_dir, "train"), ShardDataset(data_dir, "val"), config, tokenizer=tokenizer)
-
-
-def train_losses(run_dir) -> list[float]:
-    return [row["loss"] for row in read_metrics(run_dir) if row["type"] == "train"]
 
 
 def test_lora_trains_only_the_adapters_and_its_loss_falls(data_dir, bpe_tokenizer, tmp_path):
@@ -89,7 +83,7 @@ def test_a_lora_run_resumes_from_its_checkpoint_exactly(data_dir, tmp_path):
         "--batch-tokens", "512", "--lr", "1e-2", "--seed", "1", "--lora-r", "4", "--lora-dropout", "0.1",
         "--max-steps", "8", "--save-every", "4", "--eval-every", "100",
     ]
-    env = {**__import__("os").environ, **ENV_KEYS}
+    env = TRAIN_ENV
     subprocess.run([*command, "--out", str(tmp_path / "full")], cwd=REPO, env=env, check=True, capture_output=True)
     uninterrupted = train_losses(tmp_path / "full")
     assert len(uninterrupted) == 8
@@ -147,7 +141,7 @@ def test_cli_refuses_lora_misuse_with_one_sentence(data_dir, tmp_path, options, 
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "run"),
          "--device", "cpu", "--max-steps", "1", *options],
-        cwd=REPO, env={**__import__("os").environ, **ENV_KEYS}, capture_output=True, text=True,
+        cwd=REPO, env=TRAIN_ENV, capture_output=True, text=True,
     )
     assert result.returncode == 2, result.stderr
     assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr

@@ -14,10 +14,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +39,7 @@ from trainer.mixture_plan import plan_mixture
 from trainer.models import tiny_model
 from trainer.sampling import EpochPlanner
 from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
+from trainer_fixtures import kill_mid_run, train_losses
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -76,10 +75,6 @@ def shares_of(mixture, order) -> np.ndarray:
     delivered = np.bincount(mixture.train.group[kept][order], weights=mixture.train.trained[kept][order],
                             minlength=len(mixture.groups))
     return delivered / delivered.sum()
-
-
-def train_losses(run_dir) -> list[float]:
-    return [row["loss"] for row in read_metrics(run_dir) if row["type"] == "train"]
 
 
 def train_command(spec, out, *extra, launcher=(sys.executable, "-m")):
@@ -361,14 +356,7 @@ def test_kill_9_mid_epoch_then_resume_reproduces_the_loss_curve(root, tmp_path):
     assert max(r["epoch"] for r in read_metrics(tmp_path / "full") if r["type"] == "train") >= 1, "should span epochs"
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen(train_command(spec, crashed, *steps), cwd=REPO, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while len(train_losses(crashed)) < 7 and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert 7 <= len(train_losses(crashed)) < 24, "the run should have been killed mid-way"
+    assert 7 <= kill_mid_run(train_command(spec, crashed, *steps), crashed, after_steps=7) < 24, "killed mid-way"
 
     resumed = subprocess.run(train_command(spec, crashed, *steps, "--resume"), cwd=REPO, env=ENV,
                              capture_output=True, text=True)

@@ -9,7 +9,11 @@ the prompt masked out of the labels.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -139,3 +143,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- real `sftkit train` processes -----------------------------------------------------------
+# One thread per process: CPU results are then bit-for-bit reproducible run to run.
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def train_losses(run_dir) -> list[float]:
+    """The train-step losses a run has logged so far (metrics.jsonl)."""
+    from trainer.metrics import read_metrics
+
+    return [row["loss"] for row in read_metrics(run_dir) if row["type"] == "train"]
+
+
+def kill_mid_run(command: list[str], run_dir: Path, *, after_steps: int) -> int:
+    """Start ``command`` (a `sftkit train` run into ``run_dir``), SIGKILL it and every process it
+    started (torchrun's workers too, like a lost node) once it has logged ``after_steps`` steps;
+    returns how many steps it had logged."""
+    process = subprocess.Popen(command, cwd=REPO, env=TRAIN_ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while len(train_losses(run_dir)) < after_steps and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return len(train_losses(run_dir))
