@@ -69,29 +69,40 @@ def build_dataset(folder: Path, rows: int) -> Path:
     prompt = (lengths * rng.uniform(0.2, 0.6, size=rows)).astype(np.int64)
     for start, n in zip(offsets[:-1].tolist(), prompt.tolist()):
         labels[start : start + n] = schema.IGNORE_INDEX
-    ids = [f"{i:032x}" for i in range(rows)]
+    return write_prepared(folder, tokens, labels, offsets, np.array(["synthetic.jsonl"] * rows), target_rows=20_000)
+
+
+def write_prepared(folder: Path, tokens: np.ndarray, labels: np.ndarray, offsets: np.ndarray, sources: np.ndarray,
+                   *, target_rows: int) -> Path:
+    """Rows ``tokens[offsets[i]:offsets[i+1]]`` (and their labels, from ``sources[i]``) as a prepared
+    dataset folder: shards written by pipeline.shards.write_shards and a manifest."""
+    rows = len(offsets) - 1
+    lengths = np.diff(offsets).astype(np.int32)
+    trainable = np.add.reduceat((labels != schema.IGNORE_INDEX).astype(np.int64), offsets[:-1]) if rows else lengths
     message = [schema.make_message("user", "synthetic"), schema.make_message("assistant", "row")]
+    list_offsets = pa.array(offsets.astype(np.int32))
     table = pa.table(
         {
-            schema.ID: pa.array(ids),
-            schema.SOURCE: pa.array(["synthetic.jsonl"] * rows),
+            schema.ID: pa.array([f"{i:032x}" for i in range(rows)]),
+            schema.SOURCE: pa.array(sources),
             schema.SOURCE_INDEX: pa.array(np.arange(rows, dtype=np.int64)),
             schema.MESSAGES: pa.array([message] * rows, type=pa.list_(schema.MESSAGE_TYPE)),
             schema.TOOLS: pa.nulls(rows, pa.string()),
             schema.TURN: pa.nulls(rows, pa.int32()),
-            schema.INPUT_IDS: pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens)),
-            schema.LABELS: pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels)),
+            schema.INPUT_IDS: pa.ListArray.from_arrays(list_offsets, pa.array(tokens)),
+            schema.LABELS: pa.ListArray.from_arrays(list_offsets, pa.array(labels)),
             schema.LENGTH: pa.array(lengths),
-            schema.NUM_TRAINABLE: pa.array(lengths - prompt.astype(np.int32)),
+            schema.NUM_TRAINABLE: pa.array(trainable.astype(np.int32)),
         },
         schema=schema.SHARD_SCHEMA,
     )
     staging = folder / "staging"
     staging.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, staging / "rows.parquet")
-    entries = write_shards([staging / "rows.parquet"], folder, ShardConfig(val_fraction=0.0, target_rows=20_000), {})
+    entries = write_shards([staging / "rows.parquet"], folder, ShardConfig(val_fraction=0.0, target_rows=target_rows), {})
     shutil.rmtree(staging)
     write_manifest(folder, {"version": 1, "created_at": now_iso(), "tokenizer": {"name": "synthetic", "fingerprint": None},
+                            "template": {"name": "synthetic", "fingerprint": None},
                             "shards": entries, "counts": {"read": rows, "kept": rows, "rejected": {}}, "stages": []})
     return folder
 

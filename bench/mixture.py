@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -37,17 +36,14 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from loader import write_prepared  # noqa: E402
 from pipeline import schema  # noqa: E402
-from pipeline.config import ShardConfig  # noqa: E402
-from pipeline.manifest import now_iso, write_manifest  # noqa: E402
-from pipeline.shards import write_shards  # noqa: E402
 from trainer.batching import PlannedBatches, plan_packed  # noqa: E402
 from trainer.data import ShardDataset  # noqa: E402
 from trainer.mixture import load_mixture  # noqa: E402
@@ -72,32 +68,7 @@ def build_dataset(folder: Path, rows: int, log_mean: float) -> Path:
     sizes = 1.0 / np.arange(1, GROUPS + 1) ** 0.8
     source_of = rng.choice(GROUPS, size=rows, p=sizes / sizes.sum())
     names = np.array([f"incoming/g{g:02d}_part.jsonl" for g in range(GROUPS)])
-    message = [schema.make_message("user", "synthetic"), schema.make_message("assistant", "row")]
-    trainable = np.add.reduceat((labels != schema.IGNORE_INDEX).astype(np.int64), offsets[:-1])
-    table = pa.table(
-        {
-            schema.ID: pa.array([f"{i:032x}" for i in range(rows)]),
-            schema.SOURCE: pa.array(names[source_of]),
-            schema.SOURCE_INDEX: pa.array(np.arange(rows, dtype=np.int64)),
-            schema.MESSAGES: pa.array([message] * rows, type=pa.list_(schema.MESSAGE_TYPE)),
-            schema.TOOLS: pa.nulls(rows, pa.string()),
-            schema.TURN: pa.nulls(rows, pa.int32()),
-            schema.INPUT_IDS: pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens)),
-            schema.LABELS: pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(labels)),
-            schema.LENGTH: pa.array(lengths),
-            schema.NUM_TRAINABLE: pa.array(trainable.astype(np.int32)),
-        },
-        schema=schema.SHARD_SCHEMA,
-    )
-    staging = folder / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, staging / "rows.parquet")
-    entries = write_shards([staging / "rows.parquet"], folder, ShardConfig(val_fraction=0.0, target_rows=50_000), {})
-    shutil.rmtree(staging)
-    write_manifest(folder, {"version": 1, "created_at": now_iso(), "tokenizer": {"name": "synthetic", "fingerprint": None},
-                            "template": {"name": "synthetic", "fingerprint": None},
-                            "shards": entries, "counts": {"read": rows, "kept": rows, "rejected": {}}, "stages": []})
-    return folder
+    return write_prepared(folder, tokens, labels, offsets, names[source_of], target_rows=50_000)
 
 
 def write_spec(path: Path, folder: Path, *, last_groups: int = 0, loss_weights: bool = False) -> Path:
