@@ -94,6 +94,27 @@ def test_batch_without_trained_tokens_gives_zero_loss_not_nan(dataset, bpe_token
         assert torch.equal(value, before[name]), f"{name} moved on a step with nothing to learn"
 
 
+@pytest.mark.parametrize("chunk", [0, 1024])
+def test_batch_without_trained_tokens_still_gives_every_parameter_a_zero_gradient(dataset, bpe_tokenizer, tmp_path, chunk):
+    """DDP and FSDP reduce each gradient as it arrives: a rank whose micro-batch has no trained
+    target must still produce all of them (zeros), or the ranks' collectives no longer match
+    (2-rank DDP aborted in gloo, FSDP hung, when the chunked loss left the decoder out)."""
+    torch.manual_seed(0)
+    model = tiny_model(bpe_tokenizer, seed=0)
+    config = TrainConfig(data=dataset.data_dir, out=tmp_path / "run", device="cpu", batch_tokens=1024,
+                         progress=False, loss_chunk_tokens=chunk)
+    trainer = SFTTrainer(model, dataset, None, config, tokenizer=bpe_tokenizer)
+    assert trainer.objective.chunked == bool(chunk)
+    row = dataset[0]
+    batch = collate([{"input_ids": row["input_ids"], "labels": np.full_like(row["labels"], -100)}], bpe_tokenizer.pad_token_id)
+    loss = trainer.compute_loss(batch)
+    loss.backward()
+    assert loss.item() == 0.0
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing[:3]}"
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
 def _loss_and_grads(dataset, tokenizer, tmp_path, chunk, batch, weights=None):
     torch.manual_seed(0)
     model = tiny_model(tokenizer, seed=0)

@@ -135,8 +135,12 @@ def chunked_cross_entropy(
     without the full logits: only trained positions, ``chunk_tokens`` of them at a time."""
     keep = targets.ne(IGNORE_INDEX)
     if not keep.any():
-        # Still touch the head so every parameter takes part in the graph (DDP expects it).
-        return hidden.new_zeros((), dtype=torch.float32) + 0.0 * head.weight.sum()
+        # Still reach every parameter, the decoder's through `hidden`, so each gets a (zero)
+        # gradient as on the plain path: DDP and FSDP reduce a gradient once it is there, and a
+        # rank whose micro-batch has no trained target would otherwise skip its reductions
+        # while the other ranks wait in theirs (a collective mismatch: crash or hang).
+        zero = 0.0 * hidden.sum(dtype=torch.float32) + 0.0 * head.weight.sum(dtype=torch.float32)
+        return zero + 0.0 * head.bias.sum(dtype=torch.float32) if head.bias is not None else zero
     return _LinearCrossEntropy.apply(
         hidden[:, :-1][keep], head.weight, head.bias, targets[keep],
         weights[keep] if weights is not None else None, chunk_tokens, softcap, torch.is_grad_enabled(),
