@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -82,9 +83,13 @@ def _validation_sentence(exc: Exception) -> str:
 
 
 def _at_least(low: float, *, strict: bool = False):
-    """A typer callback refusing values below ``low`` (or not above it, with ``strict``); None passes."""
+    """A typer callback refusing values below ``low`` (or not above it, with ``strict``), and
+    ``inf``/``nan`` (which compare past the bound: ``--epochs inf`` overflowed into a traceback);
+    None passes."""
 
     def check(value):
+        if value is not None and not math.isfinite(value):
+            raise typer.BadParameter(f"must be a finite number (got {value})")
         if value is not None and (value <= low if strict else value < low):
             bound = f"> {low:g}" if strict else f"≥ {low:g}"
             raise typer.BadParameter(f"must be {bound} (got {value:g})")
@@ -184,7 +189,9 @@ def train(
         help="sdpa (default) | flash_attention_2 | flex_attention | eager; flash attention runs packed rows as varlen "
         "calls without a (row x row) mask",
     ),
-    fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun: shard weights, gradients and optimizer state (FSDP2)"),
+    fsdp: bool = typer.Option(
+        False, "--fsdp", help="under torchrun: shard weights, gradients and optimizer state (FSDP2; not with --lora-r)"
+    ),
     activation_checkpointing: bool = typer.Option(
         False, "--activation-checkpointing", help="recompute each decoder layer's activations in backward (less memory)"
     ),

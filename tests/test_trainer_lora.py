@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trainer.loop import SFTTrainer, TrainConfig
-from trainer.lora import KNOWN_TARGETS, MERGED_DIR, find_targets
+from trainer.lora import KNOWN_TARGETS, MERGED_DIR, apply_lora, find_targets
 from trainer.models import tiny_model
 from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
 from trainer_fixtures import TRAIN_ENV, corpus_dataset, train_losses
@@ -136,6 +136,9 @@ def test_targets_are_found_by_name_and_a_wrong_name_is_one_clear_sentence(bpe_to
 @pytest.mark.parametrize("options, message", [
     (["--merge"], "--merge and --lora-targets apply to LoRA runs only"),
     (["--lora-r", "4", "--lora-targets", "attn"], "--lora-targets attn name no linear layer"),
+    # refused up front: one process used to train it with sharded checkpoints holding the whole base
+    (["--lora-r", "4", "--fsdp"], "--fsdp does not take --lora-r yet"),
+    (["--lora-r", "4", "--fsdp", "--dry-run"], "--fsdp does not take --lora-r yet"),
 ])
 def test_cli_refuses_lora_misuse_with_one_sentence(data_dir, tmp_path, options, message):
     result = subprocess.run(
@@ -145,3 +148,27 @@ def test_cli_refuses_lora_misuse_with_one_sentence(data_dir, tmp_path, options, 
     )
     assert result.returncode == 2, result.stderr
     assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
+
+
+def test_resuming_a_full_fine_tune_with_lora_is_refused_with_the_reason(data_dir, tmp_path):
+    """The adapters-only check used to be skipped for a full checkpoint: resuming it with
+    --lora-r failed on the adapters' names, telling the user to pass another --model."""
+    from trainer.loop import run_training
+
+    config = dict(data=data_dir, out=tmp_path / "run", device="cpu", batch_tokens=512, max_steps=1, save_every=1,
+                  eval_every=100, progress=False)
+    run_training(TrainConfig(**config))
+    with pytest.raises(ValueError, match=r"it is a full fine-tune's checkpoint and --lora-r 4 asks for LoRA adapters"):
+        run_training(TrainConfig(**{**config, "max_steps": 2, "resume": True, "lora_r": 4}))
+
+
+def test_merging_an_adapter_on_a_tied_lm_head_is_refused(bpe_tokenizer):
+    """The tiny model ties lm_head to the embeddings (as Qwen2.5-0.5B and Llama 3.2 1B do): merging
+    an lm_head adapter changed the embeddings too, and final/merged gave logits 3.7 apart from
+    base + adapter. Without --merge the adapter is fine (peft applies it to the head alone)."""
+    model = tiny_model(bpe_tokenizer, seed=0)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with pytest.raises(ValueError, match=r"--merge cannot fold an adapter on lm_head .*\(tie_word_embeddings\)"):
+        apply_lora(model, r=4, alpha=None, dropout=0.0, targets=["lm_head", "q_proj"], merge=True)
+    assert apply_lora(tiny_model(bpe_tokenizer, seed=0), r=4, alpha=None, dropout=0.0, targets=["q_proj"], merge=True)
+    assert apply_lora(tiny_model(bpe_tokenizer, seed=0), r=4, alpha=None, dropout=0.0, targets=["lm_head"], merge=False)

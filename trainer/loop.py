@@ -88,6 +88,14 @@ class TrainConfig(BaseModel):
     def _lora_options_need_lora(self):
         if not self.lora_r and (self.merge or self.lora_targets):
             raise ValueError("--merge and --lora-targets apply to LoRA runs only; add --lora-r N (e.g. 16)")
+        # Refused here, before any model loads: on several ranks sharding.shard refuses it anyway
+        # (after every rank loaded the model), and on one rank the sharded checkpoints would hold
+        # the whole frozen base, not the adapters alone.
+        if self.lora_r and self.fsdp:
+            raise ValueError(
+                "--fsdp does not take --lora-r yet (final/ would need the adapters gathered from the shards); "
+                "drop --fsdp to train LoRA with DDP"
+            )
         return self
 
 
@@ -100,7 +108,8 @@ class SFTTrainer:
         self.device = distributed.resolve_device(config.device, self.dist)
         if config.lora_r:
             model = lora.apply_lora(
-                model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=config.lora_targets
+                model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=config.lora_targets,
+                merge=config.merge,
             )
         self.model = model.to(self.device)
         if self.dist.is_main and any(p.requires_grad and p.dtype == torch.bfloat16 for p in self.model.parameters()):
@@ -358,6 +367,12 @@ class SFTTrainer:
         if saved.get("lora_r") and lora_keys:
             details = ", ".join(f"{key} {saved.get(key)} -> {current[key]}" for key in lora_keys)
             raise ValueError(f"cannot resume {path}: it holds LoRA adapters of another setup ({details})")
+        if not saved.get("lora_r") and current["lora_r"]:
+            raise ValueError(
+                f"cannot resume {path}: it is a full fine-tune's checkpoint and --lora-r {current['lora_r']} asks for "
+                "LoRA adapters; resume without --lora-r, or start the LoRA run in another --out (its --model may be "
+                "this run's final/)"
+            )
 
     def _save(self, run_dir: Path) -> None:
         save_checkpoint(

@@ -46,15 +46,37 @@ def find_targets(model: torch.nn.Module, requested: list[str] | None = None) -> 
     return found
 
 
-def apply_lora(model: torch.nn.Module, *, r: int, alpha: float | None, dropout: float, targets: list[str] | None):
-    """Wrap ``model`` in a peft LoRA model: adapters on ``targets``, everything else frozen."""
+def _refuse_merging_a_tied_head(model: torch.nn.Module, targets: list[str]) -> None:
+    """An adapter on an LM head that shares its weight with the input embeddings (Qwen2.5 0.5-3B,
+    Llama 3.2 1B/3B, Gemma, the tiny model) cannot be merged: folding it into the shared weight
+    changes the embeddings too, and final/merged then gives other logits than base + adapter."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None or head.weight is not embeddings.weight:
+        return
+    name = next((n.rsplit(".", 1)[-1] for n, module in model.named_modules() if module is head), None)
+    if name in targets:
+        raise ValueError(
+            f"--merge cannot fold an adapter on {name} into this model: its {name} shares its weight with the "
+            f"input embeddings (tie_word_embeddings), which the merge would change too; drop {name} from "
+            "--lora-targets, or drop --merge and load final/ with peft"
+        )
+
+
+def apply_lora(
+    model: torch.nn.Module, *, r: int, alpha: float | None, dropout: float, targets: list[str] | None, merge: bool = False
+):
+    """Wrap ``model`` in a peft LoRA model: adapters on ``targets``, everything else frozen
+    (``merge``: the run will write final/merged, refused for an adapter on a tied LM head)."""
     from peft import LoraConfig, get_peft_model
 
+    targets = find_targets(model, targets)
+    if merge:
+        _refuse_merging_a_tied_head(model, targets)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha if alpha is not None else 2 * r,
         lora_dropout=dropout,
-        target_modules=find_targets(model, targets),
+        target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
     )
