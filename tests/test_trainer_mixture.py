@@ -236,6 +236,63 @@ def test_spec_mistakes_are_one_clear_sentence_each(root):
     assert result.exit_code == 2 and "is no folder" in result.output and "Traceback" not in result.output
 
 
+def test_one_folder_under_two_spellings_and_infinite_numbers_are_refused(root):
+    """`data/nightly` and `data/nightly/` (or its absolute path) are one folder: listed both ways,
+    its rows were read twice and every row trained twice an epoch. `.inf` passes gt=0 and made
+    every budget NaN (a bare "cannot convert float NaN to integer")."""
+    everything = {"name": "all", "sources": ["*"], "weight": 1}
+    for second in ("data/nightly/", "./data/nightly", str(root / "data" / "nightly")):
+        with pytest.raises(MixtureError, match=r"datasets\[0\] 'data/nightly' and datasets\[1\] .* are the same folder"):
+            load_mixture(write_spec(root / "twice.yaml", [everything], datasets=["data/nightly", second]))
+    for key in ("weight", "repeat", "loss_weight"):
+        group = {"name": "all", "sources": ["*"], "weight": 1, key: float("inf")}
+        if key == "repeat":
+            del group["weight"]
+        with pytest.raises(MixtureError, match=rf"groups\[0\] \(all\)\.{key}: Input should be a finite number"):
+            load_mixture(write_spec(root / "inf.yaml", [group]))
+    result = runner.invoke(app, ["plan", "--mixture", str(root / "inf.yaml")])
+    assert result.exit_code == 2 and "finite number" in result.output and "Traceback" not in result.output
+
+
+def test_an_epoch_too_large_to_plan_is_one_sentence_not_an_exhausted_machine(root):
+    # a typo'd repeat: 1e9 copies of every chat row
+    spec = write_spec(root / "huge.yaml", [{**CHAT, "repeat": 1e9}, {**ZH, "weight": 1}], rest="drop")
+    with pytest.raises(MixtureError, match=r"an epoch would hold about [\d,]+ rows, more than the 50,000,000 .*group 'chat' alone"):
+        load_mixture(spec)
+
+
+def test_epoch_size_without_a_weighted_group_is_refused_not_ignored(root):
+    spec = write_spec(root / "repeats-only.yaml", [{**CHAT, "repeat": 2}, {**ZH, "repeat": 1}], rest="drop", epoch_size=100)
+    with pytest.raises(MixtureError, match=r"epoch_size 100 has no effect without a group with a weight"):
+        load_mixture(spec)
+
+
+@pytest.mark.parametrize("command", ["plan", "train"])
+def test_infinite_epochs_are_a_usage_error_not_a_traceback(root, tmp_path, command):
+    """`--epochs inf` passed the > 0 check and overflowed in math.ceil (plan and train alike)."""
+    spec = write_spec(root / "finite.yaml", [{"name": "all", "sources": ["*"], "weight": 1}])
+    extra = ["--out", str(tmp_path / "run"), "--device", "cpu"] if command == "train" else []
+    for value in ("inf", "nan"):
+        result = runner.invoke(app, [command, "--mixture", str(spec), *extra, "--epochs", value])
+        assert result.exit_code == 2, result.output
+        assert "must be a finite number" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_plan_warns_about_a_group_that_gets_no_row_and_an_epoch_without_a_step(root):
+    tiny_share = write_spec(root / "tiny-share.yaml", [{**ZH, "weight": 1e-5}, {**CHAT, "weight": 1}, {**OTHER, "weight": 1}],
+                            rest="drop")
+    plan = plan_mixture(tiny_share, batch_tokens=1024).to_json()
+    zh = plan["groups"][0]
+    assert zh["rows"] > 0 and zh["delivered_rows"] == 0
+    assert any("'zh' delivers no row this epoch" in w for w in plan["warnings"]), plan["warnings"]
+
+    no_step = write_spec(root / "no-step.yaml", [{**CHAT, "weight": 1}], rest="drop", epoch_size=1)
+    plan = plan_mixture(no_step, batch_tokens=1024).to_json()
+    assert plan["steps_per_epoch"] == 0
+    assert any("an epoch holds no optimizer step" in w for w in plan["warnings"]), plan["warnings"]
+
+
 def test_a_source_two_groups_match_goes_to_the_first_and_the_plan_says_so(root):
     # a catch-all last group: every source matches it, sharegpt_tools.jsonl matches the first group too
     spec = write_spec(root / "overlap.yaml", [{"name": "chat", "sources": ["*sharegpt*"], "weight": 0.6},
@@ -374,6 +431,10 @@ def test_resume_with_changed_weights_is_refused_with_a_reason(root, tmp_path):
     mixed_spec(root, "changing.yaml", zh_weight=0.9)  # same file, new weights
     with pytest.raises(ValueError, match=r"the mixture .*changing.yaml changed since this checkpoint .*another --out"):
         run_training(TrainConfig(**{**config, "resume": True, "max_steps": 3}))
+    assert (tmp_path / "run" / "plan.json").read_text() == plan_before
+    # without --resume the run is refused too, and its plan.json (once overwritten first) stays
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        run_training(TrainConfig(**{**config, "max_steps": 3}))
     assert (tmp_path / "run" / "plan.json").read_text() == plan_before
     mixed_spec(root, "changing.yaml")  # back to the weights it started with: resumes
     assert run_training(TrainConfig(**{**config, "resume": True, "max_steps": 3}))["steps"] == 3

@@ -67,6 +67,8 @@ from trainer.sampling import MixtureSampler
 
 BY_TOKENS = "trained_tokens"
 BY_ROWS = "rows"
+# Rows one epoch may hold: its order, draws and packing plan live in memory (a few GB at this size).
+MAX_EPOCH_ROWS = 50_000_000
 
 
 class MixtureError(ValueError):
@@ -81,11 +83,16 @@ class GroupSpec(BaseModel):
 
     name: str = Field(min_length=1)
     sources: list[str] = Field(min_length=1, description="globs on the rows' source column")
-    weight: Optional[float] = Field(None, gt=0, description="share of the epoch (normalised over the weighted groups)")
-    repeat: Optional[float] = Field(None, gt=0, description="fixed factor of the group's own size per epoch")
+    # allow_inf_nan=False: `.inf` passes gt=0 and would turn every budget into NaN.
+    weight: Optional[float] = Field(
+        None, gt=0, allow_inf_nan=False, description="share of the epoch (normalised over the weighted groups)"
+    )
+    repeat: Optional[float] = Field(
+        None, gt=0, allow_inf_nan=False, description="fixed factor of the group's own size per epoch"
+    )
     max_tokens: Optional[int] = Field(None, ge=1, description="at most this many trained tokens per epoch")
     train_on: Literal["all", "last"] = Field("all", description="all assistant turns, or only the last one")
-    loss_weight: float = Field(1.0, gt=0, description="scales the loss of the group's tokens")
+    loss_weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="scales the loss of the group's tokens")
 
     @model_validator(mode="after")
     def _weight_or_repeat(self):
@@ -356,6 +363,12 @@ def _budgets(spec: MixtureSpec, natural: np.ndarray, path: Path) -> np.ndarray:
     for g, group in enumerate(spec.groups):
         if group.repeat is not None:
             budgets[g] = group.repeat * natural[g]
+    if spec.epoch_size and not weighted:
+        raise MixtureError(
+            f"mixture spec {path}: epoch_size {spec.epoch_size:,} has no effect without a group with a weight (the "
+            f"repeat groups alone make an epoch of {budgets.sum():,.0f} {spec.by.replace('_', ' ')}); drop "
+            "epoch_size, or give a group a weight to fill the rest"
+        )
     # By default the weighted groups share their own size, so an epoch holds as much of them as
     # the data does; epoch_size fixes the whole epoch instead.
     left = spec.epoch_size - budgets.sum() if spec.epoch_size else natural[weighted].sum()
@@ -384,6 +397,16 @@ def load_mixture(path: str | os.PathLike, *, default_seed: int = 0) -> Mixture:
     for index, folder in enumerate(folders):
         if not folder.is_dir():
             raise MixtureError(f"mixture spec {path}: datasets[{index}] {spec.datasets[index]!r} is no folder ({folder} does not exist)")
+    # The spec's own check compares the strings; `data`, `data/`, `./data`, an absolute path or a
+    # symlink name one folder too, and its rows would be read (and trained) twice.
+    first_of: dict[Path, int] = {}
+    for index, folder in enumerate(folders):
+        earlier = first_of.setdefault(folder.resolve(), index)
+        if earlier != index:
+            raise MixtureError(
+                f"mixture spec {path}: datasets[{earlier}] {spec.datasets[earlier]!r} and datasets[{index}] "
+                f"{spec.datasets[index]!r} are the same folder ({folder.resolve()}); list it once"
+            )
     manifests = [load_manifest(folder) for folder in folders]
     _check_same_tokens(folders, manifests)
     source_ids: dict[tuple[int, str], int] = {}
@@ -410,6 +433,8 @@ def load_mixture(path: str | os.PathLike, *, default_seed: int = 0) -> Mixture:
         natural = np.bincount(kept_group, weights=train.trained[train.group >= 0], minlength=len(spec.groups))
     else:
         natural = natural_rows.astype(float)
+    budgets = _budgets(spec, natural, path)
+    _refuse_huge_epochs(budgets, natural, natural_rows, spec, path)
     return Mixture(
         spec=spec,
         path=path,
@@ -422,9 +447,23 @@ def load_mixture(path: str | os.PathLike, *, default_seed: int = 0) -> Mixture:
         shared_sources=shared_sources,
         train=train,
         val=val,
-        budgets=_budgets(spec, natural, path),
+        budgets=budgets,
         caps=[g.max_tokens for g in spec.groups],
     )
+
+
+def _refuse_huge_epochs(budgets: np.ndarray, natural: np.ndarray, natural_rows: np.ndarray, spec, path: Path) -> None:
+    """An epoch's order is held in memory (8 bytes a row, more while it is packed): a ``repeat``
+    or ``epoch_size`` typo must be one sentence, not an exhausted machine."""
+    rows = np.divide(budgets * natural_rows, natural, out=np.zeros_like(budgets), where=natural > 0)
+    if rows.sum() > MAX_EPOCH_ROWS:
+        biggest = int(np.argmax(rows))
+        raise MixtureError(
+            f"mixture spec {path}: an epoch would hold about {rows.sum():,.0f} rows, more than the "
+            f"{MAX_EPOCH_ROWS:,} sftkit plans at once (group {spec.groups[biggest].name!r} alone "
+            f"{rows[biggest]:,.0f}, from {natural_rows[biggest]:,} rows); lower its repeat, weight or epoch_size "
+            "and train more epochs instead"
+        )
 
 
 # --- serving rows ----------------------------------------------------------------------------

@@ -188,7 +188,12 @@ def _warnings(report: MixturePlan) -> list[str]:
                 f"group {g.name!r} is repeated {g.repeats:.1f} times an epoch (more than {MAX_SAFE_REPEATS:g}): its "
                 "rows will be memorised long before the rest; lower its weight or add data to it"
             )
-        if g.capped:
+        if g.rows and not g.delivered_rows:
+            out.append(
+                f"group {g.name!r} delivers no row this epoch: its budget ({100 * g.target_share:.2f} % of the epoch) "
+                "is too small for even one of its rows; raise its weight (or use repeat) or leave it out of the spec"
+            )
+        elif g.capped:
             out.append(
                 f"group {g.name!r} is capped by max_tokens {g.max_tokens:,}: it delivers {100 * g.delivered_share:.1f} % "
                 f"instead of {100 * g.target_share:.1f} % (the other groups are not scaled up)"
@@ -198,6 +203,12 @@ def _warnings(report: MixturePlan) -> list[str]:
                 f"group {g.name!r} delivers {100 * g.delivered_share:.1f} % instead of {100 * g.target_share:.1f} %: "
                 "its rows are large next to its budget (or the tail dropped across ranks)"
             )
+    if not report.steps_per_epoch:
+        out.append(
+            f"an epoch holds no optimizer step ({report.delivered_rows:,} row(s) delivered for {report.world_size} "
+            f"rank(s) at --batch-tokens {report.batch_tokens:,}): `sftkit train` would refuse it; raise epoch_size "
+            "(when the spec sets one), or lower --batch-tokens or the number of ranks"
+        )
     if report.zero_trained_rows:
         out.append(
             f"{report.zero_trained_rows:,} row(s) have no trained token (after train_on); they cost compute and teach nothing"
@@ -224,14 +235,17 @@ PLAN_FILE = "plan.json"
 def announce_plan(mixture: Mixture, planner: EpochPlanner, config) -> MixturePlan:
     """At the start of ``sftkit train --mixture``: print the plan and write ``RUN/plan.json``.
 
-    A resumed run keeps the plan.json it started with (a resume must have the same plan anyway,
-    and one refused for a changed spec must not lose the record of the old one)."""
+    A run folder that holds checkpoints keeps the plan.json it started with: a resume must have
+    the same plan anyway, and a run refused (a changed spec, or a forgotten --resume) must not
+    lose the record of the old one. Without checkpoints the run starts at step 0 and the plan is
+    the current one."""
     from pipeline.fsutil import write_json_atomic
     from pipeline.report.plan import print_plan
+    from trainer.checkpoint import list_checkpoints
 
     report = build_plan(mixture, planner, grad_accum=config.grad_accum, epochs=config.epochs, max_steps=config.max_steps)
     path = Path(config.out) / PLAN_FILE
-    if not (config.resume and path.is_file()):
+    if not (path.is_file() and list_checkpoints(Path(config.out))):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(report.to_json(), path)
     print_plan(None, report.to_json())
