@@ -195,12 +195,15 @@ def test_the_chunked_loss_estimate_saves_what_the_measurement_saves():
 
 # --- what fits -------------------------------------------------------------------------------
 def test_parse_size():
-    assert parse_size("80GB") == 80 * 10**9
+    assert parse_size("80GB") == parse_size("80GiB") == 80 * 2**30  # GPU memory is sold in GiB labelled GB
     assert parse_size("24GiB") == parse_size("24G") == parse_size("24 gib") == 24 * 2**30
     assert parse_size("81559MiB") == 81559 * 2**20
     assert parse_size("1000") == 1000
     with pytest.raises(ValueError, match="80GB"):
         parse_size("eighty gigs")
+    for nothing in ("0", "0GB", "0.4"):  # used to pass as a 0-byte GPU that nothing fits
+        with pytest.raises(ValueError, match="is no memory at all"):
+            parse_size(nothing)
 
 
 @pytest.mark.parametrize("gpu_memory,gpus", [("80GB", 1), ("80GB", 8), ("24GiB", 1), ("40GB", 4)])
@@ -257,8 +260,19 @@ def test_dry_run_of_a_model_folder_suggests_flags_that_then_fit(model_folder, tm
         gpus = ("--gpus", str(suggestion.strategy.fsdp_gpus)) if suggestion.strategy.fsdp_gpus > 1 else ()
         again = dry_run(*base, *suggestion.args, *gpus)
         assert again.exit_code == 0, again.output
-        assert "fits a 74.51 GiB GPU" in again.output, (suggestion.args, again.output)
+        assert "fits a 80.00 GiB GPU" in again.output, (suggestion.args, again.output)
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_of_the_tiny_model_takes_its_vocabulary_from_an_explicit_tokenizer(bpe_tokenizer_path, tmp_path):
+    """What the refusal without --data says to do: --tokenizer alone (it used to be refused too)."""
+    result = dry_run("--out", str(tmp_path / "run"), "--tokenizer", str(bpe_tokenizer_path))
+    assert result.exit_code == 0, result.output
+    assert "total" in result.output and not (tmp_path / "run").exists()
+    refused = dry_run("--out", str(tmp_path / "run"))
+    assert refused.exit_code == 2 and "pass --data DIR (or --tokenizer)" in refused.output
+    zero = dry_run("--out", str(tmp_path / "run"), "--tokenizer", str(bpe_tokenizer_path), "--gpu-memory", "0GB")
+    assert zero.exit_code == 2 and "is no memory at all" in zero.output and "Traceback" not in zero.output
 
 
 def test_gpu_memory_without_dry_run_is_refused(dataset, tmp_path):

@@ -34,20 +34,26 @@ from trainer.memory import HEADROOM, MemoryEstimate, ModelShape, Strategy, estim
 SUGGESTED_LORA_R = 16
 MIN_BATCH_TOKENS = 1024  # below this a step is mostly kernel launches
 FSDP_SIZES = (2, 4, 8)
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)b?|b?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])i?b?|b?)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """Bytes in ``80GB`` (80 x 10^9), ``24GiB`` or ``24G`` (24 x 2^30), ``81559MiB``, or a plain number of bytes."""
+    """Bytes in ``80GB``, ``80GiB`` or ``80G`` (all 80 x 2^30), ``81559MiB``, or a plain number of bytes.
+
+    Units are binary even when written GB: GPU memory is sold that way (an "80GB" A100 holds
+    81,920 MiB, an "80GB" H100 81,559 MiB), so reading 80GB as 80 x 10^9 would plan for 7 %
+    less memory than the card has."""
     match = _SIZE.match(str(text))
     if not match:
         raise ValueError(f"cannot read the memory size {text!r}; write it like 80GB, 24GiB or 24G")
-    number, unit, binary = match.groups()
+    number, unit = match.groups()
     if not unit:
-        return int(float(number))
-    power = "kmgt".index(unit.lower()) + 1
-    decimal = text.strip().lower().endswith(f"{unit.lower()}b") and not binary
-    return int(float(number) * (1000**power if decimal else 1024**power))
+        size = int(float(number))
+    else:
+        size = int(float(number) * 1024 ** ("kmgt".index(unit.lower()) + 1))
+    if size < 1:
+        raise ValueError(f"the memory size {text!r} is no memory at all; write the GPU's size, like 80GB, 24GiB or 24G")
+    return size
 
 
 def usable_bytes(gpu_bytes: int) -> int:
@@ -195,7 +201,9 @@ def dry_run(config, *, gpus: int | None = None, gpu_memory: str | None = None) -
     if config.model == TINY:
         from trainer.models import resolve_tokenizer
 
-        tokenizer = resolve_tokenizer(_data_folder(config), config.model, config.tokenizer)
+        # An explicit --tokenizer needs no data folder (resolve_tokenizer does not read it then).
+        data = _data_folder(config) if not config.tokenizer else None
+        tokenizer = resolve_tokenizer(data, config.model, config.tokenizer)
     shape = model_shape(load_model_config(config.model, tokenizer))
     current = strategy_from_config(config, gpus)
     suggestions = (
