@@ -247,6 +247,8 @@ def test_dry_run_with_the_tiny_model_prints_the_table_and_creates_nothing(datase
     for row in ("weights", "gradients", "optimizer states", "activations", "logits", "total"):
         assert row in result.output
     assert "fits a 24.00 GiB GPU" in result.output
+    both = dry_run("--data", str(dataset.data_dir), "--mixture", str(tmp_path / "mix.yaml"), "--out", str(out))
+    assert both.exit_code == 2 and "give --data or --mixture, not both" in both.output  # as train itself says
     assert not out.exists()
 
 

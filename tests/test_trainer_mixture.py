@@ -525,3 +525,25 @@ def test_inspect_html_shows_the_mixture_plan(root, tmp_path):
         dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
                               "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
         assert 'data-images-loaded="all"' in dom, dom[:500]
+
+
+def test_the_plan_warns_when_a_group_or_the_whole_mixture_has_no_validation_row(root, samples_dir, bpe_tokenizer_path):
+    """Early stopping compares validation losses: a group without val rows is judged by the others."""
+    config = SFTConfig.from_yaml(samples_dir / "demo.yaml")
+    config.shards.val_fraction = 0.0
+    inputs = root / "train_only_inputs"
+    inputs.mkdir(exist_ok=True)
+    shutil.copy(samples_dir / "inputs" / "sharegpt_tools.jsonl", inputs / "train_only_tools.jsonl")
+    prepare([str(inputs / "train_only_tools.jsonl")], str(bpe_tokenizer_path), root / "data" / "noval", config)
+
+    alone = write_spec(root / "noval.yaml", [{"name": "tools", "sources": ["*train_only*"], "weight": 1}],
+                       datasets=["data/noval"])
+    warnings = plan_mixture(alone, batch_tokens=1024).to_json()["warnings"]
+    assert any("the mixture has no validation row" in w for w in warnings), warnings
+
+    mixed = write_spec(root / "part-noval.yaml", [{**CHAT, "weight": 1}, {"name": "tools", "sources": ["*train_only*"], "weight": 1}],
+                       datasets=["data/nightly", "data/noval"], rest="drop")
+    plan = plan_mixture(mixed, batch_tokens=1024).to_json()
+    assert plan["groups"][0]["val_rows"] > 0 and plan["groups"][1]["val_rows"] == 0
+    assert any("group 'tools' has no validation row" in w for w in plan["warnings"]), plan["warnings"]
+    assert not any("group 'chat' has no validation row" in w for w in plan["warnings"])

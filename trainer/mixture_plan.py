@@ -186,7 +186,13 @@ def _warnings(report: MixturePlan) -> list[str]:
         if g.repeats > MAX_SAFE_REPEATS:
             out.append(
                 f"group {g.name!r} is repeated {g.repeats:.1f} times an epoch (more than {MAX_SAFE_REPEATS:g}): its "
-                "rows will be memorised long before the rest; lower its weight or add data to it"
+                "rows will be memorised long before the rest; "
+                + ("lower its repeat" if g.repeat is not None else "lower its weight") + " or add data to it"
+            )
+        if g.rows and not g.val_rows and report.val_rows:
+            out.append(
+                f"group {g.name!r} has no validation row: early stopping judges the mixture without it "
+                "(prepare its sources with a val split)"
             )
         if g.rows and not g.delivered_rows:
             out.append(
@@ -203,6 +209,8 @@ def _warnings(report: MixturePlan) -> list[str]:
                 f"group {g.name!r} delivers {100 * g.delivered_share:.1f} % instead of {100 * g.target_share:.1f} %: "
                 "its rows are large next to its budget (or the tail dropped across ranks)"
             )
+    if not report.val_rows:
+        out.append("the mixture has no validation row: nothing is evaluated and early stopping never fires")
     if not report.steps_per_epoch:
         out.append(
             f"an epoch holds no optimizer step ({report.delivered_rows:,} row(s) delivered for {report.world_size} "
