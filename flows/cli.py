@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -261,6 +262,8 @@ def train(
         _fail(str(exc))
     from rich.console import Console
 
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary (rank 0's), not one per rank
+        raise typer.Exit(code=EXIT_SIGTERM if summary["stop_reason"] == "sigterm" else 0)
     if summary["stop_reason"] == "sigterm":
         _say(
             f"stopped by SIGTERM at step {summary['steps']}; the checkpoint is saved in {out}/checkpoints/, "

@@ -148,6 +148,7 @@ def test_two_process_ddp_matches_one_process_with_grad_accumulation(data_dir, tm
     ddp = subprocess.run(train_command(data_dir, tmp_path / "ddp", *steps, launcher=torchrun),
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("final model + tokenizer:") == 1  # rank 0 speaks for the run
     single = run_training(
         TrainConfig(data=data_dir, out=tmp_path / "single", max_steps=6, lr=3e-3, batch_tokens=512, grad_accum=2,
                     eval_every=3, save_every=100, device="cpu", seed=1, progress=False)

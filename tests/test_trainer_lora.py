@@ -108,6 +108,10 @@ def test_a_lora_run_resumes_from_its_checkpoint_exactly(data_dir, tmp_path):
         capture_output=True, text=True,
     )
     assert other_rank.returncode == 2 and "holds LoRA adapters of another setup (lora_r 4 -> 8)" in other_rank.stderr
+    other_dtype = subprocess.run([*command, "--dtype", "bf16", "--out", str(crashed), "--resume"], cwd=REPO, env=env,
+                                 capture_output=True, text=True)
+    assert other_dtype.returncode == 2, other_dtype.stderr
+    assert "are fp32 and --dtype asks for bf16; resume with --dtype fp32" in " ".join(other_dtype.stderr.split())
 
 
 def test_bf16_weights_keep_adapters_in_fp32_and_train(data_dir, bpe_tokenizer, tmp_path):

@@ -373,6 +373,12 @@ class SFTTrainer:
                 "LoRA adapters; resume without --lora-r, or start the LoRA run in another --out (its --model may be "
                 "this run's final/)"
             )
+        saved_dtype = saved.get("dtype", "fp32")  # checkpoints from before --dtype were fp32
+        if saved_dtype != current["dtype"]:
+            raise ValueError(
+                f"cannot resume {path}: its weights and optimizer state are {saved_dtype} and --dtype asks for "
+                f"{current['dtype']}; resume with --dtype {saved_dtype}"
+            )
 
     def _save(self, run_dir: Path) -> None:
         save_checkpoint(

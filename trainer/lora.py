@@ -15,6 +15,7 @@ the adapters folded in, which loads with plain ``transformers``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,7 +81,9 @@ def apply_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers for the attribute it renamed in 5.x
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_lora(model: torch.nn.Module) -> bool:
