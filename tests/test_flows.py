@@ -112,3 +112,29 @@ def test_deployment_registered_on_server_has_its_schedule(prefect_harness, tmp_p
     assert [s.schedule.cron for s in stored.schedules] == ["0 3 * * *"]
     assert all(s.active for s in stored.schedules)
     assert stored.parameters["tokenizer"] == str(bpe_tokenizer_path.absolute())
+
+
+def test_train_flow_trains_on_a_mixture_of_two_folders_on_real_engine(prefect_harness, tmp_path, bpe_tokenizer_path):
+    from flows.train import train_flow
+    from pipeline.config import SFTConfig
+    from pipeline.prepare import prepare
+
+    inputs = make_inputs(tmp_path / "in")  # alpaca.json and chat.jsonl
+    for name, source in (("team-a", inputs[0]), ("team-b", inputs[1])):
+        prepare([str(source)], str(bpe_tokenizer_path), tmp_path / "data" / name, SFTConfig.model_validate(CONFIG))
+    spec = tmp_path / "mix.yaml"
+    spec.write_text(
+        "datasets: [data/team-a, data/team-b]\n"
+        "groups:\n  - {name: a, sources: ['*alpaca*'], weight: 0.5}\n  - {name: b, sources: ['*chat*'], weight: 0.5}\n",
+        encoding="utf-8",
+    )
+    options = {"model": "tiny", "max_steps": 2, "batch_tokens": 1024, "lr": 1e-3, "device": "cpu", "progress": False}
+    metrics = train_flow(mixture=str(spec), out=str(tmp_path / "run"), options=options)
+    assert metrics["steps"] == 2 and metrics["final_dir"]
+    plan = __import__("json").loads((tmp_path / "run" / "plan.json").read_text())
+    assert [g["name"] for g in plan["groups"]] == ["a", "b"] and all(g["delivered_rows"] for g in plan["groups"])
+
+    with pytest.raises(ValueError, match="`data` .* or `mixture` .*, exactly one"):
+        train_flow.fn(data=str(tmp_path / "data" / "team-a"), mixture=str(spec), out=str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="expected_version names the version of `data`"):
+        train_flow.fn(mixture=str(spec), out=str(tmp_path / "other"), expected_version=1)

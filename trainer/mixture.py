@@ -389,10 +389,10 @@ def spec_sha256(spec: MixtureSpec, folders: list[Path]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def load_mixture(path: str | os.PathLike, *, default_seed: int = 0) -> Mixture:
-    """Read and check a mixture spec and the narrow columns of its folders' shards."""
+def spec_folders(path: str | os.PathLike, spec: MixtureSpec | None = None) -> list[Path]:
+    """The prepared folders a mixture spec names (relative to its own folder), each once and there."""
     path = Path(path)
-    spec = read_spec(path)
+    spec = spec if spec is not None else read_spec(path)
     folders = [Path(os.path.normpath(path.parent / d)) for d in spec.datasets]
     for index, folder in enumerate(folders):
         if not folder.is_dir():
@@ -407,6 +407,14 @@ def load_mixture(path: str | os.PathLike, *, default_seed: int = 0) -> Mixture:
                 f"mixture spec {path}: datasets[{earlier}] {spec.datasets[earlier]!r} and datasets[{index}] "
                 f"{spec.datasets[index]!r} are the same folder ({folder.resolve()}); list it once"
             )
+    return folders
+
+
+def load_mixture(path: str | os.PathLike, *, default_seed: int = 0) -> Mixture:
+    """Read and check a mixture spec and the narrow columns of its folders' shards."""
+    path = Path(path)
+    spec = read_spec(path)
+    folders = spec_folders(path, spec)
     manifests = [load_manifest(folder) for folder in folders]
     _check_same_tokens(folders, manifests)
     source_ids: dict[tuple[int, str], int] = {}
