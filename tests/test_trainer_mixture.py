@@ -547,3 +547,11 @@ def test_the_plan_warns_when_a_group_or_the_whole_mixture_has_no_validation_row(
     assert plan["groups"][0]["val_rows"] > 0 and plan["groups"][1]["val_rows"] == 0
     assert any("group 'tools' has no validation row" in w for w in plan["warnings"]), plan["warnings"]
     assert not any("group 'chat' has no validation row" in w for w in plan["warnings"])
+
+
+def test_the_plan_shows_the_users_names_as_written_not_as_terminal_markup(root):
+    # "[/chat]" would be a closing markup tag to rich: printed raw it raised MarkupError
+    spec = write_spec(root / "markup.yaml", [{**CHAT, "name": "[/chat] [bold]x", "weight": 1}], rest="drop")
+    result = runner.invoke(app, ["plan", "--mixture", str(spec)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "[/chat] [bold]x" in result.output

@@ -83,13 +83,14 @@ def print_plan(console: Console | None, plan: dict[str, Any]) -> None:
     table = Table(show_edge=False, header_style="bold")
     for i, name in enumerate(GROUP_HEADERS):
         table.add_column(name, justify="left" if i < 2 else "right")
+    # Group names, globs and paths are the user's text: shown as it is, never read as rich markup.
     for row in group_rows(plan):
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))
     console.print(table)
     for line in summary_lines(plan):
-        console.print(line, highlight=False)
+        console.print(Text(line), highlight=False)
     for warning in plan["warnings"]:
-        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+        console.print(Text.assemble(("warning:", "bold yellow"), " ", warning), highlight=False)
 
 
 def plan_section(plan: dict[str, Any]) -> str:
