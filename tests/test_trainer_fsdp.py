@@ -6,6 +6,7 @@ thread per process; the reference FSDP run is made once per module and compared 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -191,3 +192,44 @@ def test_a_sharded_checkpoint_whose_metadata_names_other_code_is_refused(fsdp_ru
     with pytest.raises(CheckpointError, match="is damaged: sharded/.metadata cannot be read .*makedirs is not allowed"):
         load_checkpoint(checkpoint, model=tiny_model(bpe_tokenizer, seed=0))
     assert not (tmp_path / "pwned").exists()
+
+
+# Two DDP steps in each torchrun process; records how many storages the gradients live in.
+BUCKET_PROBE = """
+import json, sys
+import torch
+from pipeline.tokenizers import load_tokenizer
+from trainer import SFTTrainer, ShardDataset, TrainConfig, distributed
+from trainer.batching import PlannedBatches
+from trainer.models import tiny_model
+
+data, tokenizer_path, out = sys.argv[1:]
+distributed.init_from_env("cpu")
+tokenizer = load_tokenizer(tokenizer_path)
+dataset = ShardDataset(data, "train")
+config = TrainConfig(data=data, out=out, device="cpu", batch_tokens=384, progress=False)
+trainer = SFTTrainer(tiny_model(tokenizer, seed=0), dataset, None, config, tokenizer=tokenizer)
+plan = trainer.planner.rank_plan(0)
+storages = []
+for step in range(2):  # the second step starts from gradients set to None by zero_grad
+    batch = next(iter(PlannedBatches(dataset, plan[step : step + 1], trainer.pad_token_id)))
+    trainer.forward_backward([batch])
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    storages.append([len(grads), len({g.untyped_storage().data_ptr() for g in grads})])
+    trainer.optimizer_step(1)
+with open(f"{out}-rank{trainer.dist.rank}.json", "w") as handle:
+    json.dump(storages, handle)
+distributed.shutdown()
+"""
+
+
+def test_ddp_gradients_live_in_its_buckets_not_beside_them(data_dir, bpe_tokenizer_path, tmp_path):
+    """What the memory estimate counts for DDP: one copy of the gradients, not two."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(BUCKET_PROBE)
+    run = subprocess.run([*TORCHRUN[:-1], str(probe), str(data_dir), str(bpe_tokenizer_path), str(tmp_path / "grads")],
+                         cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        for params, storages in json.loads((tmp_path / f"grads-rank{rank}.json").read_text()):
+            assert params > 10 and storages <= 2, (params, storages)  # each gradient a view into a bucket

@@ -13,7 +13,7 @@ knows is counted exactly) and adds up, per GPU:
 | logits | log-softmax and the two gradients of the loss: every position (plain) or one chunk |
 | never at once | with checkpointing: the logits are gone before the first layer is recomputed |
 | autocast copies | bf16 copies of fp32 matmul weights that autocast makes on the GPU |
-| FSDP gathered / DDP gradient buckets | what sharding or data parallelism adds |
+| FSDP gathered | what sharding adds (DDP adds nothing: the gradients are its buckets) |
 
 With ``fsdp_gpus`` N the first three rows are divided by N (FSDP2 shards parameters, gradients and
 optimizer states; trainer/sharding.py gathers them in bf16 on a GPU). The total is the sum, a
@@ -299,9 +299,8 @@ def estimate(shape: ModelShape, strategy: Strategy) -> MemoryEstimate:
         reduce_bytes = layer_w + (4 if layer_w != 4 else 0)
         parts["FSDP gathered"] = (2 * shape.root_params + 2 * shape.layer_params) * layer_w + shape.layer_params * reduce_bytes
         notes["FSDP gathered"] = "root unit + 2 layers unsharded, their gradients before reduce-scatter"
-    elif s.world_size > 1:
-        parts["DDP gradient buckets"] = trainable * trainable_bytes
-        notes["DDP gradient buckets"] = "DDP's flat copy of the gradients for the all-reduce"
+    # DDP keeps no copy of its own: the gradients are views into its all-reduce buckets
+    # (trainer/sharding.py, gradient_as_bucket_view).
     return MemoryEstimate(s, parts, notes)
 
 

@@ -1,8 +1,9 @@
 """How the trained objective is spread over ranks: DDP replicas or FSDP2 shards, plus activation checkpointing.
 
-Without ``--fsdp`` every rank holds the whole model and DDP all-reduces gradients. With ``--fsdp``
-(under torchrun, more than one rank) FSDP2's ``fully_shard`` splits parameters, gradients and
-AdamW moments across ranks: one unit per decoder layer, then the root unit, the
+Without ``--fsdp`` every rank holds the whole model and DDP all-reduces gradients (kept in its
+buckets: no second copy). With ``--fsdp`` (under torchrun, more than one rank) FSDP2's
+``fully_shard`` splits parameters, gradients and AdamW moments across ranks: one unit per
+decoder layer, then the root unit, the
 :class:`~trainer.loss.CausalLMLoss` objective, which keeps what is left (embeddings, final norm,
 LM head). A layer's full weights exist only while it runs. On CUDA the units compute in bf16 and
 reduce gradients in fp32 over fp32 master shards; on CPU (gloo) they compute and reduce in the
@@ -81,7 +82,11 @@ def wrap(objective: nn.Module, device: torch.device, fsdp: bool) -> nn.Module:
     if fsdp:
         shard(objective, device)
         return objective
-    return nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside
+    # them, which saves one model-sized copy of the gradients.
+    return nn.parallel.DistributedDataParallel(
+        objective, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+    )
 
 
 def shard(objective: nn.Module, device: torch.device) -> None:
