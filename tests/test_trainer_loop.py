@@ -19,7 +19,7 @@ import torch
 from trainer.loop import TrainConfig, run_training
 from trainer.metrics import read_metrics
 from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import TRAIN_ENV, corpus_dataset, kill_mid_run, train_losses
+from trainer_fixtures import TRAIN_ENV, assert_same_curves, corpus_dataset, kill_mid_run, train_losses
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = TRAIN_ENV
@@ -153,12 +153,7 @@ def test_two_process_ddp_matches_one_process_with_grad_accumulation(data_dir, tm
         TrainConfig(data=data_dir, out=tmp_path / "single", max_steps=6, lr=3e-3, batch_tokens=512, grad_accum=2,
                     eval_every=3, save_every=100, device="cpu", seed=1, progress=False)
     )
-    ddp_rows, single_rows = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
-    for kind, key in (("train", "loss"), ("train", "trained_tokens"), ("eval", "eval_loss")):
-        ddp_values = [r[key] for r in ddp_rows if r["type"] == kind]
-        single_values = [r[key] for r in single_rows if r["type"] == kind]
-        assert len(ddp_values) == len(single_values) > 0
-        assert ddp_values == pytest.approx(single_values, rel=1e-4), key
+    assert_same_curves(tmp_path / "ddp", tmp_path / "single")
     assert single["steps"] == 6
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
 

@@ -39,7 +39,7 @@ from trainer.mixture_plan import plan_mixture
 from trainer.models import tiny_model
 from trainer.sampling import EpochPlanner
 from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import kill_mid_run, train_losses
+from trainer_fixtures import assert_same_curves, kill_mid_run, train_losses
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -492,12 +492,7 @@ def test_two_process_ddp_ranks_see_disjoint_rows_and_match_one_process(root, tmp
     # the same global batches as one process accumulating two micro-batches per step
     run_training(TrainConfig(mixture=spec, out=tmp_path / "single", max_steps=6, lr=3e-3, batch_tokens=512, grad_accum=2,
                              eval_every=3, save_every=100, device="cpu", seed=1, progress=False))
-    ddp_rows, single_rows = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
-    for kind, key in (("train", "loss"), ("train", "trained_tokens"), ("eval", "eval_loss")):
-        ddp_values = [r[key] for r in ddp_rows if r["type"] == kind]
-        single_values = [r[key] for r in single_rows if r["type"] == kind]
-        assert len(ddp_values) == len(single_values) > 0
-        assert ddp_values == pytest.approx(single_values, rel=1e-4), key
+    assert_same_curves(tmp_path / "ddp", tmp_path / "single")
 
 
 # --- the report on a page ----------------------------------------------------------------------

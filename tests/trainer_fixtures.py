@@ -169,3 +169,18 @@ def kill_mid_run(command: list[str], run_dir: Path, *, after_steps: int) -> int:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return len(train_losses(run_dir))
+
+
+CURVES = (("train", "loss"), ("train", "trained_tokens"), ("eval", "eval_loss"))
+
+
+def assert_same_curves(run_a: Path, run_b: Path, curves=CURVES, rel: float = 1e-4) -> None:
+    """Two runs' metrics.jsonl agree, curve by curve, to ``rel`` (and neither is empty)."""
+    from trainer.metrics import read_metrics
+
+    rows_a, rows_b = read_metrics(run_a), read_metrics(run_b)
+    for kind, key in curves:
+        values_a = [r[key] for r in rows_a if r["type"] == kind]
+        values_b = [r[key] for r in rows_b if r["type"] == kind]
+        assert len(values_a) == len(values_b) > 0, key
+        assert values_a == pytest.approx(values_b, rel=rel), key
