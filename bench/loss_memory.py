@@ -85,11 +85,11 @@ def main() -> None:
         abs(plain[key] - chunked[key]) / abs(plain[key]) for key in ("head_grad_norm", "hidden_grad_norm")
     )
     # The estimator's logits rows for the same shapes (its hidden-state and head-gradient terms included).
-    from trainer.memory import LOGIT_BYTES
+    from trainer.memory import loss_bytes
 
     estimated = {
-        "plain": args.tokens * VOCAB * LOGIT_BYTES,
-        "chunked": min(args.chunk, args.tokens) * VOCAB * LOGIT_BYTES + 2 * args.tokens * HIDDEN * 4 + VOCAB * HIDDEN * 4,
+        mode: loss_bytes(args.tokens, VOCAB, HIDDEN, chunk_tokens=chunk, hidden_bytes=4, trained_head_params=VOCAB * HIDDEN)
+        for mode, chunk in (("plain", 0), ("chunked", args.chunk))
     }
     results = {
         "tokens": args.tokens, "vocab": VOCAB, "hidden": HIDDEN, "chunk_tokens": args.chunk,

@@ -244,9 +244,6 @@ def train(
     if dry_run:
         from rich.console import Console
 
-        if data is not None and mixture is not None:
-            _fail("give --data or --mixture, not both")
-
         from trainer.memory_fit import dry_run as estimate_run, print_dry_run
 
         try:

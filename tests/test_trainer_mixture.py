@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -39,11 +38,10 @@ from trainer.mixture_plan import plan_mixture
 from trainer.models import tiny_model
 from trainer.sampling import EpochPlanner
 from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import assert_same_curves, kill_mid_run, train_losses
+from trainer_fixtures import TRAIN_ENV, assert_same_curves, kill_mid_run, train_losses
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+ENV = {**TRAIN_ENV, "PYTHONPATH": str(REPO)}
 runner = CliRunner()
 
 CHAT = {"name": "chat", "sources": ["*sharegpt*", "*openai*"]}

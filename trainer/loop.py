@@ -85,7 +85,9 @@ class TrainConfig(BaseModel):
     progress: bool = True
 
     @model_validator(mode="after")
-    def _lora_options_need_lora(self):
+    def _options_that_go_together(self):
+        if self.data is not None and self.mixture is not None:
+            raise ValueError("give --data or --mixture, not both")
         if not self.lora_r and (self.merge or self.lora_targets):
             raise ValueError("--merge and --lora-targets apply to LoRA runs only; add --lora-r N (e.g. 16)")
         # Refused here, before any model loads: on several ranks sharding.shard refuses it anyway
@@ -473,10 +475,10 @@ def run_training(config: TrainConfig) -> dict:
 
     from pipeline.report.integrity import load_manifest
 
-    if (config.data is None) == (config.mixture is None):
+    if config.data is None and config.mixture is None:  # both at once: TrainConfig refuses that
         raise ValueError(
             "give the training data as --data DIR (a folder made by `sftkit prepare`) or as --mixture FILE "
-            "(a mixture spec), exactly one of them"
+            "(a mixture spec)"
         )
     # A missing or damaged manifest or spec: one sentence before anything starts.
     mixture = load_mixture(config.mixture, default_seed=config.seed) if config.mixture is not None else None

@@ -147,7 +147,7 @@ def chunked_cross_entropy(
     )
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft wrapper (its LoRA layers are injected in place)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -156,7 +156,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _decoder_and_head(model: torch.nn.Module):
     """(decoder, LM head, softcap) when the logits are ``head(decoder(x))`` (with Gemma's optional
     softcap), else None: then the plain path is the only exact one."""
-    inner = _unwrap(model)
+    inner = unwrap_peft(model)
     decoder = getattr(inner, "base_model", None)
     get_head = getattr(inner, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None

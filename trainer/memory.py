@@ -269,16 +269,13 @@ def estimate(shape: ModelShape, strategy: Strategy) -> MemoryEstimate:
         parts["activations"] = tokens * (shape.num_layers * layer + final_norm)
         notes["activations"] = f"{_count(layer)} B per token per layer x {shape.num_layers} layers"
 
+    parts["logits"] = loss_bytes(
+        tokens, shape.vocab, h, chunk_tokens=s.loss_chunk_tokens, hidden_bytes=layer_w,
+        trained_head_params=0 if s.lora_r else shape.head_params,
+    )
     if s.loss_chunk_tokens:
-        chunk = min(s.loss_chunk_tokens, tokens)
-        # + the trained positions' hidden states the chunks start from and their gradient (computed
-        # in the forward pass, kept for backward), and (when the head trains) the fp32 head-sized
-        # gradient the chunks' head gradients are summed into (trainer/loss.py).
-        head_gradient = 0 if s.lora_r else shape.head_params * 4
-        parts["logits"] = chunk * shape.vocab * LOGIT_BYTES + 2 * tokens * h * layer_w + head_gradient
-        notes["logits"] = f"one chunk: {chunk} positions x {shape.vocab} vocab x {LOGIT_BYTES} B"
+        notes["logits"] = f"one chunk: {min(s.loss_chunk_tokens, tokens)} positions x {shape.vocab} vocab x {LOGIT_BYTES} B"
     else:
-        parts["logits"] = tokens * shape.vocab * LOGIT_BYTES
         notes["logits"] = f"{tokens} positions x {shape.vocab} vocab x {LOGIT_BYTES} B"
     if s.activation_checkpointing:
         parts["never at once"] = -min(parts["logits"], recomputed)
@@ -302,6 +299,18 @@ def estimate(shape: ModelShape, strategy: Strategy) -> MemoryEstimate:
     # DDP keeps no copy of its own: the gradients are views into its all-reduce buckets
     # (trainer/sharding.py, gradient_as_bucket_view).
     return MemoryEstimate(s, parts, notes)
+
+
+def loss_bytes(tokens: int, vocab: int, hidden: int, *, chunk_tokens: int, hidden_bytes: int, trained_head_params: int) -> int:
+    """The loss's memory at its peak over ``tokens`` trained positions: every position's logits
+    (plain, ``chunk_tokens`` 0), or one chunk's plus the trained positions' hidden states the
+    chunks start from and their gradient (computed in the forward pass, kept for backward) and,
+    when the head trains, the fp32 head-sized gradient the chunks' head gradients are summed
+    into (trainer/loss.py)."""
+    if not chunk_tokens:
+        return tokens * vocab * LOGIT_BYTES
+    chunk = min(chunk_tokens, tokens)
+    return chunk * vocab * LOGIT_BYTES + 2 * tokens * hidden * hidden_bytes + trained_head_params * 4
 
 
 def _layer_activation_bytes(shape: ModelShape, s: Strategy, w: int, c: int, autocast: bool) -> int:

@@ -35,15 +35,15 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from pipeline.schema import IGNORE_INDEX
-from trainer import distributed
+from trainer import distributed, lora
 from trainer.batching import collate_packed
-from trainer.loss import _unwrap
+from trainer.loss import unwrap_peft
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder's repeated blocks (``model.model.layers`` in Llama, Qwen, Mistral, Gemma, Phi):
     the one ``nn.ModuleList`` among the base model's direct children (peft wrappers looked through)."""
-    inner = _unwrap(model)
+    inner = unwrap_peft(model)
     base = getattr(inner, "base_model", inner)
     lists = [child for child in base.children() if isinstance(child, nn.ModuleList)]
     if len(lists) != 1:
@@ -65,7 +65,7 @@ def checkpoint_activations(model: nn.Module) -> None:
     backward that DDP's and FSDP2's gradient hooks do not expect.
     """
     decoder_layers(model)  # the same clear error as --fsdp for a model without decoder layers
-    inner = _unwrap(model)
+    inner = unwrap_peft(model)
     enable = getattr(inner, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -93,7 +93,7 @@ def shard(objective: nn.Module, device: torch.device) -> None:
     """FSDP2 in place: one unit per decoder layer, then the objective as root (build the optimizer after this)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if hasattr(objective.model, "peft_config"):
+    if lora.is_lora(objective.model):
         raise ValueError(
             "--fsdp does not take --lora-r yet (final/ would need the adapters gathered from the shards); "
             "drop --fsdp to train LoRA with DDP"
