@@ -10,6 +10,10 @@ from typing import Optional
 
 import typer
 
+# The one source of the training defaults (see _trained). Importing it loads torch and
+# transformers, which `train` needs anyway.
+from trainer.config import TrainConfig
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -99,6 +103,11 @@ def _at_least(low: float, *, strict: bool = False):
     return check
 
 
+def _trained(field: str):
+    """TrainConfig's default for ``field``: what ``sftkit train --<field>`` means when not given."""
+    return TrainConfig.model_fields[field].default
+
+
 @app.command()
 def prepare(
     inputs: list[str] = typer.Argument(..., help="files or globs: .json, .jsonl(.gz|.zst), .parquet, or a save_to_disk folder"),
@@ -151,50 +160,58 @@ def prepare(
 
 @app.command()
 def train(
-    data: Optional[Path] = typer.Option(None, "--data", help="a dataset folder made by `sftkit prepare`"),
+    data: Optional[Path] = typer.Option(_trained("data"), "--data", help="a dataset folder made by `sftkit prepare`"),
     mixture: Optional[Path] = typer.Option(
-        None, "--mixture", help="a training mixture spec (YAML: folders, source groups, weights) instead of --data"
+        _trained("mixture"), "--mixture", help="a training mixture spec (YAML: folders, source groups, weights) instead of --data"
     ),
+    # Required although TrainConfig has a default: a run from the command line names its folder.
     out: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.jsonl, loss.png, final/"),
-    model: str = typer.Option("tiny", "--model", help="tiny | local HF model folder | hub name"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="override the tokenizer named in the dataset's manifest"),
+    model: str = typer.Option(_trained("model"), "--model", help="tiny | local HF model folder | hub name"),
+    tokenizer: Optional[str] = typer.Option(
+        _trained("tokenizer"), "--tokenizer", help="override the tokenizer named in the dataset's manifest"
+    ),
     max_steps: Optional[int] = typer.Option(
-        None, "--max-steps", help="optimizer steps (≥ 1); overrides --epochs", callback=_at_least(1)
+        _trained("max_steps"), "--max-steps", help="optimizer steps (≥ 1); overrides --epochs", callback=_at_least(1)
     ),
-    epochs: float = typer.Option(3.0, "--epochs", callback=_at_least(0, strict=True)),
-    lr: float = typer.Option(1e-5, "--lr", callback=_at_least(0, strict=True)),
-    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="tokens per micro-batch", callback=_at_least(1)),
-    grad_accum: int = typer.Option(1, "--grad-accum", callback=_at_least(1)),
-    packing: bool = typer.Option(True, "--packing/--no-packing"),
-    eval_every: int = typer.Option(200, "--eval-every", callback=_at_least(1)),
+    epochs: float = typer.Option(_trained("epochs"), "--epochs", callback=_at_least(0, strict=True)),
+    lr: float = typer.Option(_trained("lr"), "--lr", callback=_at_least(0, strict=True)),
+    batch_tokens: int = typer.Option(_trained("batch_tokens"), "--batch-tokens", help="tokens per micro-batch", callback=_at_least(1)),
+    grad_accum: int = typer.Option(_trained("grad_accum"), "--grad-accum", callback=_at_least(1)),
+    packing: bool = typer.Option(_trained("packing"), "--packing/--no-packing"),
+    eval_every: int = typer.Option(_trained("eval_every"), "--eval-every", callback=_at_least(1)),
     patience: Optional[int] = typer.Option(
-        3, "--patience", help="evaluations without improvement before stopping", callback=_at_least(0)
+        _trained("patience"), "--patience", help="evaluations without improvement before stopping", callback=_at_least(0)
     ),
-    save_every: int = typer.Option(500, "--save-every", callback=_at_least(1)),
-    resume: bool = typer.Option(False, "--resume"),
-    seed: int = typer.Option(0, "--seed"),
-    device: Device = typer.Option(Device.auto, "--device"),
-    dtype: DType = typer.Option(DType.fp32, "--dtype", help="dtype of the model's weights (bf16 halves them; for LoRA's frozen base)"),
-    lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0 = full fine-tuning)", callback=_at_least(0)),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 2 x rank)"),
-    lora_dropout: float = typer.Option(0.0, "--lora-dropout", callback=_at_least(0)),
+    save_every: int = typer.Option(_trained("save_every"), "--save-every", callback=_at_least(1)),
+    resume: bool = typer.Option(_trained("resume"), "--resume"),
+    seed: int = typer.Option(_trained("seed"), "--seed"),
+    device: Device = typer.Option(Device(_trained("device")), "--device"),
+    dtype: DType = typer.Option(
+        DType(_trained("dtype")), "--dtype", help="dtype of the model's weights (bf16 halves them; for LoRA's frozen base)"
+    ),
+    lora_r: int = typer.Option(_trained("lora_r"), "--lora-r", help="LoRA rank (0 = full fine-tuning)", callback=_at_least(0)),
+    lora_alpha: Optional[float] = typer.Option(_trained("lora_alpha"), "--lora-alpha", help="LoRA alpha (default 2 x rank)"),
+    lora_dropout: float = typer.Option(_trained("lora_dropout"), "--lora-dropout", callback=_at_least(0)),
     lora_targets: Optional[str] = typer.Option(
-        None, "--lora-targets", help="comma-separated layer names for adapters (default: attention and MLP projections)"
+        _trained("lora_targets"), "--lora-targets",
+        help="comma-separated layer names for adapters (default: attention and MLP projections)",
     ),
-    merge: bool = typer.Option(False, "--merge", help="LoRA: also write final/merged, a plain transformers model"),
+    merge: bool = typer.Option(_trained("merge"), "--merge", help="LoRA: also write final/merged, a plain transformers model"),
     loss_chunk_tokens: int = typer.Option(
-        1024, "--loss-chunk-tokens", help="trained positions whose logits exist at once (0 = full logits)", callback=_at_least(0)
+        _trained("loss_chunk_tokens"), "--loss-chunk-tokens",
+        help="trained positions whose logits exist at once (0 = full logits)", callback=_at_least(0),
     ),
     attn_implementation: Optional[str] = typer.Option(
-        None, "--attn-implementation",
+        _trained("attn_implementation"), "--attn-implementation",
         help="sdpa (default) | flash_attention_2 | flex_attention | eager; flash attention runs packed rows as varlen "
         "calls without a (row x row) mask",
     ),
     fsdp: bool = typer.Option(
-        False, "--fsdp", help="under torchrun: shard weights, gradients and optimizer state (FSDP2; not with --lora-r)"
+        _trained("fsdp"), "--fsdp", help="under torchrun: shard weights, gradients and optimizer state (FSDP2; not with --lora-r)"
     ),
     activation_checkpointing: bool = typer.Option(
-        False, "--activation-checkpointing", help="recompute each decoder layer's activations in backward (less memory)"
+        _trained("activation_checkpointing"), "--activation-checkpointing",
+        help="recompute each decoder layer's activations in backward (less memory)",
     ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="print the per-GPU memory estimate and exit (reads the model's config.json only)"
@@ -207,7 +224,7 @@ def train(
     ),
 ) -> None:
     """Fine-tune a causal LM on prepared shards (memory-mapped, packed, masked loss)."""
-    from trainer.loop import TrainConfig, run_training
+    from trainer.loop import run_training
 
     try:
         config = TrainConfig(
@@ -279,13 +296,15 @@ def train(
 @app.command()
 def plan(
     mixture: Path = typer.Option(..., "--mixture", help="a training mixture spec (YAML)"),
-    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="tokens per micro-batch", callback=_at_least(1)),
-    epochs: float = typer.Option(3.0, "--epochs", callback=_at_least(0, strict=True)),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", callback=_at_least(1)),
-    grad_accum: int = typer.Option(1, "--grad-accum", callback=_at_least(1)),
+    batch_tokens: int = typer.Option(_trained("batch_tokens"), "--batch-tokens", help="tokens per micro-batch", callback=_at_least(1)),
+    epochs: float = typer.Option(_trained("epochs"), "--epochs", callback=_at_least(0, strict=True)),
+    max_steps: Optional[int] = typer.Option(_trained("max_steps"), "--max-steps", callback=_at_least(1)),
+    grad_accum: int = typer.Option(_trained("grad_accum"), "--grad-accum", callback=_at_least(1)),
     world_size: int = typer.Option(1, "--world-size", help="ranks the run will use (torchrun processes)", callback=_at_least(1)),
-    packing: bool = typer.Option(True, "--packing/--no-packing"),
-    seed: int = typer.Option(0, "--seed", help="train --seed (the spec's own seed, when it has one, decides the draws)"),
+    packing: bool = typer.Option(_trained("packing"), "--packing/--no-packing"),
+    seed: int = typer.Option(
+        _trained("seed"), "--seed", help="train --seed (the spec's own seed, when it has one, decides the draws)"
+    ),
     json_output: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Pre-flight report of a training mixture: per group target vs delivered share, repeats, steps."""

@@ -1,7 +1,7 @@
 """The refresh flow: one Prefect task per pipeline step, nothing else.
 
-Each task calls one plain function of ``pipeline.prepare`` and passes file paths (small dicts),
-never data frames. Caching, retries and artifacts live here; the logic lives in ``pipeline``.
+Each task calls one plain function of ``pipeline.steps`` and passes file paths (small typed
+step results), never data frames. Caching, retries and artifacts live here; the logic lives in ``pipeline``.
 
 Cache keys come from content: a task's key is the step's work key (input sha256, upstream keys,
 config, tokenizer and template fingerprints, code version) and is offered only while the step's
@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline import outdir
-from pipeline import prepare as steps
+from pipeline import steps
 from pipeline.config import SFTConfig
 from pipeline.ingest import expand_inputs
 
@@ -29,7 +29,7 @@ def _cache_key(stage: str, key_of):
     def cache_key_fn(context, parameters: dict[str, Any]) -> str | None:
         plan = parameters["plan"]
         key = key_of(plan, parameters)
-        if steps._done(plan, stage, key) is None:
+        if steps.step_done(plan, stage, key) is None:
             return None
         return f"sftkit-{stage}-{key}"
 
@@ -53,17 +53,17 @@ def begin_task(plan: steps.RunPlan) -> None:
     persist_result=True,
     **IO_RETRIES,
 )
-def ingest_task(plan: steps.RunPlan, item: steps.InputFile) -> dict:
+def ingest_task(plan: steps.RunPlan, item: steps.InputFile) -> steps.StepResult:
     return steps.run_ingest(plan, item)
 
 
 @task(name="dedup-signatures", **IO_RETRIES)
-def dedup_signatures_task(plan: steps.RunPlan, ingest_result: dict) -> str:
+def dedup_signatures_task(plan: steps.RunPlan, ingest_result: steps.StepResult) -> str:
     return steps.dedup_signatures(plan, ingest_result)
 
 
 @task(name="dedup-partition", **IO_RETRIES)
-def dedup_partition_task(plan: steps.RunPlan, ingest_results: list[dict], signature_paths: list[str], partition: int) -> str:
+def dedup_partition_task(plan: steps.RunPlan, ingest_results: list[steps.StepResult], signature_paths: list[str], partition: int) -> str:
     return steps.dedup_partition(plan, ingest_results, signature_paths, partition)
 
 
@@ -73,19 +73,16 @@ def dedup_partition_task(plan: steps.RunPlan, ingest_results: list[dict], signat
     persist_result=True,
     **IO_RETRIES,
 )
-def dedup_resolve_task(plan: steps.RunPlan, ingest_results: list[dict], signature_paths: list[str], edge_paths: list[str]) -> dict:
-    return steps.dedup_resolve(plan, ingest_results, signature_paths, edge_paths)
+def dedup_resolve_task(
+    plan: steps.RunPlan, ingest_results: list[steps.StepResult], signature_paths: list[str], edge_paths: list[str]
+) -> steps.StepResult:
+    return steps.run_dedup(plan, ingest_results, signature_paths, edge_paths)
 
 
-@task(name="dedup-skip")
-def dedup_skip_task(plan: steps.RunPlan, ingest_results: list[dict]) -> dict:
-    return steps.run_dedup(plan, ingest_results)
-
-
-def _dedup(plan: steps.RunPlan, ingest_results: list[dict]) -> dict:
+def _dedup(plan: steps.RunPlan, ingest_results: list[steps.StepResult]) -> steps.StepResult:
     """Signatures mapped per chunk, band partitions mapped, clustering as the one global reduce."""
     if not plan.config.dedup.enabled:
-        return dedup_skip_task(plan, ingest_results)
+        return dedup_resolve_task(plan, ingest_results, [], [])
     signatures = [f.result() for f in dedup_signatures_task.map(unmapped(plan), ingest_results)]
     edges = [
         f.result()
@@ -98,26 +95,26 @@ def _dedup(plan: steps.RunPlan, ingest_results: list[dict]) -> dict:
 
 @task(
     name="quality",
-    cache_key_fn=_cache_key("quality", lambda plan, p: steps.quality_key(plan, p["upstream"]["key"], p["chunk"])),
+    cache_key_fn=_cache_key("quality", lambda plan, p: steps.quality_key(plan, p["upstream"].key, p["chunk"])),
     persist_result=True,
     **IO_RETRIES,
 )
-def quality_task(plan: steps.RunPlan, upstream: dict, chunk: int) -> dict:
+def quality_task(plan: steps.RunPlan, upstream: steps.StepResult, chunk: int) -> steps.StepResult:
     return steps.run_quality(plan, upstream, chunk)
 
 
 @task(
     name="tokenize",
-    cache_key_fn=_cache_key("tokenize", lambda plan, p: steps.tokenize_key(plan, p["upstream"]["key"])),
+    cache_key_fn=_cache_key("tokenize", lambda plan, p: steps.tokenize_key(plan, p["upstream"].key)),
     persist_result=True,
     **IO_RETRIES,
 )
-def tokenize_task(plan: steps.RunPlan, upstream: dict) -> dict:
+def tokenize_task(plan: steps.RunPlan, upstream: steps.StepResult) -> steps.StepResult:
     return steps.run_tokenize(plan, upstream)
 
 
 @task(name="write-shards", **IO_RETRIES)
-def shards_task(plan: steps.RunPlan, tokenize_results: list[dict]) -> dict:
+def shards_task(plan: steps.RunPlan, tokenize_results: list[steps.StepResult]) -> steps.StepResult:
     return steps.run_write_shards(plan, tokenize_results)
 
 
@@ -148,7 +145,7 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
     begin_task(plan)
     ingest_results = [f.result() for f in ingest_task.map(unmapped(plan), plan.inputs)]
     dedup_result = _dedup(plan, ingest_results)
-    chunks = list(range(len(dedup_result["outputs"])))
+    chunks = list(range(len(dedup_result.outputs)))
     quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]
     tokenize_results = [f.result() for f in tokenize_task.map(unmapped(plan), quality_results)]
     shard_result = shards_task(plan, tokenize_results)

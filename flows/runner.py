@@ -133,7 +133,7 @@ def refuse_missing_tokenizer_folder(tokenizer: str) -> None:
 def _prepare_with_progress(inputs, tokenizer, out, config) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pipeline.prepare import prepare
+    from pipeline.steps import prepare
 
     with Progress(
         TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

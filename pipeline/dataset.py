@@ -42,7 +42,8 @@ class SFTDataset:
         truncate: bool = True,
     ):
         from pipeline.config import TemplateConfig
-        from pipeline.formats import RecordError, to_conversation
+        from pipeline.formats import to_conversation
+        from pipeline.stage import Drop
         from pipeline.masking import Encoded, Masker
         from pipeline.readers import iter_records
         from pipeline.templates import resolve_template
@@ -85,7 +86,7 @@ class SFTDataset:
                 continue
             try:
                 messages, tools = to_conversation(record.value)
-            except RecordError as exc:
+            except Drop as exc:
                 self.rejected.append((record.index, exc.reason, exc.detail))
                 continue
             pending.append((record.index, messages, tools))

@@ -3,7 +3,7 @@
 This module owns format detection and conversion (:func:`to_conversation`) and the validation
 every conversation must pass before it leaves ingest. It knows nothing about files: readers
 hand it parsed records, and it answers canonical messages plus a tools JSON string, or raises
-:class:`RecordError` with a reason code and a sentence for humans.
+:class:`~pipeline.stage.Drop` with a reason code and a sentence for humans.
 
 Layouts recognised, tried in this order:
 
@@ -68,6 +68,7 @@ from typing import Any
 
 from pipeline import schema
 from pipeline.config import FieldMapping
+from pipeline.stage import Drop
 
 # --- reason codes (the rejected rows' ``reason`` column) -------------------------------------
 INVALID_JSON = "invalid_json"
@@ -103,15 +104,6 @@ REASONS = (
 DEFAULT_MAX_NESTING = 64
 
 
-class RecordError(ValueError):
-    """A record that cannot become a conversation: ``reason`` code and human ``detail``."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
 def nesting_exceeds(value: Any, limit: int) -> bool:
     """Whether arrays/objects in ``value`` nest more than ``limit`` levels (the value itself is 1).
 
@@ -131,8 +123,8 @@ def nesting_exceeds(value: Any, limit: int) -> bool:
     return bool(level) and any(isinstance(item, (dict, list, tuple)) for item in level)
 
 
-def too_deep(limit: int, what: str = "the record") -> RecordError:
-    return RecordError(
+def too_deep(limit: int, what: str = "the record") -> Drop:
+    return Drop(
         TOO_DEEPLY_NESTED,
         f"{what} nests arrays/objects more than {limit} levels deep (ingest.max_nesting); "
         "real conversations nest a few levels, so this is not instruction data",
@@ -189,7 +181,7 @@ def to_conversation(
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Canonical messages (see :func:`schema.make_message`) and the tools JSON text of ``record``.
 
-    Raises :class:`RecordError` when the record has no usable conversation. JSON given as text
+    Raises :class:`Drop` when the record has no usable conversation. JSON given as text
     inside the record (tool schemas, tool-call arguments) is parsed with the same nesting limit
     ``max_nesting`` as the record itself (``too_deeply_nested``).
     """
@@ -210,7 +202,7 @@ def _loads(text: str, what: str) -> Any:
 
 def _to_conversation(record: Any, mapping: FieldMapping | None, merge_consecutive: bool) -> tuple[list[dict[str, Any]], str | None]:
     if not isinstance(record, dict):
-        raise RecordError(NOT_AN_OBJECT, f"the record is a JSON {_json_type(record)}, not an object")
+        raise Drop(NOT_AN_OBJECT, f"the record is a JSON {_json_type(record)}, not an object")
     if mapping is not None and _mapping_applies(record, mapping):
         messages, tools = _from_mapping(record, mapping)
     elif (key := _message_list_key(record)) is not None:
@@ -221,7 +213,7 @@ def _to_conversation(record: Any, mapping: FieldMapping | None, merge_consecutiv
         messages, tools = _from_prompt_completion(record, *pair)
     else:
         keys = ", ".join(sorted(map(str, record))[:8]) or "none"
-        raise RecordError(
+        raise Drop(
             UNKNOWN_FORMAT,
             f"no known layout matches the record's fields ({keys}); expected messages, conversations, "
             "instruction/output, prompt/completion, or a custom mapping in the config",
@@ -252,12 +244,12 @@ def _prompt_completion_keys(record: dict) -> tuple[str, str] | None:
 def _from_message_list(record: dict, key: str) -> tuple[list[dict], str | None]:
     items = record[key]
     if not isinstance(items, list):
-        raise RecordError(WRONG_TYPE, f"field {key!r} must be a list of messages, got {_json_type(items)}")
+        raise Drop(WRONG_TYPE, f"field {key!r} must be a list of messages, got {_json_type(items)}")
     messages = _convert_items(items, key)
     system = record.get("system")
     if system is not None:
         if not isinstance(system, str):
-            raise RecordError(WRONG_TYPE, f"field 'system' must be text, got {_json_type(system)}")
+            raise Drop(WRONG_TYPE, f"field 'system' must be text, got {_json_type(system)}")
         messages.insert(0, schema.make_message("system", system))
     return messages, normalise_tools(record.get("tools"), "tools")
 
@@ -271,7 +263,7 @@ def _from_alpaca(record: dict) -> tuple[list[dict], str | None]:
             break
     output_key = "output" if "output" in record else "response" if "response" in record else None
     if output_key is None or record[output_key] is None:
-        raise RecordError(NO_ASSISTANT_TURN, "the Alpaca record has no 'output' to learn from")
+        raise Drop(NO_ASSISTANT_TURN, "the Alpaca record has no 'output' to learn from")
     output = _text_field(record, output_key)
 
     messages = []
@@ -280,10 +272,10 @@ def _from_alpaca(record: dict) -> tuple[list[dict], str | None]:
         messages.append(schema.make_message("system", _text_field(record, "system")))
     history = record.get("history") or []
     if not isinstance(history, list):
-        raise RecordError(WRONG_TYPE, f"field 'history' must be a list of [prompt, response] pairs, got {_json_type(history)}")
+        raise Drop(WRONG_TYPE, f"field 'history' must be a list of [prompt, response] pairs, got {_json_type(history)}")
     for turn_index, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            raise RecordError(WRONG_TYPE, f"history turn {turn_index} must be a [prompt, response] pair of texts")
+            raise Drop(WRONG_TYPE, f"history turn {turn_index} must be a [prompt, response] pair of texts")
         messages.append(schema.make_message("user", pair[0]))
         messages.append(schema.make_message("assistant", pair[1]))
     prompt = f"{instruction}\n{extra}" if extra.strip() else instruction
@@ -294,7 +286,7 @@ def _from_alpaca(record: dict) -> tuple[list[dict], str | None]:
 
 def _from_prompt_completion(record: dict, prompt_key: str, completion_key: str) -> tuple[list[dict], str | None]:
     if record.get(completion_key) is None:
-        raise RecordError(NO_ASSISTANT_TURN, f"the record has {prompt_key!r} but no {completion_key!r} to learn from")
+        raise Drop(NO_ASSISTANT_TURN, f"the record has {prompt_key!r} but no {completion_key!r} to learn from")
     messages = []
     for key, role in ((prompt_key, "user"), (completion_key, "assistant")):
         value = record[key]
@@ -303,7 +295,7 @@ def _from_prompt_completion(record: dict, prompt_key: str, completion_key: str) 
         elif isinstance(value, list):
             messages.extend(_convert_items(value, key))
         else:
-            raise RecordError(WRONG_TYPE, f"field {key!r} must be text or a list of messages, got {_json_type(value)}")
+            raise Drop(WRONG_TYPE, f"field {key!r} must be text or a list of messages, got {_json_type(value)}")
     system = record.get("system")
     if system is not None:
         messages.insert(0, schema.make_message("system", _text_field(record, "system")))
@@ -324,31 +316,31 @@ def _from_mapping(record: dict, mapping: FieldMapping) -> tuple[list[dict], str 
         system = _lookup(record, mapping.system)
         if system is not _MISSING and system is not None:
             if not isinstance(system, str):
-                raise RecordError(WRONG_TYPE, f"mapped system field {mapping.system!r} must be text, got {_json_type(system)}")
+                raise Drop(WRONG_TYPE, f"mapped system field {mapping.system!r} must be text, got {_json_type(system)}")
             messages.append(schema.make_message("system", system))
     if mapping.messages:
         items = _lookup(record, mapping.messages)
         if not isinstance(items, list):
-            raise RecordError(WRONG_TYPE, f"mapped field {mapping.messages!r} must be a list of messages, got {_json_type(items)}")
+            raise Drop(WRONG_TYPE, f"mapped field {mapping.messages!r} must be a list of messages, got {_json_type(items)}")
         for position, item in enumerate(items):
             if not isinstance(item, dict):
-                raise RecordError(WRONG_TYPE, f"message {position} of {mapping.messages!r} is a {_json_type(item)}, not an object")
+                raise Drop(WRONG_TYPE, f"message {position} of {mapping.messages!r} is a {_json_type(item)}, not an object")
             speaker = item.get(mapping.role_key)
             if not isinstance(speaker, str):
-                raise RecordError(WRONG_TYPE, f"message {position} has no text field {mapping.role_key!r} naming its role")
+                raise Drop(WRONG_TYPE, f"message {position} has no text field {mapping.role_key!r} naming its role")
             role = mapping.roles.get(speaker, speaker if speaker in schema.ROLES else None)
             if role is None:
                 known = ", ".join(sorted(mapping.roles)) or "none"
-                raise RecordError(UNKNOWN_ROLE, f"message {position} has role {speaker!r}, which the mapping does not name (mapped: {known})")
+                raise Drop(UNKNOWN_ROLE, f"message {position} has role {speaker!r}, which the mapping does not name (mapped: {known})")
             content, reasoning, calls = _read_content(item.get(mapping.content_key), position, role, allow_null=False)
             messages.append(schema.make_message(role, content, tool_calls=calls, train=_train_flag(item, position), reasoning=reasoning))
     else:
         for column, role in ((mapping.prompt, "user"), (mapping.response, "assistant")):
             value = _lookup(record, column)
             if value is _MISSING or value is None:
-                raise RecordError(NO_ASSISTANT_TURN if role == "assistant" else WRONG_TYPE, f"mapped field {column!r} is missing")
+                raise Drop(NO_ASSISTANT_TURN if role == "assistant" else WRONG_TYPE, f"mapped field {column!r} is missing")
             if not isinstance(value, str):
-                raise RecordError(WRONG_TYPE, f"mapped field {column!r} must be text, got {_json_type(value)}")
+                raise Drop(WRONG_TYPE, f"mapped field {column!r} must be text, got {_json_type(value)}")
             messages.append(schema.make_message(role, value))
     tools = _lookup(record, mapping.tools) if mapping.tools else None
     return messages, normalise_tools(None if tools is _MISSING else tools, mapping.tools or "tools")
@@ -376,22 +368,22 @@ def _convert_items(items: list, field_name: str) -> list[dict]:
     call_names: dict[str, str] = {}  # tool_call id -> function name, to name tool results
     for position, item in enumerate(items):
         if not isinstance(item, dict):
-            raise RecordError(WRONG_TYPE, f"message {position} of {field_name!r} is a {_json_type(item)}, not an object")
+            raise Drop(WRONG_TYPE, f"message {position} of {field_name!r} is a {_json_type(item)}, not an object")
         if item.get("role") is not None:
             speaker, content = item["role"], item.get("content")
         elif item.get("from") is not None:
             speaker, content = item["from"], item.get("value")
         else:
-            raise RecordError(WRONG_TYPE, f"message {position} of {field_name!r} has neither 'role' nor 'from'")
+            raise Drop(WRONG_TYPE, f"message {position} of {field_name!r} has neither 'role' nor 'from'")
         if not isinstance(speaker, str):
-            raise RecordError(WRONG_TYPE, f"message {position} has a role of type {_json_type(speaker)}, not text")
+            raise Drop(WRONG_TYPE, f"message {position} has a role of type {_json_type(speaker)}, not text")
         role = ROLE_ALIASES.get(speaker.strip().lower())
         if role is None:
-            raise RecordError(UNKNOWN_ROLE, f"message {position} has role {speaker!r}; known roles are {', '.join(sorted(ROLE_ALIASES))}")
+            raise Drop(UNKNOWN_ROLE, f"message {position} has role {speaker!r}; known roles are {', '.join(sorted(ROLE_ALIASES))}")
         train = _train_flag(item, position)
         reasoning = _field_reasoning(item, position)
         if reasoning is not None and role not in ("assistant", "function_call"):
-            raise RecordError(WRONG_TYPE, f"message {position} is a {role} message but carries reasoning; only assistant messages can")
+            raise Drop(WRONG_TYPE, f"message {position} is a {role} message but carries reasoning; only assistant messages can")
 
         if role == "function_call":
             # ShareGPT: the whole value is the call, e.g. {"name": ..., "arguments": {...}}.
@@ -405,7 +397,7 @@ def _convert_items(items: list, field_name: str) -> list[dict]:
             raw_calls = [{"type": "function", "function": item["function_call"]}]
         if raw_calls is not None:
             if role != "assistant":
-                raise RecordError(WRONG_TYPE, f"message {position} is a {role} message but carries tool calls")
+                raise Drop(WRONG_TYPE, f"message {position} is a {role} message but carries tool calls")
             tool_calls = _normalise_calls(raw_calls, position)
             for call in tool_calls:
                 if "id" in call:
@@ -416,16 +408,16 @@ def _convert_items(items: list, field_name: str) -> list[dict]:
         text, part_reasoning, part_calls = _read_content(content, position, role, allow_null=allow_null)
         if part_calls is not None:
             if tool_calls is not None:
-                raise RecordError(WRONG_TYPE, f"message {position} carries tool calls both in 'tool_calls' and in tool_call content parts")
+                raise Drop(WRONG_TYPE, f"message {position} carries tool calls both in 'tool_calls' and in tool_call content parts")
             tool_calls = part_calls
         if part_reasoning is not None:
             if reasoning is not None and reasoning != part_reasoning:
-                raise RecordError(WRONG_TYPE, f"message {position} carries reasoning both in a field and in reasoning content parts, and they differ")
+                raise Drop(WRONG_TYPE, f"message {position} carries reasoning both in a field and in reasoning content parts, and they differ")
             reasoning = part_reasoning
 
         name = item.get("name")
         if name is not None and not isinstance(name, str):
-            raise RecordError(WRONG_TYPE, f"message {position} has a 'name' of type {_json_type(name)}, not text")
+            raise Drop(WRONG_TYPE, f"message {position} has a 'name' of type {_json_type(name)}, not text")
         if role == "tool" and name is None:
             name = call_names.get(str(item.get("tool_call_id")))
             if name is None:
@@ -452,9 +444,9 @@ def _read_content(content: Any, position: int, role: str, *, allow_null: bool) -
     if content is None:
         if allow_null:
             return "", None, None
-        raise RecordError(WRONG_TYPE, f"message {position} has no content")
+        raise Drop(WRONG_TYPE, f"message {position} has no content")
     if not isinstance(content, list):
-        raise RecordError(WRONG_TYPE, f"message {position} has content of type {_json_type(content)}, not text")
+        raise Drop(WRONG_TYPE, f"message {position} has content of type {_json_type(content)}, not text")
     texts: list[str] = []
     reasonings: list[str] = []
     calls: list[dict] = []
@@ -463,22 +455,22 @@ def _read_content(content: Any, position: int, role: str, *, allow_null: bool) -
             texts.append(part)
             continue
         if not isinstance(part, dict):
-            raise RecordError(WRONG_TYPE, f"message {position} has a content part that is a {_json_type(part)}, not text or an object")
+            raise Drop(WRONG_TYPE, f"message {position} has a content part that is a {_json_type(part)}, not text or an object")
         kind = part.get("type", "text")
         if kind not in PART_TYPES:
-            raise RecordError(
+            raise Drop(
                 WRONG_TYPE,
                 f"message {position} has a content part of type {kind!r}, which sftkit does not take; "
                 "accepted part types are 'text', and on assistant messages 'reasoning' and 'tool_call'",
             )
         if kind != "text" and role not in ("assistant", "function_call"):
-            raise RecordError(WRONG_TYPE, f"message {position} is a {role} message but has a {kind!r} content part; only assistant messages can")
+            raise Drop(WRONG_TYPE, f"message {position} is a {role} message but has a {kind!r} content part; only assistant messages can")
         key = "value" if "value" in part else "text"
         payload = part.get(key)
         if kind == "tool_call":
             calls.extend(_part_calls(payload, position, part_index))
         elif not isinstance(payload, str):
-            raise RecordError(
+            raise Drop(
                 WRONG_TYPE,
                 f"message {position} has a {kind!r} content part whose 'text'/'value' is {_json_type(payload)}, not text",
             )
@@ -499,7 +491,7 @@ def _part_calls(payload: Any, position: int, part_index: int) -> list[dict]:
     if isinstance(payload, dict):
         payload = [payload]
     if not isinstance(payload, list) or not payload or not all(isinstance(c, dict) for c in payload):
-        raise RecordError(
+        raise Drop(
             WRONG_TYPE,
             f"message {position} has a tool_call content part (part {part_index}) that is not JSON of the form "
             '{"name": ..., "arguments": ...}',
@@ -515,7 +507,7 @@ def _field_reasoning(item: dict, position: int) -> str | None:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise RecordError(WRONG_TYPE, f"message {position} has {key!r} of type {_json_type(value)}, not text")
+            raise Drop(WRONG_TYPE, f"message {position} has {key!r} of type {_json_type(value)}, not text")
         if value:
             return value
     return None
@@ -549,7 +541,7 @@ def _inline_reasoning(messages: list[dict]) -> list[dict]:
             if content != message["content"]:
                 given = message.get("reasoning")
                 if given is not None and reasoning is not None and given != reasoning:
-                    raise RecordError(
+                    raise Drop(
                         WRONG_TYPE,
                         f"assistant message {position} has reasoning in a field or part and a different "
                         "<think> block at the start of its content",
@@ -567,18 +559,18 @@ def _is_content_parts(content: Any) -> bool:
 def _train_flag(item: dict, position: int) -> bool | None:
     if "train" in item and item["train"] is not None:
         if not isinstance(item["train"], bool):
-            raise RecordError(WRONG_TYPE, f"message {position} has 'train' of type {_json_type(item['train'])}, not true/false")
+            raise Drop(WRONG_TYPE, f"message {position} has 'train' of type {_json_type(item['train'])}, not true/false")
         return item["train"]
     if "weight" in item and item["weight"] is not None:
         # axolotl-style per-turn weight: 0 means "do not train on this turn".
         if item["weight"] not in (0, 1) or isinstance(item["weight"], bool):
-            raise RecordError(WRONG_TYPE, f"message {position} has 'weight' {item['weight']!r}; only 0 or 1 is supported")
+            raise Drop(WRONG_TYPE, f"message {position} has 'weight' {item['weight']!r}; only 0 or 1 is supported")
         return bool(item["weight"])
     if "loss_weight" in item and item["loss_weight"] is not None:
         # LLaMA-Factory's per-message loss_weight: 0.0 -> not trained, 1.0 -> trained.
         weight = item["loss_weight"]
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
-            raise RecordError(
+            raise Drop(
                 WRONG_TYPE,
                 f"message {position} has 'loss_weight' {weight!r}; only 0 (not trained) or 1 (trained) is supported",
             )
@@ -591,19 +583,19 @@ def _parse_function_call_value(value: Any, position: int) -> list[dict]:
         try:
             value = _loads(value, f"function_call message {position}")
         except json.JSONDecodeError:
-            raise RecordError(WRONG_TYPE, f"function_call message {position} is not JSON of the form {{\"name\": ..., \"arguments\": ...}}") from None
+            raise Drop(WRONG_TYPE, f"function_call message {position} is not JSON of the form {{\"name\": ..., \"arguments\": ...}}") from None
     calls = value if isinstance(value, list) else [value]
     return _normalise_calls([{"type": "function", "function": c} if isinstance(c, dict) and "function" not in c else c for c in calls], position)
 
 
 def _normalise_calls(raw_calls: Any, position: int) -> list[dict]:
     if not isinstance(raw_calls, list) or not raw_calls:
-        raise RecordError(WRONG_TYPE, f"message {position} has 'tool_calls' that is not a non-empty list")
+        raise Drop(WRONG_TYPE, f"message {position} has 'tool_calls' that is not a non-empty list")
     calls = []
     for call in raw_calls:
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise RecordError(WRONG_TYPE, f"message {position} has a tool call without a function name")
+            raise Drop(WRONG_TYPE, f"message {position} has a tool call without a function name")
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
@@ -639,11 +631,11 @@ def normalise_tools(tools: Any, field_name: str = "tools") -> str | None:
         try:
             tools = _loads(tools, f"field {field_name!r}")
         except json.JSONDecodeError:
-            raise RecordError(WRONG_TYPE, f"field {field_name!r} is text but not JSON") from None
+            raise Drop(WRONG_TYPE, f"field {field_name!r} is text but not JSON") from None
     if isinstance(tools, dict):
         tools = [tools]
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise RecordError(WRONG_TYPE, f"field {field_name!r} must be a list of tool schemas")
+        raise Drop(WRONG_TYPE, f"field {field_name!r} must be a list of tool schemas")
     if not tools:
         return None
     wrapped = [t if "function" in t else {"type": "function", "function": t} for t in tools]
@@ -653,7 +645,7 @@ def normalise_tools(tools: Any, field_name: str = "tools") -> str | None:
 def _text_field(record: dict, key: str) -> str:
     value = record[key]
     if not isinstance(value, str):
-        raise RecordError(WRONG_TYPE, f"field {key!r} must be text, got {_json_type(value)}")
+        raise Drop(WRONG_TYPE, f"field {key!r} must be text, got {_json_type(value)}")
     return value
 
 
@@ -683,34 +675,34 @@ def validate(messages: list[dict], *, merge_consecutive: bool = True) -> list[di
         previous = merged[-1] if merged else None
         if role == "system":
             if position != 0:
-                raise RecordError(BAD_TURN_ORDER, f"message {position} is a system message after the conversation started")
+                raise Drop(BAD_TURN_ORDER, f"message {position} is a system message after the conversation started")
         elif previous is None or previous["role"] == "system":
             if role != "user":
-                raise RecordError(BAD_TURN_ORDER, f"the conversation starts with {'an' if role == 'assistant' else 'a'} {role} turn; the first turn must be the user's")
+                raise Drop(BAD_TURN_ORDER, f"the conversation starts with {'an' if role == 'assistant' else 'a'} {role} turn; the first turn must be the user's")
         elif role == "tool":
             if not (previous["role"] == "tool" or (previous["role"] == "assistant" and previous["tool_calls"])):
-                raise RecordError(BAD_TURN_ORDER, f"message {position} is a tool result that does not follow an assistant tool call")
+                raise Drop(BAD_TURN_ORDER, f"message {position} is a tool result that does not follow an assistant tool call")
         elif role == "user" and previous["role"] == "tool":
-            raise RecordError(BAD_TURN_ORDER, f"message {position} is a user turn right after a tool result the assistant never answered")
+            raise Drop(BAD_TURN_ORDER, f"message {position} is a user turn right after a tool result the assistant never answered")
         elif role == previous["role"]:
             if not merge_consecutive or not _can_merge(previous, message):
-                raise RecordError(BAD_TURN_ORDER, f"messages {position - 1} and {position} are both {role} turns")
+                raise Drop(BAD_TURN_ORDER, f"messages {position - 1} and {position} are both {role} turns")
             merged[-1] = _merge(previous, message)
             continue
         merged.append(message)
 
     if not any(m["role"] == "assistant" for m in merged):
-        raise RecordError(NO_ASSISTANT_TURN, "the conversation has no assistant turn to learn from")
+        raise Drop(NO_ASSISTANT_TURN, "the conversation has no assistant turn to learn from")
     for position, message in enumerate(merged):
         if message["role"] == "assistant" and not message["tool_calls"] and not message["content"].strip():
             what = "empty" if not message["content"] else "whitespace only"
             if message.get("reasoning"):
                 what = f"{what} apart from its reasoning (a turn must answer with content or a tool call)"
-            raise RecordError(EMPTY_RESPONSE, f"assistant message {position} is {what}")
+            raise Drop(EMPTY_RESPONSE, f"assistant message {position} is {what}")
     last = merged[-1]["role"]
     if last in ("user", "tool"):
         what = "a user turn" if last == "user" else "a tool result"
-        raise RecordError(BAD_TURN_ORDER, f"the conversation ends with {what} that the assistant never answers")
+        raise Drop(BAD_TURN_ORDER, f"the conversation ends with {what} that the assistant never answers")
     return merged
 
 

@@ -14,14 +14,14 @@ import glob
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from pipeline import schema
-from pipeline.config import IngestConfig
-from pipeline.formats import INVALID_UTF8, RecordError, to_conversation, too_deep
+from pipeline.config import IngestConfig, SFTConfig
+from pipeline.formats import INVALID_UTF8, to_conversation, too_deep
 from pipeline.fsutil import ParquetSink
 from pipeline.readers import PROGRESS_INTERVAL_S, InputError, RawRecord, ReadProgress, container_of, iter_records
-from pipeline.stage import StageStats, Timer
+from pipeline.stage import Drop, StageRun, StageStats
 
 __all__ = ["InputError", "expand_inputs", "ingest_file"]
 
@@ -56,78 +56,76 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 
 def ingest_file(
-    path: Path,
-    source: str,
-    kept_path: Path,
+    in_path: Path,
+    out_path: Path,
     rejected_path: Path,
-    config: IngestConfig,
+    config: SFTConfig,
     *,
+    source: str | None = None,
     on_batch: Callable[[int], None] | None = None,
     on_progress: Callable[[ReadProgress, int], None] | None = None,
     progress_interval_s: float = PROGRESS_INTERVAL_S,
 ) -> StageStats:
     """Read one input file; write kept canonical rows and rejected rows; return the counts.
 
-    ``kept_path`` is always written (an empty Parquet file when nothing was kept) so later
-    stages find it; ``rejected_path`` only when something was rejected (a stale one from an
-    earlier run is removed). ``on_batch(n)`` is called after every ``n`` records, for progress
-    bars. While a text file is read, its progress (bytes read, compressed bytes read, records so
-    far) is logged at INFO on ``sftkit.ingest`` and passed to ``on_progress(progress, records)``
-    every ``progress_interval_s`` seconds: a big or compressed file, or one huge line being
-    skipped, shows signs of life. Raises :class:`InputError` if the file is not a readable
-    container, or if a compressed one expands past ``config.max_expanded_bytes``.
+    ``source`` names the file in every row (default: ``in_path`` as given). ``out_path`` is
+    always written (an empty Parquet file when nothing was kept) so later stages find it;
+    ``rejected_path`` only when something was rejected (a stale one from an earlier run is
+    removed). ``on_batch(n)`` is called after every ``n`` records, for progress bars. While a
+    text file is read, its progress (bytes read, compressed bytes read, records so far) is logged
+    at INFO on ``sftkit.ingest`` and passed to ``on_progress(progress, records)`` every
+    ``progress_interval_s`` seconds: a big or compressed file, or one huge line being skipped,
+    shows signs of life. Raises :class:`InputError` if the file is not a readable container, or
+    if a compressed one expands past ``config.ingest.max_expanded_bytes``.
     """
-    stats = StageStats(STAGE)
-    timer = Timer()
+    source = str(in_path) if source is None else source
+    limits = config.ingest
 
     def progress(read: ReadProgress) -> None:
         if read.done and not read.compressed_bytes:
             return  # a plain file's end says nothing the stage's own counts do not
         where = f" from {_mib(read.compressed_bytes)} of {_mib(read.file_bytes)} compressed" if read.compressed_bytes is not None else f" of {_mib(read.file_bytes)}"
-        log.info("%s: %s %s read%s, %d records", source, "finished," if read.done else "reading,", _mib(read.bytes_read), where, stats.records_in)
+        log.info("%s: %s %s read%s, %d records", source, "finished," if read.done else "reading,", _mib(read.bytes_read), where, run.stats.records_in)
         if on_progress is not None:
-            on_progress(read, stats.records_in)
+            on_progress(read, run.stats.records_in)
 
-    with timer, contextlib.ExitStack() as stack:
-        kept = ParquetSink(kept_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
+    with StageRun(STAGE) as run, contextlib.ExitStack() as stack:
+        kept = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
         rejected = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
-        kept_rows: list[dict[str, Any]] = []
-        rejected_rows: list[dict[str, Any]] = []
-        pending = 0
         records = iter_records(
-            Path(path),
-            batch_size=config.batch_size,
-            max_record_bytes=config.max_record_bytes,
-            max_nesting=config.max_nesting,
-            max_expanded_bytes=config.max_expanded_bytes,
+            Path(in_path),
+            batch_size=limits.batch_size,
+            max_record_bytes=limits.max_record_bytes,
+            max_nesting=limits.max_nesting,
+            max_expanded_bytes=limits.max_expanded_bytes,
             on_progress=progress,
             progress_interval_s=progress_interval_s,
         )
+        kept_rows: list[dict] = []
+        rejected_rows: list[dict] = []
+
+        def flush() -> None:
+            kept.write(kept_rows)
+            rejected.write(rejected_rows)
+            run.count(len(kept_rows) + len(rejected_rows), kept=len(kept_rows), drops=[r[schema.REASON] for r in rejected_rows])
+            if on_batch and (kept_rows or rejected_rows):
+                on_batch(len(kept_rows) + len(rejected_rows))
+            kept_rows.clear()
+            rejected_rows.clear()
+
+        # Record by record: a batch of raw records held at once would be garbage-collector work.
         for record in records:
-            stats.records_in += 1
-            pending += 1
-            row, drop = _convert(record, source, config)
+            row, rejected_row = _convert(record, source, limits)
             if row is not None:
                 kept_rows.append(row)
             else:
-                rejected_rows.append(drop)
-                stats.rejected[drop[schema.REASON]] += 1
-            if pending >= config.batch_size:
-                stats.records_out += kept.write(kept_rows)
-                rejected.write(rejected_rows)
-                kept_rows, rejected_rows = [], []
-                if on_batch:
-                    on_batch(pending)
-                pending = 0
-        stats.records_out += kept.write(kept_rows)
-        rejected.write(rejected_rows)
-        if on_batch and pending:
-            on_batch(pending)
+                rejected_rows.append(rejected_row)
+            if len(kept_rows) + len(rejected_rows) >= limits.batch_size:
+                flush()
+        flush()
         kept.finish()
         rejected.finish()
-    stats.seconds = timer.seconds
-    stats.check_conservation()
-    return stats
+    return run.stats
 
 
 def _convert(record: RawRecord, source: str, config: IngestConfig) -> tuple[dict | None, dict | None]:
@@ -142,13 +140,13 @@ def _convert(record: RawRecord, source: str, config: IngestConfig) -> tuple[dict
                 max_nesting=config.max_nesting,
             )
             conversation_id = schema.conversation_id(messages, tools)
-        except RecordError as exc:
+        except Drop as exc:
             error = exc
         except RecursionError:
             error = too_deep(config.max_nesting)
         except UnicodeEncodeError:
             # json.loads turns an escaped lone surrogate ("\ud800") into text no file can hold.
-            error = RecordError(INVALID_UTF8, "the record contains a lone surrogate escape, which is not valid Unicode")
+            error = Drop(INVALID_UTF8, "the record contains a lone surrogate escape, which is not valid Unicode")
         else:
             return {
                 schema.ID: conversation_id,

@@ -1,8 +1,9 @@
-"""``DIR/manifest.json``: what a prepared dataset holds, written last and atomically.
+"""``DIR/manifest.json``: what a prepared dataset holds. Built, written, read and documented here.
 
-Readers (the trainer, ``sftkit inspect``, users' scripts) trust only the shards the manifest
-lists, so a crashed run can never expose a partial dataset. Paths inside a manifest are relative
-to its folder and are refused if they point outside it.
+Readers (the trainer, ``sftkit inspect``, users' scripts) trust only the files the manifest
+lists, so a crashed run can never expose a partial dataset: the manifest is written last and
+atomically, by :func:`write_manifest`, from what :func:`build_manifest` assembled. Paths inside
+a manifest are relative to its folder and are refused if they point outside it.
 
 Layout::
 
@@ -12,36 +13,76 @@ Layout::
       "created_at": "2026-11-28T23:00:00+00:00",
       "tokenizer": {"name": ..., "fingerprint": ...},
       "template": {"name": ..., "fingerprint": ...},
-      "config": {...}, "config_fingerprint": ...,
-      "inputs": [{"source", "sha256", "records"}],          # what has been read, for incremental runs
+      "config": {...}, "config_fingerprint": ...,   # a changed fingerprint rebuilds the dataset
+      "code_version": "1a2b3c4d5e6f",   # hash of pipeline/'s source that wrote this version
+      "inputs": [{"source", "sha256", "records"}],  # what has been read, for incremental runs
       "shards": [{"path", "split", "rows", "records", "tokens", "trainable_tokens", "sha256"}],
       "rejected": [{"path", "rows", "records"}],
+      "dedup_index": ["part-<16 hex>.parquet", ...],  # the current dedup index parts, in
+                                         # dedup_index/: the records every version kept
       "counts": {"read", "kept", "rows", "rejected": {stage: {reason: n}},
                  "turns_rejected": {reason: n}, "render_mismatch": n},
-      "stages": [{"name", "seconds", "records_in", "records_out"}],
-      "history": [{"version", "created_at", "read", "kept", "shards_added"}]
+      "stages": [{"name", "seconds", "records_in", "records_out", "rejected": {reason: n},
+                  "extra": {...}}],     # this version's run, per stage (extra: stage figures)
+      "history": [{"version", "created_at", "read", "kept", "shards_added",
+                   "rebuild",            # true: config, tokenizer or template changed, all redone
+                   "removed"}]           # files sftkit deleted in that run (its own, never a user's)
     }
 
 Counts are of records (an input record is read, kept or rejected exactly once: read = kept +
-sum of rejected); ``rows`` is the rows in the shards, more than ``kept`` when
-``tokenize.reasoning: per_turn`` cut records into one row per assistant turn, and
-``turns_rejected`` the turns of kept records that were refused (filed in rejected/ with their
-``turn``; ``records`` of a rejected file counts only whole records). ``render_mismatch`` is the
-kept rows whose tokens before their last trained turn differ from the generation prompt's.
+sum of rejected, checked before any manifest is written); ``rows`` is the rows in the shards,
+more than ``kept`` when ``tokenize.reasoning: per_turn`` cut records into one row per assistant
+turn, and ``turns_rejected`` the turns of kept records that were refused (filed in rejected/
+with their ``turn``; ``records`` of a rejected file counts only whole records).
+``render_mismatch`` is the kept rows whose tokens before their last trained turn differ from the
+generation prompt's. ``counts.rejected`` is counted from the rejected files themselves, by each
+row's own stage (the tokenize step files template failures under stage ``template``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, TypedDict
 
+import pyarrow.parquet as pq
+
+from pipeline import schema
 from pipeline.fsutil import write_json_atomic
+from pipeline.stage import StageStats
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
+# The dataset's folders, relative to DIR: the only places manifest paths point into.
+SHARDS = "shards"
+REJECTED = "rejected"
+DEDUP_INDEX = "dedup_index"
+STAGE_ORDER = ("ingest", "dedup", "quality", "tokenize", "shards")
+
+
+class ShardEntry(TypedDict):
+    path: str  # shards/train-00000.parquet
+    split: str
+    rows: int
+    records: int  # distinct (source, source_index): rows before per_turn
+    tokens: int
+    trainable_tokens: int
+    sha256: str
+
+
+class RejectedEntry(TypedDict):
+    path: str  # rejected/<stage>-<step key>.parquet
+    rows: int
+    records: int  # rows that are whole records (a refused turn of a kept record is not one)
+
+
+class InputEntry(TypedDict):
+    source: str
+    sha256: str
+    records: int
 
 
 class ManifestError(ValueError):
@@ -91,5 +132,108 @@ def shard_entries(manifest: dict[str, Any], split: str | None = None) -> list[di
     return [s for s in manifest["shards"] if split is None or s["split"] == split]
 
 
+def listed_files(manifest: dict[str, Any]) -> set[str]:
+    """Every file the manifest lists, relative to its folder: shards, rejected files, index parts.
+
+    Tolerates a damaged manifest (entries of the wrong type are skipped): sftkit reads this to
+    know which files are its own before it deletes anything.
+    """
+    listed = {
+        entry["path"]
+        for key in (SHARDS, REJECTED)
+        for entry in manifest.get(key) or []
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str)
+    }
+    return listed | {f"{DEDUP_INDEX}/{part}" for part in manifest.get("dedup_index") or [] if isinstance(part, str)}
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def build_manifest(
+    root: Path,
+    previous: dict[str, Any] | None,
+    *,
+    version: int,
+    tokenizer: dict[str, str],
+    template: dict[str, str],
+    config: dict[str, Any],
+    config_fingerprint: str,
+    code_version: str,
+    new_inputs: list[InputEntry],
+    new_shards: list[ShardEntry],
+    new_rejected: Iterable[Path],
+    dedup_index: list[str],
+    stages: Iterable[StageStats],
+    rebuild: bool,
+    removed: list[str],
+) -> dict[str, Any]:
+    """The next version of the manifest: ``previous`` (None for a first run or a rebuild) plus what
+    this run added. Refuses, with the figures, to build one that loses a record."""
+    totals: dict[str, StageStats] = {}
+    for stats in stages:
+        totals[stats.name] = totals[stats.name] + stats if stats.name in totals else stats
+    counts = previous["counts"] if previous else {}
+    rejected_counts = {stage: Counter(reasons) for stage, reasons in counts.get("rejected", {}).items()}
+    turns_rejected = Counter(counts.get("turns_rejected", {}))
+    rejected_files: list[RejectedEntry] = []
+    for path in new_rejected:
+        table = pq.read_table(path, columns=[schema.STAGE, schema.REASON, schema.TURN])
+        stage, reason, turn = (table.column(c).to_pylist() for c in (schema.STAGE, schema.REASON, schema.TURN))
+        for row_stage, row_reason, row_turn in zip(stage, reason, turn):
+            if row_turn is None:
+                rejected_counts.setdefault(row_stage, Counter())[row_reason] += 1
+            else:
+                turns_rejected[row_reason] += 1
+        # A turn refused while its record was kept is no record.
+        records = table.column(schema.TURN).null_count
+        rejected_files.append({"path": Path(path).relative_to(root).as_posix(), "rows": table.num_rows, "records": records})
+
+    shards = (previous["shards"] if previous else []) + new_shards
+    rejected = (previous.get("rejected", []) if previous else []) + rejected_files
+    read_now = totals["ingest"].records_in if "ingest" in totals else 0
+    read = counts.get("read", 0) + read_now
+    kept = sum(s.get("records", s["rows"]) for s in shards)
+    rejected_total = sum(f.get("records", f["rows"]) for f in rejected)
+    if read != kept + rejected_total:
+        raise AssertionError(
+            f"conservation broken in {root}: read {read} records but shards hold {kept} and "
+            f"rejected/ holds {rejected_total}; refusing to write a manifest that loses records"
+        )
+    tokenize_extra = totals["tokenize"].extra if "tokenize" in totals else {}
+    created = now_iso()
+    history = (previous.get("history", []) if previous else []) + [
+        {
+            "version": version,
+            "created_at": created,
+            "read": read_now,
+            "kept": sum(s.get("records", s["rows"]) for s in new_shards),
+            "shards_added": len(new_shards),
+            "rebuild": rebuild,
+            "removed": removed,
+        }
+    ]
+    return {
+        "version": version,
+        "created_at": created,
+        "tokenizer": tokenizer,
+        "template": template,
+        "config": config,
+        "config_fingerprint": config_fingerprint,
+        "code_version": code_version,
+        "inputs": (previous.get("inputs", []) if previous else []) + new_inputs,
+        "shards": shards,
+        "rejected": rejected,
+        "dedup_index": dedup_index,
+        "counts": {
+            "read": read,
+            "kept": kept,
+            "rejected": {stage: dict(reasons) for stage, reasons in rejected_counts.items()},
+            "render_mismatch": counts.get("render_mismatch", 0) + tokenize_extra.get("render_mismatch", 0),
+            "rows": sum(s["rows"] for s in shards),
+            "turns_rejected": dict(turns_rejected),
+        },
+        "stages": [{**totals[name].to_dict(), "name": name} for name in STAGE_ORDER if name in totals],
+        "history": history,
+    }

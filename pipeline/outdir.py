@@ -39,7 +39,7 @@ LOCK = ".sftkit.lock"
 JOURNAL = ".sftkit-files"
 OWN_FILES = frozenset({MARKER, LOCK, JOURNAL})
 WORK = ".work"
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # pipeline.manifest.MANIFEST_NAME (that module imports this one's writers)
 PREVIOUS_MANIFEST = "manifest.previous.json"
 # How far above a written file its output folder can be (DIR/dedup_index/.tmp-dedup-x/sig.parquet).
 _ROOT_SEARCH_DEPTH = 4
@@ -130,11 +130,10 @@ def _listed_in_manifests(root: Path) -> list[str]:
         except (OSError, ValueError):
             continue
         listed.append(name)
-        if not isinstance(manifest, dict):
-            continue
-        for key in ("shards", "rejected"):
-            listed += [e["path"] for e in manifest.get(key) or [] if isinstance(e, dict) and isinstance(e.get("path"), str)]
-        listed += [f"dedup_index/{p}" for p in manifest.get("dedup_index") or [] if isinstance(p, str)]
+        if isinstance(manifest, dict):
+            from pipeline.manifest import listed_files
+
+            listed += sorted(listed_files(manifest))
     return listed
 
 

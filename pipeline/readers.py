@@ -52,11 +52,11 @@ from pipeline.formats import (
     INVALID_JSON,
     INVALID_UTF8,
     RECORD_TOO_LARGE,
-    RecordError,
     loads_bounded,
     nesting_exceeds,
     too_deep,
 )
+from pipeline.stage import Drop
 
 CHUNK_CHARS = 1 << 20
 DEFAULT_MAX_RECORD_BYTES = 16 << 20
@@ -84,7 +84,7 @@ class RawRecord:
     index: int
     value: Any = None
     raw: str | None = None  # original text, where the container has one
-    error: RecordError | None = None
+    error: Drop | None = None
 
     def raw_text(self) -> str:
         """The record's original text for the quarantine (JSON of the value for columnar inputs).
@@ -450,10 +450,10 @@ def _parse(index: int, text: str, limits: Limits, what: str) -> RawRecord:
     """One record's JSON text -> its value, or ``invalid_json`` / ``too_deeply_nested``."""
     try:
         value = loads_bounded(text, limits.max_nesting, what)
-    except RecordError as exc:
+    except Drop as exc:
         return RawRecord(index, raw=text, error=exc)
     except json.JSONDecodeError as exc:
-        return RawRecord(index, raw=text, error=RecordError(INVALID_JSON, f"{what} is not valid JSON: {exc.msg} at column {exc.colno}"))
+        return RawRecord(index, raw=text, error=Drop(INVALID_JSON, f"{what} is not valid JSON: {exc.msg} at column {exc.colno}"))
     return RawRecord(index, value=value, raw=text)
 
 
@@ -482,7 +482,7 @@ def _iter_jsonl(fh: IO[bytes], limits: Limits) -> Iterator[RawRecord]:
             yield RawRecord(
                 index,
                 raw=head,
-                error=RecordError(
+                error=Drop(
                     RECORD_TOO_LARGE,
                     f"the line is {_human(length)} long, more than the {_human(max_record_bytes)} "
                     f"(ingest.max_record_bytes = {max_record_bytes}) a record may have; it was not parsed",
@@ -499,7 +499,7 @@ def _iter_jsonl(fh: IO[bytes], limits: Limits) -> Iterator[RawRecord]:
             yield RawRecord(
                 index,
                 raw=line.decode("utf-8", errors="replace"),
-                error=RecordError(INVALID_UTF8, f"byte {exc.start} of the line is not valid UTF-8 ({exc.reason})"),
+                error=Drop(INVALID_UTF8, f"byte {exc.start} of the line is not valid UTF-8 ({exc.reason})"),
             )
             index += 1
             continue
@@ -593,7 +593,7 @@ def _iter_json_values(fh: IO[bytes], *, array: bool, limits: Limits) -> Iterator
             if not more():
                 return None
 
-    def refused(index: int, start: int, error: RecordError | None) -> tuple[RawRecord, bool]:
+    def refused(index: int, start: int, error: Drop | None) -> tuple[RawRecord, bool]:
         """The element at ``start`` skipped unparsed and filed as ``error`` (``record_too_large``
         if None or if it is that long), and whether reading can go on after it (False when the
         input ends inside it or it is not an array/object)."""
@@ -604,11 +604,11 @@ def _iter_json_values(fh: IO[bytes], *, array: bool, limits: Limits) -> Iterator
             return RawRecord(
                 index,
                 raw=buf[start : start + schema.RAW_MAX_CHARS],
-                error=error or RecordError(RECORD_TOO_LARGE, f"element {index} is longer than {max_record_bytes} characters"),
+                error=error or Drop(RECORD_TOO_LARGE, f"element {index} is longer than {max_record_bytes} characters"),
             ), False
         head, length = skipped
         if error is None or length > max_record_bytes:
-            error = RecordError(
+            error = Drop(
                 RECORD_TOO_LARGE,
                 f"element {index} is {length} characters long, more than the {max_record_bytes} "
                 "(ingest.max_record_bytes) a record may have; it was not parsed",
@@ -625,7 +625,7 @@ def _iter_json_values(fh: IO[bytes], *, array: bool, limits: Limits) -> Iterator
     while True:
         if not skip_ws():
             if array:
-                yield RawRecord(index, raw="", error=RecordError(INVALID_JSON, "the JSON array ends without its closing ']' (file truncated?)"))
+                yield RawRecord(index, raw="", error=Drop(INVALID_JSON, "the JSON array ends without its closing ']' (file truncated?)"))
             return
         if array and buf[pos] == "]":
             pos += 1
@@ -636,7 +636,7 @@ def _iter_json_values(fh: IO[bytes], *, array: bool, limits: Limits) -> Iterator
                 value, end = _DECODER.raw_decode(buf, start)
             except RecursionError:
                 value, end = None, -1
-                error: RecordError | None = too_deep(limits.max_nesting, f"element {index}")
+                error: Drop | None = too_deep(limits.max_nesting, f"element {index}")
                 break
             except json.JSONDecodeError as exc:
                 maybe_cut = exc.msg.startswith("Unterminated string") or exc.pos >= len(buf) - 8
@@ -646,7 +646,7 @@ def _iter_json_values(fh: IO[bytes], *, array: bool, limits: Limits) -> Iterator
                 if len(buf) - start > max_record_bytes:
                     value, end, error = None, -1, None
                     break
-                error = RecordError(
+                error = Drop(
                     INVALID_JSON,
                     f"the JSON is broken in element {index} ({exc.msg}); the rest of the file cannot be split into records",
                 )
@@ -665,7 +665,7 @@ def _iter_json_values(fh: IO[bytes], *, array: bool, limits: Limits) -> Iterator
             raw = buf[start:end]
             pos = end
             if _has_surrogates(raw):
-                yield RawRecord(index, raw=raw, error=RecordError(INVALID_UTF8, f"element {index} contains bytes that are not valid UTF-8"))
+                yield RawRecord(index, raw=raw, error=Drop(INVALID_UTF8, f"element {index} contains bytes that are not valid UTF-8"))
             elif raw.count("[") + raw.count("{") > limits.max_nesting and nesting_exceeds(value, limits.max_nesting):
                 yield RawRecord(index, raw=raw, error=too_deep(limits.max_nesting, f"element {index}"))
             else:
@@ -675,7 +675,7 @@ def _iter_json_values(fh: IO[bytes], *, array: bool, limits: Limits) -> Iterator
         if not array:
             continue
         if not skip_ws():
-            yield RawRecord(index, raw="", error=RecordError(INVALID_JSON, "the JSON array ends without its closing ']' (file truncated?)"))
+            yield RawRecord(index, raw="", error=Drop(INVALID_JSON, "the JSON array ends without its closing ']' (file truncated?)"))
             return
         if buf[pos] == ",":
             pos += 1
@@ -689,11 +689,11 @@ def _iter_json_values(fh: IO[bytes], *, array: bool, limits: Limits) -> Iterator
             yield RawRecord(
                 index,
                 raw=buf[pos : pos + schema.RAW_MAX_CHARS],
-                error=RecordError(INVALID_JSON, f"expected ',' or ']' after element {index - 1}; the rest of the file cannot be split into records"),
+                error=Drop(INVALID_JSON, f"expected ',' or ']' after element {index - 1}; the rest of the file cannot be split into records"),
             )
             return
     if skip_ws():
-        yield RawRecord(index, raw=buf[pos : pos + schema.RAW_MAX_CHARS], error=RecordError(INVALID_JSON, "text follows the closing ']' of the JSON array"))
+        yield RawRecord(index, raw=buf[pos : pos + schema.RAW_MAX_CHARS], error=Drop(INVALID_JSON, "text follows the closing ']' of the JSON array"))
 
 
 def _has_surrogates(text: str) -> bool:
@@ -761,7 +761,7 @@ def _arrow_rows(table, index: int, limits: Limits) -> Iterator[RawRecord]:
     for offset, row in enumerate(table.to_pylist()):
         error = None
         if big and _size_exceeds(row, limits.max_record_bytes):
-            error = RecordError(
+            error = Drop(
                 RECORD_TOO_LARGE,
                 f"the record holds more than {_human(limits.max_record_bytes)} of text and data "
                 f"(ingest.max_record_bytes = {limits.max_record_bytes})",

@@ -11,6 +11,7 @@ config give byte-identical files.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from pipeline.config import ShardConfig
+from pipeline.config import SFTConfig, ShardConfig
 from pipeline.fsutil import sha256_file, write_parquet_atomic
+from pipeline.manifest import ShardEntry
+from pipeline.stage import StageRun, StageStats
 
 SHARDS_DIR = "shards"
 _SPLIT_KEY = b"sftkit-split"
@@ -48,26 +51,40 @@ def read_tokenized(path: Path) -> pa.Table:
         raise ValueError(f"cannot read tokenized rows from {path}: {exc}") from exc
 
 
+@dataclass
+class WrittenShards:
+    """What :func:`write_shards` wrote: the manifest entries of the new files, and the stage's counts."""
+
+    entries: list[ShardEntry]
+    stats: StageStats
+
+
 def write_shards(
-    tokenized_paths: list[Path],
+    in_paths: list[Path],
     data_dir: Path,
-    config: ShardConfig,
+    config: SFTConfig,
+    *,
     metadata: dict[bytes, bytes],
     start_index: dict[str, int] | None = None,
-) -> list[dict]:
-    """Write the rows of ``tokenized_paths`` as shard files; return their manifest entries.
+) -> WrittenShards:
+    """Write the tokenized rows of ``in_paths`` as shard files under ``data_dir`` (``config.shards``
+    sets the split and the file size); return their manifest entries and the stage's counts.
 
-    ``start_index`` gives the first file number per split, so a refresh appends after the files
-    the dataset already has.
+    ``metadata`` goes into every file's Parquet metadata. ``start_index`` gives the first file
+    number per split, so a refresh appends after the files the dataset already has.
     """
     data_dir = Path(data_dir)
     start_index = dict(start_index or {})
-    tables = [read_tokenized(path) for path in tokenized_paths]
-    if not tables:
-        return []
-    table = pa.concat_tables(tables)
-    if table.num_rows == 0:
-        return []
+    shard_config = config.shards
+    entries: list[ShardEntry] = []
+    with StageRun("shards") as run:
+        table = pa.concat_tables([read_tokenized(path) for path in in_paths]) if in_paths else None
+        if table is not None and table.num_rows:
+            entries = _write(table, data_dir, shard_config, metadata, start_index, run)
+    return WrittenShards(entries, run.stats)
+
+
+def _write(table: pa.Table, data_dir: Path, config: ShardConfig, metadata, start_index, run: StageRun) -> list[ShardEntry]:
     order = pc.sort_indices(
         table,
         [
@@ -85,8 +102,11 @@ def write_shards(
     lengths = table.column(schema.LENGTH).to_numpy()
     trainable = table.column(schema.NUM_TRAINABLE).to_numpy()
     compression = None if config.compression == "none" else config.compression
+    records_read = 1 + int(np.count_nonzero(
+        (source[order[1:]] != source[order[:-1]]) | (source_index[order[1:]] != source_index[order[:-1]])
+    ))
 
-    entries = []
+    entries: list[ShardEntry] = []
     for split in schema.SPLITS:
         rows = order[splits[order] == split]
         new_record = np.ones(len(rows), dtype=bool)
@@ -117,6 +137,8 @@ def write_shards(
                     "sha256": sha256_file(path),
                 }
             )
+    # A record split across two files, or one lost between the splits, breaks this count.
+    run.count(records_read, kept=sum(entry["records"] for entry in entries))
     return entries
 
 

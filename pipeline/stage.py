@@ -1,9 +1,10 @@
 """The one shape every pipeline step shares.
 
 A *filter* looks at one conversation and answers ``None`` (keep) or a :class:`Drop` (reason code
-and human detail). A *stage* runs over Arrow tables, and the shared machinery here counts what
-went in, what came out and why the rest was dropped, times the work, and turns drops into
-rejected rows. A new filter is a few lines and cannot forget its statistics (cf. datatrove).
+and human detail). A *stage* runs over Arrow tables inside a :class:`StageRun`, which counts what
+went in, what came out and why the rest was dropped, times the work and checks that no record
+vanished; :func:`rejected_rows_from_table` turns drops into rejected rows. A new filter is a few
+lines and cannot forget its statistics (cf. datatrove's pipeline steps).
 """
 
 from __future__ import annotations
@@ -11,21 +12,62 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 
 from pipeline import schema
 
 
-@dataclass(frozen=True)
-class Drop:
-    """Why a record was not kept: a short machine ``reason`` code and a ``detail`` for humans."""
+class Drop(ValueError):
+    """Why a record (or one turn of it) was not kept: the one type for every dropped record.
 
-    reason: str
-    detail: str
-    duplicate_of: str | None = None
-    similarity: float | None = None
+    ``reason`` is a short machine code (``invalid_json``, ``near_duplicate``, ``refusal``), ``detail``
+    a sentence for humans. A filter or masker *returns* one; a parser deep in a call stack *raises*
+    one (it is a ``ValueError``). ``stage`` is set where the stage that files the row is not the one
+    that ran (the tokenize step files template failures under ``template``); ``duplicate_of`` and
+    ``similarity`` are dedup's. A drop becomes one row of ``rejected/`` (:func:`rejected_rows_from_table`).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str,
+        duplicate_of: str | None = None,
+        similarity: float | None = None,
+        *,
+        stage: str | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.duplicate_of = duplicate_of
+        self.similarity = similarity
+        self.stage = stage
+
+    def _fields(self) -> tuple:
+        return (self.reason, self.detail, self.duplicate_of, self.similarity, self.stage)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Drop) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        extra = "".join(
+            f", {name}={value!r}"
+            for name, value in (("duplicate_of", self.duplicate_of), ("similarity", self.similarity), ("stage", self.stage))
+            if value is not None
+        )
+        return f"Drop({self.reason!r}, {self.detail!r}{extra})"
+
+    def __reduce__(self):  # exceptions pickle their args only; keep every field across processes
+        return (_drop, self._fields())
+
+
+def _drop(reason, detail, duplicate_of, similarity, stage) -> Drop:
+    return Drop(reason, detail, duplicate_of, similarity, stage=stage)
 
 
 @dataclass
@@ -98,16 +140,40 @@ def _merge_extra(left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-class Timer:
-    def __init__(self) -> None:
-        self.seconds = 0.0
+class StageRun:
+    """The runner every stage goes through: it owns the clock, the counts and the conservation check.
 
-    def __enter__(self) -> "Timer":
+    ::
+
+        with StageRun("quality") as run:
+            for batch in batches:
+                kept, drops = ...
+                run.count(len(batch), kept=len(kept), drops=drops)
+        return run.stats
+
+    ``count`` adds records in, records kept and the drops' reasons; leaving the block adds the
+    seconds spent inside it and, unless the block raised, checks ``in = out + rejected``: a stage
+    that loses a record fails loudly instead of writing an incomplete step.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.stats = StageStats(name)
+
+    def count(self, records_in: int, *, kept: int, drops: Iterable[Drop] | Iterable[str] = ()) -> None:
+        """Add ``records_in`` records read, ``kept`` written on, and one rejection per drop (a
+        :class:`Drop` or its reason code)."""
+        self.stats.records_in += records_in
+        self.stats.records_out += kept
+        self.stats.rejected.update(d.reason if isinstance(d, Drop) else d for d in drops)
+
+    def __enter__(self) -> "StageRun":
         self._start = time.perf_counter()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.seconds += time.perf_counter() - self._start
+    def __exit__(self, exc_type, *exc: object) -> None:
+        self.stats.seconds += time.perf_counter() - self._start
+        if exc_type is None:
+            self.stats.check_conservation()
 
 
 def rejected_rows_from_table(

@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 from pipeline import schema
 from pipeline.config import SFTConfig
 from pipeline.fsutil import atomic_path
-from pipeline.masking import Encoded, Masker, Rejection, trained_turns
-from pipeline.stage import Drop, StageStats, Timer, rejected_rows_from_table, write_rejected
+from pipeline.masking import Encoded, Masker, trained_turns
+from pipeline.stage import Drop, StageRun, StageStats, rejected_rows_from_table, write_rejected
 
 _CANONICAL_COLUMNS = [field.name for field in schema.CONVERSATION_SCHEMA]
 # A template that fails every one of this many conversations stops the run: it will fail the rest.
@@ -112,7 +112,7 @@ def _conversations(table: pa.Table) -> list[tuple[list[dict], str | None]]:
     return list(zip(table.column(schema.MESSAGES).to_pylist(), table.column(schema.TOOLS).to_pylist()))
 
 
-def assemble(rows: _Rows, results: list[Encoded | Rejection]) -> tuple[pa.Table, pa.Table, dict]:
+def assemble(rows: _Rows, results: list[Encoded | Drop]) -> tuple[pa.Table, pa.Table, dict]:
     """A batch's rows and the Masker's result for each -> (kept rows, rejected rows, figures).
 
     Counts are of records: under ``per_turn`` a record with a kept row is kept (a refused turn
@@ -150,7 +150,7 @@ def assemble(rows: _Rows, results: list[Encoded | Rejection]) -> tuple[pa.Table,
     rejected_rows, reasons, turns_rejected = [], Counter(), 0
     template_failed, template_example = 0, None
     for i, result in enumerate(results):
-        if not isinstance(result, Rejection):
+        if not isinstance(result, Drop):
             continue
         record = int(record_of_row[i])
         if record_kept[record]:
@@ -178,7 +178,7 @@ def assemble(rows: _Rows, results: list[Encoded | Rejection]) -> tuple[pa.Table,
                 table.num_rows + int(record_of_row[i]) if rows.record_table is not None and t is None else i
                 for i, _, t in picked
             ]
-            part = rejected_rows_from_table(pool, filed_rows, [Drop(r.reason, r.detail) for _, r, _ in picked], stage)
+            part = rejected_rows_from_table(pool, filed_rows, [r for _, r, _ in picked], stage)
             part = part.set_column(
                 part.schema.get_field_index(schema.TURN), schema.REJECTED_SCHEMA.field(schema.TURN),
                 pa.array([t for _, _, t in picked], pa.int32()),
@@ -338,17 +338,16 @@ def _gc_unfreeze(froze: bool) -> None:
 _GC_FROZEN = _ProcessWide(_gc_freeze, _gc_unfreeze)
 
 
-def tokenize_stage(
-    in_path: Path, out_path: Path, rejected_path: Path, tokenizer_path: str, config: SFTConfig
-) -> StageStats:
-    """Render, tokenize and mask every conversation of ``in_path``; write kept and rejected rows."""
-    in_path, out_path, rejected_path = Path(in_path), Path(out_path), Path(rejected_path)
-    stats = StageStats(
-        "tokenize",
-        extra={"tokens": 0, "trainable_tokens": 0, "truncated": 0, "truncated_tokens": 0, "render_mismatch": 0, "turns_rejected": 0},
-    )
+def tokenize_stage(in_path: Path, out_path: Path, rejected_path: Path, config: SFTConfig, *, tokenizer: str) -> StageStats:
+    """Render, tokenize and mask every conversation of ``in_path`` with the ``tokenizer`` folder and
+    ``config.template``/``config.tokenize``; write kept rows to ``out_path`` and refused ones to
+    ``rejected_path``. Records are counted whole: a ``per_turn`` record kept as several rows is one
+    record out, and a refused turn of a kept record is in ``extra["turns_rejected"]``."""
+    figure_names = ("tokens", "trainable_tokens", "truncated", "truncated_tokens", "render_mismatch", "turns_rejected")
     rejected_tables = []
-    with Timer() as timer, _GC_FROZEN.held():
+    with StageRun("tokenize") as run, _GC_FROZEN.held():
+        stats = run.stats
+        stats.extra = dict.fromkeys(figure_names, 0)
         try:
             source = pq.ParquetFile(in_path)
         except (OSError, pa.ArrowInvalid) as exc:
@@ -364,17 +363,15 @@ def tokenize_stage(
             options = pa.ipc.IpcWriteOptions(compression=None)
             with pa.ipc.new_file(tmp, schema.SHARD_SCHEMA, options=options) as writer:
                 template_failed, example = 0, None
-                for kept, rejected, figures in _encoded_batches(batches, num_batches, tokenizer_path, config):
+                for kept, rejected, figures in _encoded_batches(batches, num_batches, tokenizer, config):
                     template_failed += figures["template_failed"]
                     example = example or figures["template_example"]
                     if kept.num_rows:
                         writer.write_table(kept)
                     if rejected.num_rows:
                         rejected_tables.append(rejected)
-                    stats.records_in += figures["records_in"]
-                    stats.records_out += figures["records_out"]
-                    stats.rejected.update(figures["rejected"])
-                    for key in ("tokens", "trainable_tokens", "truncated", "truncated_tokens", "render_mismatch", "turns_rejected"):
+                    run.count(figures["records_in"], kept=figures["records_out"], drops=figures["rejected"].elements())
+                    for key in figure_names:
                         stats.extra[key] += figures[key]
                     if stats.records_in >= EARLY_STOP_SAMPLE and template_failed == stats.records_in:
                         raise ValueError(
@@ -384,7 +381,5 @@ def tokenize_stage(
                         )
         if rejected_tables:
             write_rejected(pa.concat_tables(rejected_tables), rejected_path)
-    stats.seconds = timer.seconds
-    stats.check_conservation()
-    return stats
+    return run.stats
 

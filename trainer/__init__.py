@@ -14,7 +14,11 @@ def __getattr__(name: str):
         from trainer.batching import collate
 
         return collate
-    if name in ("SFTTrainer", "TrainConfig"):
+    if name == "TrainConfig":
+        from trainer.config import TrainConfig
+
+        return TrainConfig
+    if name == "SFTTrainer":
         from trainer import loop
 
         return getattr(loop, name)

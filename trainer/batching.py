@@ -69,21 +69,6 @@ def best_fit_decreasing(lengths: np.ndarray, order: np.ndarray, capacity: int, f
     return bins
 
 
-def next_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
-    """The naive packer (open a new bin whenever the next row does not fit); benchmarks only."""
-    _check_fits(lengths, np.asarray(order), capacity, "--batch-tokens")
-    bins: list[list[int]] = []
-    fill = capacity + 1
-    for row in np.asarray(order).tolist():
-        size = int(lengths[row])
-        if fill + size > capacity:
-            bins.append([])
-            fill = 0
-        bins[-1].append(row)
-        fill += size
-    return bins
-
-
 def plan_packed(
     lengths: np.ndarray,
     order: np.ndarray,

@@ -14,7 +14,7 @@ in one ``forward``. By default it never builds the ``(batch, width, vocab)`` log
 hidden states, keeps only the positions that have a trained target, and computes the LM head,
 the cross-entropy and its gradients ``chunk_tokens`` positions at a time in the forward pass
 (:class:`_LinearCrossEntropy`), so at most one chunk's logits exist and none is recomputed. The
-result equals the plain loss (tests/test_trainer_loss.py holds value and gradients to it); the
+result equals the plain loss (tests/trainer/test_loss.py holds value and gradients to it); the
 memory saving and the time are measured by ``bench/loss_memory.py``.
 
 An optional per-token ``weights`` tensor (a mixture group's loss weight, aligned with ``labels``)
@@ -27,10 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.schema import IGNORE_INDEX
-
-# Trained positions whose logits exist at once in the chunked loss. 1024 x a 152k vocabulary is
-# 0.6 GB of fp32 logits (and as much again for their gradient) instead of 19 GB for a 32k row.
-DEFAULT_CHUNK_TOKENS = 1024
+from trainer.config import DEFAULT_CHUNK_TOKENS
 
 
 def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ GeLU, grouped-query attention, no dropout, and no ``a s^2`` score matrix (sdpa's
 memory-efficient kernels never store it). With activation checkpointing each layer keeps only its
 input (``w h`` per token: their section 5's ``2 s b h L`` for full recomputation) and one layer at a
 time is recomputed during backward, its activations and the gradients flowing through it.
-tests/test_trainer_memory.py holds the per-layer formula to what autograd saves (1 %) and the
+tests/trainer/test_memory.py holds the per-layer formula to what autograd saves (1 %) and the
 activations and logits to a measured peak (20 %), on CPU.
 
 What fits a given GPU, and ``sftkit train --dry-run``, are in :mod:`trainer.memory_fit`.
@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-from trainer.loss import DEFAULT_CHUNK_TOKENS
+from trainer.config import DEFAULT_CHUNK_TOKENS
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 # Bytes per logit element at the loss's peak (start of its backward): the fp32 logits' log-softmax

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from trainer.loss import DEFAULT_CHUNK_TOKENS
+from trainer.config import DEFAULT_CHUNK_TOKENS
 from trainer.memory import HEADROOM, MemoryEstimate, ModelShape, Strategy, estimate, load_model_config, model_shape
 
 SUGGESTED_LORA_R = 16

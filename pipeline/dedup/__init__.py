@@ -11,8 +11,8 @@ index of everything kept so far. Files, one job each:
                the bands x rows choice and its S-curve
 ``lsh``        per-chunk signature files and per-partition candidate pairs (mappable steps)
 ``cluster``    the global reduce: verification, connected components, keep policy, outputs
-``index``      the persisted index: immutable content-named Parquet parts + commit
-``stage``      :func:`dedup_stage`, all of the above in process
+``index``      the persisted index: immutable content-named Parquet parts the manifest lists
+``stage``      :func:`dedup_stage`, all of the above in one process
 
 Pipeline: exact duplicates (same normal form) go first; the rest go through MinHash LSH.
 Band ``b`` goes to partition ``b % partitions``; each partition finds its candidate pairs
@@ -39,25 +39,25 @@ Measured (bench/dedup.py, 10k generated pairs with Jaccard spread over 0.6-1.0):
 recall 1.00 / 1.00 within a run; 0.92 / 0.93 with the estimate alone (the incremental case,
 most of it from pairs within +-0.05 of the threshold); datasketch's MinHashLSH 0.87 / 0.83.
 
-Incremental and crash-safe: see :mod:`pipeline.dedup.index` (two-phase: write part, commit).
+Incremental and crash-safe: see :mod:`pipeline.dedup.index` (two-phase: write the part, then
+the manifest lists it).
 """
 
-from pipeline.dedup.cluster import resolve_clusters
-from pipeline.dedup.index import commit_index, current_parts, load_index, restrict_part
+from pipeline.dedup.cluster import DedupOutcome, resolve_clusters
+from pipeline.dedup.index import load_index, restrict_part
 from pipeline.dedup.lsh import candidate_pairs, compute_signatures, lsh_shape
 from pipeline.dedup.minhash import choose_bands
 from pipeline.dedup.normalize import normalize
 from pipeline.dedup.stage import dedup_stage, save_edges
 
 __all__ = [
+    "DedupOutcome",
     "dedup_stage",
     "compute_signatures",
     "candidate_pairs",
     "resolve_clusters",
     "save_edges",
     "load_index",
-    "commit_index",
-    "current_parts",
     "restrict_part",
     "choose_bands",
     "lsh_shape",

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +42,7 @@ from pipeline.dedup.lsh import RESPONSE_CHARS, SHINGLES, lsh_shape, read_uint64,
 from pipeline.dedup.minhash import estimated_jaccard
 from pipeline.dedup.normalize import row_dicts
 from pipeline.fsutil import write_parquet_atomic
-from pipeline.stage import Drop, StageStats, Timer, rejected_rows_from_table, write_rejected
+from pipeline.stage import Drop, StageRun, StageStats, rejected_rows_from_table, write_rejected
 
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
 EXACT_MARGIN = 0.2
@@ -103,6 +103,14 @@ def _set_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
+class DedupOutcome(NamedTuple):
+    """What the dedup stage did: its counts, and the index part it wrote for the records it kept
+    (None when it kept nothing). The part is not current until the manifest lists it."""
+
+    stats: StageStats
+    index_part: str | None
+
+
 def resolve_clusters(
     in_paths: list[str | os.PathLike],
     sig_paths: list[str | os.PathLike],
@@ -112,13 +120,12 @@ def resolve_clusters(
     index_dir: str | os.PathLike,
     config: DedupConfig,
     is_good: Callable[[dict[str, Any]], bool] | None = None,
-    index_parts: list[str] | None = None,
-) -> StageStats:
+    index_parts: Sequence[str] = (),
+) -> DedupOutcome:
     """Decide, write the kept rows per chunk and the rejected rows, and write the new index part.
 
-    ``edges``: the candidate pairs of every partition (arrays or ``.npy`` paths). The new part's
-    name is returned in ``stats.extra["index_part"]`` (None when nothing was kept) and the full
-    list to commit in ``stats.extra["index_parts"]``; the part is not made current here.
+    ``edges``: the candidate pairs of every partition (arrays or ``.npy`` paths); ``index_parts``:
+    the current index (the manifest's ``dedup_index``).
     """
     in_paths, sig_paths, out_paths = ([Path(p) for p in paths] for paths in (in_paths, sig_paths, out_paths))
     if not len(in_paths) == len(sig_paths) == len(out_paths):
@@ -126,17 +133,10 @@ def resolve_clusters(
             f"dedup needs one signature file and one output per input chunk: {len(in_paths)} inputs, "
             f"{len(sig_paths)} signature files, {len(out_paths)} outputs"
         )
-    timer = Timer()
-    with timer:
-        stats, removed_by_file = _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts)
-        stats.extra["index_part"] = _write_outputs(
-            in_paths, sig_paths, out_paths, rejected_path, index_dir, config, removed_by_file
-        )
-        committed = dedup_index.current_parts(index_dir) if index_parts is None else list(index_parts)
-        stats.extra["index_parts"] = committed + ([stats.extra["index_part"]] if stats.extra["index_part"] else [])
-    stats.seconds = timer.seconds
-    stats.check_conservation()
-    return stats
+    with StageRun("dedup") as run:
+        removed_by_file = _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts, run)
+        part = _write_outputs(in_paths, sig_paths, out_paths, rejected_path, index_dir, config, removed_by_file)
+    return DedupOutcome(run.stats, part)
 
 
 @dataclass
@@ -178,7 +178,7 @@ class _Members:
         )
 
 
-def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts):
+def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts, run: StageRun):
     rows = _Rows(sig_paths)
     for in_path, sig_path, count in zip(in_paths, sig_paths, np.diff(rows.offsets)):
         if pq.read_metadata(in_path).num_rows != count:
@@ -245,15 +245,13 @@ def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts)
     # 5. the removed rows of each chunk, with their Drop
     old_ids = old.column(schema.ID).combine_chunks()
     removed_by_file = _drops(rows, decisions, members.ids, old_ids, config.threshold)
-    stats = StageStats("dedup", records_in=num_new, records_out=int(np.count_nonzero(decisions.reason == 0)))
-    for code, name in ((1, EXACT), (2, NEAR)):
-        if count := int(np.count_nonzero(decisions.reason == code)):
-            stats.rejected[name] = count
+    reasons = np.bincount(decisions.reason, minlength=3)
+    run.count(num_new, kept=int(reasons[0]), drops=[EXACT] * int(reasons[1]) + [NEAR] * int(reasons[2]))
     bands, rows_per_band = lsh_shape(config)
-    stats.extra.update(
+    run.stats.extra.update(
         {"candidate_pairs": int(len(pairs)), "verified_pairs": int(len(accepted)), "lsh": f"{bands}x{rows_per_band}"}
     )
-    return stats, removed_by_file
+    return removed_by_file
 
 
 def _exact_in_index(new_exact: np.ndarray, old_exact: np.ndarray, decisions: _Decisions, num_new: int) -> np.ndarray:

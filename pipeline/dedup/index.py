@@ -3,7 +3,6 @@
 Layout of ``index_dir``::
 
     part-<16 hex>.parquet   one per run that kept something; never rewritten
-    current.json            {"parts": [...]}: the committed parts (written by commit_index)
 
 A part holds, for every record a run *kept*: ``id``, ``exact_hash`` (uint64 of the normal
 form), ``signature`` (the MinHash, uint32 x num_perm) and one uint64 column per LSH band
@@ -14,11 +13,11 @@ with a clear error, since its band hashes would silently never match (a config c
 rebuilds the dataset anyway).
 
 Two-phase update, for crash safety: a run writes its new part first (atomically, under its
-final content-hash name) but does not make it current; the run's outputs are committed after,
-by the caller, either by listing the part in the dataset manifest and passing that list back as
-``parts`` next time, or by calling :func:`commit_index`. A run killed in between leaves an
-orphan part that nothing lists, so its records (which never reached the shards) are not
-treated as "kept before".
+final content-hash name) but does not make it current. The dataset manifest is the one list of
+current parts (``dedup_index``, see :mod:`pipeline.manifest`): the run adds its part there when
+it writes the manifest, and the next run passes that list back as ``parts``. A run killed in
+between leaves an orphan part that nothing lists, so its records (which never reached the
+shards) are not treated as "kept before"; the next run removes it.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -38,10 +37,9 @@ import pyarrow.parquet as pq
 
 from pipeline import outdir, schema
 from pipeline.config import DedupConfig
-from pipeline.fsutil import TMP_PREFIX, _fsync_dir, write_json_atomic
+from pipeline.fsutil import TMP_PREFIX, _fsync_dir
 
 PARAMS_KEY = b"sftkit.dedup.params"
-CURRENT_FILE = "current.json"
 PART_NAME = re.compile(r"^part-[0-9a-f]{16}\.parquet$")
 HASH_SCHEME = "poly64-splitmix64-top32/datasketch-affine32/v1"
 
@@ -78,41 +76,18 @@ def index_schema(num_perm: int, bands: int) -> pa.Schema:
     )
 
 
-def current_parts(index_dir: str | os.PathLike) -> list[str]:
-    """The committed parts of ``index_dir`` (empty when nothing was ever committed)."""
-    path = Path(index_dir) / CURRENT_FILE
-    if not path.exists():
-        return []
-    try:
-        parts = json.loads(path.read_text(encoding="utf-8"))["parts"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"dedup index file {path} is unreadable: {exc}") from exc
-    return [_check_part_name(p, path) for p in parts]
-
-
-def commit_index(index_dir: str | os.PathLike, parts: Iterable[str]) -> Path:
-    """Make ``parts`` the current index (atomically). Each must exist in ``index_dir``."""
-    index_dir = Path(index_dir)
-    parts = [_check_part_name(p, index_dir) for p in parts]
-    for part in parts:
-        if not (index_dir / part).exists():
-            raise FileNotFoundError(f"cannot commit dedup index part {index_dir / part}: it does not exist")
-    return write_json_atomic({"parts": parts}, index_dir / CURRENT_FILE)
-
-
 def _check_part_name(part: str, where: object) -> str:
     if not isinstance(part, str) or not PART_NAME.match(part):
         raise ValueError(f"{where}: {part!r} is not a dedup index part name (part-<16 hex>.parquet)")
     return part
 
 
-def resolve_parts(index_dir: str | os.PathLike | None, parts: list[str] | None) -> list[Path]:
-    """Paths of the parts to use: ``parts`` if given, else the committed ones."""
+def resolve_parts(index_dir: str | os.PathLike | None, parts: Sequence[str]) -> list[Path]:
+    """Paths of the current ``parts`` (the manifest's ``dedup_index``); each must exist."""
     if index_dir is None:
         return []
     index_dir = Path(index_dir)
-    names = current_parts(index_dir) if parts is None else [_check_part_name(p, index_dir) for p in parts]
-    paths = [index_dir / name for name in names]
+    paths = [index_dir / _check_part_name(p, index_dir) for p in parts]
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"dedup index part {path} is listed as current but does not exist")
@@ -131,15 +106,14 @@ def _check_params(path: Path, expected: dict) -> None:
 
 def load_index(
     index_dir: str | os.PathLike | None,
-    parts: list[str] | None = None,
+    parts: Sequence[str] = (),
     *,
     columns: list[str] | None = None,
     params: dict | None = None,
 ) -> pa.Table:
     """The records kept by earlier runs, as one table (``columns`` only, in part order).
 
-    ``parts`` None means the committed parts (``current.json``); an empty index gives an empty
-    table. With ``params`` (see :func:`index_params`) every part is checked to match them.
+    ``parts`` are the current parts (none: an empty index, an empty table). With ``params`` (see :func:`index_params`) every part is checked to match them.
     """
     paths = resolve_parts(index_dir, parts)
     tables = []

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -153,7 +154,7 @@ def candidate_pairs(
     partition: int,
     config: DedupConfig,
     index_dir: str | os.PathLike | None = None,
-    index_parts: list[str] | None = None,
+    index_parts: Sequence[str] = (),
 ) -> np.ndarray:
     """Candidate pairs from the bands of one partition (band b belongs to partition
     ``b % config.partitions``), as an ``(E, 2)`` int64 array of node ids ``low < high``, unique,

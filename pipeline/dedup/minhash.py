@@ -126,8 +126,3 @@ def choose_bands(
         if candidate_probability(threshold, bands, rows) >= RECALL_AT_THRESHOLD:
             return bands, rows
     return num_perm, 1
-
-
-def s_curve_table(bands: int, rows: int, points=(0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)) -> str:
-    """The S-curve as text, for docs and the benchmark."""
-    return ", ".join(f"J={j:.2f}: {candidate_probability(j, bands, rows):.3f}" for j in points)

@@ -1,10 +1,12 @@
 """Text normalisation and dedup keys: what "the same text" means for dedup.
 
 Owns the one normal form both exact and near dedup hash: Unicode NFKC, case-folded,
-punctuation (every Unicode ``P*`` category) turned into spaces, each CJK / Japanese / Korean /
-Thai-family character made a token of its own, whitespace collapsed to single spaces. The
-result is a space-separated token string, so formatting-only variants ("Hello,  WORLD!" /
-"hello world") share one form, and the shingler can cut n-grams without knowing the script.
+punctuation (every Unicode ``P*`` category) turned into spaces, each character of a script
+written without spaces (Chinese, Japanese kana, Thai, Lao, Khmer, Myanmar, Tibetan) and of
+Hangul made a token of its own (:data:`pipeline.text.CHARACTER_SHINGLED_RANGES` says why
+Korean too), whitespace collapsed to single spaces. The result is a space-separated token string, so
+formatting-only variants ("Hello,  WORLD!" / "hello world") share one form, and the shingler
+can cut n-grams without knowing the script.
 """
 
 from __future__ import annotations
@@ -19,29 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema
+from pipeline.text import ASTRAL, CHARACTER_SHINGLED_RANGES
 
-# Scripts written without spaces between words (or where words are short syllable blocks):
-# Han (+ extensions and compatibility ideographs), Hiragana, Katakana, Hangul, Thai, Lao,
-# Khmer, Myanmar, Tibetan. Each character becomes one token; the shingler then uses character
-# n-grams for text made mostly of them.
-_CJK_RANGES = (
-    "\u0e00-\u0eff"  # Thai, Lao
-    "\u0f00-\u0fff"  # Tibetan
-    "\u1000-\u109f"  # Myanmar
-    "\u1100-\u11ff"  # Hangul Jamo
-    "\u1780-\u17ff"  # Khmer
-    "\u2e80-\u2fdf"  # CJK radicals
-    "\u3040-\u30ff"  # Hiragana, Katakana
-    "\u3100-\u31ff"  # Bopomofo, Hangul compatibility Jamo, Katakana extensions
-    "\u3400-\u4dbf"  # CJK extension A
-    "\u4e00-\u9fff"  # CJK unified ideographs
-    "\ua960-\ua97f"  # Hangul Jamo extended A
-    "\uac00-\ud7ff"  # Hangul syllables, Jamo extended B
-    "\uf900-\ufaff"  # CJK compatibility ideographs
-    "\U00020000-\U0003134f"  # CJK extensions B-G
-)
-_CJK_RUN = re.compile(f"[{_CJK_RANGES}]+")
-_ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
+
+_CHARACTER_RUN = re.compile(f"[{CHARACTER_SHINGLED_RANGES}]+")
 
 
 @functools.cache
@@ -62,30 +45,33 @@ def _punctuation() -> tuple[re.Pattern[str], re.Pattern[str]]:
 
 
 def normalize(text: str) -> tuple[str, int]:
-    """The normal form of ``text`` and how many of its tokens are CJK/Thai characters.
+    """The normal form of ``text`` and how many of its tokens are single characters (unspaced
+    scripts and Hangul).
 
     >>> normalize("Hello,  WORLD!")[0]
     'hello world'
     >>> normalize("你好，世界")
     ('你 好 世 界', 4)
+    >>> normalize("안녕, 세계!")
+    ('안 녕 세 계', 4)
     """
     text = unicodedata.normalize("NFKC", text).casefold()
     bmp_punctuation, astral_punctuation = _punctuation()
     text = bmp_punctuation.sub(" ", text)
-    if text.isascii():  # the common case skips the slower scans for CJK and astral code points
+    if text.isascii():  # the common case skips the scans for unspaced scripts and astral code points
         return " ".join(text.split()), 0
-    if _ASTRAL.search(text):
+    if ASTRAL.search(text):
         text = astral_punctuation.sub(" ", text)
-    num_cjk = 0
+    num_unspaced = 0
 
     def spaced(match: re.Match[str]) -> str:
-        nonlocal num_cjk
+        nonlocal num_unspaced
         run = match.group()
-        num_cjk += len(run)
+        num_unspaced += len(run)
         return " " + " ".join(run) + " "
 
-    text = _CJK_RUN.sub(spaced, text)
-    return " ".join(text.split()), num_cjk
+    text = _CHARACTER_RUN.sub(spaced, text)
+    return " ".join(text.split()), num_unspaced
 
 
 def key_texts(table: pa.Table, key: str) -> list[str]:
@@ -123,14 +109,14 @@ def response_chars(table: pa.Table) -> np.ndarray:
 
 
 def normalize_all(texts: Iterable[str]) -> tuple[list[str], np.ndarray]:
-    """:func:`normalize` over many texts: normal forms and CJK token counts."""
+    """:func:`normalize` over many texts: normal forms and unspaced-script token counts."""
     forms: list[str] = []
-    cjk: list[int] = []
+    unspaced: list[int] = []
     for text in texts:
-        form, num_cjk = normalize(text)
+        form, num_unspaced = normalize(text)
         forms.append(form)
-        cjk.append(num_cjk)
-    return forms, np.asarray(cjk, dtype=np.int64)
+        unspaced.append(num_unspaced)
+    return forms, np.asarray(unspaced, dtype=np.int64)
 
 
 def row_dicts(table: pa.Table, rows: Iterable[int]) -> dict[int, dict[str, Any]]:

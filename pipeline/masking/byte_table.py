@@ -1,13 +1,14 @@
 """Token boundaries without offsets, for byte-level BPE tokenizers (GPT-2, Llama-3, Qwen style).
 
-When every token of the tokenizer stands for a fixed byte string, the ids are encoded without
-offsets and token boundaries come from the cumulative byte lengths of the ids, after every row's
-ids, spelled through a byte table, are checked to give back its rendered text byte for byte (a
-row that does not is located through the tokenizer's offsets instead). Byte boundaries are finer
-than character offsets, so in two corners this is the more exact of the two: a trained span that
-ends inside a character split over several byte tokens, and a post-processor that trims
-whitespace from offsets (the offsets leave a leading-space token of the content untrained; the
-byte table trains it, as ``apply_chat_template``'s assistant mask does).
+When every token of the tokenizer stands for a fixed byte string (the *byte-table path*), the
+ids are encoded without offsets and token boundaries come from the cumulative byte lengths of the
+ids, after every row's ids, decoded to bytes through the table, are checked to give back its
+rendered text byte for byte (a row that does not goes the *offset-mapping path*: it is located
+through the character offsets the tokenizer reports). Byte boundaries are finer than character
+offsets, so in two corners this is the more exact of the two: a trained span that ends inside a
+character split over several byte tokens, and a post-processor that trims whitespace from offsets
+(the offsets leave a leading-space token of the content untrained; the byte table trains it, as
+``apply_chat_template``'s assistant mask does).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import unicodedata
 import numpy as np
 
 
-class _TokenBytes:
+class ByteTable:
     """The byte string every token id stands for, as one flat table, for byte-level tokenizers.
 
     Built only when concatenating the tokens' bytes gives back the encoded text exactly: a BPE
     model over GPT-2's byte alphabet, a ByteLevel pre-tokenizer that adds no prefix space, no
-    normalizer or NFC only (rows whose text NFC would change are left to the offsets road), and
+    normalizer or NFC only (rows whose text NFC would change go the offset-mapping path), and
     added tokens that strip no whitespace. :meth:`build` returns None for any other tokenizer.
     """
 
@@ -34,7 +35,7 @@ class _TokenBytes:
         self.flat = np.frombuffer(b"".join(p or b"" for p in pieces), dtype=np.uint8)
 
     @classmethod
-    def build(cls, data: dict) -> "_TokenBytes | None":
+    def build(cls, data: dict) -> "ByteTable | None":
         """From the tokenizer's JSON (``json.loads(backend.to_str())``)."""
         model, normalizer = data.get("model") or {}, data.get("normalizer")
         if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
@@ -65,11 +66,12 @@ class _TokenBytes:
             pieces[added["id"]] = added["content"].encode("utf-8")
         return cls(pieces, normalizer and normalizer["type"])
 
-    def takes(self, text: str) -> bool:
-        """Whether the tokenizer sees ``text`` unchanged (nothing for the normalizer to do)."""
+    def covers(self, text: str) -> bool:
+        """Whether ``text`` can go the byte-table path: the tokenizer sees it unchanged (nothing
+        for the normalizer to do), so the ids' bytes can be compared with it."""
         return self.normalizer is None or unicodedata.is_normalized("NFC", text)
 
-    def spell(self, ids: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
+    def decode_bytes(self, ids: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
         """The bytes the ids stand for, one after the other (an unknown id stands for none);
         the byte offset of every token's start plus the end; and which ids are unknown."""
         raw_lengths = self.lengths[ids]

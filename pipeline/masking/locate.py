@@ -116,17 +116,32 @@ def _pieces(messages: Sequence[dict[str, Any]], only_assistant: bool) -> dict[tu
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """Where one rendered piece lies: its sentinel in the skeleton, its text in the real rendering."""
+
+    message_index: int
+    field: str  # "content", "reasoning_content" or "content.1" (a piece of a list)
+    skeleton_start: int
+    skeleton_end: int
+    real_start: int
+    real_end: int
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.message_index, self.field)
+
+
 class _Skeleton:
     """The sentinel rendering aligned with the real one."""
 
-    def __init__(self, real: str, skeleton: str, slots: list[tuple[tuple[int, str], int, int, int, int]]):
+    def __init__(self, real: str, skeleton: str, slots: list[_Slot]):
         self.real = real
         self.text = skeleton
-        # (key, skeleton start, skeleton end, real start, real end) of every rendered piece, in order
-        self.slots = slots
+        self.slots = slots  # every rendered piece, in order
         # fixed text j starts at skeleton position fixed_s[j] and real position fixed_r[j]
-        self.fixed_s = [0] + [s_end for _, _, s_end, _, _ in slots]
-        self.fixed_r = [0] + [r_end for _, _, _, _, r_end in slots]
+        self.fixed_s = [0] + [slot.skeleton_end for slot in slots]
+        self.fixed_r = [0] + [slot.real_end for slot in slots]
 
     def to_real(self, position: int) -> int:
         """A skeleton position in fixed text (or at a piece's edge) -> the real text's position."""
@@ -166,7 +181,8 @@ def _align(real: str, skeleton: str, pattern: re.Pattern, keys: dict[str, tuple[
         if kept is None:
             return None
         r_pos = after_core + kept
-        slots.append((key, match.start(), match.end(), start, r_pos))
+        message_index, field = key
+        slots.append(_Slot(message_index, field, match.start(), match.end(), start, r_pos))
         s_pos = match.end()
     if real[r_pos:] != skeleton[s_pos:]:
         return None
@@ -243,23 +259,23 @@ def locate_turns(
 
 def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, markers, *, strict_prompt: bool) -> list[LocatedTurn]:
     text = skeleton.text
-    by_message: dict[int, list[tuple[int, int, str]]] = {}
+    by_message: dict[int, list[_Slot]] = {}
     order = []
-    for (index, field), s_start, s_end, _, _ in skeleton.slots:
-        by_message.setdefault(index, []).append((s_start, s_end, field))
-        order.append(index)
+    for slot in skeleton.slots:
+        by_message.setdefault(slot.message_index, []).append(slot)
+        order.append(slot.message_index)
     if order != sorted(order):
         raise LocateError("the template renders the messages out of their order")
     turns = []
     for m, message in enumerate(shaped):
         if message.get("role") != "assistant":
             continue
-        before = [s_end for i, slots in by_message.items() if i < m for _, s_end, _ in slots]
-        after = [s_start for i, slots in by_message.items() if i > m for s_start, _, _ in slots]
+        before = [slot.skeleton_end for i, slots in by_message.items() if i < m for slot in slots]
+        after = [slot.skeleton_start for i, slots in by_message.items() if i > m for slot in slots]
         own = by_message.get(m, [])
         base = max(before, default=0)
         limit = min(after, default=len(text))
-        anchor = own[0][0] if own else None
+        anchor = own[0].skeleton_start if own else None
 
         prompt = render(shaped[:m], True)
         last = None
@@ -283,12 +299,12 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
             start = base + matched
         while start < region_end and text[start] == " ":
             start += 1  # the template's separator space (Mistral's after [/INST]) is not generated text
-        search_from = own[-1][1] if own else start
+        search_from = own[-1].skeleton_end if own else start
         end, end_token = _first_end_token(text, search_from, limit, end_tokens)
         if end is None:
             if not own:
                 raise LocateError(f"assistant turn {m} has no text and no end-of-turn marker to find it by")
-            end = own[-1][1]
+            end = own[-1].skeleton_end
         turns.append(
             LocatedTurn(
                 m,
@@ -320,9 +336,9 @@ def _back_off(tail: str, text: str, base: int, matched: int, markers: Sequence[s
 
 
 def _key_ending_at(skeleton: _Skeleton, position: int):
-    for key, _, s_end, _, _ in skeleton.slots:
-        if s_end == position:
-            return key
+    for slot in skeleton.slots:
+        if slot.skeleton_end == position:
+            return slot.key
     return None
 
 

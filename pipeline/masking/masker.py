@@ -1,8 +1,9 @@
 """The Masker: rendered conversation -> ``input_ids`` and ``labels``, in three phases.
 
-``render`` (Python: the template, turn location), ``tokenize`` (the Rust tokenizer, without the
-GIL) and ``finish`` (token positions of every turn, labels, verification, the render-vs-inference
-check, length). See the package docstring for what it guarantees.
+``render`` (Python: the template, each assistant turn located in the text, :mod:`.locate`),
+``tokenize`` (the Rust tokenizer, without the GIL) and ``finish`` (each turn's tokens,
+:mod:`.token_spans`; labels and length, :mod:`.labels`; verification, :mod:`.verify`; the
+render-vs-inference check). See the package docstring for what it guarantees.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from pipeline import schema
 from pipeline.deadline import RenderTimeout, release, time_limit
-from pipeline.masking.byte_table import _TokenBytes
+from pipeline.masking.byte_table import ByteTable
 from pipeline.masking.control import (
     _PLACEHOLDER_CHARS,
     _PlainControlEncoder,
@@ -25,10 +26,13 @@ from pipeline.masking.control import (
     _row_strings,
     control_tokens,
 )
+from pipeline.masking.labels import build_labels, fit_length, selected_turns
 from pipeline.masking.locate import LocateError, locate_turns, realise
-from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, trained_turns
-from pipeline.masking.results import Encoded, Rejection
-from pipeline.masking.verify import clip, metaspace, no_tokens, span_matches, straddles
+from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy
+from pipeline.masking.results import Encoded
+from pipeline.masking.token_spans import token_start_from_bytes, tokens_from_bytes, tokens_from_offsets
+from pipeline.masking.verify import clip, metaspace, span_matches
+from pipeline.stage import Drop
 from pipeline.templates import KNOWN_END_TOKENS, Renderer, RenderTooLarge, Template, template_variables
 
 SPAN_METHODS = ("auto", "generation", "locate", "prefix")  # "prefix": the old name of "locate"
@@ -50,11 +54,11 @@ class _Turn:
 class RenderedBatch:
     """A batch between the phases of :meth:`Masker.encode_batch`."""
 
-    results: list  # per row: a Rejection as soon as one is known, else None until finish
-    by_bytes: list["_Rendered"] = field(default_factory=list)  # rows the byte table takes
+    results: list  # per row: a Drop as soon as one is known, else None until finish
+    by_bytes: list["_Rendered"] = field(default_factory=list)  # rows for the byte-table path
     by_offsets: list["_Rendered"] = field(default_factory=list)  # rows that need the tokenizer's offsets
-    encoded_by_bytes: list = field(default_factory=list)  # (row, encoding, ids) once tokenized
-    encoded_by_offsets: list = field(default_factory=list)
+    encoded_by_bytes: list["_Tokenized"] = field(default_factory=list)  # once tokenized
+    encoded_by_offsets: list["_Tokenized"] = field(default_factory=list)
 
 
 @dataclass
@@ -72,6 +76,46 @@ class _Rendered:
     # before that turn; None when it agrees, then ``prompt_length`` is its length.
     prompt: str | None = None
     prompt_length: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class _Tokenized:
+    """A rendered row and its tokens; ``encoding`` has character offsets on the offset-mapping path only."""
+
+    row: _Rendered
+    encoding: Any  # the tokenizers Encoding
+    ids: np.ndarray  # int32, control placeholders mapped back to the tokenizer's ids
+
+
+@dataclass(frozen=True, slots=True)
+class _Labelled:
+    """A row whose turns are located in its tokens, with its labels (verification still to come)."""
+
+    rendered: _Rendered
+    ids: np.ndarray
+    labels: np.ndarray
+    token_start: Callable[[int], int]  # token index -> its first character in ``rendered.marked_text``
+
+
+@dataclass(frozen=True, slots=True)
+class _SpanCheck:
+    """One trained turn's tokens decoded, to be checked against the turn's message."""
+
+    index: int  # row in the batch
+    turn: _Turn
+    message: dict[str, Any]  # the turn's message as rendered
+    decoded: str
+
+
+@dataclass(frozen=True, slots=True)
+class _PromptTail:
+    """The tokens of a row from its last control token before its last trained turn up to that turn,
+    and the generation prompt's text there: encoded on its own it must give the same tokens."""
+
+    index: int  # row in the batch
+    turn: _Turn
+    tokens: np.ndarray  # int32, the row's tokens there
+    text: str | None  # None: the prompt ends before those tokens start
 
 
 class Masker:
@@ -101,7 +145,7 @@ class Masker:
         self.tokenizer = tokenizer
         self.backend = _private_copy(tokenizer.backend_tokenizer)
         tokenizer_json = json.loads(self.backend.to_str())  # read once: the byte table and the decoder
-        self.token_bytes = _TokenBytes.build(tokenizer_json)
+        self.token_bytes = ByteTable.build(tokenizer_json)  # None: every row goes the offset-mapping path
         self.template = template
         self.max_length = max_length
         self.train_on = train_on
@@ -130,14 +174,14 @@ class Masker:
         # is_control[id]: the template's control tokens (they cut the tokenization of a text in two)
         self.is_control = np.zeros(max([self.backend.get_vocab_size(with_added_tokens=True), *control_ids]) + 1, bool)
         self.is_control[control_ids] = True
-        self._piece_ids: dict[str, np.ndarray] = {}  # a prompt's tail after its last control token -> ids
+        self._prompt_tail_ids: dict[str, np.ndarray] = {}  # a prompt's text after its last control token -> ids
 
     # --- public ------------------------------------------------------------------------------
-    def encode(self, messages: list[dict[str, Any]], tools: str | None = None) -> Encoded | Rejection:
+    def encode(self, messages: list[dict[str, Any]], tools: str | None = None) -> Encoded | Drop:
         return self.encode_batch([(messages, tools)])[0]
 
-    def encode_batch(self, rows: Sequence[tuple[list[dict[str, Any]], str | None]]) -> list[Encoded | Rejection]:
-        """Canonical conversations (messages, tools JSON) -> an Encoded or a Rejection each, in order."""
+    def encode_batch(self, rows: Sequence[tuple[list[dict[str, Any]], str | None]]) -> list[Encoded | Drop]:
+        """Canonical conversations (messages, tools JSON) -> an Encoded or a Drop each, in order."""
         return self.finish(self.tokenize(self.render(rows)))
 
     # The three phases of encode_batch, for callers that overlap them: render and finish are
@@ -148,38 +192,75 @@ class Masker:
         table = self.token_bytes
         for index, (messages, tools) in enumerate(rows):
             outcome = self._bounded_render_row(index, messages, tools)
-            if isinstance(outcome, Rejection):
+            if isinstance(outcome, Drop):
                 batch.results[index] = outcome
-            elif table is not None and table.takes(outcome.text):
+            elif table is not None and table.covers(outcome.text):
                 batch.by_bytes.append(outcome)
             else:
                 batch.by_offsets.append(outcome)
         return batch
 
     def tokenize(self, batch: "RenderedBatch") -> "RenderedBatch":
-        """Phase 2: tokenize the rendered texts (byte-table rows without offsets)."""
+        """Phase 2: tokenize the rendered texts (rows on the byte-table path without offsets)."""
         batch.encoded_by_bytes = self._encode(batch.by_bytes, offsets=False)
         batch.encoded_by_offsets = self._encode(batch.by_offsets, offsets=True)
         return batch
 
-    def finish(self, batch: "RenderedBatch") -> list[Encoded | Rejection]:
+    def finish(self, batch: "RenderedBatch") -> list[Encoded | Drop]:
         """Phase 3: locate turns in tokens, build labels, verify every trained span, fit the length."""
-        results, table = batch.results, self.token_bytes
-        staged: dict[int, tuple[np.ndarray, np.ndarray, list[_Turn]]] = {}
-        starts: dict[int, tuple[_Rendered, Any]] = {}  # row, and where each token starts in its text
-        checks = []  # (row index, turn, the turn's message as rendered, its trained tokens decoded)
-        encoded = batch.encoded_by_bytes
+        results = batch.results
+        labelled: dict[int, _Labelled] = {}  # row in the batch -> its labels, until a check drops it
+        checks: list[_SpanCheck] = []
+        leftovers = self._label_by_bytes(batch.encoded_by_bytes, results, labelled, checks)
+        by_offsets = batch.encoded_by_offsets + self._encode(leftovers, offsets=True)
+        self._label_by_offsets(by_offsets, results, labelled, checks)
+        for check in checks:
+            if check.index in labelled and not span_matches(
+                check.decoded, check.message, check.turn.end_token, self.as_decoded
+            ):
+                del labelled[check.index]
+                results[check.index] = Drop(
+                    "mask_unverifiable",
+                    f"trained tokens of assistant turn {check.turn.message_index} decode to {clip(check.decoded)!r}, "
+                    f"not to its reasoning, content and end token",
+                    stage="tokenize",
+                )
+        mismatched = self._render_mismatches(labelled)
+        for index, entry in labelled.items():
+            outcome = fit_length(
+                entry.ids, entry.labels, entry.rendered.turns,
+                max_length=self.max_length, truncate=self.truncate, train_on=self.train_on,
+            )
+            if isinstance(outcome, Encoded) and index in mismatched:
+                if self.strict_render:
+                    outcome = Drop("render_mismatch", mismatched[index], stage="tokenize")
+                else:
+                    outcome.render_mismatch = True
+            results[index] = outcome
+        return results  # type: ignore[return-value]
+
+    # --- finish: each turn's tokens, labels, the render-vs-inference check -------------------
+    def _label_by_bytes(
+        self, tokenized: list[_Tokenized], results: list, labelled: dict[int, _Labelled], checks: list[_SpanCheck]
+    ) -> list[_Rendered]:
+        """Locate and label rows on the byte-table path; return the rows the table does not give
+        back exactly, for the offset-mapping path.
+
+        Every row's ids, decoded through the table in one gather, must give back its text byte
+        for byte: then a span of the text *is* the decoding of the tokens over it. No row fails
+        that with a plain byte-level tokenizer; a pre-tokenizer step that drops characters would
+        send every row to the offset-mapping path.
+        """
+        if not tokenized:
+            return []
+        all_ids = np.concatenate([t.ids for t in tokenized])
+        blob, all_bounds, unknown = self.token_bytes.decode_bytes(all_ids)  # type: ignore[union-attr]
+        spelled = memoryview(blob)
+        unknown_before = np.concatenate([[0], np.cumsum(unknown)]) if unknown.any() else None
         leftovers = []
-        # Every row's ids, spelled through the table in one gather, must give back its text byte
-        # for byte: then a span of the text *is* the decoding of the tokens over it. A row that is
-        # not spelled exactly takes the offsets road (none does with a plain byte-level
-        # tokenizer; a pre-tokenizer step that drops characters would send every row there).
-        if encoded:
-            blob, all_bounds, unknown = table.spell(np.concatenate([ids for _, _, ids in encoded]))  # type: ignore[union-attr]
-            spelled = memoryview(blob)
-            unknown_before = np.concatenate([[0], np.cumsum(unknown)]) if unknown.any() else None
         first_token = 0
-        for row, _encoding, ids in encoded:
+        for item in tokenized:
+            row, ids = item.row, item.ids
             bounds = all_bounds[first_token : first_token + len(ids) + 1]  # this row's, offset by `base`
             base, end = int(bounds[0]), int(bounds[-1])
             raw = row.text.encode("utf-8")
@@ -188,69 +269,60 @@ class Masker:
             if not (complete and end - base == len(raw) and spelled[base:end] == raw):
                 leftovers.append(row)
                 continue
-            outcome = self._locate_by_bytes(row, raw, bounds, base) or self._labels(row, ids)
-            if isinstance(outcome, Rejection):
+            outcome = tokens_from_bytes(row.turns, row.text, raw, bounds, base) or self._labels(row, ids)
+            if isinstance(outcome, Drop):
                 results[row.index] = outcome
                 continue
-            staged[row.index] = outcome
-            starts[row.index] = (row, _byte_start_to_char(raw, row.text, bounds, base))
+            labelled[row.index] = _Labelled(row, ids, outcome, token_start_from_bytes(raw, row.text, bounds, base))
             checks += [
-                (
+                _SpanCheck(
                     row.index,
                     turn,
                     row.messages[turn.message_index],
                     raw[bounds[turn.first_token] - base : bounds[turn.last_token + 1] - base].decode("utf-8", "replace"),
                 )
-                for turn in outcome[2]
+                for turn in row.turns
             ]
-        offset_checks = []
-        for row, encoding, ids in batch.encoded_by_offsets + self._encode(leftovers, offsets=True):
-            outcome = self._locate_by_offsets(row, encoding) or self._labels(row, ids)
-            if isinstance(outcome, Rejection):
+        return leftovers
+
+    def _label_by_offsets(
+        self, tokenized: list[_Tokenized], results: list, labelled: dict[int, _Labelled], checks: list[_SpanCheck]
+    ) -> None:
+        """Locate and label rows from the character offsets of their encodings (the offset-mapping path)."""
+        located: list[_Labelled] = []
+        for item in tokenized:
+            row, encoding, ids = item.row, item.encoding, item.ids
+            outcome = tokens_from_offsets(row.turns, encoding, row.marked_text) or self._labels(row, ids)
+            if isinstance(outcome, Drop):
                 results[row.index] = outcome
-            else:
-                staged[row.index] = outcome
-                starts[row.index] = (row, lambda token, encoding=encoding: encoding.token_to_chars(token)[0])
-                offset_checks += [(row.index, turn, row.messages[turn.message_index]) for turn in outcome[2]]
+                continue
+            labelled[row.index] = _Labelled(
+                row, ids, outcome, lambda token, encoding=encoding: encoding.token_to_chars(token)[0]
+            )
+            located.append(labelled[row.index])
+        spans = [(entry, turn) for entry in located for turn in entry.rendered.turns]
         decoded = self.backend.decode_batch(
-            [staged[index][0][t.first_token : t.last_token + 1].tolist() for index, t, _ in offset_checks],
+            [entry.ids[turn.first_token : turn.last_token + 1].tolist() for entry, turn in spans],
             skip_special_tokens=False,
         )
-        checks += [(*check, text) for check, text in zip(offset_checks, decoded)]
-        for index, turn, message, text in checks:
-            if index in staged and not span_matches(text, message, turn.end_token, self.as_decoded):
-                del staged[index]
-                results[index] = Rejection(
-                    "tokenize",
-                    "mask_unverifiable",
-                    f"trained tokens of assistant turn {turn.message_index} decode to {clip(text)!r}, "
-                    f"not to its reasoning, content and end token",
-                )
-        mismatched = self._render_mismatches({i: starts[i] for i in staged}, staged)
-        for index, (ids, labels, _turns) in staged.items():
-            outcome = self._fit_length(ids, labels, _turns)
-            if isinstance(outcome, Encoded) and index in mismatched:
-                if self.strict_render:
-                    outcome = Rejection("tokenize", "render_mismatch", mismatched[index])
-                else:
-                    outcome.render_mismatch = True
-            results[index] = outcome
-        return results  # type: ignore[return-value]
+        checks += [
+            _SpanCheck(entry.rendered.index, turn, entry.rendered.messages[turn.message_index], text)
+            for (entry, turn), text in zip(spans, decoded)
+        ]
 
-    def _render_mismatches(self, starts: dict, staged: dict) -> dict[int, str]:
+    def _render_mismatches(self, labelled: dict[int, _Labelled]) -> dict[int, str]:
         """Rows whose tokens before the last trained turn are not what inference tokenizes there.
 
-        ``starts[i]`` is (row, a function giving a token's first character in the row's marked
-        text). The text was compared when rendering; here only the tokens around the prompt's
-        end can differ (a merge across it), and the tokens after the last control token before
-        it are encoded again on their own: the control token cuts the tokenization there.
+        The text was compared when rendering; here only the tokens around the prompt's end can
+        differ (a merge across it), and the tokens after the last control token before it are
+        encoded again on their own: the control token cuts the tokenization there.
         """
         mismatched: dict[int, str] = {}
-        pending: dict[str, list] = {}  # piece text -> rows whose prompt ends with it (plain rows)
-        hidden = []
-        for index, (row, token_start) in starts.items():
-            ids, labels, turns = staged[index]
-            turn = next((t for t in reversed(turns) if labels[t.first_token] != schema.IGNORE_INDEX), None)
+        pending: dict[str | None, list[_PromptTail]] = {}  # text -> plain rows whose prompt ends with it
+        hidden: list[_PromptTail] = []  # rows with control-token text, for the control encoder
+        for index, entry in labelled.items():
+            row = entry.rendered
+            turn = next((t for t in reversed(row.turns) if entry.labels[t.first_token] != schema.IGNORE_INDEX), None)
             if turn is None:
                 continue
             if row.prompt is not None:
@@ -262,33 +334,34 @@ class Masker:
                 )
                 continue
             first = turn.first_token
-            t0 = self._after_last_control(ids, first)
-            c0 = token_start(t0) if t0 < first else row.prompt_length
-            piece = row.marked_text[c0 : row.prompt_length] if c0 <= row.prompt_length else None
+            after_control = self._after_last_control(entry.ids, first)
+            char = entry.token_start(after_control) if after_control < first else row.prompt_length
+            text = row.marked_text[char : row.prompt_length] if char <= row.prompt_length else None
+            tail = _PromptTail(index, turn, entry.ids[after_control:first], text)
             if row.has_control_text:
-                hidden.append((index, turn, ids[t0:first], piece))
-            else:  # the same few pieces ("assistant\n") come back row after row: encode each once
-                pending.setdefault(piece, []).append((index, turn, ids[t0:first]))
-        new = [p for p in pending if p is not None and p not in self._piece_ids]
+                hidden.append(tail)
+            else:  # the same few texts ("assistant\n") come back row after row: encode each once
+                pending.setdefault(text, []).append(tail)
+        new = [text for text in pending if text is not None and text not in self._prompt_tail_ids]
         fresh = {
-            piece: np.asarray(encoding.ids, dtype=np.int32)
-            for piece, encoding in zip(new, self.backend.encode_batch_fast(new, add_special_tokens=False))
+            text: np.asarray(encoding.ids, dtype=np.int32)
+            for text, encoding in zip(new, self.backend.encode_batch_fast(new, add_special_tokens=False))
         } if new else {}
-        if len(self._piece_ids) < 4096:
-            self._piece_ids.update(fresh)
-        checks = [
-            (i, t, e, piece, fresh.get(piece, self._piece_ids.get(piece)) if piece is not None else None)
-            for piece, waiting in pending.items()
-            for i, t, e in waiting
+        if len(self._prompt_tail_ids) < 4096:
+            self._prompt_tail_ids.update(fresh)
+        compared = [
+            (tail, fresh.get(text, self._prompt_tail_ids.get(text)) if text is not None else None)
+            for text, waiting in pending.items()
+            for tail in waiting
         ]
         if hidden:
-            encoded = self._control_encoder().encode_batch([p or "" for *_, p in hidden], offsets=False)[1]
-            checks += [(*h, got) for h, got in zip(hidden, encoded)]
-        for index, turn, expected, piece, got in checks:
-            if piece is None or got is None or expected.tobytes() != got.tobytes():  # both int32
-                mismatched[index] = (
-                    f"the tokens before assistant turn {turn.message_index} differ from those of its generation "
-                    f"prompt: a token merges the prompt's end {clip(piece or '')!r} with the response"
+            encoded = self._control_encoder().encode_batch([tail.text or "" for tail in hidden], offsets=False)[1]
+            compared += zip(hidden, encoded)
+        for tail, got in compared:
+            if tail.text is None or got is None or tail.tokens.tobytes() != got.tobytes():  # both int32
+                mismatched[tail.index] = (
+                    f"the tokens before assistant turn {tail.turn.message_index} differ from those of its generation "
+                    f"prompt: a token merges the prompt's end {clip(tail.text or '')!r} with the response"
                 )
         return mismatched
 
@@ -311,43 +384,43 @@ class Masker:
                 self._plain_control_encoder = _PlainControlEncoder(self.backend, self.controls)
             return self._plain_control_encoder
 
-    def _bounded_render_row(self, index: int, canonical: list[dict[str, Any]], tools: str | None) -> "_Rendered | Rejection":
+    def _bounded_render_row(self, index: int, canonical: list[dict[str, Any]], tools: str | None) -> "_Rendered | Drop":
         """:meth:`_render_row` within the row's time limit and output size (a template is a program)."""
         try:
             with time_limit(self.render_timeout):
                 return self._render_row(index, canonical, tools)
         except RenderTimeout:
             release()  # if it landed as the limit was being left
-            return Rejection(
-                "template",
+            return Drop(
                 "template_timeout",
                 f"chat template {self.template.name!r} took longer than {self.render_timeout:g} s to render the "
                 "conversation (template.render_timeout_s)",
+                stage="template",
             )
         except RenderTooLarge as exc:
-            return Rejection(
-                "template",
+            return Drop(
                 "template_output_too_large",
                 f"chat template {self.template.name!r}: {exc} (template.max_render_chars)",
+                stage="template",
             )
 
-    def _render_row(self, index: int, canonical: list[dict[str, Any]], tools: str | None) -> _Rendered | Rejection:
+    def _render_row(self, index: int, canonical: list[dict[str, Any]], tools: str | None) -> _Rendered | Drop:
         try:
             true_messages = schema.messages_for_template(canonical)
             tool_schemas = schema.tools_for_template(tools)
         except (ValueError, TypeError) as exc:
-            return Rejection("template", "template_error", f"tool calls or tools are not valid JSON: {exc}")
+            return Drop("template_error", f"tool calls or tools are not valid JSON: {exc}", stage="template")
         has_control_text = self.control_re is not None and any(
             self.control_re.search(text) for text in _row_strings(canonical, tools)
         )
         messages = true_messages
         if has_control_text:
             if any(_PLACEHOLDER_CHARS.search(text) for text in _row_strings(canonical, tools)):
-                return Rejection(
-                    "tokenize",
+                return Drop(
                     "mask_unverifiable",
                     "the conversation holds control-token text and private-use characters (U+F0000 and up) "
                     "that sftkit needs as placeholders to keep that text plain",
+                    stage="tokenize",
                 )
             encoder = self._control_encoder()
             hidden = [
@@ -364,7 +437,7 @@ class Masker:
             tool_schemas = schema.tools_for_template(encoder.hide(tools, self.control_re) if tools else tools)
         train_flags = [m.get("train") for m in canonical]
         prepared = self.roles.prepare(messages, true_messages, train_flags)
-        if isinstance(prepared, Rejection):
+        if isinstance(prepared, Drop):
             return prepared
         messages, true_messages, train_flags = prepared
         shaped = self.reasoning.shape(messages)
@@ -376,10 +449,10 @@ class Masker:
         assistant_indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.use_generation:
             if len(spans) != len(assistant_indices):
-                return Rejection(
-                    "tokenize",
+                return Drop(
                     "mask_unverifiable",
                     f"the template marked {len(spans)} generation blocks for {len(assistant_indices)} assistant turns",
+                    stage="tokenize",
                 )
             turns = [
                 _Turn(i, *self._trim_span(rendered, start, end)) for i, (start, end) in zip(assistant_indices, spans)
@@ -397,14 +470,14 @@ class Masker:
                     self.controls,
                 )
             except LocateError as exc:
-                return Rejection("tokenize", "mask_unverifiable", str(exc))
+                return Drop("mask_unverifiable", str(exc), stage="tokenize")
             except Exception as exc:
                 return self.roles.render_failure(messages, exc)
             turns = [_Turn(t.message_index, t.start, t.end, t.end_token) for t in located]
         prompt = None  # the last trained turn's generation prompt, where already rendered
         if self.reasoning.policy == "per_turn" and turns:
             composed = self._as_at_inference(rendered, turns[-1], plain, messages, tool_schemas)
-            if isinstance(composed, Rejection):
+            if isinstance(composed, Drop):
                 return composed
             rendered, turns, prompt = composed
         if has_control_text:
@@ -418,7 +491,7 @@ class Masker:
     def _render(self, messages, tools, **options) -> tuple[str, list[tuple[int, int]]]:
         return self.renderer.render(messages, tools, **options)
 
-    def _end_marker_in_tool_calls(self, messages: list[dict[str, Any]]) -> Rejection | None:
+    def _end_marker_in_tool_calls(self, messages: list[dict[str, Any]]) -> Drop | None:
         """A turn whose tool calls hold its end marker as text cannot be located: the turn's end
         is found as the first marker after its text, and tool calls are rendered, not replaced.
         (A marker that is a control token is hidden before rendering; this is the plain-text one
@@ -430,11 +503,11 @@ class Masker:
             text = json.dumps(calls, ensure_ascii=False)
             for token in self.end_tokens:
                 if token in text or json.dumps(token, ensure_ascii=False)[1:-1] in text:
-                    return Rejection(
-                        "tokenize",
+                    return Drop(
                         "mask_unverifiable",
                         f"assistant turn {index}: its tool calls hold the end-of-turn marker {token!r} as text, "
                         "so where the turn ends cannot be told (the tokenizer has no such token)",
+                        stage="tokenize",
                     )
         return None
 
@@ -443,9 +516,11 @@ class Masker:
         try:
             prompt, _ = self._render(plain[: turn.message_index], tool_schemas, add_generation_prompt=True)
         except Exception as exc:
-            return Rejection(
-                "template", "template_error", f"the generation prompt before assistant turn {turn.message_index} "
-                f"does not render with chat template {self.template.name!r}: {exc}"
+            return Drop(
+                "template_error",
+                f"the generation prompt before assistant turn {turn.message_index} "
+                f"does not render with chat template {self.template.name!r}: {exc}",
+                stage="template",
             )
         if rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
             return rendered, [turn], prompt
@@ -489,144 +564,28 @@ class Masker:
                 return start, end + len(token), token
         return start, body_end, None
 
-    # --- labels ------------------------------------------------------------------------------
-    def _encode(self, rows: list[_Rendered], *, offsets: bool) -> list[tuple[_Rendered, Any, np.ndarray]]:
-        """(row, encoding, ids) for ``rows``: one Rust batch call per encoder, plain rows first."""
+    # --- tokenizing and labels ---------------------------------------------------------------
+    def _encode(self, rows: list[_Rendered], *, offsets: bool) -> list[_Tokenized]:
+        """``rows`` tokenized: one Rust batch call per encoder, plain rows first."""
         plain = [r for r in rows if not r.has_control_text]
         hidden = [r for r in rows if r.has_control_text]
         encoded = []
         if plain:
             encode = self.backend.encode_batch if offsets else self.backend.encode_batch_fast
             encodings = encode([r.marked_text for r in plain], add_special_tokens=False)
-            encoded += [(r, e, np.asarray(e.ids, dtype=np.int32)) for r, e in zip(plain, encodings)]
+            encoded += [_Tokenized(r, e, np.asarray(e.ids, dtype=np.int32)) for r, e in zip(plain, encodings)]
         if hidden:
             encodings, ids = self._control_encoder().encode_batch([r.marked_text for r in hidden], offsets=offsets)
-            encoded += list(zip(hidden, encodings, ids))
+            encoded += [_Tokenized(r, e, i) for r, e, i in zip(hidden, encodings, ids)]
         return encoded
 
-    def _locate_by_offsets(self, row: _Rendered, encoding) -> Rejection | None:
-        """Set each turn's first and last token from the encoding's character offsets."""
-        for turn in row.turns:
-            first = _token_at_or_after(encoding, turn.char_start, turn.char_end)
-            last = _token_at_or_before(encoding, turn.char_end - 1, turn.char_start)
-            if first is None or last is None or last < first:
-                return no_tokens(turn)
-            # A token that merges template text with the turn (e.g. "][" across "[/INST][TOOL_CALLS]")
-            # would train prompt characters: only whitespace may lie outside the turn's span.
-            # token_to_chars, not offsets[i]: the offsets property builds the whole row's list per call.
-            token_start, token_end = encoding.token_to_chars(first)[0], encoding.token_to_chars(last)[1]
-            text = row.marked_text
-            if text[token_start : turn.char_start].strip() or text[turn.char_end : token_end].strip():
-                return straddles(turn, text[min(token_start, turn.char_start) : turn.char_start + 8])
-            turn.first_token, turn.last_token = first, last
-        return None
-
-    def _locate_by_bytes(self, row: _Rendered, raw: bytes, bounds: np.ndarray, base: int) -> Rejection | None:
-        """Set each turn's first and last token from the tokens' byte boundaries (``bounds - base``)."""
-        ascii_text = len(raw) == len(row.text)
-        for turn in row.turns:
-            start = turn.char_start if ascii_text else len(row.text[: turn.char_start].encode("utf-8"))
-            end = turn.char_end if ascii_text else start + len(row.text[turn.char_start : turn.char_end].encode("utf-8"))
-            if end <= start:
-                return no_tokens(turn)
-            first = int(bounds.searchsorted(start + base, "right")) - 1  # the token holding byte `start`
-            last = int(bounds.searchsorted(end + base, "left")) - 1  # the token holding byte `end - 1`
-            token_start, token_end = int(bounds[first]) - base, int(bounds[last + 1]) - base
-            if (token_start != start or token_end != end) and (
-                raw[token_start:start].decode("utf-8", "replace").strip()
-                or raw[end:token_end].decode("utf-8", "replace").strip()
-            ):
-                return straddles(turn, raw[token_start : start + 8].decode("utf-8", "replace"))
-            turn.first_token, turn.last_token = first, last
-        return None
-
-    def _labels(self, row: _Rendered, ids: np.ndarray):
-        """Labels for a row whose turns are located: (ids, labels, turns) or a Rejection."""
-        turns, train_flags = row.turns, row.train_flags
-        selected = self._selected_turns(turns, train_flags)
-        if self.train_on == "all":
-            labels = ids.copy()
-            for turn in turns:
-                if turn not in selected:
-                    labels[turn.first_token : turn.last_token + 1] = schema.IGNORE_INDEX
-        else:
-            labels = np.full_like(ids, schema.IGNORE_INDEX)
-            for turn in selected:
-                labels[turn.first_token : turn.last_token + 1] = ids[turn.first_token : turn.last_token + 1]
-        if not (labels != schema.IGNORE_INDEX).any():
-            return Rejection(
-                "tokenize",
-                "no_trainable_tokens",
-                f"no assistant turn is trained (train_on={self.train_on}, "
-                f"{len(turns)} assistant turns, {sum(f is False for f in train_flags)} marked train: false)",
-            )
-        return ids, labels, turns
+    def _labels(self, row: _Rendered, ids: np.ndarray) -> np.ndarray | Drop:
+        """Labels for a row whose turns are located in ``ids`` (see :mod:`.labels`)."""
+        per_turn = self.reasoning.policy == "per_turn"
+        return build_labels(ids, row.turns, row.train_flags, self.train_on, per_turn=per_turn)
 
     def _selected_turns(self, turns: list[_Turn], train_flags) -> list[_Turn]:
-        if self.reasoning.policy == "per_turn":  # a row per turn: only the turn it ends at
-            return [t for t in turns[-1:] if train_flags[t.message_index] is not False]
-        wanted = trained_turns([t.message_index for t in turns], train_flags, self.train_on)
-        if len(wanted) == len(turns):
-            return turns
-        return [t for t in turns if t.message_index in set(wanted)]
-
-    def _fit_length(self, ids: np.ndarray, labels: np.ndarray, turns: list[_Turn]) -> Encoded | Rejection:
-        length = len(ids)
-        if length > self.max_length:
-            trained = np.flatnonzero(labels != schema.IGNORE_INDEX)
-            first_trained = int(trained[0])
-            if first_trained >= self.max_length:
-                return Rejection(
-                    "tokenize",
-                    "too_long",
-                    f"the prompt before the first trained token is {first_trained} tokens, "
-                    f"max_length is {self.max_length}",
-                )
-            if not self.truncate:
-                return Rejection("tokenize", "too_long", f"{length} tokens, max_length is {self.max_length}")
-            # Cut after the last whole trained turn that fits, so no later header is left dangling;
-            # if none fits, cut inside the first one: its end token is then not trained.
-            turn_ends = [
-                t.last_token + 1
-                for t in turns
-                if t.last_token + 1 <= self.max_length and labels[t.last_token] != schema.IGNORE_INDEX
-            ]
-            cut = max(turn_ends) if turn_ends and self.train_on != "all" else self.max_length
-            ids, labels = ids[:cut], labels[:cut]
-            if not (labels != schema.IGNORE_INDEX).any():
-                return Rejection(
-                    "tokenize", "no_trainable_tokens", f"nothing trainable left after truncating to {cut} tokens"
-                )
-            return Encoded(ids.astype(np.int32), labels.astype(np.int32), truncated=True, truncated_tokens=length - cut)
-        return Encoded(ids.astype(np.int32, copy=False), labels.astype(np.int32, copy=False))
+        return selected_turns(turns, train_flags, self.train_on, per_turn=self.reasoning.policy == "per_turn")
 
 
 _PROMPT_OPENS_THINK = re.compile(r"<think>\s*$")
-
-
-def _byte_start_to_char(raw: bytes, text: str, bounds: np.ndarray, base: int):
-    ascii_text = len(raw) == len(text)  # then a byte offset is a character offset
-
-    def token_start(token: int) -> int:
-        byte = int(bounds[token]) - base
-        return byte if ascii_text else len(raw[:byte].decode("utf-8", "replace"))
-
-    return token_start
-
-
-def _token_at_or_after(encoding, char: int, limit: int) -> int | None:
-    while char < limit:
-        token = encoding.char_to_token(char)
-        if token is not None:
-            return token
-        char += 1
-    return None
-
-
-def _token_at_or_before(encoding, char: int, limit: int) -> int | None:
-    while char >= limit:
-        token = encoding.char_to_token(char)
-        if token is not None:
-            return token
-        char -= 1
-    return None

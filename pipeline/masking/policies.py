@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 from pipeline.deadline import RenderTimeout, release, time_limit
 from pipeline.masking.locate import Piece
-from pipeline.masking.results import Rejection
 from pipeline.masking.verify import clip
+from pipeline.stage import Drop
 from pipeline.templates import RenderTooLarge, Template, render
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
@@ -122,33 +122,33 @@ class RolePolicy:
             messages, true_messages, train_flags = [system, *messages], [system, *true_messages], [None, *train_flags]
         if messages and messages[0]["role"] == "system" and self.policy != "keep":
             if self.policy == "reject":
-                return Rejection(
-                    "template",
+                return Drop(
                     "template_unsupported_role",
                     f"the conversation has a system prompt and template.system is reject (template {self.template.name!r})",
+                    stage="template",
                 )
             messages, true_messages, train_flags = _merge_system(messages), _merge_system(true_messages), train_flags[1:]
         for role, said in self.dropped.items():
             if any(m["role"] == role or (role == "tool" and m.get("tool_calls")) for m in messages):
                 hint = " (template.system: merge folds it into the first user turn)" if role == "system" else ""
-                return Rejection(
-                    "template",
+                return Drop(
                     "template_unsupported_role",
                     f"chat template {self.template.name!r} cannot render a {role!r} message: {said}{hint}",
+                    stage="template",
                 )
         return messages, true_messages, train_flags
 
-    def render_failure(self, messages: list[dict[str, Any]], exc: Exception) -> Rejection:
+    def render_failure(self, messages: list[dict[str, Any]], exc: Exception) -> Drop:
         roles = {m["role"] for m in messages}
         for role, said in self.unsupported.items():
             if role in roles:
                 hint = " (template.system: merge folds it into the first user turn)" if role == "system" else ""
-                return Rejection(
-                    "template",
+                return Drop(
                     "template_unsupported_role",
                     f"chat template {self.template.name!r} cannot render a {role!r} message: {clip(said)}{hint}",
+                    stage="template",
                 )
-        return Rejection("template", "template_error", f"chat template {self.template.name!r} failed: {exc}")
+        return Drop("template_error", f"chat template {self.template.name!r} failed: {exc}", stage="template")
 
 
 def _rendered_or_error(template: Template, variables: dict[str, Any], messages: list[dict[str, Any]], limits=(None, None)):

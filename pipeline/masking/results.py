@@ -1,4 +1,5 @@
-"""What masking a conversation gives: training tokens, or a refusal with its reason."""
+"""What masking a conversation gives: training tokens (a row that cannot be kept is a
+:class:`pipeline.stage.Drop` instead, with the stage that files it: ``template`` or ``tokenize``)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import schema
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A row that cannot be kept: the stage that refused it, a reason code and a human detail."""
-
-    stage: str
-    reason: str
-    detail: str
 
 
 @dataclass

@@ -10,9 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pipeline.masking.results import Rejection
-
-
 # What may stand before a turn's content in its trained text, once its reasoning is taken out:
 # nothing, one pair of tags left empty (Qwen3's "<think>\n\n</think>\n\n" on the last turn), or
 # the close of a think block the prompt opened (DeepSeek-R1 per turn: "REASONING\n</think>\n\n").
@@ -56,21 +53,6 @@ def span_matches(decoded: str, message: dict[str, Any], end_token: str | None, a
 
 def metaspace(text: str) -> str:
     return text.replace("\u2581", " ")
-
-
-def no_tokens(turn: Any) -> Rejection:
-    return Rejection(
-        "tokenize", "mask_unverifiable", f"assistant turn {turn.message_index} covers no tokens of the rendered text"
-    )
-
-
-def straddles(turn: Any, around: str) -> Rejection:
-    return Rejection(
-        "tokenize",
-        "mask_unverifiable",
-        f"assistant turn {turn.message_index}: a token straddles the turn's boundary ({around!r}), so the "
-        "response cannot be trained without training template text",
-    )
 
 
 def clip(text: str, limit: int = 120) -> str:

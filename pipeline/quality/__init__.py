@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from pipeline.config import QualityConfig
+from pipeline.config import QualityConfig, SFTConfig
 from pipeline.fsutil import ParquetSink
 from pipeline.quality.base import Filter, FilterChain
 from pipeline.quality.decontaminate import Decontaminate
 from pipeline.quality.filters import EmptyResponse, Garbage, Length, MissingInstruction, Refusal, Repetition
 from pipeline.quality.pii import PII
-from pipeline.stage import Drop, StageStats, rejected_rows_from_table
+from pipeline.stage import Drop, StageRun, StageStats, rejected_rows_from_table
 
 __all__ = ["Filter", "FILTERS", "build_filters", "passes", "quality_stage"]
 
@@ -81,20 +80,8 @@ def build_filters(config: QualityConfig, *, tokenizer: Any = None) -> list[Filte
             raise ValueError(
                 f"quality filter {name!r} has no parameter(s) {bad}; it takes {_parameters(cls)}"
             )
-        if cls is Refusal:
-            params["phrases"] = [*params.get("phrases", []), *config.refusal_phrases]
-        elif cls is PII:
-            if config.pii == "off":
-                continue
-            params.setdefault("mode", config.pii)
-        elif cls is Decontaminate:
-            params.setdefault("files", list(config.decontaminate))
-            params.setdefault("ngram", config.decontaminate_ngram)
-            if not params["files"]:
-                continue
-        elif cls is Length and tokenizer is not None:
-            params.setdefault("tokenizer", tokenizer)
-        chain.append(cls(**params))
+        if (flt := cls.from_config(params, config, tokenizer=tokenizer)) is not None:
+            chain.append(flt)
     return chain
 
 
@@ -135,41 +122,38 @@ def quality_stage(
     in_path: Path,
     out_path: Path,
     rejected_path: Path,
-    config: QualityConfig,
+    config: SFTConfig,
     *,
-    tokenizer: Any = None,
+    tokenizer: str | None = None,
     batch_size: int = 4096,
 ) -> StageStats:
     """Filter the canonical Parquet ``in_path`` into ``out_path`` (kept) and ``rejected_path``.
 
-    Streams record batches, so memory stays flat whatever the input size. Both outputs are
-    written atomically; the rejected file exists only when something was rejected (a stale one
-    from an earlier run is removed). Kept rows keep their original ``id`` even when redacted.
-    Statistics: ``extra["filters"]`` holds seconds, drops and reasons per filter,
-    ``extra["pii_redactions"]`` the number of redactions.
+    ``config.quality`` picks the filters; ``tokenizer`` (a tokenizer folder) serves the length
+    filter's token bounds. Streams record batches, so memory stays flat whatever the input size.
+    Both outputs are written atomically; the rejected file exists only when something was
+    rejected (a stale one from an earlier run is removed). Kept rows keep their original ``id``
+    even when redacted. Statistics: ``extra["filters"]`` holds seconds, drops and reasons per
+    filter, ``extra["pii_redactions"]`` the number of redactions.
     """
-    started = time.perf_counter()
-    in_path, out_path, rejected_path = Path(in_path), Path(out_path), Path(rejected_path)
-    stats = StageStats(STAGE_NAME)
-    chain = FilterChain(build_filters(config, tokenizer=tokenizer))
-    source = _open_input(in_path)
-    with contextlib.ExitStack() as stack:
+    from pipeline.tokenizers import load_tokenizer
+
+    chain = FilterChain(build_filters(config.quality, tokenizer=load_tokenizer(tokenizer) if tokenizer else None))
+    source = _open_input(Path(in_path))
+    with StageRun(STAGE_NAME) as run, contextlib.ExitStack() as stack:
         kept_sink = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
         rejected_sink = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
         for batch in source.iter_batches(batch_size=batch_size):
             table = pa.Table.from_batches([batch]).cast(schema.CONVERSATION_SCHEMA)
             kept, dropped_rows, drops = filter_records(table.to_pylist(), chain)
-            stats.records_out += kept_sink.write(kept)
-            stats.records_in += table.num_rows
-            stats.rejected.update(drop.reason for drop in drops)
+            kept_sink.write(kept)
             rejected_sink.write_table(rejected_rows_from_table(table, dropped_rows, drops, STAGE_NAME))
+            run.count(table.num_rows, kept=len(kept), drops=drops)
         kept_sink.finish()
         rejected_sink.finish()
-    summary = chain.summary()
-    stats.extra = {
-        "filters": summary,
-        "pii_redactions": sum(summary.get("pii", {}).get("redactions", {}).values()),
-    }
-    stats.seconds = time.perf_counter() - started
-    stats.check_conservation()
-    return stats
+        summary = chain.summary()
+        run.stats.extra = {
+            "filters": summary,
+            "pii_redactions": sum(summary.get("pii", {}).get("redactions", {}).values()),
+        }
+    return run.stats

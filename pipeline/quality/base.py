@@ -12,9 +12,12 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from pipeline.stage import Drop
+
+if TYPE_CHECKING:
+    from pipeline.config import QualityConfig
 
 
 @dataclass
@@ -31,6 +34,16 @@ class Filter:
     transforms: ClassVar[bool] = False
 
     counts: Counter = field(default_factory=Counter, init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, params: dict[str, Any], config: "QualityConfig", *, tokenizer: Any = None) -> "Filter | None":
+        """The filter the config asks for, or None when the config switches it off.
+
+        ``params`` are the user's ``quality.filters.<name>`` (already checked against the fields).
+        The one rule every filter is built by; a filter that also reads a top-level ``quality``
+        setting (refusal phrases, PII mode, decontamination files, the tokenizer) overrides it.
+        """
+        return cls(**params)
 
     def check(self, record: dict[str, Any]) -> Drop | None:
         raise NotImplementedError

@@ -2,7 +2,7 @@
 
 A record is dropped when any of its turns shares an n-gram of ``ngram`` tokens (13 by default,
 as in the GPT-3 and Llama contamination studies) with any text of the user's evaluation files.
-Tokens are lowercase words and single CJK characters (:func:`pipeline.quality.text.tokens`), so
+Tokens are lowercase words and single characters of unspaced scripts (:mod:`pipeline.text`), so
 punctuation, case and spacing do not hide a copy. The evaluation n-grams are kept as a set of
 Python hashes: one int per n-gram, looked up in O(1) per window.
 """
@@ -100,6 +100,11 @@ class Decontaminate(Filter):
     name: ClassVar[str] = "decontaminate"
     files: list[Path] = field(default_factory=list)
     ngram: int = 13
+
+    @classmethod
+    def from_config(cls, params, config, *, tokenizer=None):
+        params = {"files": list(config.decontaminate), "ngram": config.decontaminate_ngram, **params}
+        return cls(**params) if params["files"] else None  # nothing to keep out: no filter
 
     def __post_init__(self) -> None:
         if self.ngram < 1:

@@ -129,6 +129,11 @@ class Length(Filter):
     max_ratio: float | None = 1000.0
     ratio_min_chars: int = 2000
 
+    @classmethod
+    def from_config(cls, params, config, *, tokenizer=None):
+        # The run's tokenizer serves the token bounds unless the config names its own.
+        return cls(**{"tokenizer": tokenizer, **params} if tokenizer is not None else params)
+
     def __post_init__(self) -> None:
         wants_tokens = any(
             v is not None
@@ -281,6 +286,10 @@ class Refusal(Filter):
     refusal_window: int = 120
     exempt_tool_conversations: bool = True
 
+    @classmethod
+    def from_config(cls, params, config, *, tokenizer=None):
+        return cls(**{**params, "phrases": [*params.get("phrases", []), *config.refusal_phrases]})
+
     def __post_init__(self) -> None:
         all_phrases = [*(DEFAULT_DISCLAIMER_PHRASES if self.use_default_phrases else ()), *self.phrases]
         cleaned = sorted({_normalise(p) for p in all_phrases if p.strip()}, key=len, reverse=True)
@@ -412,7 +421,8 @@ class Repetition(Filter):
     """``repeated_lines`` / ``repeated_paragraphs`` / ``top_ngram`` / ``repeated_ngrams`` in trained
     assistant turns: Gopher's repetition statistics (Rae et al. 2021, table A1).
 
-    Tokens are lowercase words and single CJK characters (char n-grams for Chinese). Judged only
+    Tokens are lowercase words and single characters of unspaced scripts (:mod:`pipeline.text`;
+    char n-grams for Chinese or Thai). Judged only
     for responses of at least ``min_tokens`` (default 50) tokens: the statistics are meaningless
     on "Canberra." and trigger on any short list.
 

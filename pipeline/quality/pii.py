@@ -67,6 +67,10 @@ class PII(Filter):
     ignored_email_domains: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORED_EMAIL_DOMAINS))
     public_ips_only: bool = True
 
+    @classmethod
+    def from_config(cls, params, config, *, tokenizer=None):
+        return None if config.pii == "off" else cls(**{"mode": config.pii, **params})
+
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - {"email", "phone", "ip"}
         if unknown:

@@ -1,14 +1,19 @@
-"""A prepare run, as plain functions: plan -> ingest -> dedup -> quality -> tokenize -> shards -> manifest.
+"""The steps of a prepare run: plan -> ingest -> dedup -> quality -> tokenize -> shards -> manifest.
 
 The Prefect refresh flow (``flows/refresh.py``) calls these same functions one task each;
-:func:`prepare` composes them in one process. Every step is keyed by content, not paths:
+:func:`prepare` composes them in one process. Each ``run_*`` step calls its stage function
+(``ingest_file``, ``dedup_stage``, ``quality_stage``, ``tokenize_stage``, ``write_shards``: one
+signature, ``(inputs, outputs, rejected, config, *, ...)``, each counted and timed by
+:class:`pipeline.stage.StageRun`) through :func:`_cached_step`, and returns a :class:`StepResult`.
+Every step is keyed by content, not paths:
 
 * a step's outputs live under ``DIR/.work/<stage>/<key>.*`` where ``key`` hashes the step's
   inputs (input file sha256, upstream keys, the stage's config, tokenizer/template fingerprints,
-  the code version); a step whose ``<key>.stats.json`` exists is done and is not redone, so a
-  run killed at any point and started again redoes only what was unfinished;
+  the code version); a step whose ``<key>.stats.json`` exists is done (:func:`step_done`) and is
+  not redone, so a run killed at any point and started again redoes only what was unfinished;
 * every file is written under a temporary name and renamed when complete (``pipeline.fsutil``);
-* ``manifest.json`` is written last and lists the only shards and rejected files readers trust.
+* ``manifest.json`` (built and documented in :mod:`pipeline.manifest`) is written last and lists
+  the only shards, rejected files and dedup index parts readers trust.
 
 Incremental refresh: inputs whose sha256 the manifest already lists are skipped; new inputs are
 deduplicated against everything kept before (the persisted dedup index in ``DIR/dedup_index``)
@@ -28,9 +33,10 @@ import hashlib
 import json
 import logging
 import shutil
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel
@@ -39,15 +45,12 @@ from pipeline import manifest as manifest_io
 from pipeline import outdir, schema
 from pipeline.config import SFTConfig
 from pipeline.fsutil import remove_stale_temporaries, sha256_file, write_json_atomic
-from pipeline.stage import StageStats, Timer
+from pipeline.manifest import DEDUP_INDEX, REJECTED, SHARDS, ShardEntry
+from pipeline.stage import StageRun, StageStats
 
 log = logging.getLogger("sftkit.prepare")
 
 WORK = outdir.WORK
-SHARDS = "shards"
-REJECTED = "rejected"
-DEDUP_INDEX = "dedup_index"
-STAGE_ORDER = ("ingest", "dedup", "quality", "tokenize", "shards")
 PREVIOUS_MANIFEST = outdir.PREVIOUS_MANIFEST
 REMOVED_AT_BEGIN = "removed.json"  # in .work/: what begin_run removed, for the history entry
 
@@ -232,6 +235,33 @@ def _remove_temporaries(root: Path) -> int:
 
 
 # --- steps -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepResult:
+    """A finished step: its outputs, its rejected file and its counts (files as absolute paths).
+
+    ``index_part`` is the dedup index part the dedup step wrote (current once the manifest lists
+    it); ``shards`` the manifest entries of the files the shards step wrote.
+    """
+
+    stage: str
+    key: str
+    outputs: list[str]
+    rejected: str | None
+    stats: StageStats
+    index_part: str | None = None
+    shards: list[ShardEntry] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "key": self.key, "outputs": self.outputs, "rejected": self.rejected,
+            "stats": self.stats.to_dict(), "index_part": self.index_part, "shards": self.shards,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StepResult":
+        return cls(**{**data, "stats": StageStats.from_dict(data["stats"])})
+
+
 def _work(plan: RunPlan, stage: str, key: str, suffix: str = ".parquet") -> Path:
     return plan.root / WORK / stage / f"{key}{suffix}"
 
@@ -240,73 +270,82 @@ def _rejected(plan: RunPlan, stage: str, key: str) -> Path:
     return plan.root / REJECTED / f"{stage}-{key}.parquet"
 
 
-def _step_result(plan: RunPlan, stage: str, key: str, outputs: list[Path], rejected: Path, stats: StageStats) -> dict:
-    """Record a finished step (stats JSON written last = the step's completion mark)."""
-    stats.check_conservation()
-    result = {
-        "stage": stage,
-        "key": key,
-        "outputs": [str(p) for p in outputs],
-        "rejected": str(rejected) if rejected.exists() else None,
-        "stats": stats.to_dict(),
-    }
-    write_json_atomic(result, _work(plan, stage, key, ".stats.json"))
+def step_done(plan: RunPlan, stage: str, key: str) -> StepResult | None:
+    """The result of step ``stage``/``key`` if an earlier attempt finished it and its outputs are
+    still there, else None. (The flow offers a task's cached result only while this says so.)"""
+    mark = _work(plan, stage, key, ".stats.json")
+    if not mark.exists():
+        return None
+    result = StepResult.from_json(json.loads(mark.read_text(encoding="utf-8")))
+    return result if all(Path(p).exists() for p in result.outputs) else None
+
+
+def _cached_step(plan: RunPlan, stage: str, key: str, outputs: list[Path], run: Callable[[Path], Any]) -> StepResult:
+    """Run step ``stage``/``key`` unless :func:`step_done`; record it.
+
+    ``run(rejected_path)`` does the work and returns its :class:`StageStats` (or a dedup outcome:
+    stats plus the index part). The result's JSON, written last, is the step's completion mark.
+    """
+    if (done := step_done(plan, stage, key)) is not None:
+        return done
+    rejected = _rejected(plan, stage, key)
+    outcome = run(rejected)
+    stats, index_part = (outcome, None) if isinstance(outcome, StageStats) else outcome
+    result = StepResult(
+        stage, key, [str(p) for p in outputs], str(rejected) if rejected.exists() else None, stats, index_part
+    )
+    write_json_atomic(result.to_json(), _work(plan, stage, key, ".stats.json"))
     return result
 
 
-def _done(plan: RunPlan, stage: str, key: str) -> dict | None:
-    stats_path = _work(plan, stage, key, ".stats.json")
-    if not stats_path.exists():
-        return None
-    result = json.loads(stats_path.read_text(encoding="utf-8"))
-    if all(Path(p).exists() for p in result["outputs"]):
-        return result
-    return None
+def _passed_through(stage: str, in_paths: list[Path]) -> StageStats:
+    """A switched-off stage: every record goes on, untouched (its outputs are its inputs)."""
+    with StageRun(stage) as run:
+        for path in in_paths:
+            records = pq.ParquetFile(path).metadata.num_rows
+            run.count(records, kept=records)
+    return run.stats
 
 
 def ingest_key(plan: RunPlan, item: InputFile) -> str:
     return _key("ingest", item.sha256, item.source, plan.output_settings["ingest"], plan.code_version)
 
 
-def run_ingest(plan: RunPlan, item: InputFile) -> dict:
+def run_ingest(plan: RunPlan, item: InputFile) -> StepResult:
     from pipeline.ingest import ingest_file
 
     key = ingest_key(plan, item)
-    if done := _done(plan, "ingest", key):
-        return done
-    out, rejected = _work(plan, "ingest", key), _rejected(plan, "ingest", key)
-    stats = ingest_file(Path(item.path), item.source, out, rejected, plan.config.ingest)
-    return _step_result(plan, "ingest", key, [out], rejected, stats)
+    out = _work(plan, "ingest", key)
+    return _cached_step(
+        plan, "ingest", key, [out],
+        lambda rejected: ingest_file(Path(item.path), out, rejected, plan.config, source=item.source),
+    )
 
 
-def dedup_key(plan: RunPlan, ingest_results: list[dict]) -> str:
-    return _key("dedup", [r["key"] for r in ingest_results], plan.index_parts, plan.output_settings["dedup"], plan.output_settings["quality"], plan.code_version)
+def dedup_key(plan: RunPlan, ingest_results: list[StepResult]) -> str:
+    return _key("dedup", [r.key for r in ingest_results], plan.index_parts, plan.output_settings["dedup"], plan.output_settings["quality"], plan.code_version)
 
 
-def _pass_through_dedup(plan: RunPlan, ingest_results: list[dict]) -> dict:
-    in_paths = [Path(r["outputs"][0]) for r in ingest_results]
-    records = sum(pq.ParquetFile(p).metadata.num_rows for p in in_paths)
-    key = dedup_key(plan, ingest_results)
-    return _step_result(plan, "dedup", key, in_paths, _rejected(plan, "dedup", key), StageStats("dedup", records, records))
-
-
-def dedup_signatures(plan: RunPlan, ingest_result: dict) -> str:
+def dedup_signatures(plan: RunPlan, ingest_result: StepResult) -> str:
     """MinHash signatures and band hashes of one ingested chunk (mappable per chunk)."""
     from pipeline.dedup import compute_signatures
 
-    key = _key("dedup-signatures", ingest_result["key"], plan.output_settings["dedup"], plan.code_version)
-    path = _work(plan, "dedup-signatures", key)
+    path = _signature_path(plan, ingest_result)
     if not path.exists():
-        compute_signatures(Path(ingest_result["outputs"][0]), path, plan.config.dedup)
+        compute_signatures(Path(ingest_result.outputs[0]), path, plan.config.dedup)
     return str(path)
 
 
-def dedup_partition(plan: RunPlan, ingest_results: list[dict], signature_paths: list[str], partition: int) -> str:
+def _signature_path(plan: RunPlan, ingest_result: StepResult) -> Path:
+    key = _key("dedup-signatures", ingest_result.key, plan.output_settings["dedup"], plan.code_version)
+    return _work(plan, "dedup-signatures", key)
+
+
+def dedup_partition(plan: RunPlan, ingest_results: list[StepResult], signature_paths: list[str], partition: int) -> str:
     """Candidate pairs from one partition of the LSH bands (mappable per partition)."""
     from pipeline.dedup import candidate_pairs, save_edges
 
-    partitions = plan.config.dedup.partitions
-    path = _work(plan, "dedup-edges", f"{dedup_key(plan, ingest_results)}-{partition:03d}-of-{partitions:03d}", ".npy")
+    path = _edge_path(plan, ingest_results, partition)
     if not path.exists():
         edges = candidate_pairs(
             signature_paths, partition, plan.config.dedup, plan.root / DEDUP_INDEX, list(plan.index_parts)
@@ -315,29 +354,9 @@ def dedup_partition(plan: RunPlan, ingest_results: list[dict], signature_paths: 
     return str(path)
 
 
-def dedup_resolve(plan: RunPlan, ingest_results: list[dict], signature_paths: list[str], edge_paths: list[str]) -> dict:
-    """The global step: connected components over all candidate pairs, keep policy, outputs."""
-    from pipeline.dedup import resolve_clusters
-
-    key = dedup_key(plan, ingest_results)
-    if done := _done(plan, "dedup", key):
-        return done
-    config = plan.config
-    is_good = None
-    if config.quality.enabled:
-        from pipeline.quality import build_filters, passes
-        from pipeline.tokenizers import load_tokenizer
-
-        filters = build_filters(config.quality, tokenizer=load_tokenizer(plan.tokenizer))
-        is_good = lambda record: passes(record, filters)  # noqa: E731
-    in_paths = [Path(r["outputs"][0]) for r in ingest_results]
-    out_paths = [_work(plan, "dedup", f"{key}-{i:05d}") for i in range(len(in_paths))]
-    rejected = _rejected(plan, "dedup", key)
-    stats = resolve_clusters(
-        in_paths, signature_paths, edge_paths, out_paths, rejected, plan.root / DEDUP_INDEX,
-        config.dedup, is_good, list(plan.index_parts),
-    )
-    return _step_result(plan, "dedup", key, out_paths, rejected, stats)
+def _edge_path(plan: RunPlan, ingest_results: list[StepResult], partition: int) -> Path:
+    partitions = plan.config.dedup.partitions
+    return _work(plan, "dedup-edges", f"{dedup_key(plan, ingest_results)}-{partition:03d}-of-{partitions:03d}", ".npy")
 
 
 def dedup_partitions(plan: RunPlan) -> list[int]:
@@ -345,38 +364,62 @@ def dedup_partitions(plan: RunPlan) -> list[int]:
     return list(range(config.partitions)) if config.near else []
 
 
-def run_dedup(plan: RunPlan, ingest_results: list[dict]) -> dict:
-    """Exact and near-duplicate removal over all new chunks, against the persisted index."""
+def run_dedup(
+    plan: RunPlan,
+    ingest_results: list[StepResult],
+    signature_paths: list[str] | None = None,
+    edge_paths: list[str] | None = None,
+) -> StepResult:
+    """Exact and near-duplicate removal over all new chunks, against the persisted index: the
+    global step. The flow passes the signature and edge files its mapped tasks made; in one
+    process :func:`~pipeline.dedup.dedup_stage` makes whichever are missing."""
+    from pipeline.dedup import dedup_stage
+
+    key = dedup_key(plan, ingest_results)
+    in_paths = [Path(r.outputs[0]) for r in ingest_results]
     if not plan.config.dedup.enabled:
-        return _pass_through_dedup(plan, ingest_results)
-    if done := _done(plan, "dedup", dedup_key(plan, ingest_results)):
-        return done
-    signatures = [dedup_signatures(plan, r) for r in ingest_results]
-    edges = [dedup_partition(plan, ingest_results, signatures, p) for p in dedup_partitions(plan)]
-    return dedup_resolve(plan, ingest_results, signatures, edges)
+        return _cached_step(plan, "dedup", key, in_paths, lambda rejected: _passed_through("dedup", in_paths))
+    out_paths = [_work(plan, "dedup", f"{key}-{i:05d}") for i in range(len(in_paths))]
+    return _cached_step(
+        plan, "dedup", key, out_paths,
+        lambda rejected: dedup_stage(
+            in_paths, out_paths, rejected, plan.config,
+            index_dir=plan.root / DEDUP_INDEX,
+            index_parts=list(plan.index_parts),
+            is_good=_quality_verdict(plan),
+            signature_paths=[Path(p) for p in signature_paths or [_signature_path(plan, r) for r in ingest_results]],
+            edge_paths=[Path(p) for p in edge_paths or [_edge_path(plan, ingest_results, q) for q in dedup_partitions(plan)]],
+        ),
+    )
+
+
+def _quality_verdict(plan: RunPlan) -> Callable[[dict[str, Any]], bool] | None:
+    """Would the quality stage keep a record? Dedup keeps such a copy of a duplicate group."""
+    if not plan.config.quality.enabled:
+        return None
+    from pipeline.quality import build_filters, passes
+    from pipeline.tokenizers import load_tokenizer
+
+    filters = build_filters(plan.config.quality, tokenizer=load_tokenizer(plan.tokenizer))
+    return lambda record: passes(record, filters)
 
 
 def quality_key(plan: RunPlan, upstream_key: str, chunk: int) -> str:
     return _key("quality", upstream_key, chunk, plan.output_settings["quality"], plan.code_version)
 
 
-def run_quality(plan: RunPlan, upstream: dict, chunk: int) -> dict:
-    in_path = Path(upstream["outputs"][chunk])
-    key = quality_key(plan, upstream["key"], chunk)
-    if done := _done(plan, "quality", key):
-        return done
-    config = plan.config.quality
-    rejected = _rejected(plan, "quality", key)
-    if not config.enabled:
-        records = pq.ParquetFile(in_path).metadata.num_rows
-        return _step_result(plan, "quality", key, [in_path], rejected, StageStats("quality", records, records))
+def run_quality(plan: RunPlan, upstream: StepResult, chunk: int) -> StepResult:
     from pipeline.quality import quality_stage
-    from pipeline.tokenizers import load_tokenizer
 
+    in_path = Path(upstream.outputs[chunk])
+    key = quality_key(plan, upstream.key, chunk)
+    if not plan.config.quality.enabled:
+        return _cached_step(plan, "quality", key, [in_path], lambda rejected: _passed_through("quality", [in_path]))
     out = _work(plan, "quality", key)
-    # The tokenizer serves the length filter's optional token bounds.
-    stats = quality_stage(in_path, out, rejected, config, tokenizer=load_tokenizer(plan.tokenizer))
-    return _step_result(plan, "quality", key, [out], rejected, stats)
+    return _cached_step(
+        plan, "quality", key, [out],
+        lambda rejected: quality_stage(in_path, out, rejected, plan.config, tokenizer=plan.tokenizer),
+    )
 
 
 def tokenize_key(plan: RunPlan, upstream_key: str) -> str:
@@ -386,22 +429,22 @@ def tokenize_key(plan: RunPlan, upstream_key: str) -> str:
     )
 
 
-def run_tokenize(plan: RunPlan, upstream: dict) -> dict:
+def run_tokenize(plan: RunPlan, upstream: StepResult) -> StepResult:
     from pipeline.tokenize import tokenize_stage
 
-    in_path = Path(upstream["outputs"][0])
-    key = tokenize_key(plan, upstream["key"])
-    if done := _done(plan, "tokenize", key):
-        return done
-    out, rejected = _work(plan, "tokenize", key, ".arrow"), _rejected(plan, "tokenize", key)
-    stats = tokenize_stage(in_path, out, rejected, plan.tokenizer, plan.config)
-    return _step_result(plan, "tokenize", key, [out], rejected, stats)
+    in_path = Path(upstream.outputs[0])
+    key = tokenize_key(plan, upstream.key)
+    out = _work(plan, "tokenize", key, ".arrow")
+    return _cached_step(
+        plan, "tokenize", key, [out],
+        lambda rejected: tokenize_stage(in_path, out, rejected, plan.config, tokenizer=plan.tokenizer),
+    )
 
 
-def run_write_shards(plan: RunPlan, tokenize_results: list[dict]) -> dict:
+def run_write_shards(plan: RunPlan, tokenize_results: list[StepResult]) -> StepResult:
     """Split by id and write this run's shard files after the ones the dataset already has.
 
-    Returns ``{"entries": [manifest shard entries], "stats": shard-stage statistics}``.
+    Not cached: shard files are numbered after the dataset's, so this runs once per run, last.
     """
     from pipeline.shards import write_shards
 
@@ -412,126 +455,70 @@ def run_write_shards(plan: RunPlan, tokenize_results: list[dict]) -> dict:
         schema.META_TEMPLATE_FINGERPRINT: plan.template_fingerprint.encode(),
         schema.META_FORMAT_VERSION: schema.FORMAT_VERSION.encode(),
     }
-    paths = [Path(r["outputs"][0]) for r in tokenize_results]
-    with Timer() as timer:
-        entries = write_shards(paths, plan.root, plan.config.shards, metadata, start_index=dict(plan.start_index))
-    records = sum(e["records"] for e in entries)
-    records_in = sum(r["stats"]["records_out"] for r in tokenize_results)
-    stats = StageStats("shards", records_in, records, timer.seconds)
-    stats.check_conservation()
-    return {"entries": entries, "stats": stats.to_dict()}
+    written = write_shards(
+        [Path(r.outputs[0]) for r in tokenize_results], plan.root, plan.config,
+        metadata=metadata, start_index=dict(plan.start_index),
+    )
+    outputs = [str(plan.root / entry["path"]) for entry in written.entries]
+    return StepResult("shards", "", outputs, None, written.stats, shards=written.entries)
 
 
 # --- finishing -------------------------------------------------------------------------------
 def finalize(
     plan: RunPlan,
-    ingest_results: list[dict],
-    dedup_result: dict | None,
-    quality_results: list[dict],
-    tokenize_results: list[dict],
-    shard_result: dict,
+    ingest_results: list[StepResult],
+    dedup_result: StepResult | None,
+    quality_results: list[StepResult],
+    tokenize_results: list[StepResult],
+    shard_result: StepResult,
 ) -> dict:
-    """Write the new manifest (atomically, last), check conservation, remove this run's debris."""
+    """Write the new manifest (atomically, last; :func:`pipeline.manifest.build_manifest` checks
+    conservation), then remove this run's debris. Returns the manifest."""
     root = plan.root
     previous = None if plan.rebuild else manifest_io.read_manifest_or_none(root)
-    new_shards = shard_result["entries"]
-
-    step_results = ingest_results + ([dedup_result] if dedup_result else []) + quality_results + tokenize_results
-    stage_totals: dict[str, StageStats] = {}
-    for result in step_results:
-        stats = StageStats.from_dict(result["stats"])
-        name = stats.name
-        stage_totals[name] = stage_totals[name] + stats if name in stage_totals else stats
-    stage_totals["shards"] = StageStats.from_dict(shard_result["stats"])
-
-    # Counted from the rejected files themselves, by each row's own stage (the tokenize step
-    # also files template failures under stage "template"): what inspect shows is what is there.
-    rejected_counts = {stage: dict(reasons) for stage, reasons in (previous["counts"]["rejected"] if previous else {}).items()}
-    turns_rejected = dict(previous["counts"].get("turns_rejected", {})) if previous else {}
-    rejected_files = []
-    for result in step_results:
-        if not result.get("rejected"):
-            continue
-        path = Path(result["rejected"])
-        table = pq.read_table(path, columns=[schema.STAGE, schema.REASON, schema.TURN])
-        records = table.column(schema.TURN).null_count  # a turn refused while its record was kept is no record
-        rejected_files.append({"path": path.relative_to(root).as_posix(), "rows": table.num_rows, "records": records})
-        for stage, reason, turn in zip(*(table.column(c).to_pylist() for c in (schema.STAGE, schema.REASON, schema.TURN))):
-            if turn is None:
-                stage_counts = rejected_counts.setdefault(stage, {})
-                stage_counts[reason] = stage_counts.get(reason, 0) + 1
-            else:
-                turns_rejected[reason] = turns_rejected.get(reason, 0) + 1
-
-    read_now = stage_totals["ingest"].records_in if "ingest" in stage_totals else 0
-    shards = (previous["shards"] if previous else []) + new_shards
-    rejected_listed = (previous.get("rejected", []) if previous else []) + rejected_files
-    read_total = (previous["counts"]["read"] if previous else 0) + read_now
-    kept_total = sum(s.get("records", s["rows"]) for s in shards)  # records: rows before per_turn
-    # Kept rows whose tokens before the last trained turn are not what inference shows there.
-    render_mismatch = (previous["counts"].get("render_mismatch", 0) if previous else 0) + (
-        stage_totals["tokenize"].extra.get("render_mismatch", 0) if "tokenize" in stage_totals else 0
-    )
-    rejected_total = sum(f.get("records", f["rows"]) for f in rejected_listed)
-    if read_total != kept_total + rejected_total:
-        raise AssertionError(
-            f"conservation broken in {root}: read {read_total} records but shards hold {kept_total} and "
-            f"rejected/ holds {rejected_total}; refusing to write a manifest that loses records"
-        )
-
-    version = plan.previous_version + 1
+    step_results = [*ingest_results, *([dedup_result] if dedup_result else []), *quality_results, *tokenize_results]
     index_parts = list(plan.index_parts)
-    if dedup_result and (part := dedup_result["stats"].get("extra", {}).get("index_part")):
+    if dedup_result and dedup_result.index_part:
         # Remember only what reached the shards: a record that quality or tokenize dropped must
         # not make a later, better near-copy of it look like a duplicate.
         from pipeline.dedup.index import restrict_part
 
         kept_ids = [
-            i for entry in new_shards
+            i for entry in shard_result.shards
             for i in pq.read_table(root / entry["path"], columns=[schema.ID]).column(schema.ID).to_pylist()
         ]
-        if restricted := restrict_part(root / DEDUP_INDEX, part, kept_ids):
+        if restricted := restrict_part(root / DEDUP_INDEX, dedup_result.index_part, kept_ids):
             index_parts.append(restricted)
-    listed = {s["path"] for s in shards} | {r["path"] for r in rejected_listed} | {f"{DEDUP_INDEX}/{p}" for p in index_parts}
+    new_rejected = [Path(r.rejected) for r in step_results if r.rejected]
+    listed = (
+        (manifest_io.listed_files(previous) if previous else set())
+        | {s["path"] for s in shard_result.shards}
+        | {p.relative_to(root).as_posix() for p in new_rejected}
+        | {f"{DEDUP_INDEX}/{p}" for p in index_parts}
+    )
     unlisted = _unlisted(root, listed)
     note = root / WORK / REMOVED_AT_BEGIN
     removed_at_begin = json.loads(note.read_text(encoding="utf-8")) if note.exists() else []
-    created = manifest_io.now_iso()
-    inputs = (previous.get("inputs", []) if previous else []) + [
-        {"source": i.source, "sha256": i.sha256, "records": r["stats"]["records_in"]}
-        for i, r in zip(plan.inputs, ingest_results)
-    ]
-    history = (previous.get("history", []) if previous else []) + [
-        {"version": version, "created_at": created, "read": read_now,
-         "kept": sum(s.get("records", s["rows"]) for s in new_shards),
-         "shards_added": len(new_shards), "rebuild": plan.rebuild,
-         "removed": sorted((set(removed_at_begin) - listed) | set(unlisted))}
-    ]
-    manifest = {
-        "version": version,
-        "created_at": created,
-        "tokenizer": {"name": plan.tokenizer, "fingerprint": plan.tokenizer_fingerprint},
-        "template": {"name": plan.template_name, "fingerprint": plan.template_fingerprint},
-        "config": plan.config.model_dump(mode="json"),
-        "config_fingerprint": plan.config_fingerprint,
-        "code_version": plan.code_version,
-        "inputs": inputs,
-        "shards": shards,
-        "rejected": rejected_listed,
-        "dedup_index": index_parts,
-        "counts": {
-            "read": read_total,
-            "kept": kept_total,
-            "rejected": rejected_counts,
-            "render_mismatch": render_mismatch,
-            "rows": sum(s["rows"] for s in shards),
-            "turns_rejected": turns_rejected,
-        },
-        "stages": [
-            {**stage_totals[name].to_dict(), "name": name} for name in STAGE_ORDER if name in stage_totals
+    manifest = manifest_io.build_manifest(
+        root,
+        previous,
+        version=plan.previous_version + 1,
+        tokenizer={"name": plan.tokenizer, "fingerprint": plan.tokenizer_fingerprint},
+        template={"name": plan.template_name, "fingerprint": plan.template_fingerprint},
+        config=plan.config.model_dump(mode="json"),
+        config_fingerprint=plan.config_fingerprint,
+        code_version=plan.code_version,
+        new_inputs=[
+            {"source": i.source, "sha256": i.sha256, "records": r.stats.records_in}
+            for i, r in zip(plan.inputs, ingest_results)
         ],
-        "history": history,
-    }
+        new_shards=shard_result.shards,
+        new_rejected=new_rejected,
+        dedup_index=index_parts,
+        stages=[r.stats for r in step_results] + [shard_result.stats],
+        rebuild=plan.rebuild,
+        removed=sorted((set(removed_at_begin) - listed) | set(unlisted)),
+    )
     manifest_io.write_manifest(root, manifest)
     _clean_up(root, unlisted)
     return manifest
@@ -543,11 +530,7 @@ def tidy(data_dir: Path) -> dict:
     manifest = manifest_io.read_manifest(root)
     outdir.claim(root)
     _remove_temporaries(root)
-    listed = (
-        {s["path"] for s in manifest["shards"]} | {r["path"] for r in manifest["rejected"]}
-        | {f"{DEDUP_INDEX}/{p}" for p in manifest.get("dedup_index", [])}
-    )
-    _clean_up(root, _unlisted(root, listed))
+    _clean_up(root, _unlisted(root, manifest_io.listed_files(manifest)))
     return manifest
 
 
@@ -601,9 +584,9 @@ def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: S
     dedup_result = run_dedup(plan, ingest_results)
     notify("dedup", 1, 1)
     quality_results = []
-    for chunk in range(len(dedup_result["outputs"])):
+    for chunk in range(len(dedup_result.outputs)):
         quality_results.append(run_quality(plan, dedup_result, chunk))
-        notify("quality", chunk + 1, len(dedup_result["outputs"]))
+        notify("quality", chunk + 1, len(dedup_result.outputs))
     tokenize_results = []
     for i, upstream in enumerate(quality_results):
         tokenize_results.append(run_tokenize(plan, upstream))
