@@ -7,6 +7,7 @@ mistral-common wheel, the real instruction data in ../shared/data/real (skipped 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,33 @@ def real_data_dir() -> Path:
     if not REAL_DATA.is_dir() or not any(REAL_DATA.glob("*.json")):
         pytest.skip(f"real instruction data not present at {REAL_DATA}")
     return REAL_DATA
+
+
+@pytest.fixture(scope="module")
+def report_dataset(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
+    """A prepared dataset folder for the report/inspect tests (tests.support.report), built once per module."""
+    from tests.support.report import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("report") / "prepared", bpe_tokenizer, bpe_tokenizer_path)
+
+
+@pytest.fixture
+def report_copy(report_dataset, tmp_path) -> Path:
+    """A private copy of ``report_dataset``'s folder, for tests that damage it."""
+    return shutil.copytree(report_dataset.path, tmp_path / "data")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest (and reproducibly) on one thread, especially on a busy machine.
+
+    Autouse for every test under tests/trainer/ (tests/trainer/conftest.py); other modules request it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -22,12 +22,12 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import EXIT_FAILED, EXIT_SIGTERM, EXIT_USAGE, app
+from tests.support.training import corpus_dataset
 from trainer.loop import TrainConfig
 from trainer.metrics import read_metrics
-from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import corpus_dataset
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests here run on one thread (tests/conftest.py)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

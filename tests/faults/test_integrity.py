@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -17,17 +16,7 @@ from typer.testing import CliRunner
 from flows.cli import EXIT_INTEGRITY, app
 from pipeline.fsutil import sha256_file
 from pipeline.report import integrity
-from report_fixtures import build_dataset
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
-    return build_dataset(tmp_path_factory.mktemp("integrity") / "prepared", bpe_tokenizer, bpe_tokenizer_path)
-
-
-@pytest.fixture
-def dataset(pristine, tmp_path):
-    return shutil.copytree(pristine.path, tmp_path / "data")
+from tests.support.report import one_line
 
 
 @pytest.fixture
@@ -47,10 +36,6 @@ def inspect(*args, **env):
     return CliRunner().invoke(app, ["inspect", *map(str, args)], env={"COLUMNS": "400", "NO_COLOR": "1", **env})
 
 
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def flip_bytes(path, at: float = 0.5, count: int = 4) -> bytes:
     """Invert ``count`` bytes in the middle of the file, keeping its size; returns the original."""
     original = path.read_bytes()
@@ -62,17 +47,17 @@ def flip_bytes(path, at: float = 0.5, count: int = 4) -> bytes:
     return original
 
 
-def shard(dataset, index: int = 0):
-    manifest = json.loads((dataset / "manifest.json").read_text(encoding="utf-8"))
-    return dataset / manifest["shards"][index]["path"]
+def shard(report_copy, index: int = 0):
+    manifest = json.loads((report_copy / "manifest.json").read_text(encoding="utf-8"))
+    return report_copy / manifest["shards"][index]["path"]
 
 
-def test_flipped_bytes_are_reported_loudly_and_restoring_the_file_clears_it(dataset):
-    assert inspect(dataset).exit_code == 0
-    target = shard(dataset)
+def test_flipped_bytes_are_reported_loudly_and_restoring_the_file_clears_it(report_copy):
+    assert inspect(report_copy).exit_code == 0
+    target = shard(report_copy)
     original = flip_bytes(target)
 
-    result = inspect(dataset, FORCE_COLOR="1", NO_COLOR=None)  # as on a terminal: the warning is red
+    result = inspect(report_copy, FORCE_COLOR="1", NO_COLOR=None)  # as on a terminal: the warning is red
     assert result.exit_code == EXIT_INTEGRITY, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     warning = one_line(result.stderr)
@@ -82,111 +67,111 @@ def test_flipped_bytes_are_reported_loudly_and_restoring_the_file_clears_it(data
     assert "do not train on it" in warning
 
     target.write_bytes(original)  # restored: a new mtime, so it is hashed again and found right
-    result = inspect(dataset)
+    result = inspect(report_copy)
     assert result.exit_code == 0, result.output
     assert "INTEGRITY" not in result.output and "corrupted" not in result.output
 
 
-def test_every_view_of_inspect_checks_first(dataset):
-    target = shard(dataset)
+def test_every_view_of_inspect_checks_first(report_copy):
+    target = shard(report_copy)
     flip_bytes(target, at=0.9)
-    for extra in (["--row", "0"], ["--rejected"], ["--sample", "2", "--seed", "0"], ["--html", dataset.parent / "r.html"]):
-        result = inspect(dataset, *extra)
+    for extra in (["--row", "0"], ["--rejected"], ["--sample", "2", "--seed", "0"], ["--html", report_copy.parent / "r.html"]):
+        result = inspect(report_copy, *extra)
         assert result.exit_code == EXIT_INTEGRITY, (extra, result.output)
         assert f"{target} is corrupted" in one_line(result.stderr)
         assert "Traceback" not in result.output
 
 
-def test_a_missing_shard_is_reported_with_exit_3(dataset):
-    target = shard(dataset, -1)
+def test_a_missing_shard_is_reported_with_exit_3(report_copy):
+    target = shard(report_copy, -1)
     target.unlink()
-    result = inspect(dataset)
+    result = inspect(report_copy)
     assert result.exit_code == EXIT_INTEGRITY, result.output
     assert f"{target} is listed in the manifest but does not exist" in one_line(result.stderr)
     assert "Traceback" not in result.output
 
 
-def test_an_unchanged_dataset_is_hashed_once(dataset, hash_calls):
-    manifest = json.loads((dataset / "manifest.json").read_text(encoding="utf-8"))
+def test_an_unchanged_dataset_is_hashed_once(report_copy, hash_calls):
+    manifest = json.loads((report_copy / "manifest.json").read_text(encoding="utf-8"))
     with_sha = [e for e in manifest["shards"] + manifest["rejected"] if e.get("sha256")]
-    assert inspect(dataset).exit_code == 0
+    assert inspect(report_copy).exit_code == 0
     assert sorted(hash_calls) == sorted(os.path.basename(e["path"]) for e in with_sha)
-    assert (dataset / ".cache" / integrity.CACHE_NAME).is_file()
+    assert (report_copy / ".cache" / integrity.CACHE_NAME).is_file()
 
     hash_calls.clear()
-    assert inspect(dataset).exit_code == 0
-    assert inspect(dataset, "--rejected").exit_code == 0
+    assert inspect(report_copy).exit_code == 0
+    assert inspect(report_copy, "--rejected").exit_code == 0
     assert hash_calls == []  # nothing re-read
 
     # a file whose modification time changed is hashed again (and only that one)
-    target = shard(dataset, 1)
+    target = shard(report_copy, 1)
     stat = target.stat()
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert inspect(dataset).exit_code == 0
+    assert inspect(report_copy).exit_code == 0
     assert hash_calls == [target.name]
 
 
-def test_a_damaged_cache_only_costs_a_rehash(dataset, hash_calls):
-    assert inspect(dataset).exit_code == 0
+def test_a_damaged_cache_only_costs_a_rehash(report_copy, hash_calls):
+    assert inspect(report_copy).exit_code == 0
     first = len(hash_calls)
-    (dataset / ".cache" / integrity.CACHE_NAME).write_text("{not json", encoding="utf-8")
-    assert inspect(dataset).exit_code == 0
+    (report_copy / ".cache" / integrity.CACHE_NAME).write_text("{not json", encoding="utf-8")
+    assert inspect(report_copy).exit_code == 0
     assert len(hash_calls) == 2 * first
     # a cache that vouches for the wrong digest cannot hide the truth for long: once the file is
     # written again (new mtime) it is re-hashed
-    target = shard(dataset)
+    target = shard(report_copy)
     flip_bytes(target)
-    assert inspect(dataset).exit_code == EXIT_INTEGRITY
+    assert inspect(report_copy).exit_code == EXIT_INTEGRITY
 
 
-def test_rejected_files_are_checked_when_the_manifest_records_their_sha256(dataset):
-    manifest_file = dataset / "manifest.json"
+def test_rejected_files_are_checked_when_the_manifest_records_their_sha256(report_copy):
+    manifest_file = report_copy / "manifest.json"
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     entry = manifest["rejected"][0]
-    rejected = dataset / entry["path"]
+    rejected = report_copy / entry["path"]
     entry["sha256"] = sha256_file(rejected)
     manifest_file.write_text(json.dumps(manifest), encoding="utf-8")
-    assert inspect(dataset).exit_code == 0
+    assert inspect(report_copy).exit_code == 0
 
     flip_bytes(rejected)
-    result = inspect(dataset)
+    result = inspect(report_copy)
     assert result.exit_code == EXIT_INTEGRITY
     assert f"{rejected} is corrupted" in one_line(result.stderr)
 
     rejected.unlink()
-    result = inspect(dataset)
+    result = inspect(report_copy)
     assert result.exit_code == EXIT_INTEGRITY
     assert f"{rejected} is listed in the manifest but does not exist" in one_line(result.stderr)
 
 
-def test_a_listed_rejected_file_without_sha256_must_still_exist(dataset):
-    manifest = json.loads((dataset / "manifest.json").read_text(encoding="utf-8"))
-    rejected = dataset / manifest["rejected"][-1]["path"]
+def test_a_listed_rejected_file_without_sha256_must_still_exist(report_copy):
+    manifest = json.loads((report_copy / "manifest.json").read_text(encoding="utf-8"))
+    rejected = report_copy / manifest["rejected"][-1]["path"]
     rejected.unlink()
-    result = inspect(dataset)
+    result = inspect(report_copy)
     assert result.exit_code == EXIT_INTEGRITY
     assert f"{rejected} is listed in the manifest but does not exist" in one_line(result.stderr)
 
 
-def test_read_only_dataset_keeps_its_cache_in_the_user_cache(dataset, hash_calls, monkeypatch, tmp_path):
+def test_read_only_dataset_keeps_its_cache_in_the_user_cache(report_copy, hash_calls, monkeypatch, tmp_path):
     monkeypatch.setenv("SFTKIT_CACHE_DIR", str(tmp_path / "user-cache"))
     monkeypatch.setattr(integrity, "_writable_dir", lambda folder: False)
-    where = integrity.cache_path(dataset)
+    where = integrity.cache_path(report_copy)
     assert str(where).startswith(str(tmp_path / "user-cache"))
-    assert inspect(dataset).exit_code == 0
-    assert where.is_file() and not (dataset / ".cache" / integrity.CACHE_NAME).exists()
+    assert inspect(report_copy).exit_code == 0
+    assert where.is_file() and not (report_copy / ".cache" / integrity.CACHE_NAME).exists()
     hash_calls.clear()
-    assert inspect(dataset).exit_code == 0
+    assert inspect(report_copy).exit_code == 0
     assert hash_calls == []
 
 
-def test_check_integrity_as_a_library_call(dataset):
+def test_check_integrity_as_a_library_call(report_copy):
     from pipeline.manifest import read_manifest
 
-    assert integrity.check_integrity(dataset, read_manifest(dataset)) == []
-    target = shard(dataset)
+    assert integrity.check_integrity(report_copy, read_manifest(report_copy)) == []
+    target = shard(report_copy)
     flip_bytes(target)
-    (problem,) = integrity.check_integrity(dataset, read_manifest(dataset))
+    (problem,) = integrity.check_integrity(report_copy, read_manifest(report_copy))
     assert problem.kind == "mismatch" and problem.path == target.resolve()
 
 
@@ -201,9 +186,9 @@ def test_check_integrity_as_a_library_call(dataset):
         (lambda m: m.unlink(), "manifest.json does not exist"),
     ],
 )
-def test_a_damaged_manifest_is_one_sentence(dataset, damage, phrase):
-    damage(dataset / "manifest.json")
-    result = inspect(dataset)
+def test_a_damaged_manifest_is_one_sentence(report_copy, damage, phrase):
+    damage(report_copy / "manifest.json")
+    result = inspect(report_copy)
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert phrase in one_line(result.output)

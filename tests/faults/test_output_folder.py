@@ -28,8 +28,8 @@ from typer.testing import CliRunner
 from pipeline import outdir
 from pipeline.config import SFTConfig
 from pipeline.manifest import read_manifest
-from pipeline.prepare import prepare
-from tests.prepare_fixtures import alpaca_records, make_inputs, shard_bytes, write_json
+from pipeline.steps import prepare
+from tests.support.inputs import alpaca_records, make_inputs, shard_bytes, write_json
 
 
 def _config(**shards) -> SFTConfig:

@@ -25,7 +25,7 @@ import pytest
 import zstandard
 
 from pipeline import readers
-from pipeline.config import IngestConfig
+from pipeline.config import IngestConfig, SFTConfig
 from pipeline.ingest import ingest_file
 from pipeline.readers import InputError, iter_records
 
@@ -148,7 +148,7 @@ def test_deep_nesting_in_parquet_records_costs_only_those_records(tmp_path):
     path = tmp_path / "deep.parquet"
     pq.write_table(table, path)
     out = tmp_path / "out"
-    stats = ingest_file(path, path.name, out / "kept.parquet", out / "rejected.parquet", IngestConfig(max_nesting=6))
+    stats = ingest_file(path, out / "kept.parquet", out / "rejected.parquet", SFTConfig(ingest=IngestConfig(max_nesting=6)), source=path.name)
     assert stats.records_in == 5 and stats.records_out == 2
     assert stats.rejected == {"too_deeply_nested": 3}
     rejected = pq.read_table(out / "rejected.parquet").to_pylist()
@@ -157,7 +157,8 @@ def test_deep_nesting_in_parquet_records_costs_only_those_records(tmp_path):
 
 
 def test_the_default_nesting_limit_leaves_real_data_alone(real_data_dir):
-    from pipeline.formats import RecordError, to_conversation
+    from pipeline.formats import to_conversation
+    from pipeline.stage import Drop
 
     for path in sorted(real_data_dir.iterdir()):
         records = list(iter_records(path))
@@ -165,7 +166,7 @@ def test_the_default_nesting_limit_leaves_real_data_alone(real_data_dir):
         for record in records:
             try:
                 to_conversation(record.value)
-            except RecordError as exc:
+            except Drop as exc:
                 assert exc.reason != "too_deeply_nested", (path, record.index)
 
 
@@ -293,7 +294,7 @@ def test_reading_a_compressed_file_reports_progress(tmp_path, caplog):
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO, logger="sftkit.ingest"):
         stats = ingest_file(
-            path, path.name, out / "kept.parquet", out / "rejected.parquet", IngestConfig(),
+            path, out / "kept.parquet", out / "rejected.parquet", SFTConfig(), source=path.name,
             on_progress=lambda progress, records: seen.append((progress.bytes_read, progress.compressed_bytes, records, progress.done)),
             progress_interval_s=0.0,
         )

@@ -16,7 +16,8 @@ import pytest
 
 from pipeline.config import SFTConfig
 from pipeline.formats import to_conversation
-from pipeline.masking import Encoded, Masker, Rejection
+from pipeline.masking import Encoded, Masker
+from pipeline.stage import Drop
 from pipeline.templates import Template
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -37,7 +38,7 @@ def test_a_template_that_loops_on_long_rows_is_stopped_per_row(bpe_tokenizer):
     started = time.monotonic()
     result = masker(bpe_tokenizer, slow + ROLES, render_timeout=0.5).encode(*to_conversation(LONG))
     assert time.monotonic() - started < 5
-    assert isinstance(result, Rejection) and result.reason == "template_timeout", result
+    assert isinstance(result, Drop) and result.reason == "template_timeout", result
     assert "user-template" in result.detail and "template.render_timeout_s" in result.detail
 
 
@@ -53,7 +54,7 @@ def test_a_template_that_writes_without_end_is_cut_off(bpe_tokenizer):
     flood = "{%- for m in messages %}{%- if m.content | length > 100 %}{%- for i in range(99999) %}{{ m.content }}{%- endfor %}{%- endif %}{%- endfor %}"
     m = masker(bpe_tokenizer, flood + ROLES, max_render_chars=1_000_000)
     result = m.encode(*to_conversation(LONG))
-    assert isinstance(result, Rejection) and result.reason == "template_output_too_large", result
+    assert isinstance(result, Drop) and result.reason == "template_output_too_large", result
     assert isinstance(m.encode(*to_conversation(CHAT)), Encoded)  # short rows render as they should
 
 

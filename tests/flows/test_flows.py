@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.manifest import read_manifest
-from tests.prepare_fixtures import make_inputs, shard_bytes, shard_rows
+from tests.support.inputs import make_inputs, shard_bytes, shard_rows
 
 pytestmark = pytest.mark.prefect
 
@@ -117,7 +117,7 @@ def test_deployment_registered_on_server_has_its_schedule(prefect_harness, tmp_p
 def test_train_flow_trains_on_a_mixture_of_two_folders_on_real_engine(prefect_harness, tmp_path, bpe_tokenizer_path):
     from flows.train import train_flow
     from pipeline.config import SFTConfig
-    from pipeline.prepare import prepare
+    from pipeline.steps import prepare
 
     inputs = make_inputs(tmp_path / "in")  # alpaca.json and chat.jsonl
     for name, source in (("team-a", inputs[0]), ("team-b", inputs[1])):

@@ -8,7 +8,8 @@ import pytest
 
 from pipeline import schema
 from pipeline.config import FieldMapping
-from pipeline.formats import RecordError, to_conversation
+from pipeline.formats import to_conversation
+from pipeline.stage import Drop
 
 
 def roles(messages):
@@ -16,7 +17,7 @@ def roles(messages):
 
 
 def reason_of(record, **kwargs) -> str:
-    with pytest.raises(RecordError) as caught:
+    with pytest.raises(Drop) as caught:
         to_conversation(record, **kwargs)
     assert caught.value.detail and caught.value.detail[0].isalpha()
     return caught.value.reason
@@ -425,7 +426,7 @@ def test_loss_weight_maps_to_train(weight, train):
 
 @pytest.mark.parametrize("weight", [0.5, 2, -1, True, "1"])
 def test_other_loss_weights_are_wrong_type_with_a_clear_message(weight):
-    with pytest.raises(RecordError) as caught:
+    with pytest.raises(Drop) as caught:
         to_conversation({"messages": [
             {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello", "loss_weight": weight},
@@ -490,7 +491,7 @@ def test_mapping_reads_reasoning_parts_and_inline_think():
     ],
 )
 def test_misplaced_or_conflicting_reasoning_is_wrong_type(record, words):
-    with pytest.raises(RecordError) as caught:
+    with pytest.raises(Drop) as caught:
         to_conversation(record)
     assert caught.value.reason == "wrong_type"
     assert words in caught.value.detail
@@ -506,7 +507,7 @@ def test_misplaced_or_conflicting_reasoning_is_wrong_type(record, words):
     ],
 )
 def test_an_assistant_turn_with_only_reasoning_is_an_empty_response(assistant):
-    with pytest.raises(RecordError) as caught:
+    with pytest.raises(Drop) as caught:
         to_conversation({"messages": [{"role": "user", "content": "Hi"}, assistant]})
     assert caught.value.reason == "empty_response"
     assert "apart from its reasoning" in caught.value.detail
@@ -552,7 +553,7 @@ def test_an_assistant_turn_with_reasoning_is_never_merged_into_the_previous_one(
     ],
 )
 def test_refused_content_parts_are_named_truthfully(part, words):
-    with pytest.raises(RecordError) as caught:
+    with pytest.raises(Drop) as caught:
         to_conversation({"messages": [{"role": "user", "content": [part]}, {"role": "assistant", "content": "ok"}]})
     detail = caught.value.detail
     assert caught.value.reason == "wrong_type"
@@ -575,7 +576,7 @@ def test_bad_tool_call_parts_are_wrong_type(message, words):
     record = {"messages": [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "w"}}]}, message, {"role": "assistant", "content": "done"}]}
     if message["role"] == "assistant":
         record["messages"] = [{"role": "user", "content": "weather?"}, message]
-    with pytest.raises(RecordError) as caught:
+    with pytest.raises(Drop) as caught:
         to_conversation(record)
     assert caught.value.reason == "wrong_type"
     assert words in caught.value.detail

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.report import write_report
 from pipeline.report.html_page import SECTION_IDS
-from report_fixtures import build_dataset
+from tests.support.report import build_dataset
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")

@@ -16,7 +16,7 @@ from pipeline.ingest import InputError, expand_inputs, ingest_file
 
 def run(path: Path, out: Path, config: IngestConfig | None = None, source: str | None = None):
     kept, rejected = out / f"{path.name}.kept.parquet", out / f"{path.name}.rejected.parquet"
-    stats = ingest_file(path, source or path.name, kept, rejected, config or IngestConfig())
+    stats = ingest_file(path, kept, rejected, SFTConfig(ingest=config or IngestConfig()), source=source or path.name)
     kept_rows = pq.read_table(kept).to_pylist()
     rejected_rows = pq.read_table(rejected).to_pylist() if rejected.exists() else []
     return stats, kept_rows, rejected_rows
@@ -155,7 +155,7 @@ def test_a_file_that_breaks_midway_leaves_no_file_under_a_final_name(tmp_path):
     path.write_bytes(data[: len(data) * 3 // 4])
     out = tmp_path / "out"
     with pytest.raises(InputError, match="cut.jsonl.gz"):
-        ingest_file(path, path.name, out / "kept.parquet", out / "rejected.parquet", IngestConfig(batch_size=100))
+        ingest_file(path, out / "kept.parquet", out / "rejected.parquet", SFTConfig(ingest=IngestConfig(batch_size=100)), source=path.name)
     assert list(out.iterdir()) == []  # neither final files nor temporaries
 
 

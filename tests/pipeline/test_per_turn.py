@@ -25,7 +25,7 @@ from pipeline.formats import to_conversation
 from pipeline.masking.locate import realise
 from pipeline.manifest import read_manifest
 from pipeline.masking import Masker
-from pipeline.prepare import prepare
+from pipeline.steps import prepare
 from pipeline.templates import resolve_template
 from pipeline.tokenize import encode_table
 from tests.chat_templates.models import CONVERSATIONS, tokenizer_for

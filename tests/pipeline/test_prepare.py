@@ -17,8 +17,8 @@ import pytest
 from pipeline import outdir, schema
 from pipeline.config import SFTConfig
 from pipeline.manifest import read_manifest
-from pipeline.prepare import prepare
-from tests.prepare_fixtures import alpaca_records, make_inputs, shard_bytes, shard_rows, write_json
+from pipeline.steps import prepare
+from tests.support.inputs import alpaca_records, make_inputs, shard_bytes, shard_rows, write_json
 
 
 def _config(**shards) -> SFTConfig:

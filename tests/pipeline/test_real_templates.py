@@ -14,9 +14,10 @@ import pytest
 
 from tests.chat_templates.models import CONVERSATIONS, TEMPLATES, conversation, template_text, tokenizer_for
 from pipeline.formats import to_conversation
-from pipeline.masking import Encoded, Masker, Rejection
+from pipeline.masking import Encoded, Masker
+from pipeline.stage import Drop
 from pipeline.templates import Template
-from tests.conversation_fixtures import conversations as rows_of
+from tests.support.conversations import conversations as rows_of
 
 NAMES = list(TEMPLATES)
 
@@ -50,7 +51,7 @@ def compare(locate: Masker, tagged: Masker, rows) -> dict[str, int]:
     counts: dict[str, int] = {}
     located, reference = locate.encode_batch(rows), tagged.encode_batch(rows)
     for row, got, want in zip(rows, located, reference):
-        if isinstance(got, Rejection):
+        if isinstance(got, Drop):
             assert got.reason != "mask_unverifiable", (got.detail, row)
         if isinstance(want, Encoded):
             assert isinstance(got, Encoded), (got, row)
@@ -59,7 +60,7 @@ def compare(locate: Masker, tagged: Masker, rows) -> dict[str, int]:
             assert got.render_mismatch == want.render_mismatch, row
             key = "kept"
         else:
-            assert isinstance(got, Rejection) and got.reason == want.reason, (got, want, row)
+            assert isinstance(got, Drop) and got.reason == want.reason, (got, want, row)
             key = want.reason
         counts[key] = counts.get(key, 0) + 1
     return counts
@@ -121,7 +122,7 @@ def test_a_template_that_changes_the_text_is_refused_not_mislabelled(bpe_tokeniz
     masker = Masker(bpe_tokenizer, Template("upper", source), max_length=512, span_method="locate")
     result = masker.encode(*to_conversation({"messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}))
-    assert isinstance(result, Rejection) and result.reason == "mask_unverifiable"
+    assert isinstance(result, Drop) and result.reason == "mask_unverifiable"
 
 
 def test_qwen3_without_thinking_trains_the_think_block_a_turn_brings(bpe_tokenizer):

@@ -9,13 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schema
-from pipeline.config import IngestConfig
+from pipeline.config import IngestConfig, SFTConfig
 from pipeline.ingest import ingest_file
 
 
 def run(path: Path, out: Path):
     kept, rejected = out / f"{path.name}.kept.parquet", out / f"{path.name}.rejected.parquet"
-    stats = ingest_file(path, path.name, kept, rejected, IngestConfig())
+    stats = ingest_file(path, kept, rejected, SFTConfig(ingest=IngestConfig()), source=path.name)
     rejected_rows = pq.read_table(rejected).to_pylist() if rejected.exists() else []
     return stats, pq.read_table(kept), rejected_rows
 

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import re
-import shutil
 from html.parser import HTMLParser
 
 import numpy as np
@@ -19,30 +18,14 @@ from pipeline import schema
 from pipeline.report import find_row, inspect_dataset, read_row, sample_rows, summarize, token_pieces
 from pipeline.report.html_page import SECTION_IDS
 from pipeline.report.terminal import TOKEN_SEPARATOR, TRAINED_CLOSE, TRAINED_OPEN
-from report_fixtures import build_dataset
+from tests.support.report import build_dataset, one_line
 
 TRAINED_SPAN = re.compile(re.escape(TRAINED_OPEN) + "(.*?)" + re.escape(TRAINED_CLOSE), re.S)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
-    return build_dataset(tmp_path_factory.mktemp("report") / "prepared", bpe_tokenizer, bpe_tokenizer_path)
-
-
-@pytest.fixture
-def dataset_copy(dataset, tmp_path):
-    """A private copy for tests that damage the folder."""
-    return shutil.copytree(dataset.path, tmp_path / "copy")
 
 
 def run_cli(*args: str):
     # Wide, so that rich does not break long paths in error messages.
     return CliRunner().invoke(app, ["inspect", *map(str, args)], env={"COLUMNS": "400"})
-
-
-def one_line(text: str) -> str:
-    """Error messages wrapped by the terminal width, as one line."""
-    return " ".join(text.split())
 
 
 def rows_shown(output: str) -> str:
@@ -65,22 +48,22 @@ def trained_runs(tokenizer, row) -> list[str]:
 
 
 # --- summary ----------------------------------------------------------------------------------
-def test_summary_figures_match_the_shards(dataset):
-    summary = summarize(dataset.path)
+def test_summary_figures_match_the_shards(report_dataset):
+    summary = summarize(report_dataset.path)
     for split in schema.SPLITS:
-        rows = dataset.rows[split]
+        rows = report_dataset.rows[split]
         got = next(s for s in summary.splits if s["split"] == split)
         assert got["rows"] == len(rows)
         assert got["tokens"] == sum(r[schema.LENGTH] for r in rows)
         assert got["trainable_tokens"] == sum(r[schema.NUM_TRAINABLE] for r in rows)
-        assert got["shards"] == sum(1 for e in dataset.manifest["shards"] if e["split"] == split)
+        assert got["shards"] == sum(1 for e in report_dataset.manifest["shards"] if e["split"] == split)
 
-    everything = dataset.all_rows()
+    everything = report_dataset.all_rows()
     for source in {r[schema.SOURCE] for r in everything}:
         mine = [r for r in everything if r[schema.SOURCE] == source]
         got = next(s for s in summary.sources if s[schema.SOURCE] == source)
         assert got["rows"] == len(mine)
-        assert got["val_rows"] == sum(1 for r in dataset.rows["val"] if r[schema.SOURCE] == source)
+        assert got["val_rows"] == sum(1 for r in report_dataset.rows["val"] if r[schema.SOURCE] == source)
         assert got["tokens"] == sum(r[schema.LENGTH] for r in mine)
         assert got["max_length"] == max(r[schema.LENGTH] for r in mine)
 
@@ -92,55 +75,55 @@ def test_summary_figures_match_the_shards(dataset):
         assert summary.lengths[key]["max"] == values.max()
 
     expected: dict[str, dict[str, int]] = {}
-    for r in dataset.rejected:
+    for r in report_dataset.rejected:
         expected.setdefault(r[schema.STAGE], {}).setdefault(r[schema.REASON], 0)
         expected[r[schema.STAGE]][r[schema.REASON]] += 1
     assert summary.rejected == expected
-    assert summary.rows + summary.rejected_total == dataset.manifest["counts"]["read"]
+    assert summary.rows + summary.rejected_total == report_dataset.manifest["counts"]["read"]
 
 
-def test_cli_summary_shows_splits_sources_lengths_rejected_and_history(dataset):
-    result = run_cli(dataset.path)
+def test_cli_summary_shows_splits_sources_lengths_rejected_and_history(report_dataset):
+    result = run_cli(report_dataset.path)
     assert result.exit_code == 0, result.output
     out = result.output
-    summary = summarize(dataset.path)
+    summary = summarize(report_dataset.path)
     for source in summary.sources:
         assert source[schema.SOURCE] in out
     assert f"{summary.rows} rows, {summary.tokens:,} tokens" in out
     for stage, reasons in summary.rejected.items():
         for reason in reasons:
             assert re.search(rf"{stage}\s+│\s+{reason}\s+│\s+{reasons[reason]}\b", out), (stage, reason)
-    assert f"records read {dataset.manifest['counts']['read']} = kept {summary.rows} + rejected {summary.rejected_total}" in out
+    assert f"records read {report_dataset.manifest['counts']['read']} = kept {summary.rows} + rejected {summary.rejected_total}" in out
     assert "2026-11-27T08:00:00+00:00" in out  # version 1 of the history
     p99 = summary.lengths["total"]["p99"]
     assert re.search(rf"total\s+│\s+\d+\s+│\s+\d+\s+│\s+{p99:.0f}\s+│", out)
 
 
-def test_summary_reports_rows_that_do_not_add_up(dataset_copy):
-    manifest = json.loads((dataset_copy / "manifest.json").read_text())
+def test_summary_reports_rows_that_do_not_add_up(report_copy):
+    manifest = json.loads((report_copy / "manifest.json").read_text())
     manifest["counts"]["read"] += 5
-    (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
-    result = run_cli(dataset_copy)
+    (report_copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(report_copy)
     assert result.exit_code == 0
     assert "does not add up" in result.output
 
 
-def test_summary_shows_rows_rendered_unlike_inference(dataset_copy):
-    result = run_cli(dataset_copy)
+def test_summary_shows_rows_rendered_unlike_inference(report_copy):
+    result = run_cli(report_copy)
     assert "generation prompt" not in result.output  # the bundled template renders as inference does
-    manifest = json.loads((dataset_copy / "manifest.json").read_text())
+    manifest = json.loads((report_copy / "manifest.json").read_text())
     manifest["counts"]["render_mismatch"] = 7
-    (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
-    result = run_cli(dataset_copy)
+    (report_copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(report_copy)
     assert result.exit_code == 0
     assert "7 kept rows render the prompt" in result.output and "--strict-render" in result.output
 
 
 # --- rows -------------------------------------------------------------------------------------
-def test_row_marks_exactly_the_trained_tokens(dataset, bpe_tokenizer):
-    for index in (0, 3, 5, len(dataset.rows["train"]) - 1):  # system prompt, Chinese, multi-turn, last
-        row = dataset.rows["train"][index]
-        result = run_cli(dataset.path, "--row", index)
+def test_row_marks_exactly_the_trained_tokens(report_dataset, bpe_tokenizer):
+    for index in (0, 3, 5, len(report_dataset.rows["train"]) - 1):  # system prompt, Chinese, multi-turn, last
+        row = report_dataset.rows["train"][index]
+        result = run_cli(report_dataset.path, "--row", index)
         assert result.exit_code == 0, result.output
         assert row[schema.ID] in result.output
         assert TRAINED_SPAN.findall(rows_shown(result.output)) == trained_runs(bpe_tokenizer, row)
@@ -150,9 +133,9 @@ def test_row_marks_exactly_the_trained_tokens(dataset, bpe_tokenizer):
         assert user["content"] in outside
 
 
-def test_multi_turn_row_has_one_trained_span_per_assistant_turn(dataset):
-    index, row = next((i, r) for i, r in enumerate(dataset.rows["train"]) if len(r[schema.MESSAGES]) >= 4)
-    result = run_cli(dataset.path, "--row", index)
+def test_multi_turn_row_has_one_trained_span_per_assistant_turn(report_dataset):
+    index, row = next((i, r) for i, r in enumerate(report_dataset.rows["train"]) if len(r[schema.MESSAGES]) >= 4)
+    result = run_cli(report_dataset.path, "--row", index)
     spans = TRAINED_SPAN.findall(rows_shown(result.output))
     assistants = [m["content"] for m in row[schema.MESSAGES] if m["role"] == "assistant"]
     assert len(spans) == len(assistants) >= 2
@@ -160,10 +143,10 @@ def test_multi_turn_row_has_one_trained_span_per_assistant_turn(dataset):
         assert span.startswith(content) and span.endswith("<|im_end|>")
 
 
-def test_tokens_option_shows_every_token_boundary(dataset, bpe_tokenizer):
+def test_tokens_option_shows_every_token_boundary(report_dataset, bpe_tokenizer):
     index = 0  # English only: every byte-level token decodes to whole characters
-    row = dataset.rows["train"][index]
-    result = run_cli(dataset.path, "--row", index, "--tokens")
+    row = report_dataset.rows["train"][index]
+    result = run_cli(report_dataset.path, "--row", index, "--tokens")
     assert result.exit_code == 0, result.output
     body = result.output.split("\n", 2)[2]  # after the legend and the row header
     body = body.replace(TRAINED_OPEN, "").replace(TRAINED_CLOSE, "")
@@ -190,86 +173,86 @@ def test_token_pieces_rebuild_the_decoded_text(text, bpe_tokenizer, mistral_toke
         assert [p.trained for p in pieces] == [i % 2 == 1 for i in range(len(ids))]
 
 
-def test_colour_terminal_uses_background_not_markers(dataset):
+def test_colour_terminal_uses_background_not_markers(report_dataset):
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=True, color_system="256", width=120)
-    inspect_dataset(dataset.path, row=0, console=console)
+    inspect_dataset(report_dataset.path, row=0, console=console)
     out = buffer.getvalue()
     assert TRAINED_OPEN not in out
-    reply = next(m["content"] for m in dataset.rows["train"][0][schema.MESSAGES] if m["role"] == "assistant")
+    reply = next(m["content"] for m in report_dataset.rows["train"][0][schema.MESSAGES] if m["role"] == "assistant")
     # dark_green is colour 22 of the 256-colour palette; the reply starts inside a green span.
     assert re.search(r"\x1b\[[0-9;]*48;5;22m" + re.escape(reply[:20]), out)
 
 
-def test_id_finds_the_row_in_any_split(dataset):
-    row = dataset.rows["val"][1]
-    found = find_row(dataset.path, row[schema.ID])
+def test_id_finds_the_row_in_any_split(report_dataset):
+    row = report_dataset.rows["val"][1]
+    found = find_row(report_dataset.path, row[schema.ID])
     assert found["split"] == "val" and found[schema.INPUT_IDS] == row[schema.INPUT_IDS]
-    result = run_cli(dataset.path, "--id", row[schema.ID])
+    result = run_cli(report_dataset.path, "--id", row[schema.ID])
     assert result.exit_code == 0 and f"id {row[schema.ID]}" in result.output
-    missing = run_cli(dataset.path, "--id", "0" * 32)
+    missing = run_cli(report_dataset.path, "--id", "0" * 32)
     assert missing.exit_code == 2 and "no row with id" in missing.output
 
 
-def test_read_row_crosses_shard_boundaries(dataset):
-    rows = dataset.rows["train"]
+def test_read_row_crosses_shard_boundaries(report_dataset):
+    rows = report_dataset.rows["train"]
     for index in (0, 19, 20, len(rows) - 1):  # 20 rows per shard in the fixture
-        assert read_row(dataset.path, index)[schema.ID] == rows[index][schema.ID]
+        assert read_row(report_dataset.path, index)[schema.ID] == rows[index][schema.ID]
 
 
-def test_sample_shows_distinct_rows_and_is_repeatable_with_a_seed(dataset):
-    first = [r[schema.ID] for r in sample_rows(dataset.path, 5, seed=7)]
+def test_sample_shows_distinct_rows_and_is_repeatable_with_a_seed(report_dataset):
+    first = [r[schema.ID] for r in sample_rows(report_dataset.path, 5, seed=7)]
     assert len(set(first)) == 5
-    assert first == [r[schema.ID] for r in sample_rows(dataset.path, 5, seed=7)]
-    everything = sample_rows(dataset.path, 1000, split="val", seed=1)
-    assert sorted(r[schema.ID] for r in everything) == sorted(r[schema.ID] for r in dataset.rows["val"])
-    result = run_cli(dataset.path, "--sample", 3, "--seed", 7)
+    assert first == [r[schema.ID] for r in sample_rows(report_dataset.path, 5, seed=7)]
+    everything = sample_rows(report_dataset.path, 1000, split="val", seed=1)
+    assert sorted(r[schema.ID] for r in everything) == sorted(r[schema.ID] for r in report_dataset.rows["val"])
+    result = run_cli(report_dataset.path, "--sample", 3, "--seed", 7)
     assert result.exit_code == 0
     assert sum(f"id {i}" in result.output for i in first[:3]) == 3
 
 
-def test_row_out_of_range_is_a_clear_error(dataset):
-    result = run_cli(dataset.path, "--row", 1000)
+def test_row_out_of_range_is_a_clear_error(report_dataset):
+    result = run_cli(report_dataset.path, "--row", 1000)
     assert result.exit_code == 2
     message = one_line(result.output)
-    assert "row 1000 is out of range" in message and f"{len(dataset.rows['train'])} rows" in message
-    assert run_cli(dataset.path, "--row", 0, "--split", "test").exit_code == 2
+    assert "row 1000 is out of range" in message and f"{len(report_dataset.rows['train'])} rows" in message
+    assert run_cli(report_dataset.path, "--row", 0, "--split", "test").exit_code == 2
 
 
 @pytest.mark.parametrize("name", ["{dir}/no-such-tokenizer", "some-org/model-not-in-the-cache", "{dir}/shards"])
-def test_unavailable_tokenizer_falls_back_to_the_messages(dataset_copy, name):
-    manifest = json.loads((dataset_copy / "manifest.json").read_text())
-    manifest["tokenizer"]["name"] = name.format(dir=dataset_copy)
-    (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
-    result = run_cli(dataset_copy, "--row", 0)
+def test_unavailable_tokenizer_falls_back_to_the_messages(report_copy, name):
+    manifest = json.loads((report_copy / "manifest.json").read_text())
+    manifest["tokenizer"]["name"] = name.format(dir=report_copy)
+    (report_copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(report_copy, "--row", 0)
     assert result.exit_code == 0, result.output
     assert "showing the messages instead" in one_line(result.output)
-    row = read_row(dataset_copy, 0)
+    row = read_row(report_copy, 0)
     assert f"[user] {row[schema.MESSAGES][-1]['content']}" in result.output or "[assistant]" in result.output
     assert TRAINED_OPEN not in rows_shown(result.output)
 
 
-def test_a_different_tokenizer_is_flagged(dataset, mistral_tokenizer_path):
-    result = run_cli(dataset.path, "--row", 0, "--tokenizer", mistral_tokenizer_path)
+def test_a_different_tokenizer_is_flagged(report_dataset, mistral_tokenizer_path):
+    result = run_cli(report_dataset.path, "--row", 0, "--tokenizer", mistral_tokenizer_path)
     assert result.exit_code == 0, result.output
     assert "differs from the one that made the shards" in result.output
 
 
 # --- rejected ---------------------------------------------------------------------------------
-def test_rejected_view_counts_and_shows_examples_per_reason(dataset):
-    result = run_cli(dataset.path, "--rejected")
+def test_rejected_view_counts_and_shows_examples_per_reason(report_dataset):
+    result = run_cli(report_dataset.path, "--rejected")
     assert result.exit_code == 0, result.output
     out = result.output
-    assert f"Rejected: {len(dataset.rejected)} records" in out
-    for r in dataset.rejected:
+    assert f"Rejected: {len(report_dataset.rejected)} records" in out
+    for r in report_dataset.rejected:
         assert f"{r[schema.STAGE]} / {r[schema.REASON]}" in out
         assert r[schema.DETAIL] in out
     # At most three examples per reason: the fourth refusal-like row would be over; there are 3.
     assert out.count("matched phrase") == 3
     # A long raw record is cut, and says by how much.
-    long_raw = max(dataset.rejected, key=lambda r: len(r[schema.RAW]))[schema.RAW]
+    long_raw = max(report_dataset.rejected, key=lambda r: len(r[schema.RAW]))[schema.RAW]
     assert f"(+{len(long_raw) - 300} chars)" in out
-    assert "duplicate of " + dataset.rows["train"][0][schema.ID] in out
+    assert "duplicate of " + report_dataset.rows["train"][0][schema.ID] in out
 
 
 def test_a_dataset_where_everything_was_rejected_still_reports(tmp_path, bpe_tokenizer, bpe_tokenizer_path):
@@ -290,9 +273,9 @@ def test_not_a_dataset_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "manifest.json does not exist" in one_line(result.output)
 
 
-def test_missing_shard_is_a_clear_error(dataset_copy):
-    (dataset_copy / "shards" / "val-00000.parquet").unlink()
-    result = run_cli(dataset_copy)
+def test_missing_shard_is_a_clear_error(report_copy):
+    (report_copy / "shards" / "val-00000.parquet").unlink()
+    result = run_cli(report_copy)
     assert result.exit_code == 3  # an integrity failure (tests/faults/test_integrity.py), not a usage error
     assert "val-00000.parquet is listed in" in one_line(result.output)
 
@@ -336,9 +319,9 @@ class PageParser(HTMLParser):
             self.trained[-1] += data
 
 
-def test_html_report_is_self_contained_with_every_section(dataset, tmp_path):
+def test_html_report_is_self_contained_with_every_section(report_dataset, tmp_path):
     out = tmp_path / "report.html"
-    result = run_cli(dataset.path, "--html", out)
+    result = run_cli(report_dataset.path, "--html", out)
     assert result.exit_code == 0, result.output
     page = out.read_text(encoding="utf-8")
     parser = PageParser()
@@ -351,23 +334,23 @@ def test_html_report_is_self_contained_with_every_section(dataset, tmp_path):
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-    for source in {r[schema.SOURCE] for r in dataset.all_rows()}:
+    for source in {r[schema.SOURCE] for r in report_dataset.all_rows()}:
         assert source in page
-    for r in dataset.rejected:
+    for r in report_dataset.rejected:
         assert r[schema.REASON] in page
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary left behind
 
 
-def test_html_examples_highlight_exactly_the_trained_tokens(dataset, bpe_tokenizer, tmp_path):
+def test_html_examples_highlight_exactly_the_trained_tokens(report_dataset, bpe_tokenizer, tmp_path):
     out = tmp_path / "report.html"
-    inspect_dataset(dataset.path, html=out, console=Console(file=io.StringIO()))
+    inspect_dataset(report_dataset.path, html=out, console=Console(file=io.StringIO()))
     page = out.read_text(encoding="utf-8")
     ids = re.findall(r"id <code>([0-9a-f]{32})</code>", page)
     assert len(ids) == 4
-    assert any(find_row(dataset.path, i)["split"] == "val" for i in ids)
+    assert any(find_row(report_dataset.path, i)["split"] == "val" for i in ids)
     parser = PageParser()
     parser.feed(page)
-    expected = "".join("".join(trained_runs(bpe_tokenizer, find_row(dataset.path, i))) for i in ids)
+    expected = "".join("".join(trained_runs(bpe_tokenizer, find_row(report_dataset.path, i))) for i in ids)
     assert "".join(parser.trained) == expected
 
 
@@ -400,10 +383,10 @@ def _no_tokenizer(data_dir):
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_messages_view_shows_an_assistants_reasoning_before_its_content(dataset_copy):
-    row = _with_reasoning(dataset_copy, "The user wants <b>brevity</b>; answer in one line.")
-    _no_tokenizer(dataset_copy)
-    result = run_cli(dataset_copy, "--row", 0)
+def test_messages_view_shows_an_assistants_reasoning_before_its_content(report_copy):
+    row = _with_reasoning(report_copy, "The user wants <b>brevity</b>; answer in one line.")
+    _no_tokenizer(report_copy)
+    result = run_cli(report_copy, "--row", 0)
     assert result.exit_code == 0, result.output
     assert "showing the messages instead" in one_line(result.output)
     lines = result.output.splitlines()
@@ -417,12 +400,12 @@ def test_messages_view_shows_an_assistants_reasoning_before_its_content(dataset_
     assert "[user reasoning]" not in result.output and "[system reasoning]" not in result.output
 
 
-def test_messages_view_without_reasoning_is_unchanged(dataset_copy):
-    _no_tokenizer(dataset_copy)
-    result = run_cli(dataset_copy, "--row", 0)
+def test_messages_view_without_reasoning_is_unchanged(report_copy):
+    _no_tokenizer(report_copy)
+    result = run_cli(report_copy, "--row", 0)
     assert result.exit_code == 0, result.output
     assert "reasoning" not in result.output
-    row = read_row(dataset_copy, 0)
+    row = read_row(report_copy, 0)
     assert row[schema.MESSAGES][0]["reasoning"] is None  # the column exists and reads back null
 
 
@@ -447,17 +430,17 @@ def test_colour_messages_view_sets_reasoning_apart():
     assert REASONING_STYLE.startswith("italic")
 
 
-def test_html_messages_view_shows_reasoning_escaped_and_set_apart(dataset_copy, tmp_path):
-    _with_reasoning(dataset_copy, "Think <script>alert(1)</script> & answer.")
-    _no_tokenizer(dataset_copy)
+def test_html_messages_view_shows_reasoning_escaped_and_set_apart(report_copy, tmp_path):
+    _with_reasoning(report_copy, "Think <script>alert(1)</script> & answer.")
+    _no_tokenizer(report_copy)
     out = tmp_path / "report.html"
-    result = run_cli(dataset_copy, "--html", out, "--seed", 0)
+    result = run_cli(report_copy, "--html", out, "--seed", 0)
     assert result.exit_code == 0, result.output
     page = out.read_text(encoding="utf-8")
     assert "<script>alert(1)</script>" not in page
     from pipeline.report.html_page import _example_html
 
-    row = read_row(dataset_copy, 0)
+    row = read_row(report_copy, 0)
     html_row = _example_html({"row": row, "pieces": None, "warning": None})
     if row[schema.ID] in page:  # the report sampled the row
         assert html_row in page

@@ -65,7 +65,7 @@ def config(**tokenize) -> SFTConfig:
 
 def test_tokenize_stage_writes_contract_rows_and_rejects_with_reasons(tmp_path, canonical, bpe_tokenizer_path):
     out, rejected = tmp_path / "tok.arrow", tmp_path / "rejected" / "tok.parquet"
-    stats = tokenize_stage(canonical, out, rejected, str(bpe_tokenizer_path), config())
+    stats = tokenize_stage(canonical, out, rejected, config(), tokenizer=str(bpe_tokenizer_path))
     stats.check_conservation()
     assert (stats.name, stats.records_in, stats.records_out) == ("tokenize", 60, 57)
     assert dict(stats.rejected) == {"too_long": 1, "no_trainable_tokens": 1, "template_error": 1}
@@ -94,12 +94,9 @@ def test_tokenize_stage_writes_contract_rows_and_rejects_with_reasons(tmp_path, 
 @pytest.mark.parametrize("workers", ["threads", "processes"])
 def test_tokenize_stage_output_does_not_depend_on_workers_or_batch_size(tmp_path, canonical, bpe_tokenizer_path, workers):
     single = tmp_path / "single.arrow"
-    tokenize_stage(canonical, single, tmp_path / "r1.parquet", str(bpe_tokenizer_path), config())
+    tokenize_stage(canonical, single, tmp_path / "r1.parquet", config(), tokenizer=str(bpe_tokenizer_path))
     pooled = tmp_path / "pooled.arrow"
-    stats = tokenize_stage(
-        canonical, pooled, tmp_path / "r2.parquet", str(bpe_tokenizer_path),
-        config(num_proc=3, batch_size=7, workers=workers),
-    )
+    stats = tokenize_stage(canonical, pooled, tmp_path / "r2.parquet", config(num_proc=3, batch_size=7, workers=workers), tokenizer=str(bpe_tokenizer_path))
     assert stats.records_out == 57
     assert read_tokenized(single).equals(read_tokenized(pooled))
     assert pq.read_table(tmp_path / "r1.parquet").equals(pq.read_table(tmp_path / "r2.parquet"))
@@ -107,7 +104,7 @@ def test_tokenize_stage_output_does_not_depend_on_workers_or_batch_size(tmp_path
 
 def test_tokenize_stage_on_an_empty_input_writes_an_empty_file(tmp_path, bpe_tokenizer_path):
     empty = write_canonical(tmp_path / "empty.parquet", [])
-    stats = tokenize_stage(empty, tmp_path / "out.arrow", tmp_path / "rej.parquet", str(bpe_tokenizer_path), config())
+    stats = tokenize_stage(empty, tmp_path / "out.arrow", tmp_path / "rej.parquet", config(), tokenizer=str(bpe_tokenizer_path))
     assert (stats.records_in, stats.records_out) == (0, 0)
     assert read_tokenized(tmp_path / "out.arrow").schema.equals(schema.SHARD_SCHEMA)
     assert not (tmp_path / "rej.parquet").exists()
@@ -117,7 +114,7 @@ def test_tokenize_stage_names_an_unreadable_input(tmp_path, bpe_tokenizer_path):
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="broken.parquet"):
-        tokenize_stage(bad, tmp_path / "o.arrow", tmp_path / "r.parquet", str(bpe_tokenizer_path), config())
+        tokenize_stage(bad, tmp_path / "o.arrow", tmp_path / "r.parquet", config(), tokenizer=str(bpe_tokenizer_path))
     assert not (tmp_path / "o.arrow").exists()
 
 
@@ -127,7 +124,7 @@ def tokenized(tmp_path, bpe_tokenizer_path) -> list[Path]:
     for name, count, seed in (("a.jsonl", 130, 1), ("b.json", 75, 2)):
         canonical_path = write_canonical(tmp_path / f"{name}.canonical.parquet", conversation_rows(name, count, seed=seed))
         out = tmp_path / f"{name}.tok.arrow"
-        tokenize_stage(canonical_path, out, tmp_path / f"{name}.rej.parquet", str(bpe_tokenizer_path), config())
+        tokenize_stage(canonical_path, out, tmp_path / f"{name}.rej.parquet", config(), tokenizer=str(bpe_tokenizer_path))
         paths.append(out)
     return paths
 
@@ -142,7 +139,7 @@ METADATA = {
 
 def test_shards_layout_entries_and_metadata(tmp_path, tokenized):
     shard_config = ShardConfig(val_fraction=0.2, target_rows=50)
-    entries = write_shards(tokenized, tmp_path / "data", shard_config, METADATA)
+    entries = write_shards(tokenized, tmp_path / "data", SFTConfig(shards=shard_config), metadata=METADATA).entries
     assert sum(e["rows"] for e in entries) == 205
     for entry in entries:
         path = tmp_path / "data" / entry["path"]
@@ -166,8 +163,8 @@ def test_shards_layout_entries_and_metadata(tmp_path, tokenized):
 
 def test_same_input_gives_byte_identical_shards_in_any_input_order(tmp_path, tokenized):
     shard_config = ShardConfig(val_fraction=0.1, target_rows=64)
-    first = write_shards(tokenized, tmp_path / "one", shard_config, METADATA)
-    second = write_shards(list(reversed(tokenized)), tmp_path / "two", shard_config, METADATA)
+    first = write_shards(tokenized, tmp_path / "one", SFTConfig(shards=shard_config), metadata=METADATA).entries
+    second = write_shards(list(reversed(tokenized)), tmp_path / "two", SFTConfig(shards=shard_config), metadata=METADATA).entries
     assert [(e["path"], e["sha256"]) for e in first] == [(e["path"], e["sha256"]) for e in second]
 
 
@@ -182,11 +179,8 @@ def test_shard_bytes_do_not_depend_on_the_tokenize_batch_size(tmp_path, bpe_toke
     hashes = []
     for batch_size in (7, 1000):
         out = tmp_path / f"tok-{batch_size}.arrow"
-        tokenize_stage(
-            canonical_path, out, tmp_path / f"r-{batch_size}.parquet", str(bpe_tokenizer_path),
-            config(batch_size=batch_size, max_length=32_768),
-        )
-        entries = write_shards([out], tmp_path / f"data-{batch_size}", ShardConfig(val_fraction=0.1), METADATA)
+        tokenize_stage(canonical_path, out, tmp_path / f"r-{batch_size}.parquet", config(batch_size=batch_size, max_length=32_768), tokenizer=str(bpe_tokenizer_path))
+        entries = write_shards([out], tmp_path / f"data-{batch_size}", SFTConfig(shards=ShardConfig(val_fraction=0.1)), metadata=METADATA).entries
         hashes.append([(e["path"], e["sha256"]) for e in entries])
     assert hashes[0] == hashes[1]
 
@@ -205,10 +199,7 @@ def test_threaded_tokenizing_leaves_tokenizers_parallelism_as_it_was(tmp_path, c
             monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
         else:
             monkeypatch.setenv("TOKENIZERS_PARALLELISM", before)
-        stats = tokenize_stage(
-            canonical, tmp_path / f"t-{before}.arrow", tmp_path / f"r-{before}.parquet", str(bpe_tokenizer_path),
-            config(num_proc=2, batch_size=8, workers="threads"),
-        )
+        stats = tokenize_stage(canonical, tmp_path / f"t-{before}.arrow", tmp_path / f"r-{before}.parquet", config(num_proc=2, batch_size=8, workers="threads"), tokenizer=str(bpe_tokenizer_path))
         assert stats.records_out == 57
         assert os.environ.get("TOKENIZERS_PARALLELISM") == before
     # Two stages side by side (Prefect's thread runner): the last one out restores the value.
@@ -216,7 +207,7 @@ def test_threaded_tokenizing_leaves_tokenizers_parallelism_as_it_was(tmp_path, c
         runs = [
             pool.submit(
                 tokenize_stage, canonical, tmp_path / f"p{i}.arrow", tmp_path / f"pr{i}.parquet",
-                str(bpe_tokenizer_path), config(num_proc=2, batch_size=4 + i, workers="threads"),
+                config(num_proc=2, batch_size=4 + i, workers="threads"), tokenizer=str(bpe_tokenizer_path),
             )
             for i in range(2)
         ]
@@ -230,12 +221,12 @@ def test_a_callers_own_gc_freeze_survives_the_stage(tmp_path, canonical, bpe_tok
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
-        tokenize_stage(canonical, tmp_path / "t.arrow", tmp_path / "r.parquet", str(bpe_tokenizer_path), config())
+        tokenize_stage(canonical, tmp_path / "t.arrow", tmp_path / "r.parquet", config(), tokenizer=str(bpe_tokenizer_path))
         # still frozen (a few frozen objects may have been freed meanwhile); unfreeze would give 0
         assert gc.get_freeze_count() > frozen // 2
     finally:
         gc.unfreeze()
-    tokenize_stage(canonical, tmp_path / "t2.arrow", tmp_path / "r2.parquet", str(bpe_tokenizer_path), config())
+    tokenize_stage(canonical, tmp_path / "t2.arrow", tmp_path / "r2.parquet", config(), tokenizer=str(bpe_tokenizer_path))
     assert gc.get_freeze_count() == 0  # and a stage leaves nothing frozen behind it
 
 
@@ -259,7 +250,7 @@ def test_split_is_by_id_not_position():
 
 def test_start_index_appends_after_existing_files(tmp_path, tokenized):
     shard_config = ShardConfig(val_fraction=0.1, target_rows=1000)
-    entries = write_shards(tokenized[:1], tmp_path / "data", shard_config, METADATA, start_index={"train": 3, "val": 1})
+    entries = write_shards(tokenized[:1], tmp_path / "data", SFTConfig(shards=shard_config), metadata=METADATA, start_index={"train": 3, "val": 1}).entries
     assert {e["path"] for e in entries} == {"shards/train-00003.parquet", "shards/val-00001.parquet"}
 
 
@@ -267,7 +258,7 @@ def test_shards_load_with_polars_and_datasets(tmp_path, tokenized):
     import datasets
     import polars as pl
 
-    entries = write_shards(tokenized, tmp_path / "data", ShardConfig(val_fraction=0.1, target_rows=80), METADATA)
+    entries = write_shards(tokenized, tmp_path / "data", SFTConfig(shards=ShardConfig(val_fraction=0.1, target_rows=80)), metadata=METADATA).entries
     total = sum(e["rows"] for e in entries)
     lazy = pl.scan_parquet(str(tmp_path / "data" / "shards" / "*.parquet"))
     frame = lazy.select(pl.col(schema.LENGTH).sum(), pl.len()).collect()
@@ -284,8 +275,8 @@ def test_shards_load_with_polars_and_datasets(tmp_path, tokenized):
 
 def test_no_rows_no_files(tmp_path, bpe_tokenizer_path):
     empty = write_canonical(tmp_path / "empty.parquet", [])
-    tokenize_stage(empty, tmp_path / "t.arrow", tmp_path / "r.parquet", str(bpe_tokenizer_path), config())
-    assert write_shards([tmp_path / "t.arrow"], tmp_path / "data", ShardConfig(), METADATA) == []
+    tokenize_stage(empty, tmp_path / "t.arrow", tmp_path / "r.parquet", config(), tokenizer=str(bpe_tokenizer_path))
+    assert write_shards([tmp_path / "t.arrow"], tmp_path / "data", SFTConfig(shards=ShardConfig()), metadata=METADATA).entries == []
 
 
 def test_real_data_end_to_end(tmp_path, real_data_dir, bpe_tokenizer_path):
@@ -296,11 +287,11 @@ def test_real_data_end_to_end(tmp_path, real_data_dir, bpe_tokenizer_path):
     tokenized_paths = []
     for path in sorted(real_data_dir.glob("*.json")):
         canonical_path = tmp_path / f"{path.stem}.canonical.parquet"
-        ingest_file(path, path.name, canonical_path, tmp_path / f"{path.stem}.ingest-rej.parquet", IngestConfig())
+        ingest_file(path, canonical_path, tmp_path / f"{path.stem}.ingest-rej.parquet", SFTConfig(ingest=IngestConfig()), source=path.name)
         out, rejected = tmp_path / f"{path.stem}.tok.arrow", tmp_path / f"{path.stem}.rej.parquet"
-        stats = tokenize_stage(canonical_path, out, rejected, str(bpe_tokenizer_path), config(max_length=4096))
+        stats = tokenize_stage(canonical_path, out, rejected, config(max_length=4096), tokenizer=str(bpe_tokenizer_path))
         # real data must never hit an unverifiable mask or a template failure
         assert set(stats.rejected) <= {"too_long"}, json.dumps(stats.to_dict())
         tokenized_paths.append(out)
-    entries = write_shards(tokenized_paths, tmp_path / "data", ShardConfig(), METADATA)
+    entries = write_shards(tokenized_paths, tmp_path / "data", SFTConfig(shards=ShardConfig()), metadata=METADATA).entries
     assert sum(e["trainable_tokens"] for e in entries) > 0

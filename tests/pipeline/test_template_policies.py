@@ -20,7 +20,8 @@ from pipeline import schema
 from pipeline.config import SFTConfig, TemplateConfig
 from pipeline.formats import to_conversation
 from pipeline.manifest import read_manifest
-from pipeline.masking import Encoded, Masker, Rejection
+from pipeline.masking import Encoded, Masker
+from pipeline.stage import Drop
 from pipeline.templates import render, resolve_template
 from tests.chat_templates.models import TEMPLATES, conversation, tokenizer_for
 
@@ -110,7 +111,7 @@ def llama31_folder(tmp_path_factory):
 
 
 def test_llama31_shards_are_byte_identical_on_different_days(tmp_path, monkeypatch, llama31_folder):
-    from pipeline.prepare import plan_refresh, prepare
+    from pipeline.steps import plan_refresh, prepare
     from pipeline.tokenizers import load_tokenizer
 
     tokenizer_dir, source = llama31_folder
@@ -200,7 +201,7 @@ def test_reserved_template_variables_are_refused(bpe_tokenizer, name):
 def test_gemma_keep_rejects_a_system_prompt_naming_the_role_and_template(bpe_tokenizer):
     _, masker = masker_for("gemma", bpe_tokenizer, system="keep")
     with_system, without = masker.encode_batch([row("system_multi_turn"), row("multi_turn")])
-    assert isinstance(with_system, Rejection)
+    assert isinstance(with_system, Drop)
     assert (with_system.stage, with_system.reason) == ("template", "template_unsupported_role")
     assert "'system'" in with_system.detail and repr(masker.template.name) in with_system.detail
     assert "merge" in with_system.detail  # says how to get the row in
@@ -227,7 +228,7 @@ def test_gemma_merge_folds_the_system_prompt_into_the_first_user_turn(bpe_tokeni
 def test_gemma_reject_refuses_only_rows_with_a_system_prompt(bpe_tokenizer):
     _, masker = masker_for("gemma", bpe_tokenizer, system="reject")
     with_system, without, single = masker.encode_batch([row("system_multi_turn"), row("multi_turn"), row("single_turn")])
-    assert isinstance(with_system, Rejection)
+    assert isinstance(with_system, Drop)
     assert with_system.reason == "template_unsupported_role" and "system" in with_system.detail
     assert "reject" in with_system.detail  # refused by the policy, not by the template
     assert isinstance(without, Encoded) and isinstance(single, Encoded)
@@ -238,7 +239,7 @@ def test_reject_refuses_system_prompts_even_where_the_template_renders_them(bpe_
     _, reject = masker_for("qwen3", bpe_tokenizer, system="reject")
     assert isinstance(keep.encode(*row("system_multi_turn")), Encoded)
     refused, plain = reject.encode_batch([row("system_multi_turn"), row("multi_turn")])
-    assert isinstance(refused, Rejection) and refused.reason == "template_unsupported_role"
+    assert isinstance(refused, Drop) and refused.reason == "template_unsupported_role"
     assert isinstance(plain, Encoded)
 
 
@@ -255,7 +256,7 @@ def test_system_policy_is_validated(bpe_tokenizer):
 def test_mistral_tool_conversation_is_an_unsupported_role_not_a_template_error(mistral_tokenizer):
     _, masker = masker_for("mistral", mistral_tokenizer)
     tool, plain = masker.encode_batch([row("tool_call"), row("multi_turn")])
-    assert isinstance(tool, Rejection)
+    assert isinstance(tool, Drop)
     assert (tool.stage, tool.reason) == ("template", "template_unsupported_role")
     assert "'tool'" in tool.detail and repr(masker.template.name) in tool.detail
     assert isinstance(plain, Encoded)
@@ -278,7 +279,7 @@ def test_deepseek_r1_strict_render_rejects_the_mismatching_rows(bpe_tokenizer):
     _, masker = masker_for("deepseek_r1", bpe_tokenizer, strict_render=True)
     results = masker.encode_batch([row(n) for n in DEEPSEEK_MISMATCHING + DEEPSEEK_MATCHING])
     for name, result in zip(DEEPSEEK_MISMATCHING, results):
-        assert isinstance(result, Rejection), name
+        assert isinstance(result, Drop), name
         assert (result.stage, result.reason) == ("tokenize", "render_mismatch"), name
         assert "<think>" in result.detail  # says what inference shows that training does not
     assert isinstance(results[-1], Encoded) and not results[-1].render_mismatch
@@ -316,7 +317,7 @@ def deepseek_folder(tmp_path_factory):
 
 
 def test_prepare_counts_render_mismatches_in_the_manifest(tmp_path, deepseek_folder):
-    from pipeline.prepare import prepare
+    from pipeline.steps import prepare
 
     tokenizer_dir, source = deepseek_folder
     manifest = prepare([str(source)], str(tokenizer_dir), tmp_path / "data", fast_config())

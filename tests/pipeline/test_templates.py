@@ -7,8 +7,9 @@ import json
 import pytest
 
 from pipeline.config import TemplateConfig
-from pipeline.masking import Encoded, Masker, Rejection
+from pipeline.masking import Encoded, Masker
 from pipeline.schema import make_message, messages_for_template, tools_for_template
+from pipeline.stage import Drop
 from pipeline.templates import BUILTIN_TEMPLATES, render, resolve_template, template_variables
 
 CHAT = [make_message("user", "What is 2+2?"), make_message("assistant", "4.")]
@@ -123,7 +124,7 @@ def test_templates_render_in_a_sandbox(bpe_tokenizer, tmp_path):
     path.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}{% generation %}x{% endgeneration %}", encoding="utf-8")
     template = resolve_template(bpe_tokenizer, TemplateConfig(jinja_file=path))
     result = Masker(bpe_tokenizer, template, max_length=512).encode(CHAT)
-    assert isinstance(result, Rejection)
+    assert isinstance(result, Drop)
     assert (result.stage, result.reason) == ("template", "template_error")
 
 
@@ -136,7 +137,7 @@ def test_a_template_that_raises_rejects_the_row_with_its_message(mistral_tokeniz
     )
     template = resolve_template(mistral_tokenizer, TemplateConfig(jinja_file=path))
     result = Masker(mistral_tokenizer, template, max_length=512).encode([make_message("system", "s"), *CHAT])
-    assert isinstance(result, Rejection)
+    assert isinstance(result, Drop)
     assert result.stage == "template" and "no system prompts here" in result.detail
 
 

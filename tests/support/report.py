@@ -199,3 +199,8 @@ def build_dataset(
     write_manifest(root, manifest)
     fixture.manifest = manifest
     return fixture
+
+
+def one_line(text: str) -> str:
+    """Error messages wrapped by the terminal width, as one line."""
+    return " ".join(text.split())

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pytest
 import pyarrow.parquet as pq
 
-from pipeline.config import ShardConfig
+from pipeline.config import SFTConfig, ShardConfig
 from pipeline.manifest import now_iso, write_manifest
 from pipeline.schema import (
     FORMAT_VERSION,
@@ -36,7 +36,7 @@ from pipeline.schema import (
 from pipeline.shards import split_of, write_shards
 from pipeline.tokenizers import tokenizer_fingerprint
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data_samples" / "tokenizer_corpus.txt"
 Row = tuple[Sequence[int], Sequence[int]]
 SPLIT_FRACTION = 0.5
@@ -103,9 +103,7 @@ def write_dataset(
     staging = out / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, staging / "rows.parquet")
-    entries = write_shards(
-        [staging / "rows.parquet"], out, ShardConfig(val_fraction=SPLIT_FRACTION, target_rows=rows_per_shard), metadata
-    )
+    entries = write_shards([staging / "rows.parquet"], out, SFTConfig(shards=ShardConfig(val_fraction=SPLIT_FRACTION, target_rows=rows_per_shard)), metadata=metadata).entries
     shutil.rmtree(staging)
     kept = len(train_rows) + len(val_rows)
     write_manifest(
@@ -130,19 +128,6 @@ def corpus_dataset(out: str | Path, tokenizer, tokenizer_name: str | Path, *, re
     val = rows[::8]
     train = [row for i, row in enumerate(rows) if i % 8]
     return write_dataset(out, train, val, tokenizer=tokenizer, tokenizer_name=tokenizer_name, rows_per_shard=rows_per_shard)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and reproducibly) on one thread, especially on a busy machine.
-
-    Autouse in every test module that imports it."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- real `sftkit train` processes -----------------------------------------------------------

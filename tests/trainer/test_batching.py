@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.schema import IGNORE_INDEX
 from trainer import collate
-from trainer.batching import PlanError, best_fit_decreasing, collate_packed, next_fit, plan_efficiency, plan_packed, plan_padded
+from trainer.batching import PlanError, best_fit_decreasing, collate_packed, plan_efficiency, plan_packed, plan_padded
 from trainer.sampling import EpochPlanner, epoch_order, rank_slice
 
 
@@ -15,6 +15,18 @@ def realistic_lengths(n: int, seed: int = 0, max_length: int = 4096) -> np.ndarr
     """Log-normal SFT conversation lengths (median ~330 tokens, long tail cut at max_length)."""
     rng = np.random.default_rng(seed)
     return np.clip(rng.lognormal(mean=5.8, sigma=0.8, size=n), 8, max_length).astype(np.int32)
+
+
+def next_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """The naive packer: rows in order, a new bin whenever the next row does not fit."""
+    bins, fill = [], capacity + 1
+    for row in order.tolist():
+        if fill + int(lengths[row]) > capacity:
+            bins.append([])
+            fill = 0
+        bins[-1].append(row)
+        fill += int(lengths[row])
+    return bins
 
 
 def rows_of(plan):

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from pipeline.manifest import read_manifest, write_manifest
+from tests.support.training import corpus_dataset, corpus_rows, write_dataset
 from trainer import ShardDataset
 from trainer.batching import PlannedBatches, plan_packed
 from trainer.companion import user_cache_root
 from trainer.data import DatasetError
-from trainer_fixtures import corpus_dataset, corpus_rows, write_dataset
 
 
 @pytest.fixture()

@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from test_trainer_loop import ENV, REPO, train_command, train_losses
+from tests.support.training import CURVES, assert_same_curves, corpus_dataset, kill_mid_run
+from tests.trainer.test_loop import ENV, REPO, train_command, train_losses
 from trainer import SFTTrainer, ShardDataset, TrainConfig
 from trainer.batching import PlannedBatches
 from trainer.checkpoint import (
@@ -24,8 +25,6 @@ from trainer.checkpoint import (
 from trainer.metrics import read_metrics
 from trainer.models import tiny_model
 from trainer.schedule import build_optimizer
-from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import CURVES, assert_same_curves, corpus_dataset, kill_mid_run
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m")
 # 384-token micro-batches: 15 per rank and epoch (8 steps of 2), and 5 validation batches, so

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.training import TRAIN_ENV, assert_same_curves, corpus_dataset, kill_mid_run, train_losses
 from trainer.loop import TrainConfig, run_training
 from trainer.metrics import read_metrics
-from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import TRAIN_ENV, assert_same_curves, corpus_dataset, kill_mid_run, train_losses
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENV = TRAIN_ENV
 
 

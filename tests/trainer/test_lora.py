@@ -12,13 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.support.training import TRAIN_ENV, corpus_dataset, train_losses
 from trainer.loop import SFTTrainer, TrainConfig
 from trainer.lora import KNOWN_TARGETS, MERGED_DIR, apply_lora, find_targets
 from trainer.models import tiny_model
-from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import TRAIN_ENV, corpus_dataset, train_losses
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support.training import corpus_dataset
 from trainer import SFTTrainer, ShardDataset, TrainConfig, collate
 from trainer.batching import collate_packed
 from trainer.loss import count_targets
 from trainer.models import tiny_model
-from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import corpus_dataset
 
 
 

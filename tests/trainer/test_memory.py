@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tests.support.training import corpus_dataset
 from trainer import ShardDataset, SFTTrainer, TrainConfig
 from trainer.lora import apply_lora
 from trainer.loss import CausalLMLoss
@@ -19,8 +20,6 @@ from trainer.memory import Strategy, _layer_activation_bytes, estimate, estimate
 from trainer.memory_fit import parse_size, suggest_fits, usable_bytes
 from trainer.models import tiny_model
 from trainer.sharding import checkpoint_activations
-from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import corpus_dataset
 
 runner = CliRunner()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

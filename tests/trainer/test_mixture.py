@@ -1,9 +1,9 @@
 """Training mixtures on real prepared data: delivered shares, determinism, resume, DDP, spec errors.
 
-Two folders are prepared with the real pipeline (``pipeline.prepare.prepare``): the bundled
+Two folders are prepared with the real pipeline (``pipeline.steps.prepare``): the bundled
 samples (``data_samples/inputs``, six sources) as ``data/nightly`` and the prepare fixtures'
 inputs as ``data/team-a``. Runs that must survive kill -9 or span processes go through the real
-``sftkit train`` in subprocesses, one thread each, as in tests/test_trainer_loop.py.
+``sftkit train`` in subprocesses, one thread each, as in tests/trainer/test_loop.py.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline.config import SFTConfig
-from pipeline.prepare import prepare
+from pipeline.steps import prepare
 from pipeline.schema import IGNORE_INDEX
-from prepare_fixtures import alpaca_records, make_inputs, sharegpt_records, write_json, write_jsonl
+from tests.support.inputs import alpaca_records, make_inputs, sharegpt_records, write_json, write_jsonl
+from tests.support.training import TRAIN_ENV, assert_same_curves, kill_mid_run, train_losses
 from trainer.batching import collate_packed
 from trainer.data import ShardDataset
 from trainer.loop import SFTTrainer, TrainConfig, run_training
@@ -37,10 +38,8 @@ from trainer.mixture import MixtureError, load_mixture
 from trainer.mixture_plan import plan_mixture
 from trainer.models import tiny_model
 from trainer.sampling import EpochPlanner
-from trainer_fixtures import one_thread  # noqa: F401  (autouse: tests here run on one thread)
-from trainer_fixtures import TRAIN_ENV, assert_same_curves, kill_mid_run, train_losses
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**TRAIN_ENV, "PYTHONPATH": str(REPO)}
 runner = CliRunner()
 

@@ -12,8 +12,8 @@ import pytest
 from datasketch import MinHash
 
 from pipeline import schema
-from pipeline.config import DedupConfig
-from pipeline.dedup import commit_index, dedup_stage, load_index
+from pipeline.config import DedupConfig, SFTConfig
+from pipeline.dedup import dedup_stage, load_index
 from pipeline.dedup.minhash import EMPTY, choose_bands, candidate_probability, signatures
 from pipeline.dedup.normalize import normalize, normalize_all
 from pipeline.dedup.shingles import hash32, ngram_sizes, shingle_hashes, shingle_strings
@@ -52,17 +52,21 @@ def write_chunk(path: Path, conversations: list[list[dict]], source: str = "data
 
 
 def run(tmp_path: Path, chunks: list[list[list[dict]]], config: DedupConfig | None = None, name="run", **kwargs):
-    """Dedup the given chunks; returns (stats, kept tables, rejected rows as dicts, input tables)."""
+    """Dedup the given chunks; returns (outcome, kept tables, rejected rows as dicts, input tables).
+
+    ``index_parts`` (keyword) are the current index parts, as a dataset manifest lists them."""
     config = config or DedupConfig()
     folder = tmp_path / name
     folder.mkdir()
     ins = [write_chunk(folder / f"in-{i}.parquet", c, source=f"src{i}.jsonl") for i, c in enumerate(chunks)]
     outs = [folder / f"out-{i}.parquet" for i in range(len(chunks))]
     rejected = folder / "rejected.parquet"
-    stats = dedup_stage(ins, outs, rejected, kwargs.pop("index_dir", tmp_path / "index"), config, **kwargs)
+    outcome = dedup_stage(
+        ins, outs, rejected, SFTConfig(dedup=config), index_dir=kwargs.pop("index_dir", tmp_path / "index"), **kwargs
+    )
     kept = [pq.read_table(p) for p in outs]
     rejected_rows = pq.read_table(rejected).to_pylist() if rejected.exists() else []
-    return stats, kept, rejected_rows, [pq.read_table(p) for p in ins]
+    return outcome, kept, rejected_rows, [pq.read_table(p) for p in ins]
 
 
 def kept_ids(kept: list[pa.Table]) -> list[str]:
@@ -126,7 +130,8 @@ def test_formatting_only_variants_are_exact_duplicates(tmp_path):
     a = conv("What is the capital of France?", "The capital of France is Paris.")
     b = conv("what is the capital of france", "THE CAPITAL OF FRANCE IS PARIS!")
     other = conv("Name a prime number.", "Seven is prime.")
-    stats, kept, rejected, _ = run(tmp_path, [[a, other, b]])
+    outcome, kept, rejected, _ = run(tmp_path, [[a, other, b]])
+    stats = outcome.stats
     assert kept_ids(kept) == [id_of(a), id_of(other)]  # same row order, first source order wins the tie
     assert len(rejected) == 1
     row = rejected[0]
@@ -151,7 +156,8 @@ def test_small_edits_and_truncations_are_near_duplicates_far_variants_kept(tmp_p
         conv("Summarise this.", " ".join(far)),
         conv("Summarise this.", " ".join(unrelated)),
     ]
-    stats, kept, rejected, _ = run(tmp_path, [docs])
+    outcome, kept, rejected, _ = run(tmp_path, [docs])
+    stats = outcome.stats
     assert kept_ids(kept) == [id_of(docs[0]), id_of(docs[3]), id_of(docs[4])]
     by_id = {r["id"]: r for r in rejected}
     for removed in (docs[1], docs[2]):
@@ -199,7 +205,7 @@ def test_keep_choice_is_deterministic_and_prefers_quality_then_length_then_order
     short = conv("Explain.", base)
     longer = conv("Explain.", base + " extra words at the end")
     twin = conv("Explain!", base)  # exact duplicate of `short`
-    stats, kept, rejected, _ = run(tmp_path, [[short, twin], [longer]], name="a")
+    _, kept, rejected, _ = run(tmp_path, [[short, twin], [longer]], name="a")
     assert kept_ids(kept) == [id_of(longer)]
     assert {r["id"]: r["duplicate_of"] for r in rejected} == {id_of(short): id_of(longer), id_of(twin): id_of(longer)}
     # same records in another chunk order: same decision
@@ -232,7 +238,8 @@ def test_prompt_key_removes_same_prompt_with_other_answer_keeping_longest(tmp_pa
 
 def test_outputs_keep_schema_and_order_and_every_record_is_accounted_for(tmp_path):
     docs = [conv(f"question {i}", " ".join(words(100 + i % 7, 60))) for i in range(40)]
-    stats, kept, rejected, inputs = run(tmp_path, [docs[:25], docs[25:]])
+    outcome, kept, rejected, inputs = run(tmp_path, [docs[:25], docs[25:]])
+    stats = outcome.stats
     assert sum(t.num_rows for t in kept) + len(rejected) == 40 == stats.records_in
     stats.check_conservation()
     for table_in, table_out in zip(inputs, kept):
@@ -262,8 +269,8 @@ def test_partitioning_does_not_change_the_result(tmp_path):
 def test_refresh_dedups_new_records_against_committed_index_only(tmp_path):
     index_dir = tmp_path / "index"
     old_docs = [conv("Describe.", " ".join(words(60 + i, 100))) for i in range(5)]
-    stats1, kept1, _, _ = run(tmp_path, [old_docs], name="first", index_dir=index_dir)
-    part = stats1.extra["index_part"]
+    first, kept1, _, _ = run(tmp_path, [old_docs], name="first", index_dir=index_dir)
+    part = first.index_part
     assert part and (index_dir / part).exists()
     assert load_index(index_dir, [part]).num_rows == 5
 
@@ -275,12 +282,11 @@ def test_refresh_dedups_new_records_against_committed_index_only(tmp_path):
         conv("Describe.", " ".join(words(99, 100))),  # new
         conv("Describe.", " ".join(words(99, 100)) + " tail"),  # near duplicate of the new one
     ]
-    # not committed yet: a crash before commit must not make run 1's records count as kept
+    # not listed yet (a crash before the manifest): run 1's part on disk must not count as kept
     _, kept_uncommitted, _, _ = run(tmp_path, [new_docs], name="uncommitted", index_dir=index_dir)
     assert len(kept_ids(kept_uncommitted)) == 3
 
-    commit_index(index_dir, stats1.extra["index_parts"])
-    stats2, kept2, rejected2, _ = run(tmp_path, [new_docs], name="second", index_dir=index_dir)
+    second, kept2, rejected2, _ = run(tmp_path, [new_docs], name="second", index_dir=index_dir, index_parts=[part])
     assert kept_ids(kept2) == [id_of(new_docs[3])]
     by_id = {r["id"]: r for r in rejected2}
     assert (by_id[id_of(new_docs[0])]["reason"], by_id[id_of(new_docs[0])]["duplicate_of"]) == (
@@ -293,21 +299,24 @@ def test_refresh_dedups_new_records_against_committed_index_only(tmp_path):
         id_of(old_docs[3]),
     )
     assert by_id[id_of(new_docs[2])]["duplicate_of"] == id_of(new_docs[3])
-    assert stats2.extra["index_parts"] == [part, stats2.extra["index_part"]]
+    assert second.index_part not in (None, part)
 
     # a later run against both parts sees the record kept in run 2 and never removes old ones
-    commit_index(index_dir, stats2.extra["index_parts"])
     again = conv("Describe.", " ".join(words(99, 100)) + " tail!")
-    _, kept3, rejected3, _ = run(tmp_path, [[again]], name="third", index_dir=index_dir)
+    _, kept3, rejected3, _ = run(
+        tmp_path, [[again]], name="third", index_dir=index_dir, index_parts=[part, second.index_part]
+    )
     assert kept_ids(kept3) == [] and rejected3[0]["duplicate_of"] == id_of(new_docs[3])
 
 
 def test_index_built_with_other_settings_is_refused(tmp_path):
     index_dir = tmp_path / "index"
-    stats, _, _, _ = run(tmp_path, [[conv("a b c", "d e f g h i")]], name="first", index_dir=index_dir)
-    commit_index(index_dir, stats.extra["index_parts"])
+    first, _, _, _ = run(tmp_path, [[conv("a b c", "d e f g h i")]], name="first", index_dir=index_dir)
     with pytest.raises(ValueError, match="different dedup settings"):
-        run(tmp_path, [[conv("x", "y")]], config=DedupConfig(num_perm=64), name="second", index_dir=index_dir)
+        run(
+            tmp_path, [[conv("x", "y")]], config=DedupConfig(num_perm=64), name="second",
+            index_dir=index_dir, index_parts=[first.index_part],
+        )
 
 
 def test_mapped_steps_compose_to_the_same_result_as_dedup_stage(tmp_path):
@@ -331,10 +340,10 @@ def test_mapped_steps_compose_to_the_same_result_as_dedup_stage(tmp_path):
         for p in range(config.partitions)
     ]
     outs = [folder / f"out-{i}.parquet" for i in range(2)]
-    stats = resolve_clusters(ins, sigs, edge_files, outs, folder / "rejected.parquet", tmp_path / "index2", config)
+    outcome = resolve_clusters(ins, sigs, edge_files, outs, folder / "rejected.parquet", tmp_path / "index2", config)
     assert kept_ids([pq.read_table(p) for p in outs]) == kept_ids(kept_ref)
     assert pq.read_table(folder / "rejected.parquet").to_pylist() == rejected_ref
-    assert stats.records_out == 6
+    assert outcome.stats.records_out == 6
 
 
 def test_japanese_and_korean_near_duplicates(tmp_path):
@@ -357,7 +366,8 @@ def test_japanese_and_korean_near_duplicates(tmp_path):
 
 def test_disabled_dedup_passes_every_row_through(tmp_path):
     a = conv("same", "same")
-    stats, kept, rejected, _ = run(tmp_path, [[a, a]], config=DedupConfig(enabled=False))
+    outcome, kept, rejected, _ = run(tmp_path, [[a, a]], config=DedupConfig(enabled=False))
+    stats = outcome.stats
     assert kept_ids(kept) == [id_of(a), id_of(a)] and rejected == []
     assert (stats.records_in, stats.records_out) == (2, 2)
 
@@ -379,7 +389,7 @@ def test_exact_only_and_near_only(tmp_path):
 def test_mismatched_inputs_and_outputs_are_refused(tmp_path):
     path = write_chunk(tmp_path / "in.parquet", [conv("a", "b")])
     with pytest.raises(ValueError, match="one output per input chunk"):
-        dedup_stage([path], [], tmp_path / "rejected.parquet", tmp_path / "index", DedupConfig())
+        dedup_stage([path], [], tmp_path / "rejected.parquet", SFTConfig(), index_dir=tmp_path / "index")
 
 
 def test_index_can_be_restricted_to_what_reached_the_shards(tmp_path):
@@ -388,8 +398,8 @@ def test_index_can_be_restricted_to_what_reached_the_shards(tmp_path):
     index_dir = tmp_path / "index"
     kept_doc = conv("Tell me.", " ".join(words(80, 100)))
     dropped_doc = conv("Tell me.", " ".join(words(81, 100)))  # kept by dedup, dropped by a later stage
-    stats, _, _, _ = run(tmp_path, [[kept_doc, dropped_doc]], name="first", index_dir=index_dir)
-    part = stats.extra["index_part"]
+    first, _, _, _ = run(tmp_path, [[kept_doc, dropped_doc]], name="first", index_dir=index_dir)
+    part = first.index_part
     assert restrict_part(index_dir, part, [id_of(kept_doc), id_of(dropped_doc)]) == part
     smaller = restrict_part(index_dir, part, [id_of(kept_doc)])
     assert smaller != part and load_index(index_dir, [smaller]).column(schema.ID).to_pylist() == [id_of(kept_doc)]

@@ -13,7 +13,8 @@ import pytest
 
 from pipeline import schema
 from pipeline.formats import to_conversation
-from pipeline.masking import Encoded, Masker, Rejection
+from pipeline.masking import Encoded, Masker
+from pipeline.stage import Drop
 from pipeline.templates import BUILTIN_TEMPLATES, Template
 from pipeline.tokenize import encode_table
 from tests.chat_templates.models import template_text, tokenizer_for
@@ -87,7 +88,7 @@ def test_per_turn_last_assistant_honours_train_flags_like_template(bpe):
         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2", "train": False}]}
     tokenizer, template = _qwen3(bpe, train_on="last_assistant")
     _, per_turn = _qwen3(bpe, train_on="last_assistant", reasoning="per_turn")
-    assert isinstance(template.encode(*to_conversation(last_false)), Rejection)  # nothing to train
+    assert isinstance(template.encode(*to_conversation(last_false)), Drop)  # nothing to train
     kept, _, _ = encode_table(per_turn, _table([last_false]))
     trained = [_trained(tokenizer, r[schema.INPUT_IDS], r[schema.LABELS]) for r in kept.to_pylist()]
     assert not any("a1" in t for t in trained), trained  

@@ -13,7 +13,8 @@ import numpy as np
 
 from pipeline import schema
 from pipeline.config import TemplateConfig
-from pipeline.masking import Encoded, Masker, Rejection
+from pipeline.masking import Encoded, Masker
+from pipeline.stage import Drop
 from pipeline.templates import resolve_template
 
 # A Mistral-like template with no space between "[/INST]" and the response.
@@ -47,7 +48,7 @@ def test_straddling_token_at_response_start_is_rejected(tmp_path, mistral_tokeni
     ids = mistral_tokenizer.encode("[/INST][1", add_special_tokens=False)
     assert "][" in mistral_tokenizer.convert_ids_to_tokens(ids)  # the merge this test is about
     result = Masker(mistral_tokenizer, template, max_length=256).encode(messages)
-    assert isinstance(result, Rejection)
+    assert isinstance(result, Drop)
     assert result.reason == "mask_unverifiable"
     assert "straddles" in result.detail
 

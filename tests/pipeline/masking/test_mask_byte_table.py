@@ -1,8 +1,8 @@
-"""The byte-table road gives exactly what the offsets road gives, and is taken only when it can.
+"""The byte-table path gives exactly what the offset-mapping path gives, and is taken only where it can.
 
 Byte-level BPE tokenizers (GPT-2, Llama-3, Qwen style, and the bundled one) have a fixed byte
 string per token, so the Masker encodes them without offsets and finds token boundaries from
-cumulative byte lengths. Everything here compares that road with the offsets road (the
+cumulative byte lengths. Everything here compares that path with the offset-mapping path (the
 tokenizer's own character offsets and decoder) and with ``apply_chat_template``.
 """
 
@@ -17,26 +17,27 @@ import pytest
 
 from pipeline import schema
 from pipeline.config import TemplateConfig
-from pipeline.masking import Encoded, Masker, Rejection
+from pipeline.masking import Encoded, Masker
 from pipeline.schema import make_message as msg
 from pipeline.schema import messages_for_template
+from pipeline.stage import Drop
 from pipeline.templates import resolve_template
-from tests.conversation_fixtures import conversations
 from pipeline.tokenizers import load_tokenizer
+from tests.support.conversations import conversations
 
 
 def masker(tokenizer, *, byte_table: bool = True, **kwargs) -> Masker:
     template = resolve_template(tokenizer, TemplateConfig(name=kwargs.pop("template", "auto")))
     built = Masker(tokenizer, template, max_length=kwargs.pop("max_length", 4096), **kwargs)
     if not byte_table:
-        built.token_bytes = None  # the offsets road for every row
+        built.token_bytes = None  # the offset-mapping path for every row
     return built
 
 
 def same(left, right) -> bool:
     if type(left) is not type(right):
         return False
-    if isinstance(left, Rejection):
+    if isinstance(left, Drop):
         return left == right
     return (
         left.input_ids.tolist() == right.input_ids.tolist()
@@ -70,7 +71,7 @@ def test_an_added_token_that_strips_whitespace_rules_the_table_out(tmp_path, bpe
     assert masker(tokenizer).token_bytes is None
 
 
-def test_both_roads_agree_on_every_sample_conversation(bpe_tokenizer, samples_dir):
+def test_both_paths_agree_on_every_sample_conversation(bpe_tokenizer, samples_dir):
     rows = conversations(sorted(p for p in (samples_dir / "inputs").iterdir() if p.is_file()))
     assert len(rows) > 50
     for options in ({}, {"train_on": "last_assistant"}, {"max_length": 96, "truncate": True}):
@@ -80,7 +81,7 @@ def test_both_roads_agree_on_every_sample_conversation(bpe_tokenizer, samples_di
         assert sum(isinstance(f, Encoded) for f in fast) > 40
 
 
-def test_both_roads_agree_on_the_real_data(bpe_tokenizer, real_data_dir):
+def test_both_paths_agree_on_the_real_data(bpe_tokenizer, real_data_dir):
     rows = conversations(sorted(real_data_dir.glob("*.json")))
     fast = masker(bpe_tokenizer).encode_batch(rows)
     slow = masker(bpe_tokenizer, byte_table=False).encode_batch(rows)
@@ -88,9 +89,9 @@ def test_both_roads_agree_on_the_real_data(bpe_tokenizer, real_data_dir):
     assert all(same(f, s) for f, s in zip(fast, slow))
 
 
-def test_a_row_the_table_does_not_spell_takes_the_offsets_road(bpe_tokenizer):
+def test_a_row_the_table_does_not_give_back_goes_the_offset_mapping_path(bpe_tokenizer):
     # The table's bytes for one token are made wrong (same length, so every boundary still
-    # adds up): the whole-row spelling check must catch it and send the row the offsets road,
+    # adds up): the whole-row byte check must catch it and send the row the offset-mapping path,
     # so the result stays the true one instead of a mask built on wrong bytes.
     messages = [msg("user", "Say hello."), msg("assistant", "Hello there, friend.")]
     truth = masker(bpe_tokenizer, byte_table=False).encode(messages)
@@ -104,12 +105,12 @@ def test_a_row_the_table_does_not_spell_takes_the_offsets_road(bpe_tokenizer):
     assert same(result, truth)
 
 
-def test_rows_the_normalizer_would_change_take_the_offsets_road(tmp_path, bpe_tokenizer_path):
+def test_rows_the_normalizer_would_change_go_the_offset_mapping_path(tmp_path, bpe_tokenizer_path):
     tokenizer = edited_tokenizer(tmp_path, bpe_tokenizer_path, lambda data: data.update(normalizer={"type": "NFC"}))
     fast = masker(tokenizer)
     assert fast.token_bytes is not None and fast.token_bytes.normalizer == "NFC"
     composed = [msg("user", "Order?"), msg("assistant", "Caf\u00e9 au lait.")]
-    assert fast.token_bytes.takes("Caf\u00e9") and not fast.token_bytes.takes("Cafe\u0301")
+    assert fast.token_bytes.covers("Caf\u00e9") and not fast.token_bytes.covers("Cafe\u0301")
     result = fast.encode(composed)
     assert isinstance(result, Encoded)
     reference = tokenizer.apply_chat_template(
@@ -119,7 +120,7 @@ def test_rows_the_normalizer_would_change_take_the_offsets_road(tmp_path, bpe_to
     mask = np.array(reference["assistant_masks"], dtype=bool)
     assert result.labels.tolist() == np.where(mask, reference["input_ids"], schema.IGNORE_INDEX).tolist()
     # A decomposed "é" is normalized before tokenizing, so the ids do not spell the raw text;
-    # the row goes the offsets road, whose decoder gives the composed text back: unverifiable.
+    # the row goes the offset-mapping path, whose decoder gives the composed text back: unverifiable.
     decomposed = [msg("user", "Order?"), msg("assistant", "Cafe\u0301 au lait.")]
     assert same(fast.encode(decomposed), masker(tokenizer, byte_table=False).encode(decomposed))
 

@@ -15,9 +15,10 @@ import pytest
 
 from pipeline import schema
 from pipeline.config import TemplateConfig
-from pipeline.masking import Encoded, Masker, Rejection, _PlainControlEncoder, control_tokens
+from pipeline.masking import Encoded, Masker, _PlainControlEncoder, control_tokens
 from pipeline.schema import make_message as msg
 from pipeline.schema import messages_for_template, tools_for_template
+from pipeline.stage import Drop
 from pipeline.templates import BUILTIN_TEMPLATES, resolve_template, template_variables
 
 TOOLS = json.dumps(
@@ -113,7 +114,7 @@ def test_ids_and_masks_match_apply_chat_template(tokenizer_case, case, method):
         result = Masker(tokenizer, template, max_length=4096, span_method=method).encode(messages, tools)
         ref = reference(tokenizer, template, messages, tools, return_assistant_tokens_mask=True)
         if (tok_name, name, case) in STRADDLES:
-            assert isinstance(result, Rejection) and result.reason == "mask_unverifiable", name
+            assert isinstance(result, Drop) and result.reason == "mask_unverifiable", name
             # the reference mask does train a token that is partly the next turn's header
             runs = trained_runs([t if m else -100 for t, m in zip(ref["input_ids"], ref["assistant_masks"])])
             assert any(tokenizer.decode(ref["input_ids"][s:e]).endswith("<|eot_id|><") for s, e in runs)
@@ -269,7 +270,7 @@ def test_nothing_trainable_is_rejected_with_a_reason(bpe_tokenizer):
     messages = [{**m, "train": False} if m["role"] == "assistant" else m for m in CONVERSATIONS["single"][0]]
     template = resolve_template(bpe_tokenizer, TemplateConfig(name="chatml"))
     result = Masker(bpe_tokenizer, template, max_length=512).encode(messages)
-    assert isinstance(result, Rejection)
+    assert isinstance(result, Drop)
     assert (result.stage, result.reason) == ("tokenize", "no_trainable_tokens")
     assert "train: false" in result.detail
 
@@ -280,7 +281,7 @@ def test_a_prompt_that_alone_exceeds_max_length_is_too_long(tokenizer_case, trun
     template = resolve_template(tokenizer, TemplateConfig(name="chatml"))
     messages = [msg("user", "word " * 300), msg("assistant", "ok")]
     result = Masker(tokenizer, template, max_length=100, truncate=truncate).encode(messages)
-    assert isinstance(result, Rejection) and result.reason == "too_long"
+    assert isinstance(result, Drop) and result.reason == "too_long"
     assert "prompt" in result.detail
 
 
@@ -288,7 +289,7 @@ def test_long_rows_are_rejected_without_truncation(bpe_tokenizer):
     template = resolve_template(bpe_tokenizer, TemplateConfig(name="chatml"))
     messages = [msg("user", "hi"), msg("assistant", "word " * 300)]
     result = Masker(bpe_tokenizer, template, max_length=100).encode(messages)
-    assert isinstance(result, Rejection) and result.reason == "too_long"
+    assert isinstance(result, Drop) and result.reason == "too_long"
     assert "max_length is 100" in result.detail
 
 
@@ -331,7 +332,7 @@ def test_a_template_that_rewrites_content_is_unverifiable(bpe_tokenizer, tmp_pat
     )
     template = resolve_template(bpe_tokenizer, TemplateConfig(jinja_file=path))
     result = Masker(bpe_tokenizer, template, max_length=512).encode(CONVERSATIONS["single"][0])
-    assert isinstance(result, Rejection) and result.reason == "mask_unverifiable"
+    assert isinstance(result, Drop) and result.reason == "mask_unverifiable"
     assert "HI THERE!" in result.detail
 
 
@@ -344,7 +345,7 @@ def test_prefix_spans_need_prefix_stable_templates(bpe_tokenizer, tmp_path):
     )
     template = resolve_template(bpe_tokenizer, TemplateConfig(jinja_file=path))
     result = Masker(bpe_tokenizer, template, max_length=512).encode(CONVERSATIONS["system_multi_turn"][0])
-    assert isinstance(result, Rejection) and result.reason == "mask_unverifiable"
+    assert isinstance(result, Drop) and result.reason == "mask_unverifiable"
 
 
 def test_batch_results_keep_row_order(bpe_tokenizer):

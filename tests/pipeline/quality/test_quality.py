@@ -485,7 +485,7 @@ STAGE_RECORDS = [
 
 def test_quality_stage_end_to_end(tmp_path):
     rows = write_canonical(tmp_path / "in.parquet", STAGE_RECORDS)
-    stats = quality_stage(tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rejected.parquet", QualityConfig(), batch_size=3)
+    stats = quality_stage(tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rejected.parquet", SFTConfig(quality=QualityConfig()), batch_size=3)
 
     kept = pq.read_table(tmp_path / "out.parquet")
     assert kept.schema.equals(schema.CONVERSATION_SCHEMA)
@@ -512,14 +512,14 @@ def test_quality_stage_end_to_end(tmp_path):
 def test_quality_stage_with_nothing_rejected_leaves_no_rejected_file(tmp_path):
     write_canonical(tmp_path / "in.parquet", [STAGE_RECORDS[0], STAGE_RECORDS[6]])
     (tmp_path / "rejected.parquet").write_text("stale")
-    stats = quality_stage(tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rejected.parquet", QualityConfig())
+    stats = quality_stage(tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rejected.parquet", SFTConfig(quality=QualityConfig()))
     assert stats.records_out == 2 and not (tmp_path / "rejected.parquet").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "out.parquet"]
 
 
 def test_quality_stage_switched_off_keeps_everything(tmp_path):
     write_canonical(tmp_path / "in.parquet", STAGE_RECORDS)
-    stats = quality_stage(tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rej.parquet", QualityConfig(enabled=False))
+    stats = quality_stage(tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rej.parquet", SFTConfig(quality=QualityConfig(enabled=False)))
     assert stats.records_out == len(STAGE_RECORDS)
     assert pq.read_table(tmp_path / "out.parquet").num_rows == len(STAGE_RECORDS)
 
@@ -527,5 +527,5 @@ def test_quality_stage_switched_off_keeps_everything(tmp_path):
 def test_quality_stage_rejects_a_non_canonical_input(tmp_path):
     pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "in.parquet")
     with pytest.raises(ValueError, match="not a canonical conversation table"):
-        quality_stage(tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rej.parquet", QualityConfig())
+        quality_stage(tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rej.parquet", SFTConfig(quality=QualityConfig()))
     assert not (tmp_path / "out.parquet").exists()
