@@ -1,6 +1,7 @@
 # sftkit: two commands on a fresh machine.
 #   make demo   prepare data_samples/ with the bundled tokenizer, train the tiny model a few steps
 #   make test   run the test suite
+#   make lint   ruff: the linter and the formatter's check (pyproject.toml [tool.ruff])
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -19,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,8 +48,37 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# make bench         runs the quick benchmarks behind the README's table (ingest, per-turn cost, shard
+#                    writer memory, loader: a few minutes on 2 cores), then prints the whole table from the
+#                    stamped results in bench/results/ (rows not re-run show their last recorded figures).
+# make bench FULL=1  also the slow ones (each 2-6 minutes on 2 cores, about half an hour in all): dedup,
+#                    mixture, inspect_1m, flow_overhead, loss_memory (~16 GB of RAM), quality (its datatrove
+#                    peer needs /tmp/dt-venv, see bench/quality.py) and prepare_vs_trl (needs trl in .bench/venv).
+BENCH_PY ?= .bench/venv/bin/python
 bench: $(STAMP)
-	@ls bench/*.py
+	$(PY) -m bench.ingest_rss
+	$(PY) -m bench.per_turn_cost
+	$(PY) -m bench.shard_memory --conversations 100000
+	$(PY) -m bench.loader
+ifneq ($(FULL),)
+	$(PY) -m bench.dedup
+	$(PY) -m bench.mixture
+	$(PY) -m bench.inspect_1m
+	$(PY) -m bench.flow_overhead
+	$(PY) -m bench.loss_memory
+	$(PY) -m bench.quality
+	$(BENCH_PY) -m bench.prepare_vs_trl --repeats 3
+	$(BENCH_PY) -m bench.prepare_vs_trl --vocab 32000
+endif
+	@$(PY) -m bench.table
 
 clean:
 	rm -rf demo_out .pytest_cache .prefect

@@ -1,6 +1,6 @@
 """Dedup benchmark: sftkit vs datasketch, side by side on the same documents.
 
-    .venv/bin/python bench/dedup.py [--pairs 10000] [--rss-docs 200000 1000000]
+    .venv/bin/python -m bench.dedup [--pairs 10000] [--rss-docs 200000 1000000]
 
 1. Speed, on the same ``2 x pairs`` documents (a generated near-duplicate set, 80 % English-like
    word text, 20 % Chinese), same num_perm (128) and the same shingles (sftkit's normal form
@@ -26,32 +26,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from pipeline import schema  # noqa: E402
-from pipeline.config import DedupConfig  # noqa: E402
-from pipeline.dedup import dedup_stage, lsh_shape  # noqa: E402
-from pipeline.dedup.lsh import table_signatures  # noqa: E402
-from pipeline.dedup.minhash import s_curve_table  # noqa: E402
-from pipeline.dedup.normalize import normalize  # noqa: E402
-from pipeline.dedup.shingles import shingle_strings  # noqa: E402
+from bench._common import (
+    argument_parser,
+    max_rss_bytes,
+    module_command,
+    run_child,
+    stopwatch,
+    two_message_conversations,
+    write_results,
+)
+from pipeline import schema
+from pipeline.config import DedupConfig, SFTConfig
+from pipeline.dedup import dedup_stage, lsh_shape
+from pipeline.dedup.lsh import table_signatures
+from pipeline.dedup.minhash import candidate_probability
+from pipeline.dedup.normalize import normalize
+from pipeline.dedup.shingles import shingle_strings
 
 THRESHOLD = 0.8
 NUM_PERM = 128
 HANZI = np.array([chr(c) for c in range(0x4E00, 0x4E00 + 3000)])
+
+
+def s_curve_table(bands: int, rows: int, points=(0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)) -> str:
+    """The S-curve as text: how likely a pair of each Jaccard similarity becomes a candidate."""
+    return ", ".join(f"J={j:.2f}: {candidate_probability(j, bands, rows):.3f}" for j in points)
 
 
 def vocabulary(size: int = 30_000, seed: int = 0) -> np.ndarray:
@@ -111,31 +117,28 @@ def canonical_table(docs: list[str], prompt: str = "") -> pa.Table:
     The prompt is empty so that the dedup key (all contents) is exactly the document and
     sftkit sees the same shingle sets as the ground truth and datasketch."""
     n = len(docs)
-    roles = pa.array(["user", "assistant"] * n)
-    contents = pa.array([x for d in docs for x in (prompt, d)])
-    nulls_s = pa.nulls(2 * n, pa.string())
-    struct = pa.StructArray.from_arrays(
-        [roles, contents, nulls_s, nulls_s, pa.nulls(2 * n, pa.bool_())],
-        fields=list(schema.MESSAGE_TYPE),
-    )
-    messages = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), struct)
-    return pa.Table.from_arrays(
-        [
-            pa.array([f"{i:032x}" for i in range(n)]),
-            pa.array(["bench.jsonl"] * n),
-            pa.array(np.arange(n, dtype=np.int64)),
-            messages,
-            pa.nulls(n, pa.string()),
-        ],
+    return pa.table(
+        {
+            schema.ID: pa.array([f"{i:032x}" for i in range(n)]),
+            schema.SOURCE: pa.array(["bench.jsonl"] * n),
+            schema.SOURCE_INDEX: pa.array(np.arange(n, dtype=np.int64)),
+            schema.MESSAGES: two_message_conversations(pa.array([x for d in docs for x in (prompt, d)])),
+            schema.TOOLS: pa.nulls(n, pa.string()),
+        },
         schema=schema.CONVERSATION_SCHEMA,
     )
 
 
 def run_datasketch(docs: list[str], config: DedupConfig, batch: bool):
     """((wall s, CPU s), per document the set of other documents its query returned, MinHashes)."""
+    with stopwatch() as lap:
+        minhashes, found = _datasketch_minhash_lsh(docs, config, batch)
+    return (lap.seconds, lap.cpu_seconds), found, minhashes
+
+
+def _datasketch_minhash_lsh(docs: list[str], config: DedupConfig, batch: bool):
     from datasketch import MinHash, MinHashLSH
 
-    start, cpu_start = time.perf_counter(), time.process_time()
     minhashes = []
     for text in docs:
         form, cjk = normalize(text)
@@ -153,7 +156,7 @@ def run_datasketch(docs: list[str], config: DedupConfig, batch: bool):
     for i, m in enumerate(minhashes):
         lsh.insert(i, m)
     found = [set(lsh.query(m)) - {i} for i, m in enumerate(minhashes)]
-    return (time.perf_counter() - start, time.process_time() - cpu_start), found, minhashes
+    return minhashes, found
 
 
 def run_sftkit(docs: list[str], config: DedupConfig, workdir: Path) -> tuple[tuple[float, float], float, list[dict]]:
@@ -168,16 +171,15 @@ def run_sftkit(docs: list[str], config: DedupConfig, workdir: Path) -> tuple[tup
     warm = workdir / "warm"
     warm.mkdir()
     pq.write_table(table.slice(0, 50), warm / "in.parquet")
-    dedup_stage([warm / "in.parquet"], [warm / "out.parquet"], warm / "rejected.parquet", warm / "index", config)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    dedup_stage(ins, outs, workdir / "rejected.parquet", workdir / "index", config)
-    seconds = (time.perf_counter() - start, time.process_time() - cpu_start)
+    dedup_stage([warm / "in.parquet"], [warm / "out.parquet"], warm / "rejected.parquet", SFTConfig(dedup=config),
+                index_dir=warm / "index")
+    with stopwatch() as lap:
+        dedup_stage(ins, outs, workdir / "rejected.parquet", SFTConfig(dedup=config), index_dir=workdir / "index")
     rejected_path = workdir / "rejected.parquet"
     rejected = pq.read_table(rejected_path).to_pylist() if rejected_path.exists() else []
-    start = time.perf_counter()
-    table_signatures(table, config)
-    sig_seconds = time.perf_counter() - start
-    return seconds, sig_seconds, rejected
+    with stopwatch() as signatures:
+        table_signatures(table, config)
+    return (lap.seconds, lap.cpu_seconds), signatures.seconds, rejected
 
 
 def precision_recall(predicted: set[tuple[int, int]], truth: set[tuple[int, int]], pairs) -> dict:
@@ -274,21 +276,14 @@ def speed_and_accuracy(num_pairs: int) -> dict:
     return result
 
 
-RSS_CHILD = r"""
-import json, resource, sys, time
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-from pipeline.config import DedupConfig
-from pipeline.dedup import dedup_stage
-work = Path(sys.argv[2])
-ins = sorted(work.glob("in-*.parquet"))
-outs = [work / p.name.replace("in-", "out-") for p in ins]
-start = time.perf_counter()
-stats = dedup_stage(ins, outs, work / "rejected.parquet", work / "index", DedupConfig())
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb,
-                  "kept": stats.records_out, "rejected": dict(stats.rejected)}))
-"""
+def rss_child(work: Path) -> dict:
+    """In a fresh process (``--rss-child DIR``): dedup the chunks in ``work`` with the defaults."""
+    ins = sorted(work.glob("in-*.parquet"))
+    outs = [work / p.name.replace("in-", "out-") for p in ins]
+    with stopwatch() as lap:
+        stats = dedup_stage(ins, outs, work / "rejected.parquet", SFTConfig(), index_dir=work / "index").stats
+    return {"seconds": lap.seconds, "peak_rss_mb": max_rss_bytes() / 2**20,
+            "kept": stats.records_out, "rejected": dict(stats.rejected)}
 
 
 def write_short_docs(num_docs: int, work: Path, chunk: int = 50_000, seed: int = 3) -> None:
@@ -316,25 +311,23 @@ def write_short_docs(num_docs: int, work: Path, chunk: int = 50_000, seed: int =
 def peak_rss(num_docs: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         write_short_docs(num_docs, Path(work))
-        proc = subprocess.run(
-            [sys.executable, "-c", RSS_CHILD, str(REPO), work], capture_output=True, text=True, check=True
-        )
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+        out = run_child(module_command(__spec__.name, "--rss-child", work)).last_json()
     out["documents"] = num_docs
     out["docs_per_s"] = round(num_docs / out["seconds"])
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--pairs", type=int, default=10_000, help="near-duplicate pairs (documents = 2 x pairs)")
     parser.add_argument("--rss-docs", type=int, nargs="*", default=[200_000, 1_000_000])
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "dedup.json")
+    parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_child:
+        print(json.dumps(rss_child(args.rss_child)))
+        return
 
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)"}
-    results["python"] = platform.python_version()
-    results.update(speed_and_accuracy(args.pairs))
+    results = speed_and_accuracy(args.pairs)
     speed = results["speed_docs_per_s"]
     print(json.dumps(results, indent=2))
     print(
@@ -350,11 +343,7 @@ def main() -> None:
         measured = peak_rss(num_docs)
         print(json.dumps(measured), flush=True)
         results["peak_rss"].append(measured)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results("dedup", results, args.out, packages=["datasketch"])
 
 
 if __name__ == "__main__":

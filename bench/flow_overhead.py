@@ -2,7 +2,7 @@
 
 Same inputs (>= 100k records in N files), same tokenizer, same config, fresh output folder each:
 
-  direct     pipeline.prepare.prepare() in one process (the plain functions, no Prefect)
+  direct     pipeline.steps.prepare() in one process (the plain functions, no Prefect)
   serial     the refresh flow, ThreadPoolTaskRunner with one worker: the same work in the same
              order as direct, so the difference is what Prefect costs
   threads    the refresh flow, ThreadPoolTaskRunner (one worker per core)
@@ -13,26 +13,22 @@ Overhead = serial / direct - 1 (target <= 10%). Speed-up = direct / threads|proc
 Tokenization inside a step runs single-process here (tokenize.num_proc=1), so the runner is
 what spreads the work over the cores.
 
-    .venv/bin/python bench/flow_overhead.py [--records 100000] [--files 8] [--runners direct,threads,processes,dask]
+    .venv/bin/python -m bench.flow_overhead [--records 100000] [--files 8] [--runners direct,serial,threads,processes,dask]
+
+Writes bench/results/flow_overhead.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("PREFECT_HOME", str(REPO / ".prefect"))
-
-import flows  # noqa: E402,F401  (Prefect defaults before Prefect is imported)
+import flows  # noqa: F401  (Prefect defaults, ./.prefect among them, before Prefect is imported)
+from bench._common import REPO, argument_parser, stopwatch, write_results
 
 WORDS = (
     "model data train token learn answer question explain write list simple careful example result "
@@ -59,25 +55,24 @@ def make_inputs(folder: Path, records: int, files: int, seed: int = 0) -> list[s
 
 def run(kind: str, inputs: list[str], tokenizer: str, out: Path, config) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
-    if kind == "direct":
-        from pipeline.prepare import prepare
+    with stopwatch() as lap:
+        if kind == "direct":
+            from pipeline.steps import prepare
 
-        manifest = prepare(inputs, tokenizer, out, config)
-    else:
-        from flows.refresh import refresh_flow
-        from flows.runner import make_task_runner
+            manifest = prepare(inputs, tokenizer, out, config)
+        else:
+            from flows.refresh import refresh_flow
+            from flows.runner import make_task_runner
 
-        runner = make_task_runner("threads", max_workers=1) if kind == "serial" else make_task_runner(kind)
-        flow = refresh_flow.with_options(task_runner=runner)
-        manifest = flow(inputs=inputs, tokenizer=tokenizer, out=str(out), config=config.model_dump(mode="json"))
-    seconds = time.perf_counter() - started
-    print(f"{kind:>10}: {seconds:7.1f} s  kept {manifest['counts']['kept']} of {manifest['counts']['read']}", flush=True)
-    return seconds
+            runner = make_task_runner("threads", max_workers=1) if kind == "serial" else make_task_runner(kind)
+            flow = refresh_flow.with_options(task_runner=runner)
+            manifest = flow(inputs=inputs, tokenizer=tokenizer, out=str(out), config=config.model_dump(mode="json"))
+    print(f"{kind:>10}: {lap.seconds:7.1f} s  kept {manifest['counts']['kept']} of {manifest['counts']['read']}", flush=True)
+    return lap.seconds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--runners", default="direct,serial,threads,processes,dask")
@@ -113,9 +108,7 @@ def main() -> None:
             if kind in seconds:
                 results[f"speedup_{kind}"] = direct / seconds[kind]
                 print(f"speed-up of {kind} runner over direct: {results[f'speedup_{kind}']:.2f}x")
-    out = REPO / "bench" / "results" / "flow_overhead.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results("flow_overhead", results, args.out, packages=["prefect", "prefect-dask", "dask"])
     shutil.rmtree(work, ignore_errors=True)
 
 

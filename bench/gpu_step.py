@@ -17,34 +17,31 @@ from the same dataset folder, rank 0 writes it). On CUDA the output holds the pe
 memory (``torch.cuda.max_memory_allocated``) next to trainer/memory.py's estimate for the same
 settings, so the estimator can be checked on the GPU.
 
-    .venv/bin/python bench/gpu_step.py                 # on a CUDA machine
-    .venv/bin/python bench/gpu_step.py --lora 16 --dtype bf16 --activation-checkpointing
-    torchrun --nproc-per-node 8 bench/gpu_step.py --fsdp --activation-checkpointing
-    .venv/bin/python bench/gpu_step.py --smoke         # tiny model, CPU, a few steps: checks it runs
+    .venv/bin/python -m bench.gpu_step                 # on a CUDA machine
+    .venv/bin/python -m bench.gpu_step --lora 16 --dtype bf16 --activation-checkpointing
+    .venv/bin/torchrun --nproc-per-node 8 -m bench.gpu_step --fsdp --activation-checkpointing
+    .venv/bin/python -m bench.gpu_step --smoke         # tiny model, CPU, a few steps: checks it runs
+
+Writes bench/results/gpu_step[_smoke][_loraR][_bf16][_ac][_fsdpN].json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+import torch
 
-import torch  # noqa: E402
-
-from loader import build_dataset  # noqa: E402
-from trainer import distributed  # noqa: E402
-from trainer.data import ShardDataset  # noqa: E402
-from trainer.loop import SFTTrainer, TrainConfig  # noqa: E402
-from trainer.memory import estimate_memory  # noqa: E402
-from trainer.models import DTYPES  # noqa: E402
+from bench._common import argument_parser, write_results
+from bench.loader import build_dataset
+from trainer import distributed
+from trainer.data import ShardDataset
+from trainer.loop import SFTTrainer, TrainConfig
+from trainer.memory import estimate_memory
+from trainer.models import DTYPES
 
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "4090": 165.0}
@@ -75,7 +72,7 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (after warm-up)")
@@ -90,7 +87,6 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 over torchrun's ranks (run under torchrun)")
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     smoke = args.smoke or not torch.cuda.is_available()
     if smoke and not args.smoke:
@@ -193,10 +189,7 @@ def main() -> None:
         f"_lora{args.lora}" if args.lora else "", "_bf16" if args.dtype == "bf16" else "",
         "_ac" if args.activation_checkpointing else "", f"_fsdp{info.world_size}" if results["strategy"]["fsdp"] else "",
     ])
-    out = args.out or (REPO / "bench" / "results" / f"gpu_step{'_smoke' if smoke else ''}{variant}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(f"gpu_step{'_smoke' if smoke else ''}{variant}", results, args.out, packages=["accelerate", "peft"])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ temporary folder, then runs, each in a fresh subprocess so peak RSS is that run'
 
 Peak RSS is the child's ``ru_maxrss`` from ``os.wait4``. The acceptance bar is sftkit < 1 GiB.
 
-    .venv/bin/python bench/ingest_rss.py [--records 1000000] [--workdir DIR]
+    .venv/bin/python -m bench.ingest_rss [--records 1000000] [--workdir DIR]
 
 Results go to bench/results/ingest_rss.json.
 """
@@ -20,16 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results" / "ingest_rss.json"
+from bench._common import argument_parser, module_command, run_child, write_results
+
 RSS_LIMIT_BYTES = 1 << 30
 
 EN = [
@@ -84,11 +81,10 @@ def generate(path: Path, records: int) -> None:
 
 # --- children --------------------------------------------------------------------------------
 def child_sftkit(data: Path, out: Path) -> dict:
-    sys.path.insert(0, str(REPO))
-    from pipeline.config import IngestConfig
+    from pipeline.config import SFTConfig
     from pipeline.ingest import ingest_file
 
-    stats = ingest_file(data, data.name, out / "kept.parquet", out / "rejected.parquet", IngestConfig())
+    stats = ingest_file(data, out / "kept.parquet", out / "rejected.parquet", SFTConfig(), source=data.name)
     return {"records_in": stats.records_in, "kept": stats.records_out, "rejected": dict(stats.rejected)}
 
 
@@ -100,39 +96,26 @@ def child_datasets(data: Path, out: Path) -> dict:
     return {"records_in": dataset.num_rows}
 
 
-def run_child(which: str, data: Path, out: Path) -> dict:
+def measure(which: str, data: Path, out: Path) -> dict:
     """Run one side in a fresh interpreter; wall time and peak RSS are that child's alone."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    start = time.perf_counter()
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--child", which, "--data", str(data), "--out", str(out)],
-        stdout=subprocess.PIPE,
-        env=env,
-    )
-    stdout = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
-    if child.returncode != 0:
-        raise SystemExit(f"{which} child failed with exit code {child.returncode}")
-    result = json.loads(stdout.decode().strip().splitlines()[-1])
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {**result, "seconds": round(seconds, 2), "peak_rss_bytes": peak, "records_per_s": round(result["records_in"] / seconds)}
+    child = run_child(module_command(__spec__.name, "--child", which, "--data", data, "--workdir", out), env=env, what=which)
+    result, seconds = child.last_json(), child.seconds
+    return {**result, "seconds": round(seconds, 2), "peak_rss_bytes": child.peak_rss_bytes,
+            "records_per_s": round(result["records_in"] / seconds)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--workdir", type=Path, default=None, help="where to put the synthetic file (default: a temp folder)")
     parser.add_argument("--child", choices=["sftkit", "datasets"], help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.child:
-        result = child_sftkit(args.data, args.out) if args.child == "sftkit" else child_datasets(args.data, args.out)
+    if args.child:  # --workdir is the child's output folder
+        result = child_sftkit(args.data, args.workdir) if args.child == "sftkit" else child_datasets(args.data, args.workdir)
         print(json.dumps(result))
         return
 
@@ -146,7 +129,7 @@ def main() -> None:
 
         results = {}
         for which in ("sftkit", "datasets"):
-            results[which] = run_child(which, data, workdir / which)
+            results[which] = measure(which, data, workdir / which)
             r = results[which]
             print(f"{which:>9}: {r['seconds']:7.1f}s  {r['records_per_s']:>9,} records/s  peak RSS {r['peak_rss_bytes'] / 2**20:7.0f} MiB")
         ours, peer = results["sftkit"], results["datasets"]
@@ -162,16 +145,13 @@ def main() -> None:
         verdict = "PASS" if ours["peak_rss_bytes"] < RSS_LIMIT_BYTES else "FAIL"
         print(f"{verdict}: sftkit peak RSS {ours['peak_rss_bytes'] / 2**20:.0f} MiB vs the 1024 MiB bar")
 
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({
+        write_results("ingest_rss", {
             "records": args.records,
             "input_bytes": size,
-            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
             "results": results,
             "ratios": ratios,
             "verdict": verdict,
-        }, indent=2) + "\n")
-        print(f"wrote {RESULTS.relative_to(REPO)}")
+        }, args.out, packages=["datasets"])
         if verdict != "PASS":
             raise SystemExit(1)
     finally:

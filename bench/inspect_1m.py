@@ -1,6 +1,6 @@
 """``sftkit inspect DIR`` on a 1M-row prepared dataset vs reading the whole shards.
 
-    .venv/bin/python bench/inspect_1m.py [--rows 1000000] [--keep DIR] [--repeats 3]
+    .venv/bin/python -m bench.inspect_1m [--rows 1000000] [--keep DIR] [--repeats 3]
 
 1. Builds a prepared dataset folder with pyarrow (``pipeline.schema.SHARD_SCHEMA``, manifest via
    ``pipeline.manifest``): ``--rows`` rows in shards of 100k rows (2 % in ``val``), 5 sources,
@@ -22,13 +22,10 @@ Writes bench/results/inspect.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,12 +34,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from pipeline import schema  # noqa: E402
-from pipeline.fsutil import write_parquet_atomic  # noqa: E402
-from pipeline.manifest import write_manifest  # noqa: E402
+from bench._common import REPO, argument_parser, run_child, two_message_conversations, write_results
+from pipeline import schema
+from pipeline.fsutil import sha256_file, write_parquet_atomic
+from pipeline.manifest import write_manifest
 
 ROWS_PER_SHARD = 100_000
 VOCAB = 32_000
@@ -114,33 +109,27 @@ def build(root: Path, rows: int, seed: int = 0) -> dict:
             sources = pa.DictionaryArray.from_arrays(pa.array(source_codes, pa.int32()), pa.array(SOURCES)).cast(pa.string())
             user = pa.array([f"Synthetic instruction number {i}: please answer briefly." for i in index])
             reply = pa.array([f"Synthetic reply {i}." for i in index])
-            roles = pa.array(np.tile(np.array(["user", "assistant"], dtype=object), n).tolist())
             contents = pa.concat_arrays([user, reply]).take(pa.array(np.stack([np.arange(n), np.arange(n) + n], 1).ravel()))
-            nulls_s = pa.nulls(2 * n, pa.string())
-            struct = pa.StructArray.from_arrays(
-                [roles, contents, nulls_s, nulls_s, pa.nulls(2 * n, pa.bool_())],
-                fields=list(schema.MESSAGE_TYPE),
-            )
-            messages = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), struct)
-            table = pa.Table.from_arrays(
-                [
-                    pa.array([f"{i:032x}" for i in index]),
-                    sources,
-                    pa.array(index, pa.int64()),
-                    messages,
-                    pa.nulls(n, pa.string()),
-                    pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
-                    pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels)),
-                    pa.array(length.astype(np.int32)),
-                    pa.array(trainable.astype(np.int32)),
-                ],
+            table = pa.table(
+                {
+                    schema.ID: pa.array([f"{i:032x}" for i in index]),
+                    schema.SOURCE: sources,
+                    schema.SOURCE_INDEX: pa.array(index, pa.int64()),
+                    schema.MESSAGES: two_message_conversations(contents),
+                    schema.TOOLS: pa.nulls(n, pa.string()),
+                    schema.TURN: pa.nulls(n, pa.int32()),
+                    schema.INPUT_IDS: pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
+                    schema.LABELS: pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels)),
+                    schema.LENGTH: pa.array(length.astype(np.int32)),
+                    schema.NUM_TRAINABLE: pa.array(trainable.astype(np.int32)),
+                },
                 schema=schema.SHARD_SCHEMA,
             )
             relative = f"shards/{schema.shard_file_name(split, shard_index)}"
             write_parquet_atomic(table, root / relative, metadata={schema.META_SPLIT: split.encode()})
             shards.append(
                 {"path": relative, "split": split, "rows": n, "tokens": int(length.sum()),
-                 "trainable_tokens": int(trainable.sum()), "sha256": "not-computed-in-bench"}
+                 "trainable_tokens": int(trainable.sum()), "sha256": sha256_file(root / relative)}
             )
             print(f"  wrote {relative}: {n:,} rows, {total:,} tokens", flush=True)
 
@@ -158,6 +147,7 @@ def build(root: Path, rows: int, seed: int = 0) -> dict:
             schema.DUPLICATE_OF: [None] * n_rejected,
             schema.SIMILARITY: [None] * n_rejected,
             schema.RAW: ['{"instruction": "synthetic", "output": "rejected record"}'] * n_rejected,
+            schema.TURN: [None] * n_rejected,
         },
         schema=schema.REJECTED_SCHEMA,
     )
@@ -183,25 +173,8 @@ def build(root: Path, rows: int, seed: int = 0) -> dict:
     return manifest
 
 
-def timed(cmd: list[str], **kwargs) -> tuple[float, str, int]:
-    """Wall seconds, stdout, and the child's peak RSS in MiB (one fresh process per call)."""
-    wrapper = [
-        sys.executable, "-c",
-        "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr); "
-        "print(f'\\n@@ {time.perf_counter() - t:.4f} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss} {r.returncode}', file=sys.stderr)",
-        *cmd,
-    ]
-    result = subprocess.run(wrapper, capture_output=True, text=True, **kwargs)
-    marker = result.stderr.rsplit("@@ ", 1)[1].split()
-    if int(marker[2]) != 0:
-        raise RuntimeError(f"{cmd[:3]} failed: {result.stderr[-2000:]}")
-    return float(marker[0]), result.stdout, int(marker[1]) // 1024
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="build (or reuse) the dataset here and keep it")
@@ -226,9 +199,10 @@ def main() -> None:
         def measure(name: str, cmd: list[str], repeats: int) -> str:
             times, rss, out = [], [], ""
             for _ in range(repeats):
-                seconds, out, peak = timed(cmd, env=env)
-                times.append(seconds)
-                rss.append(peak)
+                child = run_child(cmd, env=env)
+                times.append(child.seconds)
+                rss.append(child.peak_rss_bytes // 2**20)
+                out = child.stdout
             results[name] = {"seconds_median": round(statistics.median(times), 3), "seconds_all": [round(s, 3) for s in times], "peak_rss_mib": max(rss)}
             print(f"{name:<34} median {statistics.median(times):7.2f}s  (runs {', '.join(f'{s:.2f}' for s in times)})  peak RSS {max(rss):,} MiB", flush=True)
             return out
@@ -269,12 +243,9 @@ def main() -> None:
             "html_report_bytes": html_size,
             "results": results,
             "figures_agree": True,
-            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         }
-        out = REPO / "bench" / "results" / "inspect.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"dataset: {args.rows:,} rows, {tokens:,} tokens, {disk / 2**20:,.0f} MiB on disk; wrote {out}")
+        print(f"dataset: {args.rows:,} rows, {tokens:,} tokens, {disk / 2**20:,.0f} MiB on disk")
+        write_results("inspect", report, args.out, packages=["pandas"])
     finally:
         if args.keep is None:
             shutil.rmtree(root.parent, ignore_errors=True)

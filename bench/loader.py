@@ -16,7 +16,7 @@ ids, prompt share masked) with the real shard writer, then on ONE core measures,
 Figures are from a warm page cache (the steady state of a training run). Results go to
 ``bench/results/loader.json``.
 
-    .venv/bin/python bench/loader.py [--rows 100000] [--work DIR]
+    .venv/bin/python -m bench.loader [--rows 300000] [--work DIR]
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,16 +38,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from pipeline import schema  # noqa: E402
-from pipeline.config import ShardConfig  # noqa: E402
-from pipeline.manifest import now_iso, resolve_inside, shard_entries, write_manifest  # noqa: E402
-from pipeline.shards import write_shards  # noqa: E402
-from trainer.batching import PlannedBatches, best_fit_decreasing, next_fit, plan_packed, plan_padded  # noqa: E402
-from trainer.data import ShardDataset  # noqa: E402
-from trainer.sampling import epoch_order  # noqa: E402
+from bench._common import REPO, argument_parser, module_command, print_table, proc_status_bytes, write_results
+from pipeline import schema
+from pipeline.config import SFTConfig, ShardConfig
+from pipeline.manifest import now_iso, resolve_inside, shard_entries, write_manifest
+from pipeline.shards import write_shards
+from trainer.batching import PlannedBatches, best_fit_decreasing, plan_packed, plan_padded
+from trainer.data import ShardDataset
+from trainer.sampling import epoch_order
 
 VOCAB = 32_000
 
@@ -99,7 +96,8 @@ def write_prepared(folder: Path, tokens: np.ndarray, labels: np.ndarray, offsets
     staging = folder / "staging"
     staging.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, staging / "rows.parquet")
-    entries = write_shards([staging / "rows.parquet"], folder, ShardConfig(val_fraction=0.0, target_rows=target_rows), {})
+    config = SFTConfig(shards=ShardConfig(val_fraction=0.0, target_rows=target_rows))
+    entries = write_shards([staging / "rows.parquet"], folder, config, metadata={}).entries
     shutil.rmtree(staging)
     write_manifest(folder, {"version": 1, "created_at": now_iso(), "tokenizer": {"name": "synthetic", "fingerprint": None},
                             "template": {"name": "synthetic", "fingerprint": None},
@@ -108,12 +106,22 @@ def write_prepared(folder: Path, tokens: np.ndarray, labels: np.ndarray, offsets
 
 
 def rss_fields() -> dict[str, int]:
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
+    return proc_status_bytes("VmRSS", "RssAnon", "RssFile")
+
+
+def next_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """The naive packer the planner is measured against: rows in ``order``, a new bin whenever
+    the next row does not fit in the current one."""
+    bins: list[list[int]] = []
+    fill = capacity + 1
+    for row in np.asarray(order).tolist():
+        size = int(lengths[row])
+        if fill + size > capacity:
+            bins.append([])
+            fill = 0
+        bins[-1].append(row)
+        fill += size
+    return bins
 
 
 def timed_rows(get_row, indices: np.ndarray, budget_s: float, copy: bool) -> dict:
@@ -273,11 +281,10 @@ def bench_packing(rows: int = 100_000) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--rows", type=int, default=300_000, help="rows in the synthetic dataset")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds per access measurement")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loader.json")
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_only:  # in a child process, so building leaves nothing behind in our RSS
@@ -291,7 +298,7 @@ def main() -> None:
     folder = work / "data"
     if not (folder / "manifest.json").exists():
         started = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--build-only", "--rows", str(args.rows), "--work", str(work)], check=True)
+        subprocess.run(module_command(__spec__.name, "--build-only", "--rows", args.rows, "--work", work), check=True, cwd=REPO)
         print(f"built {args.rows} rows in {time.perf_counter() - started:.1f}s at {folder}")
     started = time.perf_counter()
     ds = ShardDataset(folder, "train")
@@ -314,12 +321,14 @@ def main() -> None:
     }
     access = results["access_one_core"]
     mmap_tps = access["mmap_copied"]["tokens_per_s"]
-    print("\nrandom access, one core (warm page cache)          rows/s    Mtokens/s   vs mmap")
-    for name, figures in access.items():
-        if "rows_per_s" in figures:
-            print(f"  {name:<44} {figures['rows_per_s']:>9.0f} {figures['tokens_per_s'] / 1e6:>10.2f}   {mmap_tps / figures['tokens_per_s']:>6.1f}x")
-        else:
-            print(f"  {name:<44} {'':>9} {figures['tokens_per_s'] / 1e6:>10.2f}")
+    print()
+    print_table(
+        ["random access, one core (warm page cache)", "rows/s", "Mtokens/s", "mmap is"],
+        [[name, f"{figures['rows_per_s']:.0f}", f"{figures['tokens_per_s'] / 1e6:.2f}", f"{mmap_tps / figures['tokens_per_s']:.1f}x"]
+         if "rows_per_s" in figures else [name, "", f"{figures['tokens_per_s'] / 1e6:.2f}", ""]
+         for name, figures in access.items()],
+        indent=0,
+    )
     print(f"  (pyarrow in-memory needs {access['parquet_in_memory']['rss_growth_bytes'] / 2**20:.0f} MiB RSS and "
           f"{access['parquet_in_memory']['load_seconds']}s to load; datasets {access['datasets_arrow']['load_seconds']}s to convert)")
     rss = results["rss"]
@@ -338,9 +347,8 @@ def main() -> None:
               f"next-fit {p['next_fit_efficiency']:.4f} ({p['next_fit_plan_seconds']:.2f}s)  "
               f"padded+grouped {p['padded_efficiency']:.4f} ({p['padded_plan_seconds']:.2f}s)  "
               f"BFD uses {p['next_fit_bins'] / p['bfd_bins']:.3f}x fewer batches than next-fit")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print()
+    write_results("loader", results, args.out, packages=["datasets"])
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -12,8 +12,10 @@ Each runs in its own subprocess, so neither inherits the other's heap; the peak 
 head, its input and torch itself). The two losses (and the head's gradient norms) must agree to
 1e-6 relative. The estimator's logits row (trainer/memory.py) is printed next to the measurements.
 
-    .venv/bin/python bench/loss_memory.py                  # 8,192 tokens (the plain path needs ~16 GB)
-    .venv/bin/python bench/loss_memory.py --tokens 16384   # the plain path needs ~32 GB
+    .venv/bin/python -m bench.loss_memory                  # 8,192 tokens (the plain path needs ~16 GB)
+    .venv/bin/python -m bench.loss_memory --tokens 16384   # the plain path needs ~32 GB
+
+Writes bench/results/loss_memory.json.
 """
 
 from __future__ import annotations
@@ -21,14 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench._common import argument_parser, max_rss_bytes, module_command, print_table, run_child, stopwatch, write_results
 
 HIDDEN, VOCAB, CHUNK = 896, 151_936, 1024
 
@@ -45,35 +41,30 @@ def child(mode: str, tokens: int, chunk: int) -> dict:
     hidden = torch.randn(1, tokens + 1, HIDDEN, requires_grad=True)
     targets = torch.randint(0, VOCAB, (1, tokens))
     before = psutil.Process().memory_info().rss
-    started = time.perf_counter()
-    if mode == "plain":
-        loss = summed_cross_entropy(head(hidden), targets)
-    else:
-        loss = chunked_cross_entropy(hidden, head, targets, chunk_tokens=chunk)
-    loss.backward()
-    seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    with stopwatch() as lap:
+        if mode == "plain":
+            loss = summed_cross_entropy(head(hidden), targets)
+        else:
+            loss = chunked_cross_entropy(hidden, head, targets, chunk_tokens=chunk)
+        loss.backward()
+    peak = max_rss_bytes()
     return {
         "mode": mode, "loss": loss.item(), "head_grad_norm": head.weight.grad.norm().item(),
         "hidden_grad_norm": hidden.grad.norm().item(), "peak_rss": peak, "rss_before_loss": before,
-        "working_memory": peak - before, "seconds": seconds,
+        "working_memory": peak - before, "seconds": lap.seconds,
     }
 
 
 def run(mode: str, tokens: int, chunk: int) -> dict:
-    command = [sys.executable, __file__, "--child", mode, "--tokens", str(tokens), "--chunk", str(chunk)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} run failed (exit {done.returncode}; out of memory?):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    command = module_command(__spec__.name, "--child", mode, "--tokens", tokens, "--chunk", chunk)
+    return run_child(command, what=f"the {mode} loss (out of memory?)").last_json()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=8192, help="trained positions")
     parser.add_argument("--chunk", type=int, default=CHUNK, help="chunked loss: positions per chunk")
     parser.add_argument("--child", choices=["plain", "chunked"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loss_memory.json")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.tokens, args.chunk)))
@@ -102,17 +93,16 @@ def main() -> None:
     }
     gib = 2**30
     print(f"loss forward+backward, {args.tokens:,} trained tokens, vocab {VOCAB:,}, hidden {HIDDEN} (fp32, CPU)")
-    print(f"{'':9} {'peak RSS':>10} {'working':>10} {'estimate':>10} {'seconds':>8}  loss")
-    for run_result in (plain, chunked):
-        mode = run_result["mode"]
-        print(f"{mode:9} {run_result['peak_rss'] / gib:8.2f} G {run_result['working_memory'] / gib:8.2f} G "
-              f"{estimated[mode] / gib:8.2f} G {run_result['seconds']:8.2f}  {run_result['loss']:.6f}")
+    print_table(
+        ["", "peak RSS", "working", "estimate", "seconds", "loss"],
+        [[r["mode"], f"{r['peak_rss'] / gib:.2f} G", f"{r['working_memory'] / gib:.2f} G", f"{estimated[r['mode']] / gib:.2f} G",
+          f"{r['seconds']:.2f}", f"{r['loss']:.6f}"] for r in (plain, chunked)],
+        indent=0,
+    )
     print(f"plain / chunked: {results['working_memory_ratio']:.1f}x working memory, {results['peak_rss_ratio']:.1f}x peak RSS; "
           f"chunked / plain time: {results['time_ratio']:.2f}x")
     print(f"loss relative difference {relative:.2e}, gradient norms {grad_relative:.2e} (must be <= 1e-6)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results("loss_memory", results, args.out)
     if relative > 1e-6:
         raise SystemExit("the chunked loss differs from the plain loss by more than 1e-6")
 

@@ -4,18 +4,15 @@ The configs are the public ``config.json`` values of each model (huggingface.co/
 fields that change the count are written here, the rest are transformers' defaults. Nothing is
 downloaded: the models are built on the meta device.
 
-    .venv/bin/python bench/memory_table.py                 # markdown, 8,192 tokens per GPU
-    .venv/bin/python bench/memory_table.py --batch-tokens 16384
+    .venv/bin/python -m bench.memory_table                 # markdown, 8,192 tokens per GPU
+    .venv/bin/python -m bench.memory_table --batch-tokens 16384
+
+Writes the figures to bench/results/memory_table.json too.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench._common import argument_parser, write_results
 
 MODELS = {
     "Qwen2.5-0.5B": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -48,17 +45,19 @@ def model_config(name: str):
 def main() -> None:
     from trainer.memory import estimate_memory, model_shape
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--batch-tokens", type=int, default=8192)
     args = parser.parse_args()
     print("| model | params | " + " | ".join(name for name, _ in COLUMNS) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))
+    models = {}
     for name in MODELS:
-        config = model_config(name)
-        shape = model_shape(config)
-        cells = [f"{estimate_memory(shape, batch_tokens=args.batch_tokens, **settings).total / 2**30:.1f}" for _, settings in COLUMNS]
-        print(f"| {name} | {shape.num_params / 1e9:.2f}B | " + " | ".join(cells) + " |")
+        shape = model_shape(model_config(name))
+        gib = {column: estimate_memory(shape, batch_tokens=args.batch_tokens, **settings).total / 2**30 for column, settings in COLUMNS}
+        models[name] = {"params": shape.num_params, "gib_per_gpu": gib}
+        print(f"| {name} | {shape.num_params / 1e9:.2f}B | " + " | ".join(f"{value:.1f}" for value in gib.values()) + " |")
     print(f"\nGiB per GPU at {args.batch_tokens:,} tokens per micro-batch (one packed row, sdpa), chunked loss unless noted.")
+    write_results("memory_table", {"batch_tokens": args.batch_tokens, "models": models}, args.out)
 
 
 if __name__ == "__main__":

@@ -20,34 +20,30 @@ then on ONE core measures:
 
 Results go to ``bench/results/mixture.json``.
 
-    .venv/bin/python bench/mixture.py [--rows 1000000] [--work DIR]
+    .venv/bin/python -m bench.mixture [--rows 1000000] [--work DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np
+import numpy as np  # after OMP_NUM_THREADS
 import pyarrow.parquet as pq
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from loader import write_prepared  # noqa: E402
-from pipeline import schema  # noqa: E402
-from trainer.batching import PlannedBatches, plan_packed  # noqa: E402
-from trainer.data import ShardDataset  # noqa: E402
-from trainer.mixture import load_mixture  # noqa: E402
-from trainer.sampling import EpochPlanner, epoch_order  # noqa: E402
+from bench._common import argument_parser, best_of, print_table, write_results
+from bench.loader import write_prepared
+from pipeline import schema
+from trainer.batching import PlannedBatches, plan_packed
+from trainer.data import ShardDataset
+from trainer.mixture import load_mixture
+from trainer.sampling import EpochPlanner, epoch_order
 
 GROUPS = 20
 VOCAB = 32_000
@@ -83,15 +79,6 @@ def write_spec(path: Path, folder: Path, *, last_groups: int = 0, loss_weights: 
         groups.append(group)
     path.write_text(yaml.safe_dump({"seed": 0, "datasets": [str(folder)], "groups": groups}, sort_keys=False))
     return path
-
-
-def best_of(rounds: int, run) -> float:
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def bench_planning(spec: Path, last_spec: Path, rounds: int) -> dict:
@@ -183,13 +170,12 @@ def bench_access(folder: Path, spec: Path, options_spec: Path, sample: int, roun
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the planning dataset (~100 tokens each)")
     parser.add_argument("--access-rows", type=int, default=100_000, help="rows of the ~450-token dataset")
-    parser.add_argument("--work", type=Path, default=None, help="keep the dataset here (reused when present)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sample", type=int, default=200_000, help="rows read per access round")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "mixture.json")
+    parser.add_argument("--work", type=Path, default=None, help="keep the dataset here (reused when present)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="sftkit-mixture-bench-"))
     folders = {}
@@ -225,14 +211,14 @@ def main() -> None:
     print("per-row trained counts")
     print(f"  Parquet num_trainable column                    {counts['parquet_column_s'] * 1000:8.0f} ms")
     print(f"  counted from memory-mapped labels               {counts['mmap_labels_s'] * 1000:8.0f} ms")
-    print(f"random access, {args.sample:,} rows (best of {args.rounds})        plain rows/s  mixture rows/s  ratio  batch ratio")
-    for name, by_spec in results["access_one_core"].items():
-        for label, figures in by_spec.items():
-            print(f"  {name + ' rows, ' + label:<40} {figures['plain_rows_per_s']:>13,.0f} "
-                  f"{figures['mixture_rows_per_s']:>15,.0f} {figures['rows_ratio']:>6.2f} {figures['batch_ratio']:>12.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print_table(
+        [f"random access, {args.sample:,} rows (best of {args.rounds})", "plain rows/s", "mixture rows/s", "ratio", "batch ratio"],
+        [[f"{name} rows, {label}", f"{figures['plain_rows_per_s']:,.0f}", f"{figures['mixture_rows_per_s']:,.0f}",
+          f"{figures['rows_ratio']:.2f}", f"{figures['batch_ratio']:.2f}"]
+         for name, by_spec in results["access_one_core"].items() for label, figures in by_spec.items()],
+        indent=0,
+    )
+    write_results("mixture", results, args.out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ per_turn turns a conversation with N trained assistant turns into N rows, each r
 conversation before its turn as an untrained prompt, so it trains every turn's reasoning (which
 templates such as Qwen3's drop from earlier turns) at the price of more tokens to process.
 
-    .venv/bin/python bench/per_turn_cost.py [--real ../shared/data/real]
+    .venv/bin/python -m bench.per_turn_cost [--real ../shared/data/real]
 
 Reads every record of ``data_samples/inputs`` and of the real data folder (when present), renders
 it with the official Qwen3 and DeepSeek-R1 templates (``tests/chat_templates``) on the bundled
@@ -15,24 +15,20 @@ ratios per_turn / template.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # the tests' template fixtures live in the repository, not the package
+from bench._common import REPO, argument_parser, write_results
+from pipeline import schema
+from pipeline.config import TemplateConfig
+from pipeline.masking import Masker
+from pipeline.templates import resolve_template
+from pipeline.tokenizers import load_tokenizer
+from pipeline.tokenize import encode_table
 
-from pipeline import schema  # noqa: E402
-from pipeline.config import TemplateConfig  # noqa: E402
-from pipeline.masking import Masker  # noqa: E402
-from pipeline.templates import resolve_template  # noqa: E402
-from pipeline.tokenizers import load_tokenizer  # noqa: E402
-from pipeline.tokenize import encode_table  # noqa: E402
-from tests.chat_templates.models import tokenizer_for  # noqa: E402
-from tests.conversation_fixtures import conversations  # noqa: E402
+# The official templates and the record reader live with the tests, in the repository (not the
+# package): `python -m` from the repository root puts them on the path.
+from tests.chat_templates.models import tokenizer_for
+from tests.support.conversations import conversations
 
 
 def measure(tokenizer, rows, policy: str) -> dict:
@@ -59,7 +55,7 @@ def measure(tokenizer, rows, policy: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--real", type=Path, default=REPO.parent / "shared" / "data" / "real")
     options = parser.parse_args()
     paths = sorted((REPO / "data_samples" / "inputs").glob("*.*"))
@@ -88,17 +84,13 @@ def main() -> None:
                 f"tokens x{entry['tokens_ratio']:.2f}   trained tokens x{entry['trained_tokens_ratio']:.2f}"
             )
     out = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.platform(),
-        "python": platform.python_version(),
         "inputs": [str(p.relative_to(REPO.parent)) if p.is_relative_to(REPO.parent) else str(p) for p in paths],
         "conversations": len(rows),
         "with_reasoning": with_reasoning,
         "results": results,
     }
-    target = REPO / "bench" / "results" / "per_turn_cost.json"
-    target.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"{len(rows)} conversations ({with_reasoning} with reasoning) -> {target.relative_to(REPO)}")
+    print(f"{len(rows)} conversations ({with_reasoning} with reasoning)")
+    write_results("per_turn_cost", out, options.out)
 
 
 if __name__ == "__main__":

@@ -13,49 +13,37 @@ TRL's ``assistant_only_loss`` needs), same cores. Three measurements, tokens per
 
 TRL is installed only in the bench environment, never in sftkit's dependencies:
 
-    /work/main/.venv/bin/python -m venv .bench/venv      # plus a .pth pointing at .venv's site-packages
+    .venv/bin/python -m venv .bench/venv      # plus a .pth pointing at .venv's site-packages
     .bench/venv/bin/pip install trl -c .bench/constraints.txt   # pins torch/transformers to .venv's
-    .bench/venv/bin/python bench/prepare_vs_trl.py [--conversations 20000] [--repeats 3] [--vocab 32000]
+    .bench/venv/bin/python -m bench.prepare_vs_trl [--conversations 20000] [--repeats 3] [--vocab 32000]
 
-Prints the ratios and writes bench/results/prepare_vs_trl.json.
+Prints the ratios and writes bench/results/prepare_vs_trl[-processes][-vocabN].json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import resource
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline import schema  # noqa: E402
-from pipeline.config import SFTConfig  # noqa: E402
-from pipeline.formats import to_conversation  # noqa: E402
-from pipeline.readers import iter_records  # noqa: E402
+from bench._common import REPO, argument_parser, stopwatch, write_results
+from pipeline import schema
+from pipeline.config import SFTConfig
+from pipeline.formats import to_conversation
+from pipeline.readers import iter_records
 
 TOKENIZER = REPO / "data_samples" / "tokenizer"
 REAL = Path(os.environ.get("SFTKIT_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
 MAX_LENGTH = 4096
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (TRL's map workers), user + system."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def load_conversations(target: int) -> list[dict]:
@@ -93,13 +81,12 @@ def bench_sftkit(rows: list[dict], workdir: Path, cores: int, workers: str = "th
     config.tokenize.workers = workers
     out = workdir / "sftkit"
     shutil.rmtree(out, ignore_errors=True)
-    started, cpu_started = time.perf_counter(), cpu_seconds()
-    stats = tokenize_stage(canonical, out / "tok.arrow", out / "rejected.parquet", str(tokenizer), config)
-    entries = write_shards([out / "tok.arrow"], out / "data", config.shards, {})
-    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    with stopwatch() as lap:
+        stats = tokenize_stage(canonical, out / "tok.arrow", out / "rejected.parquet", config, tokenizer=str(tokenizer))
+        entries = write_shards([out / "tok.arrow"], out / "data", config, metadata={}).entries
     return {
-        "seconds": seconds,
-        "cpu_seconds": cpu,
+        "seconds": lap.seconds,
+        "cpu_seconds": lap.cpu_seconds,
         "rows": stats.records_out,
         "rejected": dict(stats.rejected),
         "tokens": stats.extra["tokens"],
@@ -110,8 +97,7 @@ def bench_sftkit(rows: list[dict], workdir: Path, cores: int, workers: str = "th
 
 def train_tokenizer(rows: list[dict], out: Path, vocab_size: int) -> Path:
     """The bundled tokenizer's recipe (data_samples/make_tokenizer.py) with a real model's vocabulary size."""
-    sys.path.insert(0, str(REPO / "data_samples"))
-    from make_tokenizer import build
+    from data_samples.make_tokenizer import build  # the repository's folder, on the path under `python -m`
 
     seen, lines = set(), []
     for row in rows:
@@ -169,16 +155,15 @@ def bench_trl(rows: list[dict], workdir: Path, cores: int, tokenizer_path: Path 
     )
     data = datasets.Dataset.from_list(trl_rows(rows))
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data.select(range(8)), processing_class=tokenizer)
-    started, cpu_started = time.perf_counter(), cpu_seconds()
-    prepared = trainer._prepare_dataset(data, tokenizer, args, False, None, "train")
-    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    with stopwatch() as lap:
+        prepared = trainer._prepare_dataset(data, tokenizer, args, False, None, "train")
     lengths = prepared.map(
         lambda batch: {"n": [len(x) for x in batch["input_ids"]], "t": [sum(y != -100 for y in x) for x in batch["labels"]]},
         batched=True, remove_columns=prepared.column_names,
     )
     return {
-        "seconds": seconds,
-        "cpu_seconds": cpu,
+        "seconds": lap.seconds,
+        "cpu_seconds": lap.cpu_seconds,
         "rows": len(prepared),
         "tokens": int(sum(lengths["n"])),
         "trainable_tokens": int(sum(lengths["t"])),
@@ -198,12 +183,11 @@ def bench_raw_tokenizer(rows: list[dict], tokenizer_path: Path = TOKENIZER) -> d
         render(template, variables, schema.messages_for_template(r[schema.MESSAGES]), schema.tools_for_template(r[schema.TOOLS]))[0]
         for r in rows
     ]
-    started, cpu_started = time.perf_counter(), cpu_seconds()
     tokens = 0
-    for start in range(0, len(texts), 1000):
-        tokens += sum(len(ids) for ids in tokenizer(texts[start : start + 1000])["input_ids"])
-    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
-    return {"seconds": seconds, "cpu_seconds": cpu, "rows": len(texts), "tokens": tokens}
+    with stopwatch() as lap:
+        for start in range(0, len(texts), 1000):
+            tokens += sum(len(ids) for ids in tokenizer(texts[start : start + 1000])["input_ids"])
+    return {"seconds": lap.seconds, "cpu_seconds": lap.cpu_seconds, "rows": len(texts), "tokens": tokens}
 
 
 def best(runs: list[dict]) -> dict:
@@ -211,7 +195,7 @@ def best(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--conversations", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each; the fastest counts")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
@@ -281,26 +265,20 @@ def main() -> None:
     suffix = "" if options.workers == "threads" and not options.skip_trl else f"-{options.workers}"
     if options.vocab:
         suffix += f"-vocab{options.vocab}"
-    out = REPO / "bench" / "results" / f"prepare_vs_trl{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "conversations": len(rows),
-                "cores": options.cores,
-                "sftkit_workers": options.workers,
-                "machine": platform.platform(),
-                "max_length": MAX_LENGTH,
-                "tokenizer": "bundled" if tokenizer == TOKENIZER else f"byte-level BPE, {options.vocab} tokens, trained on the benchmark text",
-                "results": results,
-                "ratios": ratios,
-            },
-            indent=2,
-        )
-        + "\n",
-        encoding="utf-8",
+    write_results(
+        f"prepare_vs_trl{suffix}",
+        {
+            "conversations": len(rows),
+            "cores": options.cores,
+            "sftkit_workers": options.workers,
+            "max_length": MAX_LENGTH,
+            "tokenizer": "bundled" if tokenizer == TOKENIZER else f"byte-level BPE, {options.vocab} tokens, trained on the benchmark text",
+            "results": results,
+            "ratios": ratios,
+        },
+        options.out,
+        packages=["trl", "datasets"],
     )
-    print(f"wrote {out.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

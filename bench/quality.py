@@ -14,12 +14,11 @@ conversation's text) when a Python with datatrove is available (``--datatrove-py
 default /tmp/dt-venv/bin/python; ``python -m venv /tmp/dt-venv && /tmp/dt-venv/bin/pip install
 datatrove regex spacy``), else against a straightforward per-filter Python loop over our filters.
 
-    .venv/bin/python bench/quality.py            # writes bench/results/quality.json
+    .venv/bin/python -m bench.quality            # writes bench/results/quality.json
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import ipaddress
 import json
@@ -31,19 +30,16 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from pipeline import schema  # noqa: E402
-from pipeline.config import QualityConfig  # noqa: E402
-from pipeline.quality import build_filters, quality_stage  # noqa: E402
-from pipeline.quality.base import FilterChain  # noqa: E402
+from bench._common import REPO, argument_parser, write_results
+from pipeline import schema
+from pipeline.config import QualityConfig, SFTConfig
+from pipeline.quality import build_filters, quality_stage
+from pipeline.quality.base import FilterChain
 
 REAL = REPO.parent / "shared" / "data" / "real"
-RESULTS = REPO / "bench" / "results" / "quality.json"
 REAL_FILES = ("alpaca_en_demo.json", "glaive_toolcall_en_demo.json", "dummy_conversation.json")
 
 
@@ -398,7 +394,7 @@ def throughput_stage(records: list[dict], config: QualityConfig, workdir: Path) 
     source = workdir / "in.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=schema.CONVERSATION_SCHEMA), source)
     start = time.perf_counter()
-    stats = quality_stage(source, workdir / "out.parquet", workdir / "rejected.parquet", config)
+    stats = quality_stage(source, workdir / "out.parquet", workdir / "rejected.parquet", SFTConfig(quality=config))
     seconds = time.perf_counter() - start
     return {"records": len(rows), "seconds": round(seconds, 4), "records_per_s": round(len(rows) / seconds, 1),
             "kept": stats.records_out, "rejected": stats.num_rejected, "pii_redactions": stats.extra["pii_redactions"]}
@@ -457,12 +453,11 @@ def run_datatrove(python: str, records: list[dict], repeats: int, workdir: Path)
 
 # --- report ----------------------------------------------------------------------------------
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--per-kind", type=int, default=30, help="bad records per kind and language")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--datatrove-python", default="/tmp/dt-venv/bin/python")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
@@ -560,9 +555,6 @@ def main() -> None:
             "datatrove_baseline": dt_report,
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
     print(f"clean records: {len(clean)} (converted with {converter}); bad records: {len(bad)} ({len(KINDS)} kinds x en/zh)")
     print(f"recall on bad records:        {recall:.4f}  (target >= 0.95)")
     for name, entry in per_kind.items():
@@ -584,7 +576,7 @@ def main() -> None:
         print("  datatrove baseline: not available; compared against the bare loop only")
         print(f"  ratio chain / bare loop: {ours['records_per_s'] / plain['records_per_s']:.2f}x")
     print(f"per-filter seconds: {ours['per_filter_seconds']}")
-    print(f"wrote {args.out}")
+    write_results("quality", result, args.out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ gathers one row group at a time; so its anonymous memory should not grow with th
 writes the same tokenized rows as a zstd-compressed IPC file too (decompressed whole when read)
 and compares, on the real instruction data repeated to --conversations rows:
 
-    .venv/bin/python bench/shard_memory.py [--conversations 20000]
+    .venv/bin/python -m bench.shard_memory [--conversations 20000]
 
 Writes bench/results/shard_memory.json.
 """
@@ -15,33 +15,24 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from pipeline import schema  # noqa: E402
-from pipeline.config import SFTConfig  # noqa: E402
-from pipeline.shards import write_shards  # noqa: E402
-from pipeline.tokenize import tokenize_stage  # noqa: E402
-from prepare_vs_trl import TOKENIZER, load_conversations  # noqa: E402
+from bench._common import argument_parser, module_command, proc_status_bytes, run_child, write_results
+from bench.prepare_vs_trl import TOKENIZER, load_conversations
+from pipeline import schema
+from pipeline.config import SFTConfig
+from pipeline.shards import write_shards
+from pipeline.tokenize import tokenize_stage
 
 
 def rss_anon_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status_bytes("RssAnon").get("RssAnon", float("nan")) / 2**20
 
 
 def measure(work_file: Path, out: Path, config: SFTConfig) -> dict:
@@ -55,7 +46,7 @@ def measure(work_file: Path, out: Path, config: SFTConfig) -> dict:
     watcher = threading.Thread(target=watch)
     watcher.start()
     started = time.process_time()
-    entries = write_shards([work_file], out, config.shards, {})
+    entries = write_shards([work_file], out, config, metadata={}).entries
     cpu = time.process_time() - started
     done.set()
     watcher.join()
@@ -68,7 +59,7 @@ def measure(work_file: Path, out: Path, config: SFTConfig) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--conversations", type=int, default=20_000)
     parser.add_argument("--measure", nargs=2, metavar=("WORK_FILE", "OUT"), help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -85,7 +76,7 @@ def main() -> None:
         config = SFTConfig()
         config.tokenize.max_length = 4096
         work = workdir / "tok.arrow"
-        tokenize_stage(workdir / "canonical.parquet", work, workdir / "rejected.parquet", str(TOKENIZER), config)
+        tokenize_stage(workdir / "canonical.parquet", work, workdir / "rejected.parquet", config, tokenizer=str(TOKENIZER))
         table = pa.ipc.open_file(pa.memory_map(str(work))).read_all()
         zstd = workdir / "tok-zstd.arrow"
         with pa.ipc.new_file(zstd, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
@@ -93,21 +84,14 @@ def main() -> None:
         del table
         # Each in a fresh process: memory freed by one measurement would flatter the next.
         results = {
-            name: json.loads(
-                subprocess.run(
-                    [sys.executable, __file__, "--measure", str(path), str(workdir / name.split()[0])],
-                    check=True, capture_output=True, text=True,
-                ).stdout.splitlines()[-1]
-            )
+            name: run_child(module_command(__spec__.name, "--measure", path, workdir / name.split()[0]), what=name).last_json()
             for name, path in (("memory-mapped (what sftkit writes)", work), ("zstd-compressed IPC (read whole)", zstd))
         }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for name, figures in results.items():
         print(f"{name:>36}: {figures}")
-    out = REPO / "bench" / "results" / "shard_memory.json"
-    out.write_text(json.dumps({"conversations": options.conversations, "results": results}, indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    write_results("shard_memory", {"conversations": options.conversations, "results": results}, options.out)
 
 
 if __name__ == "__main__":

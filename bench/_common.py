@@ -1,0 +1,259 @@
+"""What every benchmark script shares: the repository's place, the results format, measuring.
+
+Every script writes one file, ``bench/results/<name>.json`` (``--out`` to put it elsewhere), and
+:mod:`bench.table` reads them all to print the README's benchmark table:
+
+    {"stamp": {...}, <the script's own figures>}
+
+| key | what it holds |
+|---|---|
+| stamp.git | ``commit`` (short sha of HEAD) and ``dirty`` (tracked files outside bench/results differ from it) |
+| stamp.machine | ``cpu`` model, ``cores`` (os.cpu_count), ``usable_cores`` (this process's affinity), ``ram_bytes``, ``gpu`` (names, or null) |
+| stamp.python | the interpreter's version |
+| stamp.packages | versions of torch, transformers, tokenizers, pyarrow and the peers the script measures against (null: not installed) |
+| stamp.date | when the file was written, UTC, ISO 8601 to the second |
+| stamp.command | how the script was run, as ``python -m bench.<name> ARGS`` |
+
+The scripts run as modules from the repository root (``python -m bench.dedup``), so they import
+``pipeline``/``trainer``/``flows`` (installed editable in .venv), each other and the tests'
+fixtures without editing ``sys.path``; a child process they start runs the same way, from
+:data:`REPO` (:func:`module_command`, :func:`run_child`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+STAMPED_PACKAGES = ("torch", "transformers", "tokenizers", "pyarrow")
+
+
+# --- the results format ----------------------------------------------------------------------
+def argument_parser(doc: str, *, writes_results: bool = True) -> argparse.ArgumentParser:
+    """A parser whose ``--help`` shows the script's docstring (its usage lines included) and, for
+    a script that writes results, takes ``--out`` (default: ``bench/results/<name>.json``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if writes_results:
+        parser.add_argument("--out", type=Path, default=None, help="results file (default: bench/results/<name>.json)")
+    return parser
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gpus() -> list[str] | None:
+    # torch is asked only when the script imported it already: importing it here would cost
+    # seconds and memory in scripts that measure their own.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if shutil.which("nvidia-smi"):
+        try:
+            done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+        return names or None
+    return None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _command() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+    return shlex.join(program + sys.argv[1:])
+
+
+def stamp(packages: Sequence[str] = ()) -> dict[str, Any]:
+    """Where and on what the figures were measured (see the module docstring)."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    changes = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "git": {"commit": commit.strip() if commit else None, "dirty": bool(changes.strip()) if changes is not None else None},
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": usable, "ram_bytes": _ram_bytes(), "gpu": _gpus()},
+        "python": platform.python_version(),
+        "packages": {name: _version(name) for name in dict.fromkeys([*STAMPED_PACKAGES, *packages])},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": _command(),
+    }
+
+
+def write_results(name: str, figures: dict[str, Any], out: Path | None = None, *, packages: Sequence[str] = ()) -> Path:
+    """Write ``{"stamp": ..., **figures}`` to ``out`` (default ``bench/results/<name>.json``);
+    ``packages`` are the peers whose versions belong in the stamp."""
+    path = Path(out) if out is not None else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"stamp": stamp(packages), **figures}, indent=2, ensure_ascii=False) + "\n"
+    path.write_text(text, encoding="utf-8")
+    shown = path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+    print(f"wrote {shown}")
+    return path
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# --- child processes -------------------------------------------------------------------------
+def module_command(module: str, *args: object) -> list[str]:
+    """``python -m module ARGS`` with this interpreter; run it from :data:`REPO` (run_child does)."""
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+@dataclass
+class ChildRun:
+    stdout: str
+    seconds: float
+    peak_rss_bytes: int
+
+    def last_json(self) -> Any:
+        """The child's answer: the JSON on the last line it printed."""
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+
+def max_rss_bytes(usage: resource.struct_rusage | None = None) -> int:
+    """``ru_maxrss`` in bytes (Linux counts it in KiB, macOS in bytes); this process's by default."""
+    usage = usage or resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def run_child(command: Sequence[str], *, env: dict[str, str] | None = None, what: str | None = None) -> ChildRun:
+    """Run ``command`` from the repository root in a fresh process; its wall seconds and its own
+    peak RSS (``os.wait4``: this child's alone, not the largest child so far). Exits with the
+    child's stderr tail when it fails."""
+    with tempfile.TemporaryFile() as stderr:
+        started = time.perf_counter()
+        child = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=stderr, cwd=REPO, env=env)
+        stdout = child.stdout.read()
+        child.stdout.close()
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            stderr.seek(0)
+            tail = stderr.read().decode(errors="replace")[-3000:]
+            raise SystemExit(f"{what or shlex.join(command[:4])} failed with exit code {child.returncode}:\n{tail}")
+    return ChildRun(stdout.decode(), seconds, max_rss_bytes(usage))
+
+
+# --- memory and time -------------------------------------------------------------------------
+def proc_status_bytes(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status in bytes, e.g. ``VmRSS``, ``RssAnon`` (anonymous memory) and
+    ``RssFile`` (mapped files, page cache that can be dropped)."""
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in keys:
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (worker pools), user + system."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class Lap:
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+@contextmanager
+def stopwatch() -> Iterator[Lap]:
+    """``with stopwatch() as lap: ...`` then ``lap.seconds`` (wall) and ``lap.cpu_seconds``."""
+    lap = Lap()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    try:
+        yield lap
+    finally:
+        lap.seconds, lap.cpu_seconds = time.perf_counter() - started, cpu_seconds() - cpu_started
+
+
+def best_of(rounds: int, run: Callable[[], object]) -> float:
+    """The fastest of ``rounds`` calls, in wall seconds: on a shared machine the least disturbed."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+# --- synthetic data ----------------------------------------------------------------------------
+def two_message_conversations(contents: Any) -> Any:
+    """A ``messages`` column of one user and one assistant message per row, from their contents
+    interleaved (user 0, assistant 0, user 1, ...); the messages' other fields null."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline import schema
+
+    rows = len(contents) // 2
+    fields = list(schema.MESSAGE_TYPE)
+    children = [pa.array(["user", "assistant"] * rows), contents] + [pa.nulls(2 * rows, f.type) for f in fields[2:]]
+    messages = pa.StructArray.from_arrays(children, fields=fields)
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * rows + 1, 2, dtype=np.int32)), messages)
+
+
+# --- printing --------------------------------------------------------------------------------
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], *, indent: int = 2) -> None:
+    """Aligned columns: the first (names) to the left, the figures (already formatted) to the right."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        line = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        print(" " * indent + "  ".join(line).rstrip())
