@@ -34,11 +34,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -88,8 +89,7 @@ def _gpus() -> list[str] | None:
         return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     if shutil.which("nvidia-smi"):
         try:
-            done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                  capture_output=True, text=True, timeout=30)
+            done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return None
         names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
@@ -124,7 +124,7 @@ def stamp(packages: Sequence[str] = ()) -> dict[str, Any]:
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": usable, "ram_bytes": _ram_bytes(), "gpu": _gpus()},
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in dict.fromkeys([*STAMPED_PACKAGES, *packages])},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": _command(),
     }
 

@@ -87,7 +87,7 @@ def make_pairs(num_pairs: int, seed: int = 1) -> tuple[list[str], list[tuple[int
         variant = list(tokens)
         for pos in rng.choice(length, size=min(edits, length), replace=False):
             kind = rng.random()
-            replacement = (HANZI[rng.integers(0, len(HANZI))] if chinese else vocab[rng.integers(0, len(vocab))])
+            replacement = HANZI[rng.integers(0, len(HANZI))] if chinese else vocab[rng.integers(0, len(vocab))]
             if kind < 0.7:
                 variant[pos] = str(replacement)
             elif kind < 0.85:
@@ -171,8 +171,7 @@ def run_sftkit(docs: list[str], config: DedupConfig, workdir: Path) -> tuple[tup
     warm = workdir / "warm"
     warm.mkdir()
     pq.write_table(table.slice(0, 50), warm / "in.parquet")
-    dedup_stage([warm / "in.parquet"], [warm / "out.parquet"], warm / "rejected.parquet", SFTConfig(dedup=config),
-                index_dir=warm / "index")
+    dedup_stage([warm / "in.parquet"], [warm / "out.parquet"], warm / "rejected.parquet", SFTConfig(dedup=config), index_dir=warm / "index")
     with stopwatch() as lap:
         dedup_stage(ins, outs, workdir / "rejected.parquet", SFTConfig(dedup=config), index_dir=workdir / "index")
     rejected_path = workdir / "rejected.parquet"
@@ -282,8 +281,7 @@ def rss_child(work: Path) -> dict:
     outs = [work / p.name.replace("in-", "out-") for p in ins]
     with stopwatch() as lap:
         stats = dedup_stage(ins, outs, work / "rejected.parquet", SFTConfig(), index_dir=work / "index").stats
-    return {"seconds": lap.seconds, "peak_rss_mb": max_rss_bytes() / 2**20,
-            "kept": stats.records_out, "rejected": dict(stats.rejected)}
+    return {"seconds": lap.seconds, "peak_rss_mb": max_rss_bytes() / 2**20, "kept": stats.records_out, "rejected": dict(stats.rejected)}
 
 
 def write_short_docs(num_docs: int, work: Path, chunk: int = 50_000, seed: int = 3) -> None:

@@ -51,12 +51,29 @@ def model_config(smoke: bool):
     from transformers import Qwen2Config
 
     if smoke:
-        return Qwen2Config(vocab_size=32_000, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                           max_position_embeddings=8192, use_cache=False)
-    return Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                       max_position_embeddings=32_768, rope_theta=1_000_000.0, use_cache=False)
+        return Qwen2Config(
+            vocab_size=32_000,
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=8192,
+            use_cache=False,
+        )
+    return Qwen2Config(
+        vocab_size=151_936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32_768,
+        rope_theta=1_000_000.0,
+        use_cache=False,
+    )
 
 
 def peak_flops(device: torch.device, override: float | None) -> float | None:
@@ -116,19 +133,36 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        model_config(smoke), attn_implementation=args.attn or "sdpa", dtype=DTYPES[args.dtype]
-    )
+    model = AutoModelForCausalLM.from_config(model_config(smoke), attn_implementation=args.attn or "sdpa", dtype=DTYPES[args.dtype])
     params = sum(p.numel() for p in model.parameters())
-    config = TrainConfig(data=data, out=work / "run", device=device.type, batch_tokens=batch_tokens, pack_length=pack_length,
-                         max_steps=warmup + steps, lr=1e-4, num_workers=args.workers, progress=False,
-                         lora_r=args.lora, dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
-                         fsdp=args.fsdp, attn_implementation=args.attn)
+    config = TrainConfig(
+        data=data,
+        out=work / "run",
+        device=device.type,
+        batch_tokens=batch_tokens,
+        pack_length=pack_length,
+        max_steps=warmup + steps,
+        lr=1e-4,
+        num_workers=args.workers,
+        progress=False,
+        lora_r=args.lora,
+        dtype=args.dtype,
+        activation_checkpointing=args.activation_checkpointing,
+        fsdp=args.fsdp,
+        attn_implementation=args.attn,
+    )
     estimate = estimate_memory(
-        model.config, batch_tokens=batch_tokens, lora_r=args.lora, dtype=args.dtype,
-        fsdp_gpus=info.world_size if args.fsdp else 0, activation_checkpointing=args.activation_checkpointing,
-        loss_chunk_tokens=config.loss_chunk_tokens, pack_length=pack_length, world_size=info.world_size,
-        attn_implementation=args.attn or "sdpa", device=device.type,
+        model.config,
+        batch_tokens=batch_tokens,
+        lora_r=args.lora,
+        dtype=args.dtype,
+        fsdp_gpus=info.world_size if args.fsdp else 0,
+        activation_checkpointing=args.activation_checkpointing,
+        loss_chunk_tokens=config.loss_chunk_tokens,
+        pack_length=pack_length,
+        world_size=info.world_size,
+        attn_implementation=args.attn or "sdpa",
+        device=device.type,
     )
     trainer = SFTTrainer(model, dataset, None, config)
     layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
@@ -163,8 +197,13 @@ def main() -> None:
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
         "world_size": info.world_size,
-        "strategy": {"lora_r": args.lora, "dtype": args.dtype, "activation_checkpointing": args.activation_checkpointing,
-                     "fsdp": args.fsdp and info.world_size > 1, "loss_chunk_tokens": config.loss_chunk_tokens},
+        "strategy": {
+            "lora_r": args.lora,
+            "dtype": args.dtype,
+            "activation_checkpointing": args.activation_checkpointing,
+            "fsdp": args.fsdp and info.world_size > 1,
+            "loss_chunk_tokens": config.loss_chunk_tokens,
+        },
         "model_parameters": params,
         "batch_tokens": batch_tokens,
         "pack_length": pack_length,
@@ -185,10 +224,14 @@ def main() -> None:
     if not info.is_main:
         return
     print(json.dumps(results, indent=2))
-    variant = "".join([
-        f"_lora{args.lora}" if args.lora else "", "_bf16" if args.dtype == "bf16" else "",
-        "_ac" if args.activation_checkpointing else "", f"_fsdp{info.world_size}" if results["strategy"]["fsdp"] else "",
-    ])
+    variant = "".join(
+        [
+            f"_lora{args.lora}" if args.lora else "",
+            "_bf16" if args.dtype == "bf16" else "",
+            "_ac" if args.activation_checkpointing else "",
+            f"_fsdp{info.world_size}" if results["strategy"]["fsdp"] else "",
+        ]
+    )
     write_results(f"gpu_step{'_smoke' if smoke else ''}{variant}", results, args.out, packages=["accelerate", "peft"])
 
 

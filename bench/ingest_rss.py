@@ -102,8 +102,12 @@ def measure(which: str, data: Path, out: Path) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     child = run_child(module_command(__spec__.name, "--child", which, "--data", data, "--workdir", out), env=env, what=which)
     result, seconds = child.last_json(), child.seconds
-    return {**result, "seconds": round(seconds, 2), "peak_rss_bytes": child.peak_rss_bytes,
-            "records_per_s": round(result["records_in"] / seconds)}
+    return {
+        **result,
+        "seconds": round(seconds, 2),
+        "peak_rss_bytes": child.peak_rss_bytes,
+        "records_per_s": round(result["records_in"] / seconds),
+    }
 
 
 def main() -> None:
@@ -139,19 +143,26 @@ def main() -> None:
             "peak_rss_sftkit_over_datasets": round(ours["peak_rss_bytes"] / peer["peak_rss_bytes"], 3),
             "seconds_sftkit_over_datasets": round(ours["seconds"] / peer["seconds"], 3),
         }
-        print(f"ratios (sftkit / datasets): peak RSS {ratios['peak_rss_sftkit_over_datasets']:.2f}x, "
-              f"time {ratios['seconds_sftkit_over_datasets']:.2f}x")
+        print(
+            f"ratios (sftkit / datasets): peak RSS {ratios['peak_rss_sftkit_over_datasets']:.2f}x, "
+            f"time {ratios['seconds_sftkit_over_datasets']:.2f}x"
+        )
         print(f"sftkit kept {ours['kept']:,}, rejected {ours['rejected']}")
         verdict = "PASS" if ours["peak_rss_bytes"] < RSS_LIMIT_BYTES else "FAIL"
         print(f"{verdict}: sftkit peak RSS {ours['peak_rss_bytes'] / 2**20:.0f} MiB vs the 1024 MiB bar")
 
-        write_results("ingest_rss", {
-            "records": args.records,
-            "input_bytes": size,
-            "results": results,
-            "ratios": ratios,
-            "verdict": verdict,
-        }, args.out, packages=["datasets"])
+        write_results(
+            "ingest_rss",
+            {
+                "records": args.records,
+                "input_bytes": size,
+                "results": results,
+                "ratios": ratios,
+                "verdict": verdict,
+            },
+            args.out,
+            packages=["datasets"],
+        )
         if verdict != "PASS":
             raise SystemExit(1)
     finally:

@@ -128,13 +128,25 @@ def build(root: Path, rows: int, seed: int = 0) -> dict:
             relative = f"shards/{schema.shard_file_name(split, shard_index)}"
             write_parquet_atomic(table, root / relative, metadata={schema.META_SPLIT: split.encode()})
             shards.append(
-                {"path": relative, "split": split, "rows": n, "tokens": int(length.sum()),
-                 "trainable_tokens": int(trainable.sum()), "sha256": sha256_file(root / relative)}
+                {
+                    "path": relative,
+                    "split": split,
+                    "rows": n,
+                    "tokens": int(length.sum()),
+                    "trainable_tokens": int(trainable.sum()),
+                    "sha256": sha256_file(root / relative),
+                }
             )
             print(f"  wrote {relative}: {n:,} rows, {total:,} tokens", flush=True)
 
     n_rejected = 30_000
-    reasons = [("dedup", "exact_duplicate"), ("dedup", "near_duplicate"), ("quality", "refusal"), ("quality", "too_long"), ("ingest", "invalid_json")]
+    reasons = [
+        ("dedup", "exact_duplicate"),
+        ("dedup", "near_duplicate"),
+        ("quality", "refusal"),
+        ("quality", "too_long"),
+        ("ingest", "invalid_json"),
+    ]
     picks = rng.integers(0, len(reasons), n_rejected)
     rejected = pa.Table.from_pydict(
         {
@@ -167,7 +179,9 @@ def build(root: Path, rows: int, seed: int = 0) -> dict:
         "rejected": [{"path": "rejected/all-00000.parquet", "rows": n_rejected}],
         "counts": {"read": rows + n_rejected, "kept": rows, "rejected": counts},
         "stages": [],
-        "history": [{"version": 1, "created_at": "2026-11-28T00:00:00+00:00", "read": rows + n_rejected, "kept": rows, "shards_added": len(shards)}],
+        "history": [
+            {"version": 1, "created_at": "2026-11-28T00:00:00+00:00", "read": rows + n_rejected, "kept": rows, "shards_added": len(shards)}
+        ],
     }
     write_manifest(root, manifest)
     return manifest
@@ -203,8 +217,15 @@ def main() -> None:
                 times.append(child.seconds)
                 rss.append(child.peak_rss_bytes // 2**20)
                 out = child.stdout
-            results[name] = {"seconds_median": round(statistics.median(times), 3), "seconds_all": [round(s, 3) for s in times], "peak_rss_mib": max(rss)}
-            print(f"{name:<34} median {statistics.median(times):7.2f}s  (runs {', '.join(f'{s:.2f}' for s in times)})  peak RSS {max(rss):,} MiB", flush=True)
+            results[name] = {
+                "seconds_median": round(statistics.median(times), 3),
+                "seconds_all": [round(s, 3) for s in times],
+                "peak_rss_mib": max(rss),
+            }
+            print(
+                f"{name:<34} median {statistics.median(times):7.2f}s  (runs {', '.join(f'{s:.2f}' for s in times)})  peak RSS {max(rss):,} MiB",
+                flush=True,
+            )
             return out
 
         measure("sftkit inspect DIR", [sftkit, "inspect", str(root)], args.repeats)

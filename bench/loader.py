@@ -69,8 +69,9 @@ def build_dataset(folder: Path, rows: int) -> Path:
     return write_prepared(folder, tokens, labels, offsets, np.array(["synthetic.jsonl"] * rows), target_rows=20_000)
 
 
-def write_prepared(folder: Path, tokens: np.ndarray, labels: np.ndarray, offsets: np.ndarray, sources: np.ndarray,
-                   *, target_rows: int) -> Path:
+def write_prepared(
+    folder: Path, tokens: np.ndarray, labels: np.ndarray, offsets: np.ndarray, sources: np.ndarray, *, target_rows: int
+) -> Path:
     """Rows ``tokens[offsets[i]:offsets[i+1]]`` (and their labels, from ``sources[i]``) as a prepared
     dataset folder: shards written by pipeline.shards.write_shards and a manifest."""
     rows = len(offsets) - 1
@@ -99,9 +100,18 @@ def write_prepared(folder: Path, tokens: np.ndarray, labels: np.ndarray, offsets
     config = SFTConfig(shards=ShardConfig(val_fraction=0.0, target_rows=target_rows))
     entries = write_shards([staging / "rows.parquet"], folder, config, metadata={}).entries
     shutil.rmtree(staging)
-    write_manifest(folder, {"version": 1, "created_at": now_iso(), "tokenizer": {"name": "synthetic", "fingerprint": None},
-                            "template": {"name": "synthetic", "fingerprint": None},
-                            "shards": entries, "counts": {"read": rows, "kept": rows, "rejected": {}}, "stages": []})
+    write_manifest(
+        folder,
+        {
+            "version": 1,
+            "created_at": now_iso(),
+            "tokenizer": {"name": "synthetic", "fingerprint": None},
+            "template": {"name": "synthetic", "fingerprint": None},
+            "shards": entries,
+            "counts": {"read": rows, "kept": rows, "rejected": {}},
+            "stages": [],
+        },
+    )
     return folder
 
 
@@ -163,8 +173,7 @@ def parquet_row_reader(folder: Path):
         if cache["key"] != g:
             pf, group = files[g]
             table = pf.read_row_group(group, columns=[schema.INPUT_IDS, schema.LABELS])
-            cache.update(key=g, ids=table.column(schema.INPUT_IDS).combine_chunks(),
-                         labels=table.column(schema.LABELS).combine_chunks())
+            cache.update(key=g, ids=table.column(schema.INPUT_IDS).combine_chunks(), labels=table.column(schema.LABELS).combine_chunks())
         local = i - starts[g]
         return cache["ids"][local].values.to_numpy(), cache["labels"][local].values.to_numpy()
 
@@ -206,8 +215,10 @@ def datasets_reader(folder: Path, cache_dir: Path):
 def bench_access(folder: Path, work: Path, budget_s: float) -> dict:
     ds = ShardDataset(folder, "train")
     indices = np.random.default_rng(2).integers(0, len(ds), size=2_000_000)
-    results = {"mmap_views": timed_rows(ds.row, indices, budget_s, copy=False),
-               "mmap_copied": timed_rows(ds.row, indices, budget_s, copy=True)}
+    results = {
+        "mmap_views": timed_rows(ds.row, indices, budget_s, copy=False),
+        "mmap_copied": timed_rows(ds.row, indices, budget_s, copy=True),
+    }
     batches = PlannedBatches(ds, plan_packed(ds.lengths, epoch_order(len(ds), 0, 0), 8192, rng=None), pad_token_id=0)
     started, tokens, k = time.perf_counter(), 0, 0
     while time.perf_counter() - started < budget_s and k < len(batches):
@@ -273,9 +284,15 @@ def bench_packing(rows: int = 100_000) -> dict:
         padded_s = time.perf_counter() - started
         total = int(lengths.sum())
         out[str(capacity)] = {
-            "bfd_efficiency": total / (len(bfd) * capacity), "bfd_bins": len(bfd), "bfd_plan_seconds": bfd_s,
-            "next_fit_efficiency": total / (len(nf) * capacity), "next_fit_bins": len(nf), "next_fit_plan_seconds": nf_s,
-            "padded_efficiency": total / (len(padded) * capacity), "padded_batches": len(padded), "padded_plan_seconds": padded_s,
+            "bfd_efficiency": total / (len(bfd) * capacity),
+            "bfd_bins": len(bfd),
+            "bfd_plan_seconds": bfd_s,
+            "next_fit_efficiency": total / (len(nf) * capacity),
+            "next_fit_bins": len(nf),
+            "next_fit_plan_seconds": nf_s,
+            "padded_efficiency": total / (len(padded) * capacity),
+            "padded_batches": len(padded),
+            "padded_plan_seconds": padded_s,
         }
     return out
 
@@ -304,8 +321,10 @@ def main() -> None:
     ds = ShardDataset(folder, "train")
     open_s = time.perf_counter() - started
     parquet_bytes = sum(p.stat().st_size for p in (folder / "shards").glob("*.parquet"))
-    print(f"first open (sha256 check + companion build): {open_s:.2f}s for {ds.num_tokens / 1e6:.1f}M tokens; "
-          f"Parquet {parquet_bytes / 2**20:.0f} MiB")
+    print(
+        f"first open (sha256 check + companion build): {open_s:.2f}s for {ds.num_tokens / 1e6:.1f}M tokens; "
+        f"Parquet {parquet_bytes / 2**20:.0f} MiB"
+    )
     started = time.perf_counter()
     ShardDataset(folder, "train")
     reopen_s = time.perf_counter() - started
@@ -313,8 +332,13 @@ def main() -> None:
     del ds
     rss = bench_rss(folder)  # first, before the peers below load data into this process
     results = {
-        "dataset": {"rows": args.rows, "tokens": sum(e["tokens"] for e in json.loads((folder / "manifest.json").read_text())["shards"]),
-                    "parquet_bytes": parquet_bytes, "first_open_seconds": round(open_s, 2), "reopen_seconds": round(reopen_s, 2)},
+        "dataset": {
+            "rows": args.rows,
+            "tokens": sum(e["tokens"] for e in json.loads((folder / "manifest.json").read_text())["shards"]),
+            "parquet_bytes": parquet_bytes,
+            "first_open_seconds": round(open_s, 2),
+            "reopen_seconds": round(reopen_s, 2),
+        },
         "rss": rss,
         "access_one_core": bench_access(folder, work, args.budget),
         "packing": bench_packing(),
@@ -324,29 +348,40 @@ def main() -> None:
     print()
     print_table(
         ["random access, one core (warm page cache)", "rows/s", "Mtokens/s", "mmap is"],
-        [[name, f"{figures['rows_per_s']:.0f}", f"{figures['tokens_per_s'] / 1e6:.2f}", f"{mmap_tps / figures['tokens_per_s']:.1f}x"]
-         if "rows_per_s" in figures else [name, "", f"{figures['tokens_per_s'] / 1e6:.2f}", ""]
-         for name, figures in access.items()],
+        [
+            [name, f"{figures['rows_per_s']:.0f}", f"{figures['tokens_per_s'] / 1e6:.2f}", f"{mmap_tps / figures['tokens_per_s']:.1f}x"]
+            if "rows_per_s" in figures
+            else [name, "", f"{figures['tokens_per_s'] / 1e6:.2f}", ""]
+            for name, figures in access.items()
+        ],
         indent=0,
     )
-    print(f"  (pyarrow in-memory needs {access['parquet_in_memory']['rss_growth_bytes'] / 2**20:.0f} MiB RSS and "
-          f"{access['parquet_in_memory']['load_seconds']}s to load; datasets {access['datasets_arrow']['load_seconds']}s to convert)")
+    print(
+        f"  (pyarrow in-memory needs {access['parquet_in_memory']['rss_growth_bytes'] / 2**20:.0f} MiB RSS and "
+        f"{access['parquet_in_memory']['load_seconds']}s to load; datasets {access['datasets_arrow']['load_seconds']}s to convert)"
+    )
     rss = results["rss"]
     print("\nRSS reading every row once in random order (collated 8192-token batches)")
-    print(f"  companion {rss['companion_bytes'] / 2**20:.0f} MiB = {rss['dataset_over_process_anon']:.1f}x the process's own "
-          f"(anon) memory; RSS peak growth {rss['rss_peak_growth_bytes'] / 2**20:.1f} MiB: anon "
-          f"{rss['rss_anon_peak_growth_bytes'] / 2**20:.1f} MiB, mapped page cache {rss['rss_file_peak_growth_bytes'] / 2**20:.1f} MiB; "
-          f"{rss['tokens_per_s'] / 1e6:.1f}M tokens/s")
-    print(f"  (pyarrow in-memory random access instead grows anonymous RSS by "
-          f"{access['parquet_in_memory']['rss_growth_bytes'] / 2**20:.0f} MiB for the same rows)")
+    print(
+        f"  companion {rss['companion_bytes'] / 2**20:.0f} MiB = {rss['dataset_over_process_anon']:.1f}x the process's own "
+        f"(anon) memory; RSS peak growth {rss['rss_peak_growth_bytes'] / 2**20:.1f} MiB: anon "
+        f"{rss['rss_anon_peak_growth_bytes'] / 2**20:.1f} MiB, mapped page cache {rss['rss_file_peak_growth_bytes'] / 2**20:.1f} MiB; "
+        f"{rss['tokens_per_s'] / 1e6:.1f}M tokens/s"
+    )
+    print(
+        f"  (pyarrow in-memory random access instead grows anonymous RSS by "
+        f"{access['parquet_in_memory']['rss_growth_bytes'] / 2**20:.0f} MiB for the same rows)"
+    )
     packing = results["packing"]
     print(f"\npacking {packing['rows']} rows (mean {packing['mean_length']:.0f}, max {packing['max_length']} tokens)")
     for capacity in ("4096", "8192", "16384"):
         p = packing[capacity]
-        print(f"  capacity {capacity:>5}: BFD {p['bfd_efficiency']:.4f} ({p['bfd_plan_seconds']:.2f}s)  "
-              f"next-fit {p['next_fit_efficiency']:.4f} ({p['next_fit_plan_seconds']:.2f}s)  "
-              f"padded+grouped {p['padded_efficiency']:.4f} ({p['padded_plan_seconds']:.2f}s)  "
-              f"BFD uses {p['next_fit_bins'] / p['bfd_bins']:.3f}x fewer batches than next-fit")
+        print(
+            f"  capacity {capacity:>5}: BFD {p['bfd_efficiency']:.4f} ({p['bfd_plan_seconds']:.2f}s)  "
+            f"next-fit {p['next_fit_efficiency']:.4f} ({p['next_fit_plan_seconds']:.2f}s)  "
+            f"padded+grouped {p['padded_efficiency']:.4f} ({p['padded_plan_seconds']:.2f}s)  "
+            f"BFD uses {p['next_fit_bins'] / p['bfd_bins']:.3f}x fewer batches than next-fit"
+        )
     print()
     write_results("loader", results, args.out, packages=["datasets"])
     if args.work is None:

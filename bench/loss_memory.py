@@ -49,9 +49,14 @@ def child(mode: str, tokens: int, chunk: int) -> dict:
         loss.backward()
     peak = max_rss_bytes()
     return {
-        "mode": mode, "loss": loss.item(), "head_grad_norm": head.weight.grad.norm().item(),
-        "hidden_grad_norm": hidden.grad.norm().item(), "peak_rss": peak, "rss_before_loss": before,
-        "working_memory": peak - before, "seconds": lap.seconds,
+        "mode": mode,
+        "loss": loss.item(),
+        "head_grad_norm": head.weight.grad.norm().item(),
+        "hidden_grad_norm": hidden.grad.norm().item(),
+        "peak_rss": peak,
+        "rss_before_loss": before,
+        "working_memory": peak - before,
+        "seconds": lap.seconds,
     }
 
 
@@ -72,9 +77,7 @@ def main() -> None:
 
     plain, chunked = run("plain", args.tokens, args.chunk), run("chunked", args.tokens, args.chunk)
     relative = abs(plain["loss"] - chunked["loss"]) / abs(plain["loss"])
-    grad_relative = max(
-        abs(plain[key] - chunked[key]) / abs(plain[key]) for key in ("head_grad_norm", "hidden_grad_norm")
-    )
+    grad_relative = max(abs(plain[key] - chunked[key]) / abs(plain[key]) for key in ("head_grad_norm", "hidden_grad_norm"))
     # The estimator's logits rows for the same shapes (its hidden-state and head-gradient terms included).
     from trainer.memory import loss_bytes
 
@@ -83,24 +86,40 @@ def main() -> None:
         for mode, chunk in (("plain", 0), ("chunked", args.chunk))
     }
     results = {
-        "tokens": args.tokens, "vocab": VOCAB, "hidden": HIDDEN, "chunk_tokens": args.chunk,
-        "plain": plain, "chunked": chunked,
+        "tokens": args.tokens,
+        "vocab": VOCAB,
+        "hidden": HIDDEN,
+        "chunk_tokens": args.chunk,
+        "plain": plain,
+        "chunked": chunked,
         "working_memory_ratio": plain["working_memory"] / chunked["working_memory"],
         "peak_rss_ratio": plain["peak_rss"] / chunked["peak_rss"],
         "time_ratio": chunked["seconds"] / plain["seconds"],
-        "loss_relative_difference": relative, "grad_norm_relative_difference": grad_relative,
+        "loss_relative_difference": relative,
+        "grad_norm_relative_difference": grad_relative,
         "estimated_logits_bytes": estimated,
     }
     gib = 2**30
     print(f"loss forward+backward, {args.tokens:,} trained tokens, vocab {VOCAB:,}, hidden {HIDDEN} (fp32, CPU)")
     print_table(
         ["", "peak RSS", "working", "estimate", "seconds", "loss"],
-        [[r["mode"], f"{r['peak_rss'] / gib:.2f} G", f"{r['working_memory'] / gib:.2f} G", f"{estimated[r['mode']] / gib:.2f} G",
-          f"{r['seconds']:.2f}", f"{r['loss']:.6f}"] for r in (plain, chunked)],
+        [
+            [
+                r["mode"],
+                f"{r['peak_rss'] / gib:.2f} G",
+                f"{r['working_memory'] / gib:.2f} G",
+                f"{estimated[r['mode']] / gib:.2f} G",
+                f"{r['seconds']:.2f}",
+                f"{r['loss']:.6f}",
+            ]
+            for r in (plain, chunked)
+        ],
         indent=0,
     )
-    print(f"plain / chunked: {results['working_memory_ratio']:.1f}x working memory, {results['peak_rss_ratio']:.1f}x peak RSS; "
-          f"chunked / plain time: {results['time_ratio']:.2f}x")
+    print(
+        f"plain / chunked: {results['working_memory_ratio']:.1f}x working memory, {results['peak_rss_ratio']:.1f}x peak RSS; "
+        f"chunked / plain time: {results['time_ratio']:.2f}x"
+    )
     print(f"loss relative difference {relative:.2e}, gradient norms {grad_relative:.2e} (must be <= 1e-6)")
     write_results("loss_memory", results, args.out)
     if relative > 1e-6:

@@ -128,6 +128,7 @@ def rows_per_s(get, indices: list[int], rounds: int) -> float:
     def run():
         for i in indices:
             get(i)
+
     return len(indices) / best_of(rounds, run)
 
 
@@ -138,6 +139,7 @@ def batches_tokens_per_s(dataset, plan, rounds: int) -> float:
     def run():
         for k in range(len(batches)):
             batches[k]
+
     return tokens / best_of(rounds, run)
 
 
@@ -162,8 +164,11 @@ def bench_access(folder: Path, spec: Path, options_spec: Path, sample: int, roun
             plain_batches = max(plain_batches, batches_tokens_per_s(plain, plain_plan, 1))
             mixture_batches = max(mixture_batches, batches_tokens_per_s(train, mixture_plan, 1))
         results[label] = {
-            "plain_rows_per_s": plain_rate, "mixture_rows_per_s": mixture_rate, "rows_ratio": mixture_rate / plain_rate,
-            "plain_batch_tokens_per_s": plain_batches, "mixture_batch_tokens_per_s": mixture_batches,
+            "plain_rows_per_s": plain_rate,
+            "mixture_rows_per_s": mixture_rate,
+            "rows_ratio": mixture_rate / plain_rate,
+            "plain_batch_tokens_per_s": plain_batches,
+            "mixture_batch_tokens_per_s": mixture_batches,
             "batch_ratio": mixture_batches / plain_batches,
         }
     return results
@@ -186,9 +191,11 @@ def main() -> None:
             build_dataset(folders[name], rows, log_mean)
             print(f"built {rows:,} rows in {time.perf_counter() - started:.1f} s: {folders[name]}")
     specs = {
-        name: (write_spec(work / f"{name}.yaml", folder),
-               write_spec(work / f"{name}-last.yaml", folder, last_groups=2),
-               write_spec(work / f"{name}-options.yaml", folder, last_groups=2, loss_weights=True))
+        name: (
+            write_spec(work / f"{name}.yaml", folder),
+            write_spec(work / f"{name}-last.yaml", folder, last_groups=2),
+            write_spec(work / f"{name}-options.yaml", folder, last_groups=2, loss_weights=True),
+        )
         for name, folder in folders.items()
     }
     spec, last_spec, _ = specs["short"]
@@ -213,9 +220,17 @@ def main() -> None:
     print(f"  counted from memory-mapped labels               {counts['mmap_labels_s'] * 1000:8.0f} ms")
     print_table(
         [f"random access, {args.sample:,} rows (best of {args.rounds})", "plain rows/s", "mixture rows/s", "ratio", "batch ratio"],
-        [[f"{name} rows, {label}", f"{figures['plain_rows_per_s']:,.0f}", f"{figures['mixture_rows_per_s']:,.0f}",
-          f"{figures['rows_ratio']:.2f}", f"{figures['batch_ratio']:.2f}"]
-         for name, by_spec in results["access_one_core"].items() for label, figures in by_spec.items()],
+        [
+            [
+                f"{name} rows, {label}",
+                f"{figures['plain_rows_per_s']:,.0f}",
+                f"{figures['mixture_rows_per_s']:,.0f}",
+                f"{figures['rows_ratio']:.2f}",
+                f"{figures['batch_ratio']:.2f}",
+            ]
+            for name, by_spec in results["access_one_core"].items()
+            for label, figures in by_spec.items()
+        ],
         indent=0,
     )
     write_results("mixture", results, args.out)

@@ -22,8 +22,8 @@ from pipeline import schema
 from pipeline.config import TemplateConfig
 from pipeline.masking import Masker
 from pipeline.templates import resolve_template
-from pipeline.tokenizers import load_tokenizer
 from pipeline.tokenize import encode_table
+from pipeline.tokenizers import load_tokenizer
 
 # The official templates and the record reader live with the tests, in the repository (not the
 # package): `python -m` from the repository root puts them on the path.

@@ -145,13 +145,22 @@ def bench_trl(rows: list[dict], workdir: Path, cores: int, tokenizer_path: Path 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
     model = LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=MAX_LENGTH,
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=MAX_LENGTH,
         )
     )
     args = trl.SFTConfig(
-        output_dir=str(workdir / "trl"), assistant_only_loss=True, dataset_num_proc=cores, max_length=MAX_LENGTH,
-        report_to=[], use_cpu=True,
+        output_dir=str(workdir / "trl"),
+        assistant_only_loss=True,
+        dataset_num_proc=cores,
+        max_length=MAX_LENGTH,
+        report_to=[],
+        use_cpu=True,
     )
     data = datasets.Dataset.from_list(trl_rows(rows))
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data.select(range(8)), processing_class=tokenizer)
@@ -159,7 +168,8 @@ def bench_trl(rows: list[dict], workdir: Path, cores: int, tokenizer_path: Path 
         prepared = trainer._prepare_dataset(data, tokenizer, args, False, None, "train")
     lengths = prepared.map(
         lambda batch: {"n": [len(x) for x in batch["input_ids"]], "t": [sum(y != -100 for y in x) for x in batch["labels"]]},
-        batched=True, remove_columns=prepared.column_names,
+        batched=True,
+        remove_columns=prepared.column_names,
     )
     return {
         "seconds": lap.seconds,
@@ -172,8 +182,8 @@ def bench_trl(rows: list[dict], workdir: Path, cores: int, tokenizer_path: Path 
 
 
 def bench_raw_tokenizer(rows: list[dict], tokenizer_path: Path = TOKENIZER) -> dict:
-    from pipeline.templates import render, resolve_template, template_variables
     from pipeline.config import TemplateConfig
+    from pipeline.templates import render, resolve_template, template_variables
     from pipeline.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(str(tokenizer_path))
@@ -202,7 +212,9 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--workers", choices=["threads", "processes"], default="threads", help="sftkit's workers")
     parser.add_argument(
-        "--vocab", type=int, default=None,
+        "--vocab",
+        type=int,
+        default=None,
         help="instead of the bundled tokenizer (1.5k tokens), train a byte-level BPE of this many tokens on the "
         "benchmark's own text, same pre-tokenizer and ChatML template (real models' vocabularies are 32k-150k)",
     )
@@ -246,9 +258,11 @@ def main() -> None:
 
     for name, result in results.items():
         result["tokens_per_second"] = result["tokens"] / result["seconds"]
-        print(f"{name:>14}: {result['tokens']:>11,} tokens in {result['seconds']:7.2f} s = "
-              f"{result['tokens_per_second']:>12,.0f} tokens/s  ({result['rows']} rows); "
-              f"least CPU of the runs {min(result['all_cpu_seconds']):.2f} s")
+        print(
+            f"{name:>14}: {result['tokens']:>11,} tokens in {result['seconds']:7.2f} s = "
+            f"{result['tokens_per_second']:>12,.0f} tokens/s  ({result['rows']} rows); "
+            f"least CPU of the runs {min(result['all_cpu_seconds']):.2f} s"
+        )
     sftkit = results["sftkit"]["tokens_per_second"]
     ratios = {"sftkit_vs_raw_tokenizer": sftkit / results["raw_tokenizer"]["tokens_per_second"]}
     if "trl" in results:

@@ -98,9 +98,26 @@ ZH_QA = [
     ("怎样学好数学？", "多做题、理解概念而不是死记公式、及时复习错题，并且保持好奇心。"),
     ("太阳系有几颗行星？", "太阳系有八颗行星：水星、金星、地球、火星、木星、土星、天王星和海王星。"),
 ]
-EN_SUBJECTS = ["predict the stock market", "browse the internet", "give medical advice", "access real-time data",
-               "provide personal opinions", "write that essay for you", "share private information", "make phone calls"]
-ZH_SUBJECTS = ["提供实时信息", "访问互联网", "给出医疗建议", "预测股市走势", "发表个人观点", "帮你写这篇作业", "提供他人的隐私信息", "完成这个请求"]
+EN_SUBJECTS = [
+    "predict the stock market",
+    "browse the internet",
+    "give medical advice",
+    "access real-time data",
+    "provide personal opinions",
+    "write that essay for you",
+    "share private information",
+    "make phone calls",
+]
+ZH_SUBJECTS = [
+    "提供实时信息",
+    "访问互联网",
+    "给出医疗建议",
+    "预测股市走势",
+    "发表个人观点",
+    "帮你写这篇作业",
+    "提供他人的隐私信息",
+    "完成这个请求",
+]
 
 
 def _msg(role, content, **kw):
@@ -182,7 +199,7 @@ class BadRecords:
             return _qa(self._long_text(r.randrange(12_000, 20_000)), r.choice(["Yes.", "No", "OK", "B"]))
         zh_long = "".join(a for _, a in ZH_QA)
         if shape == 0:
-            return _qa(r.choice(ZH_QA)[0], (zh_long * 100)[: 52_000] + self._long_text(2_000))
+            return _qa(r.choice(ZH_QA)[0], (zh_long * 100)[:52_000] + self._long_text(2_000))
         if shape == 1:
             return _qa(r.choice(["好", "继续", "嗯"]), zh_long * r.randrange(6, 12))
         return _qa(zh_long * 30, r.choice(["是", "对", "好的"]))
@@ -252,7 +269,11 @@ class BadRecords:
         shape = r.randrange(4)
         if shape == 0:
             position = r.randrange(len(answer))
-            text = answer[:position] + "".join(r.choice("\x00\x01\x07\x08\x1b\x7f\ufffd") for _ in range(r.randrange(1, 4))) + answer[position:]
+            text = (
+                answer[:position]
+                + "".join(r.choice("\x00\x01\x07\x08\x1b\x7f\ufffd") for _ in range(r.randrange(1, 4)))
+                + answer[position:]
+            )
         elif shape == 1:
             text = _mojibake(answer.replace("'", "’").replace(" - ", " — ") + " Café, naïve, résumé." if lang == "en" else answer)
         elif shape == 2:
@@ -272,7 +293,7 @@ class BadRecords:
                     f"Call me on ({r.randrange(200, 999)}) {r.randrange(200, 999)}-{r.randrange(1000, 9999)}.",
                     f"My number is +44 20 {r.randrange(1000, 9999)} {r.randrange(1000, 9999)}.",
                     f"The server runs at {_public_ipv4(r)}, please whitelist it.",
-                    f"Connect to 2001:db8:{r.randrange(1, 0xffff):x}::{r.randrange(1, 0xffff):x} is wrong, use 2a03:2880:f12f:{r.randrange(1, 0xfff):x}::1.",
+                    f"Connect to 2001:db8:{r.randrange(1, 0xFFFF):x}::{r.randrange(1, 0xFFFF):x} is wrong, use 2a03:2880:f12f:{r.randrange(1, 0xFFF):x}::1.",
                 ]
             )
         else:
@@ -308,21 +329,38 @@ def evaluation_set(rng: random.Random) -> list[dict]:
     for _ in range(40):
         a, b, c = rng.randrange(2, 90), rng.randrange(2, 40), rng.randrange(2, 12)
         name = rng.choice(names)
-        items.append({"lang": "en", "question": (
-            f"{name} sold clips to {a} of her friends in April, and then she sold {b} more clips in May than "
-            f"in April, each at {c} dollars. How many dollars did {name} earn in April and May altogether?"
-        ), "answer": str((a + a + b) * c)})
+        items.append(
+            {
+                "lang": "en",
+                "question": (
+                    f"{name} sold clips to {a} of her friends in April, and then she sold {b} more clips in May than "
+                    f"in April, each at {c} dollars. How many dollars did {name} earn in April and May altogether?"
+                ),
+                "answer": str((a + a + b) * c),
+            }
+        )
         zh = rng.choice(zh_names)
-        items.append({"lang": "zh", "question": (
-            f"{zh}有{a}个苹果，他先送给同学{b}个，后来妈妈又给他买了{c}袋，每袋有{c}个苹果，请问{zh}现在一共有多少个苹果？"
-        ), "answer": str(a - b + c * c)})
+        items.append(
+            {
+                "lang": "zh",
+                "question": (
+                    f"{zh}有{a}个苹果，他先送给同学{b}个，后来妈妈又给他买了{c}袋，每袋有{c}个苹果，请问{zh}现在一共有多少个苹果？"
+                ),
+                "answer": str(a - b + c * c),
+            }
+        )
     return items
 
 
 KINDS = ("empty", "missing_instruction", "length", "refusal", "repetition", "garbage", "pii", "contamination")
 EXPECTED_FILTER = {
-    "empty": "empty_response", "missing_instruction": "missing_instruction", "length": "length",
-    "refusal": "refusal", "repetition": "repetition", "garbage": "garbage", "pii": "pii",
+    "empty": "empty_response",
+    "missing_instruction": "missing_instruction",
+    "length": "length",
+    "refusal": "refusal",
+    "repetition": "repetition",
+    "garbage": "garbage",
+    "pii": "pii",
     "contamination": "decontaminate",
 }
 
@@ -370,7 +408,12 @@ def throughput_ours(records: list[dict], config: QualityConfig, repeats: int) ->
         seconds = time.perf_counter() - start
         if best is None or seconds < best:
             best, per_filter = seconds, {k: round(v, 4) for k, v in chain.seconds.items()}
-    return {"records": len(records), "seconds": round(best, 4), "records_per_s": round(len(records) / best, 1), "per_filter_seconds": per_filter}
+    return {
+        "records": len(records),
+        "seconds": round(best, 4),
+        "records_per_s": round(len(records) / best, 1),
+        "per_filter_seconds": per_filter,
+    }
 
 
 def throughput_plain_loop(records: list[dict], config: QualityConfig, repeats: int) -> dict:
@@ -396,8 +439,14 @@ def throughput_stage(records: list[dict], config: QualityConfig, workdir: Path) 
     start = time.perf_counter()
     stats = quality_stage(source, workdir / "out.parquet", workdir / "rejected.parquet", SFTConfig(quality=config))
     seconds = time.perf_counter() - start
-    return {"records": len(rows), "seconds": round(seconds, 4), "records_per_s": round(len(rows) / seconds, 1),
-            "kept": stats.records_out, "rejected": stats.num_rejected, "pii_redactions": stats.extra["pii_redactions"]}
+    return {
+        "records": len(rows),
+        "seconds": round(seconds, 4),
+        "records_per_s": round(len(rows) / seconds, 1),
+        "kept": stats.records_out,
+        "rejected": stats.num_rejected,
+        "pii_redactions": stats.extra["pii_redactions"],
+    }
 
 
 # --- datatrove baseline ----------------------------------------------------------------------
@@ -495,7 +544,8 @@ def main() -> None:
                 per_kind[f"{kind}/{lang}"] = {"records": n, "recall": round(caught / n, 4), "caught_by": dict(counts.most_common())}
         missed = [
             {"kind": r["_kind"], "lang": r["_lang"], "response": r[schema.MESSAGES][-1]["content"][:160]}
-            for r, v in zip(bad, bad_v) if v["drop"] is None and not v["redacted"]
+            for r, v in zip(bad, bad_v)
+            if v["drop"] is None and not v["redacted"]
         ]
         recall = total_caught / len(bad)
 
@@ -525,8 +575,8 @@ def main() -> None:
         dt_recall = sum(1 for i in range(n_clean, len(everything)) if i not in kept) / len(bad)
         dt_report = {
             "what": f"datatrove {baseline['version']}: GopherRepetitionFilter, GopherQualityFilter, FineWebQualityFilter, "
-                    "RegexFilter(refusal phrases), PIIFormatter, chained through their run() generators, one Document "
-                    "per conversation (all turns' text), English word tokenizer (spaCy)",
+            "RegexFilter(refusal phrases), PIIFormatter, chained through their run() generators, one Document "
+            "per conversation (all turns' text), English word tokenizer (spaCy)",
             "records_per_s": round(len(everything) / baseline["seconds"], 1),
             "seconds": round(baseline["seconds"], 4),
             "recall_on_bad_drop_only": round(dt_recall, 4),
@@ -570,8 +620,10 @@ def main() -> None:
     if dt_report:
         print(f"  datatrove baseline             {dt_report['records_per_s']:>10.1f} records/s")
         print(f"  ratio sftkit chain / datatrove: {ours['records_per_s'] / dt_report['records_per_s']:.2f}x")
-        print(f"  (datatrove web filters on the same data: recall {dt_report['recall_on_bad_drop_only']:.3f}, "
-              f"false rejections {dt_report['false_rejection_rate']:.3f})")
+        print(
+            f"  (datatrove web filters on the same data: recall {dt_report['recall_on_bad_drop_only']:.3f}, "
+            f"false rejections {dt_report['false_rejection_rate']:.3f})"
+        )
     else:
         print("  datatrove baseline: not available; compared against the bare loop only")
         print(f"  ratio chain / bare loop: {ours['records_per_s'] / plain['records_per_s']:.2f}x")

@@ -11,8 +11,9 @@ tree had changes) and date; "unstamped" for a file written before the scripts st
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -23,13 +24,18 @@ COLUMNS = ("what", "sftkit", "peer", "ratio")
 
 # Figures a row shows that no results file holds, computed from the file's own.
 DERIVED: dict[str, Callable[[dict[str, Any]], dict[str, float]]] = {
-    "shard_memory": lambda r: {"anon_growth_ratio": r["results"]["memory-mapped (what sftkit writes)"]["anon_rss_growth_mib"]
-                               / r["results"]["zstd-compressed IPC (read whole)"]["anon_rss_growth_mib"]},
-    "quality": lambda r: {"throughput_over_datatrove": r["throughput"]["sftkit_filter_chain"]["records_per_s"]
-                          / r["throughput"]["datatrove_baseline"]["records_per_s"]},
-    "loader": lambda r: {f"mmap_over_{peer}": r["access_one_core"]["mmap_copied"]["tokens_per_s"]
-                         / r["access_one_core"][key]["tokens_per_s"]
-                         for peer, key in (("parquet", "parquet_row_groups"), ("datasets", "datasets_arrow"))},
+    "shard_memory": lambda r: {
+        "anon_growth_ratio": r["results"]["memory-mapped (what sftkit writes)"]["anon_rss_growth_mib"]
+        / r["results"]["zstd-compressed IPC (read whole)"]["anon_rss_growth_mib"]
+    },
+    "quality": lambda r: {
+        "throughput_over_datatrove": r["throughput"]["sftkit_filter_chain"]["records_per_s"]
+        / r["throughput"]["datatrove_baseline"]["records_per_s"]
+    },
+    "loader": lambda r: {
+        f"mmap_over_{peer}": r["access_one_core"]["mmap_copied"]["tokens_per_s"] / r["access_one_core"][key]["tokens_per_s"]
+        for peer, key in (("parquet", "parquet_row_groups"), ("datasets", "datasets_arrow"))
+    },
 }
 
 UNITS: dict[str, Callable[[float], Any]] = {

@@ -6,7 +6,6 @@ import math
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -113,19 +112,17 @@ def prepare(
     inputs: list[str] = typer.Argument(..., help="files or globs: .json, .jsonl(.gz|.zst), .parquet, or a save_to_disk folder"),
     tokenizer: str = typer.Option(..., "--tokenizer", help="local Hugging Face tokenizer folder (or hub name when online)"),
     out: Path = typer.Option(..., "--out", help="dataset folder (created; a later run refreshes it)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
-    template: Optional[str] = typer.Option(None, "--template", help="auto | chatml | llama3 | mistral | alpaca | FILE.jinja"),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="longest row in tokens", callback=_at_least(1)),
-    val_fraction: Optional[float] = typer.Option(
+    config: Path | None = typer.Option(None, "--config", help="YAML config file"),
+    template: str | None = typer.Option(None, "--template", help="auto | chatml | llama3 | mistral | alpaca | FILE.jinja"),
+    max_length: int | None = typer.Option(None, "--max-length", help="longest row in tokens", callback=_at_least(1)),
+    val_fraction: float | None = typer.Option(
         None, "--val-fraction", help="share of rows in the validation split (0 to < 1)", callback=_at_least(0)
     ),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="skip exact and near-duplicate removal"),
-    reasoning: Optional[str] = typer.Option(
+    reasoning: str | None = typer.Option(
         None, "--reasoning", help="template | per_turn | drop: how assistant reasoning is rendered and trained"
     ),
-    strict_render: bool = typer.Option(
-        False, "--strict-render", help="reject rows whose prompt tokens differ from what inference renders"
-    ),
+    strict_render: bool = typer.Option(False, "--strict-render", help="reject rows whose prompt tokens differ from what inference renders"),
     task_runner: TaskRunner = typer.Option(TaskRunner.threads, "--task-runner", help="where flow tasks run"),
     no_flow: bool = typer.Option(False, "--no-flow", help="run the stages in this process, without Prefect"),
 ) -> None:
@@ -160,17 +157,17 @@ def prepare(
 
 @app.command()
 def train(
-    data: Optional[Path] = typer.Option(_trained("data"), "--data", help="a dataset folder made by `sftkit prepare`"),
-    mixture: Optional[Path] = typer.Option(
+    data: Path | None = typer.Option(_trained("data"), "--data", help="a dataset folder made by `sftkit prepare`"),
+    mixture: Path | None = typer.Option(
         _trained("mixture"), "--mixture", help="a training mixture spec (YAML: folders, source groups, weights) instead of --data"
     ),
     # Required although TrainConfig has a default: a run from the command line names its folder.
     out: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.jsonl, loss.png, final/"),
     model: str = typer.Option(_trained("model"), "--model", help="tiny | local HF model folder | hub name"),
-    tokenizer: Optional[str] = typer.Option(
+    tokenizer: str | None = typer.Option(
         _trained("tokenizer"), "--tokenizer", help="override the tokenizer named in the dataset's manifest"
     ),
-    max_steps: Optional[int] = typer.Option(
+    max_steps: int | None = typer.Option(
         _trained("max_steps"), "--max-steps", help="optimizer steps (≥ 1); overrides --epochs", callback=_at_least(1)
     ),
     epochs: float = typer.Option(_trained("epochs"), "--epochs", callback=_at_least(0, strict=True)),
@@ -179,7 +176,7 @@ def train(
     grad_accum: int = typer.Option(_trained("grad_accum"), "--grad-accum", callback=_at_least(1)),
     packing: bool = typer.Option(_trained("packing"), "--packing/--no-packing"),
     eval_every: int = typer.Option(_trained("eval_every"), "--eval-every", callback=_at_least(1)),
-    patience: Optional[int] = typer.Option(
+    patience: int | None = typer.Option(
         _trained("patience"), "--patience", help="evaluations without improvement before stopping", callback=_at_least(0)
     ),
     save_every: int = typer.Option(_trained("save_every"), "--save-every", callback=_at_least(1)),
@@ -190,19 +187,23 @@ def train(
         DType(_trained("dtype")), "--dtype", help="dtype of the model's weights (bf16 halves them; for LoRA's frozen base)"
     ),
     lora_r: int = typer.Option(_trained("lora_r"), "--lora-r", help="LoRA rank (0 = full fine-tuning)", callback=_at_least(0)),
-    lora_alpha: Optional[float] = typer.Option(_trained("lora_alpha"), "--lora-alpha", help="LoRA alpha (default 2 x rank)"),
+    lora_alpha: float | None = typer.Option(_trained("lora_alpha"), "--lora-alpha", help="LoRA alpha (default 2 x rank)"),
     lora_dropout: float = typer.Option(_trained("lora_dropout"), "--lora-dropout", callback=_at_least(0)),
-    lora_targets: Optional[str] = typer.Option(
-        _trained("lora_targets"), "--lora-targets",
+    lora_targets: str | None = typer.Option(
+        _trained("lora_targets"),
+        "--lora-targets",
         help="comma-separated layer names for adapters (default: attention and MLP projections)",
     ),
     merge: bool = typer.Option(_trained("merge"), "--merge", help="LoRA: also write final/merged, a plain transformers model"),
     loss_chunk_tokens: int = typer.Option(
-        _trained("loss_chunk_tokens"), "--loss-chunk-tokens",
-        help="trained positions whose logits exist at once (0 = full logits)", callback=_at_least(0),
+        _trained("loss_chunk_tokens"),
+        "--loss-chunk-tokens",
+        help="trained positions whose logits exist at once (0 = full logits)",
+        callback=_at_least(0),
     ),
-    attn_implementation: Optional[str] = typer.Option(
-        _trained("attn_implementation"), "--attn-implementation",
+    attn_implementation: str | None = typer.Option(
+        _trained("attn_implementation"),
+        "--attn-implementation",
         help="sdpa (default) | flash_attention_2 | flex_attention | eager; flash attention runs packed rows as varlen "
         "calls without a (row x row) mask",
     ),
@@ -210,16 +211,17 @@ def train(
         _trained("fsdp"), "--fsdp", help="under torchrun: shard weights, gradients and optimizer state (FSDP2; not with --lora-r)"
     ),
     activation_checkpointing: bool = typer.Option(
-        _trained("activation_checkpointing"), "--activation-checkpointing",
+        _trained("activation_checkpointing"),
+        "--activation-checkpointing",
         help="recompute each decoder layer's activations in backward (less memory)",
     ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="print the per-GPU memory estimate and exit (reads the model's config.json only)"
     ),
-    gpu_memory: Optional[str] = typer.Option(
+    gpu_memory: str | None = typer.Option(
         None, "--gpu-memory", help="--dry-run: memory of one GPU (80GB, 24GiB); prints the flags that fit it"
     ),
-    gpus: Optional[int] = typer.Option(
+    gpus: int | None = typer.Option(
         None, "--gpus", help="--dry-run: number of GPUs (default torchrun's WORLD_SIZE, else 1)", callback=_at_least(1)
     ),
 ) -> None:
@@ -261,7 +263,8 @@ def train(
     if dry_run:
         from rich.console import Console
 
-        from trainer.memory_fit import dry_run as estimate_run, print_dry_run
+        from trainer.memory_fit import dry_run as estimate_run
+        from trainer.memory_fit import print_dry_run
 
         try:
             print_dry_run(estimate_run(config, gpus=gpus, gpu_memory=gpu_memory), Console(soft_wrap=True))
@@ -298,13 +301,11 @@ def plan(
     mixture: Path = typer.Option(..., "--mixture", help="a training mixture spec (YAML)"),
     batch_tokens: int = typer.Option(_trained("batch_tokens"), "--batch-tokens", help="tokens per micro-batch", callback=_at_least(1)),
     epochs: float = typer.Option(_trained("epochs"), "--epochs", callback=_at_least(0, strict=True)),
-    max_steps: Optional[int] = typer.Option(_trained("max_steps"), "--max-steps", callback=_at_least(1)),
+    max_steps: int | None = typer.Option(_trained("max_steps"), "--max-steps", callback=_at_least(1)),
     grad_accum: int = typer.Option(_trained("grad_accum"), "--grad-accum", callback=_at_least(1)),
     world_size: int = typer.Option(1, "--world-size", help="ranks the run will use (torchrun processes)", callback=_at_least(1)),
     packing: bool = typer.Option(_trained("packing"), "--packing/--no-packing"),
-    seed: int = typer.Option(
-        _trained("seed"), "--seed", help="train --seed (the spec's own seed, when it has one, decides the draws)"
-    ),
+    seed: int = typer.Option(_trained("seed"), "--seed", help="train --seed (the spec's own seed, when it has one, decides the draws)"),
     json_output: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Pre-flight report of a training mixture: per group target vs delivered share, repeats, steps."""
@@ -315,8 +316,14 @@ def plan(
 
     try:
         report = plan_mixture(
-            mixture, batch_tokens=batch_tokens, packing=packing, grad_accum=grad_accum, world_size=world_size,
-            seed=seed, epochs=epochs, max_steps=max_steps,
+            mixture,
+            batch_tokens=batch_tokens,
+            packing=packing,
+            grad_accum=grad_accum,
+            world_size=world_size,
+            seed=seed,
+            epochs=epochs,
+            max_steps=max_steps,
         ).to_json()
     except _expected_errors() as exc:
         _fail(str(exc))
@@ -328,17 +335,17 @@ def plan(
 
 @app.command()
 def inspect(
-    data: Optional[Path] = typer.Argument(None, help="a dataset folder made by `sftkit prepare`"),
-    row: Optional[int] = typer.Option(None, "--row", help="show row N of the train split"),
-    id: Optional[str] = typer.Option(None, "--id", help="show the row with this id"),
-    sample: Optional[int] = typer.Option(None, "--sample", help="show K random rows"),
+    data: Path | None = typer.Argument(None, help="a dataset folder made by `sftkit prepare`"),
+    row: int | None = typer.Option(None, "--row", help="show row N of the train split"),
+    id: str | None = typer.Option(None, "--id", help="show the row with this id"),
+    sample: int | None = typer.Option(None, "--sample", help="show K random rows"),
     tokens: bool = typer.Option(False, "--tokens", help="show token boundaries"),
     rejected: bool = typer.Option(False, "--rejected", help="rejected counts per stage and reason, with examples"),
-    html: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report"),
+    html: Path | None = typer.Option(None, "--html", help="write a self-contained HTML report"),
     split: str = typer.Option("train", "--split", help="split that --row and --sample read"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="seed for --sample (random when not given)"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="decode with this tokenizer instead of the manifest's"),
-    mixture: Optional[Path] = typer.Option(
+    seed: int | None = typer.Option(None, "--seed", help="seed for --sample (random when not given)"),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help="decode with this tokenizer instead of the manifest's"),
+    mixture: Path | None = typer.Option(
         None, "--mixture", help="a training mixture spec: its plan (at the train defaults; `sftkit plan` takes others)"
     ),
 ) -> None:
@@ -381,8 +388,17 @@ def inspect(
     if not any(p.kind == "missing" for p in problems):  # with a file gone there is no whole view
         try:
             inspect_dataset(
-                data, row=row, row_id=id, sample=sample, tokens=tokens, rejected=rejected, html=html,
-                split=split, seed=seed, tokenizer=tokenizer, mixture_plan=mixture_plan,
+                data,
+                row=row,
+                row_id=id,
+                sample=sample,
+                tokens=tokens,
+                rejected=rejected,
+                html=html,
+                split=split,
+                seed=seed,
+                tokenizer=tokenizer,
+                mixture_plan=mixture_plan,
             )
         except _expected_errors() as exc:
             if not problems:
@@ -406,7 +422,7 @@ def deploy(
     cron: str = typer.Option(..., "--cron", help='schedule, e.g. "0 3 * * *"'),
     tokenizer: str = typer.Option(..., "--tokenizer"),
     out: Path = typer.Option(..., "--out"),
-    config: Optional[Path] = typer.Option(None, "--config"),
+    config: Path | None = typer.Option(None, "--config"),
     name: str = typer.Option("sftkit-refresh", "--name", help="deployment name"),
 ) -> None:
     """Serve the refresh flow on a schedule (needs a running `prefect server start`)."""

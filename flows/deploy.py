@@ -24,7 +24,9 @@ def refresh_parameters(inputs: list[str], tokenizer: str, out: Path, config_file
     }
 
 
-def build_deployment(inputs: list[str], cron: str, tokenizer: str, out: Path, config_file: Path | None = None, name: str = "sftkit-refresh"):
+def build_deployment(
+    inputs: list[str], cron: str, tokenizer: str, out: Path, config_file: Path | None = None, name: str = "sftkit-refresh"
+):
     """A ``RunnerDeployment`` of the refresh flow on ``cron`` with these parameters (not yet served)."""
     return refresh_flow.to_deployment(
         name=name,
@@ -35,7 +37,9 @@ def build_deployment(inputs: list[str], cron: str, tokenizer: str, out: Path, co
     )
 
 
-def serve_refresh(inputs: list[str], cron: str, tokenizer: str, out: Path, config_file: Path | None = None, name: str = "sftkit-refresh") -> None:
+def serve_refresh(
+    inputs: list[str], cron: str, tokenizer: str, out: Path, config_file: Path | None = None, name: str = "sftkit-refresh"
+) -> None:
     import os
 
     if not os.environ.get("PREFECT_API_URL"):

@@ -17,8 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline import outdir
-from pipeline import steps
+from pipeline import outdir, steps
 from pipeline.config import SFTConfig
 from pipeline.ingest import expand_inputs
 
@@ -86,9 +85,7 @@ def _dedup(plan: steps.RunPlan, ingest_results: list[steps.StepResult]) -> steps
     signatures = [f.result() for f in dedup_signatures_task.map(unmapped(plan), ingest_results)]
     edges = [
         f.result()
-        for f in dedup_partition_task.map(
-            unmapped(plan), unmapped(ingest_results), unmapped(signatures), steps.dedup_partitions(plan)
-        )
+        for f in dedup_partition_task.map(unmapped(plan), unmapped(ingest_results), unmapped(signatures), steps.dedup_partitions(plan))
     ]
     return dedup_resolve_task(plan, ingest_results, signatures, edges)
 
@@ -139,7 +136,10 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
         _publish(manifest, new_inputs=0, up_to_date=True)
         return manifest
     logger.info(
-        "%s: %d new input(s), %d already prepared%s", out, len(plan.inputs), len(plan.skipped_inputs),
+        "%s: %d new input(s), %d already prepared%s",
+        out,
+        len(plan.inputs),
+        len(plan.skipped_inputs),
         " (tokenizer, template or config changed: rebuilding)" if plan.rebuild else "",
     )
     begin_task(plan)

@@ -136,7 +136,10 @@ def _prepare_with_progress(inputs, tokenizer, out, config) -> dict[str, Any]:
     from pipeline.steps import prepare
 
     with Progress(
-        TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("[bold]{task.description:<9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
         console=console,
     ) as bar:
         tasks: dict[str, Any] = {}

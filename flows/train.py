@@ -48,8 +48,14 @@ def train_flow(
         if expected_version is not None and manifest["version"] != expected_version:
             raise ValueError(f"{folder} is at dataset version {manifest['version']}, not the requested {expected_version}")
         shards += [
-            {"dataset": folder, "version": manifest["version"], "path": s["path"], "split": s["split"],
-             "rows": s["rows"], "sha256": s["sha256"][:16]}
+            {
+                "dataset": folder,
+                "version": manifest["version"],
+                "path": s["path"],
+                "split": s["split"],
+                "rows": s["rows"],
+                "sha256": s["sha256"][:16],
+            }
             for s in manifest["shards"]
         ]
     create_table_artifact(table=shards, key="sftkit-train-dataset", description=f"the shards of {', '.join(folders)}")

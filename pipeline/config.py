@@ -40,9 +40,7 @@ class FieldMapping(_Section):
 
 class IngestConfig(_Section):
     batch_size: int = Field(4096, gt=0, description="records per Arrow record batch")
-    mapping: FieldMapping | None = Field(
-        None, description="column/role mapping for a layout none of the built-in formats match"
-    )
+    mapping: FieldMapping | None = Field(None, description="column/role mapping for a layout none of the built-in formats match")
     merge_consecutive_turns: bool = Field(
         True, description="join consecutive same-role turns into one; false rejects them as bad_turn_order"
     )
@@ -51,11 +49,16 @@ class IngestConfig(_Section):
     # almost all escapes; while later stages hold several copies of a record, a 50 MB one
     # costs gigabytes. A longer line is refused before it is decoded or parsed.
     max_record_bytes: int = Field(
-        16 << 20, gt=0, description="a longer record (its JSON text, or the text and data a columnar row holds) "
+        16 << 20,
+        gt=0,
+        description="a longer record (its JSON text, or the text and data a columnar row holds) "
         "is rejected as record_too_large without being parsed",
     )
     max_nesting: int = Field(
-        64, gt=0, le=256, description="a record whose arrays/objects nest deeper (JSON text inside it, such as tool-call "
+        64,
+        gt=0,
+        le=256,
+        description="a record whose arrays/objects nest deeper (JSON text inside it, such as tool-call "
         "arguments, included) is rejected as too_deeply_nested; real instruction data nests about 10 levels",
     )
     # 64 GiB: more than any one instruction-data file we know of expands to (public sets ship
@@ -64,7 +67,9 @@ class IngestConfig(_Section):
     # line, which is skipped in bounded memory; longer when it expands to records), with
     # progress lines meanwhile. The limit is checked as bytes come out: no more is decompressed.
     max_expanded_bytes: int = Field(
-        64 << 30, gt=0, description="a .gz/.zst input that decompresses to more stops the run with an error naming it",
+        64 << 30,
+        gt=0,
+        description="a .gz/.zst input that decompresses to more stops the run with an error naming it",
     )
 
 
@@ -113,12 +118,8 @@ class TemplateConfig(_Section):
         default_factory=dict,
         description="extra template variables, e.g. {enable_thinking: false}; recorded in the template fingerprint",
     )
-    render_timeout_s: float = Field(
-        5.0, gt=0, description="a conversation whose rendering takes longer is rejected as template_timeout"
-    )
-    max_render_chars: int = Field(
-        8_000_000, gt=0, description="a rendering that grows longer is rejected as template_output_too_large"
-    )
+    render_timeout_s: float = Field(5.0, gt=0, description="a conversation whose rendering takes longer is rejected as template_timeout")
+    max_render_chars: int = Field(8_000_000, gt=0, description="a rendering that grows longer is rejected as template_output_too_large")
     today: date = Field(
         date(2024, 7, 26),
         description="the date a template sees: strftime_now() and date_string (Llama-3.1 prints it into every "
@@ -152,9 +153,8 @@ class TokenizeConfig(_Section):
         description="reject rows whose tokens before the last trained turn differ from the generation prompt's",
     )
 
-
     @model_validator(mode="after")
-    def _per_turn_trains_turns(self) -> "TokenizeConfig":
+    def _per_turn_trains_turns(self) -> TokenizeConfig:
         if self.reasoning == "per_turn" and self.train_on == "all":
             raise ValueError("tokenize.reasoning: per_turn trains one assistant turn a row; it cannot go with train_on: all")
         return self
@@ -176,7 +176,7 @@ class SFTConfig(_Section):
     shards: ShardConfig = Field(default_factory=ShardConfig)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "SFTConfig":
+    def from_yaml(cls, path: str | Path) -> SFTConfig:
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

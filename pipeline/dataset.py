@@ -12,8 +12,9 @@ elsewhere: every instruction segment up to and including the marker is masked.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,9 +44,9 @@ class SFTDataset:
     ):
         from pipeline.config import TemplateConfig
         from pipeline.formats import to_conversation
-        from pipeline.stage import Drop
         from pipeline.masking import Encoded, Masker
         from pipeline.readers import iter_records
+        from pipeline.stage import Drop
         from pipeline.templates import resolve_template
         from pipeline.tokenizers import load_tokenizer
 
@@ -55,11 +56,7 @@ class SFTDataset:
             raise ValueError("SFTDataset needs a fast (Rust) tokenizer: it places loss masks through offset mappings")
         if template is None:
             template = "auto" if getattr(tokenizer, "chat_template", None) else "alpaca"
-        config = (
-            TemplateConfig(jinja_file=Path(template))
-            if template.endswith((".jinja", ".j2"))
-            else TemplateConfig(name=template)
-        )
+        config = TemplateConfig(jinja_file=Path(template)) if template.endswith((".jinja", ".j2")) else TemplateConfig(name=template)
         self.template = resolve_template(tokenizer, config)
         self.tokenizer = tokenizer
         self.max_length = max_length

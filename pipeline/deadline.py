@@ -50,7 +50,7 @@ class time_limit:
         self.seconds = seconds
         self.owner = False
 
-    def __enter__(self) -> "time_limit":
+    def __enter__(self) -> time_limit:
         if self.seconds is None or self.seconds <= 0:
             return self
         thread = threading.get_ident()

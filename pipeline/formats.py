@@ -412,7 +412,9 @@ def _convert_items(items: list, field_name: str) -> list[dict]:
             tool_calls = part_calls
         if part_reasoning is not None:
             if reasoning is not None and reasoning != part_reasoning:
-                raise Drop(WRONG_TYPE, f"message {position} carries reasoning both in a field and in reasoning content parts, and they differ")
+                raise Drop(
+                    WRONG_TYPE, f"message {position} carries reasoning both in a field and in reasoning content parts, and they differ"
+                )
             reasoning = part_reasoning
 
         name = item.get("name")
@@ -583,9 +585,11 @@ def _parse_function_call_value(value: Any, position: int) -> list[dict]:
         try:
             value = _loads(value, f"function_call message {position}")
         except json.JSONDecodeError:
-            raise Drop(WRONG_TYPE, f"function_call message {position} is not JSON of the form {{\"name\": ..., \"arguments\": ...}}") from None
+            raise Drop(WRONG_TYPE, f'function_call message {position} is not JSON of the form {{"name": ..., "arguments": ...}}') from None
     calls = value if isinstance(value, list) else [value]
-    return _normalise_calls([{"type": "function", "function": c} if isinstance(c, dict) and "function" not in c else c for c in calls], position)
+    return _normalise_calls(
+        [{"type": "function", "function": c} if isinstance(c, dict) and "function" not in c else c for c in calls], position
+    )
 
 
 def _normalise_calls(raw_calls: Any, position: int) -> list[dict]:
@@ -678,7 +682,10 @@ def validate(messages: list[dict], *, merge_consecutive: bool = True) -> list[di
                 raise Drop(BAD_TURN_ORDER, f"message {position} is a system message after the conversation started")
         elif previous is None or previous["role"] == "system":
             if role != "user":
-                raise Drop(BAD_TURN_ORDER, f"the conversation starts with {'an' if role == 'assistant' else 'a'} {role} turn; the first turn must be the user's")
+                raise Drop(
+                    BAD_TURN_ORDER,
+                    f"the conversation starts with {'an' if role == 'assistant' else 'a'} {role} turn; the first turn must be the user's",
+                )
         elif role == "tool":
             if not (previous["role"] == "tool" or (previous["role"] == "assistant" and previous["tool_calls"])):
                 raise Drop(BAD_TURN_ORDER, f"message {position} is a tool result that does not follow an assistant tool call")

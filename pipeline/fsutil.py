@@ -16,8 +16,9 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -144,8 +145,15 @@ class ParquetSink:
     wrote nothing and need not exist removes a file of that name left by an earlier run.
     """
 
-    def __init__(self, final: str | os.PathLike, arrow_schema: pa.Schema, stack: contextlib.ExitStack, *,
-                 create_when_empty: bool, compression: str = "zstd"):
+    def __init__(
+        self,
+        final: str | os.PathLike,
+        arrow_schema: pa.Schema,
+        stack: contextlib.ExitStack,
+        *,
+        create_when_empty: bool,
+        compression: str = "zstd",
+    ):
         self.final = Path(final)
         self.schema = arrow_schema
         self.stack = stack

@@ -13,8 +13,8 @@ import contextlib
 import glob
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pipeline import schema
 from pipeline.config import IngestConfig, SFTConfig
@@ -84,8 +84,19 @@ def ingest_file(
     def progress(read: ReadProgress) -> None:
         if read.done and not read.compressed_bytes:
             return  # a plain file's end says nothing the stage's own counts do not
-        where = f" from {_mib(read.compressed_bytes)} of {_mib(read.file_bytes)} compressed" if read.compressed_bytes is not None else f" of {_mib(read.file_bytes)}"
-        log.info("%s: %s %s read%s, %d records", source, "finished," if read.done else "reading,", _mib(read.bytes_read), where, run.stats.records_in)
+        where = (
+            f" from {_mib(read.compressed_bytes)} of {_mib(read.file_bytes)} compressed"
+            if read.compressed_bytes is not None
+            else f" of {_mib(read.file_bytes)}"
+        )
+        log.info(
+            "%s: %s %s read%s, %d records",
+            source,
+            "finished," if read.done else "reading,",
+            _mib(read.bytes_read),
+            where,
+            run.stats.records_in,
+        )
         if on_progress is not None:
             on_progress(read, run.stats.records_in)
 

@@ -29,8 +29,9 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC
 from pathlib import Path
-from typing import Iterable, Iterator
 
 log = logging.getLogger("sftkit.outdir")
 
@@ -67,9 +68,9 @@ def sftkit_version() -> str:
 
 
 def _now_iso() -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
 # --- whose folder is it ----------------------------------------------------------------------
@@ -243,8 +244,7 @@ def will_write(path: str | os.PathLike) -> None:
         return
     if os.path.lexists(path) and relative not in written(root):
         raise ValueError(
-            f"{path} is in the way: sftkit writes a file of that name there, and this one is not sftkit's; "
-            f"move it out of {root}"
+            f"{path} is in the way: sftkit writes a file of that name there, and this one is not sftkit's; move it out of {root}"
         )
     record(root, relative)
 
@@ -351,8 +351,10 @@ def write_error(exc: BaseException, path: str | os.PathLike, *, is_folder: bool 
 
 def _as_value_error(exc: OSError, folder: Path) -> ValueError:
     if exc.errno in _DISK_FULL:
-        return ValueError(f"cannot write to {folder}: the disk is full ({_free_space(folder)} free there); "
-                          "free some space or choose another output folder")
+        return ValueError(
+            f"cannot write to {folder}: the disk is full ({_free_space(folder)} free there); "
+            "free some space or choose another output folder"
+        )
     if exc.errno == errno.EROFS:
         return ValueError(f"cannot write to {folder}: it is on a read-only file system; choose another output folder")
     if exc.errno in _NO_PERMISSION:

@@ -42,9 +42,10 @@ import io
 import json
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 from pipeline import schema
 from pipeline.formats import (
@@ -341,9 +342,7 @@ class _ZstdFrames(io.RawIOBase):
         import zstandard
 
         self._source = source
-        self._reader = zstandard.ZstdDecompressor().stream_reader(
-            source, read_size=CHUNK_CHARS, read_across_frames=True, closefd=False
-        )
+        self._reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=CHUNK_CHARS, read_across_frames=True, closefd=False)
 
     def readable(self) -> bool:
         return True
@@ -689,11 +688,15 @@ def _iter_json_values(fh: IO[bytes], *, array: bool, limits: Limits) -> Iterator
             yield RawRecord(
                 index,
                 raw=buf[pos : pos + schema.RAW_MAX_CHARS],
-                error=Drop(INVALID_JSON, f"expected ',' or ']' after element {index - 1}; the rest of the file cannot be split into records"),
+                error=Drop(
+                    INVALID_JSON, f"expected ',' or ']' after element {index - 1}; the rest of the file cannot be split into records"
+                ),
             )
             return
     if skip_ws():
-        yield RawRecord(index, raw=buf[pos : pos + schema.RAW_MAX_CHARS], error=Drop(INVALID_JSON, "text follows the closing ']' of the JSON array"))
+        yield RawRecord(
+            index, raw=buf[pos : pos + schema.RAW_MAX_CHARS], error=Drop(INVALID_JSON, "text follows the closing ']' of the JSON array")
+        )
 
 
 def _has_surrogates(text: str) -> bool:

@@ -102,9 +102,9 @@ def _write(table: pa.Table, data_dir: Path, config: ShardConfig, metadata, start
     lengths = table.column(schema.LENGTH).to_numpy()
     trainable = table.column(schema.NUM_TRAINABLE).to_numpy()
     compression = None if config.compression == "none" else config.compression
-    records_read = 1 + int(np.count_nonzero(
-        (source[order[1:]] != source[order[:-1]]) | (source_index[order[1:]] != source_index[order[:-1]])
-    ))
+    records_read = 1 + int(
+        np.count_nonzero((source[order[1:]] != source[order[:-1]]) | (source_index[order[1:]] != source_index[order[:-1]]))
+    )
 
     entries: list[ShardEntry] = []
     for split in schema.SPLITS:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -81,7 +82,7 @@ class StageStats:
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific figures (e.g. pii_redactions)
 
-    def __add__(self, other: "StageStats") -> "StageStats":
+    def __add__(self, other: StageStats) -> StageStats:
         if other.name != self.name:
             raise ValueError(f"cannot add stats of stage {other.name!r} to {self.name!r}")
         return StageStats(
@@ -94,7 +95,7 @@ class StageStats:
         )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StageStats":
+    def from_dict(cls, data: dict[str, Any]) -> StageStats:
         return cls(
             data["name"],
             data["records_in"],
@@ -166,7 +167,7 @@ class StageRun:
         self.stats.records_out += kept
         self.stats.rejected.update(d.reason if isinstance(d, Drop) else d for d in drops)
 
-    def __enter__(self) -> "StageRun":
+    def __enter__(self) -> StageRun:
         self._start = time.perf_counter()
         return self
 
@@ -176,9 +177,7 @@ class StageRun:
             self.stats.check_conservation()
 
 
-def rejected_rows_from_table(
-    table: pa.Table, row_indices: list[int], drops: list[Drop], stage: str
-) -> pa.Table:
+def rejected_rows_from_table(table: pa.Table, row_indices: list[int], drops: list[Drop], stage: str) -> pa.Table:
     """Rejected rows for canonical records ``table[row_indices]`` dropped at ``stage``.
 
     The ``raw`` column holds the canonical record as JSON, so the quarantine shows exactly what
@@ -191,9 +190,7 @@ def rejected_rows_from_table(
     picked = table.take(pa.array(row_indices, pa.int64())).to_pylist()
     rows = []
     for rec, drop in zip(picked, drops):
-        raw = json.dumps(
-            {schema.MESSAGES: rec[schema.MESSAGES], schema.TOOLS: rec.get(schema.TOOLS)}, ensure_ascii=False
-        )
+        raw = json.dumps({schema.MESSAGES: rec[schema.MESSAGES], schema.TOOLS: rec.get(schema.TOOLS)}, ensure_ascii=False)
         rows.append(
             schema.rejected_row(
                 rec[schema.SOURCE],

@@ -33,10 +33,11 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel
@@ -128,9 +129,7 @@ def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config
     tokenizer_fp = tokenizer_fingerprint(tok)
     config_fp = config.fingerprint()
 
-    inputs = [
-        InputFile(path=str(path), source=str(path), sha256=_hash_input(Path(path))) for path in input_paths
-    ]
+    inputs = [InputFile(path=str(path), source=str(path), sha256=_hash_input(Path(path))) for path in input_paths]
     previous = manifest_io.read_manifest_or_none(data_dir)
     rebuild = previous is not None and (
         previous.get("tokenizer", {}).get("fingerprint") != tokenizer_fp
@@ -253,12 +252,17 @@ class StepResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "stage": self.stage, "key": self.key, "outputs": self.outputs, "rejected": self.rejected,
-            "stats": self.stats.to_dict(), "index_part": self.index_part, "shards": self.shards,
+            "stage": self.stage,
+            "key": self.key,
+            "outputs": self.outputs,
+            "rejected": self.rejected,
+            "stats": self.stats.to_dict(),
+            "index_part": self.index_part,
+            "shards": self.shards,
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "StepResult":
+    def from_json(cls, data: dict[str, Any]) -> StepResult:
         return cls(**{**data, "stats": StageStats.from_dict(data["stats"])})
 
 
@@ -291,9 +295,7 @@ def _cached_step(plan: RunPlan, stage: str, key: str, outputs: list[Path], run: 
     rejected = _rejected(plan, stage, key)
     outcome = run(rejected)
     stats, index_part = (outcome, None) if isinstance(outcome, StageStats) else outcome
-    result = StepResult(
-        stage, key, [str(p) for p in outputs], str(rejected) if rejected.exists() else None, stats, index_part
-    )
+    result = StepResult(stage, key, [str(p) for p in outputs], str(rejected) if rejected.exists() else None, stats, index_part)
     write_json_atomic(result.to_json(), _work(plan, stage, key, ".stats.json"))
     return result
 
@@ -317,13 +319,23 @@ def run_ingest(plan: RunPlan, item: InputFile) -> StepResult:
     key = ingest_key(plan, item)
     out = _work(plan, "ingest", key)
     return _cached_step(
-        plan, "ingest", key, [out],
+        plan,
+        "ingest",
+        key,
+        [out],
         lambda rejected: ingest_file(Path(item.path), out, rejected, plan.config, source=item.source),
     )
 
 
 def dedup_key(plan: RunPlan, ingest_results: list[StepResult]) -> str:
-    return _key("dedup", [r.key for r in ingest_results], plan.index_parts, plan.output_settings["dedup"], plan.output_settings["quality"], plan.code_version)
+    return _key(
+        "dedup",
+        [r.key for r in ingest_results],
+        plan.index_parts,
+        plan.output_settings["dedup"],
+        plan.output_settings["quality"],
+        plan.code_version,
+    )
 
 
 def dedup_signatures(plan: RunPlan, ingest_result: StepResult) -> str:
@@ -347,9 +359,7 @@ def dedup_partition(plan: RunPlan, ingest_results: list[StepResult], signature_p
 
     path = _edge_path(plan, ingest_results, partition)
     if not path.exists():
-        edges = candidate_pairs(
-            signature_paths, partition, plan.config.dedup, plan.root / DEDUP_INDEX, list(plan.index_parts)
-        )
+        edges = candidate_pairs(signature_paths, partition, plan.config.dedup, plan.root / DEDUP_INDEX, list(plan.index_parts))
         save_edges(edges, path)
     return str(path)
 
@@ -381,9 +391,15 @@ def run_dedup(
         return _cached_step(plan, "dedup", key, in_paths, lambda rejected: _passed_through("dedup", in_paths))
     out_paths = [_work(plan, "dedup", f"{key}-{i:05d}") for i in range(len(in_paths))]
     return _cached_step(
-        plan, "dedup", key, out_paths,
+        plan,
+        "dedup",
+        key,
+        out_paths,
         lambda rejected: dedup_stage(
-            in_paths, out_paths, rejected, plan.config,
+            in_paths,
+            out_paths,
+            rejected,
+            plan.config,
             index_dir=plan.root / DEDUP_INDEX,
             index_parts=list(plan.index_parts),
             is_good=_quality_verdict(plan),
@@ -417,15 +433,23 @@ def run_quality(plan: RunPlan, upstream: StepResult, chunk: int) -> StepResult:
         return _cached_step(plan, "quality", key, [in_path], lambda rejected: _passed_through("quality", [in_path]))
     out = _work(plan, "quality", key)
     return _cached_step(
-        plan, "quality", key, [out],
+        plan,
+        "quality",
+        key,
+        [out],
         lambda rejected: quality_stage(in_path, out, rejected, plan.config, tokenizer=plan.tokenizer),
     )
 
 
 def tokenize_key(plan: RunPlan, upstream_key: str) -> str:
     return _key(
-        "tokenize", upstream_key, plan.tokenizer_fingerprint, plan.template_fingerprint,
-        plan.output_settings["template"], plan.output_settings["tokenize"], plan.code_version,
+        "tokenize",
+        upstream_key,
+        plan.tokenizer_fingerprint,
+        plan.template_fingerprint,
+        plan.output_settings["template"],
+        plan.output_settings["tokenize"],
+        plan.code_version,
     )
 
 
@@ -436,7 +460,10 @@ def run_tokenize(plan: RunPlan, upstream: StepResult) -> StepResult:
     key = tokenize_key(plan, upstream.key)
     out = _work(plan, "tokenize", key, ".arrow")
     return _cached_step(
-        plan, "tokenize", key, [out],
+        plan,
+        "tokenize",
+        key,
+        [out],
         lambda rejected: tokenize_stage(in_path, out, rejected, plan.config, tokenizer=plan.tokenizer),
     )
 
@@ -456,8 +483,11 @@ def run_write_shards(plan: RunPlan, tokenize_results: list[StepResult]) -> StepR
         schema.META_FORMAT_VERSION: schema.FORMAT_VERSION.encode(),
     }
     written = write_shards(
-        [Path(r.outputs[0]) for r in tokenize_results], plan.root, plan.config,
-        metadata=metadata, start_index=dict(plan.start_index),
+        [Path(r.outputs[0]) for r in tokenize_results],
+        plan.root,
+        plan.config,
+        metadata=metadata,
+        start_index=dict(plan.start_index),
     )
     outputs = [str(plan.root / entry["path"]) for entry in written.entries]
     return StepResult("shards", "", outputs, None, written.stats, shards=written.entries)
@@ -484,7 +514,8 @@ def finalize(
         from pipeline.dedup.index import restrict_part
 
         kept_ids = [
-            i for entry in shard_result.shards
+            i
+            for entry in shard_result.shards
             for i in pq.read_table(root / entry["path"], columns=[schema.ID]).column(schema.ID).to_pylist()
         ]
         if restricted := restrict_part(root / DEDUP_INDEX, dedup_result.index_part, kept_ids):
@@ -508,10 +539,7 @@ def finalize(
         config=plan.config.model_dump(mode="json"),
         config_fingerprint=plan.config_fingerprint,
         code_version=plan.code_version,
-        new_inputs=[
-            {"source": i.source, "sha256": i.sha256, "records": r.stats.records_in}
-            for i, r in zip(plan.inputs, ingest_results)
-        ],
+        new_inputs=[{"source": i.source, "sha256": i.sha256, "records": r.stats.records_in} for i, r in zip(plan.inputs, ingest_results)],
         new_shards=shard_result.shards,
         new_rejected=new_rejected,
         dedup_index=index_parts,

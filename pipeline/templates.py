@@ -17,8 +17,8 @@ import json
 import logging
 import re
 from dataclasses import dataclass, replace
-from itertools import islice
 from datetime import date, datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ CHATML = (
     "{%- generation %}{{- message.content }}"
     "{%- if message.tool_calls %}{%- for call in message.tool_calls %}"
     "{%- set fn = call.function if call.function is defined else call %}"
-    "{{- '\\n<tool_call>\\n{\"name\": \"' + fn.name + '\", \"arguments\": ' "
+    '{{- \'\\n<tool_call>\\n{"name": "\' + fn.name + \'", "arguments": \' '
     "+ (fn.arguments if fn.arguments is string else fn.arguments | tojson) + '}\\n</tool_call>' }}"
     "{%- endfor %}{%- endif %}"
     "{{- '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
@@ -66,7 +66,7 @@ LLAMA3 = (
     "{%- if tools %}{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
     "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
     "{{- 'You have access to the following functions. To call a function, respond with JSON "
-    "{\"name\": function name, \"arguments\": dictionary of argument name and its value}.\\n\\n' }}"
+    '{"name": function name, "arguments": dictionary of argument name and its value}.\\n\\n\' }}'
     "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n\\n' }}{%- endfor %}"
     "{{- '<|eot_id|>' }}"
     "{%- elif messages[0].role == 'system' %}"
@@ -104,9 +104,7 @@ MISTRAL = (
     "{{- '[INST] ' + ns.system + message.content + ' [/INST]' }}{%- set ns.system = '' %}"
     "{%- elif message.role == 'assistant' %}{{- ' ' if message.content or message.tool_calls else '' }}"
     "{%- generation %}{{- message.content }}"
-    "{%- if message.tool_calls %}{{- ' ' if message.content else '' }}{{- '[TOOL_CALLS] [' }}"
-    + _TOOL_CALLS_JSON
-    + "{{- ']' }}{%- endif %}"
+    "{%- if message.tool_calls %}{{- ' ' if message.content else '' }}{{- '[TOOL_CALLS] [' }}" + _TOOL_CALLS_JSON + "{{- ']' }}{%- endif %}"
     "{{- eos_token }}{%- endgeneration %}"
     "{%- elif message.role == 'tool' %}"
     "{{- '[TOOL_RESULTS] ' + message.content + ' [/TOOL_RESULTS]' }}"
@@ -125,9 +123,7 @@ ALPACA = (
     "{%- elif message.role == 'user' %}{{- '### Instruction:\\n' + message.content + '\\n\\n' }}"
     "{%- elif message.role == 'assistant' %}{{- '### Response:\\n' }}"
     "{%- generation %}{{- message.content }}"
-    "{%- if message.tool_calls %}{{- '\\n' if message.content else '' }}{{- 'Tool calls: ' }}"
-    + _TOOL_CALLS_JSON
-    + "{%- endif %}"
+    "{%- if message.tool_calls %}{{- '\\n' if message.content else '' }}{{- 'Tool calls: ' }}" + _TOOL_CALLS_JSON + "{%- endif %}"
     "{{- eos_token }}{%- endgeneration %}{{- '\\n\\n' }}"
     "{%- elif message.role == 'tool' %}{{- '### Tool result:\\n' + message.content + '\\n\\n' }}"
     "{%- else %}{{- '### ' + message.role + ':\\n' + message.content + '\\n\\n' }}"
@@ -258,10 +254,7 @@ def resolve_template(tokenizer, config: TemplateConfig) -> Template:
                 getattr(tokenizer, "name_or_path", "?"),
             )
     else:
-        raise ValueError(
-            f"unknown chat template {config.name!r}; expected auto, a Jinja file, or one of "
-            f"{', '.join(BUILTIN_TEMPLATES)}"
-        )
+        raise ValueError(f"unknown chat template {config.name!r}; expected auto, a Jinja file, or one of {', '.join(BUILTIN_TEMPLATES)}")
     if default_system and not template.supports_system:
         raise ValueError(f"chat template {template.name!r} has no system role, so default_system cannot be used")
     reserved = {"messages", "tools", "add_generation_prompt", "strftime_now", "raise_exception"} & set(config.variables)
@@ -334,8 +327,12 @@ class Renderer:
             from transformers.utils.chat_template_utils import render_jinja_template
 
             rendered, spans = render_jinja_template(
-                conversations=[chat], tools=tool_schemas, chat_template=self.template.source,
-                return_assistant_tokens_mask=with_spans, add_generation_prompt=add_generation_prompt, **self.context,
+                conversations=[chat],
+                tools=tool_schemas,
+                chat_template=self.template.source,
+                return_assistant_tokens_mask=with_spans,
+                add_generation_prompt=add_generation_prompt,
+                **self.context,
             )
             return rendered[0], [tuple(span) for span in spans[0]] if with_spans else []
         compiled = self.compiled

@@ -21,11 +21,11 @@ import multiprocessing
 import os
 import threading
 from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -175,12 +175,12 @@ def assemble(rows: _Rows, results: list[Encoded | Drop]) -> tuple[pa.Table, pa.T
         picked = [(i, r, t) for i, r, t in rejected_rows if r.stage == stage]
         if picked:
             filed_rows = [
-                table.num_rows + int(record_of_row[i]) if rows.record_table is not None and t is None else i
-                for i, _, t in picked
+                table.num_rows + int(record_of_row[i]) if rows.record_table is not None and t is None else i for i, _, t in picked
             ]
             part = rejected_rows_from_table(pool, filed_rows, [r for _, r, _ in picked], stage)
             part = part.set_column(
-                part.schema.get_field_index(schema.TURN), schema.REJECTED_SCHEMA.field(schema.TURN),
+                part.schema.get_field_index(schema.TURN),
+                schema.REJECTED_SCHEMA.field(schema.TURN),
                 pa.array([t for _, _, t in picked], pa.int32()),
             )
             rejected_parts.append(part)
@@ -320,6 +320,7 @@ def _parallelism_restore(previous: str | None) -> None:
 # variable at every batch call and offers no other switch.
 _TOKENIZER_THREAD_POOL_OFF = _ProcessWide(_parallelism_off, _parallelism_restore)
 
+
 def _gc_freeze() -> bool:
     if gc.get_freeze_count():
         return False  # the caller freezes its own heap; unfreezing later would undo that
@@ -382,4 +383,3 @@ def tokenize_stage(in_path: Path, out_path: Path, rejected_path: Path, config: S
         if rejected_tables:
             write_rejected(pa.concat_tables(rejected_tables), rejected_path)
     return run.stats
-

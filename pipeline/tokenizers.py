@@ -48,8 +48,7 @@ def load_tokenizer(name_or_path: str):
         raise ValueError(f"cannot load tokenizer {name_or_path!r}: {exc}") from exc
     if not tokenizer.is_fast:
         raise ValueError(
-            f"tokenizer {name_or_path!r} has no fast (Rust) implementation; sftkit needs offset "
-            "mappings to place loss masks exactly"
+            f"tokenizer {name_or_path!r} has no fast (Rust) implementation; sftkit needs offset mappings to place loss masks exactly"
         )
     return tokenizer
 

@@ -104,8 +104,9 @@ def prefect_harness(tmp_path_factory):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    import flows  # noqa: F401  (applies sftkit's Prefect defaults)
     from prefect.testing.utilities import prefect_test_harness
+
+    import flows  # noqa: F401  (applies sftkit's Prefect defaults)
 
     with prefect_test_harness(server_startup_timeout=180):
         yield

@@ -14,7 +14,7 @@ flash-attention, so sequences never attend to each other. The loss side
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

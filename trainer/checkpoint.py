@@ -62,7 +62,7 @@ class TrainState:
     evals_since_best: int = 0
     world_size: int = 1  # the per-rank plans, hence micro_index, depend on it
 
-    def on_ranks(self, world_size: int) -> tuple["TrainState", int]:
+    def on_ranks(self, world_size: int) -> tuple[TrainState, int]:
         """This position for a run on ``world_size`` ranks, and how many micro-batches that skips.
 
         Rank r's plan is ``plan[r::world_size]`` (:func:`trainer.sampling.rank_slice`), so
@@ -103,8 +103,13 @@ def rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -116,8 +121,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     numpy_state = state["numpy"]
     np.random.set_state(
-        (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-         numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
@@ -187,9 +197,7 @@ def _load(file: Path, **kwargs) -> Any:
 
 def _damaged(folder: Path, name: str, exc: BaseException) -> CheckpointError:
     older = [p for step, p in list_checkpoints(folder.parent.parent) if p != folder and p.name < folder.name]
-    hint = (
-        f"move it aside to resume from the previous checkpoint {older[-1].name}" if older else "move it aside to start over"
-    )
+    hint = f"move it aside to resume from the previous checkpoint {older[-1].name}" if older else "move it aside to start over"
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return CheckpointError(f"checkpoint {folder} is damaged: {name} cannot be read ({first_line}); {hint}")
 
@@ -260,7 +268,10 @@ def _load_sharded(folder: Path, model, optimizer=None) -> None:
     """Read ``folder`` into the model (and optimizer) in place, whatever their sharding is now."""
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
     )
 
     _check_metadata(folder)
@@ -280,8 +291,13 @@ def _load_sharded(folder: Path, model, optimizer=None) -> None:
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 _TORCH_CONSTANTS = (torch.dtype, torch.layout, torch.memory_format)
 _METADATA_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
 }
 
 

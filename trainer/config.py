@@ -7,7 +7,7 @@ Its own module, free of torch, so that the CLI derives its option defaults from 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,30 +22,30 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    data: Optional[Path] = Field(None, description="dataset folder (needed by run_training, not by SFTTrainer)")
-    mixture: Optional[Path] = Field(None, description="a training mixture spec (YAML), instead of data")
+    data: Path | None = Field(None, description="dataset folder (needed by run_training, not by SFTTrainer)")
+    mixture: Path | None = Field(None, description="a training mixture spec (YAML), instead of data")
     out: Path = Path("runs/sft")
     model: str = "tiny"
-    tokenizer: Optional[str] = Field(None, description="override the tokenizer named in the manifest")
-    max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    tokenizer: str | None = Field(None, description="override the tokenizer named in the manifest")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     epochs: float = Field(3.0, gt=0)
     lr: float = Field(1e-5, ge=0, description="0 is allowed here (a frozen run); the CLI asks for > 0")
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     batch_tokens: int = Field(8192, ge=1, description="token slots per micro-batch (per rank)")
-    pack_length: Optional[int] = Field(None, ge=1, description="length of one packed row; default batch_tokens")
+    pack_length: int | None = Field(None, ge=1, description="length of one packed row; default batch_tokens")
     grad_accum: int = Field(1, ge=1)
     packing: bool = True
     eval_every: int = Field(200, ge=1)
-    patience: Optional[int] = Field(3, ge=0)
+    patience: int | None = Field(3, ge=0)
     save_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
     resume: bool = False
     seed: int = 0
     device: str = "auto"
-    num_workers: Optional[int] = Field(None, description="DataLoader workers; default 2 on CUDA, 0 on CPU")
-    attn_implementation: Optional[str] = None
+    num_workers: int | None = Field(None, description="DataLoader workers; default 2 on CUDA, 0 on CPU")
+    attn_implementation: str | None = None
     fsdp: bool = Field(False, description="under torchrun: shard weights, gradients and optimizer state (FSDP2)")
     activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in backward")
     loss_chunk_tokens: int = Field(
@@ -53,9 +53,9 @@ class TrainConfig(BaseModel):
     )
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype the model's weights are loaded and kept in")
     lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning")
-    lora_alpha: Optional[float] = Field(None, gt=0, description="LoRA scale numerator; default 2 x lora_r")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scale numerator; default 2 x lora_r")
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_targets: Optional[list[str]] = Field(None, description="layer names that get adapters; default attention + MLP")
+    lora_targets: list[str] | None = Field(None, description="layer names that get adapters; default attention + MLP")
     merge: bool = Field(False, description="LoRA: also write final/merged, the base model with the adapters folded in")
     progress: bool = True
 

@@ -72,9 +72,7 @@ class ShardDataset:
     def _index(self) -> None:
         # First global row index of every shard, for a bisect from row index to shard.
         self._starts = np.cumsum([0] + [s.rows for s in self.shards]).tolist()
-        self.lengths: np.ndarray = (
-            np.concatenate([s.lengths() for s in self.shards]) if self.shards else np.zeros(0, np.int32)
-        )
+        self.lengths: np.ndarray = np.concatenate([s.lengths() for s in self.shards]) if self.shards else np.zeros(0, np.int32)
 
     @classmethod
     def concat(cls, datasets: list[ShardDataset]) -> ShardDataset:

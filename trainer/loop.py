@@ -16,8 +16,8 @@ import shutil
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -25,7 +25,13 @@ from pipeline.fsutil import TMP_PREFIX
 from trainer import distributed, lora, sharding
 from trainer.batching import PlannedBatches
 from trainer.checkpoint import (
-    TrainState, checkpoint_config, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint, step_dir,
+    TrainState,
+    checkpoint_config,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+    step_dir,
 )
 from trainer.config import TrainConfig
 from trainer.loss import CausalLMLoss, count_targets
@@ -51,7 +57,11 @@ class SFTTrainer:
         self.device = distributed.resolve_device(config.device, self.dist)
         if config.lora_r:
             model = lora.apply_lora(
-                model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=config.lora_targets,
+                model,
+                r=config.lora_r,
+                alpha=config.lora_alpha,
+                dropout=config.lora_dropout,
+                targets=config.lora_targets,
                 merge=config.merge,
             )
         self.model = model.to(self.device)
@@ -71,8 +81,14 @@ class SFTTrainer:
         self.objective = CausalLMLoss(self.model, config.loss_chunk_tokens)
         self.wrapped = sharding.wrap(self.objective, self.device, fsdp=config.fsdp)  # before the optimizer sees the parameters
         self.planner = EpochPlanner(
-            train_dataset.lengths, config.seed, config.batch_tokens, config.packing, config.pack_length,
-            self.dist.rank, self.dist.world_size, order=getattr(train_dataset, "epoch_order", None),  # a mixture's
+            train_dataset.lengths,
+            config.seed,
+            config.batch_tokens,
+            config.packing,
+            config.pack_length,
+            self.dist.rank,
+            self.dist.world_size,
+            order=getattr(train_dataset, "epoch_order", None),  # a mixture's
         )
         self.steps_per_epoch = self.planner.steps_per_epoch(config.grad_accum)
         if self.steps_per_epoch == 0:
@@ -80,9 +96,7 @@ class SFTTrainer:
                 f"{config.data or config.mixture} has too few training rows for {self.dist.world_size} rank(s) at "
                 f"--batch-tokens {config.batch_tokens}"
             )
-        self.total_steps = (
-            config.max_steps if config.max_steps is not None else max(1, math.ceil(config.epochs * self.steps_per_epoch))
-        )
+        self.total_steps = config.max_steps if config.max_steps is not None else max(1, math.ceil(config.epochs * self.steps_per_epoch))
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, config.warmup_ratio)
         self.state = TrainState(world_size=self.dist.world_size)
@@ -118,9 +132,7 @@ class SFTTrainer:
         tokens on every rank; returns global loss/token figures. Nothing runs if any rank must stop."""
         local_targets = sum(count_targets(b) for b in micro_batches)
         local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        global_targets, global_tokens, stop = distributed.all_reduce_sum(
-            [local_targets, local_tokens, float(stop_requested)], self.device
-        )
+        global_targets, global_tokens, stop = distributed.all_reduce_sum([local_targets, local_tokens, float(stop_requested)], self.device)
         if stop:
             return {"stop": True}
         # DDP and FSDP2 average gradients over ranks; scaling by world size turns that into a plain sum.
@@ -186,8 +198,12 @@ class SFTTrainer:
         """Mean CE per trained token over the whole validation split (every rank a disjoint part)."""
         self.model.eval()
         plan = eval_plan(
-            self.eval_dataset.lengths, self.config.batch_tokens, self.config.packing, self.config.pack_length,
-            self.dist.rank, self.dist.world_size,
+            self.eval_dataset.lengths,
+            self.config.batch_tokens,
+            self.config.packing,
+            self.config.pack_length,
+            self.dist.rank,
+            self.dist.world_size,
         )
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         targets = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -225,11 +241,20 @@ class SFTTrainer:
                 state.tokens_seen += result["tokens"]
                 state.trained_tokens_seen += result["trained_tokens"]
                 elapsed = time.perf_counter() - started
-                log.write({
-                    "type": "train", "step": state.step, "epoch": epoch, "loss": result["loss"], "lr": lr,
-                    "grad_norm": grad_norm, "tokens": result["tokens"], "trained_tokens": result["trained_tokens"],
-                    "tokens_per_s": result["tokens"] / elapsed, "data_wait": waited / elapsed,
-                })
+                log.write(
+                    {
+                        "type": "train",
+                        "step": state.step,
+                        "epoch": epoch,
+                        "loss": result["loss"],
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens": result["tokens"],
+                        "trained_tokens": result["trained_tokens"],
+                        "tokens_per_s": result["tokens"] / elapsed,
+                        "data_wait": waited / elapsed,
+                    }
+                )
                 bar.update(1)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", epoch=epoch)
 
@@ -325,8 +350,14 @@ class SFTTrainer:
 
     def _save(self, run_dir: Path) -> None:
         save_checkpoint(
-            run_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=self.state,
-            config=self._saved_config(), keep_last=self.config.keep_last, sharded=self.config.fsdp,
+            run_dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=self.state,
+            config=self._saved_config(),
+            keep_last=self.config.keep_last,
+            sharded=self.config.fsdp,
         )
 
     def _saved_config(self) -> dict:
@@ -410,17 +441,13 @@ def _pad_token_id(tokenizer, model) -> int:
 
 def run_training(config: TrainConfig) -> dict:
     """``sftkit train``: build tokenizer, datasets and model from the config, train, return final metrics."""
+    from pipeline.report.integrity import load_manifest
     from trainer.data import ShardDataset
     from trainer.mixture import load_mixture
     from trainer.models import load_model, resolve_tokenizer
 
-    from pipeline.report.integrity import load_manifest
-
     if config.data is None and config.mixture is None:  # both at once: TrainConfig refuses that
-        raise ValueError(
-            "give the training data as --data DIR (a folder made by `sftkit prepare`) or as --mixture FILE "
-            "(a mixture spec)"
-        )
+        raise ValueError("give the training data as --data DIR (a folder made by `sftkit prepare`) or as --mixture FILE (a mixture spec)")
     # A missing or damaged manifest or spec: one sentence before anything starts.
     mixture = load_mixture(config.mixture, default_seed=config.seed) if config.mixture is not None else None
     if mixture is None:
@@ -446,8 +473,12 @@ def run_training(config: TrainConfig) -> dict:
         longest = int(max(train_dataset.lengths.max(), eval_dataset.lengths.max(initial=0)))
         max_positions = max(4096, config.pack_length or config.batch_tokens, longest)
         model = load_model(
-            config.model, tokenizer, seed=config.seed, max_positions=max_positions,
-            attn_implementation=config.attn_implementation, dtype=config.dtype,
+            config.model,
+            tokenizer,
+            seed=config.seed,
+            max_positions=max_positions,
+            attn_implementation=config.attn_implementation,
+            dtype=config.dtype,
         )
         torch.manual_seed(config.seed)
         trainer = SFTTrainer(model, train_dataset, eval_dataset, config, tokenizer=tokenizer)

@@ -27,9 +27,7 @@ MERGED_DIR = "merged"
 
 def find_targets(model: torch.nn.Module, requested: list[str] | None = None) -> list[str]:
     """The module names (last path component) that get adapters; a clear error when none match."""
-    linear_names = {
-        name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
-    }
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     if requested:
         missing = sorted(set(requested) - linear_names)
         if missing:
@@ -63,9 +61,7 @@ def _refuse_merging_a_tied_head(model: torch.nn.Module, targets: list[str]) -> N
         )
 
 
-def apply_lora(
-    model: torch.nn.Module, *, r: int, alpha: float | None, dropout: float, targets: list[str] | None, merge: bool = False
-):
+def apply_lora(model: torch.nn.Module, *, r: int, alpha: float | None, dropout: float, targets: list[str] | None, merge: bool = False):
     """Wrap ``model`` in a peft LoRA model: adapters on ``targets``, everything else frozen
     (``merge``: the run will write final/merged, refused for an adapter on a tied LM head)."""
     from peft import LoraConfig, get_peft_model

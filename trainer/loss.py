@@ -70,9 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, token_weights, chunk_tokens: int, softcap: float | None, needs_grad: bool):
         grad_hidden = torch.empty_like(hidden) if needs_grad and hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad and weight.requires_grad else None
-        grad_bias = (
-            torch.zeros_like(bias, dtype=torch.float32) if needs_grad and bias is not None and bias.requires_grad else None
-        )
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_grad and bias is not None and bias.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             part = slice(start, start + chunk_tokens)
@@ -115,7 +113,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
             (grad_weight * grad_total).to(weight_dtype) if grad_weight is not None else None,
             (grad_bias * grad_total).to(bias_dtype) if grad_bias is not None else None,
-            None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -139,8 +141,14 @@ def chunked_cross_entropy(
         zero = 0.0 * hidden.sum(dtype=torch.float32) + 0.0 * head.weight.sum(dtype=torch.float32)
         return zero + 0.0 * head.bias.sum(dtype=torch.float32) if head.bias is not None else zero
     return _LinearCrossEntropy.apply(
-        hidden[:, :-1][keep], head.weight, head.bias, targets[keep],
-        weights[keep] if weights is not None else None, chunk_tokens, softcap, torch.is_grad_enabled(),
+        hidden[:, :-1][keep],
+        head.weight,
+        head.bias,
+        targets[keep],
+        weights[keep] if weights is not None else None,
+        chunk_tokens,
+        softcap,
+        torch.is_grad_enabled(),
     )
 
 
@@ -196,6 +204,4 @@ class CausalLMLoss(torch.nn.Module):
             return summed_cross_entropy(logits, targets, target_weights), count
         decoder, head, softcap = self._layout
         hidden = decoder(**inputs).last_hidden_state
-        return chunked_cross_entropy(
-            hidden, head, targets, target_weights, chunk_tokens=self.chunk_tokens, softcap=softcap
-        ), count
+        return chunked_cross_entropy(hidden, head, targets, target_weights, chunk_tokens=self.chunk_tokens, softcap=softcap), count

@@ -218,8 +218,13 @@ def estimate_memory(
     ``more`` takes the other :class:`Strategy` fields (pack_length, world_size, device, ...)."""
     shape = model_config if isinstance(model_config, ModelShape) else model_shape(model_config)
     strategy = Strategy(
-        batch_tokens=batch_tokens, lora_r=lora_r, fsdp_gpus=fsdp_gpus, activation_checkpointing=activation_checkpointing,
-        loss_chunk_tokens=loss_chunk_tokens, dtype=dtype, **more,
+        batch_tokens=batch_tokens,
+        lora_r=lora_r,
+        fsdp_gpus=fsdp_gpus,
+        activation_checkpointing=activation_checkpointing,
+        loss_chunk_tokens=loss_chunk_tokens,
+        dtype=dtype,
+        **more,
     )
     return estimate(shape, strategy)
 
@@ -270,7 +275,11 @@ def estimate(shape: ModelShape, strategy: Strategy) -> MemoryEstimate:
         notes["activations"] = f"{_count(layer)} B per token per layer x {shape.num_layers} layers"
 
     parts["logits"] = loss_bytes(
-        tokens, shape.vocab, h, chunk_tokens=s.loss_chunk_tokens, hidden_bytes=layer_w,
+        tokens,
+        shape.vocab,
+        h,
+        chunk_tokens=s.loss_chunk_tokens,
+        hidden_bytes=layer_w,
         trained_head_params=0 if s.lora_r else shape.head_params,
     )
     if s.loss_chunk_tokens:

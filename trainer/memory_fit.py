@@ -109,11 +109,13 @@ def _knobs(current: Strategy, gpus: int, grad_accum: int) -> list[list[Change | 
     knobs.append(halvings)
     lora = ("--lora-r", str(SUGGESTED_LORA_R))
     if not current.lora_r:
-        knobs.append([
-            None,
-            Change(lora, 3, {"lora_r": SUGGESTED_LORA_R}),
-            Change((*lora, "--dtype", "bf16"), 3, {"lora_r": SUGGESTED_LORA_R, "dtype": "bf16"}),
-        ])
+        knobs.append(
+            [
+                None,
+                Change(lora, 3, {"lora_r": SUGGESTED_LORA_R}),
+                Change((*lora, "--dtype", "bf16"), 3, {"lora_r": SUGGESTED_LORA_R, "dtype": "bf16"}),
+            ]
+        )
     elif current.dtype == "fp32":
         knobs.append([None, Change(("--dtype", "bf16"), 1, {"dtype": "bf16"})])
     if current.fsdp_gpus <= 1:
@@ -146,8 +148,9 @@ def suggest_fits(
             fitting.append((levels, Suggestion(changes, result)))
     # Drop a set that only adds to (or raises a level of) another fitting set.
     minimal = [
-        suggestion for levels, suggestion in fitting
-        if not any(other != levels and all(o <= l for o, l in zip(other, levels)) for other, _ in fitting)
+        suggestion
+        for levels, suggestion in fitting
+        if not any(other != levels and all(mine <= theirs for mine, theirs in zip(other, levels)) for other, _ in fitting)
     ]
     minimal.sort(key=lambda suggestion: (suggestion.cost, suggestion.estimate.total))
     return minimal[:limit]
@@ -206,9 +209,7 @@ def dry_run(config, *, gpus: int | None = None, gpu_memory: str | None = None) -
         tokenizer = resolve_tokenizer(data, config.model, config.tokenizer)
     shape = model_shape(load_model_config(config.model, tokenizer))
     current = strategy_from_config(config, gpus)
-    suggestions = (
-        suggest_fits(shape, current, gpu_bytes, gpus=gpus, grad_accum=config.grad_accum) if gpu_bytes is not None else []
-    )
+    suggestions = suggest_fits(shape, current, gpu_bytes, gpus=gpus, grad_accum=config.grad_accum) if gpu_bytes is not None else []
     return DryRun(config.model, shape, estimate(shape, current), gpus, gpu_bytes, suggestions)
 
 

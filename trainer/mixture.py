@@ -53,7 +53,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -84,13 +84,9 @@ class GroupSpec(BaseModel):
     name: str = Field(min_length=1)
     sources: list[str] = Field(min_length=1, description="globs on the rows' source column")
     # allow_inf_nan=False: `.inf` passes gt=0 and would turn every budget into NaN.
-    weight: Optional[float] = Field(
-        None, gt=0, allow_inf_nan=False, description="share of the epoch (normalised over the weighted groups)"
-    )
-    repeat: Optional[float] = Field(
-        None, gt=0, allow_inf_nan=False, description="fixed factor of the group's own size per epoch"
-    )
-    max_tokens: Optional[int] = Field(None, ge=1, description="at most this many trained tokens per epoch")
+    weight: float | None = Field(None, gt=0, allow_inf_nan=False, description="share of the epoch (normalised over the weighted groups)")
+    repeat: float | None = Field(None, gt=0, allow_inf_nan=False, description="fixed factor of the group's own size per epoch")
+    max_tokens: int | None = Field(None, ge=1, description="at most this many trained tokens per epoch")
     train_on: Literal["all", "last"] = Field("all", description="all assistant turns, or only the last one")
     loss_weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="scales the loss of the group's tokens")
 
@@ -106,10 +102,10 @@ class MixtureSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: Optional[int] = Field(None, ge=0, description="seed of the draws; default: train --seed")
+    seed: int | None = Field(None, ge=0, description="seed of the draws; default: train --seed")
     datasets: list[str] = Field(min_length=1, description="prepared folders, relative to the spec file")
     by: Literal["trained_tokens", "rows"] = BY_TOKENS
-    epoch_size: Optional[int] = Field(
+    epoch_size: int | None = Field(
         None, ge=1, description="an epoch in `by` units; default: the weighted groups' own size plus the repeat groups'"
     )
     rest: Literal["error", "drop"] = Field("error", description="what to do with rows no group matches")
@@ -174,7 +170,7 @@ class SplitRows:
     length: np.ndarray  # int32
     trained: np.ndarray  # int64: trained tokens (the last turn's for train_on: last groups)
     group: np.ndarray  # int16: the row's group, -1 outside the mixture (rest: drop)
-    train_from: Optional[np.ndarray]  # int32: labels before it are not trained (train_on: last); None: none
+    train_from: np.ndarray | None  # int32: labels before it are not trained (train_on: last); None: none
     shard_paths: list[Path]
     shard_starts: np.ndarray  # first row of each shard, and the total at the end
 
@@ -278,7 +274,7 @@ class Mixture:
     train: SplitRows
     val: SplitRows
     budgets: np.ndarray  # per group, in `by` units, before max_tokens
-    caps: list[Optional[int]]  # per group: max trained tokens per epoch
+    caps: list[int | None]  # per group: max trained tokens per epoch
 
     @property
     def groups(self) -> list[GroupSpec]:
@@ -302,9 +298,7 @@ class Mixture:
 
         weights = [g.loss_weight for g in self.groups]
         views = []
-        for split, rows, sampler, group_weights in (
-            ("train", self.train, self.sampler(), weights), ("val", self.val, None, None)
-        ):
+        for split, rows, sampler, group_weights in (("train", self.train, self.sampler(), weights), ("val", self.val, None, None)):
             base = ShardDataset.concat([ShardDataset(folder, split, tokenizer=tokenizer) for folder in self.folders])
             if not np.array_equal(base.lengths, rows.length):
                 raise MixtureError(
@@ -327,9 +321,7 @@ def _check_same_tokens(folders: list[Path], manifests: list[dict]) -> None:
                 )
 
 
-def _match_groups(
-    spec: MixtureSpec, sources: list[tuple[int, str]], folders: list[Path]
-) -> tuple[np.ndarray, list[str]]:
+def _match_groups(spec: MixtureSpec, sources: list[tuple[int, str]], folders: list[Path]) -> tuple[np.ndarray, list[str]]:
     """The group of every source id (-1: none) -- the first group whose globs match it -- and a
     sentence for every source that more than one group matches."""
     group_of = np.full(len(sources), -1, np.int16)
@@ -486,8 +478,7 @@ class MixtureDataset:
     != 1 carries it. ``epoch_order`` is the trainer's source of row order.
     """
 
-    def __init__(self, base, rows: SplitRows, loss_weights: Optional[list[float]], sampler: Optional[MixtureSampler],
-                 spec_sha256: str):
+    def __init__(self, base, rows: SplitRows, loss_weights: list[float] | None, sampler: MixtureSampler | None, spec_sha256: str):
         kept = rows.kept
         self.base = base
         self.spec_sha256 = spec_sha256

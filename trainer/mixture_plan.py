@@ -28,9 +28,8 @@ prepare run's tokenize figures.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from pathlib import Path
 
 import numpy as np
 
@@ -48,9 +47,9 @@ SHARE_TOLERANCE = 0.01
 class GroupPlan:
     name: str
     sources: list[str]
-    weight: Optional[float]
-    repeat: Optional[float]
-    max_tokens: Optional[int]
+    weight: float | None
+    repeat: float | None
+    max_tokens: int | None
     train_on: str
     loss_weight: float
     rows: int
@@ -82,7 +81,7 @@ class MixturePlan:
     steps_per_epoch: int
     total_steps: int
     epochs: float
-    max_steps: Optional[int]
+    max_steps: int | None
     batch_tokens: int
     packing: bool
     grad_accum: int
@@ -108,8 +107,9 @@ def _manifest_figure(manifest: dict, stage: str, key: str) -> int:
     return 0
 
 
-def build_plan(mixture: Mixture, planner: EpochPlanner, *, grad_accum: int = 1, epochs: float = 3.0,
-               max_steps: Optional[int] = None) -> MixturePlan:
+def build_plan(
+    mixture: Mixture, planner: EpochPlanner, *, grad_accum: int = 1, epochs: float = 3.0, max_steps: int | None = None
+) -> MixturePlan:
     """The report of ``mixture`` trained under ``planner`` (its ``order`` is the mixture's)."""
     train, groups = mixture.train, mixture.groups
     kept = train.kept
@@ -140,29 +140,55 @@ def build_plan(mixture: Mixture, planner: EpochPlanner, *, grad_accum: int = 1, 
     group_plans = []
     for g, spec in enumerate(groups):
         matched = sorted({name for (_, name), gid in zip(mixture.sources, mixture.source_group) if gid == g})
-        group_plans.append(GroupPlan(
-            name=spec.name, sources=matched, weight=spec.weight, repeat=spec.repeat, max_tokens=spec.max_tokens,
-            train_on=spec.train_on, loss_weight=spec.loss_weight,
-            rows=int(natural_rows[g]), tokens=int(tokens[g]), trained_tokens=int(natural_trained[g]),
-            val_rows=int(val_rows[g]), target_share=float(target[g]), delivered_share=float(delivered_share[g]),
-            delivered_rows=int(delivered_rows[g]), delivered_trained_tokens=int(delivered_trained[g]),
-            repeats=float(delivered[g] / natural[g]) if natural[g] else 0.0,
-            capped=bool(spec.max_tokens is not None and _budget_tokens(mixture, g, natural_trained[g]) > spec.max_tokens),
-        ))
+        group_plans.append(
+            GroupPlan(
+                name=spec.name,
+                sources=matched,
+                weight=spec.weight,
+                repeat=spec.repeat,
+                max_tokens=spec.max_tokens,
+                train_on=spec.train_on,
+                loss_weight=spec.loss_weight,
+                rows=int(natural_rows[g]),
+                tokens=int(tokens[g]),
+                trained_tokens=int(natural_trained[g]),
+                val_rows=int(val_rows[g]),
+                target_share=float(target[g]),
+                delivered_share=float(delivered_share[g]),
+                delivered_rows=int(delivered_rows[g]),
+                delivered_trained_tokens=int(delivered_trained[g]),
+                repeats=float(delivered[g] / natural[g]) if natural[g] else 0.0,
+                capped=bool(spec.max_tokens is not None and _budget_tokens(mixture, g, natural_trained[g]) > spec.max_tokens),
+            )
+        )
 
     report = MixturePlan(
-        mixture=str(mixture.path), spec_sha256=mixture.sha256, datasets=[str(f) for f in mixture.folders],
-        by=mixture.spec.by, seed=mixture.seed, epoch_size=float(mixture.budgets.sum()), groups=group_plans,
-        rows=len(kept), trained_tokens=int(trained.sum()), delivered_rows=len(rows),
-        delivered_tokens=int(length[rows].sum()), delivered_trained_tokens=int(trained[rows].sum()),
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=epochs, max_steps=max_steps,
-        batch_tokens=planner.batch_tokens, packing=planner.packing, grad_accum=grad_accum,
+        mixture=str(mixture.path),
+        spec_sha256=mixture.sha256,
+        datasets=[str(f) for f in mixture.folders],
+        by=mixture.spec.by,
+        seed=mixture.seed,
+        epoch_size=float(mixture.budgets.sum()),
+        groups=group_plans,
+        rows=len(kept),
+        trained_tokens=int(trained.sum()),
+        delivered_rows=len(rows),
+        delivered_tokens=int(length[rows].sum()),
+        delivered_trained_tokens=int(trained[rows].sum()),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_tokens=planner.batch_tokens,
+        packing=planner.packing,
+        grad_accum=grad_accum,
         world_size=planner.world_size,
         padding_share=1.0 - plan_efficiency(planner.lengths, plan, planner.batch_tokens) if plan else 0.0,
         truncated_rows=sum(_manifest_figure(m, "tokenize", "truncated") for m in mixture.manifests),
         truncated_tokens=sum(_manifest_figure(m, "tokenize", "truncated_tokens") for m in mixture.manifests),
-        too_long_rows=sum(int(((m.get("counts") or {}).get("rejected") or {}).get("tokenize", {}).get("too_long", 0))
-                          for m in mixture.manifests),
+        too_long_rows=sum(
+            int(((m.get("counts") or {}).get("rejected") or {}).get("tokenize", {}).get("too_long", 0)) for m in mixture.manifests
+        ),
         zero_trained_rows=int((trained == 0).sum()),
         dropped_rows=int(len(train.group) - len(kept)),
         val_rows=int(len(mixture.val.kept)),
@@ -187,7 +213,8 @@ def _warnings(report: MixturePlan) -> list[str]:
             out.append(
                 f"group {g.name!r} is repeated {g.repeats:.1f} times an epoch (more than {MAX_SAFE_REPEATS:g}): its "
                 "rows will be memorised long before the rest; "
-                + ("lower its repeat" if g.repeat is not None else "lower its weight") + " or add data to it"
+                + ("lower its repeat" if g.repeat is not None else "lower its weight")
+                + " or add data to it"
             )
         if g.rows and not g.val_rows and report.val_rows:
             out.append(
@@ -218,20 +245,33 @@ def _warnings(report: MixturePlan) -> list[str]:
             "(when the spec sets one), or lower --batch-tokens or the number of ranks"
         )
     if report.zero_trained_rows:
-        out.append(
-            f"{report.zero_trained_rows:,} row(s) have no trained token (after train_on); they cost compute and teach nothing"
-        )
+        out.append(f"{report.zero_trained_rows:,} row(s) have no trained token (after train_on); they cost compute and teach nothing")
     return out
 
 
-def plan_mixture(path, *, batch_tokens: int = 8192, pack_length: Optional[int] = None, packing: bool = True,
-                 grad_accum: int = 1, world_size: int = 1, seed: int = 0, epochs: float = 3.0,
-                 max_steps: Optional[int] = None) -> MixturePlan:
+def plan_mixture(
+    path,
+    *,
+    batch_tokens: int = 8192,
+    pack_length: int | None = None,
+    packing: bool = True,
+    grad_accum: int = 1,
+    world_size: int = 1,
+    seed: int = 0,
+    epochs: float = 3.0,
+    max_steps: int | None = None,
+) -> MixturePlan:
     """``sftkit plan``: load the mixture and report it under these training settings."""
     mixture = load_mixture(path, default_seed=seed)
     sampler = mixture.sampler()
     planner = EpochPlanner(
-        mixture.train.length[mixture.train.kept], seed, batch_tokens, packing, pack_length, 0, world_size,
+        mixture.train.length[mixture.train.kept],
+        seed,
+        batch_tokens,
+        packing,
+        pack_length,
+        0,
+        world_size,
         order=sampler.epoch_order,
     )
     return build_plan(mixture, planner, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps)

@@ -22,8 +22,10 @@ def resolve_tokenizer(data_dir: Path, model: str, explicit: str | None):
     if explicit:
         _refuse_missing_folder(explicit, "tokenizer", "--tokenizer")
         return load_tokenizer(str(explicit))
-    if model != TINY and Path(model).is_dir() and any(
-        (Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if (
+        model != TINY
+        and Path(model).is_dir()
+        and any((Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
     ):
         return load_tokenizer(str(model))
     name = (read_manifest(data_dir).get("tokenizer") or {}).get("name")
@@ -81,15 +83,11 @@ def tiny_model(tokenizer, *, seed: int, max_positions: int = 4096, attn_implemen
     return model
 
 
-def load_model(
-    model: str, tokenizer, *, seed: int, max_positions: int, attn_implementation: str | None, dtype: str = "fp32"
-):
+def load_model(model: str, tokenizer, *, seed: int, max_positions: int, attn_implementation: str | None, dtype: str = "fp32"):
     """``tiny`` or a local Hugging Face causal-LM folder, its weights in ``dtype`` (``fp32``: master
     weights in fp32 and bf16 autocast on GPU; ``bf16``: half the memory, for LoRA's frozen base)."""
     if model == TINY:
-        return tiny_model(
-            tokenizer, seed=seed, max_positions=max_positions, attn_implementation=attn_implementation or "sdpa", dtype=dtype
-        )
+        return tiny_model(tokenizer, seed=seed, max_positions=max_positions, attn_implementation=attn_implementation or "sdpa", dtype=dtype)
     from transformers import AutoModelForCausalLM
 
     _refuse_missing_folder(model, "model", "--model")

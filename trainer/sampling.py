@@ -11,8 +11,8 @@ random fill), then shuffled; equally a pure function of (seed, epoch).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class EpochPlanner:
     pack_length: int | None = None
     rank: int = 0
     world_size: int = 1
-    order: Optional[Callable[[int], np.ndarray]] = None
+    order: Callable[[int], np.ndarray] | None = None
 
     def global_plan(self, epoch: int) -> list[MicroBatch]:
         order = self.order(epoch) if self.order is not None else epoch_order(len(self.lengths), self.seed, epoch)
@@ -67,7 +67,9 @@ class EpochPlanner:
         return -(-micro // grad_accum)
 
 
-def eval_plan(lengths: np.ndarray, batch_tokens: int, packing: bool, pack_length: int | None, rank: int, world_size: int) -> list[MicroBatch]:
+def eval_plan(
+    lengths: np.ndarray, batch_tokens: int, packing: bool, pack_length: int | None, rank: int, world_size: int
+) -> list[MicroBatch]:
     """The validation micro-batches of one rank: fixed order, every row exactly once across ranks."""
     order = np.arange(len(lengths))
     if packing:
@@ -158,8 +160,16 @@ class MixtureSampler:
     ``[seed, epoch, 0]``, so changing one group's weight leaves the others' draws as they were.
     """
 
-    def __init__(self, members: list[np.ndarray], cost: np.ndarray, trained: np.ndarray, budgets: list[float],
-                 caps: list[Optional[int]], seed: int, by_tokens: bool):
+    def __init__(
+        self,
+        members: list[np.ndarray],
+        cost: np.ndarray,
+        trained: np.ndarray,
+        budgets: list[float],
+        caps: list[int | None],
+        seed: int,
+        by_tokens: bool,
+    ):
         self.members, self.cost, self.trained = members, cost, trained
         self.budgets, self.caps, self.seed, self.by_tokens = budgets, caps, seed, by_tokens
         self._cached: tuple[int, np.ndarray] | None = None

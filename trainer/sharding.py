@@ -102,9 +102,7 @@ def shard(objective: nn.Module, device: torch.device) -> None:
     if device.type == "cuda":
         layer_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         # The root's float inputs are per-token loss weights: keep them fp32, not rounded to bf16.
-        root_policy = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
-        )
+        root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     else:
         layer_policy = root_policy = MixedPrecisionPolicy()  # weights compute and reduce in their own dtype
     for layer in decoder_layers(objective.model):

@@ -25,9 +25,10 @@ Owns the keep policy and every removal decision.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -66,9 +67,7 @@ class _Rows:
                 yield i, picked, picked - lo
 
     def column(self, name: str) -> pa.ChunkedArray:
-        return pa.chunked_array(
-            [pq.read_table(p, columns=[name]).column(name).combine_chunks() for p in self.sig_paths]
-        )
+        return pa.chunked_array([pq.read_table(p, columns=[name]).column(name).combine_chunks() for p in self.sig_paths])
 
     def signatures(self, rows: np.ndarray, num_perm: int) -> np.ndarray:
         out = np.empty((len(rows), num_perm), dtype=np.uint32)
@@ -149,7 +148,7 @@ class _Decisions:
     chained: np.ndarray
 
     @classmethod
-    def keep_all(cls, num_rows: int) -> "_Decisions":
+    def keep_all(cls, num_rows: int) -> _Decisions:
         return cls(
             np.zeros(num_rows, dtype=np.int8),
             np.full(num_rows, -1, dtype=np.int64),
@@ -182,13 +181,9 @@ def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts,
     rows = _Rows(sig_paths)
     for in_path, sig_path, count in zip(in_paths, sig_paths, np.diff(rows.offsets)):
         if pq.read_metadata(in_path).num_rows != count:
-            raise ValueError(
-                f"dedup signature file {sig_path} does not match its chunk {in_path} (row counts differ)"
-            )
+            raise ValueError(f"dedup signature file {sig_path} does not match its chunk {in_path} (row counts differ)")
     num_new = rows.total
-    old = dedup_index.load_index(
-        index_dir, index_parts, columns=[schema.ID, dedup_index.EXACT_HASH], params=run_params(config)
-    )
+    old = dedup_index.load_index(index_dir, index_parts, columns=[schema.ID, dedup_index.EXACT_HASH], params=run_params(config))
     old_exact = old.column(dedup_index.EXACT_HASH).to_numpy().astype(np.uint64)
     members = _Members(
         ids=rows.column(schema.ID).combine_chunks(),
@@ -248,9 +243,7 @@ def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts,
     reasons = np.bincount(decisions.reason, minlength=3)
     run.count(num_new, kept=int(reasons[0]), drops=[EXACT] * int(reasons[1]) + [NEAR] * int(reasons[2]))
     bands, rows_per_band = lsh_shape(config)
-    run.stats.extra.update(
-        {"candidate_pairs": int(len(pairs)), "verified_pairs": int(len(accepted)), "lsh": f"{bands}x{rows_per_band}"}
-    )
+    run.stats.extra.update({"candidate_pairs": int(len(pairs)), "verified_pairs": int(len(accepted)), "lsh": f"{bands}x{rows_per_band}"})
     return removed_by_file
 
 

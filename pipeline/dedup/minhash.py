@@ -102,9 +102,7 @@ def candidate_probability(jaccard: float, bands: int, rows: int) -> float:
 RECALL_AT_THRESHOLD = 0.99
 
 
-def choose_bands(
-    threshold: float, num_perm: int, bands: int | None = None, rows: int | None = None
-) -> tuple[int, int]:
+def choose_bands(threshold: float, num_perm: int, bands: int | None = None, rows: int | None = None) -> tuple[int, int]:
     """``(bands, rows)``: the given ones, or the most selective split that still makes a pair *at*
     ``threshold`` a candidate with probability >= :data:`RECALL_AT_THRESHOLD`.
 

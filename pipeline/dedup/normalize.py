@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +23,6 @@ import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.text import ASTRAL, CHARACTER_SHINGLED_RANGES
-
 
 _CHARACTER_RUN = re.compile(f"[{CHARACTER_SHINGLED_RANGES}]+")
 

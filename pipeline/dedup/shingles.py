@@ -90,9 +90,7 @@ def shingle_strings(form: str, n: int) -> list[str]:
     return [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
-def shingle_hashes(
-    forms: list[str], cjk_counts: np.ndarray, word_ngram: int, char_ngram: int
-) -> tuple[np.ndarray, np.ndarray]:
+def shingle_hashes(forms: list[str], cjk_counts: np.ndarray, word_ngram: int, char_ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes of every shingle of every document, and per-document offsets into them.
 
     Returns ``(hashes, offsets)``: document ``d``'s shingles are ``hashes[offsets[d]:offsets[d+1]]``
@@ -136,6 +134,4 @@ def unique_per_document(hashes: np.ndarray, offsets: np.ndarray) -> tuple[np.nda
     keys = np.sort((doc << np.uint64(32)) | hashes.astype(np.uint64))
     keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
     kept_counts = np.bincount((keys >> np.uint64(32)).astype(np.int64), minlength=len(counts))
-    return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32), np.concatenate([[0], np.cumsum(kept_counts)]).astype(
-        np.int64
-    )
+    return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32), np.concatenate([[0], np.cumsum(kept_counts)]).astype(np.int64)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -74,9 +75,7 @@ def dedup_stage(
         for partition, edge_path in zip(partitions, edge_paths):
             if not Path(edge_path).exists():
                 save_edges(candidate_pairs(signature_paths, partition, dedup, index_dir, index_parts), edge_path)
-        outcome = resolve_clusters(
-            in_paths, signature_paths, edge_paths, out_paths, rejected_path, index_dir, dedup, is_good, index_parts
-        )
+        outcome = resolve_clusters(in_paths, signature_paths, edge_paths, out_paths, rejected_path, index_dir, dedup, is_good, index_parts)
     return outcome
 
 

@@ -35,7 +35,7 @@ class ByteTable:
         self.flat = np.frombuffer(b"".join(p or b"" for p in pieces), dtype=np.uint8)
 
     @classmethod
-    def build(cls, data: dict) -> "ByteTable | None":
+    def build(cls, data: dict) -> ByteTable | None:
         """From the tokenizer's JSON (``json.loads(backend.to_str())``)."""
         model, normalizer = data.get("model") or {}, data.get("normalizer")
         if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):

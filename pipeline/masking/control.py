@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 # Private-use characters for placeholders. The lead character of a placeholder names which
 # control token it stands for; the filler pads it to the same length, so offsets never shift.
-_CONTENT_LEAD, _CONTENT_FILL = 0xF0000, "\U000FFF00"  # control text found in the data
-_TEMPLATE_LEAD, _TEMPLATE_FILL = 0x100000, "\U0010FF00"  # control tokens written by the template
-_PLACEHOLDER_CHARS = re.compile("[\U000F0000-\U0010FFFF]")
+_CONTENT_LEAD, _CONTENT_FILL = 0xF0000, "\U000fff00"  # control text found in the data
+_TEMPLATE_LEAD, _TEMPLATE_FILL = 0x100000, "\U0010ff00"  # control tokens written by the template
+_PLACEHOLDER_CHARS = re.compile("[\U000f0000-\U0010ffff]")
 
 
 def control_tokens(tokenizer, template_source: str) -> tuple[str, ...]:

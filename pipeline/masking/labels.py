@@ -8,7 +8,8 @@ whole trained turn that fits, so no later header is left dangling.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,9 +22,7 @@ if TYPE_CHECKING:
     from pipeline.masking.masker import _Turn
 
 
-def selected_turns(
-    turns: list[_Turn], train_flags: Sequence[bool | None], train_on: str, *, per_turn: bool
-) -> list[_Turn]:
+def selected_turns(turns: list[_Turn], train_flags: Sequence[bool | None], train_on: str, *, per_turn: bool) -> list[_Turn]:
     """The turns ``train_on`` and the data's ``train`` flags select for training, in order."""
     if per_turn:  # a row per turn: only the turn it ends at
         return [t for t in turns[-1:] if train_flags[t.message_index] is not False]
@@ -75,11 +74,7 @@ def fit_length(
         return Drop("too_long", f"{length} tokens, max_length is {max_length}", stage="tokenize")
     # Cut after the last whole trained turn that fits; if none fits, cut inside the first one:
     # its end token is then not trained. Under ``train_on: all`` every token counts: cut at the limit.
-    turn_ends = [
-        t.last_token + 1
-        for t in turns
-        if t.last_token + 1 <= max_length and labels[t.last_token] != schema.IGNORE_INDEX
-    ]
+    turn_ends = [t.last_token + 1 for t in turns if t.last_token + 1 <= max_length and labels[t.last_token] != schema.IGNORE_INDEX]
     cut = max(turn_ends) if turn_ends and train_on != "all" else max_length
     ids, labels = ids[:cut], labels[:cut]
     if not (labels != schema.IGNORE_INDEX).any():

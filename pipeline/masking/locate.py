@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 Render = Callable[[list[dict[str, Any]], bool], str]  # (messages, add_generation_prompt) -> text
 
@@ -238,20 +239,17 @@ def locate_turns(
         names = {key: f"{marker}{n}@@" for n, key in enumerate(values)}
         keys = {name: key for key, name in names.items()}
 
-        shaped = realise(messages, lambda index, field: names.get((index, field)))
+        shaped = realise(messages, lambda index, field, names=names: names.get((index, field)))
         skeleton_text = render(shaped, False)
         pattern = re.compile(re.escape(marker) + r"\d+@@")
         skeleton = _align(rendered, skeleton_text, pattern, keys, values)
         if skeleton is None:
             failure = (
-                "the template changes the conversation's text beyond trimming it, or renders it in "
-                "an order or number sftkit cannot follow"
+                "the template changes the conversation's text beyond trimming it, or renders it in an order or number sftkit cannot follow"
             )
             continue
         try:
-            return _turns(
-                render, shaped, skeleton, pattern, keys, end_tokens, (*markers, "<think>"), strict_prompt=only_assistant
-            )
+            return _turns(render, shaped, skeleton, pattern, keys, end_tokens, (*markers, "<think>"), strict_prompt=only_assistant)
         except LocateError as exc:
             failure = str(exc)
     raise LocateError(failure)
@@ -279,8 +277,8 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
 
         prompt = render(shaped[:m], True)
         last = None
-        for last in pattern.finditer(prompt):
-            pass
+        for match in pattern.finditer(prompt):
+            last = match
         tail = prompt[last.end() :] if last else prompt
         same_anchor = (keys.get(last.group(0)) if last else None) == _key_ending_at(skeleton, base)
         region_end = anchor if anchor is not None else limit

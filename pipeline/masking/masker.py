@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,10 +56,10 @@ class RenderedBatch:
     """A batch between the phases of :meth:`Masker.encode_batch`."""
 
     results: list  # per row: a Drop as soon as one is known, else None until finish
-    by_bytes: list["_Rendered"] = field(default_factory=list)  # rows for the byte-table path
-    by_offsets: list["_Rendered"] = field(default_factory=list)  # rows that need the tokenizer's offsets
-    encoded_by_bytes: list["_Tokenized"] = field(default_factory=list)  # once tokenized
-    encoded_by_offsets: list["_Tokenized"] = field(default_factory=list)
+    by_bytes: list[_Rendered] = field(default_factory=list)  # rows for the byte-table path
+    by_offsets: list[_Rendered] = field(default_factory=list)  # rows that need the tokenizer's offsets
+    encoded_by_bytes: list[_Tokenized] = field(default_factory=list)  # once tokenized
+    encoded_by_offsets: list[_Tokenized] = field(default_factory=list)
 
 
 @dataclass
@@ -186,7 +187,7 @@ class Masker:
 
     # The three phases of encode_batch, for callers that overlap them: render and finish are
     # Python, tokenize is the Rust tokenizer (it runs without the GIL).
-    def render(self, rows: Sequence[tuple[list[dict[str, Any]], str | None]]) -> "RenderedBatch":
+    def render(self, rows: Sequence[tuple[list[dict[str, Any]], str | None]]) -> RenderedBatch:
         """Phase 1: render every conversation and locate its assistant turns in the text."""
         batch = RenderedBatch([None] * len(rows))
         table = self.token_bytes
@@ -200,13 +201,13 @@ class Masker:
                 batch.by_offsets.append(outcome)
         return batch
 
-    def tokenize(self, batch: "RenderedBatch") -> "RenderedBatch":
+    def tokenize(self, batch: RenderedBatch) -> RenderedBatch:
         """Phase 2: tokenize the rendered texts (rows on the byte-table path without offsets)."""
         batch.encoded_by_bytes = self._encode(batch.by_bytes, offsets=False)
         batch.encoded_by_offsets = self._encode(batch.by_offsets, offsets=True)
         return batch
 
-    def finish(self, batch: "RenderedBatch") -> list[Encoded | Drop]:
+    def finish(self, batch: RenderedBatch) -> list[Encoded | Drop]:
         """Phase 3: locate turns in tokens, build labels, verify every trained span, fit the length."""
         results = batch.results
         labelled: dict[int, _Labelled] = {}  # row in the batch -> its labels, until a check drops it
@@ -215,9 +216,7 @@ class Masker:
         by_offsets = batch.encoded_by_offsets + self._encode(leftovers, offsets=True)
         self._label_by_offsets(by_offsets, results, labelled, checks)
         for check in checks:
-            if check.index in labelled and not span_matches(
-                check.decoded, check.message, check.turn.end_token, self.as_decoded
-            ):
+            if check.index in labelled and not span_matches(check.decoded, check.message, check.turn.end_token, self.as_decoded):
                 del labelled[check.index]
                 results[check.index] = Drop(
                     "mask_unverifiable",
@@ -228,8 +227,12 @@ class Masker:
         mismatched = self._render_mismatches(labelled)
         for index, entry in labelled.items():
             outcome = fit_length(
-                entry.ids, entry.labels, entry.rendered.turns,
-                max_length=self.max_length, truncate=self.truncate, train_on=self.train_on,
+                entry.ids,
+                entry.labels,
+                entry.rendered.turns,
+                max_length=self.max_length,
+                truncate=self.truncate,
+                train_on=self.train_on,
             )
             if isinstance(outcome, Encoded) and index in mismatched:
                 if self.strict_render:
@@ -296,9 +299,7 @@ class Masker:
             if isinstance(outcome, Drop):
                 results[row.index] = outcome
                 continue
-            labelled[row.index] = _Labelled(
-                row, ids, outcome, lambda token, encoding=encoding: encoding.token_to_chars(token)[0]
-            )
+            labelled[row.index] = _Labelled(row, ids, outcome, lambda token, encoding=encoding: encoding.token_to_chars(token)[0])
             located.append(labelled[row.index])
         spans = [(entry, turn) for entry in located for turn in entry.rendered.turns]
         decoded = self.backend.decode_batch(
@@ -343,10 +344,14 @@ class Masker:
             else:  # the same few texts ("assistant\n") come back row after row: encode each once
                 pending.setdefault(text, []).append(tail)
         new = [text for text in pending if text is not None and text not in self._prompt_tail_ids]
-        fresh = {
-            text: np.asarray(encoding.ids, dtype=np.int32)
-            for text, encoding in zip(new, self.backend.encode_batch_fast(new, add_special_tokens=False))
-        } if new else {}
+        fresh = (
+            {
+                text: np.asarray(encoding.ids, dtype=np.int32)
+                for text, encoding in zip(new, self.backend.encode_batch_fast(new, add_special_tokens=False))
+            }
+            if new
+            else {}
+        )
         if len(self._prompt_tail_ids) < 4096:
             self._prompt_tail_ids.update(fresh)
         compared = [
@@ -384,7 +389,7 @@ class Masker:
                 self._plain_control_encoder = _PlainControlEncoder(self.backend, self.controls)
             return self._plain_control_encoder
 
-    def _bounded_render_row(self, index: int, canonical: list[dict[str, Any]], tools: str | None) -> "_Rendered | Drop":
+    def _bounded_render_row(self, index: int, canonical: list[dict[str, Any]], tools: str | None) -> _Rendered | Drop:
         """:meth:`_render_row` within the row's time limit and output size (a template is a program)."""
         try:
             with time_limit(self.render_timeout):
@@ -410,9 +415,7 @@ class Masker:
             tool_schemas = schema.tools_for_template(tools)
         except (ValueError, TypeError) as exc:
             return Drop("template_error", f"tool calls or tools are not valid JSON: {exc}", stage="template")
-        has_control_text = self.control_re is not None and any(
-            self.control_re.search(text) for text in _row_strings(canonical, tools)
-        )
+        has_control_text = self.control_re is not None and any(self.control_re.search(text) for text in _row_strings(canonical, tools))
         messages = true_messages
         if has_control_text:
             if any(_PLACEHOLDER_CHARS.search(text) for text in _row_strings(canonical, tools)):
@@ -454,9 +457,7 @@ class Masker:
                     f"the template marked {len(spans)} generation blocks for {len(assistant_indices)} assistant turns",
                     stage="tokenize",
                 )
-            turns = [
-                _Turn(i, *self._trim_span(rendered, start, end)) for i, (start, end) in zip(assistant_indices, spans)
-            ]
+            turns = [_Turn(i, *self._trim_span(rendered, start, end)) for i, (start, end) in zip(assistant_indices, spans)]
         else:
             plain_marker = self._end_marker_in_tool_calls(messages)
             if plain_marker is not None:
@@ -534,7 +535,7 @@ class Masker:
         return text, [_Turn(turn.message_index, len(prompt), len(text), turn.end_token)], prompt
 
     def _inference_prompt(
-        self, row: "_Rendered", rendered: str, plain: list[dict[str, Any]], tool_schemas, prompt: str | None = None
+        self, row: _Rendered, rendered: str, plain: list[dict[str, Any]], tool_schemas, prompt: str | None = None
     ) -> str | None:
         """What the model sees before the row's last trained turn at inference, when the row
         renders something else there; None when the two agree (as text: tokens are checked later).

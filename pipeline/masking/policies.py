@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from pipeline.deadline import RenderTimeout, release, time_limit
 from pipeline.masking.locate import Piece
@@ -88,8 +89,12 @@ class RolePolicy:
         probes = {  # role -> (conversation, texts its rendering must hold)
             "system": ([{"role": "system", "content": "sftkit probe system"}, user, answer], ("sftkit probe system",)),
             "tool": (
-                [user, {"role": "assistant", "content": "", "tool_calls": [call]},
-                 {"role": "tool", "content": "sftkit probe result"}, answer],
+                [
+                    user,
+                    {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "content": "sftkit probe result"},
+                    answer,
+                ],
                 ("sftkit_probe_call", "sftkit probe result"),
             ),
         }
@@ -98,8 +103,9 @@ class RolePolicy:
         self.dropped: dict[str, str] = {}  # role -> why: the template renders it as nothing
         plain = _rendered_or_error(template, variables, [user, answer], limits)
         if isinstance(plain, _Overrun):
-            raise ValueError(f"chat template {template.name!r} cannot be used: {plain} (template.render_timeout_s, "
-                             "template.max_render_chars)")
+            raise ValueError(
+                f"chat template {template.name!r} cannot be used: {plain} (template.render_timeout_s, template.max_render_chars)"
+            )
         if isinstance(plain, Exception):
             return  # nothing renders: every row gets the template's own error
         for role, (conversation, must_hold) in probes.items():

@@ -10,7 +10,8 @@ a turn's characters and the edges of its tokens, or the row is ``mask_unverifiab
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,8 +49,7 @@ def tokens_from_bytes(turns: list[_Turn], text: str, raw: bytes, bounds: np.ndar
         last = int(bounds.searchsorted(end + base, "left")) - 1  # the token holding byte `end - 1`
         token_start, token_end = int(bounds[first]) - base, int(bounds[last + 1]) - base
         if (token_start != start or token_end != end) and (
-            raw[token_start:start].decode("utf-8", "replace").strip()
-            or raw[end:token_end].decode("utf-8", "replace").strip()
+            raw[token_start:start].decode("utf-8", "replace").strip() or raw[end:token_end].decode("utf-8", "replace").strip()
         ):
             return straddles(turn, raw[token_start : start + 8].decode("utf-8", "replace"))
         turn.first_token, turn.last_token = first, last

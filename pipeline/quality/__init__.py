@@ -47,8 +47,7 @@ __all__ = ["Filter", "FILTERS", "build_filters", "passes", "quality_stage"]
 STAGE_NAME = "quality"
 
 FILTERS: dict[str, type[Filter]] = {
-    cls.name: cls
-    for cls in (MissingInstruction, EmptyResponse, Length, Garbage, Refusal, Repetition, Decontaminate, PII)
+    cls.name: cls for cls in (MissingInstruction, EmptyResponse, Length, Garbage, Refusal, Repetition, Decontaminate, PII)
 }
 
 
@@ -77,9 +76,7 @@ def build_filters(config: QualityConfig, *, tokenizer: Any = None) -> list[Filte
         params = {} if setting is True else dict(setting)
         bad = sorted(set(params) - set(_parameters(cls)))
         if bad:
-            raise ValueError(
-                f"quality filter {name!r} has no parameter(s) {bad}; it takes {_parameters(cls)}"
-            )
+            raise ValueError(f"quality filter {name!r} has no parameter(s) {bad}; it takes {_parameters(cls)}")
         if (flt := cls.from_config(params, config, tokenizer=tokenizer)) is not None:
             chain.append(flt)
     return chain

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.stage import Drop
 
@@ -36,7 +37,7 @@ class Filter:
     counts: Counter = field(default_factory=Counter, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_config(cls, params: dict[str, Any], config: "QualityConfig", *, tokenizer: Any = None) -> "Filter | None":
+    def from_config(cls, params: dict[str, Any], config: QualityConfig, *, tokenizer: Any = None) -> Filter | None:
         """The filter the config asks for, or None when the config switches it off.
 
         ``params`` are the user's ``quality.filters.<name>`` (already checked against the fields).

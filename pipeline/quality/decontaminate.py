@@ -10,10 +10,11 @@ Python hashes: one int per n-gram, looked up in O(1) per window.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 from pipeline.quality import text as tx
 from pipeline.quality.base import Filter, messages

@@ -51,9 +51,34 @@ class MissingInstruction(Filter):
 # full stop). "none" and "无" can be honest short answers; they are here because in scraped
 # instruction data they overwhelmingly mark a missing output. Remove them via the parameter.
 DEFAULT_PLACEHOLDERS = (
-    "n/a", "na", "none", "null", "nil", "nan", "undefined", "...", "…", "……", "-", "--", "—", "?",
-    "todo", "tbd", "<noinput>", "<nooutput>", "no output", "no response", "[no response]",
-    "无", "暂无", "空", "略", "无输出", "无回答", "没有输出",
+    "n/a",
+    "na",
+    "none",
+    "null",
+    "nil",
+    "nan",
+    "undefined",
+    "...",
+    "…",
+    "……",
+    "-",
+    "--",
+    "—",
+    "?",
+    "todo",
+    "tbd",
+    "<noinput>",
+    "<nooutput>",
+    "no output",
+    "no response",
+    "[no response]",
+    "无",
+    "暂无",
+    "空",
+    "略",
+    "无输出",
+    "无回答",
+    "没有输出",
 )
 
 
@@ -136,8 +161,7 @@ class Length(Filter):
 
     def __post_init__(self) -> None:
         wants_tokens = any(
-            v is not None
-            for v in (self.min_prompt_tokens, self.max_prompt_tokens, self.min_response_tokens, self.max_response_tokens)
+            v is not None for v in (self.min_prompt_tokens, self.max_prompt_tokens, self.min_response_tokens, self.max_response_tokens)
         )
         if isinstance(self.tokenizer, str):
             from pipeline.tokenizers import load_tokenizer
@@ -170,15 +194,25 @@ class Length(Filter):
     def check(self, record: dict[str, Any]) -> Drop | None:
         for index, prompt in prompts(record):
             drop = self._bounds(
-                "prompt", index, prompt, self.min_prompt_chars, self.max_prompt_chars,
-                self.min_prompt_tokens, self.max_prompt_tokens,
+                "prompt",
+                index,
+                prompt,
+                self.min_prompt_chars,
+                self.max_prompt_chars,
+                self.min_prompt_tokens,
+                self.max_prompt_tokens,
             )
             if drop:
                 return drop
         for index, response in responses(record):
             drop = self._bounds(
-                "response", index, response, self.min_response_chars, self.max_response_chars,
-                self.min_response_tokens, self.max_response_tokens,
+                "response",
+                index,
+                response,
+                self.min_response_chars,
+                self.max_response_chars,
+                self.min_response_tokens,
+                self.max_response_tokens,
             )
             if drop:
                 return drop
@@ -248,15 +282,18 @@ _EN_REFUSAL_VERB = (
 # "I'm sorry, but I can't ..." refuses whatever follows; without the apology the inability must
 # be about helping ("I can't help with that"), so "I will not succeed." is not a refusal.
 _EN_REFUSAL = re.compile(
-    r"^(?:(?:i'm |i am )?(?:sorry|apologies|i apologize|i apologise)[,.!]? ?(?:but )?" + _EN_INABILITY
-    + r"|" + _EN_INABILITY + _EN_REFUSAL_VERB + r")"
+    r"^(?:(?:i'm |i am )?(?:sorry|apologies|i apologize|i apologise)[,.!]? ?(?:but )?"
+    + _EN_INABILITY
+    + r"|"
+    + _EN_INABILITY
+    + _EN_REFUSAL_VERB
+    + r")"
 )
 _ZH_INABILITY = r"我(?:不能|无法|没办法|没有办法|不可以|不会|拒绝)"
 _ZH_REFUSAL_VERB = r"(?:为你|为您|帮你|帮您|帮助|提供|回答|完成|协助|满足|执行|访问|生成|创作)"
 # The same rule as in English: after an apology any inability is a refusal.
 _ZH_REFUSAL = re.compile(
-    r"^(?:(?:很|非常)?(?:抱歉|对不起|不好意思)[,.!。!]?\s*(?:但是?)?\s*" + _ZH_INABILITY
-    + r"|" + _ZH_INABILITY + _ZH_REFUSAL_VERB + r")"
+    r"^(?:(?:很|非常)?(?:抱歉|对不起|不好意思)[,.!。!]?\s*(?:但是?)?\s*" + _ZH_INABILITY + r"|" + _ZH_INABILITY + _ZH_REFUSAL_VERB + r")"
 )
 
 
@@ -451,9 +488,7 @@ class Repetition(Filter):
     max_duplicate_paragraphs: float = 0.4
     max_duplicate_paragraph_chars: float = 0.3
     top_ngram_shares: dict = field(default_factory=lambda: {2: 0.25, 3: 0.25, 4: 0.25})
-    duplicate_ngram_shares: dict = field(
-        default_factory=lambda: {5: 0.5, 6: 0.45, 7: 0.4, 8: 0.35, 9: 0.3, 10: 0.3}
-    )
+    duplicate_ngram_shares: dict = field(default_factory=lambda: {5: 0.5, 6: 0.45, 7: 0.4, 8: 0.35, 9: 0.3, 10: 0.3})
 
     def __post_init__(self) -> None:
         self._top = _int_keys(self.top_ngram_shares)

@@ -20,9 +20,7 @@ from pipeline.stage import Drop
 EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![A-Za-z0-9-])")
 # Boundaries are ASCII-only on purpose: Chinese text puts addresses right after a character
 # ("服务器地址是8.8.8.8"), and \w would count that character as part of a word.
-IPV4 = re.compile(
-    r"(?<![A-Za-z0-9_.])(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}(?![A-Za-z0-9_]|\.\d)"
-)
+IPV4 = re.compile(r"(?<![A-Za-z0-9_.])(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}(?![A-Za-z0-9_]|\.\d)")
 IPV6 = re.compile(r"(?<![A-Za-z0-9_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![A-Za-z0-9_:])")
 PHONE = re.compile(
     "|".join(
@@ -61,9 +59,7 @@ class PII(Filter):
     name: ClassVar[str] = "pii"
     mode: Literal["redact", "drop"] = "redact"
     kinds: list[str] = field(default_factory=lambda: ["email", "phone", "ip"])
-    placeholders: dict = field(
-        default_factory=lambda: {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>"}
-    )
+    placeholders: dict = field(default_factory=lambda: {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>"})
     ignored_email_domains: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORED_EMAIL_DOMAINS))
     public_ips_only: bool = True
 

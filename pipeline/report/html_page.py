@@ -104,8 +104,7 @@ def _img(src: str, alt: str) -> str:
 def _table(headers: list[str], rows: list[list[Any]], left: int = 1) -> str:
     head = "".join(f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(headers))
     body = "".join(
-        "<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{_e(c)}</td>' for i, c in enumerate(row)) + "</tr>"
-        for row in rows
+        "<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{_e(c)}</td>' for i, c in enumerate(row)) + "</tr>" for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -262,7 +261,10 @@ def render_html(
     parts.append(
         _table(
             ["split", "shards", "rows", "tokens", "trained tokens", "trained share"],
-            [[s["split"], _int(s["shards"]), _int(s["rows"]), _int(s["tokens"]), _int(s["trainable_tokens"]), _pct(s["trainable_share"])] for s in summary.splits],
+            [
+                [s["split"], _int(s["shards"]), _int(s["rows"]), _int(s["tokens"]), _int(s["trainable_tokens"]), _pct(s["trainable_share"])]
+                for s in summary.splits
+            ],
         )
     )
     counts = manifest.get("counts") or {}
@@ -279,7 +281,15 @@ def render_html(
     parts.append(
         _table(
             ["tokens per row"] + [f"p{q}" for q in PERCENTILES] + ["max", "mean"],
-            [[label, *[f"{summary.lengths[k][f'p{q}']:.0f}" for q in PERCENTILES], _int(summary.lengths[k]["max"]), f"{summary.lengths[k]['mean']:.1f}"] for k, label in labels.items()],
+            [
+                [
+                    label,
+                    *[f"{summary.lengths[k][f'p{q}']:.0f}" for q in PERCENTILES],
+                    _int(summary.lengths[k]["max"]),
+                    f"{summary.lengths[k]['mean']:.1f}",
+                ]
+                for k, label in labels.items()
+            ],
         )
     )
     parts.append(f"<h3>Trained share: {_pct(share)} of all tokens</h3>")
@@ -293,7 +303,19 @@ def render_html(
     parts.append(
         _table(
             ["source", "rows", "train", "val", "tokens", "trained share", "mean length", "max length"],
-            [[s[schema.SOURCE], _int(s["rows"]), _int(s["train_rows"]), _int(s["val_rows"]), _int(s["tokens"]), _pct(s["trainable_share"]), f"{s['mean_length']:.0f}", _int(s["max_length"])] for s in summary.sources],
+            [
+                [
+                    s[schema.SOURCE],
+                    _int(s["rows"]),
+                    _int(s["train_rows"]),
+                    _int(s["val_rows"]),
+                    _int(s["tokens"]),
+                    _pct(s["trainable_share"]),
+                    f"{s['mean_length']:.0f}",
+                    _int(s["max_length"]),
+                ]
+                for s in summary.sources
+            ],
         )
     )
     parts.append("</section>")
@@ -302,8 +324,19 @@ def render_html(
     if summary.rejected:
         read = counts.get("read") or (summary.rows + summary.rejected_total)
         flat = [(stage, reason, n) for stage, reasons in summary.rejected.items() for reason, n in reasons.items()]
-        parts.append(_img(barh_plot([f"{s} / {r}" for s, r, _ in flat], [n for _, _, n in flat], "#dc2626", "records rejected"), "rejected records per stage and reason"))
-        parts.append(_table(["stage", "reason", "records", "share of read"], [[s, r, _int(n), _pct(n / read if read else 0)] for s, r, n in flat], left=2))
+        parts.append(
+            _img(
+                barh_plot([f"{s} / {r}" for s, r, _ in flat], [n for _, _, n in flat], "#dc2626", "records rejected"),
+                "rejected records per stage and reason",
+            )
+        )
+        parts.append(
+            _table(
+                ["stage", "reason", "records", "share of read"],
+                [[s, r, _int(n), _pct(n / read if read else 0)] for s, r, n in flat],
+                left=2,
+            )
+        )
         for stage, reason, _ in flat:
             rows = [r for r in rejected_examples if r[schema.STAGE] == stage and r[schema.REASON] == reason]
             if not rows:
@@ -312,7 +345,9 @@ def render_html(
             for r in rows:
                 raw = r[schema.RAW] or ""
                 cut = raw[:RAW_PREVIEW_CHARS] + (f"… (+{len(raw) - RAW_PREVIEW_CHARS} chars)" if len(raw) > RAW_PREVIEW_CHARS else "")
-                parts.append(f'<div><b>{_e(r[schema.SOURCE])} #{_e(r[schema.SOURCE_INDEX])}</b> {_e(r[schema.DETAIL])}</div><div class="raw">{_e(cut)}</div>')
+                parts.append(
+                    f'<div><b>{_e(r[schema.SOURCE])} #{_e(r[schema.SOURCE_INDEX])}</b> {_e(r[schema.DETAIL])}</div><div class="raw">{_e(cut)}</div>'
+                )
     else:
         parts.append("<p>No rejected records.</p>")
     parts.append("</section>")
@@ -330,7 +365,10 @@ def render_html(
     parts.append(
         _table(
             ["version", "created at", "read", "kept", "shards added"],
-            [[h.get("version", ""), h.get("created_at", ""), h.get("read", ""), h.get("kept", ""), h.get("shards_added", "")] for h in summary.history],
+            [
+                [h.get("version", ""), h.get("created_at", ""), h.get("read", ""), h.get("kept", ""), h.get("shards_added", "")]
+                for h in summary.history
+            ],
         )
         if summary.history
         else "<p>No history recorded.</p>"

@@ -42,10 +42,7 @@ class IntegrityProblem:
     def message(self) -> str:
         if self.kind == "missing":
             return f"{self.path} is listed in the manifest but does not exist"
-        return (
-            f"{self.path} is corrupted: its sha256 is {self.actual[:12]}… but the manifest records "
-            f"{self.expected[:12]}…"
-        )
+        return f"{self.path} is corrupted: its sha256 is {self.actual[:12]}… but the manifest records {self.expected[:12]}…"
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
@@ -60,8 +57,7 @@ def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
         except (OSError, ValueError):
             problem = None
         raise ManifestError(
-            f"{where} is damaged: {problem or 'its shard entries are not objects with a path'}; "
-            "re-run `sftkit prepare` into a new folder"
+            f"{where} is damaged: {problem or 'its shard entries are not objects with a path'}; re-run `sftkit prepare` into a new folder"
         ) from exc
     problem = manifest_shape_problem(manifest)
     if problem:

@@ -43,8 +43,14 @@ def group_rows(plan: dict[str, Any]) -> list[list[str]]:
     """One table row per group: name, ask, rows, tokens, trained tokens, target, delivered, repeats."""
     return [
         [
-            g["name"], _ask(g), _int(g["rows"]), _int(g["tokens"]), _int(g["trained_tokens"]),
-            _pct(g["target_share"]), _pct(g["delivered_share"]), f"{g['repeats']:.2f}x",
+            g["name"],
+            _ask(g),
+            _int(g["rows"]),
+            _int(g["tokens"]),
+            _int(g["trained_tokens"]),
+            _pct(g["target_share"]),
+            _pct(g["delivered_share"]),
+            f"{g['repeats']:.2f}x",
         ]
         for g in plan["groups"]
     ]
@@ -102,7 +108,7 @@ def plan_section(plan: dict[str, Any]) -> str:
     parts = [
         f'<section id="{SECTION_ID}"><h2>Training mixture</h2>',
         f'<p class="muted">{_e(plan["mixture"])} · seed {_e(plan["seed"])} · spec {_e(plan["spec_sha256"][:12])} · '
-        f'folders {_e(", ".join(plan["datasets"]))}</p>',
+        f"folders {_e(', '.join(plan['datasets']))}</p>",
         _img(chart, "target and delivered share per group"),
         _table(GROUP_HEADERS, group_rows(plan), left=2),
         "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in summary_lines(plan)) + "</ul>",
@@ -118,16 +124,18 @@ def render_plan_page(plan: dict[str, Any]) -> str:
     from pipeline.report.html_page import CSS, SCRIPT, _e
 
     title = Path(plan["mixture"]).name
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>sftkit mixture plan: {_e(title)}</title>",
-        f"<style>{CSS}</style></head><body>",
-        f"<header><h1>sftkit mixture plan: {_e(title)}</h1><p>{_e(plan['mixture'])}</p></header><main>",
-        plan_section(plan),
-        f"</main><script>{SCRIPT}</script></body></html>",
-    ])
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>sftkit mixture plan: {_e(title)}</title>",
+            f"<style>{CSS}</style></head><body>",
+            f"<header><h1>sftkit mixture plan: {_e(title)}</h1><p>{_e(plan['mixture'])}</p></header><main>",
+            plan_section(plan),
+            f"</main><script>{SCRIPT}</script></body></html>",
+        ]
+    )
 
 
 def write_plan_page(path: str | os.PathLike, plan: dict[str, Any]) -> Path:

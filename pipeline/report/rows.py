@@ -52,12 +52,7 @@ def find_row(data_dir: str | os.PathLike, row_id: str) -> dict[str, Any]:
     """The shard row with id ``row_id`` (any split)."""
     files = shard_files(data_dir, read_manifest(data_dir))
     for split, paths in files.items():
-        found = (
-            pl.scan_parquet([str(p) for p in paths], row_index_name="row")
-            .filter(pl.col(schema.ID) == row_id)
-            .head(1)
-            .collect()
-        )
+        found = pl.scan_parquet([str(p) for p in paths], row_index_name="row").filter(pl.col(schema.ID) == row_id).head(1).collect()
         if found.height:
             return {**found.to_dicts()[0], SPLIT: split}
     raise ValueError(f"no row with id {row_id!r} in the shards of {data_dir}")

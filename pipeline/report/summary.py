@@ -128,9 +128,7 @@ def summarize(data_dir: str | os.PathLike) -> DatasetSummary:
     manifest = read_manifest(data_dir)
     lazy = scan_shards(data_dir, manifest, [schema.SOURCE, schema.LENGTH, schema.NUM_TRAINABLE])
     if lazy is None:
-        frame = pl.DataFrame(
-            schema={SPLIT: pl.String, schema.SOURCE: pl.String, schema.LENGTH: pl.Int32, schema.NUM_TRAINABLE: pl.Int32}
-        )
+        frame = pl.DataFrame(schema={SPLIT: pl.String, schema.SOURCE: pl.String, schema.LENGTH: pl.Int32, schema.NUM_TRAINABLE: pl.Int32})
     else:
         frame = lazy.select(SPLIT, schema.SOURCE, schema.LENGTH, schema.NUM_TRAINABLE).collect()
 

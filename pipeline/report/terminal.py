@@ -66,7 +66,9 @@ def print_summary(console: Console, summary: DatasetSummary) -> None:
     for name in ("split", "shards", "rows", "tokens", "trained tokens", "trained share"):
         splits.add_column(name, justify="left" if name == "split" else "right")
     for s in summary.splits:
-        splits.add_row(s["split"], _int(s["shards"]), _int(s["rows"]), _int(s["tokens"]), _int(s["trainable_tokens"]), _pct(s["trainable_share"]))
+        splits.add_row(
+            s["split"], _int(s["shards"]), _int(s["rows"]), _int(s["tokens"]), _int(s["trainable_tokens"]), _pct(s["trainable_share"])
+        )
     console.print(splits)
 
     sources = Table(title="Sources", title_justify="left")
@@ -74,8 +76,14 @@ def print_summary(console: Console, summary: DatasetSummary) -> None:
         sources.add_column(name, justify="left" if name == "source" else "right", overflow="fold")
     for s in summary.sources:
         sources.add_row(
-            s[schema.SOURCE], _int(s["rows"]), _int(s["train_rows"]), _int(s["val_rows"]), _int(s["tokens"]),
-            _pct(s["trainable_share"]), f"{s['mean_length']:.0f}", _int(s["max_length"]),
+            s[schema.SOURCE],
+            _int(s["rows"]),
+            _int(s["train_rows"]),
+            _int(s["val_rows"]),
+            _int(s["tokens"]),
+            _pct(s["trainable_share"]),
+            f"{s['mean_length']:.0f}",
+            _int(s["max_length"]),
         )
     console.print(sources)
 
@@ -102,8 +110,13 @@ def print_summary(console: Console, summary: DatasetSummary) -> None:
         refused = counts.get("turns_rejected") or {}
         console.print(
             f"{_int(summary.records)} records are {_int(summary.rows)} rows, one per assistant turn (tokenize.reasoning: "
-            f"per_turn)" + (f"; {_int(sum(refused.values()))} turns of kept records refused: "
-                            + ", ".join(f"{k} {v}" for k, v in sorted(refused.items())) if refused else "")
+            f"per_turn)"
+            + (
+                f"; {_int(sum(refused.values()))} turns of kept records refused: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(refused.items()))
+                if refused
+                else ""
+            )
         )
     if counts.get("render_mismatch"):
         console.print(
@@ -118,7 +131,8 @@ def print_summary(console: Console, summary: DatasetSummary) -> None:
             history.add_column(name, justify="left" if name == "created at" else "right")
         for h in summary.history:
             history.add_row(
-                str(h.get("version", "")), str(h.get("created_at", "")),
+                str(h.get("version", "")),
+                str(h.get("created_at", "")),
                 *[_int(h[k]) if isinstance(h.get(k), int) else str(h.get(k, "")) for k in ("read", "kept", "shards_added")],
             )
         console.print(history)
@@ -154,7 +168,10 @@ def print_rejected_examples(console: Console, summary: DatasetSummary, examples:
                 where.append(f"  {row[schema.DETAIL]}")
                 if row.get(schema.DUPLICATE_OF):
                     similarity = row.get(schema.SIMILARITY)
-                    where.append(f"  (duplicate of {row[schema.DUPLICATE_OF]}" + (f", similarity {similarity:.2f})" if similarity is not None else ")"))
+                    where.append(
+                        f"  (duplicate of {row[schema.DUPLICATE_OF]}"
+                        + (f", similarity {similarity:.2f})" if similarity is not None else ")")
+                    )
                 console.print(where, soft_wrap=True)
                 raw = row[schema.RAW] or ""
                 cut = raw[:RAW_PREVIEW_CHARS] + (f"… (+{len(raw) - RAW_PREVIEW_CHARS} chars)" if len(raw) > RAW_PREVIEW_CHARS else "")

@@ -1,10 +1,10 @@
 """Exit codes a script can rely on, and one clear sentence (never a traceback) for every expected failure.
 
-    0    done
-    1    prepare ran but kept no record: there is nothing to train on
-    2    bad options or inputs: nothing was done
-    3    a dataset's files are missing or differ from their manifest sha256 (tests/faults/test_integrity.py)
-    143  train stopped by SIGTERM after saving its checkpoint (128 + 15, what a shell reports)
+0    done
+1    prepare ran but kept no record: there is nothing to train on
+2    bad options or inputs: nothing was done
+3    a dataset's files are missing or differ from their manifest sha256 (tests/faults/test_integrity.py)
+143  train stopped by SIGTERM after saving its checkpoint (128 + 15, what a shell reports)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def data_dir(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
     return corpus_dataset(tmp_path_factory.mktemp("exit") / "data", bpe_tokenizer, bpe_tokenizer_path)
 
 
-def cli(*args) -> "CliRunner.Result":
+def cli(*args) -> CliRunner.Result:
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "400", "NO_COLOR": "1"})
 
 
@@ -54,8 +54,26 @@ def assert_clean_failure(result, code: int, *phrases: str) -> None:
 
 
 def train_args(data_dir, out, *extra):
-    return ["train", "--data", data_dir, "--out", out, "--model", "tiny", "--batch-tokens", "512",
-            "--lr", "3e-3", "--device", "cpu", "--eval-every", "10", "--seed", "1", *extra]
+    return [
+        "train",
+        "--data",
+        data_dir,
+        "--out",
+        out,
+        "--model",
+        "tiny",
+        "--batch-tokens",
+        "512",
+        "--lr",
+        "3e-3",
+        "--device",
+        "cpu",
+        "--eval-every",
+        "10",
+        "--seed",
+        "1",
+        *extra,
+    ]
 
 
 def train_command(data_dir, out, *extra):
@@ -94,23 +112,27 @@ def test_prepare_with_a_tokenizer_folder_that_is_not_there_is_one_sentence(tmp_p
 @pytest.mark.parametrize(
     "option, value, bound",
     [
-        ("--max-steps", "0", "≥ 1"), ("--max-steps", "-1", "≥ 1"), ("--epochs", "0", "> 0"), ("--epochs", "-2", "> 0"),
-        ("--lr", "0", "> 0"), ("--lr", "-1e-5", "> 0"), ("--batch-tokens", "0", "≥ 1"), ("--grad-accum", "0", "≥ 1"),
-        ("--eval-every", "0", "≥ 1"), ("--save-every", "-5", "≥ 1"), ("--patience", "-1", "≥ 0"),
+        ("--max-steps", "0", "≥ 1"),
+        ("--max-steps", "-1", "≥ 1"),
+        ("--epochs", "0", "> 0"),
+        ("--epochs", "-2", "> 0"),
+        ("--lr", "0", "> 0"),
+        ("--lr", "-1e-5", "> 0"),
+        ("--batch-tokens", "0", "≥ 1"),
+        ("--grad-accum", "0", "≥ 1"),
+        ("--eval-every", "0", "≥ 1"),
+        ("--save-every", "-5", "≥ 1"),
+        ("--patience", "-1", "≥ 0"),
     ],
 )
 def test_train_refuses_numbers_that_make_no_sense(tmp_path, option, value, bound):
     out = tmp_path / "run"
-    result = CliRunner().invoke(
-        app, ["train", "--data", str(tmp_path), "--out", str(out), option, value], env={"COLUMNS": "400"}
-    )
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(out), option, value], env={"COLUMNS": "400"})
     assert_clean_failure(result, EXIT_USAGE, option, f"must be {bound}")
     assert not out.exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize(
-    "option, value", [("--max-length", "0"), ("--max-length", "-3"), ("--val-fraction", "-0.1")]
-)
+@pytest.mark.parametrize("option, value", [("--max-length", "0"), ("--max-length", "-3"), ("--val-fraction", "-0.1")])
 def test_prepare_refuses_numbers_that_make_no_sense(tmp_path, bpe_tokenizer_path, option, value):
     result = cli("prepare", tmp_path / "x.jsonl", "--tokenizer", bpe_tokenizer_path, "--out", tmp_path / "ds", option, value)
     assert_clean_failure(result, EXIT_USAGE, option, "must be")
@@ -154,7 +176,9 @@ def test_train_bad_inputs_are_one_sentence_each(data_dir, tmp_path):
 
     assert_clean_failure(
         cli(*train_args(data_dir, run, "--tokenizer", tmp_path / "no-such-tokenizer")),
-        EXIT_USAGE, "tokenizer folder", "does not exist",
+        EXIT_USAGE,
+        "tokenizer folder",
+        "does not exist",
     )
     moved = tmp_path / "moved"
     shutil.copytree(data_dir, moved, ignore=shutil.ignore_patterns(".cache"))
@@ -175,8 +199,14 @@ def test_train_bad_inputs_are_one_sentence_each(data_dir, tmp_path):
 # --- train: SIGTERM -------------------------------------------------------------------------
 def test_sigterm_saves_then_exits_143_and_the_run_resumes(data_dir, tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen(train_command(data_dir, out, "--max-steps", "400", "--save-every", "1000"),
-                               cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        train_command(data_dir, out, "--max-steps", "400", "--save-every", "1000"),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while train_steps(out) < 3 and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
@@ -194,8 +224,14 @@ def test_sigterm_saves_then_exits_143_and_the_run_resumes(data_dir, tmp_path):
 
     # the sentence is true: the same command with --resume continues from there and finishes
     steps = stop[-1]["step"] + 2
-    resumed = subprocess.run(train_command(data_dir, out, "--max-steps", str(steps), "--save-every", "1000", "--resume"),
-                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        train_command(data_dir, out, "--max-steps", str(steps), "--save-every", "1000", "--resume"),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "final").is_dir()
 
@@ -214,8 +250,15 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(data
     """A scheduler signals every process of the job: DataLoader workers must not die first and
     turn a clean stop into a traceback."""
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-c", GROUP_SIGTERM_SCRIPT, str(data_dir), str(out)], cwd=REPO, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", GROUP_SIGTERM_SCRIPT, str(data_dir), str(out)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while train_steps(out) < 3 and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)

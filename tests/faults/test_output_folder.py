@@ -65,8 +65,9 @@ def test_a_second_run_into_the_same_folder_fails_at_once_and_the_first_completes
     small = write_json(tmp_path / "small.json", alpaca_records(0, 5))
     out = tmp_path / "data"
     cli = [sys.executable, "-m", "flows.cli", "prepare", "--tokenizer", str(bpe_tokenizer_path), "--no-flow", "--out", str(out)]
-    first = subprocess.Popen([*cli, str(big)], cwd=repo_root, env=_env(repo_root),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [*cli, str(big)], cwd=repo_root, env=_env(repo_root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 120
         while _lock_info(out).get("pid") != first.pid and first.poll() is None and time.time() < deadline:
@@ -113,9 +114,16 @@ def test_an_in_process_prepare_fails_at_once_while_another_holds_the_folder(tmp_
 def test_a_lock_held_by_a_killed_process_is_released_by_the_os(tmp_path, bpe_tokenizer_path, repo_root):
     out = tmp_path / "data"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pipeline import outdir\n"
-         f"with outdir.hold({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)\n"],
-        cwd=repo_root, env=_env(repo_root), stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pipeline import outdir\n"
+            f"with outdir.hold({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)\n",
+        ],
+        cwd=repo_root,
+        env=_env(repo_root),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -151,8 +159,9 @@ def test_the_refresh_flow_holds_the_lock_too(prefect_harness, tmp_path, bpe_toke
     out = tmp_path / "data"
     with outdir.hold(out):
         with pytest.raises(ValueError, match=_busy(out, os.getpid())):
-            refresh_flow(inputs=[str(p) for p in inputs], tokenizer=str(bpe_tokenizer_path), out=str(out),
-                         config=_config().model_dump(mode="json"))
+            refresh_flow(
+                inputs=[str(p) for p in inputs], tokenizer=str(bpe_tokenizer_path), out=str(out), config=_config().model_dump(mode="json")
+            )
     assert not (out / "manifest.json").exists()
 
 
@@ -331,16 +340,20 @@ def test_a_full_disk_is_one_sentence_naming_the_folder_and_its_free_space(tmp_pa
     with pytest.raises(ValueError) as caught:
         prepare([str(p) for p in inputs], str(bpe_tokenizer_path), out, _config())
     message = str(caught.value)
-    assert re.fullmatch(rf"cannot write to {re.escape(str(out))}: the disk is full \([\d.]+ (bytes|KiB|MiB|GiB|TiB) free there\); "
-                        r"free some space or choose another output folder", message), message
+    assert re.fullmatch(
+        rf"cannot write to {re.escape(str(out))}: the disk is full \([\d.]+ (bytes|KiB|MiB|GiB|TiB) free there\); "
+        r"free some space or choose another output folder",
+        message,
+    ), message
     assert read_manifest(out) == before  # the dataset is as it was
     assert (out / "shards" / "notes.txt").read_text() == "mine"
 
     # Through the CLI: exit 2 and that sentence, no traceback.
     from flows.cli import app
 
-    result = CliRunner().invoke(app, ["prepare", *map(str, inputs), "--tokenizer", str(bpe_tokenizer_path),
-                                      "--out", str(out), "--no-flow", "--val-fraction", "0.2"])
+    result = CliRunner().invoke(
+        app, ["prepare", *map(str, inputs), "--tokenizer", str(bpe_tokenizer_path), "--out", str(out), "--no-flow", "--val-fraction", "0.2"]
+    )
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "error: cannot write to" in text and "the disk is full" in text and "Traceback" not in text
@@ -351,10 +364,13 @@ def test_a_full_disk_is_one_sentence_naming_the_folder_and_its_free_space(tmp_pa
     _conserved(manifest, out)
 
 
-@pytest.mark.parametrize("error_no, says", [
-    (errno.EACCES, "permission denied; choose a folder you can write to"),
-    (errno.EROFS, "it is on a read-only file system; choose another output folder"),
-])
+@pytest.mark.parametrize(
+    "error_no, says",
+    [
+        (errno.EACCES, "permission denied; choose a folder you can write to"),
+        (errno.EROFS, "it is on a read-only file system; choose another output folder"),
+    ],
+)
 def test_an_unwritable_folder_is_one_sentence_naming_it(tmp_path, bpe_tokenizer_path, monkeypatch, error_no, says):
     inputs = make_inputs(tmp_path / "in")
     out = tmp_path / "data"
@@ -410,9 +426,27 @@ def test_a_rebuild_killed_halfway_leaves_the_old_dataset_whole(tmp_path, bpe_tok
     first = prepare([str(inputs[0])], str(bpe_tokenizer_path), out, _config())
     before = {s["path"]: (out / s["path"]).read_bytes() for s in first["shards"]}
     run = subprocess.Popen(  # a rebuild (another max length) over much more data, killed mid-run
-        [sys.executable, "-m", "flows.cli", "prepare", str(inputs[0]), str(big), "--tokenizer",
-         str(bpe_tokenizer_path), "--out", str(out), "--no-flow", "--max-length", "777", "--val-fraction", "0.2"],
-        cwd=repo_root, env=_env(repo_root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "prepare",
+            str(inputs[0]),
+            str(big),
+            "--tokenizer",
+            str(bpe_tokenizer_path),
+            "--out",
+            str(out),
+            "--no-flow",
+            "--max-length",
+            "777",
+            "--val-fraction",
+            "0.2",
+        ],
+        cwd=repo_root,
+        env=_env(repo_root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
     while not (out / ".work").exists() and time.monotonic() < deadline:

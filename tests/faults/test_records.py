@@ -30,7 +30,14 @@ from pipeline.ingest import ingest_file
 from pipeline.readers import InputError, iter_records
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "NO_COLOR": "1", "COLUMNS": "400"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "NO_COLOR": "1",
+    "COLUMNS": "400",
+}
 DEEP = "[" * 100_000 + "]" * 100_000
 LINE = (json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n").encode()
 
@@ -63,9 +70,7 @@ LAUNCHER = (
 
 def peak_rss_of(command: list[str], timeout: float = 300) -> tuple[int, str, int]:
     """Run ``command``; its exit status, its output and its own peak RSS in bytes."""
-    result = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, *command], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout
-    )
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     output, _, tail = result.stdout.rpartition("\n@@ ")
     code, rss = map(int, tail.split())
     return code, output + result.stderr, rss
@@ -108,7 +113,14 @@ def test_nesting_just_past_the_limit_is_refused_and_just_within_it_kept(tmp_path
         for _ in range(depth - 6):
             arguments = {"a": arguments}
         call = {"type": "function", "function": {"name": "f", "arguments": arguments}}
-        return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]}
+        return {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "r"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
 
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps(nested(d)) + "\n" for d in (20, 21)))
@@ -122,7 +134,11 @@ def test_deep_nesting_inside_a_json_file_costs_only_that_element(tmp_path, layou
     good = [chat(i) for i in range(4)]
     texts = [json.dumps(r) for r in good[:2]] + ['{"messages": ' + DEEP + ', "s": "a \\" ] } string"}'] + [json.dumps(r) for r in good[2:]]
     path = tmp_path / "a.json"
-    path.write_text("[" + ",\n".join(texts) + "]" if layout == "array" else "\n".join(json.dumps(json.loads(t), indent=1) if i != 2 else t for i, t in enumerate(texts)))
+    path.write_text(
+        "[" + ",\n".join(texts) + "]"
+        if layout == "array"
+        else "\n".join(json.dumps(json.loads(t), indent=1) if i != 2 else t for i, t in enumerate(texts))
+    )
     got = list(iter_records(path))
     assert [r.index for r in got] == [0, 1, 2, 3, 4]
     assert [r.error.reason if r.error else None for r in got] == [None, None, "too_deeply_nested", None, None]
@@ -136,19 +152,34 @@ def test_deep_nesting_in_parquet_records_costs_only_those_records(tmp_path):
     rows = [
         {"messages": json.dumps(base), "tools": None, "nested": None},
         {"messages": json.dumps(base), "tools": DEEP, "nested": None},  # tool schemas given as JSON text
-        {"messages": json.dumps([base[0], {"role": "assistant", "content": "", "tool_calls": deep_call}, {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]), "tools": None, "nested": None},
+        {
+            "messages": json.dumps(
+                [
+                    base[0],
+                    {"role": "assistant", "content": "", "tool_calls": deep_call},
+                    {"role": "tool", "content": "r"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            ),
+            "tools": None,
+            "nested": None,
+        },
         {"messages": json.dumps(chat(1)["messages"]), "tools": None, "nested": [[[[[[1]]]]]]},  # a column nested past a low limit
         {"messages": json.dumps(chat(2)["messages"]), "tools": None, "nested": None},
     ]
-    table = pa.table({
-        "messages": pa.array([json.loads(r["messages"]) for r in rows]),
-        "tools": pa.array([r["tools"] for r in rows], pa.string()),
-        "nested": pa.array([r["nested"] for r in rows], pa.list_(pa.list_(pa.list_(pa.list_(pa.list_(pa.list_(pa.int64()))))))),
-    })
+    table = pa.table(
+        {
+            "messages": pa.array([json.loads(r["messages"]) for r in rows]),
+            "tools": pa.array([r["tools"] for r in rows], pa.string()),
+            "nested": pa.array([r["nested"] for r in rows], pa.list_(pa.list_(pa.list_(pa.list_(pa.list_(pa.list_(pa.int64()))))))),
+        }
+    )
     path = tmp_path / "deep.parquet"
     pq.write_table(table, path)
     out = tmp_path / "out"
-    stats = ingest_file(path, out / "kept.parquet", out / "rejected.parquet", SFTConfig(ingest=IngestConfig(max_nesting=6)), source=path.name)
+    stats = ingest_file(
+        path, out / "kept.parquet", out / "rejected.parquet", SFTConfig(ingest=IngestConfig(max_nesting=6)), source=path.name
+    )
     assert stats.records_in == 5 and stats.records_out == 2
     assert stats.rejected == {"too_deeply_nested": 3}
     rejected = pq.read_table(out / "rejected.parquet").to_pylist()
@@ -181,7 +212,9 @@ def test_a_50_mb_record_is_refused_unparsed_in_bounded_memory(tmp_path, bpe_toke
         fh.write(json.dumps(chat(1)) + "\n")
     assert path.stat().st_size > 50 << 20
     out = tmp_path / "out"
-    code, output, rss = peak_rss_of([sys.executable, "-m", "flows.cli", "prepare", str(path), "--tokenizer", str(bpe_tokenizer_path), "--out", str(out), "--no-flow"])
+    code, output, rss = peak_rss_of(
+        [sys.executable, "-m", "flows.cli", "prepare", str(path), "--tokenizer", str(bpe_tokenizer_path), "--out", str(out), "--no-flow"]
+    )
     assert code == 0, output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["read"] == 3 and manifest["counts"]["kept"] == 2 and conserved(manifest)
@@ -193,7 +226,20 @@ def test_a_50_mb_record_is_refused_unparsed_in_bounded_memory(tmp_path, bpe_toke
     # peak, about 430 MB here, is mostly the libraries a run imports, and moves with them.)
     small = tmp_path / "small.jsonl"
     small.write_text(json.dumps(chat(0)) + "\n" + json.dumps(chat(1)) + "\n")
-    code, output, baseline = peak_rss_of([sys.executable, "-m", "flows.cli", "prepare", str(small), "--tokenizer", str(bpe_tokenizer_path), "--out", str(tmp_path / "small-out"), "--no-flow"])
+    code, output, baseline = peak_rss_of(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "prepare",
+            str(small),
+            "--tokenizer",
+            str(bpe_tokenizer_path),
+            "--out",
+            str(tmp_path / "small-out"),
+            "--no-flow",
+        ]
+    )
     assert code == 0, output
     assert rss - baseline < 64 << 20, f"peak RSS {rss >> 20} MiB with the 50 MB line, {baseline >> 20} MiB without"
 
@@ -211,7 +257,11 @@ def test_a_record_over_the_limit_is_never_parsed(tmp_path, monkeypatch):
 
 
 def test_an_oversized_element_of_a_json_array_costs_only_itself(tmp_path):
-    records = [chat(0), {"prompt": "x" * 3_000_000, "completion": "y", "nested": [{"a": 'brackets ] } and a quote \\" [ { in a string'}]}, chat(1)]
+    records = [
+        chat(0),
+        {"prompt": "x" * 3_000_000, "completion": "y", "nested": [{"a": 'brackets ] } and a quote \\" [ { in a string'}]},
+        chat(1),
+    ]
     path = tmp_path / "a.json"
     path.write_text(json.dumps(records))
     got = list(iter_records(path, max_record_bytes=1 << 20))
@@ -278,10 +328,7 @@ def test_a_zstd_bomb_is_decompressed_a_buffer_at_a_time(tmp_path):
     # would hold the whole gigabyte in memory; it must stream through flat.
     path = tmp_path / "zeros.jsonl.zst"
     zstd_bomb(path, 1 << 30, bytes(1 << 20))
-    script = (
-        "import sys; from pipeline.readers import iter_records\n"
-        "print([r.error.reason for r in iter_records(sys.argv[1])])\n"
-    )
+    script = "import sys; from pipeline.readers import iter_records\nprint([r.error.reason for r in iter_records(sys.argv[1])])\n"
     code, output, rss = peak_rss_of([sys.executable, "-c", script, str(path)], timeout=60)
     assert code == 0 and "['record_too_large']" in output, output  # one line of 1 GiB, skipped
     assert rss < 512 << 20, f"peak RSS {rss >> 20} MiB"  # holding the gigabyte would be twice that
@@ -294,7 +341,11 @@ def test_reading_a_compressed_file_reports_progress(tmp_path, caplog):
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO, logger="sftkit.ingest"):
         stats = ingest_file(
-            path, out / "kept.parquet", out / "rejected.parquet", SFTConfig(), source=path.name,
+            path,
+            out / "kept.parquet",
+            out / "rejected.parquet",
+            SFTConfig(),
+            source=path.name,
             on_progress=lambda progress, records: seen.append((progress.bytes_read, progress.compressed_bytes, records, progress.done)),
             progress_interval_s=0.0,
         )

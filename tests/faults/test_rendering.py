@@ -59,8 +59,9 @@ def test_a_template_that_writes_without_end_is_cut_off(bpe_tokenizer):
 
 
 def test_the_limits_leave_good_templates_alone(bpe_tokenizer):
-    m = Masker(bpe_tokenizer, Template("chatml-ish", ROLES), max_length=4096, span_method="locate",
-               render_timeout=0.5, max_render_chars=10_000)
+    m = Masker(
+        bpe_tokenizer, Template("chatml-ish", ROLES), max_length=4096, span_method="locate", render_timeout=0.5, max_render_chars=10_000
+    )
     assert isinstance(m.encode(*to_conversation(CHAT)), Encoded)
     time.sleep(0.7)  # a limit that ran out after its render finished must never fire later
     assert isinstance(m.encode(*to_conversation(CHAT)), Encoded)
@@ -70,18 +71,40 @@ def test_a_run_whose_template_fails_every_row_stops_with_one_error(tmp_path, bpe
     """Through the CLI: exit 2 and one sentence naming the template, not 300 quarantined rows."""
     template = tmp_path / "broken.jinja"
     # Renders a plain chat (so it passes the start-up probe) but refuses every real row.
-    template.write_text("{%- if messages | length < 3 and messages[0].content == 'Hi' %}" + ROLES
-                        + "{%- else %}{{ raise_exception('this template refuses everything') }}{%- endif %}")
+    template.write_text(
+        "{%- if messages | length < 3 and messages[0].content == 'Hi' %}"
+        + ROLES
+        + "{%- else %}{{ raise_exception('this template refuses everything') }}{%- endif %}"
+    )
     records = tmp_path / "in.jsonl"
-    records.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
-                                                        {"role": "assistant", "content": f"answer {i}"}]}) + "\n"
-                               for i in range(300)))
+    records.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}) + "\n"
+            for i in range(300)
+        )
+    )
     config = tmp_path / "config.yaml"
     config.write_text("dedup: {enabled: false}\nquality: {enabled: false}\n")
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "prepare", str(records), "--tokenizer", str(bpe_tokenizer_path),
-         "--out", str(tmp_path / "data"), "--template", str(template), "--config", str(config), "--no-flow"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "prepare",
+            str(records),
+            "--tokenizer",
+            str(bpe_tokenizer_path),
+            "--out",
+            str(tmp_path / "data"),
+            "--template",
+            str(template),
+            "--config",
+            str(config),
+            "--no-flow",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr
     message = " ".join(result.stderr.split())

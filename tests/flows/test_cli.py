@@ -18,8 +18,17 @@ def test_prepare_samples_prints_summary_and_conserves(tmp_path, samples_dir, bpe
     inputs = sorted(glob.glob(str(samples_dir / "inputs" / "*")))
     result = runner.invoke(
         app,
-        ["prepare", *inputs, "--tokenizer", str(bpe_tokenizer_path), "--out", str(out), "--no-flow",
-         "--config", str(samples_dir / "demo.yaml")],
+        [
+            "prepare",
+            *inputs,
+            "--tokenizer",
+            str(bpe_tokenizer_path),
+            "--out",
+            str(out),
+            "--no-flow",
+            "--config",
+            str(samples_dir / "demo.yaml"),
+        ],
     )
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)

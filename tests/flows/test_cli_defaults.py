@@ -27,11 +27,7 @@ def options(command: str) -> dict[str, object]:
     """The default of every option of ``sftkit <command>``, by parameter name, as click sees it."""
     group = typer.main.get_command(app)
     params = group.commands[command].params
-    return {
-        p.name: p.default.value if isinstance(p.default, Enum) else p.default
-        for p in params
-        if p.name != "help" and not p.required
-    }
+    return {p.name: p.default.value if isinstance(p.default, Enum) else p.default for p in params if p.name != "help" and not p.required}
 
 
 def test_every_train_option_defaults_to_train_config():
@@ -107,9 +103,7 @@ def test_prepare_options_left_out_keep_the_config_files_settings(tmp_path, prepa
     from_file = SFTConfig.from_yaml(config_file)
     assert from_file.tokenize.max_length != SFTConfig().tokenize.max_length
 
-    result = cli.invoke(
-        app, ["prepare", "in.jsonl", "--tokenizer", "tok", "--out", str(tmp_path / "o"), "--config", str(config_file)]
-    )
+    result = cli.invoke(app, ["prepare", "in.jsonl", "--tokenizer", "tok", "--out", str(tmp_path / "o"), "--config", str(config_file)])
     assert result.exit_code == 0, result.output
     [call] = prepare_calls
     overrides = {k: v for k, v in call.items() if k not in ("inputs", "tokenizer", "out", "task_runner", "use_flow")}

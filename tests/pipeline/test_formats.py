@@ -67,14 +67,15 @@ def test_sharegpt_function_call_and_observation_become_tool_turns():
     assert roles(messages) == ["user", "assistant", "tool", "assistant"]
     call = messages[1]
     assert call["content"] == ""
-    assert json.loads(call["tool_calls"]) == [
-        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
-    ]
+    assert json.loads(call["tool_calls"]) == [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
     assert messages[2]["content"] == '{"temp": 18}'
     assert messages[2]["name"] == "get_weather"
     # bare tool schemas are wrapped the way chat templates expect them
     assert json.loads(tools) == [
-        {"type": "function", "function": {"name": "get_weather", "description": "weather", "parameters": {"type": "object", "properties": {}}}}
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "description": "weather", "parameters": {"type": "object", "properties": {}}},
+        }
     ]
 
 
@@ -215,11 +216,13 @@ def test_mapping_rejects_unmapped_speaker_and_lets_other_layouts_through():
 
 # --- turn order normalisation ----------------------------------------------------------------
 def test_consecutive_user_turns_are_merged_unless_configured_to_reject():
-    record = {"messages": [
-        {"role": "user", "content": "I have a question."},
-        {"role": "user", "content": "Why is the sky blue?"},
-        {"role": "assistant", "content": "Rayleigh scattering."},
-    ]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "I have a question."},
+            {"role": "user", "content": "Why is the sky blue?"},
+            {"role": "assistant", "content": "Rayleigh scattering."},
+        ]
+    }
     messages, _ = to_conversation(record)
     assert [(m["role"], m["content"]) for m in messages] == [
         ("user", "I have a question.\n\nWhy is the sky blue?"),
@@ -229,11 +232,13 @@ def test_consecutive_user_turns_are_merged_unless_configured_to_reject():
 
 
 def test_assistant_turns_with_different_train_flags_are_not_merged():
-    record = {"messages": [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "draft", "train": False},
-        {"role": "assistant", "content": "final"},
-    ]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "draft", "train": False},
+            {"role": "assistant", "content": "final"},
+        ]
+    }
     assert reason_of(record) == "bad_turn_order"
 
 
@@ -261,22 +266,81 @@ def test_same_conversation_in_any_layout_has_the_same_id():
         ({"instruction": ["Hi"], "output": "Hello"}, "wrong_type"),
         ({"messages": "user: hi"}, "wrong_type"),
         ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, "wrong_type"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "cat"}]}, "wrong_type"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                    {"role": "assistant", "content": "cat"},
+                ]
+            },
+            "wrong_type",
+        ),
         ({"messages": [{"role": "user", "content": "x", "train": "yes"}, {"role": "assistant", "content": "y"}]}, "wrong_type"),
         ({"messages": [{"content": "no role"}]}, "wrong_type"),
         ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "f(x)"}]}, "wrong_type"),
         ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], "tools": "not json"}, "wrong_type"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "narrator", "content": "..."}, {"role": "assistant", "content": "yo"}]}, "unknown_role"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "narrator", "content": "..."},
+                    {"role": "assistant", "content": "yo"},
+                ]
+            },
+            "unknown_role",
+        ),
         ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]}, "no_assistant_turn"),
         ({"instruction": "Write a poem."}, "no_assistant_turn"),
         ({"prompt": "Hi", "completion": None}, "no_assistant_turn"),
-        ({"messages": [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "bad_turn_order"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}, {"role": "assistant", "content": "yo"}]}, "bad_turn_order"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "system", "content": "late"}, {"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]}, "bad_turn_order"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "unanswered"}]}, "bad_turn_order"),
+        (
+            {
+                "messages": [
+                    {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                ]
+            },
+            "bad_turn_order",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}, {"role": "assistant", "content": "yo"}]},
+            "bad_turn_order",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                    {"role": "system", "content": "late"},
+                    {"role": "user", "content": "?"},
+                    {"role": "assistant", "content": "!"},
+                ]
+            },
+            "bad_turn_order",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                    {"role": "user", "content": "unanswered"},
+                ]
+            },
+            "bad_turn_order",
+        ),
         ({"instruction": "Describe blue.", "output": ""}, "empty_response"),
         ({"prompt": "2+2?", "completion": " \n\t"}, "empty_response"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "?"}, {"role": "assistant", "content": "ok"}]}, "empty_response"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": ""},
+                    {"role": "user", "content": "?"},
+                    {"role": "assistant", "content": "ok"},
+                ]
+            },
+            "empty_response",
+        ),
     ],
 )
 def test_bad_records_are_refused_with_their_reason(record, reason):
@@ -284,10 +348,14 @@ def test_bad_records_are_refused_with_their_reason(record, reason):
 
 
 def test_assistant_tool_call_with_empty_content_is_not_an_empty_response():
-    messages, _ = to_conversation({"messages": [
-        {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": {}}}]},
-    ]})
+    messages, _ = to_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": {}}}]},
+            ]
+        }
+    )
     assert messages[-1]["tool_calls"] is not None
 
 
@@ -297,7 +365,11 @@ ID_SAMPLE_TOOLS = {
     "messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "18C"},
         {"role": "assistant", "content": "It is 18°C in Paris.", "train": False},
         {"role": "user", "content": "Thanks"},
@@ -316,8 +388,10 @@ def test_ids_of_conversations_without_reasoning_are_unchanged():
     for reasoning in ({}, {"reasoning": None}, {"reasoning": ""}):
         messages = [schema.make_message("user", "Say hi"), {**schema.make_message("assistant", "hi"), **reasoning}]
         assert schema.conversation_id(messages) == ID_SAMPLE_ALPACA_ID
-    old_shape = [{"role": "user", "content": "Say hi", "name": None, "tool_calls": None, "train": None},
-                 {"role": "assistant", "content": "hi", "name": None, "tool_calls": None, "train": None}]
+    old_shape = [
+        {"role": "user", "content": "Say hi", "name": None, "tool_calls": None, "train": None},
+        {"role": "assistant", "content": "hi", "name": None, "tool_calls": None, "train": None},
+    ]
     assert schema.conversation_id(old_shape) == ID_SAMPLE_ALPACA_ID
 
 
@@ -345,30 +419,42 @@ def test_messages_for_template_passes_reasoning_as_reasoning_content():
 # --- reasoning -------------------------------------------------------------------------------
 @pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
 def test_reasoning_field_on_an_assistant_message(key):
-    messages, _ = to_conversation({"messages": [
-        {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "4", key: "Two and two make four."},
-    ]})
+    messages, _ = to_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4", key: "Two and two make four."},
+            ]
+        }
+    )
     assert messages[-1]["content"] == "4"
     assert messages[-1]["reasoning"] == "Two and two make four."
     assert messages[0]["reasoning"] is None
 
 
 def test_reasoning_content_is_preferred_and_null_or_empty_means_none():
-    messages, _ = to_conversation({"messages": [
-        {"role": "user", "content": "2+2?", "reasoning_content": None},
-        {"role": "assistant", "content": "4", "reasoning_content": "from the API", "reasoning": "other"},
-        {"role": "user", "content": "3+3?", "reasoning_content": ""},
-        {"role": "assistant", "content": "6", "reasoning_content": "", "reasoning": None},
-    ]})
+    messages, _ = to_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": "2+2?", "reasoning_content": None},
+                {"role": "assistant", "content": "4", "reasoning_content": "from the API", "reasoning": "other"},
+                {"role": "user", "content": "3+3?", "reasoning_content": ""},
+                {"role": "assistant", "content": "6", "reasoning_content": "", "reasoning": None},
+            ]
+        }
+    )
     assert [m["reasoning"] for m in messages] == [None, "from the API", None, None]
 
 
 def test_sharegpt_reasoning_field():
-    messages, _ = to_conversation({"conversations": [
-        {"from": "human", "value": "2+2?"},
-        {"from": "gpt", "value": "4", "reasoning_content": "Add."},
-    ]})
+    messages, _ = to_conversation(
+        {
+            "conversations": [
+                {"from": "human", "value": "2+2?"},
+                {"from": "gpt", "value": "4", "reasoning_content": "Add."},
+            ]
+        }
+    )
     assert (messages[-1]["content"], messages[-1]["reasoning"]) == ("4", "Add.")
 
 
@@ -377,18 +463,24 @@ def test_llamafactory_parts_give_reasoning_text_and_tool_calls():
         "messages": [
             {"role": "system", "content": [{"type": "text", "value": "Use tools."}]},
             {"role": "user", "content": [{"type": "text", "value": "Weather in Paris"}, {"type": "text", "value": "and Rome?"}]},
-            {"role": "assistant", "content": [
-                {"type": "reasoning", "value": "Two cities: two calls."},
-                {"type": "tool_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Paris"}})},
-                {"type": "tool_call", "value": json.dumps({"name": "weather", "arguments": "{\"city\": \"Rome\"}"})},
-            ]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "reasoning", "value": "Two cities: two calls."},
+                    {"type": "tool_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Paris"}})},
+                    {"type": "tool_call", "value": json.dumps({"name": "weather", "arguments": '{"city": "Rome"}'})},
+                ],
+            },
             {"role": "tool", "content": [{"type": "text", "value": "18C"}]},
             {"role": "tool", "content": [{"type": "text", "value": "25C"}]},
-            {"role": "assistant", "content": [
-                {"type": "reasoning", "value": "Compare."},
-                {"type": "reasoning", "value": "Rome is warmer."},
-                {"type": "text", "value": "Paris 18C, Rome 25C."},
-            ]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "reasoning", "value": "Compare."},
+                    {"type": "reasoning", "value": "Rome is warmer."},
+                    {"type": "text", "value": "Paris 18C, Rome 25C."},
+                ],
+            },
         ],
         "tools": json.dumps([{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]),
     }
@@ -408,29 +500,41 @@ def test_llamafactory_parts_give_reasoning_text_and_tool_calls():
 
 
 def test_openai_style_reasoning_part_with_text_key():
-    messages, _ = to_conversation({"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
-        {"role": "assistant", "content": [{"type": "reasoning", "text": "Greet."}, {"type": "text", "text": "Hello"}]},
-    ]})
+    messages, _ = to_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": [{"type": "reasoning", "text": "Greet."}, {"type": "text", "text": "Hello"}]},
+            ]
+        }
+    )
     assert (messages[-1]["content"], messages[-1]["reasoning"]) == ("Hello", "Greet.")
 
 
 @pytest.mark.parametrize("weight, train", [(0, False), (0.0, False), (1, True), (1.0, True), (None, None)])
 def test_loss_weight_maps_to_train(weight, train):
-    messages, _ = to_conversation({"messages": [
-        {"role": "user", "content": [{"type": "text", "value": "Hi"}], "loss_weight": 0.0},
-        {"role": "assistant", "content": [{"type": "text", "value": "Hello"}], "loss_weight": weight},
-    ]})
+    messages, _ = to_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "value": "Hi"}], "loss_weight": 0.0},
+                {"role": "assistant", "content": [{"type": "text", "value": "Hello"}], "loss_weight": weight},
+            ]
+        }
+    )
     assert [m["train"] for m in messages] == [False, train]
 
 
 @pytest.mark.parametrize("weight", [0.5, 2, -1, True, "1"])
 def test_other_loss_weights_are_wrong_type_with_a_clear_message(weight):
     with pytest.raises(Drop) as caught:
-        to_conversation({"messages": [
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello", "loss_weight": weight},
-        ]})
+        to_conversation(
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello", "loss_weight": weight},
+                ]
+            }
+        )
     assert caught.value.reason == "wrong_type"
     assert f"'loss_weight' {weight!r}" in caught.value.detail
     assert "only 0 (not trained) or 1 (trained)" in caught.value.detail
@@ -458,36 +562,101 @@ def test_inline_think_block_in_every_layout_and_never_in_user_text():
         {"instruction": "2+2?", "output": "<think>\nAdd.\n</think>\n\n4"},
         {"prompt": "2+2?", "completion": "<think>Add.</think>\n4"},
         {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "<think>Add.</think>4"}]},
-        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": [{"type": "text", "value": "<think>Add.</think>4"}]}]},
-        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>Add.</think>4", "reasoning_content": "Add."}]},
+        {
+            "messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": [{"type": "text", "value": "<think>Add.</think>4"}]},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "<think>Add.</think>4", "reasoning_content": "Add."},
+            ]
+        },
     ]
     results = [to_conversation(record) for record in layouts]
     assert all((m[-1]["reasoning"], m[-1]["content"]) == ("Add.", "4") for m, _ in results)
     assert len({schema.conversation_id(*r) for r in results}) == 1
-    messages, _ = to_conversation({"messages": [{"role": "user", "content": "<think>mine</think>2+2?"}, {"role": "assistant", "content": "4"}]})
+    messages, _ = to_conversation(
+        {"messages": [{"role": "user", "content": "<think>mine</think>2+2?"}, {"role": "assistant", "content": "4"}]}
+    )
     assert (messages[0]["content"], messages[0]["reasoning"]) == ("<think>mine</think>2+2?", None)
 
 
 def test_mapping_reads_reasoning_parts_and_inline_think():
     mapping = FieldMapping(messages="dialog", role_key="speaker", content_key="text", roles={"q": "user", "a": "assistant"})
-    messages, _ = to_conversation({"dialog": [
-        {"speaker": "q", "text": "2+2?"},
-        {"speaker": "a", "text": [{"type": "reasoning", "value": "Add."}, {"type": "text", "value": "4"}]},
-        {"speaker": "q", "text": "3+3?"},
-        {"speaker": "a", "text": "<think>Add again.</think>6"},
-    ]}, mapping)
+    messages, _ = to_conversation(
+        {
+            "dialog": [
+                {"speaker": "q", "text": "2+2?"},
+                {"speaker": "a", "text": [{"type": "reasoning", "value": "Add."}, {"type": "text", "value": "4"}]},
+                {"speaker": "q", "text": "3+3?"},
+                {"speaker": "a", "text": "<think>Add again.</think>6"},
+            ]
+        },
+        mapping,
+    )
     assert [(m["reasoning"], m["content"]) for m in messages[1::2]] == [("Add.", "4"), ("Add again.", "6")]
 
 
 @pytest.mark.parametrize(
     "record, words",
     [
-        ({"messages": [{"role": "user", "content": "Hi", "reasoning_content": "I wonder"}, {"role": "assistant", "content": "Hello"}]}, "user message but carries reasoning"),
-        ({"messages": [{"role": "system", "content": "s", "reasoning": "x"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, "system message but carries reasoning"),
-        ({"messages": [{"role": "user", "content": [{"type": "reasoning", "value": "x"}, {"type": "text", "value": "Hi"}]}, {"role": "assistant", "content": "Hello"}]}, "user message but has a 'reasoning' content part"),
-        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": {"text": "x"}}]}, "'reasoning_content' of type object"),
-        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "reasoning", "value": "a"}, {"type": "text", "value": "b"}], "reasoning_content": "c"}]}, "they differ"),
-        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "c"}]}, "different <think> block"),
+        (
+            {"messages": [{"role": "user", "content": "Hi", "reasoning_content": "I wonder"}, {"role": "assistant", "content": "Hello"}]},
+            "user message but carries reasoning",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "s", "reasoning": "x"},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"},
+                ]
+            },
+            "system message but carries reasoning",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "reasoning", "value": "x"}, {"type": "text", "value": "Hi"}]},
+                    {"role": "assistant", "content": "Hello"},
+                ]
+            },
+            "user message but has a 'reasoning' content part",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello", "reasoning_content": {"text": "x"}},
+                ]
+            },
+            "'reasoning_content' of type object",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "reasoning", "value": "a"}, {"type": "text", "value": "b"}],
+                        "reasoning_content": "c",
+                    },
+                ]
+            },
+            "they differ",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "c"},
+                ]
+            },
+            "different <think> block",
+        ),
     ],
 )
 def test_misplaced_or_conflicting_reasoning_is_wrong_type(record, words):
@@ -514,30 +683,46 @@ def test_an_assistant_turn_with_only_reasoning_is_an_empty_response(assistant):
 
 
 def test_reasoning_then_tool_call_is_an_answer():
-    messages, _ = to_conversation({"messages": [
-        {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": [{"type": "reasoning", "value": "Call w."}, {"type": "tool_call", "value": "{\"name\": \"w\", \"arguments\": {}}"}]},
-    ]})
+    messages, _ = to_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "reasoning", "value": "Call w."},
+                        {"type": "tool_call", "value": '{"name": "w", "arguments": {}}'},
+                    ],
+                },
+            ]
+        }
+    )
     assert messages[-1]["reasoning"] == "Call w." and json.loads(messages[-1]["tool_calls"])[0]["function"]["name"] == "w"
 
 
 def test_merging_consecutive_assistant_turns_keeps_the_first_turns_reasoning():
-    messages, _ = to_conversation({"messages": [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet."},
-        {"role": "assistant", "content": "How can I help?"},
-    ]})
+    messages, _ = to_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet."},
+                {"role": "assistant", "content": "How can I help?"},
+            ]
+        }
+    )
     assert len(messages) == 2
     assert (messages[1]["reasoning"], messages[1]["content"]) == ("Greet.", "Hello.\n\nHow can I help?")
 
 
 @pytest.mark.parametrize("first_reasoning", [None, "Greet."])
 def test_an_assistant_turn_with_reasoning_is_never_merged_into_the_previous_one(first_reasoning):
-    record = {"messages": [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello.", "reasoning_content": first_reasoning},
-        {"role": "assistant", "content": "How can I help?", "reasoning_content": "Offer help."},
-    ]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello.", "reasoning_content": first_reasoning},
+            {"role": "assistant", "content": "How can I help?", "reasoning_content": "Offer help."},
+        ]
+    }
     assert reason_of(record) == "bad_turn_order"
 
 
@@ -566,14 +751,28 @@ def test_refused_content_parts_are_named_truthfully(part, words):
 @pytest.mark.parametrize(
     "message, words",
     [
-        ({"role": "tool", "content": [{"type": "tool_call", "value": "{\"name\": \"w\"}"}]}, "tool message but has a 'tool_call' content part"),
+        ({"role": "tool", "content": [{"type": "tool_call", "value": '{"name": "w"}'}]}, "tool message but has a 'tool_call' content part"),
         ({"role": "assistant", "content": [{"type": "tool_call", "value": "w(1)"}]}, "tool_call content part (part 0) that is not JSON"),
-        ({"role": "assistant", "content": [{"type": "tool_call", "value": "{\"arguments\": {}}"}]}, "tool call without a function name"),
-        ({"role": "assistant", "content": [{"type": "tool_call", "value": "{\"name\": \"w\"}"}], "tool_calls": [{"type": "function", "function": {"name": "w"}}]}, "both in 'tool_calls' and in tool_call content parts"),
+        ({"role": "assistant", "content": [{"type": "tool_call", "value": '{"arguments": {}}'}]}, "tool call without a function name"),
+        (
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_call", "value": '{"name": "w"}'}],
+                "tool_calls": [{"type": "function", "function": {"name": "w"}}],
+            },
+            "both in 'tool_calls' and in tool_call content parts",
+        ),
     ],
 )
 def test_bad_tool_call_parts_are_wrong_type(message, words):
-    record = {"messages": [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "w"}}]}, message, {"role": "assistant", "content": "done"}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "w"}}]},
+            message,
+            {"role": "assistant", "content": "done"},
+        ]
+    }
     if message["role"] == "assistant":
         record["messages"] = [{"role": "user", "content": "weather?"}, message]
     with pytest.raises(Drop) as caught:

@@ -61,7 +61,15 @@ def test_real_alpaca_ids_are_the_content_hash(real_data_dir, tmp_path):
 # --- sample inputs ---------------------------------------------------------------------------
 EXPECTED_SAMPLE_REJECTS = {
     "alpaca_mixed.json": {"empty_response": 2, "wrong_type": 1, "no_assistant_turn": 1, "unknown_format": 1, "not_an_object": 1},
-    "sharegpt_tools.jsonl": {"invalid_utf8": 1, "invalid_json": 1, "not_an_object": 1, "unknown_role": 1, "bad_turn_order": 2, "wrong_type": 1, "no_assistant_turn": 1},
+    "sharegpt_tools.jsonl": {
+        "invalid_utf8": 1,
+        "invalid_json": 1,
+        "not_an_object": 1,
+        "unknown_role": 1,
+        "bad_turn_order": 2,
+        "wrong_type": 1,
+        "no_assistant_turn": 1,
+    },
     "openai_messages.jsonl.gz": {"empty_response": 1, "no_assistant_turn": 1, "unknown_role": 1, "wrong_type": 2},
     "chat_zh.jsonl.zst": {"bad_turn_order": 1, "empty_response": 1},
     "prompt_completion.parquet": {"empty_response": 1, "no_assistant_turn": 1},
@@ -162,7 +170,9 @@ def test_a_file_that_breaks_midway_leaves_no_file_under_a_final_name(tmp_path):
 # --- expand_inputs ---------------------------------------------------------------------------
 def test_expand_inputs_globs_files_and_folders_sorted_and_deduplicated(samples_dir):
     inputs = samples_dir / "inputs"
-    paths = expand_inputs([str(inputs / "*.jsonl*"), str(inputs / "alpaca_mixed.json"), str(inputs / "*"), str(inputs / "trl_prompt_completion")])
+    paths = expand_inputs(
+        [str(inputs / "*.jsonl*"), str(inputs / "alpaca_mixed.json"), str(inputs / "*"), str(inputs / "trl_prompt_completion")]
+    )
     assert [p.name for p in paths] == sorted(p.name for p in inputs.iterdir())
     assert paths == sorted(paths, key=str)
 

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import json
 
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-
 from pipeline import schema
 from pipeline.config import SFTConfig, TemplateConfig
 from pipeline.formats import to_conversation
-from pipeline.masking.locate import realise
 from pipeline.manifest import read_manifest
 from pipeline.masking import Masker
+from pipeline.masking.locate import realise
 from pipeline.steps import prepare
 from pipeline.templates import resolve_template
 from pipeline.tokenize import encode_table
@@ -37,16 +35,29 @@ def canonical_table(conversations) -> pa.Table:
     rows = []
     for index, messages in enumerate(conversations):
         canonical, tools = to_conversation({"messages": messages})
-        rows.append({"id": schema.conversation_id(canonical, tools), "source": "in.jsonl", "source_index": index,
-                     "messages": canonical, "tools": tools})
+        rows.append(
+            {
+                "id": schema.conversation_id(canonical, tools),
+                "source": "in.jsonl",
+                "source_index": index,
+                "messages": canonical,
+                "tools": tools,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=schema.CONVERSATION_SCHEMA)
 
 
 def masker(model: str, base_tokenizer, *, twin: bool = False, **kwargs):
     tokenizer = tokenizer_for(model, base_tokenizer, twin=twin)
     template = resolve_template(tokenizer, TemplateConfig())
-    return tokenizer, Masker(tokenizer, template, max_length=kwargs.pop("max_length", 4096), reasoning="per_turn",
-                             span_method="generation" if twin else "locate", **kwargs)
+    return tokenizer, Masker(
+        tokenizer,
+        template,
+        max_length=kwargs.pop("max_length", 4096),
+        reasoning="per_turn",
+        span_method="generation" if twin else "locate",
+        **kwargs,
+    )
 
 
 def trained(tokenizer, ids, labels) -> str:
@@ -70,9 +81,7 @@ def test_each_turn_is_a_row_trained_as_at_inference(model, bpe_tokenizer):
         # The text before the trained turn is exactly the inference prompt, token for token.
         first = next(i for i, label in enumerate(row[schema.LABELS]) if label != schema.IGNORE_INDEX)
         messages = realise(per_turn.reasoning.shape(schema.messages_for_template(row[schema.MESSAGES][:-1])), None)
-        prompt = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, date_string="26 Jul 2024"
-        )
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, date_string="26 Jul 2024")
         assert row[schema.INPUT_IDS][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
@@ -85,12 +94,8 @@ def test_deepseek_reasoning_is_written_into_the_think_block_the_prompt_opens(bpe
     kept, _, _ = encode_table(per_turn, table)
     reference, _, _ = encode_table(twin, table)
     last = kept.to_pylist()[-1]
-    assert tokenizer.decode(last[schema.INPUT_IDS]).endswith(
-        "<｜Assistant｜><think>\n13 * 13 = 169.\n</think>\n\n169<｜end▁of▁sentence｜>"
-    )
-    assert trained(tokenizer, last[schema.INPUT_IDS], last[schema.LABELS]) == (
-        "13 * 13 = 169.\n</think>\n\n169<｜end▁of▁sentence｜>"
-    )
+    assert tokenizer.decode(last[schema.INPUT_IDS]).endswith("<｜Assistant｜><think>\n13 * 13 = 169.\n</think>\n\n169<｜end▁of▁sentence｜>")
+    assert trained(tokenizer, last[schema.INPUT_IDS], last[schema.LABELS]) == ("13 * 13 = 169.\n</think>\n\n169<｜end▁of▁sentence｜>")
     assert kept.column(schema.LABELS).to_pylist() == reference.column(schema.LABELS).to_pylist()
     assert kept.column(schema.INPUT_IDS).to_pylist() == reference.column(schema.INPUT_IDS).to_pylist()
 
@@ -125,15 +130,25 @@ def test_prepare_counts_records_once(tmp_path, bpe_tokenizer):
     records = [
         {"messages": REASONING},
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
-        {"messages": [{"role": "user", "content": "Short?"}, {"role": "assistant", "content": "Yes."},
-                      {"role": "user", "content": "Long?"}, {"role": "assistant", "content": long_answer}]},
+        {
+            "messages": [
+                {"role": "user", "content": "Short?"},
+                {"role": "assistant", "content": "Yes."},
+                {"role": "user", "content": "Long?"},
+                {"role": "assistant", "content": long_answer},
+            ]
+        },
     ]
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    config = SFTConfig.model_validate({
-        "dedup": {"enabled": False}, "quality": {"enabled": False}, "shards": {"val_fraction": 0.0, "target_rows": 2},
-        "tokenize": {"reasoning": "per_turn", "max_length": 96},
-    })
+    config = SFTConfig.model_validate(
+        {
+            "dedup": {"enabled": False},
+            "quality": {"enabled": False},
+            "shards": {"val_fraction": 0.0, "target_rows": 2},
+            "tokenize": {"reasoning": "per_turn", "max_length": 96},
+        }
+    )
     manifest = prepare([str(source)], str(tokenizer_dir), tmp_path / "data", config)
     counts = manifest["counts"]
     assert counts["read"] == 3 and counts["kept"] == 3 and counts["rows"] == 4

@@ -140,8 +140,9 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path, bpe_tokenizer_path, re
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen(_cli("prepare", *args, "--out", str(crashed)), cwd=repo_root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli("prepare", *args, "--out", str(crashed)), cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     marker = crashed / ".work" / kill_when
     while time.time() < deadline and proc.poll() is None:
@@ -154,11 +155,23 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path, bpe_tokenizer_path, re
     proc.wait()
     assert not (crashed / "manifest.json").exists()
 
-    subprocess.run(_cli("prepare", *args, "--out", str(crashed)), cwd=repo_root, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        _cli("prepare", *args, "--out", str(crashed)),
+        cwd=repo_root,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     clean = tmp_path / "clean"
-    subprocess.run(_cli("prepare", *args, "--out", str(clean)), cwd=repo_root, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        _cli("prepare", *args, "--out", str(clean)),
+        cwd=repo_root,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     assert shard_bytes(crashed) == shard_bytes(clean)
     m_crashed, m_clean = read_manifest(crashed), read_manifest(clean)
@@ -173,8 +186,11 @@ def test_dedup_index_remembers_only_rows_that_reached_the_shards(tmp_path, bpe_t
     """A record dropped by quality must not make its later, good near-copy a 'duplicate'."""
     folder = tmp_path / "in"
     folder.mkdir()
-    refusal = {"instruction": "Tell me a joke about cats, please.", "input": "",
-               "output": "As an AI language model, I cannot tell jokes about cats or anything else."}
+    refusal = {
+        "instruction": "Tell me a joke about cats, please.",
+        "input": "",
+        "output": "As an AI language model, I cannot tell jokes about cats or anything else.",
+    }
     first = write_json(folder / "first.json", alpaca_records(0, 5) + [refusal])
     out = tmp_path / "data"
     manifest = prepare([str(first)], str(bpe_tokenizer_path), out, _config())
@@ -200,12 +216,14 @@ def test_speed_only_settings_neither_rebuild_nor_change_bytes(tmp_path, bpe_toke
     inputs = make_inputs(tmp_path / "in")
     out = tmp_path / "data"
     first = prepare([str(inputs[0])], str(bpe_tokenizer_path), out, _config())
-    fast = SFTConfig.model_validate({
-        "shards": {"val_fraction": 0.2},
-        "ingest": {"batch_size": 3},
-        "dedup": {"partitions": 3},
-        "tokenize": {"batch_size": 5, "num_proc": 1},
-    })
+    fast = SFTConfig.model_validate(
+        {
+            "shards": {"val_fraction": 0.2},
+            "ingest": {"batch_size": 3},
+            "dedup": {"partitions": 3},
+            "tokenize": {"batch_size": 5, "num_proc": 1},
+        }
+    )
     assert fast.fingerprint() == _config().fingerprint()
     refreshed = prepare([str(p) for p in inputs], str(bpe_tokenizer_path), out, fast)
     assert refreshed["history"][-1]["rebuild"] is False

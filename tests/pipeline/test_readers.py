@@ -62,9 +62,9 @@ def test_parquet_and_dataset_folder_yield_rows_in_order(tmp_path):
 
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     assert values(tmp_path / "saved", batch_size=4) == rows
-    datasets.DatasetDict(
-        {"train": datasets.Dataset.from_list(rows[:6]), "test": datasets.Dataset.from_list(rows[6:])}
-    ).save_to_disk(str(tmp_path / "saved_dict"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:6]), "test": datasets.Dataset.from_list(rows[6:])}).save_to_disk(
+        str(tmp_path / "saved_dict")
+    )
     got = list(iter_records(tmp_path / "saved_dict"))
     assert [r.index for r in got] == list(range(10))  # one numbering across splits, in split-name order
     assert [r.value for r in got] == rows[6:] + rows[:6]
@@ -75,7 +75,7 @@ def test_json_array_streams_across_buffer_boundaries(tmp_path, monkeypatch):
     # be cut at buffer ends; every element must still come back whole and with its exact text.
     monkeypatch.setattr(readers, "CHUNK_CHARS", 7)
     records = [
-        {"prompt": "长" * 40 + "\\u00e9 \"quoted\"", "completion": "x" * 50, "n": 123456789, "f": 1.5e10, "t": True, "z": None}
+        {"prompt": "长" * 40 + '\\u00e9 "quoted"', "completion": "x" * 50, "n": 123456789, "f": 1.5e10, "t": True, "z": None}
         for _ in range(5)
     ] + [1234567, "tail"]
     text = json.dumps(records, ensure_ascii=False, indent=1)

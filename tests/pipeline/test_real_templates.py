@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.chat_templates.models import CONVERSATIONS, TEMPLATES, conversation, template_text, tokenizer_for
 from pipeline.formats import to_conversation
 from pipeline.masking import Encoded, Masker
 from pipeline.stage import Drop
 from pipeline.templates import Template
+from tests.chat_templates.models import CONVERSATIONS, TEMPLATES, conversation, template_text, tokenizer_for
 from tests.support.conversations import conversations as rows_of
 
 NAMES = list(TEMPLATES)
@@ -120,8 +120,9 @@ def test_a_template_that_changes_the_text_is_refused_not_mislabelled(bpe_tokeniz
         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
     )
     masker = Masker(bpe_tokenizer, Template("upper", source), max_length=512, span_method="locate")
-    result = masker.encode(*to_conversation({"messages": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}))
+    result = masker.encode(
+        *to_conversation({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]})
+    )
     assert isinstance(result, Drop) and result.reason == "mask_unverifiable"
 
 

@@ -20,7 +20,9 @@ def run(path: Path, out: Path):
     return stats, pq.read_table(kept), rejected_rows
 
 
-@pytest.mark.parametrize("name, count, reasoning, calls", [("v1_sft_demo.jsonl", 500, 0, 0), ("reason_tool_use_demo_50.jsonl", 50, 112, 68)])
+@pytest.mark.parametrize(
+    "name, count, reasoning, calls", [("v1_sft_demo.jsonl", 500, 0, 0), ("reason_tool_use_demo_50.jsonl", 50, 112, 68)]
+)
 def test_llamafactory_files_ingest_without_a_rejection(real_data_dir, tmp_path, name, count, reasoning, calls):
     path = real_data_dir / name
     if not path.exists():

@@ -365,9 +365,7 @@ def _with_reasoning(data_dir, reasoning: str) -> dict:
     shard = sorted((data_dir / "shards").glob("train-*.parquet"))[0]
     table = pq.read_table(shard)
     rows = table.to_pylist()
-    rows[0][schema.MESSAGES] = [
-        {**m, "reasoning": reasoning if m["role"] == "assistant" else None} for m in rows[0][schema.MESSAGES]
-    ]
+    rows[0][schema.MESSAGES] = [{**m, "reasoning": reasoning if m["role"] == "assistant" else None} for m in rows[0][schema.MESSAGES]]
     pq.write_table(type(table).from_pylist(rows, schema=schema.SHARD_SCHEMA), shard)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     for entry in manifest["shards"]:
@@ -394,9 +392,7 @@ def test_messages_view_shows_an_assistants_reasoning_before_its_content(report_c
     first_answer_line = answer["content"].splitlines()[0]
     thought = lines.index("[assistant reasoning] The user wants <b>brevity</b>; answer in one line.")
     assert lines[thought + 1] == f"[assistant] {first_answer_line}"
-    assert sum(line.startswith("[assistant reasoning] ") for line in lines) == sum(
-        m["role"] == "assistant" for m in row[schema.MESSAGES]
-    )
+    assert sum(line.startswith("[assistant reasoning] ") for line in lines) == sum(m["role"] == "assistant" for m in row[schema.MESSAGES])
     assert "[user reasoning]" not in result.output and "[system reasoning]" not in result.output
 
 
@@ -414,7 +410,11 @@ def test_colour_messages_view_sets_reasoning_apart():
 
     console = Console(file=io.StringIO(), force_terminal=True, color_system="truecolor", width=200)
     row = {
-        schema.ID: "0" * 32, schema.SOURCE: "s.jsonl", schema.SOURCE_INDEX: 0, schema.LENGTH: 10, schema.NUM_TRAINABLE: 4,
+        schema.ID: "0" * 32,
+        schema.SOURCE: "s.jsonl",
+        schema.SOURCE_INDEX: 0,
+        schema.LENGTH: 10,
+        schema.NUM_TRAINABLE: 4,
         schema.MESSAGES: [
             schema.make_message("user", "2+2?"),
             schema.make_message("assistant", "4", reasoning="Add two and two."),
@@ -444,6 +444,8 @@ def test_html_messages_view_shows_reasoning_escaped_and_set_apart(report_copy, t
     html_row = _example_html({"row": row, "pieces": None, "warning": None})
     if row[schema.ID] in page:  # the report sampled the row
         assert html_row in page
-    assert '<span class="rs">[assistant reasoning] Think &lt;script&gt;alert(1)&lt;/script&gt; &amp; answer.</span>\n[assistant] ' in html_row
+    assert (
+        '<span class="rs">[assistant reasoning] Think &lt;script&gt;alert(1)&lt;/script&gt; &amp; answer.</span>\n[assistant] ' in html_row
+    )
     plain_row = {**row, schema.MESSAGES: [{**m, "reasoning": None} for m in row[schema.MESSAGES]]}
     assert 'class="rs"' not in _example_html({"row": plain_row, "pieces": None, "warning": None})

@@ -96,7 +96,9 @@ def test_tokenize_stage_output_does_not_depend_on_workers_or_batch_size(tmp_path
     single = tmp_path / "single.arrow"
     tokenize_stage(canonical, single, tmp_path / "r1.parquet", config(), tokenizer=str(bpe_tokenizer_path))
     pooled = tmp_path / "pooled.arrow"
-    stats = tokenize_stage(canonical, pooled, tmp_path / "r2.parquet", config(num_proc=3, batch_size=7, workers=workers), tokenizer=str(bpe_tokenizer_path))
+    stats = tokenize_stage(
+        canonical, pooled, tmp_path / "r2.parquet", config(num_proc=3, batch_size=7, workers=workers), tokenizer=str(bpe_tokenizer_path)
+    )
     assert stats.records_out == 57
     assert read_tokenized(single).equals(read_tokenized(pooled))
     assert pq.read_table(tmp_path / "r1.parquet").equals(pq.read_table(tmp_path / "r2.parquet"))
@@ -179,8 +181,16 @@ def test_shard_bytes_do_not_depend_on_the_tokenize_batch_size(tmp_path, bpe_toke
     hashes = []
     for batch_size in (7, 1000):
         out = tmp_path / f"tok-{batch_size}.arrow"
-        tokenize_stage(canonical_path, out, tmp_path / f"r-{batch_size}.parquet", config(batch_size=batch_size, max_length=32_768), tokenizer=str(bpe_tokenizer_path))
-        entries = write_shards([out], tmp_path / f"data-{batch_size}", SFTConfig(shards=ShardConfig(val_fraction=0.1)), metadata=METADATA).entries
+        tokenize_stage(
+            canonical_path,
+            out,
+            tmp_path / f"r-{batch_size}.parquet",
+            config(batch_size=batch_size, max_length=32_768),
+            tokenizer=str(bpe_tokenizer_path),
+        )
+        entries = write_shards(
+            [out], tmp_path / f"data-{batch_size}", SFTConfig(shards=ShardConfig(val_fraction=0.1)), metadata=METADATA
+        ).entries
         hashes.append([(e["path"], e["sha256"]) for e in entries])
     assert hashes[0] == hashes[1]
 
@@ -199,15 +209,25 @@ def test_threaded_tokenizing_leaves_tokenizers_parallelism_as_it_was(tmp_path, c
             monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
         else:
             monkeypatch.setenv("TOKENIZERS_PARALLELISM", before)
-        stats = tokenize_stage(canonical, tmp_path / f"t-{before}.arrow", tmp_path / f"r-{before}.parquet", config(num_proc=2, batch_size=8, workers="threads"), tokenizer=str(bpe_tokenizer_path))
+        stats = tokenize_stage(
+            canonical,
+            tmp_path / f"t-{before}.arrow",
+            tmp_path / f"r-{before}.parquet",
+            config(num_proc=2, batch_size=8, workers="threads"),
+            tokenizer=str(bpe_tokenizer_path),
+        )
         assert stats.records_out == 57
         assert os.environ.get("TOKENIZERS_PARALLELISM") == before
     # Two stages side by side (Prefect's thread runner): the last one out restores the value.
     with ThreadPoolExecutor(2) as pool:
         runs = [
             pool.submit(
-                tokenize_stage, canonical, tmp_path / f"p{i}.arrow", tmp_path / f"pr{i}.parquet",
-                config(num_proc=2, batch_size=4 + i, workers="threads"), tokenizer=str(bpe_tokenizer_path),
+                tokenize_stage,
+                canonical,
+                tmp_path / f"p{i}.arrow",
+                tmp_path / f"pr{i}.parquet",
+                config(num_proc=2, batch_size=4 + i, workers="threads"),
+                tokenizer=str(bpe_tokenizer_path),
             )
             for i in range(2)
         ]
@@ -250,7 +270,9 @@ def test_split_is_by_id_not_position():
 
 def test_start_index_appends_after_existing_files(tmp_path, tokenized):
     shard_config = ShardConfig(val_fraction=0.1, target_rows=1000)
-    entries = write_shards(tokenized[:1], tmp_path / "data", SFTConfig(shards=shard_config), metadata=METADATA, start_index={"train": 3, "val": 1}).entries
+    entries = write_shards(
+        tokenized[:1], tmp_path / "data", SFTConfig(shards=shard_config), metadata=METADATA, start_index={"train": 3, "val": 1}
+    ).entries
     assert {e["path"] for e in entries} == {"shards/train-00003.parquet", "shards/val-00001.parquet"}
 
 
@@ -258,13 +280,17 @@ def test_shards_load_with_polars_and_datasets(tmp_path, tokenized):
     import datasets
     import polars as pl
 
-    entries = write_shards(tokenized, tmp_path / "data", SFTConfig(shards=ShardConfig(val_fraction=0.1, target_rows=80)), metadata=METADATA).entries
+    entries = write_shards(
+        tokenized, tmp_path / "data", SFTConfig(shards=ShardConfig(val_fraction=0.1, target_rows=80)), metadata=METADATA
+    ).entries
     total = sum(e["rows"] for e in entries)
     lazy = pl.scan_parquet(str(tmp_path / "data" / "shards" / "*.parquet"))
     frame = lazy.select(pl.col(schema.LENGTH).sum(), pl.len()).collect()
     assert frame.row(0) == (sum(e["tokens"] for e in entries), total)
     train = datasets.load_dataset(
-        "parquet", data_files=str(tmp_path / "data" / "shards" / "train-*.parquet"), split="train",
+        "parquet",
+        data_files=str(tmp_path / "data" / "shards" / "train-*.parquet"),
+        split="train",
         cache_dir=str(tmp_path / "hf-cache"),
     )
     assert len(train) == sum(e["rows"] for e in entries if e["split"] == "train")

@@ -35,13 +35,23 @@ def row(name: str):
     return to_conversation({"messages": messages, "tools": tools})
 
 
-def masker_for(model: str, base_tokenizer, *, twin: bool = False, system: str = "keep", reasoning: str = "template",
-               strict_render: bool = False, span_method: str = "auto", **template_config):
+def masker_for(
+    model: str,
+    base_tokenizer,
+    *,
+    twin: bool = False,
+    system: str = "keep",
+    reasoning: str = "template",
+    strict_render: bool = False,
+    span_method: str = "auto",
+    **template_config,
+):
     """(tokenizer dressed as ``model``, Masker on its own template resolved from ``template_config``)."""
     tokenizer = tokenizer_for(model, base_tokenizer, twin=twin)
     template = resolve_template(tokenizer, TemplateConfig(system=system, **template_config))
-    masker = Masker(tokenizer, template, max_length=8192, system=system, reasoning=reasoning,
-                    strict_render=strict_render, span_method=span_method)
+    masker = Masker(
+        tokenizer, template, max_length=8192, system=system, reasoning=reasoning, strict_render=strict_render, span_method=span_method
+    )
     return tokenizer, masker
 
 
@@ -96,14 +106,12 @@ class _Clock:
 def llama31_folder(tmp_path_factory):
     """A tokenizer folder carrying Llama-3.1's official template, and a small input file."""
     from pipeline.tokenizers import load_tokenizer
-
     from tests.conftest import BPE_TOKENIZER
 
     root = tmp_path_factory.mktemp("llama31")
     tokenizer_for("llama31", load_tokenizer(str(BPE_TOKENIZER))).save_pretrained(root / "tokenizer")
     records = [
-        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                      {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
+        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
         for i in range(1, 5)
     ]
     records.append({"messages": conversation("system_multi_turn")[0]})
@@ -288,12 +296,15 @@ def test_deepseek_r1_strict_render_rejects_the_mismatching_rows(bpe_tokenizer):
 @pytest.mark.parametrize("model", ["qwen3", "llama31", "chatml"])
 def test_templates_that_render_like_inference_have_no_render_mismatch(bpe_tokenizer, model):
     if model == "chatml":
-        masker = Masker(bpe_tokenizer, resolve_template(bpe_tokenizer, TemplateConfig(name="chatml")),
-                        max_length=8192, strict_render=True)
+        masker = Masker(bpe_tokenizer, resolve_template(bpe_tokenizer, TemplateConfig(name="chatml")), max_length=8192, strict_render=True)
         names = list(TEMPLATES["qwen3"]["conversations"])
     else:
-        _, masker = masker_for(model, bpe_tokenizer, strict_render=True, **(
-            {"variables": TEMPLATES[model]["variables"]} if TEMPLATES[model]["variables"] else {}))
+        _, masker = masker_for(
+            model,
+            bpe_tokenizer,
+            strict_render=True,
+            **({"variables": TEMPLATES[model]["variables"]} if TEMPLATES[model]["variables"] else {}),
+        )
         names = TEMPLATES[model]["conversations"]
     results = masker.encode_batch([row(n) for n in names])
     for name, result in zip(names, results):
@@ -304,7 +315,6 @@ def test_templates_that_render_like_inference_have_no_render_mismatch(bpe_tokeni
 @pytest.fixture(scope="module")
 def deepseek_folder(tmp_path_factory):
     from pipeline.tokenizers import load_tokenizer
-
     from tests.conftest import BPE_TOKENIZER
 
     root = tmp_path_factory.mktemp("deepseek")
@@ -334,8 +344,21 @@ def test_cli_strict_render_rejects_the_mismatching_rows(tmp_path, deepseek_folde
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"dedup": {"enabled": False}, "quality": {"enabled": False}}))
     out = tmp_path / "data"
-    result = CliRunner().invoke(app, ["prepare", str(source), "--tokenizer", str(tokenizer_dir), "--out", str(out),
-                                      "--config", str(config), "--no-flow", "--strict-render"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            str(source),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--out",
+            str(out),
+            "--config",
+            str(config),
+            "--no-flow",
+            "--strict-render",
+        ],
+    )
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert manifest["config"]["tokenize"]["strict_render"] is True
@@ -352,8 +375,20 @@ def test_cli_refuses_an_unknown_reasoning_policy(tmp_path, bpe_tokenizer_path):
     assert build_config(reasoning="drop", strict_render=True).tokenize.reasoning == "drop"
     assert build_config(reasoning="drop", strict_render=True).tokenize.strict_render is True
     source = write_records(tmp_path / "in.jsonl", [{"messages": conversation("single_turn")[0]}])
-    result = CliRunner().invoke(app, ["prepare", str(source), "--tokenizer", str(bpe_tokenizer_path),
-                                      "--out", str(tmp_path / "o"), "--no-flow", "--reasoning", "sometimes"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            str(source),
+            "--tokenizer",
+            str(bpe_tokenizer_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-flow",
+            "--reasoning",
+            "sometimes",
+        ],
+    )
     assert result.exit_code == 2
     assert "reasoning" in result.output
     assert not (tmp_path / "o" / "manifest.json").exists()
@@ -408,8 +443,7 @@ def test_a_template_that_reads_the_clock_itself_sees_the_pinned_day(bpe_tokenize
 
     monkeypatch.setattr(ctu, "datetime", FakeDatetime)
     source = (
-        "{{- 'Today: ' + strftime_now('%Y-%m-%d') + '\\n' }}"
-        "{%- for m in messages %}{{- m.role + ': ' + m.content + '\\n' }}{%- endfor %}"
+        "{{- 'Today: ' + strftime_now('%Y-%m-%d') + '\\n' }}{%- for m in messages %}{{- m.role + ': ' + m.content + '\\n' }}{%- endfor %}"
     )
     from pipeline.templates import Template
 

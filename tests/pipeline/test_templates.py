@@ -13,9 +13,7 @@ from pipeline.stage import Drop
 from pipeline.templates import BUILTIN_TEMPLATES, render, resolve_template, template_variables
 
 CHAT = [make_message("user", "What is 2+2?"), make_message("assistant", "4.")]
-TOOLS = json.dumps(
-    [{"type": "function", "function": {"name": "lookup_price", "description": "price", "parameters": {"type": "object"}}}]
-)
+TOOLS = json.dumps([{"type": "function", "function": {"name": "lookup_price", "description": "price", "parameters": {"type": "object"}}}])
 
 
 def rendered(tokenizer, template, messages=CHAT, tools=None):
@@ -87,12 +85,9 @@ def test_builtin_layouts(bpe_tokenizer, mistral_tokenizer):
     def text(tokenizer, name, messages=CHAT):
         return rendered(tokenizer, resolve_template(tokenizer, TemplateConfig(name=name)), messages)
 
-    assert text(bpe_tokenizer, "chatml") == (
-        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n"
-    )
+    assert text(bpe_tokenizer, "chatml") == ("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n")
     assert text(bpe_tokenizer, "llama3") == (
-        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n4.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n4.<|eot_id|>"
     )
     # Mistral: BOS written by the template, [INST] … [/INST], the tokenizer's EOS closes the turn.
     assert text(mistral_tokenizer, "mistral") == "<s>[INST] What is 2+2? [/INST] 4.</s>"

@@ -34,10 +34,7 @@ THAI = (
     "ที่พืชนำไปใช้ในการเจริญเติบโต ออกซิเจนที่ปล่อยออกมาเป็นผลพลอยได้ที่สำคัญต่อสิ่งมีชีวิตบนโลก"
 )
 # Myanmar words are about half vowel signs and medials (combining marks).
-MYANMAR = (
-    "ရန်ကုန်မြို့သည် မြန်မာနိုင်ငံ၏ အကြီးဆုံးမြို့ ဖြစ်ပြီး ရွှေတိဂုံစေတီတော်ကြောင့် ကျော်ကြားသည်။ "
-    "မြို့တော်ကို ၂၀၀၅ ခုနှစ်တွင် နေပြည်တော်သို့ ပြောင်းရွှေ့ခဲ့သည်။"
-)
+MYANMAR = "ရန်ကုန်မြို့သည် မြန်မာနိုင်ငံ၏ အကြီးဆုံးမြို့ ဖြစ်ပြီး ရွှေတိဂုံစေတီတော်ကြောင့် ကျော်ကြားသည်။ မြို့တော်ကို ၂၀၀၅ ခုနှစ်တွင် နေပြည်တော်သို့ ပြောင်းရွှေ့ခဲ့သည်။"
 KHMER = "ប្រទេសកម្ពុជាមានរាជធានីភ្នំពេញ។ ប្រជាជនភាគច្រើននិយាយភាសាខ្មែរ ហើយប្រាសាទអង្គរវត្តគឺជានិមិត្តសញ្ញាជាតិ។"
 HINDI = "हिन्दी भारत की राजभाषा है। यह देवनागरी लिपि में लिखी जाती है और करोड़ों लोग इसे बोलते हैं।"
 
@@ -78,8 +75,7 @@ def conversation(prompt: str, response: str) -> list[dict]:
 def dedup(tmp_path: Path, conversations: list[list[dict]]) -> dict[str, str]:
     """Run dedup over one chunk; {removed id: id of the row it duplicates}."""
     rows = [
-        {schema.ID: schema.conversation_id(m), schema.SOURCE: "data.jsonl", schema.SOURCE_INDEX: i,
-         schema.MESSAGES: m, schema.TOOLS: None}
+        {schema.ID: schema.conversation_id(m), schema.SOURCE: "data.jsonl", schema.SOURCE_INDEX: i, schema.MESSAGES: m, schema.TOOLS: None}
         for i, m in enumerate(conversations)
     ]
     chunk = tmp_path / "in.parquet"

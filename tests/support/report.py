@@ -131,11 +131,36 @@ def build_dataset(
     for source in sources:
         rejected += [
             rejected_row(source, 1, "ingest", "invalid_json", "line 2: Expecting ',' delimiter", '{"instruction": "hi" "output"'),
-            rejected_row(source, 3, "quality", "empty_response", "assistant reply is empty", json.dumps({"messages": [{"role": "user", "content": "Say something"}, {"role": "assistant", "content": "  "}]})),
-            rejected_row(source, 5, "quality", "refusal", "matched phrase 'as an AI language model'", json.dumps({"messages": [{"role": "assistant", "content": "As an AI language model, I cannot help. " * 40}]})),
-            rejected_row(source, 7, "dedup", "near_duplicate", "Jaccard 0.91 with a kept row", "{}", duplicate_of=first_id, similarity=0.91),
+            rejected_row(
+                source,
+                3,
+                "quality",
+                "empty_response",
+                "assistant reply is empty",
+                json.dumps({"messages": [{"role": "user", "content": "Say something"}, {"role": "assistant", "content": "  "}]}),
+            ),
+            rejected_row(
+                source,
+                5,
+                "quality",
+                "refusal",
+                "matched phrase 'as an AI language model'",
+                json.dumps({"messages": [{"role": "assistant", "content": "As an AI language model, I cannot help. " * 40}]}),
+            ),
+            rejected_row(
+                source, 7, "dedup", "near_duplicate", "Jaccard 0.91 with a kept row", "{}", duplicate_of=first_id, similarity=0.91
+            ),
         ]
-    rejected.append(rejected_row(sources[0], 9, "quality", "refusal", "matched phrase '作为一个人工智能语言模型'", json.dumps({"messages": [{"role": "assistant", "content": "作为一个人工智能语言模型，我不能回答。"}]}, ensure_ascii=False)))
+    rejected.append(
+        rejected_row(
+            sources[0],
+            9,
+            "quality",
+            "refusal",
+            "matched phrase '作为一个人工智能语言模型'",
+            json.dumps({"messages": [{"role": "assistant", "content": "作为一个人工智能语言模型，我不能回答。"}]}, ensure_ascii=False),
+        )
+    )
     fixture.rejected = rejected
 
     fingerprint = tokenizer_fingerprint(tokenizer)

@@ -14,12 +14,12 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pyarrow as pa
-import pytest
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.config import SFTConfig, ShardConfig
 from pipeline.manifest import now_iso, write_manifest
@@ -103,7 +103,12 @@ def write_dataset(
     staging = out / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, staging / "rows.parquet")
-    entries = write_shards([staging / "rows.parquet"], out, SFTConfig(shards=ShardConfig(val_fraction=SPLIT_FRACTION, target_rows=rows_per_shard)), metadata=metadata).entries
+    entries = write_shards(
+        [staging / "rows.parquet"],
+        out,
+        SFTConfig(shards=ShardConfig(val_fraction=SPLIT_FRACTION, target_rows=rows_per_shard)),
+        metadata=metadata,
+    ).entries
     shutil.rmtree(staging)
     kept = len(train_rows) + len(val_rows)
     write_manifest(
@@ -146,8 +151,9 @@ def kill_mid_run(command: list[str], run_dir: Path, *, after_steps: int) -> int:
     """Start ``command`` (a `sftkit train` run into ``run_dir``), SIGKILL it and every process it
     started (torchrun's workers too, like a lost node) once it has logged ``after_steps`` steps;
     returns how many steps it had logged."""
-    process = subprocess.Popen(command, cwd=REPO, env=TRAIN_ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while len(train_losses(run_dir)) < after_steps and time.time() < deadline and process.poll() is None:
         time.sleep(0.01)

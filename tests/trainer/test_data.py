@@ -113,4 +113,3 @@ def test_empty_split_is_an_empty_dataset(tmp_path, bpe_tokenizer, bpe_tokenizer_
     data = write_dataset(tmp_path / "d", rows, [], tokenizer=bpe_tokenizer, tokenizer_name=bpe_tokenizer_path)
     assert len(ShardDataset(data, "val")) == 0
     assert len(ShardDataset(data, "train")) == 5
-

@@ -20,7 +20,13 @@ from tests.trainer.test_loop import ENV, REPO, train_command, train_losses
 from trainer import SFTTrainer, ShardDataset, TrainConfig
 from trainer.batching import PlannedBatches
 from trainer.checkpoint import (
-    SHARDED_DIR, CheckpointError, TrainState, load_checkpoint, rng_state, set_rng_state, step_dir,
+    SHARDED_DIR,
+    CheckpointError,
+    TrainState,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+    step_dir,
 )
 from trainer.metrics import read_metrics
 from trainer.models import tiny_model
@@ -44,8 +50,9 @@ def data_dir(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
 def fsdp_run(data_dir, tmp_path_factory):
     """An uninterrupted 2-rank FSDP2 run (with activation checkpointing): the reference curve."""
     out = tmp_path_factory.mktemp("fsdp-run") / "run"
-    run = subprocess.run(train_command(data_dir, out, *STEPS, *FSDP, launcher=TORCHRUN),
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        train_command(data_dir, out, *STEPS, *FSDP, launcher=TORCHRUN), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 
@@ -53,8 +60,9 @@ def fsdp_run(data_dir, tmp_path_factory):
 def test_fsdp_matches_ddp_with_grad_accumulation(data_dir, fsdp_run, tmp_path):
     """Same ranks, same data order, same normaliser: sharding must not change the curve, the
     global gradient norm (clipping) or the evaluation."""
-    ddp = subprocess.run(train_command(data_dir, tmp_path / "ddp", *STEPS, launcher=TORCHRUN),
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    ddp = subprocess.run(
+        train_command(data_dir, tmp_path / "ddp", *STEPS, launcher=TORCHRUN), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert_same_curves(fsdp_run, tmp_path / "ddp", (*CURVES, ("train", "grad_norm")))
     assert len([r for r in read_metrics(fsdp_run) if r["type"] == "train"]) == 24
@@ -70,14 +78,18 @@ def test_fsdp_matches_ddp_with_grad_accumulation(data_dir, fsdp_run, tmp_path):
 def test_fsdp_kill_9_then_resume_reproduces_the_uninterrupted_loss_curve(data_dir, fsdp_run, tmp_path):
     crashed = tmp_path / "crashed"
     # SIGKILL reaches torchrun and both workers at once, like a lost node
-    logged_before_kill = kill_mid_run(
-        train_command(data_dir, crashed, *STEPS, *FSDP, launcher=TORCHRUN), crashed, after_steps=7
-    )
+    logged_before_kill = kill_mid_run(train_command(data_dir, crashed, *STEPS, *FSDP, launcher=TORCHRUN), crashed, after_steps=7)
     assert 7 <= logged_before_kill < 24, "the run should have been killed mid-way"
     assert not (crashed / "final").exists()
 
-    resumed = subprocess.run(train_command(data_dir, crashed, *STEPS, *FSDP, "--resume", launcher=TORCHRUN),
-                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        train_command(data_dir, crashed, *STEPS, *FSDP, "--resume", launcher=TORCHRUN),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout and "from step 0" not in resumed.stdout
     assert train_losses(crashed) == train_losses(fsdp_run)  # bit-for-bit, not approximately
@@ -93,8 +105,9 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_rank(data_dir, fsdp_run, tmp_
         if int(later.name.split("-")[1]) > 20:  # resume mid-epoch: step 20 is 4 steps into epoch 2
             shutil.rmtree(later)
     shutil.rmtree(run / "final")
-    resumed = subprocess.run(train_command(data_dir, run, *STEPS, "--fsdp", "--resume"),
-                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        train_command(data_dir, run, *STEPS, "--fsdp", "--resume"), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # 8 micro-batches on each of 2 ranks = 16 global ones: the single rank goes on at its 16th
     assert "saved on 2 rank(s) and continues on 1: 8 micro-batches per rank become 16, skipping 0" in resumed.stdout
@@ -145,12 +158,13 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(data_dir, bp
     batch = PlannedBatches(dataset, [[[0, 1, 2], [3], [4, 5]]], bpe_tokenizer.pad_token_id)[0]  # packed rows
     results = []
     for checkpointing in (False, True):
-        config = TrainConfig(data=data_dir, out=tmp_path / str(checkpointing), device="cpu", progress=False,
-                             activation_checkpointing=checkpointing)
+        config = TrainConfig(
+            data=data_dir, out=tmp_path / str(checkpointing), device="cpu", progress=False, activation_checkpointing=checkpointing
+        )
         trainer = SFTTrainer(tiny_model(bpe_tokenizer, seed=0), dataset, None, config, tokenizer=bpe_tokenizer)
         trainer.model.train()
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.numel()) or t, lambda t: t):
             loss = trainer.compute_loss(batch)
         loss.backward()
         grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
@@ -221,8 +235,14 @@ def test_ddp_gradients_live_in_its_buckets_not_beside_them(data_dir, bpe_tokeniz
     """What the memory estimate counts for DDP: one copy of the gradients, not two."""
     probe = tmp_path / "probe.py"
     probe.write_text(BUCKET_PROBE)
-    run = subprocess.run([*TORCHRUN[:-1], str(probe), str(data_dir), str(bpe_tokenizer_path), str(tmp_path / "grads")],
-                         cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [*TORCHRUN[:-1], str(probe), str(data_dir), str(bpe_tokenizer_path), str(tmp_path / "grads")],
+        cwd=REPO,
+        env={**ENV, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     for rank in (0, 1):
         for params, storages in json.loads((tmp_path / f"grads-rank{rank}.json").read_text()):

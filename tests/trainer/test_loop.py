@@ -24,7 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 ENV = TRAIN_ENV
 
 
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
     return corpus_dataset(tmp_path_factory.mktemp("loop") / "data", bpe_tokenizer, bpe_tokenizer_path)
@@ -32,16 +31,35 @@ def data_dir(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
 
 def train_command(data_dir, out, *extra, launcher=(sys.executable, "-m")):
     return [
-        *launcher, "flows.cli", "train", "--data", str(data_dir), "--out", str(out), "--model", "tiny",
-        "--batch-tokens", "512", "--lr", "3e-3", "--device", "cpu", "--eval-every", "10", "--seed", "1", *extra,
+        *launcher,
+        "flows.cli",
+        "train",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--model",
+        "tiny",
+        "--batch-tokens",
+        "512",
+        "--lr",
+        "3e-3",
+        "--device",
+        "cpu",
+        "--eval-every",
+        "10",
+        "--seed",
+        "1",
+        *extra,
     ]
 
 
 def test_loss_decreases_and_the_run_leaves_a_loadable_model(data_dir, tmp_path):
     out = tmp_path / "run"
     summary = run_training(
-        TrainConfig(data=data_dir, out=out, max_steps=30, lr=3e-3, batch_tokens=512, eval_every=10,
-                    save_every=20, device="cpu", progress=False)
+        TrainConfig(
+            data=data_dir, out=out, max_steps=30, lr=3e-3, batch_tokens=512, eval_every=10, save_every=20, device="cpu", progress=False
+        )
     )
     rows = read_metrics(out)
     train = [r for r in rows if r["type"] == "train"]
@@ -59,8 +77,19 @@ def test_loss_decreases_and_the_run_leaves_a_loadable_model(data_dir, tmp_path):
 
     # final/ is a plain Hugging Face folder: fine-tuning continues from it with --model
     again = tmp_path / "again"
-    run_training(TrainConfig(data=data_dir, out=again, model=str(out / "final"), max_steps=2, lr=3e-3,
-                             batch_tokens=512, eval_every=100, device="cpu", progress=False))
+    run_training(
+        TrainConfig(
+            data=data_dir,
+            out=again,
+            model=str(out / "final"),
+            max_steps=2,
+            lr=3e-3,
+            batch_tokens=512,
+            eval_every=100,
+            device="cpu",
+            progress=False,
+        )
+    )
     assert train_losses(again)[0] < train[0]["loss"] - 0.3
 
 
@@ -68,8 +97,18 @@ def test_early_stopping_after_patience_evaluations_without_improvement(data_dir,
     out = tmp_path / "run"
     # lr 0: the model never changes, so no evaluation after the first is an improvement
     summary = run_training(
-        TrainConfig(data=data_dir, out=out, max_steps=50, lr=0.0, batch_tokens=512, eval_every=2, patience=2,
-                    save_every=1000, device="cpu", progress=False)
+        TrainConfig(
+            data=data_dir,
+            out=out,
+            max_steps=50,
+            lr=0.0,
+            batch_tokens=512,
+            eval_every=2,
+            patience=2,
+            save_every=1000,
+            device="cpu",
+            progress=False,
+        )
     )
     assert summary["stop_reason"] == "early_stopping"
     assert summary["steps"] == 6 and summary["best_step"] == 2
@@ -79,8 +118,18 @@ def test_early_stopping_after_patience_evaluations_without_improvement(data_dir,
 
 def test_no_packing_trains_on_length_grouped_padded_batches(data_dir, tmp_path):
     summary = run_training(
-        TrainConfig(data=data_dir, out=tmp_path / "run", max_steps=4, lr=3e-3, batch_tokens=512, packing=False,
-                    eval_every=2, save_every=1000, device="cpu", progress=False)
+        TrainConfig(
+            data=data_dir,
+            out=tmp_path / "run",
+            max_steps=4,
+            lr=3e-3,
+            batch_tokens=512,
+            packing=False,
+            eval_every=2,
+            save_every=1000,
+            device="cpu",
+            progress=False,
+        )
     )
     rows = [r for r in read_metrics(tmp_path / "run") if r["type"] == "train"]
     assert summary["steps"] == 4 and all(0 < r["loss"] < 20 for r in rows)
@@ -113,8 +162,9 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_loss_curve(data_dir, tm
     assert 8 <= logged_before_kill < 24, "the run should have been killed mid-way"
     assert not (crashed / "final").exists()
 
-    resumed = subprocess.run(train_command(data_dir, crashed, *steps, "--resume"), cwd=REPO, env=ENV,
-                             check=True, capture_output=True, text=True)
+    resumed = subprocess.run(
+        train_command(data_dir, crashed, *steps, "--resume"), cwd=REPO, env=ENV, check=True, capture_output=True, text=True
+    )
     assert "resuming" in resumed.stdout and "from step 0" not in resumed.stdout
     assert train_losses(crashed) == uninterrupted  # bit-for-bit, not approximately
     assert [r["step"] for r in read_metrics(crashed) if r["type"] == "train"] == list(range(1, 25))
@@ -122,8 +172,14 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_loss_curve(data_dir, tm
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(data_dir, tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen(train_command(data_dir, out, "--max-steps", "400", "--save-every", "1000"),
-                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        train_command(data_dir, out, "--max-steps", "400", "--save-every", "1000"),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while len(train_losses(out)) < 3 and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
@@ -144,13 +200,25 @@ def test_two_process_ddp_matches_one_process_with_grad_accumulation(data_dir, tm
     global batches, so with loss normalised over all ranks their curves must agree."""
     steps = ["--max-steps", "6", "--save-every", "100", "--eval-every", "3"]
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m")
-    ddp = subprocess.run(train_command(data_dir, tmp_path / "ddp", *steps, launcher=torchrun),
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    ddp = subprocess.run(
+        train_command(data_dir, tmp_path / "ddp", *steps, launcher=torchrun), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("final model + tokenizer:") == 1  # rank 0 speaks for the run
     single = run_training(
-        TrainConfig(data=data_dir, out=tmp_path / "single", max_steps=6, lr=3e-3, batch_tokens=512, grad_accum=2,
-                    eval_every=3, save_every=100, device="cpu", seed=1, progress=False)
+        TrainConfig(
+            data=data_dir,
+            out=tmp_path / "single",
+            max_steps=6,
+            lr=3e-3,
+            batch_tokens=512,
+            grad_accum=2,
+            eval_every=3,
+            save_every=100,
+            device="cpu",
+            seed=1,
+            progress=False,
+        )
     )
     assert_same_curves(tmp_path / "ddp", tmp_path / "single")
     assert single["steps"] == 6
@@ -158,8 +226,9 @@ def test_two_process_ddp_matches_one_process_with_grad_accumulation(data_dir, tm
 
 
 def test_fresh_run_refuses_a_folder_that_holds_checkpoints(data_dir, tmp_path):
-    config = dict(data=data_dir, out=tmp_path / "run", max_steps=2, batch_tokens=1024, eval_every=100,
-                  save_every=1, device="cpu", progress=False)
+    config = dict(
+        data=data_dir, out=tmp_path / "run", max_steps=2, batch_tokens=1024, eval_every=100, save_every=1, device="cpu", progress=False
+    )
     run_training(TrainConfig(**config))
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
         run_training(TrainConfig(**config))

@@ -29,8 +29,17 @@ def lora_trainer(data_dir, tokenizer, out, **options):
     from trainer.data import ShardDataset
 
     config = TrainConfig(
-        data=data_dir, out=out, device="cpu", batch_tokens=512, lr=1e-2, eval_every=100, save_every=100,
-        progress=False, seed=1, lora_r=8, **options,
+        data=data_dir,
+        out=out,
+        device="cpu",
+        batch_tokens=512,
+        lr=1e-2,
+        eval_every=100,
+        save_every=100,
+        progress=False,
+        seed=1,
+        lora_r=8,
+        **options,
     )
     model = tiny_model(tokenizer, seed=1)
     return SFTTrainer(model, ShardDataset(data_dir, "train"), ShardDataset(data_dir, "val"), config, tokenizer=tokenizer)
@@ -78,9 +87,32 @@ def test_final_holds_the_adapter_and_the_merged_model_gives_the_same_logits(data
 
 def test_a_lora_run_resumes_from_its_checkpoint_exactly(data_dir, tmp_path):
     command = [
-        sys.executable, "-m", "flows.cli", "train", "--data", str(data_dir), "--model", "tiny", "--device", "cpu",
-        "--batch-tokens", "512", "--lr", "1e-2", "--seed", "1", "--lora-r", "4", "--lora-dropout", "0.1",
-        "--max-steps", "8", "--save-every", "4", "--eval-every", "100",
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "train",
+        "--data",
+        str(data_dir),
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch-tokens",
+        "512",
+        "--lr",
+        "1e-2",
+        "--seed",
+        "1",
+        "--lora-r",
+        "4",
+        "--lora-dropout",
+        "0.1",
+        "--max-steps",
+        "8",
+        "--save-every",
+        "4",
+        "--eval-every",
+        "100",
     ]
     env = TRAIN_ENV
     subprocess.run([*command, "--out", str(tmp_path / "full")], cwd=REPO, env=env, check=True, capture_output=True)
@@ -94,8 +126,7 @@ def test_a_lora_run_resumes_from_its_checkpoint_exactly(data_dir, tmp_path):
     shutil.rmtree(crashed / "final")
     metrics = (crashed / "metrics.jsonl").read_text().splitlines()
     (crashed / "metrics.jsonl").write_text("\n".join(metrics[:4]) + "\n")
-    resumed = subprocess.run([*command, "--out", str(crashed), "--resume"], cwd=REPO, env=env,
-                             check=True, capture_output=True, text=True)
+    resumed = subprocess.run([*command, "--out", str(crashed), "--resume"], cwd=REPO, env=env, check=True, capture_output=True, text=True)
     assert "from step 4" in resumed.stdout
     assert train_losses(crashed) == uninterrupted  # dropout included: the RNG state is restored
     # the checkpoint holds the adapters and their optimizer state, not a copy of the frozen base
@@ -103,12 +134,16 @@ def test_a_lora_run_resumes_from_its_checkpoint_exactly(data_dir, tmp_path):
     assert saved["model"] and all(".lora_A." in name or ".lora_B." in name for name in saved["model"])
 
     other_rank = subprocess.run(
-        [*command, "--lora-r", "8", "--out", str(crashed), "--resume"], cwd=REPO, env=env,  # the last --lora-r wins
-        capture_output=True, text=True,
+        [*command, "--lora-r", "8", "--out", str(crashed), "--resume"],
+        cwd=REPO,
+        env=env,  # the last --lora-r wins
+        capture_output=True,
+        text=True,
     )
     assert other_rank.returncode == 2 and "holds LoRA adapters of another setup (lora_r 4 -> 8)" in other_rank.stderr
-    other_dtype = subprocess.run([*command, "--dtype", "bf16", "--out", str(crashed), "--resume"], cwd=REPO, env=env,
-                                 capture_output=True, text=True)
+    other_dtype = subprocess.run(
+        [*command, "--dtype", "bf16", "--out", str(crashed), "--resume"], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert other_dtype.returncode == 2, other_dtype.stderr
     assert "are fp32 and --dtype asks for bf16; resume with --dtype fp32" in " ".join(other_dtype.stderr.split())
 
@@ -116,8 +151,18 @@ def test_a_lora_run_resumes_from_its_checkpoint_exactly(data_dir, tmp_path):
 def test_bf16_weights_keep_adapters_in_fp32_and_train(data_dir, bpe_tokenizer, tmp_path):
     from trainer.data import ShardDataset
 
-    config = TrainConfig(data=data_dir, out=tmp_path / "run", device="cpu", batch_tokens=512, lr=1e-2, max_steps=6,
-                         eval_every=100, progress=False, lora_r=8, dtype="bf16")
+    config = TrainConfig(
+        data=data_dir,
+        out=tmp_path / "run",
+        device="cpu",
+        batch_tokens=512,
+        lr=1e-2,
+        max_steps=6,
+        eval_every=100,
+        progress=False,
+        lora_r=8,
+        dtype="bf16",
+    )
     model = tiny_model(bpe_tokenizer, seed=1, dtype="bf16")
     trainer = SFTTrainer(model, ShardDataset(data_dir, "train"), None, config, tokenizer=bpe_tokenizer)
     dtypes = {p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -136,18 +181,37 @@ def test_targets_are_found_by_name_and_a_wrong_name_is_one_clear_sentence(bpe_to
         find_targets(model, ["qkv"])
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--merge"], "--merge and --lora-targets apply to LoRA runs only"),
-    (["--lora-r", "4", "--lora-targets", "attn"], "--lora-targets attn name no linear layer"),
-    # refused up front: one process used to train it with sharded checkpoints holding the whole base
-    (["--lora-r", "4", "--fsdp"], "--fsdp does not take --lora-r yet"),
-    (["--lora-r", "4", "--fsdp", "--dry-run"], "--fsdp does not take --lora-r yet"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--merge"], "--merge and --lora-targets apply to LoRA runs only"),
+        (["--lora-r", "4", "--lora-targets", "attn"], "--lora-targets attn name no linear layer"),
+        # refused up front: one process used to train it with sharded checkpoints holding the whole base
+        (["--lora-r", "4", "--fsdp"], "--fsdp does not take --lora-r yet"),
+        (["--lora-r", "4", "--fsdp", "--dry-run"], "--fsdp does not take --lora-r yet"),
+    ],
+)
 def test_cli_refuses_lora_misuse_with_one_sentence(data_dir, tmp_path, options, message):
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "run"),
-         "--device", "cpu", "--max-steps", "1", *options],
-        cwd=REPO, env=TRAIN_ENV, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "train",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--max-steps",
+            "1",
+            *options,
+        ],
+        cwd=REPO,
+        env=TRAIN_ENV,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2, result.stderr
     assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
@@ -158,8 +222,9 @@ def test_resuming_a_full_fine_tune_with_lora_is_refused_with_the_reason(data_dir
     --lora-r failed on the adapters' names, telling the user to pass another --model."""
     from trainer.loop import run_training
 
-    config = dict(data=data_dir, out=tmp_path / "run", device="cpu", batch_tokens=512, max_steps=1, save_every=1,
-                  eval_every=100, progress=False)
+    config = dict(
+        data=data_dir, out=tmp_path / "run", device="cpu", batch_tokens=512, max_steps=1, save_every=1, eval_every=100, progress=False
+    )
     run_training(TrainConfig(**config))
     with pytest.raises(ValueError, match=r"it is a full fine-tune's checkpoint and --lora-r 4 asks for LoRA adapters"):
         run_training(TrainConfig(**{**config, "max_steps": 2, "resume": True, "lora_r": 4}))

@@ -15,7 +15,6 @@ from trainer.loss import count_targets
 from trainer.models import tiny_model
 
 
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
     folder = corpus_dataset(tmp_path_factory.mktemp("loss") / "data", bpe_tokenizer, bpe_tokenizer_path, repeat=1)
@@ -100,8 +99,9 @@ def test_batch_without_trained_tokens_still_gives_every_parameter_a_zero_gradien
     (2-rank DDP aborted in gloo, FSDP hung, when the chunked loss left the decoder out)."""
     torch.manual_seed(0)
     model = tiny_model(bpe_tokenizer, seed=0)
-    config = TrainConfig(data=dataset.data_dir, out=tmp_path / "run", device="cpu", batch_tokens=1024,
-                         progress=False, loss_chunk_tokens=chunk)
+    config = TrainConfig(
+        data=dataset.data_dir, out=tmp_path / "run", device="cpu", batch_tokens=1024, progress=False, loss_chunk_tokens=chunk
+    )
     trainer = SFTTrainer(model, dataset, None, config, tokenizer=bpe_tokenizer)
     assert trainer.objective.chunked == bool(chunk)
     row = dataset[0]
@@ -117,8 +117,9 @@ def test_batch_without_trained_tokens_still_gives_every_parameter_a_zero_gradien
 def _loss_and_grads(dataset, tokenizer, tmp_path, chunk, batch, weights=None):
     torch.manual_seed(0)
     model = tiny_model(tokenizer, seed=0)
-    config = TrainConfig(data=dataset.data_dir, out=tmp_path / f"run{chunk}", device="cpu", batch_tokens=1024,
-                         progress=False, loss_chunk_tokens=chunk)
+    config = TrainConfig(
+        data=dataset.data_dir, out=tmp_path / f"run{chunk}", device="cpu", batch_tokens=1024, progress=False, loss_chunk_tokens=chunk
+    )
     trainer = SFTTrainer(model, dataset, None, config, tokenizer=tokenizer)
     batch = dict(batch, loss_weights=weights) if weights is not None else batch
     loss = trainer.compute_loss(batch)
@@ -150,7 +151,7 @@ def test_per_token_loss_weights_scale_each_target_in_both_paths(dataset, bpe_tok
         # the same value as summing per-row losses by hand, weight 2 on the first two rows
         single = [_loss_and_grads(dataset, bpe_tokenizer, tmp_path, 0, collate([r], bpe_tokenizer.pad_token_id))[1] for r in rows]
         counts = [count_targets(collate([r], bpe_tokenizer.pad_token_id)) for r in rows]
-        expected = sum(w * l * c for w, l, c in zip((2, 2, 1, 1), single, counts)) / sum(counts)
+        expected = sum(w * loss * c for w, loss, c in zip((2, 2, 1, 1), single, counts)) / sum(counts)
         assert weighted == pytest.approx(expected, rel=1e-5)
         assert weighted != pytest.approx(unweighted, rel=1e-3)
 
@@ -194,8 +195,9 @@ def test_chunked_loss_under_bf16_autocast_stays_close_to_the_plain_one(dataset, 
     for chunk in (0, 7):
         torch.manual_seed(0)
         model = tiny_model(bpe_tokenizer, seed=0)
-        config = TrainConfig(data=dataset.data_dir, out=tmp_path / f"r{chunk}", device="cpu", batch_tokens=1024,
-                             progress=False, loss_chunk_tokens=chunk)
+        config = TrainConfig(
+            data=dataset.data_dir, out=tmp_path / f"r{chunk}", device="cpu", batch_tokens=1024, progress=False, loss_chunk_tokens=chunk
+        )
         trainer = SFTTrainer(model, dataset, None, config, tokenizer=bpe_tokenizer)
         trainer.autocast_dtype = torch.bfloat16  # what a GPU run uses
         loss = trainer.compute_loss(batch)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.support.training import corpus_dataset
-from trainer import ShardDataset, SFTTrainer, TrainConfig
+from trainer import SFTTrainer, ShardDataset, TrainConfig
 from trainer.lora import apply_lora
 from trainer.loss import CausalLMLoss
 from trainer.memory import Strategy, _layer_activation_bytes, estimate, estimate_memory, load_model_config, model_shape
@@ -24,14 +24,29 @@ from trainer.sharding import checkpoint_activations
 runner = CliRunner()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Llama-3.1-8B's config.json (huggingface.co/meta-llama/Llama-3.1-8B): counted on the meta device only.
-LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+LLAMA_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+)
 
 
 def wide_llama(layers: int = 2, vocab: int = 2000, hidden: int = 256, intermediate: int = 704) -> LlamaConfig:
     """Still small, but wide enough that activations are not all rounding."""
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True, use_cache=False)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
 
 
 def build(config, dtype: str = "fp32", lora_r: int = 0):
@@ -52,11 +67,22 @@ def tensor_bytes(tensors) -> int:
 
 
 # --- parameters, gradients, optimizer states: exact ----------------------------------------
-@pytest.mark.parametrize("config", [
-    wide_llama(),
-    Qwen2Config(vocab_size=3000, hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, tie_word_embeddings=False),  # q/k/v biases, untied head
-], ids=["llama-tied", "qwen2-untied"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        wide_llama(),
+        Qwen2Config(
+            vocab_size=3000,
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),  # q/k/v biases, untied head
+    ],
+    ids=["llama-tied", "qwen2-untied"],
+)
 def test_counts_on_the_meta_device_equal_the_real_model(config):
     shape = model_shape(config)
     model = build(config)
@@ -78,8 +104,9 @@ def dataset(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
 @pytest.mark.parametrize("dtype,lora_r", [("fp32", 0), ("bf16", 0), ("fp32", 8), ("bf16", 8)])
 def test_weights_gradients_and_optimizer_bytes_are_exact_after_one_step(dataset, bpe_tokenizer, tmp_path, dtype, lora_r):
     model = tiny_model(bpe_tokenizer, seed=0, dtype=dtype)
-    config = TrainConfig(data=dataset.data_dir, out=tmp_path / "run", device="cpu", batch_tokens=512, lr=1e-3,
-                         progress=False, dtype=dtype, lora_r=lora_r)
+    config = TrainConfig(
+        data=dataset.data_dir, out=tmp_path / "run", device="cpu", batch_tokens=512, lr=1e-3, progress=False, dtype=dtype, lora_r=lora_r
+    )
     trainer = SFTTrainer(model, dataset, None, config, tokenizer=bpe_tokenizer)
     _, _, micro, _ = next(trainer._step_batches())
     result = trainer.forward_backward(micro)
@@ -88,8 +115,7 @@ def test_weights_gradients_and_optimizer_bytes_are_exact_after_one_step(dataset,
     trainer.optimizer_step(result["trained_tokens"])
     states = tensor_bytes(t for state in trainer.optimizer.state.values() for t in state.values())
 
-    expected = estimate_memory(load_model_config("tiny", bpe_tokenizer), batch_tokens=512, lora_r=lora_r, dtype=dtype,
-                               device="cpu").parts
+    expected = estimate_memory(load_model_config("tiny", bpe_tokenizer), batch_tokens=512, lora_r=lora_r, dtype=dtype, device="cpu").parts
     assert expected["weights"] == tensor_bytes(params)
     assert expected["gradients"] == gradients > 0
     assert expected["optimizer states"] == states
@@ -114,10 +140,18 @@ def saved_bytes(model, ids, positions, autocast: bool) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("dtype,lora_r,autocast", [
-    ("fp32", 0, False), ("bf16", 0, False), ("fp32", 0, True),
-    ("fp32", 8, False), ("bf16", 8, False), ("fp32", 8, True), ("bf16", 8, True),
-])
+@pytest.mark.parametrize(
+    "dtype,lora_r,autocast",
+    [
+        ("fp32", 0, False),
+        ("bf16", 0, False),
+        ("fp32", 0, True),
+        ("fp32", 8, False),
+        ("bf16", 8, False),
+        ("fp32", 8, True),
+        ("bf16", 8, True),
+    ],
+)
 def test_each_layer_saves_what_the_formula_says(dtype, lora_r, autocast):
     """One more decoder layer costs what ``_layer_activation_bytes`` says, to 1 %. CPU autocast
     stands in for the GPU's (the formula's ``device="cuda"``: bf16 compute)."""
@@ -176,8 +210,9 @@ PEAK_CASES = {
 def test_activations_and_logits_are_within_20_percent_of_the_measured_peak(case):
     config, chunk, checkpointing, autocast = PEAK_CASES[case]
     measured = measured_peak(config, chunk=chunk, checkpointing=checkpointing, autocast=autocast)
-    parts = estimate_memory(config, batch_tokens=2048, loss_chunk_tokens=chunk, activation_checkpointing=checkpointing,
-                            device="cuda" if autocast else "cpu").parts
+    parts = estimate_memory(
+        config, batch_tokens=2048, loss_chunk_tokens=chunk, activation_checkpointing=checkpointing, device="cuda" if autocast else "cpu"
+    ).parts
     transient = sum(parts[name] for name in ("activations", "logits", "never at once", "autocast copies") if name in parts)
     assert 0.8 <= measured / transient <= 1.2, (measured, parts)
 

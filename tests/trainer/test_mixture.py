@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline.config import SFTConfig
-from pipeline.steps import prepare
 from pipeline.schema import IGNORE_INDEX
+from pipeline.steps import prepare
 from tests.support.inputs import alpaca_records, make_inputs, sharegpt_records, write_json, write_jsonl
 from tests.support.training import TRAIN_ENV, assert_same_curves, kill_mid_run, train_losses
 from trainer.batching import collate_packed
@@ -69,15 +69,32 @@ def write_spec(path: Path, groups: list[dict], datasets=("data/nightly",), **ext
 def shares_of(mixture, order) -> np.ndarray:
     """Trained-token share of each group in a row order."""
     kept = mixture.train.kept
-    delivered = np.bincount(mixture.train.group[kept][order], weights=mixture.train.trained[kept][order],
-                            minlength=len(mixture.groups))
+    delivered = np.bincount(mixture.train.group[kept][order], weights=mixture.train.trained[kept][order], minlength=len(mixture.groups))
     return delivered / delivered.sum()
 
 
 def train_command(spec, out, *extra, launcher=(sys.executable, "-m")):
     return [
-        *launcher, "flows.cli", "train", "--mixture", str(spec), "--out", str(out), "--model", "tiny",
-        "--batch-tokens", "512", "--lr", "3e-3", "--device", "cpu", "--eval-every", "10", "--seed", "1", *extra,
+        *launcher,
+        "flows.cli",
+        "train",
+        "--mixture",
+        str(spec),
+        "--out",
+        str(out),
+        "--model",
+        "tiny",
+        "--batch-tokens",
+        "512",
+        "--lr",
+        "3e-3",
+        "--device",
+        "cpu",
+        "--eval-every",
+        "10",
+        "--seed",
+        "1",
+        *extra,
     ]
 
 
@@ -163,8 +180,7 @@ def test_plan_json_has_the_promised_shape_and_warns_about_heavy_repeats(root):
     assert any("'zh' is repeated 5.0 times" in w for w in plan["warnings"])
     assert sum(g["delivered_share"] for g in plan["groups"]) == pytest.approx(1.0)
 
-    capped = write_spec(root / "capped.yaml", [{**CHAT, "weight": 0.5}, {**ZH, "weight": 0.3, "max_tokens": 150},
-                                               {**OTHER, "weight": 0.2}])
+    capped = write_spec(root / "capped.yaml", [{**CHAT, "weight": 0.5}, {**ZH, "weight": 0.3, "max_tokens": 150}, {**OTHER, "weight": 0.2}])
     plan = plan_mixture(capped, batch_tokens=1024).to_json()
     zh = plan["groups"][1]
     assert zh["capped"] and 0 < zh["delivered_trained_tokens"] <= 150 and zh["delivered_share"] < zh["target_share"]
@@ -189,8 +205,10 @@ def test_the_spec_of_the_issue_works_as_written(tmp_path, samples_dir, bpe_token
     inputs = tmp_path / "incoming"
     inputs.mkdir()
     config = SFTConfig.from_yaml(samples_dir / "demo.yaml")
-    nightly = [write_jsonl(inputs / "sharegpt_en.jsonl", sharegpt_records(0, 8)),
-               write_json(inputs / "alpaca_zh.json", alpaca_records(5, 10))]
+    nightly = [
+        write_jsonl(inputs / "sharegpt_en.jsonl", sharegpt_records(0, 8)),
+        write_json(inputs / "alpaca_zh.json", alpaca_records(5, 10)),
+    ]
     prepare([str(p) for p in nightly], str(bpe_tokenizer_path), tmp_path / "data" / "nightly", config)
     team = [write_jsonl(inputs / "tool_calls.jsonl", sharegpt_records(20, 6))]
     prepare([str(p) for p in team], str(bpe_tokenizer_path), tmp_path / "data" / "team-a", config)
@@ -277,8 +295,7 @@ def test_infinite_epochs_are_a_usage_error_not_a_traceback(root, tmp_path, comma
 
 
 def test_the_plan_warns_about_a_group_that_gets_no_row_and_an_epoch_without_a_step(root):
-    tiny_share = write_spec(root / "tiny-share.yaml", [{**ZH, "weight": 1e-5}, {**CHAT, "weight": 1}, {**OTHER, "weight": 1}],
-                            rest="drop")
+    tiny_share = write_spec(root / "tiny-share.yaml", [{**ZH, "weight": 1e-5}, {**CHAT, "weight": 1}, {**OTHER, "weight": 1}], rest="drop")
     plan = plan_mixture(tiny_share, batch_tokens=1024).to_json()
     zh = plan["groups"][0]
     assert zh["rows"] > 0 and zh["delivered_rows"] == 0
@@ -292,29 +309,37 @@ def test_the_plan_warns_about_a_group_that_gets_no_row_and_an_epoch_without_a_st
 
 def test_a_source_two_groups_match_goes_to_the_first_and_the_plan_says_so(root):
     # a catch-all last group: every source matches it, sharegpt_tools.jsonl matches the first group too
-    spec = write_spec(root / "overlap.yaml", [{"name": "chat", "sources": ["*sharegpt*"], "weight": 0.6},
-                                              {"name": "other", "sources": ["*"], "weight": 0.4}])
+    spec = write_spec(
+        root / "overlap.yaml",
+        [{"name": "chat", "sources": ["*sharegpt*"], "weight": 0.6}, {"name": "other", "sources": ["*"], "weight": 0.4}],
+    )
     mixture = load_mixture(spec)
     both = [i for i, (_, name) in enumerate(mixture.sources) if "sharegpt_tools" in name]
     assert both and set(mixture.source_group[both].tolist()) == {0}  # the first group in the spec wins
     assert set(mixture.source_group.tolist()) == {0, 1}
     result = runner.invoke(app, ["plan", "--mixture", str(spec), "--json"])
     assert result.exit_code == 0, result.output
-    assert any(re.search(r"source '.*sharegpt_tools.jsonl' .* matches groups 'chat', 'other': its rows go to 'chat'", w)
-               for w in json.loads(result.output)["warnings"])
+    assert any(
+        re.search(r"source '.*sharegpt_tools.jsonl' .* matches groups 'chat', 'other': its rows go to 'chat'", w)
+        for w in json.loads(result.output)["warnings"]
+    )
 
 
 # --- several folders, train_on: last, loss weights --------------------------------------------
 def test_two_folders_train_as_one_mixture_with_rows_from_both(root, bpe_tokenizer):
-    spec = write_spec(root / "two.yaml", [{**CHAT, "weight": 0.5}, {**TEAM, "weight": 0.5}],
-                      datasets=["data/nightly", "data/team-a"], rest="drop")
+    spec = write_spec(
+        root / "two.yaml", [{**CHAT, "weight": 0.5}, {**TEAM, "weight": 0.5}], datasets=["data/nightly", "data/team-a"], rest="drop"
+    )
     mixture = load_mixture(spec)
     train, val = mixture.datasets(bpe_tokenizer)
     team_rows = [j for j in range(len(train)) if mixture.groups[train.group[j]].name == "team"]
     assert team_rows and len(train) < len(mixture.train.group)  # rest: drop left the other sources out
     # a team-a row read through the mixture is the row of team-a's own shards
-    expected = [r for p in sorted((root / "data" / "team-a" / "shards").glob("train-*.parquet"))
-                for r in pq.read_table(p, columns=["input_ids"]).column("input_ids").to_pylist()]
+    expected = [
+        r
+        for p in sorted((root / "data" / "team-a" / "shards").glob("train-*.parquet"))
+        for r in pq.read_table(p, columns=["input_ids"]).column("input_ids").to_pylist()
+    ]
     assert train[team_rows[0]]["input_ids"].tolist() == expected[0]
     assert len(val) == len(mixture.val.kept) > 0
     plan = plan_mixture(spec, batch_tokens=1024).to_json()
@@ -332,8 +357,11 @@ def test_train_on_last_masks_everything_but_the_last_assistant_turn(root, bpe_to
     mixture = load_mixture(spec)
     train, _ = mixture.datasets(bpe_tokenizer)
     base = ShardDataset(root / "data" / "nightly", "train")
-    messages = [m for p in sorted((root / "data" / "nightly" / "shards").glob("train-*.parquet"))
-                for m in pq.read_table(p, columns=["messages"]).column("messages").to_pylist()]
+    messages = [
+        m
+        for p in sorted((root / "data" / "nightly" / "shards").glob("train-*.parquet"))
+        for m in pq.read_table(p, columns=["messages"]).column("messages").to_pylist()
+    ]
     kept = mixture.train.kept
     multi_turn = 0
     for j in range(len(train)):
@@ -346,7 +374,7 @@ def test_train_on_last_masks_everything_but_the_last_assistant_turn(root, bpe_to
         original_runs, masked_runs = runs_of(original), runs_of(labels)
         assert masked_runs == original_runs[-1:]
         assert mixture.train.trained[kept[j]] == masked_runs[0][1] - masked_runs[0][0]  # the plan counts what trains
-        assert np.array_equal(labels[masked_runs[0][0]:], original[masked_runs[0][0]:])
+        assert np.array_equal(labels[masked_runs[0][0] :], original[masked_runs[0][0] :])
         assistants = [m["content"] for m in messages[kept[j]] if m["role"] == "assistant"]
         text = bpe_tokenizer.decode(input_ids[labels != IGNORE_INDEX].tolist())
         assert assistants[-1].strip() in text
@@ -359,8 +387,9 @@ def test_train_on_last_masks_everything_but_the_last_assistant_turn(root, bpe_to
 def test_a_group_loss_weight_scales_its_tokens_loss(root, bpe_tokenizer):
     groups = [{**ZH, "weight": 0.5}, {**OTHER, "weight": 0.5}]
     plain = load_mixture(write_spec(root / "plain.yaml", groups, rest="drop")).datasets(bpe_tokenizer)[0]
-    weighted = load_mixture(write_spec(root / "weighted.yaml", [{**groups[0], "loss_weight": 3.0}, groups[1]],
-                                       rest="drop")).datasets(bpe_tokenizer)[0]
+    weighted = load_mixture(write_spec(root / "weighted.yaml", [{**groups[0], "loss_weight": 3.0}, groups[1]], rest="drop")).datasets(
+        bpe_tokenizer
+    )[0]
     config = TrainConfig(device="cpu", batch_tokens=2048, progress=False)
     trainer = SFTTrainer(tiny_model(bpe_tokenizer, seed=0), weighted, None, config, tokenizer=bpe_tokenizer)
     zh = [j for j in range(len(plain)) if plain.group[j] == 0][:2]
@@ -381,8 +410,20 @@ def test_a_group_loss_weight_scales_its_tokens_loss(root, bpe_tokenizer):
 # --- training: validation + early stopping, resume, DDP --------------------------------------
 def test_validation_uses_the_groups_val_rows_once_and_early_stopping_works(root, tmp_path):
     spec = write_spec(root / "val.yaml", [{**CHAT, "weight": 0.5}, {**ZH, "weight": 0.5}], rest="drop")
-    summary = run_training(TrainConfig(mixture=spec, out=tmp_path / "run", max_steps=50, lr=0.0, batch_tokens=512,
-                                       eval_every=2, patience=2, save_every=1000, device="cpu", progress=False))
+    summary = run_training(
+        TrainConfig(
+            mixture=spec,
+            out=tmp_path / "run",
+            max_steps=50,
+            lr=0.0,
+            batch_tokens=512,
+            eval_every=2,
+            patience=2,
+            save_every=1000,
+            device="cpu",
+            progress=False,
+        )
+    )
     assert summary["stop_reason"] == "early_stopping" and summary["steps"] == 6
     mixture = load_mixture(spec)
     val_sources = {mixture.sources[s][1] for s in mixture.val.source[mixture.val.kept]}
@@ -395,8 +436,10 @@ def test_validation_uses_the_groups_val_rows_once_and_early_stopping_works(root,
 
 
 def mixed_spec(root: Path, name: str, zh_weight: float = 0.5) -> Path:
-    return write_spec(root / name, [{**CHAT, "weight": 0.3, "loss_weight": 2.0}, {**ZH, "weight": zh_weight, "train_on": "last"},
-                                    {**OTHER, "weight": 0.2}])
+    return write_spec(
+        root / name,
+        [{**CHAT, "weight": 0.3, "loss_weight": 2.0}, {**ZH, "weight": zh_weight, "train_on": "last"}, {**OTHER, "weight": 0.2}],
+    )
 
 
 def test_kill_9_mid_epoch_then_resume_reproduces_the_loss_curve(root, tmp_path):
@@ -412,8 +455,7 @@ def test_kill_9_mid_epoch_then_resume_reproduces_the_loss_curve(root, tmp_path):
     crashed = tmp_path / "crashed"
     assert 7 <= kill_mid_run(train_command(spec, crashed, *steps), crashed, after_steps=7) < 24, "killed mid-way"
 
-    resumed = subprocess.run(train_command(spec, crashed, *steps, "--resume"), cwd=REPO, env=ENV,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(train_command(spec, crashed, *steps, "--resume"), cwd=REPO, env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout and "from step 0" not in resumed.stdout
     assert train_losses(crashed) == uninterrupted  # bit-for-bit
@@ -421,8 +463,9 @@ def test_kill_9_mid_epoch_then_resume_reproduces_the_loss_curve(root, tmp_path):
 
 def test_resume_with_changed_weights_is_refused_with_a_reason(root, tmp_path):
     spec = mixed_spec(root, "changing.yaml")
-    config = dict(mixture=spec, out=tmp_path / "run", max_steps=2, batch_tokens=1024, eval_every=100, save_every=1,
-                  device="cpu", progress=False)
+    config = dict(
+        mixture=spec, out=tmp_path / "run", max_steps=2, batch_tokens=1024, eval_every=100, save_every=1, device="cpu", progress=False
+    )
     run_training(TrainConfig(**config))
     plan_before = (tmp_path / "run" / "plan.json").read_text()
     mixed_spec(root, "changing.yaml", zh_weight=0.9)  # same file, new weights
@@ -466,14 +509,18 @@ with open(f"{out}/rank{rank}.json", "w") as handle:
 
 def test_two_process_ddp_ranks_see_disjoint_rows_and_match_one_process(root, tmp_path):
     # down-sampled (no row twice in an epoch), with a loss weight and a train_on: last group
-    spec = write_spec(root / "ddp.yaml", [{**CHAT, "weight": 0.4, "loss_weight": 2.0},
-                                          {**ZH, "weight": 0.2, "train_on": "last"}, {**OTHER, "weight": 0.4}],
-                      epoch_size=2000, seed=5)
+    spec = write_spec(
+        root / "ddp.yaml",
+        [{**CHAT, "weight": 0.4, "loss_weight": 2.0}, {**ZH, "weight": 0.2, "train_on": "last"}, {**OTHER, "weight": 0.4}],
+        epoch_size=2000,
+        seed=5,
+    )
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
-    ddp = subprocess.run([*torchrun, str(probe), str(spec), str(tmp_path / "ddp")], cwd=REPO, env=ENV,
-                         capture_output=True, text=True, timeout=600)
+    ddp = subprocess.run(
+        [*torchrun, str(probe), str(spec), str(tmp_path / "ddp")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     mixture = load_mixture(spec)
@@ -487,8 +534,21 @@ def test_two_process_ddp_ranks_see_disjoint_rows_and_match_one_process(root, tmp
         assert sorted(seen[0] + seen[1]) == sorted(trained) and len(set(trained)) == len(trained)
 
     # the same global batches as one process accumulating two micro-batches per step
-    run_training(TrainConfig(mixture=spec, out=tmp_path / "single", max_steps=6, lr=3e-3, batch_tokens=512, grad_accum=2,
-                             eval_every=3, save_every=100, device="cpu", seed=1, progress=False))
+    run_training(
+        TrainConfig(
+            mixture=spec,
+            out=tmp_path / "single",
+            max_steps=6,
+            lr=3e-3,
+            batch_tokens=512,
+            grad_accum=2,
+            eval_every=3,
+            save_every=100,
+            device="cpu",
+            seed=1,
+            progress=False,
+        )
+    )
     assert_same_curves(tmp_path / "ddp", tmp_path / "single")
 
 
@@ -514,8 +574,12 @@ def test_inspect_html_shows_the_mixture_plan(root, tmp_path):
     if CHROMIUM is None:
         pytest.skip("no chromium to render the page")
     for page in (alone, with_data):
-        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                              "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+        dom = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
         assert 'data-images-loaded="all"' in dom, dom[:500]
 
 
@@ -528,13 +592,16 @@ def test_the_plan_warns_when_a_group_or_the_whole_mixture_has_no_validation_row(
     shutil.copy(samples_dir / "inputs" / "sharegpt_tools.jsonl", inputs / "train_only_tools.jsonl")
     prepare([str(inputs / "train_only_tools.jsonl")], str(bpe_tokenizer_path), root / "data" / "noval", config)
 
-    alone = write_spec(root / "noval.yaml", [{"name": "tools", "sources": ["*train_only*"], "weight": 1}],
-                       datasets=["data/noval"])
+    alone = write_spec(root / "noval.yaml", [{"name": "tools", "sources": ["*train_only*"], "weight": 1}], datasets=["data/noval"])
     warnings = plan_mixture(alone, batch_tokens=1024).to_json()["warnings"]
     assert any("the mixture has no validation row" in w for w in warnings), warnings
 
-    mixed = write_spec(root / "part-noval.yaml", [{**CHAT, "weight": 1}, {"name": "tools", "sources": ["*train_only*"], "weight": 1}],
-                       datasets=["data/nightly", "data/noval"], rest="drop")
+    mixed = write_spec(
+        root / "part-noval.yaml",
+        [{**CHAT, "weight": 1}, {"name": "tools", "sources": ["*train_only*"], "weight": 1}],
+        datasets=["data/nightly", "data/noval"],
+        rest="drop",
+    )
     plan = plan_mixture(mixed, batch_tokens=1024).to_json()
     assert plan["groups"][0]["val_rows"] > 0 and plan["groups"][1]["val_rows"] == 0
     assert any("group 'tools' has no validation row" in w for w in plan["warnings"]), plan["warnings"]

@@ -14,7 +14,7 @@ from datasketch import MinHash
 from pipeline import schema
 from pipeline.config import DedupConfig, SFTConfig
 from pipeline.dedup import dedup_stage, load_index
-from pipeline.dedup.minhash import EMPTY, choose_bands, candidate_probability, signatures
+from pipeline.dedup.minhash import EMPTY, candidate_probability, choose_bands, signatures
 from pipeline.dedup.normalize import normalize, normalize_all
 from pipeline.dedup.shingles import hash32, ngram_sizes, shingle_hashes, shingle_strings
 
@@ -61,9 +61,7 @@ def run(tmp_path: Path, chunks: list[list[list[dict]]], config: DedupConfig | No
     ins = [write_chunk(folder / f"in-{i}.parquet", c, source=f"src{i}.jsonl") for i, c in enumerate(chunks)]
     outs = [folder / f"out-{i}.parquet" for i in range(len(chunks))]
     rejected = folder / "rejected.parquet"
-    outcome = dedup_stage(
-        ins, outs, rejected, SFTConfig(dedup=config), index_dir=kwargs.pop("index_dir", tmp_path / "index"), **kwargs
-    )
+    outcome = dedup_stage(ins, outs, rejected, SFTConfig(dedup=config), index_dir=kwargs.pop("index_dir", tmp_path / "index"), **kwargs)
     kept = [pq.read_table(p) for p in outs]
     rejected_rows = pq.read_table(rejected).to_pylist() if rejected.exists() else []
     return outcome, kept, rejected_rows, [pq.read_table(p) for p in ins]
@@ -214,7 +212,10 @@ def test_keep_choice_is_deterministic_and_prefers_quality_then_length_then_order
     # quality first: the longest one fails the quality predicate, so the earliest good one stays
     bad_id = id_of(longer)
     _, kept_q, rejected_q, _ = run(
-        tmp_path, [[short, twin], [longer]], name="c", index_dir=tmp_path / "i3",
+        tmp_path,
+        [[short, twin], [longer]],
+        name="c",
+        index_dir=tmp_path / "i3",
         is_good=lambda record: record[schema.ID] != bad_id,
     )
     assert kept_ids(kept_q) == [id_of(short)]
@@ -256,9 +257,7 @@ def test_outputs_keep_schema_and_order_and_every_record_is_accounted_for(tmp_pat
 def test_partitioning_does_not_change_the_result(tmp_path):
     docs = [conv("q", " ".join(words(200 + i % 9, 50) + words(300 + i, 3))) for i in range(30)]
     _, kept_one, rej_one, _ = run(tmp_path, [docs], config=DedupConfig(partitions=1), name="p1")
-    _, kept_many, rej_many, _ = run(
-        tmp_path, [docs], config=DedupConfig(partitions=5), name="p5", index_dir=tmp_path / "i2"
-    )
+    _, kept_many, rej_many, _ = run(tmp_path, [docs], config=DedupConfig(partitions=5), name="p5", index_dir=tmp_path / "i2")
     assert kept_ids(kept_one) == kept_ids(kept_many)
     assert rej_one == rej_many
 
@@ -303,9 +302,7 @@ def test_refresh_dedups_new_records_against_committed_index_only(tmp_path):
 
     # a later run against both parts sees the record kept in run 2 and never removes old ones
     again = conv("Describe.", " ".join(words(99, 100)) + " tail!")
-    _, kept3, rejected3, _ = run(
-        tmp_path, [[again]], name="third", index_dir=index_dir, index_parts=[part, second.index_part]
-    )
+    _, kept3, rejected3, _ = run(tmp_path, [[again]], name="third", index_dir=index_dir, index_parts=[part, second.index_part])
     assert kept_ids(kept3) == [] and rejected3[0]["duplicate_of"] == id_of(new_docs[3])
 
 
@@ -314,8 +311,12 @@ def test_index_built_with_other_settings_is_refused(tmp_path):
     first, _, _, _ = run(tmp_path, [[conv("a b c", "d e f g h i")]], name="first", index_dir=index_dir)
     with pytest.raises(ValueError, match="different dedup settings"):
         run(
-            tmp_path, [[conv("x", "y")]], config=DedupConfig(num_perm=64), name="second",
-            index_dir=index_dir, index_parts=[first.index_part],
+            tmp_path,
+            [[conv("x", "y")]],
+            config=DedupConfig(num_perm=64),
+            name="second",
+            index_dir=index_dir,
+            index_parts=[first.index_part],
         )
 
 
@@ -336,8 +337,7 @@ def test_mapped_steps_compose_to_the_same_result_as_dedup_stage(tmp_path):
     for in_path, sig_path in zip(ins, sigs):
         compute_signatures(in_path, sig_path, config)
     edge_files = [
-        save_edges(candidate_pairs(sigs, p, config, tmp_path / "index2"), folder / f"edges-{p}.npy")
-        for p in range(config.partitions)
+        save_edges(candidate_pairs(sigs, p, config, tmp_path / "index2"), folder / f"edges-{p}.npy") for p in range(config.partitions)
     ]
     outs = [folder / f"out-{i}.parquet" for i in range(2)]
     outcome = resolve_clusters(ins, sigs, edge_files, outs, folder / "rejected.parquet", tmp_path / "index2", config)
@@ -379,9 +379,7 @@ def test_exact_only_and_near_only(tmp_path):
     near = conv("Q", base + " more")
     _, kept, rejected, _ = run(tmp_path, [[twin, same, near]], config=DedupConfig(near=False), name="exact")
     assert kept_ids(kept) == [id_of(twin), id_of(near)]
-    _, kept, rejected, _ = run(
-        tmp_path, [[twin, same, near]], config=DedupConfig(exact=False), name="near", index_dir=tmp_path / "i2"
-    )
+    _, kept, rejected, _ = run(tmp_path, [[twin, same, near]], config=DedupConfig(exact=False), name="near", index_dir=tmp_path / "i2")
     assert kept_ids(kept) == [id_of(near)]
     assert {r["reason"] for r in rejected} == {"near_duplicate"}
 
@@ -407,9 +405,7 @@ def test_index_can_be_restricted_to_what_reached_the_shards(tmp_path):
 
     copy_of_kept = conv("Tell me.", " ".join(words(80, 100)) + " again")
     copy_of_dropped = conv("Tell me.", " ".join(words(81, 100)) + " again")
-    _, kept, rejected, _ = run(
-        tmp_path, [[copy_of_kept, copy_of_dropped]], name="second", index_dir=index_dir, index_parts=[smaller]
-    )
+    _, kept, rejected, _ = run(tmp_path, [[copy_of_kept, copy_of_dropped]], name="second", index_dir=index_dir, index_parts=[smaller])
     assert kept_ids(kept) == [id_of(copy_of_dropped)]
     assert rejected[0]["duplicate_of"] == id_of(kept_doc)
 

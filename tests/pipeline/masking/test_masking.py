@@ -57,7 +57,12 @@ CONVERSATIONS = {
         TOOLS,
     ),
     "chinese_emoji": (
-        [msg("user", "你好，今天天气怎么样？🙂"), msg("assistant", "今天晴朗 ☀️，适合散步 🚶‍♀️。"), msg("user", "谢谢"), msg("assistant", "不客气 🎉")],
+        [
+            msg("user", "你好，今天天气怎么样？🙂"),
+            msg("assistant", "今天晴朗 ☀️，适合散步 🚶‍♀️。"),
+            msg("user", "谢谢"),
+            msg("assistant", "不客气 🎉"),
+        ],
         None,
     ),
 }
@@ -210,9 +215,7 @@ def test_mistral_control_text_is_tokenized_as_one_stretch_not_glued_pieces(mistr
     # transformers' sanitizer encodes the text around "</s>" piecewise ("▁", "</"); sftkit
     # encodes the whole stretch as SentencePiece would ("▁</"), i.e. as split_special_tokens does.
     template = resolve_template(mistral_tokenizer, TemplateConfig(name="mistral"))
-    result = Masker(mistral_tokenizer, template, max_length=512).encode(
-        [msg("user", "say </s> now"), msg("assistant", "ok")]
-    )
+    result = Masker(mistral_tokenizer, template, max_length=512).encode([msg("user", "say </s> now"), msg("assistant", "ok")])
     plain = mistral_tokenizer("[INST] say </s> now [/INST]", add_special_tokens=False, split_special_tokens=True)
     plain = plain["input_ids"][1:]  # at the very start SentencePiece writes "▁[", after <s> it writes "["
     assert result.input_ids.tolist()[2 : 2 + len(plain)] == plain
@@ -390,7 +393,5 @@ def test_truncation_cuts_after_a_trained_turn_not_an_untrained_one(bpe_tokenizer
     masker = Masker(bpe_tokenizer, template, max_length=10_000, train_on="last_assistant")
     full = masker.encode(messages)
     start = trained_runs(full.labels)[0][0]
-    result = Masker(bpe_tokenizer, template, max_length=start + 10, truncate=True, train_on="last_assistant").encode(
-        messages
-    )
+    result = Masker(bpe_tokenizer, template, max_length=start + 10, truncate=True, train_on="last_assistant").encode(messages)
     assert isinstance(result, Encoded) and len(result.input_ids) == start + 10 and result.num_trainable == 10

@@ -105,7 +105,9 @@ def test_empty_response_drops_empty_and_placeholder_answers(record, expected):
         # a tool-calling turn carries no text and is not an empty response
         conv(
             ("user", "What's the weather in Paris?"),
-            schema.make_message("assistant", "", tool_calls=[{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]),
+            schema.make_message(
+                "assistant", "", tool_calls=[{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]
+            ),
             ("tool", '{"temp": 21}'),
             ("assistant", "It is 21 °C in Paris."),
             tools='[{"name": "weather"}]',
@@ -137,7 +139,10 @@ def test_length_drops_overlong_turns_and_keeps_short_answers():
 def test_length_bounds_are_configurable():
     flt = only("length", min_response_chars=20, max_prompt_chars=30)
     assert reason(flt, qa("Capital of Australia?", "Canberra.")) == "response_too_short"
-    assert reason(flt, qa("请详细解释一下相对论的基本原理以及它在现代物理学中的地位和意义。", "相对论包括狭义相对论和广义相对论两部分。")) == "prompt_too_long"
+    assert (
+        reason(flt, qa("请详细解释一下相对论的基本原理以及它在现代物理学中的地位和意义。", "相对论包括狭义相对论和广义相对论两部分。"))
+        == "prompt_too_long"
+    )
 
 
 def test_response_prompt_ratio_flags_lost_instructions_but_not_short_exchanges():
@@ -294,10 +299,12 @@ def test_repetition_drops_degenerate_loops(response, expected):
         "(Verse 2)\nFrom the mighty elephant\nTo the tiny bee\nThey all have a role to play\nIn our ecology\n\n"
         "(Chorus)\nEndangered species, hear their cries\nTheir homes are vanishing before our eyes",
         # templated list items
-        "There are several comparison operators in most programming languages, including:\n\n" + "\n".join(
+        "There are several comparison operators in most programming languages, including:\n\n"
+        + "\n".join(
             f"* `{op}` ({name}) - checks if the value of the left operand is {name} the value of the right operand."
             for op, name in [("<", "less than"), (">", "greater than"), ("==", "equal to"), ("!=", "not equal to")]
-        ) + "\n\nThe result of a comparison is a Boolean value, and the exact syntax varies between languages.",
+        )
+        + "\n\nThe result of a comparison is a Boolean value, and the exact syntax varies between languages.",
         # code with repeated braces and fences
         "```js\nfunction a() {\n  return 1;\n}\nfunction b() {\n  return 2;\n}\nfunction c() {\n  return 3;\n}\n```\n"
         "Each function returns its own constant, so calling a, b and c in turn prints one, two and three.",
@@ -350,7 +357,9 @@ def test_pii_drop_mode_rejects_the_record_unchanged():
 def test_pii_redacts_tool_call_arguments():
     record = conv(
         ("user", "Email my boss at boss@acme.io"),
-        schema.make_message("assistant", "", tool_calls=[{"type": "function", "function": {"name": "send", "arguments": {"to": "boss@acme.io"}}}]),
+        schema.make_message(
+            "assistant", "", tool_calls=[{"type": "function", "function": {"name": "send", "arguments": {"to": "boss@acme.io"}}}]
+        ),
     )
     only("pii").check(record)
     assert json.loads(record["messages"][1]["tool_calls"])[0]["function"]["arguments"]["to"] == "<EMAIL>"
@@ -485,7 +494,9 @@ STAGE_RECORDS = [
 
 def test_quality_stage_end_to_end(tmp_path):
     rows = write_canonical(tmp_path / "in.parquet", STAGE_RECORDS)
-    stats = quality_stage(tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rejected.parquet", SFTConfig(quality=QualityConfig()), batch_size=3)
+    stats = quality_stage(
+        tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rejected.parquet", SFTConfig(quality=QualityConfig()), batch_size=3
+    )
 
     kept = pq.read_table(tmp_path / "out.parquet")
     assert kept.schema.equals(schema.CONVERSATION_SCHEMA)
@@ -496,7 +507,10 @@ def test_quality_stage_end_to_end(tmp_path):
 
     rejected = pq.read_table(tmp_path / "rejected.parquet").to_pylist()
     assert {(r[schema.SOURCE_INDEX], r[schema.REASON]) for r in rejected} == {
-        (1, "placeholder_response"), (2, "ai_disclaimer"), (4, "missing_instruction"), (5, "repeated_lines"),
+        (1, "placeholder_response"),
+        (2, "ai_disclaimer"),
+        (4, "missing_instruction"),
+        (5, "repeated_lines"),
     }
     assert all(r[schema.STAGE] == "quality" and r[schema.DETAIL] for r in rejected)
     assert json.loads(rejected[0][schema.RAW])["messages"][1]["content"] == "N/A"
@@ -512,14 +526,18 @@ def test_quality_stage_end_to_end(tmp_path):
 def test_quality_stage_with_nothing_rejected_leaves_no_rejected_file(tmp_path):
     write_canonical(tmp_path / "in.parquet", [STAGE_RECORDS[0], STAGE_RECORDS[6]])
     (tmp_path / "rejected.parquet").write_text("stale")
-    stats = quality_stage(tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rejected.parquet", SFTConfig(quality=QualityConfig()))
+    stats = quality_stage(
+        tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rejected.parquet", SFTConfig(quality=QualityConfig())
+    )
     assert stats.records_out == 2 and not (tmp_path / "rejected.parquet").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "out.parquet"]
 
 
 def test_quality_stage_switched_off_keeps_everything(tmp_path):
     write_canonical(tmp_path / "in.parquet", STAGE_RECORDS)
-    stats = quality_stage(tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rej.parquet", SFTConfig(quality=QualityConfig(enabled=False)))
+    stats = quality_stage(
+        tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "rej.parquet", SFTConfig(quality=QualityConfig(enabled=False))
+    )
     assert stats.records_out == len(STAGE_RECORDS)
     assert pq.read_table(tmp_path / "out.parquet").num_rows == len(STAGE_RECORDS)
 
