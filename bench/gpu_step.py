@@ -1,10 +1,10 @@
 """GPU training-step benchmark: tokens/s, MFU and data-wait share of the trainer on a ~0.5B model.
 
-A randomly initialised Qwen2-0.5B-shaped model (24 layers, hidden 896, 14 heads / 2 KV heads,
-vocab 151,936, tied embeddings) trains on a synthetic prepared dataset (realistic lengths, built
-by bench/loader.py's builder with the real shard writer) through the trainer's own path:
-ShardDataset memory maps -> BFD packing plan -> DataLoader workers with pinned int32 batches ->
-SFTTrainer.forward_backward (bf16 autocast, masked CE) -> fused AdamW step.
+A randomly initialised Qwen2.5-0.5B-shaped model (bench/_common.py's MODELS row: 24 layers,
+hidden 896, 14 heads / 2 KV heads, vocab 151,936, tied embeddings) trains on a synthetic prepared
+dataset (realistic lengths, built by bench/loader.py's builder with the real shard writer) through
+the trainer's own path: ShardDataset memory maps -> BFD packing plan -> DataLoader workers with
+pinned int32 batches -> SFTTrainer.forward_backward (bf16 autocast, masked CE) -> fused AdamW step.
 
 MFU counts 6 x parameters x tokens (the LM head included, the embedding lookup not) plus the
 attention term 12 x layers x hidden x mean sequence length per token (PaLM appendix B), over the
@@ -31,49 +31,33 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench._common import argument_parser, write_results
 from bench.loader import build_dataset
+from tests.support.models import MODELS, model_config
 from trainer import distributed
 from trainer.data import ShardDataset
 from trainer.loop import SFTTrainer, TrainConfig
-from trainer.memory import estimate_memory
+from trainer.memory import estimate, model_shape
+from trainer.memory_fit import strategy_from_config
 from trainer.models import DTYPES
 
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "4090": 165.0}
 
 
-def model_config(smoke: bool):
-    from transformers import Qwen2Config
+# The smoke run's model: a row like bench/_common.py's MODELS, small enough to train on a CPU.
+SMOKE_MODEL = ("qwen2", 32_000, 64, 192, 2, 4, 2, True)
 
+
+def qwen2_config(smoke: bool):
     if smoke:
-        return Qwen2Config(
-            vocab_size=32_000,
-            hidden_size=64,
-            intermediate_size=192,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            max_position_embeddings=8192,
-            use_cache=False,
-        )
-    return Qwen2Config(
-        vocab_size=151_936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=32_768,
-        rope_theta=1_000_000.0,
-        use_cache=False,
-    )
+        return model_config(SMOKE_MODEL, max_position_embeddings=8192, use_cache=False)
+    return model_config(MODELS["Qwen2.5-0.5B"], max_position_embeddings=32_768, rope_theta=1_000_000.0, use_cache=False)
 
 
 def peak_flops(device: torch.device, override: float | None) -> float | None:
@@ -133,8 +117,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(smoke), attn_implementation=args.attn or "sdpa", dtype=DTYPES[args.dtype])
+    model = AutoModelForCausalLM.from_config(qwen2_config(smoke), attn_implementation=args.attn or "sdpa", dtype=DTYPES[args.dtype])
     params = sum(p.numel() for p in model.parameters())
+    # The settings that move memory, named as TrainConfig names them.
+    strategy = dict(lora_r=args.lora, dtype=args.dtype, activation_checkpointing=args.activation_checkpointing, fsdp=args.fsdp)
     config = TrainConfig(
         data=data,
         out=work / "run",
@@ -145,25 +131,11 @@ def main() -> None:
         lr=1e-4,
         num_workers=args.workers,
         progress=False,
-        lora_r=args.lora,
-        dtype=args.dtype,
-        activation_checkpointing=args.activation_checkpointing,
-        fsdp=args.fsdp,
         attn_implementation=args.attn,
+        **strategy,
     )
-    estimate = estimate_memory(
-        model.config,
-        batch_tokens=batch_tokens,
-        lora_r=args.lora,
-        dtype=args.dtype,
-        fsdp_gpus=info.world_size if args.fsdp else 0,
-        activation_checkpointing=args.activation_checkpointing,
-        loss_chunk_tokens=config.loss_chunk_tokens,
-        pack_length=pack_length,
-        world_size=info.world_size,
-        attn_implementation=args.attn or "sdpa",
-        device=device.type,
-    )
+    # What `sftkit train --dry-run` estimates for this config, on this run's device (no autocast on a CPU).
+    estimated = estimate(model_shape(model.config), replace(strategy_from_config(config, info.world_size), device=device.type))
     trainer = SFTTrainer(model, dataset, None, config)
     layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
 
@@ -197,13 +169,7 @@ def main() -> None:
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
         "world_size": info.world_size,
-        "strategy": {
-            "lora_r": args.lora,
-            "dtype": args.dtype,
-            "activation_checkpointing": args.activation_checkpointing,
-            "fsdp": args.fsdp and info.world_size > 1,
-            "loss_chunk_tokens": config.loss_chunk_tokens,
-        },
+        "strategy": {**strategy, "fsdp": args.fsdp and info.world_size > 1, "loss_chunk_tokens": config.loss_chunk_tokens},
         "model_parameters": params,
         "batch_tokens": batch_tokens,
         "pack_length": pack_length,
@@ -216,9 +182,9 @@ def main() -> None:
         "loss_first_last": [losses[0], losses[-1]],
         # torch.cuda.max_memory_allocated on the busiest rank, and the estimator's total for one GPU
         "peak_memory_gib": gathered / 2**30 if measured_peak is not None else None,
-        "estimated_memory_gib": estimate.total / 2**30,
-        "estimated_memory_rows_gib": {name: value / 2**30 for name, value, _ in estimate.rows()},
-        "peak_over_estimate": gathered / estimate.total if measured_peak is not None else None,
+        "estimated_memory_gib": estimated.total / 2**30,
+        "estimated_memory_rows_gib": {name: value / 2**30 for name, value, _ in estimated.rows()},
+        "peak_over_estimate": gathered / estimated.total if measured_peak is not None else None,
     }
     distributed.shutdown()
     if not info.is_main:

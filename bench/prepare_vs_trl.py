@@ -7,7 +7,7 @@ TRL's ``assistant_only_loss`` needs), same cores. Three measurements, tokens per
 * **sftkit**: ``tokenize_stage`` (render, tokenize, mask, verify, write the work file) +
   ``write_shards`` (split, write the Parquet shards) over the canonical Parquet, ``num_proc`` = cores;
 * **TRL**: ``SFTTrainer._prepare_dataset`` with ``assistant_only_loss=True`` and
-  ``dataset_num_proc`` = cores, on a trainer built around a tiny random model;
+  ``dataset_num_proc`` = cores, on a trainer built around trainer.models' tiny random model;
 * **raw tokenizer** (the ceiling): ``tokenizer(batch)`` over the already rendered texts, in
   batches of 1000, with the tokenizer's own thread pool over all cores.
 
@@ -136,24 +136,16 @@ def bench_trl(rows: list[dict], workdir: Path, cores: int, tokenizer_path: Path 
     import datasets
     import transformers
     import trl
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from trainer.models import tiny_model
 
     datasets.disable_caching()
     transformers.logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=MAX_LENGTH,
-        )
-    )
+    model = tiny_model(tokenizer, seed=0, max_positions=MAX_LENGTH)  # only TRL's dataset preparation is timed
     args = trl.SFTConfig(
         output_dir=str(workdir / "trl"),
         assistant_only_loss=True,

@@ -226,38 +226,14 @@ def train(
     ),
 ) -> None:
     """Fine-tune a causal LM on prepared shards (memory-mapped, packed, masked loss)."""
+    # Every option is named after the TrainConfig field it sets (and takes its default from it).
+    options = {name: value for name, value in locals().items() if name in TrainConfig.model_fields}
+    options |= {"device": device.value, "dtype": dtype.value}
+    options["lora_targets"] = [name.strip() for name in lora_targets.split(",") if name.strip()] if lora_targets else None
     from trainer.loop import run_training
 
     try:
-        config = TrainConfig(
-            data=data,
-            mixture=mixture,
-            out=out,
-            model=model,
-            tokenizer=tokenizer,
-            max_steps=max_steps,
-            epochs=epochs,
-            lr=lr,
-            batch_tokens=batch_tokens,
-            grad_accum=grad_accum,
-            packing=packing,
-            eval_every=eval_every,
-            patience=patience,
-            save_every=save_every,
-            resume=resume,
-            seed=seed,
-            device=device.value,
-            dtype=dtype.value,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            lora_targets=[name.strip() for name in lora_targets.split(",") if name.strip()] if lora_targets else None,
-            merge=merge,
-            loss_chunk_tokens=loss_chunk_tokens,
-            fsdp=fsdp,
-            activation_checkpointing=activation_checkpointing,
-            attn_implementation=attn_implementation,
-        )
+        config = TrainConfig(**options)
     except ValueError as exc:
         _fail(_validation_sentence(exc))
     if dry_run:

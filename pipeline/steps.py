@@ -284,23 +284,26 @@ def step_done(plan: RunPlan, stage: str, key: str) -> StepResult | None:
     return result if all(Path(p).exists() for p in result.outputs) else None
 
 
-def _cached_step(plan: RunPlan, stage: str, key: str, outputs: list[Path], run: Callable[[Path], Any]) -> StepResult:
+def _cached_step(plan: RunPlan, stage: str, key: str, stage_fn: Callable[..., Any], inputs, outputs, /, **options) -> StepResult:
     """Run step ``stage``/``key`` unless :func:`step_done`; record it.
 
-    ``run(rejected_path)`` does the work and returns its :class:`StageStats` (or a dedup outcome:
-    stats plus the index part). The result's JSON, written last, is the step's completion mark.
+    ``stage_fn`` is a stage function of the one signature, called as
+    ``stage_fn(inputs, outputs, rejected_path, plan.config, **options)``; it returns its
+    :class:`StageStats` (dedup: an outcome of stats and index part). The result's JSON, written
+    last, is the step's completion mark.
     """
     if (done := step_done(plan, stage, key)) is not None:
         return done
     rejected = _rejected(plan, stage, key)
-    outcome = run(rejected)
+    outcome = stage_fn(inputs, outputs, rejected, plan.config, **options)
     stats, index_part = (outcome, None) if isinstance(outcome, StageStats) else outcome
-    result = StepResult(stage, key, [str(p) for p in outputs], str(rejected) if rejected.exists() else None, stats, index_part)
+    listed = [outputs] if isinstance(outputs, Path) else outputs
+    result = StepResult(stage, key, [str(p) for p in listed], str(rejected) if rejected.exists() else None, stats, index_part)
     write_json_atomic(result.to_json(), _work(plan, stage, key, ".stats.json"))
     return result
 
 
-def _passed_through(stage: str, in_paths: list[Path]) -> StageStats:
+def _passed_through(in_paths: list[Path], out_paths: list[Path], rejected_path: Path, config: SFTConfig, *, stage: str) -> StageStats:
     """A switched-off stage: every record goes on, untouched (its outputs are its inputs)."""
     with StageRun(stage) as run:
         for path in in_paths:
@@ -318,13 +321,7 @@ def run_ingest(plan: RunPlan, item: InputFile) -> StepResult:
 
     key = ingest_key(plan, item)
     out = _work(plan, "ingest", key)
-    return _cached_step(
-        plan,
-        "ingest",
-        key,
-        [out],
-        lambda rejected: ingest_file(Path(item.path), out, rejected, plan.config, source=item.source),
-    )
+    return _cached_step(plan, "ingest", key, ingest_file, Path(item.path), out, source=item.source)
 
 
 def dedup_key(plan: RunPlan, ingest_results: list[StepResult]) -> str:
@@ -388,36 +385,28 @@ def run_dedup(
     key = dedup_key(plan, ingest_results)
     in_paths = [Path(r.outputs[0]) for r in ingest_results]
     if not plan.config.dedup.enabled:
-        return _cached_step(plan, "dedup", key, in_paths, lambda rejected: _passed_through("dedup", in_paths))
+        return _cached_step(plan, "dedup", key, _passed_through, in_paths, in_paths, stage="dedup")
     out_paths = [_work(plan, "dedup", f"{key}-{i:05d}") for i in range(len(in_paths))]
-    return _cached_step(
-        plan,
-        "dedup",
-        key,
-        out_paths,
-        lambda rejected: dedup_stage(
-            in_paths,
-            out_paths,
-            rejected,
-            plan.config,
-            index_dir=plan.root / DEDUP_INDEX,
-            index_parts=list(plan.index_parts),
-            is_good=_quality_verdict(plan),
-            signature_paths=[Path(p) for p in signature_paths or [_signature_path(plan, r) for r in ingest_results]],
-            edge_paths=[Path(p) for p in edge_paths or [_edge_path(plan, ingest_results, q) for q in dedup_partitions(plan)]],
-        ),
-    )
+    signature_paths = signature_paths or [_signature_path(plan, r) for r in ingest_results]
+    edge_paths = edge_paths or [_edge_path(plan, ingest_results, q) for q in dedup_partitions(plan)]
+    options = {"index_dir": plan.root / DEDUP_INDEX, "index_parts": list(plan.index_parts), "is_good": _quality_verdict(plan)}
+    options |= {"signature_paths": [Path(p) for p in signature_paths], "edge_paths": [Path(p) for p in edge_paths]}
+    return _cached_step(plan, "dedup", key, dedup_stage, in_paths, out_paths, **options)
 
 
 def _quality_verdict(plan: RunPlan) -> Callable[[dict[str, Any]], bool] | None:
-    """Would the quality stage keep a record? Dedup keeps such a copy of a duplicate group."""
+    """Would the quality stage keep a record? Dedup keeps such a copy of a duplicate group.
+    (The filters are built on the first question, so a step that is already done builds none.)"""
     if not plan.config.quality.enabled:
         return None
     from pipeline.quality import build_filters, passes
     from pipeline.tokenizers import load_tokenizer
 
-    filters = build_filters(plan.config.quality, tokenizer=load_tokenizer(plan.tokenizer))
-    return lambda record: passes(record, filters)
+    @lru_cache(maxsize=1)
+    def filters():
+        return build_filters(plan.config.quality, tokenizer=load_tokenizer(plan.tokenizer))
+
+    return lambda record: passes(record, filters())
 
 
 def quality_key(plan: RunPlan, upstream_key: str, chunk: int) -> str:
@@ -430,15 +419,8 @@ def run_quality(plan: RunPlan, upstream: StepResult, chunk: int) -> StepResult:
     in_path = Path(upstream.outputs[chunk])
     key = quality_key(plan, upstream.key, chunk)
     if not plan.config.quality.enabled:
-        return _cached_step(plan, "quality", key, [in_path], lambda rejected: _passed_through("quality", [in_path]))
-    out = _work(plan, "quality", key)
-    return _cached_step(
-        plan,
-        "quality",
-        key,
-        [out],
-        lambda rejected: quality_stage(in_path, out, rejected, plan.config, tokenizer=plan.tokenizer),
-    )
+        return _cached_step(plan, "quality", key, _passed_through, [in_path], [in_path], stage="quality")
+    return _cached_step(plan, "quality", key, quality_stage, in_path, _work(plan, "quality", key), tokenizer=plan.tokenizer)
 
 
 def tokenize_key(plan: RunPlan, upstream_key: str) -> str:
@@ -459,13 +441,7 @@ def run_tokenize(plan: RunPlan, upstream: StepResult) -> StepResult:
     in_path = Path(upstream.outputs[0])
     key = tokenize_key(plan, upstream.key)
     out = _work(plan, "tokenize", key, ".arrow")
-    return _cached_step(
-        plan,
-        "tokenize",
-        key,
-        [out],
-        lambda rejected: tokenize_stage(in_path, out, rejected, plan.config, tokenizer=plan.tokenizer),
-    )
+    return _cached_step(plan, "tokenize", key, tokenize_stage, in_path, out, tokenizer=plan.tokenizer)
 
 
 def run_write_shards(plan: RunPlan, tokenize_results: list[StepResult]) -> StepResult:

@@ -203,30 +203,11 @@ class MemoryEstimate:
         return {"strategy": asdict(self.strategy), "bytes": dict(self.parts), "total_bytes": self.total}
 
 
-def estimate_memory(
-    model_config,
-    *,
-    batch_tokens: int = 8192,
-    lora_r: int = 0,
-    fsdp_gpus: int = 0,
-    activation_checkpointing: bool = False,
-    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    dtype: str = "fp32",
-    **more,
-) -> MemoryEstimate:
+def estimate_memory(model_config, **strategy) -> MemoryEstimate:
     """Per-GPU bytes of one training step for a transformers config (or a :class:`ModelShape`);
-    ``more`` takes the other :class:`Strategy` fields (pack_length, world_size, device, ...)."""
+    ``strategy`` takes :class:`Strategy`'s fields (batch_tokens, lora_r, fsdp_gpus, dtype, ...)."""
     shape = model_config if isinstance(model_config, ModelShape) else model_shape(model_config)
-    strategy = Strategy(
-        batch_tokens=batch_tokens,
-        lora_r=lora_r,
-        fsdp_gpus=fsdp_gpus,
-        activation_checkpointing=activation_checkpointing,
-        loss_chunk_tokens=loss_chunk_tokens,
-        dtype=dtype,
-        **more,
-    )
-    return estimate(shape, strategy)
+    return estimate(shape, Strategy(**strategy))
 
 
 def estimate(shape: ModelShape, strategy: Strategy) -> MemoryEstimate:

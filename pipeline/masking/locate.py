@@ -41,7 +41,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 Render = Callable[[list[dict[str, Any]], bool], str]  # (messages, add_generation_prompt) -> text
 
@@ -117,8 +117,7 @@ def _pieces(messages: Sequence[dict[str, Any]], only_assistant: bool) -> dict[tu
     return found
 
 
-@dataclass(frozen=True, slots=True)
-class _Slot:
+class _Slot(NamedTuple):
     """Where one rendered piece lies: its sentinel in the skeleton, its text in the real rendering."""
 
     message_index: int

@@ -13,7 +13,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -79,8 +79,7 @@ class _Rendered:
     prompt_length: int = -1
 
 
-@dataclass(frozen=True, slots=True)
-class _Tokenized:
+class _Tokenized(NamedTuple):
     """A rendered row and its tokens; ``encoding`` has character offsets on the offset-mapping path only."""
 
     row: _Rendered
@@ -88,8 +87,7 @@ class _Tokenized:
     ids: np.ndarray  # int32, control placeholders mapped back to the tokenizer's ids
 
 
-@dataclass(frozen=True, slots=True)
-class _Labelled:
+class _Labelled(NamedTuple):
     """A row whose turns are located in its tokens, with its labels (verification still to come)."""
 
     rendered: _Rendered
@@ -98,8 +96,7 @@ class _Labelled:
     token_start: Callable[[int], int]  # token index -> its first character in ``rendered.marked_text``
 
 
-@dataclass(frozen=True, slots=True)
-class _SpanCheck:
+class _SpanCheck(NamedTuple):
     """One trained turn's tokens decoded, to be checked against the turn's message."""
 
     index: int  # row in the batch
@@ -108,8 +105,7 @@ class _SpanCheck:
     decoded: str
 
 
-@dataclass(frozen=True, slots=True)
-class _PromptTail:
+class _PromptTail(NamedTuple):
     """The tokens of a row from its last control token before its last trained turn up to that turn,
     and the generation prompt's text there: encoded on its own it must give the same tokens."""
 

@@ -20,7 +20,9 @@ import numpy as np
 from pipeline import schema
 from pipeline.fsutil import atomic_path
 from pipeline.report.rows import Piece
-from pipeline.report.summary import PERCENTILES, DatasetSummary
+from pipeline.report.summary import PERCENTILES, SOURCE_COLUMNS, DatasetSummary, source_rows
+from pipeline.report.summary import as_count as _int
+from pipeline.report.summary import as_share as _pct
 
 SECTION_IDS = ("summary", "lengths", "sources", "rejected", "examples", "history")
 RAW_PREVIEW_CHARS = 600
@@ -78,14 +80,6 @@ window.addEventListener('load', function () {
 
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _int(n: Any) -> str:
-    return f"{int(n):,}"
-
-
-def _pct(share: float) -> str:
-    return f"{100 * share:.1f}%"
 
 
 def _png(fig) -> str:
@@ -300,24 +294,7 @@ def render_html(
     if summary.sources:
         top = summary.sources[:30]
         parts.append(_img(barh_plot([s[schema.SOURCE] for s in top], [s["rows"] for s in top], "#2563eb", "rows kept"), "rows per source"))
-    parts.append(
-        _table(
-            ["source", "rows", "train", "val", "tokens", "trained share", "mean length", "max length"],
-            [
-                [
-                    s[schema.SOURCE],
-                    _int(s["rows"]),
-                    _int(s["train_rows"]),
-                    _int(s["val_rows"]),
-                    _int(s["tokens"]),
-                    _pct(s["trainable_share"]),
-                    f"{s['mean_length']:.0f}",
-                    _int(s["max_length"]),
-                ]
-                for s in summary.sources
-            ],
-        )
-    )
+    parts.append(_table(list(SOURCE_COLUMNS), source_rows(summary.sources)))
     parts.append("</section>")
 
     parts.append('<section id="rejected"><h2>Rejected</h2>')

@@ -16,15 +16,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.report.summary import as_count as _int
+from pipeline.report.summary import as_share as _pct
+
 SECTION_ID = "mixture"
-
-
-def _pct(share: float) -> str:
-    return f"{100 * share:.1f}%"
-
-
-def _int(n: Any) -> str:
-    return f"{int(n):,}"
 
 
 def _ask(group: dict[str, Any]) -> str:

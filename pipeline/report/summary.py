@@ -18,6 +18,29 @@ from pipeline import schema
 from pipeline.manifest import read_manifest, resolve_inside
 
 PERCENTILES = (50, 90, 99)
+SOURCE_COLUMNS = ("source", "rows", "train", "val", "tokens", "trained share", "mean length", "max length")
+
+
+def as_count(n: Any) -> str:
+    """A count as the reports print it: ``12,345``."""
+    return f"{int(n):,}"
+
+
+def as_share(share: float) -> str:
+    """A share as the reports print it: ``12.3%``."""
+    return f"{100 * share:.1f}%"
+
+
+def source_rows(sources: list[dict[str, Any]]) -> list[list[str]]:
+    """The cells of the sources table (:data:`SOURCE_COLUMNS`), for the terminal and the HTML page."""
+    counts = ("rows", "train_rows", "val_rows", "tokens")
+    return [
+        [s[schema.SOURCE], *(as_count(s[key]) for key in counts), as_share(s["trainable_share"])]
+        + [f"{s['mean_length']:.0f}", as_count(s["max_length"])]
+        for s in sources
+    ]
+
+
 SPLIT = "split"
 UNTRAINED = "untrained"  # length - num_trainable: prompt, system and template tokens
 

@@ -18,7 +18,9 @@ from rich.text import Text
 
 from pipeline import schema
 from pipeline.report.rows import Piece, spans
-from pipeline.report.summary import PERCENTILES, DatasetSummary
+from pipeline.report.summary import PERCENTILES, SOURCE_COLUMNS, DatasetSummary, source_rows
+from pipeline.report.summary import as_count as _int
+from pipeline.report.summary import as_share as _pct
 
 TRAINED_OPEN = "⟦"
 TRAINED_CLOSE = "⟧"
@@ -37,14 +39,6 @@ UNTRAINED_STYLES = ("grey58", "grey70 on grey19")
 def plain(console: Console) -> bool:
     """True where the console cannot show colour, so markers must carry the meaning."""
     return console.no_color or console.color_system is None
-
-
-def _pct(share: float) -> str:
-    return f"{100 * share:.1f}%"
-
-
-def _int(n: Any) -> str:
-    return f"{int(n):,}"
 
 
 def print_summary(console: Console, summary: DatasetSummary) -> None:
@@ -72,19 +66,10 @@ def print_summary(console: Console, summary: DatasetSummary) -> None:
     console.print(splits)
 
     sources = Table(title="Sources", title_justify="left")
-    for name in ("source", "rows", "train", "val", "tokens", "trained share", "mean length", "max length"):
+    for name in SOURCE_COLUMNS:
         sources.add_column(name, justify="left" if name == "source" else "right", overflow="fold")
-    for s in summary.sources:
-        sources.add_row(
-            s[schema.SOURCE],
-            _int(s["rows"]),
-            _int(s["train_rows"]),
-            _int(s["val_rows"]),
-            _int(s["tokens"]),
-            _pct(s["trainable_share"]),
-            f"{s['mean_length']:.0f}",
-            _int(s["max_length"]),
-        )
+    for cells in source_rows(summary.sources):
+        sources.add_row(*cells)
     console.print(sources)
 
     lengths = Table(title="Lengths per row (tokens)", title_justify="left")

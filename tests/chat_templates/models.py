@@ -27,23 +27,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from data_samples.make_inputs import WEATHER_TOOL as SAMPLE_WEATHER_TOOL
+from tests.support.inputs import openai_record
+
 HERE = Path(__file__).resolve().parent
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "description": "City name, e.g. Paris"},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city"],
-        },
-    },
-}
+# The bundled samples' get_weather schema, wrapped the way chat templates expect tools.
+WEATHER_TOOL = {"type": "function", "function": SAMPLE_WEATHER_TOOL}
 
 
 def _tool_conversation(arguments) -> dict:
@@ -78,32 +68,22 @@ def _tool_conversation(arguments) -> dict:
 
 #: name -> {"messages": [OpenAI-style messages], "tools": [tool schemas] or None}
 CONVERSATIONS: dict[str, dict] = {
-    "single_turn": {
-        "messages": [
-            {"role": "user", "content": "What is the capital of France?"},
-            {"role": "assistant", "content": "The capital of France is Paris."},
-        ],
-        "tools": None,
-    },
-    "multi_turn": {
-        "messages": [
-            {"role": "user", "content": "Give me a number between 1 and 10."},
-            {"role": "assistant", "content": "Seven."},
-            {"role": "user", "content": "  Now double it.  "},
-            {"role": "assistant", "content": "  Fourteen.\n"},
-        ],
-        "tools": None,
-    },
-    "system_multi_turn": {
-        "messages": [
-            {"role": "system", "content": "You are a terse assistant."},
-            {"role": "user", "content": "Hi!"},
-            {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Name a prime number."},
-            {"role": "assistant", "content": "Thirteen."},
-        ],
-        "tools": None,
-    },
+    "single_turn": openai_record(("user", "What is the capital of France?"), ("assistant", "The capital of France is Paris."), tools=None),
+    "multi_turn": openai_record(
+        ("user", "Give me a number between 1 and 10."),
+        ("assistant", "Seven."),
+        ("user", "  Now double it.  "),
+        ("assistant", "  Fourteen.\n"),
+        tools=None,
+    ),
+    "system_multi_turn": openai_record(
+        ("system", "You are a terse assistant."),
+        ("user", "Hi!"),
+        ("assistant", "Hello."),
+        ("user", "Name a prime number."),
+        ("assistant", "Thirteen."),
+        tools=None,
+    ),
     # OpenAI shape: arguments as an object (what transformers documents for tool calling).
     "tool_call": _tool_conversation({"city": "Paris", "unit": "celsius"}),
     # The same call with arguments as a JSON string (what DeepSeek-R1's template concatenates).
@@ -119,13 +99,9 @@ CONVERSATIONS: dict[str, dict] = {
         "tools": None,
     },
     # Reasoning inline in the content (Qwen3 splits it out, DeepSeek-R1 drops it, the others keep it).
-    "think_in_content": {
-        "messages": [
-            {"role": "user", "content": "Is 91 prime?"},
-            {"role": "assistant", "content": "<think>\n91 = 7 * 13.\n</think>\n\nNo, 91 = 7 × 13."},
-        ],
-        "tools": None,
-    },
+    "think_in_content": openai_record(
+        ("user", "Is 91 prime?"), ("assistant", "<think>\n91 = 7 * 13.\n</think>\n\nNo, 91 = 7 × 13."), tools=None
+    ),
 }
 
 _ALL = list(CONVERSATIONS)

@@ -15,20 +15,24 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import EXIT_FAILED, EXIT_SIGTERM, EXIT_USAGE, app
-from tests.support.training import corpus_dataset
+from tests.support.training import (
+    assert_stopped_by_sigterm,
+    corpus_dataset,
+    run_train,
+    sigterm_mid_run,
+    start_train,
+    train_args,
+    train_command,
+    wait_for_steps,
+)
 from trainer.loop import TrainConfig
-from trainer.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests here run on one thread (tests/conftest.py)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -51,40 +55,6 @@ def assert_clean_failure(result, code: int, *phrases: str) -> None:
     assert "Traceback" not in result.output
     for phrase in phrases:
         assert phrase in one_line(result.output), result.output
-
-
-def train_args(data_dir, out, *extra):
-    return [
-        "train",
-        "--data",
-        data_dir,
-        "--out",
-        out,
-        "--model",
-        "tiny",
-        "--batch-tokens",
-        "512",
-        "--lr",
-        "3e-3",
-        "--device",
-        "cpu",
-        "--eval-every",
-        "10",
-        "--seed",
-        "1",
-        *extra,
-    ]
-
-
-def train_command(data_dir, out, *extra):
-    return [sys.executable, "-m", "flows.cli", *map(str, train_args(data_dir, out, *extra))]
-
-
-def train_steps(run_dir: Path) -> int:
-    try:
-        return sum(1 for row in read_metrics(run_dir) if row["type"] == "train")
-    except (FileNotFoundError, json.JSONDecodeError):  # not started yet, or a line being written
-        return 0
 
 
 # --- prepare --------------------------------------------------------------------------------
@@ -199,40 +169,15 @@ def test_train_bad_inputs_are_one_sentence_each(data_dir, tmp_path):
 # --- train: SIGTERM -------------------------------------------------------------------------
 def test_sigterm_saves_then_exits_143_and_the_run_resumes(data_dir, tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen(
-        train_command(data_dir, out, "--max-steps", "400", "--save-every", "1000"),
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while train_steps(out) < 3 and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    process.send_signal(signal.SIGTERM)  # schedulers resend it; the save it waits for must still finish
-    stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == EXIT_SIGTERM, stderr[-3000:]
+    # SIGTERM twice: schedulers resend it, and the save the first one started must still finish
+    returncode, stderr = sigterm_mid_run(train_command(data_dir, out, "--max-steps", "400", "--save-every", "1000"), out, signals=2)
+    assert returncode == EXIT_SIGTERM, stderr[-3000:]
     assert "Traceback" not in stderr
     assert "stopped by SIGTERM" in one_line(stderr) and "--resume" in stderr
-    stop = [r for r in read_metrics(out) if r["type"] == "stop"]
-    assert stop and stop[-1]["reason"] == "sigterm"
-    checkpoints = sorted((out / "checkpoints").glob("step-*"))
-    assert checkpoints and int(checkpoints[-1].name.split("-")[1]) == stop[-1]["step"]
-    assert not (out / "final").exists()
+    stopped_at = assert_stopped_by_sigterm(out)
 
     # the sentence is true: the same command with --resume continues from there and finishes
-    steps = stop[-1]["step"] + 2
-    resumed = subprocess.run(
-        train_command(data_dir, out, "--max-steps", str(steps), "--save-every", "1000", "--resume"),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_train(train_command(data_dir, out, "--max-steps", stopped_at + 2, "--save-every", "1000", "--resume"), timeout=300)
     assert (out / "final").is_dir()
 
 
@@ -250,18 +195,10 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(data
     """A scheduler signals every process of the job: DataLoader workers must not die first and
     turn a clean stop into a traceback."""
     out = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-c", GROUP_SIGTERM_SCRIPT, str(data_dir), str(out)],
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    process = start_train(
+        [sys.executable, "-c", GROUP_SIGTERM_SCRIPT, str(data_dir), str(out)], stdout=subprocess.PIPE, start_new_session=True
     )
-    deadline = time.time() + 300
-    while train_steps(out) < 3 and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
+    wait_for_steps(process, out, 3)
     os.killpg(process.pid, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]

@@ -13,19 +13,13 @@ from pipeline.config import SFTConfig
 from pipeline.masking import Encoded
 from pipeline.schema import make_message
 from pipeline.tokenize import build_masker
+from tests.support.inputs import sharegpt_record
 
 ALPACA = [
     {"instruction": "请写一首关于春天的诗", "input": "", "output": "春风拂面，万物复苏。🌸"},
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
 ]
-SHAREGPT = {
-    "conversations": [
-        {"from": "human", "value": "Who are you?"},
-        {"from": "gpt", "value": "A model."},
-        {"from": "human", "value": "Bye!"},
-        {"from": "gpt", "value": "Bye."},
-    ]
-}
+SHAREGPT = sharegpt_record(("human", "Who are you?"), ("gpt", "A model."), ("human", "Bye!"), ("gpt", "Bye."))
 
 
 def write_jsonl(path, records):

@@ -10,6 +10,7 @@ from pipeline import schema
 from pipeline.config import FieldMapping
 from pipeline.formats import to_conversation
 from pipeline.stage import Drop
+from tests.support.inputs import openai_record
 
 
 def roles(messages):
@@ -216,13 +217,7 @@ def test_mapping_rejects_unmapped_speaker_and_lets_other_layouts_through():
 
 # --- turn order normalisation ----------------------------------------------------------------
 def test_consecutive_user_turns_are_merged_unless_configured_to_reject():
-    record = {
-        "messages": [
-            {"role": "user", "content": "I have a question."},
-            {"role": "user", "content": "Why is the sky blue?"},
-            {"role": "assistant", "content": "Rayleigh scattering."},
-        ]
-    }
+    record = openai_record(("user", "I have a question."), ("user", "Why is the sky blue?"), ("assistant", "Rayleigh scattering."))
     messages, _ = to_conversation(record)
     assert [(m["role"], m["content"]) for m in messages] == [
         ("user", "I have a question.\n\nWhy is the sky blue?"),
@@ -232,13 +227,7 @@ def test_consecutive_user_turns_are_merged_unless_configured_to_reject():
 
 
 def test_assistant_turns_with_different_train_flags_are_not_merged():
-    record = {
-        "messages": [
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "draft", "train": False},
-            {"role": "assistant", "content": "final"},
-        ]
-    }
+    record = openai_record(("user", "Hi"), {"role": "assistant", "content": "draft", "train": False}, ("assistant", "final"))
     assert reason_of(record) == "bad_turn_order"
 
 
@@ -279,68 +268,17 @@ def test_same_conversation_in_any_layout_has_the_same_id():
         ({"messages": [{"content": "no role"}]}, "wrong_type"),
         ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "f(x)"}]}, "wrong_type"),
         ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], "tools": "not json"}, "wrong_type"),
-        (
-            {
-                "messages": [
-                    {"role": "user", "content": "hi"},
-                    {"role": "narrator", "content": "..."},
-                    {"role": "assistant", "content": "yo"},
-                ]
-            },
-            "unknown_role",
-        ),
-        ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]}, "no_assistant_turn"),
+        (openai_record(("user", "hi"), ("narrator", "..."), ("assistant", "yo")), "unknown_role"),
+        (openai_record(("system", "s"), ("user", "hi")), "no_assistant_turn"),
         ({"instruction": "Write a poem."}, "no_assistant_turn"),
         ({"prompt": "Hi", "completion": None}, "no_assistant_turn"),
-        (
-            {
-                "messages": [
-                    {"role": "assistant", "content": "Hello!"},
-                    {"role": "user", "content": "hi"},
-                    {"role": "assistant", "content": "yo"},
-                ]
-            },
-            "bad_turn_order",
-        ),
-        (
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}, {"role": "assistant", "content": "yo"}]},
-            "bad_turn_order",
-        ),
-        (
-            {
-                "messages": [
-                    {"role": "user", "content": "hi"},
-                    {"role": "assistant", "content": "yo"},
-                    {"role": "system", "content": "late"},
-                    {"role": "user", "content": "?"},
-                    {"role": "assistant", "content": "!"},
-                ]
-            },
-            "bad_turn_order",
-        ),
-        (
-            {
-                "messages": [
-                    {"role": "user", "content": "hi"},
-                    {"role": "assistant", "content": "yo"},
-                    {"role": "user", "content": "unanswered"},
-                ]
-            },
-            "bad_turn_order",
-        ),
+        (openai_record(("assistant", "Hello!"), ("user", "hi"), ("assistant", "yo")), "bad_turn_order"),
+        (openai_record(("user", "hi"), ("tool", "{}"), ("assistant", "yo")), "bad_turn_order"),
+        (openai_record(("user", "hi"), ("assistant", "yo"), ("system", "late"), ("user", "?"), ("assistant", "!")), "bad_turn_order"),
+        (openai_record(("user", "hi"), ("assistant", "yo"), ("user", "unanswered")), "bad_turn_order"),
         ({"instruction": "Describe blue.", "output": ""}, "empty_response"),
         ({"prompt": "2+2?", "completion": " \n\t"}, "empty_response"),
-        (
-            {
-                "messages": [
-                    {"role": "user", "content": "hi"},
-                    {"role": "assistant", "content": ""},
-                    {"role": "user", "content": "?"},
-                    {"role": "assistant", "content": "ok"},
-                ]
-            },
-            "empty_response",
-        ),
+        (openai_record(("user", "hi"), ("assistant", ""), ("user", "?"), ("assistant", "ok")), "empty_response"),
     ],
 )
 def test_bad_records_are_refused_with_their_reason(record, reason):

@@ -155,23 +155,16 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path, bpe_tokenizer_path, re
     proc.wait()
     assert not (crashed / "manifest.json").exists()
 
-    subprocess.run(
-        _cli("prepare", *args, "--out", str(crashed)),
-        cwd=repo_root,
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     clean = tmp_path / "clean"
-    subprocess.run(
-        _cli("prepare", *args, "--out", str(clean)),
-        cwd=repo_root,
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    for out in (crashed, clean):  # the killed run again, and one never interrupted
+        subprocess.run(
+            _cli("prepare", *args, "--out", str(out)),
+            cwd=repo_root,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     assert shard_bytes(crashed) == shard_bytes(clean)
     m_crashed, m_clean = read_manifest(crashed), read_manifest(clean)

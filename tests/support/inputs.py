@@ -1,4 +1,5 @@
-"""Small realistic input files for end-to-end prepare/flow tests, written on the fly."""
+"""Small realistic input files for end-to-end prepare/flow tests, written on the fly, and the
+records they hold."""
 
 from __future__ import annotations
 
@@ -46,6 +47,17 @@ def sharegpt_records(offset: int = 0, count: int = 6) -> list[dict]:
             }
         )
     return out
+
+
+def openai_record(*turns, **fields) -> dict:
+    """An OpenAI-style record, ``{"messages": [...], **fields}``, from (role, content) pairs; a dict is
+    taken as a ready-made message."""
+    return {"messages": [turn if isinstance(turn, dict) else {"role": turn[0], "content": turn[1]} for turn in turns], **fields}
+
+
+def sharegpt_record(*turns, **fields) -> dict:
+    """A ShareGPT record, ``{"conversations": [...], **fields}``, from (from, value) pairs."""
+    return {"conversations": [{"from": speaker, "value": value} for speaker, value in turns], **fields}
 
 
 def write_jsonl(path: Path, records: list, bad_lines: list[str] = ()) -> Path:

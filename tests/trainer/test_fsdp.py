@@ -9,14 +9,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.support.training import CURVES, assert_same_curves, corpus_dataset, kill_mid_run
-from tests.trainer.test_loop import ENV, REPO, train_command, train_losses
+from tests.support.training import (
+    CURVES,
+    TORCHRUN,
+    assert_same_curves,
+    corpus_dataset,
+    kill_mid_run,
+    run_train,
+    train_command,
+    train_losses,
+)
 from trainer import SFTTrainer, ShardDataset, TrainConfig
 from trainer.batching import PlannedBatches
 from trainer.checkpoint import (
@@ -32,7 +38,6 @@ from trainer.metrics import read_metrics
 from trainer.models import tiny_model
 from trainer.schedule import build_optimizer
 
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m")
 # 384-token micro-batches: 15 per rank and epoch (8 steps of 2), and 5 validation batches, so
 # the two ranks evaluate 3 and 2 batches and FSDP's idle forward is exercised. The last step is
 # no evaluation step, so final/ is the best checkpoint loaded back into the sharded model.
@@ -50,20 +55,14 @@ def data_dir(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
 def fsdp_run(data_dir, tmp_path_factory):
     """An uninterrupted 2-rank FSDP2 run (with activation checkpointing): the reference curve."""
     out = tmp_path_factory.mktemp("fsdp-run") / "run"
-    run = subprocess.run(
-        train_command(data_dir, out, *STEPS, *FSDP, launcher=TORCHRUN), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_train(train_command(data_dir, out, *STEPS, *FSDP, launcher=TORCHRUN))
     return out
 
 
 def test_fsdp_matches_ddp_with_grad_accumulation(data_dir, fsdp_run, tmp_path):
     """Same ranks, same data order, same normaliser: sharding must not change the curve, the
     global gradient norm (clipping) or the evaluation."""
-    ddp = subprocess.run(
-        train_command(data_dir, tmp_path / "ddp", *STEPS, launcher=TORCHRUN), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_train(train_command(data_dir, tmp_path / "ddp", *STEPS, launcher=TORCHRUN))
     assert_same_curves(fsdp_run, tmp_path / "ddp", (*CURVES, ("train", "grad_norm")))
     assert len([r for r in read_metrics(fsdp_run) if r["type"] == "train"]) == 24
 
@@ -82,15 +81,7 @@ def test_fsdp_kill_9_then_resume_reproduces_the_uninterrupted_loss_curve(data_di
     assert 7 <= logged_before_kill < 24, "the run should have been killed mid-way"
     assert not (crashed / "final").exists()
 
-    resumed = subprocess.run(
-        train_command(data_dir, crashed, *STEPS, *FSDP, "--resume", launcher=TORCHRUN),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = run_train(train_command(data_dir, crashed, *STEPS, *FSDP, "--resume", launcher=TORCHRUN))
     assert "resuming" in resumed.stdout and "from step 0" not in resumed.stdout
     assert train_losses(crashed) == train_losses(fsdp_run)  # bit-for-bit, not approximately
     assert [r["step"] for r in read_metrics(crashed) if r["type"] == "train"] == list(range(1, 25))
@@ -105,10 +96,7 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_rank(data_dir, fsdp_run, tmp_
         if int(later.name.split("-")[1]) > 20:  # resume mid-epoch: step 20 is 4 steps into epoch 2
             shutil.rmtree(later)
     shutil.rmtree(run / "final")
-    resumed = subprocess.run(
-        train_command(data_dir, run, *STEPS, "--fsdp", "--resume"), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = run_train(train_command(data_dir, run, *STEPS, "--fsdp", "--resume"))
     # 8 micro-batches on each of 2 ranks = 16 global ones: the single rank goes on at its 16th
     assert "saved on 2 rank(s) and continues on 1: 8 micro-batches per rank become 16, skipping 0" in resumed.stdout
     rows = [r for r in read_metrics(run) if r["type"] == "train"]
@@ -235,15 +223,7 @@ def test_ddp_gradients_live_in_its_buckets_not_beside_them(data_dir, bpe_tokeniz
     """What the memory estimate counts for DDP: one copy of the gradients, not two."""
     probe = tmp_path / "probe.py"
     probe.write_text(BUCKET_PROBE)
-    run = subprocess.run(
-        [*TORCHRUN[:-1], str(probe), str(data_dir), str(bpe_tokenizer_path), str(tmp_path / "grads")],
-        cwd=REPO,
-        env={**ENV, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_train([*TORCHRUN, str(probe), str(data_dir), str(bpe_tokenizer_path), str(tmp_path / "grads")])
     for rank in (0, 1):
         for params, storages in json.loads((tmp_path / f"grads-rank{rank}.json").read_text()):
             assert params > 10 and storages <= 2, (params, storages)  # each gradient a view into a bucket

@@ -4,20 +4,15 @@ adapter, checkpoints hold the adapters and resume exactly, and misuse is one cle
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.support.training import TRAIN_ENV, corpus_dataset, train_losses
+from tests.support.training import corpus_dataset, cpu_config, run_train, train_command, train_losses
 from trainer.loop import SFTTrainer, TrainConfig
 from trainer.lora import KNOWN_TARGETS, MERGED_DIR, apply_lora, find_targets
 from trainer.models import tiny_model
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +23,7 @@ def data_dir(tmp_path_factory, bpe_tokenizer, bpe_tokenizer_path):
 def lora_trainer(data_dir, tokenizer, out, **options):
     from trainer.data import ShardDataset
 
-    config = TrainConfig(
-        data=data_dir,
-        out=out,
-        device="cpu",
-        batch_tokens=512,
-        lr=1e-2,
-        eval_every=100,
-        save_every=100,
-        progress=False,
-        seed=1,
-        lora_r=8,
-        **options,
-    )
+    config = cpu_config(data=data_dir, out=out, lr=1e-2, eval_every=100, save_every=100, seed=1, lora_r=8, **options)
     model = tiny_model(tokenizer, seed=1)
     return SFTTrainer(model, ShardDataset(data_dir, "train"), ShardDataset(data_dir, "val"), config, tokenizer=tokenizer)
 
@@ -86,36 +69,9 @@ def test_final_holds_the_adapter_and_the_merged_model_gives_the_same_logits(data
 
 
 def test_a_lora_run_resumes_from_its_checkpoint_exactly(data_dir, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "train",
-        "--data",
-        str(data_dir),
-        "--model",
-        "tiny",
-        "--device",
-        "cpu",
-        "--batch-tokens",
-        "512",
-        "--lr",
-        "1e-2",
-        "--seed",
-        "1",
-        "--lora-r",
-        "4",
-        "--lora-dropout",
-        "0.1",
-        "--max-steps",
-        "8",
-        "--save-every",
-        "4",
-        "--eval-every",
-        "100",
-    ]
-    env = TRAIN_ENV
-    subprocess.run([*command, "--out", str(tmp_path / "full")], cwd=REPO, env=env, check=True, capture_output=True)
+    # later options win over train_command's own --lr and --eval-every
+    lora = ["--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0.1", "--max-steps", "8", "--save-every", "4", "--eval-every", "100"]
+    run_train(train_command(data_dir, tmp_path / "full", *lora))
     uninterrupted = train_losses(tmp_path / "full")
     assert len(uninterrupted) == 8
 
@@ -126,43 +82,23 @@ def test_a_lora_run_resumes_from_its_checkpoint_exactly(data_dir, tmp_path):
     shutil.rmtree(crashed / "final")
     metrics = (crashed / "metrics.jsonl").read_text().splitlines()
     (crashed / "metrics.jsonl").write_text("\n".join(metrics[:4]) + "\n")
-    resumed = subprocess.run([*command, "--out", str(crashed), "--resume"], cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    resumed = run_train(train_command(data_dir, crashed, *lora, "--resume"))
     assert "from step 4" in resumed.stdout
     assert train_losses(crashed) == uninterrupted  # dropout included: the RNG state is restored
     # the checkpoint holds the adapters and their optimizer state, not a copy of the frozen base
     saved = torch.load(crashed / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)
     assert saved["model"] and all(".lora_A." in name or ".lora_B." in name for name in saved["model"])
 
-    other_rank = subprocess.run(
-        [*command, "--lora-r", "8", "--out", str(crashed), "--resume"],
-        cwd=REPO,
-        env=env,  # the last --lora-r wins
-        capture_output=True,
-        text=True,
-    )
-    assert other_rank.returncode == 2 and "holds LoRA adapters of another setup (lora_r 4 -> 8)" in other_rank.stderr
-    other_dtype = subprocess.run(
-        [*command, "--dtype", "bf16", "--out", str(crashed), "--resume"], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert other_dtype.returncode == 2, other_dtype.stderr
+    other_rank = run_train(train_command(data_dir, crashed, *lora, "--lora-r", "8", "--resume"), expect=2)  # the last --lora-r wins
+    assert "holds LoRA adapters of another setup (lora_r 4 -> 8)" in other_rank.stderr
+    other_dtype = run_train(train_command(data_dir, crashed, *lora, "--dtype", "bf16", "--resume"), expect=2)
     assert "are fp32 and --dtype asks for bf16; resume with --dtype fp32" in " ".join(other_dtype.stderr.split())
 
 
 def test_bf16_weights_keep_adapters_in_fp32_and_train(data_dir, bpe_tokenizer, tmp_path):
     from trainer.data import ShardDataset
 
-    config = TrainConfig(
-        data=data_dir,
-        out=tmp_path / "run",
-        device="cpu",
-        batch_tokens=512,
-        lr=1e-2,
-        max_steps=6,
-        eval_every=100,
-        progress=False,
-        lora_r=8,
-        dtype="bf16",
-    )
+    config = cpu_config(data=data_dir, out=tmp_path / "run", lr=1e-2, max_steps=6, eval_every=100, lora_r=8, dtype="bf16")
     model = tiny_model(bpe_tokenizer, seed=1, dtype="bf16")
     trainer = SFTTrainer(model, ShardDataset(data_dir, "train"), None, config, tokenizer=bpe_tokenizer)
     dtypes = {p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -192,28 +128,7 @@ def test_targets_are_found_by_name_and_a_wrong_name_is_one_clear_sentence(bpe_to
     ],
 )
 def test_cli_refuses_lora_misuse_with_one_sentence(data_dir, tmp_path, options, message):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "train",
-            "--data",
-            str(data_dir),
-            "--out",
-            str(tmp_path / "run"),
-            "--device",
-            "cpu",
-            "--max-steps",
-            "1",
-            *options,
-        ],
-        cwd=REPO,
-        env=TRAIN_ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2, result.stderr
+    result = run_train(train_command(data_dir, tmp_path / "run", "--max-steps", "1", *options), expect=2)
     assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
 
 

@@ -8,10 +8,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tests.support.models import MODELS, model_config
 from tests.support.training import corpus_dataset
 from trainer import SFTTrainer, ShardDataset, TrainConfig
 from trainer.lora import apply_lora
@@ -23,16 +24,9 @@ from trainer.sharding import checkpoint_activations
 
 runner = CliRunner()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Llama-3.1-8B's config.json (huggingface.co/meta-llama/Llama-3.1-8B): counted on the meta device only.
-LLAMA_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    tie_word_embeddings=False,
-)
+# Llama-3.1-8B's config.json (huggingface.co/meta-llama/Llama-3.1-8B), as the README's memory
+# table has it (bench/_common.py): counted on the meta device only.
+LLAMA_8B = MODELS["Llama-3.1-8B"]
 
 
 def wide_llama(layers: int = 2, vocab: int = 2000, hidden: int = 256, intermediate: int = 704) -> LlamaConfig:
@@ -71,15 +65,7 @@ def tensor_bytes(tensors) -> int:
     "config",
     [
         wide_llama(),
-        Qwen2Config(
-            vocab_size=3000,
-            hidden_size=128,
-            intermediate_size=352,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        ),  # q/k/v biases, untied head
+        model_config(("qwen2", 3000, 128, 352, 3, 4, 2, False)),  # q/k/v biases, untied head (a row in MODEL_FIELDS order)
     ],
     ids=["llama-tied", "qwen2-untied"],
 )
@@ -242,7 +228,7 @@ def test_parse_size():
 
 @pytest.mark.parametrize("gpu_memory,gpus", [("80GB", 1), ("80GB", 8), ("24GiB", 1), ("40GB", 4)])
 def test_every_suggestion_fits_and_none_extends_another(gpu_memory, gpus):
-    shape = model_shape(LlamaConfig(**LLAMA_8B))
+    shape = model_shape(model_config(LLAMA_8B))
     current = Strategy(batch_tokens=8192, world_size=gpus)
     budget = usable_bytes(parse_size(gpu_memory))
     assert estimate(shape, current).total > budget
@@ -265,7 +251,7 @@ def test_a_run_that_fits_gets_no_suggestion():
 def model_folder(tmp_path_factory):
     """A local model folder with a config.json and nothing else: the dry run reads no weights."""
     folder = tmp_path_factory.mktemp("llama-8b")
-    LlamaConfig(**LLAMA_8B).save_pretrained(folder)
+    model_config(LLAMA_8B).save_pretrained(folder)
     assert [p.name for p in folder.iterdir()] == ["config.json"]
     return folder
 
@@ -319,7 +305,7 @@ def test_gpu_memory_without_dry_run_is_refused(dataset, tmp_path):
 
 
 def test_estimate_as_dict_is_json_for_other_reports():
-    result = estimate_memory(LlamaConfig(**LLAMA_8B), batch_tokens=8192, lora_r=16, dtype="bf16", activation_checkpointing=True)
+    result = estimate_memory(model_config(LLAMA_8B), batch_tokens=8192, lora_r=16, dtype="bf16", activation_checkpointing=True)
     data = json.loads(json.dumps(result.as_dict()))
     assert data["total_bytes"] == result.total == sum(data["bytes"].values())
     assert data["strategy"]["lora_r"] == 16

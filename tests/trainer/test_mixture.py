@@ -14,7 +14,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,15 @@ from pipeline.config import SFTConfig
 from pipeline.schema import IGNORE_INDEX
 from pipeline.steps import prepare
 from tests.support.inputs import alpaca_records, make_inputs, sharegpt_records, write_json, write_jsonl
-from tests.support.training import TRAIN_ENV, assert_same_curves, kill_mid_run, train_losses
+from tests.support.training import (
+    TORCHRUN,
+    assert_same_curves,
+    cpu_config,
+    kill_mid_run,
+    run_train,
+    train_command,
+    train_losses,
+)
 from trainer.batching import collate_packed
 from trainer.data import ShardDataset
 from trainer.loop import SFTTrainer, TrainConfig, run_training
@@ -39,8 +46,6 @@ from trainer.mixture_plan import plan_mixture
 from trainer.models import tiny_model
 from trainer.sampling import EpochPlanner
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**TRAIN_ENV, "PYTHONPATH": str(REPO)}
 runner = CliRunner()
 
 CHAT = {"name": "chat", "sources": ["*sharegpt*", "*openai*"]}
@@ -71,31 +76,6 @@ def shares_of(mixture, order) -> np.ndarray:
     kept = mixture.train.kept
     delivered = np.bincount(mixture.train.group[kept][order], weights=mixture.train.trained[kept][order], minlength=len(mixture.groups))
     return delivered / delivered.sum()
-
-
-def train_command(spec, out, *extra, launcher=(sys.executable, "-m")):
-    return [
-        *launcher,
-        "flows.cli",
-        "train",
-        "--mixture",
-        str(spec),
-        "--out",
-        str(out),
-        "--model",
-        "tiny",
-        "--batch-tokens",
-        "512",
-        "--lr",
-        "3e-3",
-        "--device",
-        "cpu",
-        "--eval-every",
-        "10",
-        "--seed",
-        "1",
-        *extra,
-    ]
 
 
 # --- shares, determinism, the shards untouched ------------------------------------------------
@@ -410,20 +390,7 @@ def test_a_group_loss_weight_scales_its_tokens_loss(root, bpe_tokenizer):
 # --- training: validation + early stopping, resume, DDP --------------------------------------
 def test_validation_uses_the_groups_val_rows_once_and_early_stopping_works(root, tmp_path):
     spec = write_spec(root / "val.yaml", [{**CHAT, "weight": 0.5}, {**ZH, "weight": 0.5}], rest="drop")
-    summary = run_training(
-        TrainConfig(
-            mixture=spec,
-            out=tmp_path / "run",
-            max_steps=50,
-            lr=0.0,
-            batch_tokens=512,
-            eval_every=2,
-            patience=2,
-            save_every=1000,
-            device="cpu",
-            progress=False,
-        )
-    )
+    summary = run_training(cpu_config(mixture=spec, out=tmp_path / "run", max_steps=50, lr=0.0, eval_every=2, patience=2, save_every=1000))
     assert summary["stop_reason"] == "early_stopping" and summary["steps"] == 6
     mixture = load_mixture(spec)
     val_sources = {mixture.sources[s][1] for s in mixture.val.source[mixture.val.kept]}
@@ -445,18 +412,16 @@ def mixed_spec(root: Path, name: str, zh_weight: float = 0.5) -> Path:
 def test_kill_9_mid_epoch_then_resume_reproduces_the_loss_curve(root, tmp_path):
     spec = mixed_spec(root, "resume.yaml")
     steps = ["--max-steps", "24", "--save-every", "4"]
-    full = subprocess.run(train_command(spec, tmp_path / "full", *steps), cwd=REPO, env=ENV, capture_output=True, text=True)
-    assert full.returncode == 0, full.stderr[-3000:]
+    full = run_train(train_command(spec, tmp_path / "full", *steps, data_option="--mixture"))
     assert "delivered" in full.stdout  # the plan is shown at the start
     uninterrupted = train_losses(tmp_path / "full")
     assert len(uninterrupted) == 24
     assert max(r["epoch"] for r in read_metrics(tmp_path / "full") if r["type"] == "train") >= 1, "should span epochs"
 
     crashed = tmp_path / "crashed"
-    assert 7 <= kill_mid_run(train_command(spec, crashed, *steps), crashed, after_steps=7) < 24, "killed mid-way"
+    assert 7 <= kill_mid_run(train_command(spec, crashed, *steps, data_option="--mixture"), crashed, after_steps=7) < 24, "killed mid-way"
 
-    resumed = subprocess.run(train_command(spec, crashed, *steps, "--resume"), cwd=REPO, env=ENV, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = run_train(train_command(spec, crashed, *steps, "--resume", data_option="--mixture"))
     assert "resuming" in resumed.stdout and "from step 0" not in resumed.stdout
     assert train_losses(crashed) == uninterrupted  # bit-for-bit
 
@@ -517,11 +482,7 @@ def test_two_process_ddp_ranks_see_disjoint_rows_and_match_one_process(root, tmp
     )
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
-    ddp = subprocess.run(
-        [*torchrun, str(probe), str(spec), str(tmp_path / "ddp")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_train([*TORCHRUN, str(probe), str(spec), str(tmp_path / "ddp")])
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     mixture = load_mixture(spec)
     planner = EpochPlanner(mixture.train.length[mixture.train.kept], 1, 512, order=mixture.sampler().epoch_order)
@@ -534,21 +495,7 @@ def test_two_process_ddp_ranks_see_disjoint_rows_and_match_one_process(root, tmp
         assert sorted(seen[0] + seen[1]) == sorted(trained) and len(set(trained)) == len(trained)
 
     # the same global batches as one process accumulating two micro-batches per step
-    run_training(
-        TrainConfig(
-            mixture=spec,
-            out=tmp_path / "single",
-            max_steps=6,
-            lr=3e-3,
-            batch_tokens=512,
-            grad_accum=2,
-            eval_every=3,
-            save_every=100,
-            device="cpu",
-            seed=1,
-            progress=False,
-        )
-    )
+    run_training(cpu_config(mixture=spec, out=tmp_path / "single", max_steps=6, grad_accum=2, eval_every=3, save_every=100, seed=1))
     assert_same_curves(tmp_path / "ddp", tmp_path / "single")
 
 
