@@ -87,8 +87,8 @@ class DedupConfig(_Section):
     verify: bool = Field(True, description="confirm LSH candidates by Jaccard (see verify_exact); off: every candidate counts")
     verify_exact: bool = Field(
         True,
-        description="verify candidates within a run by the exact Jaccard of their shingle sets "
-        "(pairs against an earlier run's index use the MinHash estimate)",
+        description="verify candidates by the exact Jaccard of their shingle sets, within a run and against "
+        "earlier runs' index (off: by the MinHash estimate)",
     )
     seed: int = 1
     partitions: int = Field(8, gt=0, description="band-bucket partitions, one task each when scaled out")

@@ -5,10 +5,12 @@ Owns the keep policy and every removal decision.
 1. Exact duplicates first: rows whose normal form an earlier run kept are removed
    (``exact_duplicate`` of that record); the others group by normal form.
 2. Candidate pairs (from :func:`pipeline.dedup.lsh.candidate_pairs`, one group of bands per
-   partition) are verified: pairs within this run by the exact Jaccard of their shingle sets
-   (``verify_exact``, precise at the threshold), pairs against an earlier run's record by the
-   MinHash estimate (its text is no longer at hand, its signature is). Pairs below the
-   threshold are dropped.
+   partition) are verified by the exact Jaccard of their shingle sets (``verify_exact``,
+   precise at the threshold), whether both records are new or one was kept by an earlier run
+   (its shingle set is in the index; only the rows candidate pairs name are read). So a pair is
+   judged the same way in one run or across refreshes. A pair against a record of a format-1
+   index part (no shingle sets stored) falls back to the MinHash estimate and is counted
+   (``pairs_judged_by_estimate``). Pairs below the threshold are dropped.
 3. Connected components over the verified pairs (``scipy.sparse.csgraph``), exact-duplicate
    groups folded in: each component is a cluster.
 4. Keep policy, deterministic: a cluster holding a record kept by an earlier run keeps only the
@@ -24,6 +26,7 @@ Owns the keep policy and every removal decision.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -44,6 +48,8 @@ from pipeline.dedup.minhash import estimated_jaccard
 from pipeline.dedup.normalize import row_dicts
 from pipeline.fsutil import write_parquet_atomic
 from pipeline.stage import Drop, StageRun, StageStats, rejected_rows_from_table, write_rejected
+
+log = logging.getLogger("sftkit.dedup")
 
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
 EXACT_MARGIN = 0.2
@@ -87,12 +93,25 @@ def _shingle_sets(rows: _Rows, nodes: np.ndarray) -> dict[int, np.ndarray]:
     sets: dict[int, np.ndarray] = {}
     for i, picked, local in rows.split(nodes):
         column = pq.read_table(rows.sig_paths[i], columns=[SHINGLES]).column(0).combine_chunks()
-        taken = column.take(pa.array(local))
-        values = taken.flatten().to_numpy()
-        offsets = taken.offsets.to_numpy() - taken.offsets[0].as_py()
-        for node, lo, hi in zip(picked, offsets[:-1], offsets[1:]):
-            sets[int(node)] = values[lo:hi]
+        sets.update(_list_sets(picked, column.take(pa.array(local))))
     return sets
+
+
+def _index_shingle_sets(index_dir, index_parts, nodes: np.ndarray, num_new: int) -> dict[int, np.ndarray]:
+    """The same for the given old nodes (sorted), read from the index rows they name; a node whose
+    part stores no shingle sets (format 1) is left out."""
+    if not len(nodes):
+        return {}
+    return _list_sets(nodes, dedup_index.index_rows(index_dir, index_parts, nodes - num_new, dedup_index.SHINGLES))
+
+
+def _list_sets(nodes: np.ndarray, lists: pa.ListArray) -> dict[int, np.ndarray]:
+    """``{node: its list as numpy}`` for the non-null entries of ``lists`` (one per node)."""
+    lengths = pc.fill_null(lists.value_lengths(), 0).to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = lists.flatten().to_numpy()  # null entries contribute no values
+    valid = lists.is_valid().to_numpy(zero_copy_only=False)
+    return {int(node): values[lo:hi] for node, lo, hi, ok in zip(nodes, offsets[:-1], offsets[1:], valid) if ok}
 
 
 def _set_jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -213,7 +232,11 @@ def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts,
         return node_sigs[np.searchsorted(nodes, node)]
 
     estimate = estimated_jaccard(signature(pairs[:, 0]), signature(pairs[:, 1]))
-    accepted = _verify(pairs, estimate, rows, config) if config.verify else pairs
+    by_estimate = 0
+    if config.verify:
+        accepted, by_estimate = _verify(pairs, estimate, rows, config, index_dir, index_parts)
+    else:
+        accepted = pairs
 
     # 3. clusters, 4. keep policy
     groups = _clusters(accepted, rep_of, hit, num_new, total)
@@ -244,6 +267,13 @@ def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts,
     run.count(num_new, kept=int(reasons[0]), drops=[EXACT] * int(reasons[1]) + [NEAR] * int(reasons[2]))
     bands, rows_per_band = lsh_shape(config)
     run.stats.extra.update({"candidate_pairs": int(len(pairs)), "verified_pairs": int(len(accepted)), "lsh": f"{bands}x{rows_per_band}"})
+    if by_estimate:
+        run.stats.extra["pairs_judged_by_estimate"] = by_estimate
+        log.warning(
+            "dedup: %d candidate pairs near the threshold were judged by the MinHash estimate, as their earlier record's "
+            "index part (written by an older sftkit) stores no shingle sets; prepare into a fresh folder for exact verification",
+            by_estimate,
+        )
     return removed_by_file
 
 
@@ -270,19 +300,28 @@ def _load_pairs(edges, total: int) -> np.ndarray:
     return np.stack([codes // total, codes % total], axis=1)
 
 
-def _verify(pairs: np.ndarray, estimate: np.ndarray, rows: _Rows, config: DedupConfig) -> np.ndarray:
-    """The pairs whose similarity reaches the threshold (see the module docstring)."""
+def _verify(pairs: np.ndarray, estimate: np.ndarray, rows: _Rows, config: DedupConfig, index_dir, index_parts) -> tuple[np.ndarray, int]:
+    """The pairs whose similarity reaches the threshold (see the module docstring), and how many
+    pairs near it were judged by the estimate for want of an old record's shingle set."""
     similarity = estimate.copy()
-    if config.verify_exact:
-        # Only pairs whose estimate is near the threshold need their exact Jaccard: the
-        # estimate's standard deviation is <= 0.5 / sqrt(num_perm) (0.044 at 128), so one
-        # EXACT_MARGIN away it decides the same way except with negligible probability.
-        near = np.abs(estimate - config.threshold) < EXACT_MARGIN
-        within = np.flatnonzero((pairs[:, 1] < rows.total) & near)
-        sets = _shingle_sets(rows, np.unique(pairs[within]))
-        for k in within:
-            similarity[k] = _set_jaccard(sets[int(pairs[k, 0])], sets[int(pairs[k, 1])])
-    return pairs[similarity >= config.threshold]
+    if not config.verify_exact:
+        return pairs[similarity >= config.threshold], 0
+    # Only pairs whose estimate is near the threshold need their exact Jaccard: the estimate's
+    # standard deviation is <= 0.5 / sqrt(num_perm) (0.044 at 128), so one EXACT_MARGIN away it
+    # decides the same way except with negligible probability. The rule depends on the pair
+    # alone, not on which run its records came in.
+    near = np.flatnonzero(np.abs(estimate - config.threshold) < EXACT_MARGIN)
+    nodes = np.unique(pairs[near])
+    sets = _shingle_sets(rows, nodes[nodes < rows.total])
+    sets |= _index_shingle_sets(index_dir, index_parts, nodes[nodes >= rows.total], rows.total)
+    by_estimate = 0
+    for k in near:
+        a, b = sets.get(int(pairs[k, 0])), sets.get(int(pairs[k, 1]))
+        if a is None or b is None:
+            by_estimate += 1
+        else:
+            similarity[k] = _set_jaccard(a, b)
+    return pairs[similarity >= config.threshold], by_estimate
 
 
 def _clusters(accepted: np.ndarray, rep_of: np.ndarray, hit: np.ndarray, num_new: int, total: int):

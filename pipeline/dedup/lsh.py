@@ -5,8 +5,8 @@ Owns the signature file of a chunk and the candidate edge list of a band partiti
 Signature file (Parquet, one per input chunk, row order = the chunk's): ``id``, ``source``,
 ``source_index``, ``response_chars`` (the keep policy's "longest response"), ``exact_hash``
 (uint64 of the normal form), ``signature`` (uint32 x num_perm), ``shingles`` (the sorted
-distinct shingle hashes, for exact-Jaccard verification), ``band_000`` ... (uint64 per LSH
-band, one column each so a partition reads only its bands).
+distinct shingle hashes, for exact-Jaccard verification; the kept rows' go into the index part),
+``band_000`` ... (uint64 per LSH band, one column each so a partition reads only its bands).
 
 Node numbering shared by every step: the rows of the signature files in order are nodes
 ``0 .. N-1``; the rows of the committed index parts in order are ``N .. N+M-1``.
@@ -33,7 +33,7 @@ from pipeline.dedup.shingles import shingle_hashes, unique_per_document
 from pipeline.fsutil import write_parquet_atomic
 
 RESPONSE_CHARS = "response_chars"
-SHINGLES = "shingles"
+SHINGLES = dedup_index.SHINGLES  # the same column goes on into the index part of the kept rows
 _BATCH_ROWS = 4096
 _BATCH_CHARS = 1_000_000  # measured: larger batches fall out of cache
 # Bucket groups up to this size give all their pairs to verification; larger ones (a template
