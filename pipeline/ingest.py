@@ -81,9 +81,13 @@ def ingest_file(
     source = str(in_path) if source is None else source
     limits = config.ingest
 
+    kept_rows: list[dict] = []
+    rejected_rows: list[dict] = []
+
     def progress(read: ReadProgress) -> None:
         if read.done and not read.compressed_bytes:
             return  # a plain file's end says nothing the stage's own counts do not
+        records = run.stats.records_in + len(kept_rows) + len(rejected_rows)  # counted, and not yet written
         where = (
             f" from {_mib(read.compressed_bytes)} of {_mib(read.file_bytes)} compressed"
             if read.compressed_bytes is not None
@@ -95,10 +99,10 @@ def ingest_file(
             "finished," if read.done else "reading,",
             _mib(read.bytes_read),
             where,
-            run.stats.records_in,
+            records,
         )
         if on_progress is not None:
-            on_progress(read, run.stats.records_in)
+            on_progress(read, records)
 
     with StageRun(STAGE) as run, contextlib.ExitStack() as stack:
         kept = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
@@ -112,8 +116,6 @@ def ingest_file(
             on_progress=progress,
             progress_interval_s=progress_interval_s,
         )
-        kept_rows: list[dict] = []
-        rejected_rows: list[dict] = []
 
         def flush() -> None:
             kept.write(kept_rows)

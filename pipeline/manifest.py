@@ -47,9 +47,10 @@ from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import pyarrow.parquet as pq
+from typing_extensions import TypedDict  # typing's cannot be a pydantic field on Python 3.11 (Prefect's JSON results)
 
 from pipeline import schema
 from pipeline.fsutil import write_json_atomic
@@ -168,10 +169,11 @@ def build_manifest(
     dedup_index: list[str],
     stages: Iterable[StageStats],
     rebuild: bool,
-    removed: list[str],
 ) -> dict[str, Any]:
     """The next version of the manifest: ``previous`` (None for a first run or a rebuild) plus what
-    this run added. Refuses, with the figures, to build one that loses a record."""
+    this run added. Refuses, with the figures, to build one that loses a record. The caller adds
+    the run's new dedup index part and, once it knows them, the files the run removes
+    (``history[-1]["removed"]``)."""
     totals: dict[str, StageStats] = {}
     for stats in stages:
         totals[stats.name] = totals[stats.name] + stats if stats.name in totals else stats
@@ -212,7 +214,7 @@ def build_manifest(
             "kept": sum(s.get("records", s["rows"]) for s in new_shards),
             "shards_added": len(new_shards),
             "rebuild": rebuild,
-            "removed": removed,
+            "removed": [],
         }
     ]
     return {

@@ -483,7 +483,22 @@ def finalize(
     root = plan.root
     previous = None if plan.rebuild else manifest_io.read_manifest_or_none(root)
     step_results = [*ingest_results, *([dedup_result] if dedup_result else []), *quality_results, *tokenize_results]
-    index_parts = list(plan.index_parts)
+    manifest = manifest_io.build_manifest(  # refuses, before anything is written, to lose a record
+        root,
+        previous,
+        version=plan.previous_version + 1,
+        tokenizer={"name": plan.tokenizer, "fingerprint": plan.tokenizer_fingerprint},
+        template={"name": plan.template_name, "fingerprint": plan.template_fingerprint},
+        config=plan.config.model_dump(mode="json"),
+        config_fingerprint=plan.config_fingerprint,
+        code_version=plan.code_version,
+        new_inputs=[{"source": i.source, "sha256": i.sha256, "records": r.stats.records_in} for i, r in zip(plan.inputs, ingest_results)],
+        new_shards=shard_result.shards,
+        new_rejected=[Path(r.rejected) for r in step_results if r.rejected],
+        dedup_index=list(plan.index_parts),
+        stages=[r.stats for r in step_results] + [shard_result.stats],
+        rebuild=plan.rebuild,
+    )
     if dedup_result and dedup_result.index_part:
         # Remember only what reached the shards: a record that quality or tokenize dropped must
         # not make a later, better near-copy of it look like a duplicate.
@@ -495,34 +510,12 @@ def finalize(
             for i in pq.read_table(root / entry["path"], columns=[schema.ID]).column(schema.ID).to_pylist()
         ]
         if restricted := restrict_part(root / DEDUP_INDEX, dedup_result.index_part, kept_ids):
-            index_parts.append(restricted)
-    new_rejected = [Path(r.rejected) for r in step_results if r.rejected]
-    listed = (
-        (manifest_io.listed_files(previous) if previous else set())
-        | {s["path"] for s in shard_result.shards}
-        | {p.relative_to(root).as_posix() for p in new_rejected}
-        | {f"{DEDUP_INDEX}/{p}" for p in index_parts}
-    )
+            manifest["dedup_index"].append(restricted)
+    listed = manifest_io.listed_files(manifest)
     unlisted = _unlisted(root, listed)
     note = root / WORK / REMOVED_AT_BEGIN
     removed_at_begin = json.loads(note.read_text(encoding="utf-8")) if note.exists() else []
-    manifest = manifest_io.build_manifest(
-        root,
-        previous,
-        version=plan.previous_version + 1,
-        tokenizer={"name": plan.tokenizer, "fingerprint": plan.tokenizer_fingerprint},
-        template={"name": plan.template_name, "fingerprint": plan.template_fingerprint},
-        config=plan.config.model_dump(mode="json"),
-        config_fingerprint=plan.config_fingerprint,
-        code_version=plan.code_version,
-        new_inputs=[{"source": i.source, "sha256": i.sha256, "records": r.stats.records_in} for i, r in zip(plan.inputs, ingest_results)],
-        new_shards=shard_result.shards,
-        new_rejected=new_rejected,
-        dedup_index=index_parts,
-        stages=[r.stats for r in step_results] + [shard_result.stats],
-        rebuild=plan.rebuild,
-        removed=sorted((set(removed_at_begin) - listed) | set(unlisted)),
-    )
+    manifest["history"][-1]["removed"] = sorted((set(removed_at_begin) - listed) | set(unlisted))
     manifest_io.write_manifest(root, manifest)
     _clean_up(root, unlisted)
     return manifest

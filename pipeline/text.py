@@ -20,8 +20,9 @@ What each consumer does with it:
 * quality: the repetition statistics and the decontamination n-grams count every such
   character as one token, and words elsewhere, Korean words included.
 * dedup: the normal form makes every such character one token, and a text made mostly of
-  them is shingled by character n-grams (``dedup.char_ngram``). Dedup also cuts **Hangul**
-  into characters (:data:`CHARACTER_SHINGLED_RANGES`), the one deliberate difference: a Korean
+  them is shingled by character n-grams (``dedup.char_ngram``). Its ranges
+  (:data:`CHARACTER_SHINGLED_RANGES`) are frozen as they were before this module, and they cut
+  **Hangul** into characters too, the one deliberate difference: a Korean
   word carries its particles and endings (학교에서, 학교로), so word n-grams miss copies that
   differ in one particle, while syllable n-grams find them; and the persisted dedup index
   holds hashes of this normal form, so changing it would silently stop old datasets from
@@ -60,14 +61,28 @@ UNSPACED_RANGES = (
 )
 """Code point ranges of the scripts written without spaces, as the body of a regex class."""
 
-HANGUL_RANGES = (
+# Dedup's normal form hashes these ranges character by character. They are the ranges dedup used
+# before this module existed, frozen: the persisted dedup index holds hashes of that normal form,
+# so a range added here would silently stop old datasets from matching new copies of what they
+# kept. They are the unspaced scripts above less a few rare blocks (々〆〇, Khmer symbols, Myanmar
+# extended, CJK extension H), plus Hangul.
+CHARACTER_SHINGLED_RANGES = (
+    "\u0e00-\u0eff"  # Thai, Lao
+    "\u0f00-\u0fff"  # Tibetan
+    "\u1000-\u109f"  # Myanmar
     "\u1100-\u11ff"  # Hangul Jamo
-    "\u3130-\u318f"  # Hangul compatibility Jamo
+    "\u1780-\u17ff"  # Khmer
+    "\u2e80-\u2fdf"  # CJK radicals
+    "\u3040-\u30ff"  # Hiragana, Katakana
+    "\u3100-\u31ff"  # Bopomofo, Hangul compatibility Jamo, Katakana extensions
+    "\u3400-\u4dbf"  # CJK extension A
+    "\u4e00-\u9fff"  # CJK unified ideographs
     "\ua960-\ua97f"  # Hangul Jamo extended A
     "\uac00-\ud7ff"  # Hangul syllables, Jamo extended B
+    "\uf900-\ufaff"  # CJK compatibility ideographs
+    "\U00020000-\U0003134f"  # CJK extensions B-G
 )
-CHARACTER_SHINGLED_RANGES = UNSPACED_RANGES + HANGUL_RANGES
-"""What dedup's normal form cuts into one token per character: the unspaced scripts and Hangul."""
+"""What dedup's normal form cuts into one token per character (frozen; see above)."""
 
 UNSPACED_CHAR = re.compile(f"[{UNSPACED_RANGES}]")
 UNSPACED_RUN = re.compile(f"[{UNSPACED_RANGES}]+")

@@ -172,7 +172,7 @@ def assemble(rows: _Rows, results: list[Encoded | Drop]) -> tuple[pa.Table, pa.T
         pool = pa.concat_tables([pool, rows.record_table.select(_CANONICAL_COLUMNS)])
     rejected_parts, positions = [], []
     for stage in ("template", "tokenize"):
-        picked = [(i, r, t) for i, r, t in rejected_rows if r.stage == stage]
+        picked = [(i, r, t) for i, r, t in rejected_rows if (r.stage or "tokenize") == stage]
         if picked:
             filed_rows = [
                 table.num_rows + int(record_of_row[i]) if rows.record_table is not None and t is None else i for i, _, t in picked

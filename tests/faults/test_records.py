@@ -353,6 +353,7 @@ def test_reading_a_compressed_file_reports_progress(tmp_path, caplog):
     assert len(seen) > 5 and seen[-1][3] and seen[-1][0] == stats.records_in * len(LINE)
     assert [s[0] for s in seen] == sorted(s[0] for s in seen) and all(s[1] is not None for s in seen)
     assert seen[len(seen) // 2][2] > 0  # records counted along the way
+    assert seen[-1][2] == stats.records_in  # the last report counts every record, written or not yet
     lines = [r.getMessage() for r in caplog.records if r.name == "sftkit.ingest"]
     assert len(lines) > 5 and "MiB read" in lines[0] and "compressed" in lines[0] and "records" in lines[0]
     assert 0 < readers.PROGRESS_INTERVAL_S <= 10  # by default, a line every few seconds
