@@ -15,6 +15,8 @@ default /tmp/dt-venv/bin/python; ``python -m venv /tmp/dt-venv && /tmp/dt-venv/b
 datatrove regex spacy``), else against a straightforward per-filter Python loop over our filters.
 
     .venv/bin/python -m bench.quality            # writes bench/results/quality.json
+    .venv/bin/python -m bench.quality --against HEAD   # also: same decisions as HEAD's chain, and how much faster
+                                                       # (bench/quality_equivalence.py says how)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from types import ModuleType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -282,6 +285,13 @@ class BadRecords:
             text = " ".join(str(r.randrange(10**6, 10**9)) for _ in range(r.randrange(15, 40)))
         return _qa(prompt, text)
 
+    def letterless(self, lang):
+        """A short response of punctuation and symbols only: no placeholder, just nothing said."""
+        r = self.rng
+        prompt = self._pair()[0] if lang == "en" else r.choice(ZH_QA)[0]
+        marks = "!?*#~=+-_.:;()/\\|^" if lang == "en" else "！？。，、…—～·《》（）"
+        return _qa(prompt, "".join(r.choice(marks) for _ in range(r.randrange(2, 12))))
+
     def pii(self, lang):
         r = self.rng
         prompt, answer = self._pair() if lang == "en" else r.choice(ZH_QA)
@@ -352,7 +362,8 @@ def evaluation_set(rng: random.Random) -> list[dict]:
     return items
 
 
-KINDS = ("empty", "missing_instruction", "length", "refusal", "repetition", "garbage", "pii", "contamination")
+# Generated in this order from one seeded stream: a new kind goes last, so the others stay the same.
+KINDS = ("empty", "missing_instruction", "length", "refusal", "repetition", "garbage", "pii", "contamination", "letterless")
 EXPECTED_FILTER = {
     "empty": "empty_response",
     "missing_instruction": "missing_instruction",
@@ -362,6 +373,7 @@ EXPECTED_FILTER = {
     "garbage": "garbage",
     "pii": "pii",
     "contamination": "decontaminate",
+    "letterless": "garbage",
 }
 
 
@@ -381,9 +393,11 @@ def make_bad(clean: list[dict], per_kind_and_language: int, rng: random.Random, 
 
 
 # --- running our filters ---------------------------------------------------------------------
-def verdicts(records: list[dict], config: QualityConfig) -> list[dict]:
-    """Per record: dropped by which filter/reason, or redacted (PII) or kept."""
-    chain = FilterChain(build_filters(config))
+def verdicts(records: list[dict], config: QualityConfig, package: ModuleType | None = None) -> list[dict]:
+    """Per record: dropped by which filter/reason, or redacted (PII) or kept. ``package``: the
+    ``pipeline.quality`` to run (default this checkout's; bench.quality_equivalence loads others)."""
+    build, chain_class = (build_filters, FilterChain) if package is None else (package.build_filters, package.base.FilterChain)
+    chain = chain_class(build(config))
     pii = next((f for f in chain.filters if f.name == "pii"), None)
     out = []
     for record in records:
@@ -395,6 +409,41 @@ def verdicts(records: list[dict], config: QualityConfig) -> list[dict]:
         by = next((name for name in chain.dropped if chain.dropped[name] > dropped_before[name]), None)
         out.append({"drop": drop, "filter": by, "redacted": redacted})
     return out
+
+
+def score(clean: list[dict], bad: list[dict], clean_v: list[dict], bad_v: list[dict]) -> dict:
+    """Recall on the bad records (per kind and language) and false rejections of the clean ones."""
+    caught_by_kind = defaultdict(Counter)
+    for record, v in zip(bad, bad_v):
+        key = (record["_kind"], record["_lang"])
+        if v["drop"] is not None:
+            caught_by_kind[key][v["filter"]] += 1
+        elif v["redacted"]:
+            caught_by_kind[key]["pii (redacted)"] += 1
+        else:
+            caught_by_kind[key]["MISSED"] += 1
+    per_kind = {}
+    total_caught = 0
+    for kind in KINDS:
+        for lang in ("en", "zh"):
+            counts = caught_by_kind[(kind, lang)]
+            n = sum(counts.values())
+            caught = n - counts["MISSED"]
+            total_caught += caught
+            per_kind[f"{kind}/{lang}"] = {"records": n, "recall": round(caught / n, 4), "caught_by": dict(counts.most_common())}
+    missed = [
+        {"kind": r["_kind"], "lang": r["_lang"], "response": r[schema.MESSAGES][-1]["content"][:160]}
+        for r, v in zip(bad, bad_v)
+        if v["drop"] is None and not v["redacted"]
+    ]
+    rejected_clean = [(r, v["drop"], v["filter"]) for r, v in zip(clean, clean_v) if v["drop"] is not None]
+    return {
+        "recall": total_caught / len(bad),
+        "false_rejection_rate": len(rejected_clean) / len(clean),
+        "per_kind": per_kind,
+        "missed": missed,
+        "rejected_clean": rejected_clean,
+    }
 
 
 def throughput_ours(records: list[dict], config: QualityConfig, repeats: int) -> dict:
@@ -507,6 +556,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--datatrove-python", default="/tmp/dt-venv/bin/python")
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also run the filter chain of git revision REV (e.g. HEAD) side by side: the same decisions on the bench's "
+        "records, generated bad records of every kind and real data (bench.quality_equivalence), and the speed of both",
+    )
+    parser.add_argument("--stage-records", type=int, default=100_000, help="conversations for the --against quality_stage timing")
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
@@ -522,36 +578,9 @@ def main() -> None:
 
         clean_v = verdicts(clean, config)
         bad_v = verdicts(bad, config)
-
-        # recall
-        caught_by_kind = defaultdict(Counter)
-        for record, v in zip(bad, bad_v):
-            key = (record["_kind"], record["_lang"])
-            if v["drop"] is not None:
-                caught_by_kind[key][v["filter"]] += 1
-            elif v["redacted"]:
-                caught_by_kind[key]["pii (redacted)"] += 1
-            else:
-                caught_by_kind[key]["MISSED"] += 1
-        per_kind = {}
-        total_caught = 0
-        for kind in KINDS:
-            for lang in ("en", "zh"):
-                counts = caught_by_kind[(kind, lang)]
-                n = sum(counts.values())
-                caught = n - counts["MISSED"]
-                total_caught += caught
-                per_kind[f"{kind}/{lang}"] = {"records": n, "recall": round(caught / n, 4), "caught_by": dict(counts.most_common())}
-        missed = [
-            {"kind": r["_kind"], "lang": r["_lang"], "response": r[schema.MESSAGES][-1]["content"][:160]}
-            for r, v in zip(bad, bad_v)
-            if v["drop"] is None and not v["redacted"]
-        ]
-        recall = total_caught / len(bad)
-
-        # false rejections
-        rejected_clean = [(r, v["drop"], v["filter"]) for r, v in zip(clean, clean_v) if v["drop"] is not None]
-        frr = len(rejected_clean) / len(clean)
+        scores = score(clean, bad, clean_v, bad_v)
+        recall, frr, per_kind, missed = scores["recall"], scores["false_rejection_rate"], scores["per_kind"], scores["missed"]
+        rejected_clean = scores["rejected_clean"]
         by_filter = Counter(f"{name}/{d.reason}" for _, d, name in rejected_clean)
         by_source = Counter(r[schema.SOURCE] for r, _, _ in rejected_clean)
         examples = [
@@ -559,6 +588,13 @@ def main() -> None:
             for r, d, _ in rejected_clean
         ]
         clean_redacted = sum(v["redacted"] for v in clean_v)
+        against = None
+        if args.against:
+            from bench.quality_equivalence import compare_with
+
+            against = compare_with(
+                args.against, clean, bad, eval_items, config, workdir, stage_records=args.stage_records, repeats=args.repeats
+            )
 
         # throughput
         everything = clean + bad
@@ -605,6 +641,8 @@ def main() -> None:
             "datatrove_baseline": dt_report,
         },
     }
+    if against is not None:
+        result["against"] = against
     print(f"clean records: {len(clean)} (converted with {converter}); bad records: {len(bad)} ({len(KINDS)} kinds x en/zh)")
     print(f"recall on bad records:        {recall:.4f}  (target >= 0.95)")
     for name, entry in per_kind.items():
@@ -629,6 +667,8 @@ def main() -> None:
         print(f"  ratio chain / bare loop: {ours['records_per_s'] / plain['records_per_s']:.2f}x")
     print(f"per-filter seconds: {ours['per_filter_seconds']}")
     write_results("quality", result, args.out)
+    if against is not None and against["decisions"]["differences"]:
+        sys.exit(f"the chain decides differently from {args.against} on {against['decisions']['differences']} records (see above)")
 
 
 if __name__ == "__main__":

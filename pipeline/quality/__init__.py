@@ -88,17 +88,56 @@ def passes(record: dict[str, Any], filters: list[Filter]) -> bool:
     return all(flt.check(record) is None for flt in filters if not flt.transforms)
 
 
-def filter_records(records: list[dict[str, Any]], chain: FilterChain) -> tuple[list[dict], list[int], list[Drop]]:
-    """(kept records, row numbers of dropped ones, their drops); kept records may be redacted."""
-    kept, dropped_rows, drops = [], [], []
+@dataclasses.dataclass
+class Verdicts:
+    """What the chain decided for one batch of records, by row number."""
+
+    kept_rows: list[int] = dataclasses.field(default_factory=list)
+    changed_rows: list[int] = dataclasses.field(default_factory=list)  # kept, and changed in place
+    dropped_rows: list[int] = dataclasses.field(default_factory=list)
+    drops: list[Drop] = dataclasses.field(default_factory=list)
+
+
+def filter_records(records: list[dict[str, Any]], chain: FilterChain) -> Verdicts:
+    """Run the chain over ``records``; kept records may be changed in place (redacted)."""
+    verdicts = Verdicts()
+    # A filter that changes records counts each change (Filter.counts): that is how a changed
+    # record is told from an unchanged one without comparing texts.
+    transforming = [flt for flt in chain.filters if flt.transforms]
     for row, record in enumerate(records):
+        changes_before = sum(flt.counts.total() for flt in transforming)
         drop = chain.apply(record)
-        if drop is None:
-            kept.append(record)
-        else:
-            dropped_rows.append(row)
-            drops.append(drop)
-    return kept, dropped_rows, drops
+        if drop is not None:
+            verdicts.dropped_rows.append(row)
+            verdicts.drops.append(drop)
+            continue
+        verdicts.kept_rows.append(row)
+        if transforming and sum(flt.counts.total() for flt in transforming) != changes_before:
+            verdicts.changed_rows.append(row)
+    return verdicts
+
+
+def kept_table(table: pa.Table, records: list[dict[str, Any]], verdicts: Verdicts) -> pa.Table:
+    """The kept rows of ``table``, with the messages of changed records taken from ``records``.
+
+    Unchanged rows are taken from the Arrow table as they are, which is much faster than
+    rebuilding every kept row from Python objects (and writes the same bytes).
+    """
+    kept = table.take(pa.array(verdicts.kept_rows, pa.int64()))
+    if not verdicts.changed_rows:
+        return kept
+    column = kept.column(schema.MESSAGES)
+    pieces, start = [], 0
+    positions = {row: position for position, row in enumerate(verdicts.kept_rows)}
+    for row in verdicts.changed_rows:
+        position = positions[row]
+        pieces.extend(column.slice(start, position - start).chunks)
+        pieces.append(pa.array([records[row][schema.MESSAGES]], type=column.type))
+        start = position + 1
+    pieces.extend(column.slice(start).chunks)
+    index = kept.schema.get_field_index(schema.MESSAGES)
+    # One chunk, as a table built from rows has: the Parquet writer cuts pages at chunk ends.
+    return kept.set_column(index, kept.schema.field(index), pa.chunked_array(pieces, column.type)).combine_chunks()
 
 
 def _open_input(in_path: Path) -> pq.ParquetFile:
@@ -142,10 +181,11 @@ def quality_stage(
         rejected_sink = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
         for batch in source.iter_batches(batch_size=batch_size):
             table = pa.Table.from_batches([batch]).cast(schema.CONVERSATION_SCHEMA)
-            kept, dropped_rows, drops = filter_records(table.to_pylist(), chain)
-            kept_sink.write(kept)
-            rejected_sink.write_table(rejected_rows_from_table(table, dropped_rows, drops, STAGE_NAME))
-            run.count(table.num_rows, kept=len(kept), drops=drops)
+            records = table.select([schema.MESSAGES, schema.TOOLS]).to_pylist()  # what the filters read
+            verdicts = filter_records(records, chain)
+            kept_sink.write_table(kept_table(table, records, verdicts))
+            rejected_sink.write_table(rejected_rows_from_table(table, verdicts.dropped_rows, verdicts.drops, STAGE_NAME))
+            run.count(table.num_rows, kept=len(verdicts.kept_rows), drops=verdicts.drops)
         kept_sink.finish()
         rejected_sink.finish()
         summary = chain.summary()

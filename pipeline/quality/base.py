@@ -65,10 +65,12 @@ class FilterChain:
 
     def apply(self, record: dict[str, Any]) -> Drop | None:
         clock = time.perf_counter
+        start = clock()
         for flt in self.filters:
-            start = clock()
             drop = flt.check(record)
-            self.seconds[flt.name] += clock() - start
+            end = clock()
+            self.seconds[flt.name] += end - start
+            start = end
             if drop is not None:
                 self.dropped[flt.name] += 1
                 self.reasons[flt.name][drop.reason] += 1
@@ -104,8 +106,10 @@ def responses(record: dict[str, Any]) -> Iterator[tuple[int, str]]:
     A tool-calling turn may carry no text at all; it is not a response to judge.
     """
     for index, message in enumerate(messages(record)):
-        if is_trained_assistant(message) and (message.get("content") or "").strip():
-            yield index, message["content"]
+        if message["role"] == "assistant" and message.get("train") is not False:  # is_trained_assistant, inlined: hot
+            content = message.get("content")
+            if content and not content.isspace():
+                yield index, content
 
 
 def prompts(record: dict[str, Any]) -> Iterator[tuple[int, str]]:

@@ -119,6 +119,10 @@ class Decontaminate(Filter):
         n = self.ngram
         for index, message in enumerate(messages(record)):
             words = tx.tokens(message.get("content") or "")
+            # Whether any n-gram is an evaluation n-gram, asked in C (map over the n-gram tuples);
+            # the Python loop below runs only to name the first one.
+            if len(words) < n or not any(map(self._hashes.__contains__, map(hash, zip(*(words[i:] for i in range(n)))))):
+                continue
             for i in range(len(words) - n + 1):
                 if hash(tuple(words[i : i + n])) in self._hashes:
                     span = tx.join_tokens(words[i : i + n])

@@ -9,7 +9,10 @@ text is never an "empty" response.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -98,6 +101,7 @@ class EmptyResponse(Filter):
 
     def __post_init__(self) -> None:
         self._placeholders = {p.strip().lower() for p in [*self.placeholders, *self.extra_placeholders]}
+        self._longest = max(map(len, self._placeholders), default=0)
 
     def check(self, record: dict[str, Any]) -> Drop | None:
         seen_assistant = False
@@ -111,6 +115,9 @@ class EmptyResponse(Filter):
             if not content:
                 if not message.get("tool_calls"):
                     return Drop("empty_response", f"assistant turn {index} is empty")
+                continue
+            # Lowercasing never shortens a text nor makes a full stop: a longer text is no placeholder.
+            if len(content.rstrip(".。")) > self._longest:
                 continue
             normal = content.lower()
             if normal in self._placeholders or normal.rstrip(".。") in self._placeholders:
@@ -231,9 +238,28 @@ class Length(Filter):
 # --- refusals and AI disclaimers -------------------------------------------------------------
 def _normalise(text: str) -> str:
     """Lowercase, straight apostrophes, ASCII commas/colons, single spaces: what phrases match on."""
-    text = text.lower().replace("\u2019", "'").replace("\u2018", "'")
+    return _normalise_lowered(text.lower())
+
+
+def _normalise_lowered(text: str) -> str:
+    text = text.replace("\u2019", "'").replace("\u2018", "'")
     text = text.replace("\uff0c", ",").replace("\u3001", ",").replace("\uff1a", ":")
     return " ".join(text.split())
+
+
+def _anchors(phrases: list[str]) -> list[str]:
+    """Substrings that the lowercased text must hold for any of the normalised ``phrases`` to match.
+
+    Normalising only maps a few marks to ' , : and collapses white space, so the longest stretch of
+    a phrase without those and without spaces stands as it is in the lowercased text. An anchor
+    that holds a shorter one is left out: the shorter one is found wherever the longer one is.
+    """
+    longest = {max(re.split(r"[\s',:]+", phrase), key=len) for phrase in phrases}
+    anchors: list[str] = []
+    for anchor in sorted(longest, key=len):
+        if not any(shorter in anchor for shorter in anchors):
+            anchors.append(anchor)
+    return anchors
 
 
 # Phrases that mark an AI disclaimer wherever they appear in a response (after _normalise).
@@ -266,6 +292,11 @@ _EN_DISCLAIMER = re.compile(
     r"(?: (?:language )?(?:model|assistant|chatbot|program))?,? (?:developed by \w+,? )?"
     r"i (?:do not|don't|cannot|can't|am not|am unable|'m not|'m unable|have no|lack|do not have|don't have)\b"
 )
+# What every _EN_DISCLAIMER match holds, found far faster: this pattern starts with a literal,
+# which the regex engine searches for directly, while the \b in front of _EN_DISCLAIMER makes it
+# try every position. The second form is the same in the lowercased text before normalising.
+_EN_DISCLAIMER_HINT = re.compile(r"as an? (?:ai|artificial intelligence|language model|chatbot|virtual assistant)")
+_EN_DISCLAIMER_LOWERED_HINT = re.compile(r"as\s+an?\s+(?:ai|artificial\s+intelligence|language\s+model|chatbot|virtual\s+assistant)")
 _ZH_DISCLAIMER = re.compile(
     r"作为(?:一个|一名|一款)?(?:ai|人工智能|语言模型|智能助手|ai助手)(?:语言模型|助手|模型|程序)?,?\s*"
     r"我(?:不|无法|没有|并不|并没有|不能)"
@@ -295,6 +326,9 @@ _ZH_REFUSAL_VERB = r"(?:为你|为您|帮你|帮您|帮助|提供|回答|完成|
 _ZH_REFUSAL = re.compile(
     r"^(?:(?:很|非常)?(?:抱歉|对不起|不好意思)[,.!。!]?\s*(?:但是?)?\s*" + _ZH_INABILITY + r"|" + _ZH_INABILITY + _ZH_REFUSAL_VERB + r")"
 )
+# How every _EN_REFUSAL or _ZH_REFUSAL match begins, in the lowercased text before normalising
+# (keep in step with them): "i " / "i'm" (any apostrophe), "sorry", "apologies", or the Chinese.
+_REFUSAL_OPENING_HINT = re.compile(r"\s*(?:i\s|i['\u2018\u2019]m|sorry|apologies|很|非常|抱歉|对不起|不好意思|我)")
 
 
 @dataclass
@@ -331,17 +365,32 @@ class Refusal(Filter):
         all_phrases = [*(DEFAULT_DISCLAIMER_PHRASES if self.use_default_phrases else ()), *self.phrases]
         cleaned = sorted({_normalise(p) for p in all_phrases if p.strip()}, key=len, reverse=True)
         self._phrases = re.compile("|".join(map(re.escape, cleaned))) if cleaned else None
+        self._anchors = _anchors(cleaned)
+
+    def _may_match(self, lowered: str, patterns_apply: bool) -> bool:
+        """False when no phrase or pattern can match a response (``lowered``: lowercased, not yet
+        normalised): the cheap test that spares most responses the normal form."""
+        if any(anchor in lowered for anchor in self._anchors):
+            return True
+        if not patterns_apply:
+            return False
+        if self.disclaimer_patterns and ("作为" in lowered or _EN_DISCLAIMER_LOWERED_HINT.search(lowered)):
+            return True
+        return self.refusal_openers and _REFUSAL_OPENING_HINT.match(lowered) is not None
 
     def check(self, record: dict[str, Any]) -> Drop | None:
         patterns_apply = not (self.exempt_tool_conversations and record.get("tools"))
         for index, response in responses(record):
-            normal = _normalise(response)
+            lowered = response.lower()
+            if not self._may_match(lowered, patterns_apply):
+                continue
+            normal = _normalise_lowered(lowered)
             if self._phrases is not None and (hit := self._phrases.search(normal)):
                 return Drop("ai_disclaimer", f"assistant turn {index} says {hit.group(0)!r}")
             if not patterns_apply:
                 continue
             if self.disclaimer_patterns:
-                hit = _EN_DISCLAIMER.search(normal) or _ZH_DISCLAIMER.search(normal)
+                hit = (_EN_DISCLAIMER_HINT.search(normal) and _EN_DISCLAIMER.search(normal)) or _ZH_DISCLAIMER.search(normal)
                 if hit:
                     return Drop("ai_disclaimer", f"assistant turn {index} says {hit.group(0)!r}")
             if self.refusal_openers:
@@ -365,7 +414,8 @@ _MOJIBAKE = re.compile(
 @dataclass
 class Garbage(Filter):
     """``control_characters`` / ``mojibake`` / ``low_letter_share`` / ``symbol_soup`` in user and
-    trained assistant turns (tool results and system prompts are machine text and not judged).
+    trained assistant turns (tool results and system prompts are machine text and not judged), and
+    ``no_letters`` in trained assistant turns.
 
     * ``control_characters``: more than ``max_control_chars`` (default 0) C0/C1 control
       characters other than tab/newline/CR, or U+FFFD replacement characters — broken decoding;
@@ -375,7 +425,13 @@ class Garbage(Filter):
       characters on, so "42", "0, 1, 1, 2, 3, 5, 8" and short formulas pass;
     * ``symbol_soup``: characters that are neither letters, digits nor space exceed
       ``max_symbol_share`` (default 0.6) of the non-space characters (from ``min_chars`` on);
-      JSON, code and LaTeX stay well under that.
+      JSON, code and LaTeX stay well under that;
+    * ``no_letters``: a response with text but not one letter or digit in any script ("...",
+      "!!!???", "—", "？！") at any length; it answers nothing. Short real answers have one
+      ("42", "$5.00", "是", "OK", "٤٢", "はい"). A response of emoji (pictographs, Unicode
+      category So: "🙂", "👍🎉") is kept: an emoji is a word-like symbol, and "answer with an
+      emoji" is a real instruction. Prompts are not judged this way ("?" after a shared
+      context is a fair question).
     """
 
     name: ClassVar[str] = "garbage"
@@ -384,6 +440,10 @@ class Garbage(Filter):
     min_letter_share: float = 0.1
     max_symbol_share: float = 0.6
     min_chars: int = 60
+
+    def __post_init__(self) -> None:
+        if self.min_mojibake_pairs < 1:
+            raise ValueError("quality filter 'garbage' needs min_mojibake_pairs >= 1")
 
     def check(self, record: dict[str, Any]) -> Drop | None:
         for index, message in enumerate(messages(record)):
@@ -396,20 +456,27 @@ class Garbage(Filter):
     def _judge(self, index: int, role: str, text: str) -> Drop | None:
         where = f"{role} turn {index}"
         non_space, letters, digits, control = tx.char_classes(text)
-        control += text.count("\ufffd")
+        # Replacement characters and mojibake pairs are not ASCII: ASCII text has neither.
+        ascii_text = text.isascii()
+        if not ascii_text:
+            control += text.count("\ufffd")
         if control > self.max_control_chars:
             return Drop("control_characters", f"{where} has {control} control/replacement characters")
-        pairs = len(_MOJIBAKE.findall(text))
-        if pairs >= self.min_mojibake_pairs:
+        if not ascii_text and (pairs := len(_MOJIBAKE.findall(text))) >= self.min_mojibake_pairs:
             return Drop("mojibake", f"{where} has {pairs} mis-decoded character pairs such as {_MOJIBAKE.search(text).group(0)!r}")
-        if non_space < self.min_chars:
-            return None
-        symbols = non_space - letters - digits
-        if symbols / non_space > self.max_symbol_share:
-            return Drop("symbol_soup", f"{where}: symbols are {symbols / non_space:.0%} of {non_space} characters")
-        if letters / non_space < self.min_letter_share:
-            return Drop("low_letter_share", f"{where}: letters are {letters / non_space:.0%} of {non_space} characters")
+        if non_space >= self.min_chars:
+            symbols = non_space - letters - digits
+            if symbols / non_space > self.max_symbol_share:
+                return Drop("symbol_soup", f"{where}: symbols are {symbols / non_space:.0%} of {non_space} characters")
+            if letters / non_space < self.min_letter_share:
+                return Drop("low_letter_share", f"{where}: letters are {letters / non_space:.0%} of {non_space} characters")
+        if role == "assistant" and non_space and not letters and not digits and not _has_pictograph(text):
+            return Drop("no_letters", f"{where} has no letter or digit: {excerpt(text, 40)!r}")
         return None
+
+
+def _has_pictograph(text: str) -> bool:
+    return any(unicodedata.category(char) == "So" for char in text)
 
 
 # --- repetition (Gopher, Rae et al. 2021, table A1) ------------------------------------------
@@ -437,16 +504,29 @@ def _top_ngram_chars(words: list[str], n: int) -> int:
 
 def _duplicate_ngram_chars(words: list[str], n: int) -> int:
     """Characters in words covered by n-grams seen before (each word counted once), as in Gopher."""
-    seen: set[tuple[str, ...]] = set()
-    covered = [False] * len(words)
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i : i + n])
-        if gram in seen:
-            for j in range(i, i + n):
-                covered[j] = True
-        else:
-            seen.add(gram)
-    return sum(len(w) for w, c in zip(words, covered) if c)
+    grams = list(zip(*(words[i:] for i in range(n))))
+    # Each n-gram's first position: built from the end, so the earliest position is written last.
+    first = dict(zip(reversed(grams), range(len(grams) - 1, -1, -1)))
+    if len(first) == len(grams):
+        return 0  # no n-gram repeats
+    seen_before = map(operator.ne, map(first.__getitem__, grams), itertools.count())
+    covered = bytearray(len(words))
+    for i in itertools.compress(itertools.count(), seen_before):
+        covered[i : i + n] = b"\x01" * n
+    return sum(itertools.compress(map(len, words), covered))
+
+
+def _repeated_run_chars(words: list[str], n: int) -> int:
+    """Characters of the words standing in a run of at least ``n`` words that each occurred earlier.
+
+    Every word of a repeated n-gram's later occurrence occurred earlier, so repeated n-grams (and
+    longer ones) cover at most this: a cheap upper bound of :func:`_duplicate_ngram_chars`.
+    """
+    seen: set[str] = set()
+    # 1 where the word occurred earlier (``seen.add`` returns None: 0 for a first occurrence).
+    seen_earlier = bytes([word in seen or seen.add(word) or 0 for word in words])
+    lengths = list(map(len, words))
+    return sum(sum(lengths[run.start() : run.end()]) for run in re.finditer(b"\x01{%d,}" % max(n, 1), seen_earlier))
 
 
 def _int_keys(mapping: dict) -> dict[int, float]:
@@ -500,11 +580,9 @@ class Repetition(Filter):
                 return drop
         return None
 
-    def _judge(self, index: int, text: str) -> Drop | None:
-        words = tx.tokens(text)
-        if len(words) < self.min_tokens:
-            return None
-        where = f"assistant turn {index}"
+    def _repeated_parts(self, where: str, text: str) -> Drop | None:
+        if "\n" not in text:
+            return None  # one line, one paragraph: nothing to repeat
         for unit, parts, max_share, max_chars in (
             ("paragraphs", re.split(r"\n\s*\n", text), self.max_duplicate_paragraphs, self.max_duplicate_paragraph_chars),
             ("lines", text.split("\n"), self.max_duplicate_lines, self.max_duplicate_line_chars),
@@ -518,12 +596,36 @@ class Repetition(Filter):
                 return Drop(f"repeated_{unit}", f"{where}: {count} of {len(parts)} {unit} repeat an earlier one")
             if chars / total_chars > max_chars:
                 return Drop(f"repeated_{unit}", f"{where}: repeated {unit} hold {chars / total_chars:.0%} of the characters")
+        return None
+
+    def _judge(self, index: int, text: str) -> Drop | None:
+        words = tx.tokens(text)
+        if len(words) < self.min_tokens:
+            return None
+        where = f"assistant turn {index}"
+        if drop := self._repeated_parts(where, text):
+            return drop
         total = sum(map(len, words))
+        counts = Counter(words)
+        # The most characters one word covers with all its occurrences (length x count).
+        heaviest = max(map(operator.mul, map(len, counts), counts.values()), default=0)
         for n, limit in self._top.items():
+            # An n-gram occurs at most as often as each of its words, so all its occurrences cover
+            # at most n times the heaviest word's characters: under the limit, no need to count.
+            if n * heaviest / total <= limit:
+                continue
             share = _top_ngram_chars(words, n) / total
             if share > limit:
                 return Drop("top_ngram", f"{where}: the most frequent {n}-gram covers {share:.0%} of the text (> {limit:.0%})")
         sizes = sorted(self._dup)
+        # Repeated n-grams cover only second and later occurrences of words (first bound, free from
+        # the counts) standing in runs of at least n such words (second bound): when a bound is under
+        # every limit, no n can fail.
+        lowest_limit = min(self._dup.values(), default=1.0)
+        if (total - sum(map(len, counts))) / total <= lowest_limit:
+            return None
+        if _repeated_run_chars(words, sizes[0]) / total <= lowest_limit:
+            return None
         for position, n in enumerate(sizes):
             share = _duplicate_ngram_chars(words, n) / total
             limit = self._dup[n]

@@ -37,6 +37,29 @@ PHONE = re.compile(
     )
 )
 
+# Necessary conditions, checked first because a scan for them is many times faster than one for the
+# pattern itself (whose leading lookbehind defeats the regex engine's search for a first character):
+# every e-mail address holds "@" label ".", every IPv6 match ":" hex{0,4} ":", every IPv4 match
+# ".d.d.d", every phone number "+d" or four digits in a row ...
+EMAIL_HINT = re.compile(r"@[A-Za-z0-9-]+\.")
+IPV6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
+IPV4_HINT = re.compile(r"\.\d{1,3}\.\d{1,3}\.\d")
+PLUS_DIGIT = re.compile(r"\+\d")
+FOUR_DIGITS = re.compile(r"\d\d{3}")  # not \d{4}: a leading single \d lets the engine skip to digits
+# ... and, without the "+", three digits, a separator and four more, or eleven digits in a row.
+PHONE_SHAPE = re.compile(r"\d{3}[-. ]\d{4}|\d{11}")
+
+
+def _may_hold_email(text: str) -> bool:
+    return "@" in text and EMAIL_HINT.search(text) is not None
+
+
+def _may_hold_phone(text: str) -> bool:
+    if "+" in text and PLUS_DIGIT.search(text):
+        return True
+    return FOUR_DIGITS.search(text) is not None and PHONE_SHAPE.search(text) is not None
+
+
 # Documentation-only e-mail domains (RFC 2606): examples in code answers are not personal data.
 DEFAULT_IGNORED_EMAIL_DOMAINS = ("example.com", "example.org", "example.net", "example.edu")
 
@@ -74,6 +97,14 @@ class PII(Filter):
         if self.mode not in ("redact", "drop"):
             raise ValueError(f"quality filter 'pii' mode must be redact or drop, not {self.mode!r}")
         self._ignored = tuple(d.lower() for d in self.ignored_email_domains)
+        # (kind, pattern, which matches count, necessary condition), in the order they run.
+        steps = [
+            ("email", EMAIL, self._is_email, _may_hold_email),
+            ("ip", IPV6, self._is_ip, IPV6_HINT.search),
+            ("ip", IPV4, self._is_ip, IPV4_HINT.search),
+            ("phone", PHONE, None, _may_hold_phone),
+        ]
+        self._steps = [step for step in steps if step[0] in self.kinds]
         # Redacting never drops; dropping never changes the record.
         self.transforms = self.mode == "redact"
 
@@ -91,17 +122,9 @@ class PII(Filter):
 
     def _scrub(self, text: str, found: dict[str, int]) -> str:
         """``text`` with every match replaced; adds the number of matches per kind to ``found``."""
-        steps = []
-        if "email" in self.kinds and "@" in text:
-            steps.append(("email", EMAIL, self._is_email))
-        if "ip" in self.kinds:
-            if ":" in text:
-                steps.append(("ip", IPV6, self._is_ip))
-            if "." in text:
-                steps.append(("ip", IPV4, self._is_ip))
-        if "phone" in self.kinds:
-            steps.append(("phone", PHONE, None))
-        for kind, pattern, accept in steps:
+        for kind, pattern, accept, may_match in self._steps:
+            if not may_match(text):  # the text as the steps before left it
+                continue
             placeholder = self.placeholders.get(kind, f"<{kind.upper()}>")
 
             def replace(match: re.Match, kind=kind, accept=accept, placeholder=placeholder) -> str:

@@ -12,6 +12,7 @@ import pytest
 from pipeline import schema
 from pipeline.config import QualityConfig, SFTConfig
 from pipeline.quality import FILTERS, build_filters, passes, quality_stage
+from pipeline.quality.base import FilterChain
 
 
 def conv(*turns, tools=None):
@@ -262,6 +263,29 @@ def test_garbage_drops_broken_text(record, expected):
 )
 def test_garbage_keeps_code_math_tables_and_accents(response):
     assert only("garbage").check(qa("Question?", response)) is None
+
+
+@pytest.mark.parametrize("response", ["...", "!!!???", "—", "？！", "$", "%%%", "** **", ":)", "…！", "。。。", "\u200b"])
+def test_garbage_drops_a_response_without_a_letter_or_digit_at_any_length(response):
+    drop = only("garbage").check(qa("What is the answer?", response))
+    assert drop is not None and drop.reason == "no_letters"
+    assert drop.detail == f"assistant turn 1 has no letter or digit: {response.strip()!r}"
+
+
+@pytest.mark.parametrize(
+    "response",
+    ["42", "$5.00", "是", "OK", "٤٢", "ок", "はい", "네", "π", "x", "½", "Ⅻ", "🙂", "🙂🙂", "👍🎉!"],
+)
+def test_garbage_keeps_short_answers_with_a_letter_digit_or_emoji(response):
+    assert only("garbage").check(qa("Answer briefly.", response)) is None
+
+
+def test_garbage_judges_letterless_text_in_responses_only():
+    assert only("garbage").check(conv(("user", "Here is the report."), ("user", "???"), ("assistant", "Could you say more?"))) is None
+    untrained = schema.make_message("assistant", "...", train=False)
+    assert only("garbage").check(conv(("user", "Hi"), untrained, ("user", "And?"), ("assistant", "Yes."))) is None
+    # a placeholder is still reported as one: empty_response runs before garbage
+    assert FilterChain(build_filters(QualityConfig())).apply(qa("Answer?", "...")).reason == "placeholder_response"
 
 
 def test_garbage_thresholds_are_configurable():
