@@ -11,7 +11,7 @@ name                 reason codes
 missing_instruction  missing_instruction
 empty_response       no_response, empty_response, placeholder_response
 length               prompt_too_short/long, response_too_short/long, response_prompt_ratio
-garbage              control_characters, mojibake, low_letter_share, symbol_soup
+garbage              control_characters, mojibake, low_letter_share, symbol_soup, no_letters
 refusal              ai_disclaimer, refusal
 repetition           repeated_lines, repeated_paragraphs, top_ngram, repeated_ngrams
 decontaminate        contaminated (only when ``quality.decontaminate`` names files)
