@@ -102,16 +102,18 @@ def _write(table: pa.Table, data_dir: Path, config: ShardConfig, metadata, start
     lengths = table.column(schema.LENGTH).to_numpy()
     trainable = table.column(schema.NUM_TRAINABLE).to_numpy()
     compression = None if config.compression == "none" else config.compression
-    records_read = 1 + int(
-        np.count_nonzero((source[order[1:]] != source[order[:-1]]) | (source_index[order[1:]] != source_index[order[:-1]]))
-    )
 
+    def starts_record(rows: np.ndarray) -> np.ndarray:
+        """For rows in this order: True where a row is its record's first."""
+        first = np.ones(len(rows), dtype=bool)
+        first[1:] = (source[rows[1:]] != source[rows[:-1]]) | (source_index[rows[1:]] != source_index[rows[:-1]])
+        return first
+
+    records_read = int(starts_record(order).sum())
     entries: list[ShardEntry] = []
     for split in schema.SPLITS:
         rows = order[splits[order] == split]
-        new_record = np.ones(len(rows), dtype=bool)
-        if len(rows) > 1:
-            new_record[1:] = (source[rows[1:]] != source[rows[:-1]]) | (source_index[rows[1:]] != source_index[rows[:-1]])
+        new_record = starts_record(rows)
         record_starts = np.flatnonzero(new_record)
         # The rows are gathered one row group at a time while writing: no copy of the whole split.
         for number, (start, end) in enumerate(_cuts(record_starts, len(rows), config.target_rows)):

@@ -85,7 +85,6 @@ CHARACTER_SHINGLED_RANGES = (
 """What dedup's normal form cuts into one token per character (frozen; see above)."""
 
 UNSPACED_CHAR = re.compile(f"[{UNSPACED_RANGES}]")
-UNSPACED_RUN = re.compile(f"[{UNSPACED_RANGES}]+")
 ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 
 
