@@ -23,7 +23,8 @@ Layout::
       "counts": {"read", "kept", "rows", "rejected": {stage: {reason: n}},
                  "turns_rejected": {reason: n}, "render_mismatch": n},
       "stages": [{"name", "seconds", "records_in", "records_out", "rejected": {reason: n},
-                  "extra": {...}}],     # this version's run, per stage (extra: stage figures)
+                  "extra": {...}, "peak_rss_bytes"}],  # this version's run, per stage (extra: stage
+                                         # figures; peak_rss_bytes: the process's peak RSS during it)
       "history": [{"version", "created_at", "read", "kept", "shards_added",
                    "rebuild",            # true: config, tokenizer or template changed, all redone
                    "removed"}]           # files sftkit deleted in that run (its own, never a user's)

@@ -10,6 +10,7 @@ config give byte-identical files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import SFTConfig, ShardConfig
-from pipeline.fsutil import sha256_file, write_parquet_atomic
+from pipeline.fsutil import atomic_path, gather_rows, sha256_file
 from pipeline.manifest import ShardEntry
 from pipeline.stage import StageRun, StageStats
 
@@ -78,79 +79,189 @@ def write_shards(
     shard_config = config.shards
     entries: list[ShardEntry] = []
     with StageRun("shards") as run:
-        table = pa.concat_tables([read_tokenized(path) for path in in_paths]) if in_paths else None
-        if table is not None and table.num_rows:
-            entries = _write(table, data_dir, shard_config, metadata, start_index, run)
+        files = _in_key_order(in_paths)
+        if files is None:  # the files' rows interleave: one global sort (not what the steps write)
+            table = pa.concat_tables([read_tokenized(path) for path in in_paths]) if in_paths else None
+            files = [table] if table is not None and table.num_rows else []
+        writers = {split: _SplitWriter(split, data_dir, shard_config, metadata, start_index.get(split, 0)) for split in schema.SPLITS}
+        records_read, previous = 0, None
+        try:
+            for file in files:
+                table = file if isinstance(file, pa.Table) else read_tokenized(file)
+                records, previous = _route(table, writers, shard_config.val_fraction, previous)
+                records_read += records
+                del table  # unmapped here: a file's pages leave the resident set before the next is read
+            entries = [entry for split in schema.SPLITS for entry in writers[split].close()]
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()  # no half-written shard under its final name
+            raise
+        # A record split across two files, or one lost between the splits, breaks this count.
+        run.count(records_read, kept=sum(entry["records"] for entry in entries))
     return WrittenShards(entries, run.stats)
 
 
-def _write(table: pa.Table, data_dir: Path, config: ShardConfig, metadata, start_index, run: StageRun) -> list[ShardEntry]:
-    order = pc.sort_indices(
-        table,
-        [
-            (schema.SOURCE, "ascending"),
-            (schema.SOURCE_INDEX, "ascending"),
-            (schema.ID, "ascending"),
-            (schema.TURN, "ascending"),
-        ],
-    ).to_numpy()
-    # A record's rows (several under per_turn) are one run in this order: a file is cut only
-    # between records, so each file's distinct records add up to the dataset's.
+_ORDER = [(schema.SOURCE, "ascending"), (schema.SOURCE_INDEX, "ascending"), (schema.ID, "ascending"), (schema.TURN, "ascending")]
+
+
+def _sort_key(table: pa.Table, row: int) -> tuple:
+    """A row's sort key as Python values that compare as Arrow sorts them (nulls last)."""
+    values = (table.column(name)[row].as_py() for name, _ in _ORDER)
+    return tuple((True,) if value is None else (False, value) for value in values)
+
+
+def _in_key_order(in_paths: list[Path]) -> list[Path] | None:
+    """The files in the order of their rows' sort key (source, source index, id, turn), when the
+    files' key ranges do not overlap (each tokenize work file holds one contiguous run of one
+    input's records); ``None`` when they do.
+
+    Then the shards are written file by file, one file memory-mapped at a time, so the stage's
+    memory does not grow with the run; each file's own rows are sorted when it is read.
+    """
+    ranges = []
+    for path in in_paths:
+        table = read_tokenized(path)
+        if table.num_rows:
+            order = pc.sort_indices(table, _ORDER)
+            ranges.append((_sort_key(table, order[0].as_py()), _sort_key(table, order[-1].as_py()), path))
+        del table
+    ranges.sort(key=lambda r: r[0])
+    for (_, last, _), (first, _, _) in zip(ranges, ranges[1:]):
+        if not last < first:
+            return None
+    return [path for _, _, path in ranges]
+
+
+def _starts_record(source: np.ndarray, source_index: np.ndarray, rows: np.ndarray, previous: tuple | None) -> np.ndarray:
+    """For rows in sort order: True where a row is its record's first (``previous``: the
+    (source, source index) of the row before the first, or None)."""
+    first = np.ones(len(rows), dtype=bool)
+    if len(rows):
+        first[1:] = (source[rows[1:]] != source[rows[:-1]]) | (source_index[rows[1:]] != source_index[rows[:-1]])
+        if previous is not None:
+            first[0] = (source[rows[0]], source_index[rows[0]]) != previous
+    return first
+
+
+def _route(table: pa.Table, writers: dict[str, _SplitWriter], val_fraction: float, previous: tuple | None) -> tuple[int, tuple | None]:
+    """Send ``table``'s rows, in sort order, to their split's writer; returns the records read
+    and the (source, source index) of the last row."""
+    if not table.num_rows:
+        return 0, previous
+    order = pc.sort_indices(table, _ORDER).to_numpy()
     source = table.column(schema.SOURCE).to_numpy(zero_copy_only=False)
     source_index = table.column(schema.SOURCE_INDEX).to_numpy()
-    splits = np.array([split_of(row_id, config.val_fraction) for row_id in table.column(schema.ID).to_pylist()])
-    lengths = table.column(schema.LENGTH).to_numpy()
-    trainable = table.column(schema.NUM_TRAINABLE).to_numpy()
-    compression = None if config.compression == "none" else config.compression
-
-    def starts_record(rows: np.ndarray) -> np.ndarray:
-        """For rows in this order: True where a row is its record's first."""
-        first = np.ones(len(rows), dtype=bool)
-        first[1:] = (source[rows[1:]] != source[rows[:-1]]) | (source_index[rows[1:]] != source_index[rows[:-1]])
-        return first
-
-    records_read = int(starts_record(order).sum())
-    entries: list[ShardEntry] = []
-    for split in schema.SPLITS:
+    splits = np.array([split_of(row_id, val_fraction) for row_id in table.column(schema.ID).to_pylist()])
+    records = int(_starts_record(source, source_index, order, previous).sum())
+    for split, writer in writers.items():
         rows = order[splits[order] == split]
-        new_record = starts_record(rows)
-        record_starts = np.flatnonzero(new_record)
-        # The rows are gathered one row group at a time while writing: no copy of the whole split.
-        for number, (start, end) in enumerate(_cuts(record_starts, len(rows), config.target_rows)):
-            file_rows = rows[start:end]
-            name = schema.shard_file_name(split, start_index.get(split, 0) + number)
-            path = data_dir / SHARDS_DIR / name
-            write_parquet_atomic(
-                table,
-                path,
-                rows=file_rows,
-                metadata={**metadata, schema.META_SPLIT: split.encode()},
-                compression=compression,
-                row_group_size=config.row_group_rows,
-            )
-            entries.append(
-                {
-                    "path": f"{SHARDS_DIR}/{name}",
-                    "split": split,
-                    "rows": len(file_rows),
-                    "records": int(new_record[start:end].sum()),
-                    "tokens": int(lengths[file_rows].sum()),
-                    "trainable_tokens": int(trainable[file_rows].sum()),
-                    "sha256": sha256_file(path),
-                }
-            )
-    # A record split across two files, or one lost between the splits, breaks this count.
-    run.count(records_read, kept=sum(entry["records"] for entry in entries))
-    return entries
+        writer.add(table, rows, _starts_record(source, source_index, rows, writer.last_record), source, source_index)
+    return records, (source[order[-1]], source_index[order[-1]])
 
 
-def _cuts(record_starts: np.ndarray, total: int, target_rows: int) -> list[tuple[int, int]]:
-    """[start, end) row ranges of about ``target_rows`` rows each, cut only where a record starts."""
-    cuts, start = [], 0
-    while start < total:
-        wanted = start + target_rows
-        at = int(np.searchsorted(record_starts, wanted, "left"))
-        end = int(record_starts[at]) if at < len(record_starts) else total
-        cuts.append((start, end))
-        start = end
-    return cuts
+class _SplitWriter:
+    """One split's shard files, written as rows arrive in sort order: a file is cut at the first
+    record start at or past ``target_rows`` rows, row groups are ``row_group_rows`` rows from the
+    file's start, each gathered into one contiguous chunk, so the bytes depend only on the rows."""
+
+    def __init__(self, split: str, data_dir: Path, config: ShardConfig, metadata: dict[bytes, bytes], first_number: int) -> None:
+        self.split, self.data_dir, self.config = split, data_dir, config
+        self.metadata = {**metadata, schema.META_SPLIT: split.encode()}
+        self.number = first_number
+        self.compression = None if config.compression == "none" else config.compression
+        self.entries: list[ShardEntry] = []
+        self.last_record: tuple | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._file: dict = {}
+
+    def add(self, table: pa.Table, rows: np.ndarray, new_record: np.ndarray, source: np.ndarray, source_index: np.ndarray) -> None:
+        if not len(rows):
+            return
+        lengths = table.column(schema.LENGTH).to_numpy()
+        trainable = table.column(schema.NUM_TRAINABLE).to_numpy()
+        # Where this file of rows must be cut: a record start once the open file has target_rows.
+        start = 0
+        while start < len(rows):
+            room = self.config.target_rows - self._file.get("rows", 0) if self._writer else self.config.target_rows
+            starts_after = np.flatnonzero(new_record[start:]) + start
+            at = int(np.searchsorted(starts_after, start + max(room, 0), "left"))
+            end = int(starts_after[at]) if at < len(starts_after) else len(rows)
+            if end == start:  # the open file is full and a record starts here
+                self._finish_file()
+                continue
+            piece = rows[start:end]
+            self._open()
+            self._file["rows"] += len(piece)
+            self._file["records"] += int(new_record[start:end].sum())
+            self._file["tokens"] += int(lengths[piece].sum())
+            self._file["trainable_tokens"] += int(trainable[piece].sum())
+            self._append(table, piece)
+            start = end
+            if start < len(rows):
+                self._finish_file()
+        last = rows[-1]
+        self.last_record = (source[last], source_index[last])
+
+    def _append(self, table: pa.Table, rows: np.ndarray) -> None:
+        step = self.config.row_group_rows
+        while len(rows):
+            take = rows[: step - self._pending_rows]
+            self._pending.append(gather_rows(table, take))
+            self._pending_rows += len(take)
+            rows = rows[len(take) :]
+            if self._pending_rows == step:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._pending_rows:
+            group = pa.concat_tables(self._pending).combine_chunks()
+            self._writer.write_table(group, row_group_size=self.config.row_group_rows)
+        self._pending, self._pending_rows = [], 0
+
+    def _open(self) -> None:
+        if self._writer is not None:
+            return
+        name = schema.shard_file_name(self.split, self.number)
+        self._file = {"path": f"{SHARDS_DIR}/{name}", "rows": 0, "records": 0, "tokens": 0, "trainable_tokens": 0}
+        self._stack = contextlib.ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.data_dir / SHARDS_DIR / name))
+        arrow_schema = schema.SHARD_SCHEMA.with_metadata({**(schema.SHARD_SCHEMA.metadata or {}), **self.metadata})
+        self._writer = pq.ParquetWriter(tmp, arrow_schema, compression=self.compression, write_statistics=True)
+
+    def _finish_file(self) -> None:
+        if self._writer is None:
+            return
+        self._flush()
+        self._writer.close()
+        self._stack.close()  # renames the finished file into place
+        self._writer, self._stack = None, None
+        path = self.data_dir / self._file["path"]
+        self.entries.append(
+            {
+                "path": self._file["path"],
+                "split": self.split,
+                "rows": self._file["rows"],
+                "records": self._file["records"],
+                "tokens": self._file["tokens"],
+                "trainable_tokens": self._file["trainable_tokens"],
+                "sha256": sha256_file(path),
+            }
+        )
+        self.number += 1
+
+    def close(self) -> list[ShardEntry]:
+        self._finish_file()
+        return self.entries
+
+    def abort(self) -> None:
+        """After an error: close the open file and remove it (its temporary name, never renamed)."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            error = RuntimeError("shard writing stopped")
+            with contextlib.suppress(BaseException):
+                self._stack.__exit__(type(error), error, None)
+            self._writer, self._stack = None, None

@@ -9,6 +9,7 @@ lines and cannot forget its statistics (cf. datatrove's pipeline steps).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -81,6 +82,7 @@ class StageStats:
     seconds: float = 0.0
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific figures (e.g. pii_redactions)
+    peak_rss_bytes: int | None = None  # the process's peak resident memory while the stage ran (Linux)
 
     def __add__(self, other: StageStats) -> StageStats:
         if other.name != self.name:
@@ -92,6 +94,7 @@ class StageStats:
             self.seconds + other.seconds,
             self.rejected + other.rejected,
             _merge_extra(self.extra, other.extra),
+            max((p for p in (self.peak_rss_bytes, other.peak_rss_bytes) if p is not None), default=None),
         )
 
     @classmethod
@@ -103,6 +106,7 @@ class StageStats:
             data["seconds"],
             Counter(data.get("rejected", {})),
             dict(data.get("extra", {})),
+            data.get("peak_rss_bytes"),
         )
 
     @property
@@ -125,6 +129,7 @@ class StageStats:
             "records_out": self.records_out,
             "rejected": dict(sorted(self.rejected.items())),
             **({"extra": self.extra} if self.extra else {}),
+            **({"peak_rss_bytes": self.peak_rss_bytes} if self.peak_rss_bytes is not None else {}),
         }
 
 
@@ -155,6 +160,10 @@ class StageRun:
     ``count`` adds records in, records kept and the drops' reasons; leaving the block adds the
     seconds spent inside it and, unless the block raised, checks ``in = out + rejected``: a stage
     that loses a record fails loudly instead of writing an incomplete step.
+
+    It also records the process's peak resident memory while the block ran (``peak_rss_bytes``,
+    Linux: the kernel's high-water mark is reset when the first of the running stages starts, so
+    stages that overlap in threads each report the peak of the overlap, an upper bound).
     """
 
     def __init__(self, name: str) -> None:
@@ -168,13 +177,50 @@ class StageRun:
         self.stats.rejected.update(d.reason if isinstance(d, Drop) else d for d in drops)
 
     def __enter__(self) -> StageRun:
+        _peak_rss.enter()
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, exc_type, *exc: object) -> None:
         self.stats.seconds += time.perf_counter() - self._start
+        peak = _peak_rss.leave()
+        if peak is not None:
+            self.stats.peak_rss_bytes = max(peak, self.stats.peak_rss_bytes or 0)
         if exc_type is None:
             self.stats.check_conservation()
+
+
+class _PeakRss:
+    """The kernel's resident-memory high-water mark (``VmHWM``), reset while no stage runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._running == 0:
+                try:  # "5" resets the peak RSS to the current RSS (proc(5), clear_refs)
+                    with open("/proc/self/clear_refs", "w") as refs:
+                        refs.write("5")
+                except OSError:
+                    pass
+            self._running += 1
+
+    def leave(self) -> int | None:
+        with self._lock:
+            self._running -= 1
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+
+_peak_rss = _PeakRss()
 
 
 def rejected_rows_from_table(table: pa.Table, row_indices: list[int], drops: list[Drop], stage: str) -> pa.Table:

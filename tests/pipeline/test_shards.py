@@ -321,3 +321,66 @@ def test_real_data_end_to_end(tmp_path, real_data_dir, bpe_tokenizer_path):
         tokenized_paths.append(out)
     entries = write_shards(tokenized_paths, tmp_path / "data", SFTConfig(shards=ShardConfig()), metadata=METADATA).entries
     assert sum(e["trainable_tokens"] for e in entries) > 0
+
+
+def _write_ipc(path: Path, table: pa.Table) -> Path:
+    with pa.ipc.new_file(path, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def test_shard_bytes_do_not_depend_on_how_the_rows_are_cut_into_work_files(tmp_path, tokenized):
+    # The writer streams the work files one at a time (its memory does not grow with the run);
+    # files of contiguous rows, files in any order and files whose rows interleave must all give
+    # the shards one sorted table gives. Records of several rows (one per trained turn) are never
+    # split between two shard files, even where a file or a row group ends inside one.
+    table = pa.concat_tables([read_tokenized(path) for path in tokenized])
+    turns = table.filter(pa.compute.equal(pa.compute.bit_wise_and(table[schema.SOURCE_INDEX], 3), 0))
+    turns = turns.set_column(turns.schema.get_field_index(schema.TURN), schema.TURN, pa.array([1] * turns.num_rows, pa.int32()))
+    table = pa.concat_tables([table, turns.cast(table.schema)])
+    order = pa.compute.sort_indices(table, [(schema.SOURCE, "ascending"), (schema.SOURCE_INDEX, "ascending"), (schema.TURN, "ascending")])
+    table = table.take(order)
+    n = table.num_rows
+    layouts = {
+        "one file": [table],
+        "contiguous pieces, reversed": [table.slice(170, n - 170), table.slice(61, 109), table.slice(0, 61)],
+        "interleaved rows": [table.take(list(range(0, n, 2))), table.take(list(range(1, n, 2)))],
+    }
+    shard_config = SFTConfig(shards=ShardConfig(val_fraction=0.2, target_rows=50, row_group_rows=16))
+    written = {}
+    for name, pieces in layouts.items():
+        folder = tmp_path / name.replace(" ", "-").replace(",", "")
+        paths = [_write_ipc(tmp_path / f"{folder.name}-{i}.arrow", piece) for i, piece in enumerate(pieces)]
+        result = write_shards(paths, folder, shard_config, metadata=METADATA)
+        assert result.stats.records_in == result.stats.records_out == 205
+        written[name] = [(e["path"], e["rows"], e["records"], e["sha256"]) for e in result.entries]
+        seen: dict[tuple, str] = {}
+        for entry in result.entries:
+            shard = pq.read_table(folder / entry["path"])
+            assert pq.ParquetFile(folder / entry["path"]).metadata.row_group(0).num_rows == min(16, entry["rows"])
+            for key in zip(shard[schema.SOURCE].to_pylist(), shard[schema.SOURCE_INDEX].to_pylist()):
+                assert seen.setdefault(key, entry["path"]) == entry["path"], f"record {key} split across files"
+    assert written["contiguous pieces, reversed"] == written["one file"]
+    assert written["interleaved rows"] == written["one file"]
+    assert sum(rows for _, rows, _, _ in written["one file"]) == n
+
+
+def test_a_shard_writer_that_fails_halfway_leaves_no_file_that_looks_complete(tmp_path, tokenized, monkeypatch):
+    import pipeline.shards as shards
+
+    calls = {"n": 0}
+    real = shards.gather_rows
+
+    def failing(table, rows):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError("disk full")
+        return real(table, rows)
+
+    monkeypatch.setattr(shards, "gather_rows", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write_shards(tokenized, tmp_path / "data", SFTConfig(shards=ShardConfig(target_rows=20, row_group_rows=8)), metadata=METADATA)
+    written = sorted(p.name for p in (tmp_path / "data" / "shards").iterdir())
+    assert written and not any(name.startswith(TMP_PREFIX) for name in written)
+    for name in written:  # the files finished before the failure are whole
+        assert pq.read_table(tmp_path / "data" / "shards" / name).num_rows > 0

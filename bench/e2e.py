@@ -1,0 +1,208 @@
+"""The whole ``sftkit prepare``, as a user runs it, next to the raw batch tokenizer on the same text.
+
+For each size (conversations) and kind of data this generates the inputs, runs ``sftkit prepare``
+in a fresh process (flow mode by default, as a user runs it), and times the raw tokenizer alone
+on the same rendered text in another fresh process:
+
+* **unique**: every conversation different (sentences drawn from the real instruction data in
+  ../shared/data/real, a built-in word list where that is absent);
+* **dups**: a near-duplicate-heavy refresh: about 45 % of the conversations are copies or
+  near copies (a sentence or a few words changed) of earlier ones.
+
+Inputs are JSON Lines files of 50,000 records each, in three layouts (alpaca, messages, sharegpt).
+Per stage it reports the seconds and the peak RSS the manifest records (``stages[].seconds``,
+``stages[].peak_rss_bytes``), and the process's own peak RSS.
+
+    python -m bench.e2e [--sizes 50000,200000,1000000] [--kinds unique,dups] [--no-flow]
+                        [--tokenizer data_samples/tokenizer] [--keep DIR]
+
+Writes bench/results/e2e.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench._common import REPO, argument_parser, module_command, print_table, run_child, write_results
+
+REAL = Path(os.environ.get("SFTKIT_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+TOKENIZER = REPO / "data_samples" / "tokenizer"
+RECORDS_PER_FILE = 50_000
+DUP_SHARE = 0.45
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
+
+
+# --- inputs -----------------------------------------------------------------------------------
+def sentence_pool() -> list[str]:
+    """Sentences from the real instruction data (answers and questions), deduplicated."""
+    sentences: set[str] = set()
+    for path in sorted(REAL.glob("*.json*")) if REAL.is_dir() else []:
+        text = path.read_text(encoding="utf-8")
+        for value in re.findall(r'"(?:output|value|content|instruction)": "((?:[^"\\]|\\.)*)"', text):
+            try:
+                value = json.loads(f'"{value}"')
+            except json.JSONDecodeError:
+                continue
+            for sentence in _SENTENCE_END.split(value.replace("\n", " ")):
+                if 20 <= len(sentence) <= 400 and "{{" not in sentence:
+                    sentences.add(sentence.strip())
+    if len(sentences) < 1000:  # no real data here: sentences of common English words
+        words = (
+            "the of and to in is you that it for was on are as with his they at be this have from or one had by word but "
+            "not what all were we when your can said there use an each which she do how their if will up other about out "
+            "many then them these so some her would make like him into time has look two more write go see number no way "
+            "could people my than first water been call who oil its now find long down day did get come made may part"
+        ).split()
+        rng = random.Random(0)
+        sentences = {" ".join(rng.choices(words, k=rng.randint(6, 20))).capitalize() + "." for _ in range(20_000)}
+    return sorted(sentences)
+
+
+def _conversation(rng: random.Random, pool: list[str], serial: int) -> dict:
+    prompt = " ".join(rng.choices(pool, k=rng.randint(1, 4)))
+    answer = " ".join(rng.choices(pool, k=rng.randint(6, 24)))
+    # A serial number makes an exact repeat of the same draw impossible: "unique" is unique.
+    return {"prompt": f"{prompt} (request {serial})", "answer": answer, "multi": rng.random() < 0.2}
+
+
+def _near_copy(rng: random.Random, pool: list[str], base: dict) -> dict:
+    copy = dict(base)
+    roll = rng.random()
+    if roll < 0.3:  # an exact copy
+        return copy
+    sentences = _SENTENCE_END.split(copy["answer"])
+    if roll < 0.7:  # one sentence replaced
+        sentences[rng.randrange(len(sentences))] = rng.choice(pool)
+    else:  # a few words changed
+        i = rng.randrange(len(sentences))
+        words = sentences[i].split()
+        for _ in range(min(3, len(words))):
+            words[rng.randrange(len(words))] = rng.choice(("really", "quite", "very", "also"))
+        sentences[i] = " ".join(words)
+    copy["answer"] = " ".join(sentences)
+    return copy
+
+
+def _record(conversation: dict, layout: int) -> dict:
+    prompt, answer = conversation["prompt"], conversation["answer"]
+    if layout == 0:
+        return {"instruction": prompt, "input": "", "output": answer}
+    if layout == 1:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        if conversation["multi"]:
+            messages += [{"role": "user", "content": "Can you say that more briefly?"}, {"role": "assistant", "content": answer[:200]}]
+        return {"messages": messages}
+    return {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}
+
+
+def conversations(kind: str, count: int, seed: int = 0) -> Iterator[dict]:
+    rng, pool = random.Random(seed), sentence_pool()
+    earlier: list[dict] = []  # a bounded reservoir of bases to copy from
+    for serial in range(count):
+        if kind == "dups" and earlier and rng.random() < DUP_SHARE:
+            yield _near_copy(rng, pool, rng.choice(earlier))
+            continue
+        conversation = _conversation(rng, pool, serial)
+        if len(earlier) < 20_000:
+            earlier.append(conversation)
+        else:
+            earlier[rng.randrange(len(earlier))] = conversation
+        yield conversation
+
+
+def write_inputs(folder: Path, kind: str, count: int, seed: int = 0) -> list[Path]:
+    """``count`` conversations as JSON Lines files of :data:`RECORDS_PER_FILE` records."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    handle = None
+    for i, conversation in enumerate(conversations(kind, count, seed)):
+        if i % RECORDS_PER_FILE == 0:
+            if handle:
+                handle.close()
+            paths.append(folder / f"{kind}-{len(paths):03d}.jsonl")
+            handle = open(paths[-1], "w", encoding="utf-8")
+        handle.write(json.dumps(_record(conversation, i % 3), ensure_ascii=False) + "\n")
+    if handle:
+        handle.close()
+    return paths
+
+
+# --- the runs ---------------------------------------------------------------------------------
+def run_sftkit(inputs: list[Path], out: Path, tokenizer: Path, flow: bool) -> dict:
+    env = {**os.environ, "PREFECT_HOME": str(out.parent / "prefect-home"), "DO_NOT_TRACK": "1"}
+    command = module_command("flows.cli", "prepare", *inputs, "--tokenizer", tokenizer, "--out", out)
+    if not flow:
+        command.append("--no-flow")
+    child = run_child(command, env=env, what="sftkit prepare")
+    manifest = json.loads((out / "manifest.json").read_text())
+    stages = {s["name"]: {"seconds": s["seconds"], "peak_rss_bytes": s.get("peak_rss_bytes")} for s in manifest.get("stages", [])}
+    return {
+        "seconds": child.seconds,
+        "peak_rss_bytes": child.peak_rss_bytes,
+        "kept": manifest["counts"]["kept"],
+        "read": manifest["counts"]["read"],
+        "tokens": sum(s["tokens"] for s in manifest["shards"]),
+        "stages": stages,
+    }
+
+
+def run_raw_tokenizer(inputs: list[Path], tokenizer: Path) -> dict:
+    child = run_child(module_command("bench.raw_tokenizer", tokenizer, *inputs), what="raw tokenizer")
+    figures = child.last_json()
+    return {**figures, "wall_seconds": child.seconds, "peak_rss_bytes": child.peak_rss_bytes}
+
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--sizes", default="50000,200000,1000000")
+    parser.add_argument("--kinds", default="unique,dups")
+    parser.add_argument("--no-flow", action="store_true")
+    parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
+    parser.add_argument("--keep", type=Path, default=None, help="generate the inputs here and keep them")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sftkit-e2e-"))
+    data_root = args.keep or work / "inputs"
+    rows, figures = [], []
+    try:
+        for size in [int(s) for s in args.sizes.split(",")]:
+            for kind in args.kinds.split(","):
+                folder = data_root / f"{kind}-{size}"
+                inputs = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+                if not inputs:
+                    inputs = write_inputs(folder, kind, size)
+                raw = run_raw_tokenizer(inputs, args.tokenizer.resolve())
+                out = work / f"out-{kind}-{size}"
+                sftkit = run_sftkit(inputs, out, args.tokenizer.resolve(), flow=not args.no_flow)
+                shutil.rmtree(out, ignore_errors=True)
+                if args.keep is None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                entry = {"kind": kind, "conversations": size, "raw_tokenizer": raw, "sftkit": sftkit}
+                entry["ratio"] = sftkit["seconds"] / raw["seconds"]
+                figures.append(entry)
+                stages = sftkit["stages"]
+                rows.append(
+                    [
+                        f"{kind} {size:,}",
+                        f"{raw['seconds']:.1f}",
+                        f"{sftkit['seconds']:.1f}",
+                        f"{entry['ratio']:.2f}x",
+                        " ".join(f"{name} {s['seconds']:.1f}" for name, s in stages.items()),
+                        f"{sftkit['peak_rss_bytes'] / 2**30:.2f}",
+                        " ".join(f"{name} {(s['peak_rss_bytes'] or 0) / 2**20:.0f}" for name, s in stages.items()),
+                    ]
+                )
+                print_table(["workload", "raw tok s", "sftkit s", "ratio", "stage seconds", "peak GiB", "stage peak MiB"], rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_results("e2e", {"flow": not args.no_flow, "tokenizer": str(args.tokenizer), "runs": figures}, args.out)
+
+
+if __name__ == "__main__":
+    main()
