@@ -123,7 +123,12 @@ def prepare(
     ),
     strict_render: bool = typer.Option(False, "--strict-render", help="reject rows whose prompt tokens differ from what inference renders"),
     task_runner: TaskRunner = typer.Option(TaskRunner.threads, "--task-runner", help="where flow tasks run"),
-    no_flow: bool = typer.Option(False, "--no-flow", help="run the stages in this process, without Prefect"),
+    flow: bool | None = typer.Option(
+        None,
+        "--flow/--no-flow",
+        help="run as a Prefect flow, or the same steps in this process; default: a flow when a Prefect server is configured",
+        show_default=False,
+    ),
 ) -> None:
     """Read, dedup, filter, render, tokenize and write Parquet shards with label arrays."""
     from flows.runner import run_prepare
@@ -139,7 +144,7 @@ def prepare(
             val_fraction=val_fraction,
             no_dedup=no_dedup,
             task_runner=task_runner.value,
-            use_flow=not no_flow,
+            use_flow=flow,
             reasoning=reasoning,
             strict_render=strict_render,
         )

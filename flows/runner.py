@@ -97,10 +97,15 @@ def run_prepare(
     val_fraction: float | None = None,
     no_dedup: bool = False,
     task_runner: str = "threads",
-    use_flow: bool = True,
+    use_flow: bool | None = None,
     reasoning: str | None = None,
     strict_render: bool = False,
 ) -> dict[str, Any]:
+    """Prepare ``out`` from ``inputs``: as the Prefect refresh flow or, with ``use_flow=False``,
+    the same steps in this process. ``use_flow=None`` chooses: a flow when a Prefect server is
+    configured (:func:`prefect_server_configured`), in-process otherwise, since without a server
+    Prefect would first start a temporary one (15-30 s on a small machine) for a run that leaves
+    no record anywhere once it ends."""
     from pipeline import outdir
     from pipeline.ingest import expand_inputs
 
@@ -109,6 +114,13 @@ def run_prepare(
     expand_inputs(inputs)  # fail fast, before any engine starts, on a path that is not there
     outdir.check_free(out)  # ... and on a folder that is not sftkit's or that another run is writing
     refuse_missing_tokenizer_folder(tokenizer)
+    if use_flow is None:
+        use_flow = prefect_server_configured()
+        if not use_flow:
+            console.print(
+                "[dim]no Prefect server configured (PREFECT_API_URL): running the steps in this process; "
+                "set it, or pass --flow, to run as a tracked Prefect flow[/]"
+            )
     if use_flow:
         from flows.refresh import refresh_flow
 
@@ -119,6 +131,26 @@ def run_prepare(
         manifest = _prepare_with_progress(inputs, tokenizer, out, config)
     print_summary(manifest, out)
     return manifest
+
+
+def prefect_server_configured() -> bool:
+    """Whether Prefect would talk to a server (or Prefect Cloud) rather than start a temporary one:
+    ``PREFECT_API_URL`` in the environment or in the active profile of ``$PREFECT_HOME/profiles.toml``.
+    Read without importing Prefect (which costs a second or more)."""
+    import os
+    import tomllib
+
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    profiles_path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    try:
+        profiles = tomllib.loads(profiles_path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    settings = profiles.get("profiles", {}).get(active, {})
+    return bool(isinstance(settings, dict) and settings.get("PREFECT_API_URL"))
 
 
 def refuse_missing_tokenizer_folder(tokenizer: str) -> None:

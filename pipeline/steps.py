@@ -79,6 +79,7 @@ class RunPlan(BaseModel):
     previous_version: int
     index_parts: list[str]
     start_index: dict[str, int]
+    tokenizer_files_digest: str | None = None  # see _tokenizer_files_digest
 
     @property
     def output_settings(self) -> dict[str, Any]:
@@ -117,23 +118,28 @@ def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config
     A record's ``source`` is its input path as given (``data/a.jsonl``), so two files of the same
     name in different folders stay apart.
     """
-    from pipeline.templates import resolve_template
-    from pipeline.tokenizers import load_tokenizer, tokenizer_fingerprint
-
     data_dir = Path(data_dir)
     # Record a local tokenizer by absolute path, so the manifest still finds it from elsewhere.
     if Path(tokenizer).exists():
         tokenizer = str(Path(tokenizer).resolve())
-    tok = load_tokenizer(tokenizer)
-    template = resolve_template(tok, config.template)
-    tokenizer_fp = tokenizer_fingerprint(tok)
     config_fp = config.fingerprint()
+    previous = manifest_io.read_manifest_or_none(data_dir)
+    files_digest = _tokenizer_files_digest(tokenizer, config)
+    recorded = _recorded_fingerprints(previous, files_digest, config_fp)
+    if recorded is not None:  # same tokenizer files, template, config and code as the last run
+        tokenizer_fp, template_name, template_fp = recorded
+    else:
+        from pipeline.templates import resolve_template
+        from pipeline.tokenizers import load_tokenizer, tokenizer_fingerprint
+
+        tok = load_tokenizer(tokenizer)
+        template = resolve_template(tok, config.template)
+        tokenizer_fp, template_name, template_fp = tokenizer_fingerprint(tok), template.name, template.fingerprint
 
     inputs = [InputFile(path=str(path), source=str(path), sha256=_hash_input(Path(path))) for path in input_paths]
-    previous = manifest_io.read_manifest_or_none(data_dir)
     rebuild = previous is not None and (
         previous.get("tokenizer", {}).get("fingerprint") != tokenizer_fp
-        or previous.get("template", {}).get("fingerprint") != template.fingerprint
+        or previous.get("template", {}).get("fingerprint") != template_fp
         or previous.get("config_fingerprint") != config_fp
     )
     seen = set() if previous is None or rebuild else {i["sha256"] for i in previous.get("inputs", [])}
@@ -163,8 +169,8 @@ def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config
         config=config,
         config_fingerprint=config_fp,
         tokenizer_fingerprint=tokenizer_fp,
-        template_name=template.name,
-        template_fingerprint=template.fingerprint,
+        template_name=template_name,
+        template_fingerprint=template_fp,
         code_version=code_version(),
         inputs=new,
         skipped_inputs=skipped,
@@ -172,7 +178,52 @@ def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config
         previous_version=0 if previous is None else int(previous.get("version", 0)),
         index_parts=[] if previous is None or rebuild else list(previous.get("dedup_index", [])),
         start_index=start_index,
+        tokenizer_files_digest=files_digest,
     )
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
+
+
+def _tokenizer_files_digest(tokenizer: str, config: SFTConfig) -> str | None:
+    """A hash of everything the tokenizer and template fingerprints are computed from, read
+    without loading the tokenizer (which imports transformers and torch: seconds): the files of a
+    local tokenizer folder (not model weights), a custom template file, the config, the versions
+    of the libraries that parse them, and sftkit's code. ``None`` for a hub name.
+
+    A refresh whose digest equals the one the manifest records takes the recorded fingerprints,
+    so a nightly run that finds nothing new answers in well under a second.
+    """
+    import importlib.metadata
+
+    folder = Path(tokenizer)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for child in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)):
+        h.update(f"{child.name}\0{sha256_file(child)}\0".encode())
+    jinja_file = config.template.jinja_file
+    if jinja_file is not None:
+        h.update(sha256_file(jinja_file).encode() if Path(jinja_file).is_file() else b"missing")
+    for package in ("transformers", "tokenizers", "jinja2"):
+        try:
+            h.update(f"{package}={importlib.metadata.version(package)}\0".encode())
+        except importlib.metadata.PackageNotFoundError:
+            h.update(f"{package}=none\0".encode())
+    h.update(f"{config.fingerprint()}\0{code_version()}".encode())
+    return h.hexdigest()[:20]
+
+
+def _recorded_fingerprints(previous: dict[str, Any] | None, files_digest: str | None, config_fp: str) -> tuple[str, str, str] | None:
+    """(tokenizer fingerprint, template name, template fingerprint) from the last manifest, when
+    it was written from the same tokenizer files, template and config."""
+    if previous is None or files_digest is None or previous.get("config_fingerprint") != config_fp:
+        return None
+    tokenizer, template = previous.get("tokenizer") or {}, previous.get("template") or {}
+    if tokenizer.get("files_digest") != files_digest:
+        return None
+    values = (tokenizer.get("fingerprint"), template.get("name"), template.get("fingerprint"))
+    return values if all(isinstance(v, str) and v for v in values) else None
 
 
 def _hash_input(path: Path) -> str:
@@ -487,7 +538,11 @@ def finalize(
         root,
         previous,
         version=plan.previous_version + 1,
-        tokenizer={"name": plan.tokenizer, "fingerprint": plan.tokenizer_fingerprint},
+        tokenizer={
+            "name": plan.tokenizer,
+            "fingerprint": plan.tokenizer_fingerprint,
+            **({"files_digest": plan.tokenizer_files_digest} if plan.tokenizer_files_digest else {}),
+        },
         template={"name": plan.template_name, "fingerprint": plan.template_fingerprint},
         config=plan.config.model_dump(mode="json"),
         config_fingerprint=plan.config_fingerprint,
