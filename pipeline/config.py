@@ -103,6 +103,9 @@ class QualityConfig(_Section):
     pii: Literal["redact", "drop", "off"] = "redact"
     decontaminate: list[Path] = Field(default_factory=list, description="evaluation files to keep out")
     decontaminate_ngram: int = Field(13, gt=0)
+    num_proc: int | None = Field(
+        None, ge=1, description="worker processes for the filters (Python: one core each); default all cores, 1 in this process"
+    )
 
 
 class TemplateConfig(_Section):
@@ -205,6 +208,7 @@ RUNTIME_ONLY = (
     ("ingest", "batch_size"),
     ("ingest", "max_expanded_bytes"),  # a run over it stops with an error; under it, it changes nothing
     ("dedup", "partitions"),
+    ("quality", "num_proc"),
     ("tokenize", "batch_size"),
     ("tokenize", "num_proc"),
     ("tokenize", "workers"),

@@ -451,11 +451,10 @@ def _quality_verdict(plan: RunPlan) -> Callable[[dict[str, Any]], bool] | None:
     if not plan.config.quality.enabled:
         return None
     from pipeline.quality import build_filters, passes
-    from pipeline.tokenizers import load_tokenizer
 
     @lru_cache(maxsize=1)
-    def filters():
-        return build_filters(plan.config.quality, tokenizer=load_tokenizer(plan.tokenizer))
+    def filters():  # the tokenizer folder: loaded only if a length bound counts tokens
+        return build_filters(plan.config.quality, tokenizer=plan.tokenizer)
 
     return lambda record: passes(record, filters())
 

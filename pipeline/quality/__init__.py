@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +120,9 @@ def filter_records(records: list[dict[str, Any]], chain: FilterChain) -> Verdict
     return verdicts
 
 
-def kept_table(table: pa.Table, records: list[dict[str, Any]], verdicts: Verdicts) -> pa.Table:
-    """The kept rows of ``table``, with the messages of changed records taken from ``records``.
+def kept_table(table: pa.Table, records: list[dict[str, Any]] | dict[int, dict[str, Any]], verdicts: Verdicts) -> pa.Table:
+    """The kept rows of ``table``, with the messages of changed records taken from ``records``
+    (every record of the batch, or only the changed ones by row).
 
     Unchanged rows are taken from the Arrow table as they are, which is much faster than
     rebuilding every kept row from Python objects (and writes the same bytes).
@@ -138,6 +142,78 @@ def kept_table(table: pa.Table, records: list[dict[str, Any]], verdicts: Verdict
     index = kept.schema.get_field_index(schema.MESSAGES)
     # One chunk, as a table built from rows has: the Parquet writer cuts pages at chunk ends.
     return kept.set_column(index, kept.schema.field(index), pa.chunked_array(pieces, column.type)).combine_chunks()
+
+
+# --- one batch, in this process or a worker ----------------------------------------------------
+def _judge(chain: FilterChain, batch: pa.RecordBatch) -> tuple[Verdicts, dict[int, dict[str, Any]]]:
+    """The chain's verdicts on a batch, and the changed (redacted) records by row."""
+    table = pa.Table.from_batches([batch]).cast(schema.CONVERSATION_SCHEMA)
+    records = table.select([schema.MESSAGES, schema.TOOLS]).to_pylist()  # what the filters read
+    verdicts = filter_records(records, chain)
+    return verdicts, {row: records[row] for row in verdicts.changed_rows}
+
+
+def _write_batch(batch: pa.RecordBatch, verdicts: Verdicts, changed: dict[int, dict[str, Any]]) -> tuple[pa.Table, pa.Table]:
+    """(kept rows, rejected rows) of ``batch`` after the verdicts."""
+    table = pa.Table.from_batches([batch]).cast(schema.CONVERSATION_SCHEMA)
+    return kept_table(table, changed, verdicts), rejected_rows_from_table(table, verdicts.dropped_rows, verdicts.drops, STAGE_NAME)
+
+
+_worker_chain: FilterChain | None = None
+_BATCHES_FOR_WORKERS = 4
+
+
+def _init_worker(config_json: str, tokenizer: str | None) -> None:
+    global _worker_chain
+    _worker_chain = FilterChain(build_filters(SFTConfig.model_validate_json(config_json).quality, tokenizer=tokenizer))
+
+
+def _filter_in_worker(batch: pa.RecordBatch) -> tuple[Verdicts, dict[int, dict[str, Any]], dict]:
+    """A worker's answer: the verdicts and changed records only (the caller holds the batch)."""
+    assert _worker_chain is not None, "worker was not initialised"
+    verdicts, changed = _judge(_worker_chain, batch)
+    return verdicts, changed, _take_counts(_worker_chain)
+
+
+def _take_counts(chain: FilterChain) -> dict:
+    """The chain's counters since the last call, and reset them: what one batch added."""
+    delta = {
+        "seconds": dict(chain.seconds),
+        "dropped": Counter(chain.dropped),
+        "reasons": {name: Counter(reasons) for name, reasons in chain.reasons.items()},
+        "counts": {flt.name: Counter(flt.counts) for flt in chain.filters},
+    }
+    chain.seconds.clear()
+    chain.dropped.clear()
+    chain.reasons.clear()
+    for flt in chain.filters:
+        flt.counts.clear()
+    return delta
+
+
+def _add_counts(chain: FilterChain, delta: dict | None) -> None:
+    """Add a worker's counts for one batch to the stage's own chain (whose summary is reported)."""
+    if delta is None:
+        return
+    for name, seconds in delta["seconds"].items():
+        chain.seconds[name] += seconds
+    chain.dropped.update(delta["dropped"])
+    for name, reasons in delta["reasons"].items():
+        chain.reasons[name].update(reasons)
+    for flt in chain.filters:
+        flt.counts.update(delta["counts"].get(flt.name, {}))
+
+
+def _judged_in_workers(
+    batches: Iterator[pa.RecordBatch], num_proc: int, config: SFTConfig, tokenizer: str | None
+) -> Iterator[tuple[Verdicts, dict[int, dict[str, Any]], dict]]:
+    """Batches filtered in ``num_proc`` worker processes (:mod:`pipeline.workers`), results in
+    input order, so the output does not depend on the number of workers."""
+    from pipeline.workers import WorkerPool
+
+    init_args = (config.model_dump_json(), tokenizer)
+    with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", init_args, num_proc) as pool:
+        yield from pool.map(batches)
 
 
 def _open_input(in_path: Path) -> pq.ParquetFile:
@@ -171,21 +247,35 @@ def quality_stage(
     rejected (a stale one from an earlier run is removed). Kept rows keep their original ``id``
     even when redacted. Statistics: ``extra["filters"]`` holds seconds, drops and reasons per
     filter, ``extra["pii_redactions"]`` the number of redactions.
-    """
-    from pipeline.tokenizers import load_tokenizer
 
-    chain = FilterChain(build_filters(config.quality, tokenizer=load_tokenizer(tokenizer) if tokenizer else None))
+    The filters are Python, one core each: an input of a few batches or more is filtered in
+    ``config.quality.num_proc`` worker processes (default: one per core), results in input order,
+    so the output is the same for any number of workers.
+    """
+    # The folder, not a loaded tokenizer: the length filter loads it only for token bounds.
+    chain = FilterChain(build_filters(config.quality, tokenizer=tokenizer))
     source = _open_input(Path(in_path))
+    num_batches = -(-source.metadata.num_rows // batch_size)
+    # Worker processes pay their start (a fraction of a second) back from a few batches on.
+    num_proc = min(config.quality.num_proc or os.cpu_count() or 1, num_batches) if num_batches >= _BATCHES_FOR_WORKERS else 1
     with StageRun(STAGE_NAME) as run, contextlib.ExitStack() as stack:
         kept_sink = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
         rejected_sink = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
-        for batch in source.iter_batches(batch_size=batch_size):
-            table = pa.Table.from_batches([batch]).cast(schema.CONVERSATION_SCHEMA)
-            records = table.select([schema.MESSAGES, schema.TOOLS]).to_pylist()  # what the filters read
-            verdicts = filter_records(records, chain)
-            kept_sink.write_table(kept_table(table, records, verdicts))
-            rejected_sink.write_table(rejected_rows_from_table(table, verdicts.dropped_rows, verdicts.drops, STAGE_NAME))
-            run.count(table.num_rows, kept=len(verdicts.kept_rows), drops=verdicts.drops)
+        if num_proc > 1 and chain.filters:
+            # The batches are read twice (once for the workers, once here to write): cheaper than
+            # shipping every kept row back.
+            batches = source.iter_batches(batch_size=batch_size)
+            judged = _judged_in_workers(source.iter_batches(batch_size=batch_size), num_proc, config, tokenizer)
+            stack.enter_context(contextlib.closing(judged))  # the workers stop with the stage, error or not
+            results = ((batch, *answer) for batch, answer in zip(batches, judged))
+        else:
+            results = ((batch, *_judge(chain, batch), None) for batch in source.iter_batches(batch_size=batch_size))
+        for batch, verdicts, changed, delta in results:
+            kept, rejected = _write_batch(batch, verdicts, changed)
+            kept_sink.write_table(kept)
+            rejected_sink.write_table(rejected)
+            run.count(batch.num_rows, kept=kept.num_rows, drops=verdicts.drops)
+            _add_counts(chain, delta)
         kept_sink.finish()
         rejected_sink.finish()
         summary = chain.summary()

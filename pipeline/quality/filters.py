@@ -170,7 +170,7 @@ class Length(Filter):
         wants_tokens = any(
             v is not None for v in (self.min_prompt_tokens, self.max_prompt_tokens, self.min_response_tokens, self.max_response_tokens)
         )
-        if isinstance(self.tokenizer, str):
+        if isinstance(self.tokenizer, str) and wants_tokens:  # a folder: loaded only when a bound needs it
             from pipeline.tokenizers import load_tokenizer
 
             self.tokenizer = load_tokenizer(self.tokenizer)

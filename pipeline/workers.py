@@ -1,0 +1,183 @@
+"""An ordered map over worker processes, for the stages whose work is Python (one core each).
+
+:class:`WorkerPool` starts ``num_proc`` processes as ``python -m pipeline.workers``; each
+initialises once (``initializer(*init_args)``, e.g. building the quality filters) and then applies
+``task`` to the items it is sent. :meth:`WorkerPool.map` yields the results in the items' order,
+so a stage's output does not depend on the number of workers.
+
+Why not :mod:`multiprocessing`: ``fork`` is unsafe in a process that runs threads (Prefect's task
+runner, the tokenizer's pool), and ``spawn``/``forkserver`` re-run the caller's main script in each
+worker, so a user's script without an ``if __name__ == "__main__"`` guard would start workers
+without end. These workers import only ``pipeline`` and the module named by ``task``.
+
+The protocol, on the worker's stdin and stdout: length-prefixed pickles (8 bytes little-endian
+length, then the pickle). First ``(initializer, task, init_args)``, then one item per message; the
+worker answers each with ``(True, result)`` or ``(False, exception)``. Each worker has one item in
+flight, and the next is sent as soon as its answer is read, so neither side can block the other
+on a full pipe. A worker that dies is named with its exit code; an exception in ``task`` is
+raised again in the caller. Only functions of sftkit's own ``pipeline`` package can be named.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any, BinaryIO
+
+_HEADER = 8
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class WorkerError(RuntimeError):
+    """A worker process died, or answered something that is not the protocol."""
+
+
+def _send(stream: BinaryIO, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(len(data).to_bytes(_HEADER, "little"))
+    stream.write(data)
+    stream.flush()
+
+
+def _receive(stream: BinaryIO) -> Any:
+    header = stream.read(_HEADER)
+    if len(header) < _HEADER:
+        raise EOFError
+    size = int.from_bytes(header, "little")
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def _resolve(name: str) -> Callable[..., Any]:
+    module, _, function = name.partition(":")
+    if module != "pipeline" and not module.startswith("pipeline."):
+        raise ValueError(f"a worker runs sftkit's pipeline functions only, not {name!r}")
+    return getattr(importlib.import_module(module), function)
+
+
+class WorkerPool:
+    """``num_proc`` worker processes applying ``task`` (``"module:function"``) to items in order.
+
+    ::
+
+        with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", (config_json,), 2) as pool:
+            for result in pool.map(batches):
+                ...
+    """
+
+    def __init__(self, initializer: str, task: str, init_args: tuple, num_proc: int) -> None:
+        _resolve(initializer), _resolve(task)  # fail here, not in a worker, on a bad name
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        env["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+        self._workers: list[subprocess.Popen] = []
+        try:
+            for _ in range(max(1, num_proc)):
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", "pipeline.workers"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+                )
+                self._workers.append(worker)
+                _send(worker.stdin, (initializer, task, init_args))
+        except BaseException:
+            self.close()
+            raise
+
+    def map(self, items: Iterable[Any]) -> Iterator[Any]:
+        """``task(item)`` for every item, in the items' order."""
+        items = iter(items)
+        count = len(self._workers)
+        # Item i goes to worker i % count; each worker holds one item at a time.
+        busy = [self._submit(worker, item) for worker, item in zip(self._workers, islice(items, count))]
+        position = 0
+        while any(busy):
+            worker = self._workers[position % count]
+            if not busy[position % count]:
+                break
+            result = self._answer(worker)
+            busy[position % count] = self._submit(worker, next(items, _DONE))
+            position += 1
+            yield result
+
+    def _submit(self, worker: subprocess.Popen, item: Any) -> bool:
+        if item is _DONE:
+            return False
+        try:
+            _send(worker.stdin, item)
+        except BrokenPipeError as exc:
+            raise self._died(worker) from exc
+        return True
+
+    def _answer(self, worker: subprocess.Popen) -> Any:
+        try:
+            ok, value = _receive(worker.stdout)
+        except (EOFError, pickle.UnpicklingError, ValueError) as exc:
+            raise self._died(worker) from exc
+        if not ok:
+            raise value
+        return value
+
+    def _died(self, worker: subprocess.Popen) -> WorkerError:
+        try:
+            code = worker.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        return WorkerError(f"a worker process (pid {worker.pid}) stopped answering (exit code {code}); see its messages above")
+
+    def close(self) -> None:
+        for worker in self._workers:
+            for stream in (worker.stdin, worker.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        for worker in self._workers:
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        self._workers = []
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_DONE = object()
+
+
+def main() -> None:
+    """The worker: initialise, then answer items until the caller closes stdin."""
+    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a stray print must not corrupt the answers
+    initializer, task, init_args = _receive(requests)
+    _resolve(initializer)(*init_args)
+    apply = _resolve(task)
+    while True:
+        try:
+            item = _receive(requests)
+        except EOFError:
+            return
+        try:
+            answer = (True, apply(item))
+        except Exception as exc:  # raised again in the caller, with its type
+            try:
+                pickle.dumps(exc)
+            except Exception:
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            answer = (False, exc)
+        _send(answers, answer)
+
+
+if __name__ == "__main__":
+    main()
