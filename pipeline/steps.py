@@ -32,8 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -620,6 +621,52 @@ def prepare(
         return _prepare_locked(paths, tokenizer, Path(data_dir), config, progress)
 
 
+_BYTES_FOR_WORKERS = 32 << 20
+
+
+def _input_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(child.stat().st_size for child in path.rglob("*") if child.is_file())
+    return path.stat().st_size
+
+
+# Steps a worker process may run for prepare (pipeline.workers runs only what is named here).
+_WORKER_STEPS = ("run_ingest", "dedup_signatures")
+
+
+def _run_in_worker(call: tuple[str, tuple]) -> Any:
+    name, args = call
+    if name not in _WORKER_STEPS:
+        raise ValueError(f"{name!r} is not a step a worker runs")
+    return globals()[name](*args)
+
+
+class _StepWorkers:
+    """``map(step, argument tuples)``: in :mod:`pipeline.workers` processes when there are two or
+    more (results in order), else in this process. Steps write their outputs to the run's
+    ``.work`` folder and return small results, so only file names cross processes."""
+
+    def __init__(self, num_proc: int) -> None:
+        self.num_proc = num_proc
+        self.pool = None
+
+    def __enter__(self) -> _StepWorkers:
+        if self.num_proc > 1:
+            from pipeline.workers import WorkerPool
+
+            self.pool = WorkerPool(None, "pipeline.steps:_run_in_worker", (), self.num_proc)
+        return self
+
+    def map(self, step: Callable[..., Any], calls: list[tuple]) -> Iterator[Any]:
+        if self.pool is None or len(calls) < 2:
+            return (step(*args) for args in calls)
+        return self.pool.map((step.__name__, args) for args in calls)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
 def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: SFTConfig, progress) -> dict:
     plan = plan_refresh(paths, tokenizer, data_dir, config)
     if plan.up_to_date:
@@ -628,11 +675,18 @@ def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: S
     begin_run(plan)
     notify = progress or (lambda stage, done, total: None)
 
-    ingest_results = []
-    for i, item in enumerate(plan.inputs):
-        ingest_results.append(run_ingest(plan, item))
-        notify("ingest", i + 1, len(plan.inputs))
-    dedup_result = run_dedup(plan, ingest_results)
+    # Ingest and the dedup signatures are Python, per input file: one worker process per core,
+    # when the inputs are big enough to pay back the workers' start (about a second).
+    big = sum(_input_bytes(Path(item.path)) for item in plan.inputs) >= _BYTES_FOR_WORKERS
+    with _StepWorkers(min(os.cpu_count() or 1, len(plan.inputs)) if big else 1) as workers:
+        ingest_results = []
+        for result in workers.map(run_ingest, [(plan, item) for item in plan.inputs]):
+            ingest_results.append(result)
+            notify("ingest", len(ingest_results), len(plan.inputs))
+        signature_paths = None
+        if plan.config.dedup.enabled:
+            signature_paths = list(workers.map(dedup_signatures, [(plan, result) for result in ingest_results]))
+    dedup_result = run_dedup(plan, ingest_results, signature_paths)
     notify("dedup", 1, 1)
     quality_results = []
     for chunk in range(len(dedup_result.outputs)):

@@ -2,7 +2,7 @@
 
 :class:`WorkerPool` starts ``num_proc`` processes as ``python -m pipeline.workers``; each
 initialises once (``initializer(*init_args)``, e.g. building the quality filters) and then applies
-``task`` to the items it is sent. :meth:`WorkerPool.map` yields the results in the items' order,
+``task`` to the items it is sent (``initializer`` may be None). :meth:`WorkerPool.map` yields the results in the items' order,
 so a stage's output does not depend on the number of workers.
 
 Why not :mod:`multiprocessing`: ``fork`` is unsafe in a process that runs threads (Prefect's task
@@ -73,8 +73,10 @@ class WorkerPool:
                 ...
     """
 
-    def __init__(self, initializer: str, task: str, init_args: tuple, num_proc: int) -> None:
-        _resolve(initializer), _resolve(task)  # fail here, not in a worker, on a bad name
+    def __init__(self, initializer: str | None, task: str, init_args: tuple, num_proc: int) -> None:
+        if initializer is not None:
+            _resolve(initializer)  # fail here, not in a worker, on a bad name
+        _resolve(task)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         env["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
@@ -161,7 +163,8 @@ def main() -> None:
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the answers
     initializer, task, init_args = _receive(requests)
-    _resolve(initializer)(*init_args)
+    if initializer is not None:
+        _resolve(initializer)(*init_args)
     apply = _resolve(task)
     while True:
         try:

@@ -269,3 +269,24 @@ def test_unchanged_rerun_removes_what_a_killed_run_left_behind(tmp_path, bpe_tok
     assert not (out / ".work").exists()
     assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(listed)
     assert shard_bytes(out) == listed
+
+
+def test_ingest_and_signatures_in_worker_processes_write_the_same_dataset(tmp_path, bpe_tokenizer_path, monkeypatch):
+    import pipeline.steps as steps
+    from pipeline.workers import WorkerPool
+
+    inputs = [str(p) for p in make_inputs(tmp_path / "in")]
+    write_json(tmp_path / "in" / "more.json", alpaca_records(offset=40, count=30))
+    inputs.append(str(tmp_path / "in" / "more.json"))
+    monkeypatch.setattr(steps, "_BYTES_FOR_WORKERS", 1 << 60)  # in this process
+    serial = prepare(inputs, str(bpe_tokenizer_path), tmp_path / "serial", _config())
+    monkeypatch.setattr(steps, "_BYTES_FOR_WORKERS", 0)  # worker processes, whatever the size
+    started = []
+    real_init = WorkerPool.__init__
+    monkeypatch.setattr(WorkerPool, "__init__", lambda self, *a: started.append(a[1]) or real_init(self, *a))
+    parallel = prepare(inputs, str(bpe_tokenizer_path), tmp_path / "parallel", _config())
+    assert started == ["pipeline.steps:_run_in_worker"]
+    assert shard_bytes(tmp_path / "parallel") == shard_bytes(tmp_path / "serial")
+    assert parallel["counts"] == serial["counts"]
+    rejected = {r["path"].split("/")[-1] for r in serial["rejected"]}
+    assert rejected and rejected == {r["path"].split("/")[-1] for r in parallel["rejected"]}
