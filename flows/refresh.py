@@ -53,12 +53,14 @@ def begin_task(plan: steps.RunPlan) -> None:
     **IO_RETRIES,
 )
 def ingest_task(plan: steps.RunPlan, item: steps.InputFile) -> steps.StepResult:
-    return steps.run_ingest(plan, item)
+    # Ingest is Python: a big file gets a process of its own, so mapped tasks use every core.
+    return steps.in_worker_process(steps.run_ingest, plan, item, input_bytes=steps.input_bytes(item.path))
 
 
 @task(name="dedup-signatures", **IO_RETRIES)
 def dedup_signatures_task(plan: steps.RunPlan, ingest_result: steps.StepResult) -> str:
-    return steps.dedup_signatures(plan, ingest_result)
+    chunk_bytes = steps.input_bytes(ingest_result.outputs[0])
+    return steps.in_worker_process(steps.dedup_signatures, plan, ingest_result, input_bytes=3 * chunk_bytes)  # Parquet: ~3x smaller than JSON
 
 
 @task(name="dedup-partition", **IO_RETRIES)

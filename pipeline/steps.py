@@ -624,7 +624,9 @@ def prepare(
 _BYTES_FOR_WORKERS = 32 << 20
 
 
-def _input_bytes(path: Path) -> int:
+def input_bytes(path: str | Path) -> int:
+    """Bytes on disk of an input file or folder."""
+    path = Path(path)
     if path.is_dir():
         return sum(child.stat().st_size for child in path.rglob("*") if child.is_file())
     return path.stat().st_size
@@ -639,6 +641,19 @@ def _run_in_worker(call: tuple[str, tuple]) -> Any:
     if name not in _WORKER_STEPS:
         raise ValueError(f"{name!r} is not a step a worker runs")
     return globals()[name](*args)
+
+
+def in_worker_process(step: Callable[..., Any], *args: Any, input_bytes: int) -> Any:
+    """``step(*args)`` in a worker process of its own when its input has ``input_bytes`` of
+    :data:`_BYTES_FOR_WORKERS` or more, else here. For callers that run steps side by side in
+    threads (Prefect's thread task runner), where Python steps would share one core."""
+    from pipeline.workers import WorkerPool
+
+    if input_bytes < _BYTES_FOR_WORKERS:
+        return step(*args)
+    with WorkerPool(None, "pipeline.steps:_run_in_worker", (), 1) as pool:
+        [result] = pool.map([(step.__name__, args)])
+    return result
 
 
 class _StepWorkers:
@@ -677,7 +692,7 @@ def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: S
 
     # Ingest and the dedup signatures are Python, per input file: one worker process per core,
     # when the inputs are big enough to pay back the workers' start (about a second).
-    big = sum(_input_bytes(Path(item.path)) for item in plan.inputs) >= _BYTES_FOR_WORKERS
+    big = sum(input_bytes(Path(item.path)) for item in plan.inputs) >= _BYTES_FOR_WORKERS
     with _StepWorkers(min(os.cpu_count() or 1, len(plan.inputs)) if big else 1) as workers:
         ingest_results = []
         for result in workers.map(run_ingest, [(plan, item) for item in plan.inputs]):

@@ -290,3 +290,18 @@ def test_ingest_and_signatures_in_worker_processes_write_the_same_dataset(tmp_pa
     assert parallel["counts"] == serial["counts"]
     rejected = {r["path"].split("/")[-1] for r in serial["rejected"]}
     assert rejected and rejected == {r["path"].split("/")[-1] for r in parallel["rejected"]}
+
+
+def test_a_step_run_in_a_worker_process_gives_what_it_gives_here(tmp_path, bpe_tokenizer_path):
+    from pipeline import steps
+
+    source = make_inputs(tmp_path / "in")[0]
+    results = {}
+    for name, size in (("here", 0), ("worker", 1 << 40)):  # the size decides where it runs
+        plan = steps.plan_refresh([source], str(bpe_tokenizer_path), tmp_path / name, _config())
+        steps.begin_run(plan)
+        results[name] = steps.in_worker_process(steps.run_ingest, plan, plan.inputs[0], input_bytes=size)
+    here, worker = results["here"], results["worker"]
+    assert worker.stats.records_in == here.stats.records_in > 0
+    assert (worker.stats.records_out, worker.stats.rejected) == (here.stats.records_out, here.stats.rejected)
+    assert pq.read_table(worker.outputs[0]).equals(pq.read_table(here.outputs[0]))
