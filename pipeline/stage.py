@@ -200,6 +200,8 @@ class _PeakRss:
     def enter(self) -> None:
         with self._lock:
             if self._running == 0:
+                # Memory the last stage freed goes back to the system before the next one starts.
+                pa.default_memory_pool().release_unused()
                 try:  # "5" resets the peak RSS to the current RSS (proc(5), clear_refs)
                     with open("/proc/self/clear_refs", "w") as refs:
                         refs.write("5")
