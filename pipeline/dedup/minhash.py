@@ -22,15 +22,18 @@ _CHUNK_CELLS = 1 << 20  # shingles x permutations evaluated at once (4 MiB of ui
 
 @functools.cache
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """datasketch's ``(a, b)`` permutation parameters for ``num_perm`` and ``seed``."""
-    from datasketch import MinHash
+    """datasketch's ``(a, b)`` permutation parameters for ``num_perm`` and ``seed`` (its
+    ``affine32`` scheme: ``a`` odd, both drawn from ``numpy.random.RandomState(seed)``).
 
-    try:
-        # Named explicitly: a future default scheme must not silently change stored indexes.
-        a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
-    except TypeError as exc:  # datasketch < 2.0 has only the legacy scheme
-        raise RuntimeError("sftkit dedup needs datasketch >= 2.0 (its affine32 MinHash scheme)") from exc
-    return a.astype(np.uint32), b.astype(np.uint32)
+    Drawn here rather than read from ``datasketch.MinHash(...).permutations``: importing
+    datasketch costs most of a second, more than a small refresh's whole dedup stage. A test
+    checks these are datasketch's own for many ``(num_perm, seed)``, and stored indexes do not
+    change if a later datasketch changes its default scheme.
+    """
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
 
 
 def fmix32(h: np.ndarray) -> np.ndarray:

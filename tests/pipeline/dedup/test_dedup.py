@@ -111,6 +111,18 @@ def test_signatures_are_bit_identical_to_datasketch_minhash():
         np.testing.assert_array_equal(sig[row], reference.hashvalues)
 
 
+@pytest.mark.parametrize("num_perm", [1, 16, 128, 256, 257])
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345])
+def test_permutations_are_datasketchs_own(num_perm, seed):
+    from pipeline.dedup.minhash import permutations
+
+    a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+    ours = permutations(num_perm, seed)
+    assert [x.dtype for x in ours] == [np.uint32, np.uint32]
+    np.testing.assert_array_equal(ours[0], a.astype(np.uint32))
+    np.testing.assert_array_equal(ours[1], b.astype(np.uint32))
+
+
 def test_band_choice_catches_pairs_at_the_threshold():
     bands, rows = choose_bands(0.8, 128)
     assert bands * rows <= 128
