@@ -13,20 +13,32 @@ Inputs are JSON Lines files of 50,000 records each, in three layouts (alpaca, me
 Per stage it reports the seconds and the peak RSS the manifest records (``stages[].seconds``,
 ``stages[].peak_rss_bytes``), and the process's own peak RSS.
 
+Flow mode is measured as a team runs it: against a Prefect server that is already up (this
+script starts a real ``prefect server start`` first, unless ``PREFECT_API_URL`` is set, and does
+not count its start-up). ``--no-flow`` measures the in-process run instead. The start-up table
+times a small run (the sample data) and a refresh that finds nothing new, in both modes; the
+overhead is the wall time minus the seconds the stages report.
+
     python -m bench.e2e [--sizes 50000,200000,1000000] [--kinds unique,dups] [--no-flow]
-                        [--tokenizer data_samples/tokenizer] [--keep DIR]
+                        [--tokenizer data_samples/tokenizer] [--keep DIR] [--no-startup]
 
 Writes bench/results/e2e.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,16 +147,52 @@ def write_inputs(folder: Path, kind: str, count: int, seed: int = 0) -> list[Pat
 
 
 # --- the runs ---------------------------------------------------------------------------------
-def run_sftkit(inputs: list[Path], out: Path, tokenizer: Path, flow: bool) -> dict:
-    env = {**os.environ, "PREFECT_HOME": str(out.parent / "prefect-home"), "DO_NOT_TRACK": "1"}
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """The API URL of a running Prefect server: ``PREFECT_API_URL`` if set, else one started here."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the Prefect server did not start") from None
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run_sftkit(inputs: list[Path], out: Path, tokenizer: Path, api_url: str | None) -> dict:
+    """``sftkit prepare`` in a fresh process: as a flow against ``api_url``, in-process without one."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(out.parent / "prefect-home"), "DO_NOT_TRACK": "1"}
     command = module_command("flows.cli", "prepare", *inputs, "--tokenizer", tokenizer, "--out", out)
-    if not flow:
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+        command.append("--flow")
+    else:
         command.append("--no-flow")
     child = run_child(command, env=env, what="sftkit prepare")
     manifest = json.loads((out / "manifest.json").read_text())
     stages = {s["name"]: {"seconds": s["seconds"], "peak_rss_bytes": s.get("peak_rss_bytes")} for s in manifest.get("stages", [])}
     return {
         "seconds": child.seconds,
+        "stage_seconds": sum(s["seconds"] for s in manifest.get("stages", [])),
+        "version": manifest["version"],
         "peak_rss_bytes": child.peak_rss_bytes,
         "kept": manifest["counts"]["kept"],
         "read": manifest["counts"]["read"],
@@ -159,49 +207,81 @@ def run_raw_tokenizer(inputs: list[Path], tokenizer: Path) -> dict:
     return {**figures, "wall_seconds": child.seconds, "peak_rss_bytes": child.peak_rss_bytes}
 
 
+def startup(work: Path, tokenizer: Path, api_url: str | None) -> list[dict]:
+    """A small run (the sample data) and then a refresh that finds nothing new, flow and in-process."""
+    inputs = sorted((REPO / "data_samples" / "inputs").glob("*"))
+    figures = []
+    for mode, url in (("flow", api_url), ("in-process", None)):
+        if mode == "flow" and not url:
+            continue
+        out = work / f"startup-{mode}"
+        for run in ("small run", "nothing new"):
+            result = run_sftkit(inputs, out, tokenizer, url)
+            overhead = result["seconds"] - (result["stage_seconds"] if run == "small run" else 0.0)
+            figures.append({"mode": mode, "run": run, "seconds": result["seconds"], "overhead_seconds": overhead})
+        shutil.rmtree(out, ignore_errors=True)
+    print_table(
+        ["start-up", "wall s", "overhead s"],
+        [[f"{f['mode']}: {f['run']}", f"{f['seconds']:.2f}", f"{f['overhead_seconds']:.2f}"] for f in figures],
+    )
+    return figures
+
+
 def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--sizes", default="50000,200000,1000000")
     parser.add_argument("--kinds", default="unique,dups")
-    parser.add_argument("--no-flow", action="store_true")
+    parser.add_argument("--no-flow", action="store_true", help="in-process runs, no Prefect server")
     parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     parser.add_argument("--keep", type=Path, default=None, help="generate the inputs here and keep them")
+    parser.add_argument("--no-startup", action="store_true", help="skip the start-up table")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sftkit-e2e-"))
     data_root = args.keep or work / "inputs"
-    rows, figures = [], []
+    tokenizer = args.tokenizer.resolve()
+    rows, figures, startup_figures = [], [], []
     try:
-        for size in [int(s) for s in args.sizes.split(",")]:
-            for kind in args.kinds.split(","):
-                folder = data_root / f"{kind}-{size}"
-                inputs = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
-                if not inputs:
-                    inputs = write_inputs(folder, kind, size)
-                raw = run_raw_tokenizer(inputs, args.tokenizer.resolve())
-                out = work / f"out-{kind}-{size}"
-                sftkit = run_sftkit(inputs, out, args.tokenizer.resolve(), flow=not args.no_flow)
-                shutil.rmtree(out, ignore_errors=True)
-                if args.keep is None:
-                    shutil.rmtree(folder, ignore_errors=True)
-                entry = {"kind": kind, "conversations": size, "raw_tokenizer": raw, "sftkit": sftkit}
-                entry["ratio"] = sftkit["seconds"] / raw["seconds"]
-                figures.append(entry)
-                stages = sftkit["stages"]
-                rows.append(
-                    [
-                        f"{kind} {size:,}",
-                        f"{raw['seconds']:.1f}",
-                        f"{sftkit['seconds']:.1f}",
-                        f"{entry['ratio']:.2f}x",
-                        " ".join(f"{name} {s['seconds']:.1f}" for name, s in stages.items()),
-                        f"{sftkit['peak_rss_bytes'] / 2**30:.2f}",
-                        " ".join(f"{name} {(s['peak_rss_bytes'] or 0) / 2**20:.0f}" for name, s in stages.items()),
-                    ]
-                )
-                print_table(["workload", "raw tok s", "sftkit s", "ratio", "stage seconds", "peak GiB", "stage peak MiB"], rows)
+        with contextlib.ExitStack() as stack:
+            api_url = None if args.no_flow else stack.enter_context(prefect_server(work / "prefect-server"))
+            if not args.no_startup:
+                startup_figures = startup(work, tokenizer, api_url)
+            for size in [int(s) for s in args.sizes.split(",") if s]:
+                for kind in args.kinds.split(","):
+                    entry = measure(data_root / f"{kind}-{size}", work, kind, size, tokenizer, api_url, keep=args.keep is not None)
+                    figures.append(entry)
+                    rows.append(table_row(entry))
+                    print_table(["workload", "raw tok s", "sftkit s", "ratio", "stage seconds", "peak GiB", "stage peak MiB"], rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_results("e2e", {"flow": not args.no_flow, "tokenizer": str(args.tokenizer), "runs": figures}, args.out)
+    results = {"flow": not args.no_flow, "tokenizer": str(args.tokenizer), "startup": startup_figures, "runs": figures}
+    write_results("e2e", results, args.out)
+
+
+def measure(folder: Path, work: Path, kind: str, size: int, tokenizer: Path, api_url: str | None, *, keep: bool) -> dict:
+    inputs = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    if len(inputs) != -(-size // RECORDS_PER_FILE):
+        shutil.rmtree(folder, ignore_errors=True)
+        inputs = write_inputs(folder, kind, size)
+    raw = run_raw_tokenizer(inputs, tokenizer)
+    out = work / f"out-{kind}-{size}"
+    sftkit = run_sftkit(inputs, out, tokenizer, api_url)
+    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"kind": kind, "conversations": size, "raw_tokenizer": raw, "sftkit": sftkit, "ratio": sftkit["seconds"] / raw["seconds"]}
+
+
+def table_row(entry: dict) -> list[str]:
+    sftkit, stages = entry["sftkit"], entry["sftkit"]["stages"]
+    return [
+        f"{entry['kind']} {entry['conversations']:,}",
+        f"{entry['raw_tokenizer']['seconds']:.1f}",
+        f"{sftkit['seconds']:.1f}",
+        f"{entry['ratio']:.2f}x",
+        " ".join(f"{name} {s['seconds']:.1f}" for name, s in stages.items()),
+        f"{sftkit['peak_rss_bytes'] / 2**30:.2f}",
+        " ".join(f"{name} {(s['peak_rss_bytes'] or 0) / 2**20:.0f}" for name, s in stages.items()),
+    ]
 
 
 if __name__ == "__main__":
