@@ -11,9 +11,14 @@ config give byte-identical files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -83,7 +88,10 @@ def write_shards(
         if files is None:  # the files' rows interleave: one global sort (not what the steps write)
             table = pa.concat_tables([read_tokenized(path) for path in in_paths]) if in_paths else None
             files = [table] if table is not None and table.num_rows else []
-        writers = {split: _SplitWriter(split, data_dir, shard_config, metadata, start_index.get(split, 0)) for split in schema.SPLITS}
+        background = _Background()
+        writers = {
+            split: _SplitWriter(split, data_dir, shard_config, metadata, start_index.get(split, 0), background) for split in schema.SPLITS
+        }
         records_read, previous = 0, None
         try:
             for file in files:
@@ -92,7 +100,9 @@ def write_shards(
                 records_read += records
                 del table  # unmapped here: a file's pages leave the resident set before the next is read
             entries = [entry for split in schema.SPLITS for entry in writers[split].close()]
+            background.stop()
         except BaseException:
+            background.stop(failed=True)
             for writer in writers.values():
                 writer.abort()  # no half-written shard under its final name
             raise
@@ -159,17 +169,50 @@ def _route(table: pa.Table, writers: dict[str, _SplitWriter], val_fraction: floa
     return records, (source[order[-1]], source_index[order[-1]])
 
 
+class _Background:
+    """One thread that encodes, compresses, writes and syncs the shard files, in the order the
+    work is given, while the caller gathers the next row groups (the Parquet writer and the
+    file system release the GIL). At most :data:`_IN_FLIGHT` row groups wait for it."""
+
+    _IN_FLIGHT = 4
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sftkit-shards")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, work: Callable[[], Any]) -> Future:
+        while len(self._pending) >= self._IN_FLIGHT:
+            self._pending.popleft().result()  # an error in the thread is raised here
+        future = self._pool.submit(work)
+        self._pending.append(future)
+        return future
+
+    def stop(self, failed: bool = False) -> None:
+        """Wait for all the work; raise its first error unless the caller is failing already."""
+        try:
+            while self._pending:
+                future = self._pending.popleft()
+                if failed:
+                    future.exception()
+                else:
+                    future.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 class _SplitWriter:
     """One split's shard files, written as rows arrive in sort order: a file is cut at the first
     record start at or past ``target_rows`` rows, row groups are ``row_group_rows`` rows from the
     file's start, each gathered into one contiguous chunk, so the bytes depend only on the rows."""
 
-    def __init__(self, split: str, data_dir: Path, config: ShardConfig, metadata: dict[bytes, bytes], first_number: int) -> None:
-        self.split, self.data_dir, self.config = split, data_dir, config
+    def __init__(
+        self, split: str, data_dir: Path, config: ShardConfig, metadata: dict[bytes, bytes], first_number: int, background: _Background
+    ) -> None:
+        self.split, self.data_dir, self.config, self.background = split, data_dir, config, background
         self.metadata = {**metadata, schema.META_SPLIT: split.encode()}
         self.number = first_number
         self.compression = None if config.compression == "none" else config.compression
-        self.entries: list[ShardEntry] = []
+        self.entries: list[Future] = []  # each file's manifest entry, once the thread finished it
         self.last_record: tuple | None = None
         self._stack: contextlib.ExitStack | None = None
         self._writer: pq.ParquetWriter | None = None
@@ -218,7 +261,7 @@ class _SplitWriter:
     def _flush(self) -> None:
         if self._pending_rows:
             group = pa.concat_tables(self._pending).combine_chunks()
-            self._writer.write_table(group, row_group_size=self.config.row_group_rows)
+            self.background.submit(functools.partial(self._writer.write_table, group, row_group_size=self.config.row_group_rows))
         self._pending, self._pending_rows = [], 0
 
     def _open(self) -> None:
@@ -235,29 +278,38 @@ class _SplitWriter:
         if self._writer is None:
             return
         self._flush()
-        self._writer.close()
-        self._stack.close()  # renames the finished file into place
+        writer, stack, file = self._writer, self._stack, dict(self._file)
         self._writer, self._stack = None, None
-        path = self.data_dir / self._file["path"]
-        self.entries.append(
-            {
-                "path": self._file["path"],
-                "split": self.split,
-                "rows": self._file["rows"],
-                "records": self._file["records"],
-                "tokens": self._file["tokens"],
-                "trainable_tokens": self._file["trainable_tokens"],
-                "sha256": sha256_file(path),
-            }
-        )
+        self.entries.append(self.background.submit(functools.partial(self._finished, writer, stack, file)))
         self.number += 1
+
+    def _finished(self, writer: pq.ParquetWriter, stack: contextlib.ExitStack, file: dict) -> ShardEntry:
+        """(In the background thread.) Close the file, rename it into place, hash it."""
+        try:
+            writer.close()
+        except BaseException as exc:
+            with contextlib.suppress(BaseException):
+                stack.__exit__(type(exc), exc, exc.__traceback__)  # removes the temporary file
+            raise
+        stack.close()  # syncs and renames the finished file into place
+        path = self.data_dir / file["path"]
+        return {
+            "path": file["path"],
+            "split": self.split,
+            "rows": file["rows"],
+            "records": file["records"],
+            "tokens": file["tokens"],
+            "trainable_tokens": file["trainable_tokens"],
+            "sha256": sha256_file(path),
+        }
 
     def close(self) -> list[ShardEntry]:
         self._finish_file()
-        return self.entries
+        return [entry.result() for entry in self.entries]
 
     def abort(self) -> None:
-        """After an error: close the open file and remove it (its temporary name, never renamed)."""
+        """After an error, once the background thread stopped: close the open file and remove it
+        (its temporary name, never renamed)."""
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 self._writer.close()
