@@ -114,8 +114,11 @@ def run_prepare(
     expand_inputs(inputs)  # fail fast, before any engine starts, on a path that is not there
     outdir.check_free(out)  # ... and on a folder that is not sftkit's or that another run is writing
     refuse_missing_tokenizer_folder(tokenizer)
+    if use_flow is False and task_runner != "threads":
+        raise ValueError(f"--task-runner {task_runner} runs Prefect tasks; it needs a flow (drop --no-flow)")
     if use_flow is None:
-        use_flow = prefect_server_configured()
+        # A task runner other than the default is a request for a flow.
+        use_flow = task_runner != "threads" or prefect_server_configured()
         if not use_flow:
             console.print(
                 "[dim]no Prefect server configured (PREFECT_API_URL): running the steps in this process; "

@@ -97,3 +97,24 @@ def test_without_a_server_the_cli_runs_the_steps_in_process_and_says_so(tmp_path
     assert "no Prefect server configured" in done.stderr
     assert read_manifest(tmp_path / "data")["counts"]["kept"] > 0
     assert not (tmp_path / "prefect-home" / "prefect.db").exists()  # no temporary server was started
+
+
+def test_a_task_runner_asks_for_a_flow_and_cannot_go_with_no_flow(tmp_path, bpe_tokenizer_path, monkeypatch):
+    import flows.refresh
+    from flows.runner import run_prepare
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    inputs = [str(p) for p in make_inputs(tmp_path / "in")]
+    with pytest.raises(ValueError, match="needs a flow"):
+        run_prepare(inputs, str(bpe_tokenizer_path), tmp_path / "a", task_runner="processes", use_flow=False)
+    flows_run = []
+
+    class Recorded:
+        def with_options(self, **options):
+            flows_run.append(type(options["task_runner"]).__name__)
+            return lambda **kwargs: prepare(kwargs["inputs"], kwargs["tokenizer"], kwargs["out"], SFTConfig.model_validate(kwargs["config"]))
+
+    monkeypatch.setattr(flows.refresh, "refresh_flow", Recorded())
+    run_prepare(inputs, str(bpe_tokenizer_path), tmp_path / "b", task_runner="processes")  # no server configured
+    assert flows_run == ["ProcessPoolTaskRunner"]
