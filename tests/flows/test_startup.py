@@ -113,7 +113,9 @@ def test_a_task_runner_asks_for_a_flow_and_cannot_go_with_no_flow(tmp_path, bpe_
     class Recorded:
         def with_options(self, **options):
             flows_run.append(type(options["task_runner"]).__name__)
-            return lambda **kwargs: prepare(kwargs["inputs"], kwargs["tokenizer"], kwargs["out"], SFTConfig.model_validate(kwargs["config"]))
+            return lambda **kwargs: prepare(
+                kwargs["inputs"], kwargs["tokenizer"], kwargs["out"], SFTConfig.model_validate(kwargs["config"])
+            )
 
     monkeypatch.setattr(flows.refresh, "refresh_flow", Recorded())
     run_prepare(inputs, str(bpe_tokenizer_path), tmp_path / "b", task_runner="processes")  # no server configured
