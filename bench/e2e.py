@@ -79,7 +79,7 @@ def sentence_pool() -> list[str]:
 
 def _conversation(rng: random.Random, pool: list[str], serial: int) -> dict:
     prompt = " ".join(rng.choices(pool, k=rng.randint(1, 4)))
-    answer = " ".join(rng.choices(pool, k=rng.randint(6, 24)))
+    answer = " ".join(rng.choices(pool, k=rng.randint(3, 12)))
     # A serial number makes an exact repeat of the same draw impossible: "unique" is unique.
     return {"prompt": f"{prompt} (request {serial})", "answer": answer, "multi": rng.random() < 0.2}
 
