@@ -29,6 +29,7 @@ from pipeline.masking.control import (
 )
 from pipeline.masking.labels import build_labels, fit_length, selected_turns
 from pipeline.masking.locate import LocateError, locate_turns, realise
+from pipeline.masking.piece_table import PieceOffsets, PieceTable
 from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy
 from pipeline.masking.results import Encoded
 from pipeline.masking.token_spans import token_start_from_bytes, tokens_from_bytes, tokens_from_offsets
@@ -58,8 +59,12 @@ class RenderedBatch:
     results: list  # per row: a Drop as soon as one is known, else None until finish
     by_bytes: list[_Rendered] = field(default_factory=list)  # rows for the byte-table path
     by_offsets: list[_Rendered] = field(default_factory=list)  # rows that need the tokenizer's offsets
+    by_pieces: list[_Rendered] = field(default_factory=list)  # rows whose offsets the piece table rebuilds
     encoded_by_bytes: list[_Tokenized] = field(default_factory=list)  # once tokenized
     encoded_by_offsets: list[_Tokenized] = field(default_factory=list)
+    encoded_by_pieces: list[_Tokenized] = field(default_factory=list)
+    spelled_bytes: _Spelled | None = None  # the ids of encoded_by_bytes spelled through the byte table
+    spelled_pieces: _Spelled | None = None  # those of encoded_by_pieces through the piece table
 
 
 @dataclass
@@ -77,6 +82,14 @@ class _Rendered:
     # before that turn; None when it agrees, then ``prompt_length`` is its length.
     prompt: str | None = None
     prompt_length: int = -1
+
+
+class _Spelled(NamedTuple):
+    """Rows' ids, one row after the other, spelled through a token table (``decode_bytes``)."""
+
+    blob: bytes
+    bounds: np.ndarray  # every token's first byte in ``blob``, plus the end
+    unknown_before: np.ndarray | None  # per token, the ids before it the table does not know (None: none)
 
 
 class _Tokenized(NamedTuple):
@@ -143,6 +156,8 @@ class Masker:
         self.backend = _private_copy(tokenizer.backend_tokenizer)
         tokenizer_json = json.loads(self.backend.to_str())  # read once: the byte table and the decoder
         self.token_bytes = ByteTable.build(tokenizer_json)  # None: every row goes the offset-mapping path
+        # SentencePiece: the offset-mapping path's results, rebuilt from the ids (None: not such a tokenizer)
+        self.token_pieces = PieceTable.build(tokenizer_json) if self.token_bytes is None else None
         self.template = template
         self.max_length = max_length
         self.train_on = train_on
@@ -186,21 +201,27 @@ class Masker:
     def render(self, rows: Sequence[tuple[list[dict[str, Any]], str | None]]) -> RenderedBatch:
         """Phase 1: render every conversation and locate its assistant turns in the text."""
         batch = RenderedBatch([None] * len(rows))
-        table = self.token_bytes
+        table, pieces = self.token_bytes, self.token_pieces
         for index, (messages, tools) in enumerate(rows):
             outcome = self._bounded_render_row(index, messages, tools)
             if isinstance(outcome, Drop):
                 batch.results[index] = outcome
             elif table is not None and table.covers(outcome.text):
                 batch.by_bytes.append(outcome)
+            elif pieces is not None and pieces.covers(outcome.text):
+                batch.by_pieces.append(outcome)
             else:
                 batch.by_offsets.append(outcome)
         return batch
 
     def tokenize(self, batch: RenderedBatch) -> RenderedBatch:
-        """Phase 2: tokenize the rendered texts (rows on the byte-table path without offsets)."""
+        """Phase 2: tokenize the rendered texts; rows on the byte- and piece-table paths without
+        offsets, their ids spelled through the table here (numpy, mostly without the GIL too)."""
         batch.encoded_by_bytes = self._encode(batch.by_bytes, offsets=False)
+        batch.encoded_by_pieces = self._encode(batch.by_pieces, offsets=False)
         batch.encoded_by_offsets = self._encode(batch.by_offsets, offsets=True)
+        batch.spelled_bytes = _spell(self.token_bytes, batch.encoded_by_bytes)
+        batch.spelled_pieces = _spell(self.token_pieces, batch.encoded_by_pieces)
         return batch
 
     def finish(self, batch: RenderedBatch) -> list[Encoded | Drop]:
@@ -208,7 +229,8 @@ class Masker:
         results = batch.results
         labelled: dict[int, _Labelled] = {}  # row in the batch -> its labels, until a check drops it
         checks: list[_SpanCheck] = []
-        leftovers = self._label_by_bytes(batch.encoded_by_bytes, results, labelled, checks)
+        leftovers = self._label_by_bytes(batch.encoded_by_bytes, batch.spelled_bytes, results, labelled, checks)
+        leftovers += self._label_by_pieces(batch.encoded_by_pieces, batch.spelled_pieces, results, labelled, checks)
         by_offsets = batch.encoded_by_offsets + self._encode(leftovers, offsets=True)
         self._label_by_offsets(by_offsets, results, labelled, checks)
         for check in checks:
@@ -240,7 +262,12 @@ class Masker:
 
     # --- finish: each turn's tokens, labels, the render-vs-inference check -------------------
     def _label_by_bytes(
-        self, tokenized: list[_Tokenized], results: list, labelled: dict[int, _Labelled], checks: list[_SpanCheck]
+        self,
+        tokenized: list[_Tokenized],
+        spelled_rows: _Spelled | None,
+        results: list,
+        labelled: dict[int, _Labelled],
+        checks: list[_SpanCheck],
     ) -> list[_Rendered]:
         """Locate and label rows on the byte-table path; return the rows the table does not give
         back exactly, for the offset-mapping path.
@@ -250,12 +277,11 @@ class Masker:
         that with a plain byte-level tokenizer; a pre-tokenizer step that drops characters would
         send every row to the offset-mapping path.
         """
-        if not tokenized:
+        spelled_rows = spelled_rows or _spell(self.token_bytes, tokenized)
+        if spelled_rows is None:
             return []
-        all_ids = np.concatenate([t.ids for t in tokenized])
-        blob, all_bounds, unknown = self.token_bytes.decode_bytes(all_ids)  # type: ignore[union-attr]
+        blob, all_bounds, unknown_before = spelled_rows
         spelled = memoryview(blob)
-        unknown_before = np.concatenate([[0], np.cumsum(unknown)]) if unknown.any() else None
         leftovers = []
         first_token = 0
         for item in tokenized:
@@ -281,6 +307,59 @@ class Masker:
                     raw[bounds[turn.first_token] - base : bounds[turn.last_token + 1] - base].decode("utf-8", "replace"),
                 )
                 for turn in row.turns
+            ]
+        return leftovers
+
+    def _label_by_pieces(
+        self,
+        tokenized: list[_Tokenized],
+        spelled_rows: _Spelled | None,
+        results: list,
+        labelled: dict[int, _Labelled],
+        checks: list[_SpanCheck],
+    ) -> list[_Rendered]:
+        """Locate and label rows on the piece-table path (see :mod:`.piece_table`) exactly as the
+        offset-mapping path would; return the rows whose ids do not spell their text, for that path."""
+        table = self.token_pieces
+        spelled_rows = spelled_rows or _spell(table, tokenized)
+        if spelled_rows is None:
+            return []
+        blob, all_bounds, unknown_before = spelled_rows
+        spelled = memoryview(blob)
+        leftovers: list[_Rendered] = []
+        undecoded: list[tuple[_Labelled, _Turn]] = []  # spans only the tokenizer's decoder can spell
+        first_token = 0
+        for item in tokenized:
+            row, ids = item.row, item.ids
+            bounds = all_bounds[first_token : first_token + len(ids) + 1]
+            base, end = int(bounds[0]), int(bounds[-1])
+            complete = unknown_before is None or unknown_before[first_token + len(ids)] == unknown_before[first_token]
+            first_token += len(ids)
+            raw = row.text.encode("utf-8")
+            shift = table.shift(spelled[base:end], raw) if complete else None  # type: ignore[union-attr]
+            if shift is None:
+                leftovers.append(row)
+                continue
+            offsets = PieceOffsets(raw, row.text, bounds, base, shift)
+            outcome = tokens_from_offsets(row.turns, offsets, row.marked_text) or self._labels(row, ids)
+            if isinstance(outcome, Drop):
+                results[row.index] = outcome
+                continue
+            entry = labelled[row.index] = _Labelled(row, ids, outcome, offsets.token_start)
+            for turn in row.turns:
+                decoded = table.decoded(blob[bounds[turn.first_token] : bounds[turn.last_token + 1]])  # type: ignore[union-attr]
+                if decoded is None:
+                    undecoded.append((entry, turn))
+                else:
+                    checks.append(_SpanCheck(row.index, turn, row.messages[turn.message_index], decoded))
+        if undecoded:
+            texts = self.backend.decode_batch(
+                [entry.ids[turn.first_token : turn.last_token + 1].tolist() for entry, turn in undecoded],
+                skip_special_tokens=False,
+            )
+            checks += [
+                _SpanCheck(entry.rendered.index, turn, entry.rendered.messages[turn.message_index], text)
+                for (entry, turn), text in zip(undecoded, texts)
             ]
         return leftovers
 
@@ -312,9 +391,12 @@ class Masker:
 
         The text was compared when rendering; here only the tokens around the prompt's end can
         differ (a merge across it), and the tokens after the last control token before it are
-        encoded again on their own: the control token cuts the tokenization there.
+        encoded again on their own: the control token cuts the tokenization there. (A text that a
+        SentencePiece tokenizer prefixes with "▁" when it is encoded alone is known to differ without
+        encoding it: :meth:`.PieceTable.starts_otherwise`.)
         """
         mismatched: dict[int, str] = {}
+        pieces = self.token_pieces
         pending: dict[str | None, list[_PromptTail]] = {}  # text -> plain rows whose prompt ends with it
         hidden: list[_PromptTail] = []  # rows with control-token text, for the control encoder
         for index, entry in labelled.items():
@@ -337,6 +419,8 @@ class Masker:
             tail = _PromptTail(index, turn, entry.ids[after_control:first], text)
             if row.has_control_text:
                 hidden.append(tail)
+            elif text is not None and len(tail.tokens) and pieces is not None and pieces.starts_otherwise(text, int(tail.tokens[0])):
+                mismatched[index] = _merge_mismatch(tail)  # no need to encode it to know
             else:  # the same few texts ("assistant\n") come back row after row: encode each once
                 pending.setdefault(text, []).append(tail)
         new = [text for text in pending if text is not None and text not in self._prompt_tail_ids]
@@ -360,10 +444,7 @@ class Masker:
             compared += zip(hidden, encoded)
         for tail, got in compared:
             if tail.text is None or got is None or tail.tokens.tobytes() != got.tobytes():  # both int32
-                mismatched[tail.index] = (
-                    f"the tokens before assistant turn {tail.turn.message_index} differ from those of its generation "
-                    f"prompt: a token merges the prompt's end {clip(tail.text or '')!r} with the response"
-                )
+                mismatched[tail.index] = _merge_mismatch(tail)
         return mismatched
 
     def _after_last_control(self, ids: np.ndarray, first: int) -> int:
@@ -586,3 +667,17 @@ class Masker:
 
 
 _PROMPT_OPENS_THINK = re.compile(r"<think>\s*$")
+
+
+def _merge_mismatch(tail: _PromptTail) -> str:
+    return (
+        f"the tokens before assistant turn {tail.turn.message_index} differ from those of its generation "
+        f"prompt: a token merges the prompt's end {clip(tail.text or '')!r} with the response"
+    )
+
+
+def _spell(table: ByteTable | PieceTable | None, tokenized: list[_Tokenized]) -> _Spelled | None:
+    if table is None or not tokenized:
+        return None
+    blob, bounds, unknown = table.decode_bytes(np.concatenate([t.ids for t in tokenized]))
+    return _Spelled(blob, bounds, np.concatenate([[0], np.cumsum(unknown)]) if unknown.any() else None)
