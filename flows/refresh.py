@@ -82,7 +82,7 @@ def dedup_resolve_task(
 
 def _dedup(plan: steps.RunPlan, ingest_results: list[steps.StepResult]) -> steps.StepResult:
     """Signatures mapped per chunk, band partitions mapped, clustering as the one global reduce."""
-    if not plan.config.dedup.enabled:
+    if not steps.dedup_parts_worth_tasks(plan):  # off, or a small run: the resolve task does it all
         return dedup_resolve_task(plan, ingest_results, [], [])
     signatures = [f.result() for f in dedup_signatures_task.map(unmapped(plan), ingest_results)]
     edges = [

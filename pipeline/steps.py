@@ -418,6 +418,13 @@ def _edge_path(plan: RunPlan, ingest_results: list[StepResult], partition: int) 
     return _work(plan, "dedup-edges", f"{dedup_key(plan, ingest_results)}-{partition:03d}-of-{partitions:03d}", ".npy")
 
 
+def dedup_parts_worth_tasks(plan: RunPlan) -> bool:
+    """Whether a flow should map the dedup signatures and band partitions as tasks of their own:
+    for inputs under :data:`_BYTES_FOR_WORKERS` the global step makes them itself, faster than
+    an orchestrator schedules some twenty small tasks."""
+    return plan.config.dedup.enabled and sum(input_bytes(item.path) for item in plan.inputs) >= _BYTES_FOR_WORKERS
+
+
 def dedup_partitions(plan: RunPlan) -> list[int]:
     config = plan.config.dedup
     return list(range(config.partitions)) if config.near else []

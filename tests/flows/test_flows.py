@@ -138,3 +138,28 @@ def test_train_flow_trains_on_a_mixture_of_two_folders_on_real_engine(prefect_ha
         train_flow.fn(data=str(tmp_path / "data" / "team-a"), mixture=str(spec), out=str(tmp_path / "other"))
     with pytest.raises(ValueError, match="expected_version names the version of `data`"):
         train_flow.fn(mixture=str(spec), out=str(tmp_path / "other"), expected_version=1)
+
+
+def test_big_inputs_map_dedup_into_tasks_and_ingest_into_worker_processes(prefect_harness, tmp_path, bpe_tokenizer_path, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    import pipeline.steps as steps
+    from flows.refresh import refresh_flow
+
+    inputs = [str(p) for p in make_inputs(tmp_path / "in")]
+
+    def task_names(out):
+        state = refresh_flow(inputs=inputs, tokenizer=str(bpe_tokenizer_path), out=str(out), config=_config(), return_state=True)
+        assert state.is_completed()
+        flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        with get_client(sync_client=True) as client:
+            return sorted({run.name.rsplit("-", 1)[0] for run in client.read_task_runs(flow_run_filter=flow_run)})
+
+    small = task_names(tmp_path / "small")  # the resolve task makes signatures and candidates itself
+    monkeypatch.setattr(steps, "_BYTES_FOR_WORKERS", 0)  # as if every input were big
+    big = task_names(tmp_path / "big")
+    assert "dedup-signatures" not in small and "dedup-partition" not in small
+    assert {"dedup-signatures", "dedup-partition", "dedup-resolve"} <= set(big)
+    assert shard_bytes(tmp_path / "big") == shard_bytes(tmp_path / "small")
+    assert read_manifest(tmp_path / "big")["counts"] == read_manifest(tmp_path / "small")["counts"]
