@@ -59,8 +59,8 @@ def ingest_task(plan: steps.RunPlan, item: steps.InputFile) -> steps.StepResult:
 
 @task(name="dedup-signatures", **IO_RETRIES)
 def dedup_signatures_task(plan: steps.RunPlan, ingest_result: steps.StepResult) -> str:
-    chunk_bytes = steps.input_bytes(ingest_result.outputs[0])
-    return steps.in_worker_process(steps.dedup_signatures, plan, ingest_result, input_bytes=3 * chunk_bytes)  # Parquet: ~3x smaller than JSON
+    json_bytes = 3 * steps.input_bytes(ingest_result.outputs[0])  # canonical Parquet: ~3x smaller than JSON
+    return steps.in_worker_process(steps.dedup_signatures, plan, ingest_result, input_bytes=json_bytes)
 
 
 @task(name="dedup-partition", **IO_RETRIES)
@@ -148,13 +148,29 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
     ingest_results = [f.result() for f in ingest_task.map(unmapped(plan), plan.inputs)]
     dedup_result = _dedup(plan, ingest_results)
     chunks = list(range(len(dedup_result.outputs)))
-    quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]
-    tokenize_results = [f.result() for f in tokenize_task.map(unmapped(plan), quality_results)]
+    if _one_machine():
+        # Each chunk's quality and tokenize steps already use every core (worker processes,
+        # encoder threads): one chunk at a time, rather than two oversubscribing the cores and
+        # holding two chunks' batches in memory.
+        quality_results = [quality_task(plan, dedup_result, chunk) for chunk in chunks]
+        tokenize_results = [tokenize_task(plan, upstream) for upstream in quality_results]
+    else:
+        quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]
+        tokenize_results = [f.result() for f in tokenize_task.map(unmapped(plan), quality_results)]
     shard_result = shards_task(plan, tokenize_results)
     manifest = manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_result)
     logger.info("manifest version %s: %s", manifest["version"], manifest["counts"])
     _publish(manifest, new_inputs=len(plan.inputs), up_to_date=False)
     return manifest
+
+
+def _one_machine() -> bool:
+    """Whether this flow's tasks run in this process's threads (the default task runner)."""
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    context = FlowRunContext.get()
+    return context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner)
 
 
 def _publish(manifest: dict, new_inputs: int, up_to_date: bool) -> None:
