@@ -48,8 +48,8 @@ import pyarrow.parquet as pq
 
 from bench._common import (
     argument_parser,
-    max_rss_bytes,
     module_command,
+    proc_status_bytes,
     run_child,
     stopwatch,
     two_message_conversations,
@@ -426,7 +426,9 @@ def rss_child(work: Path, index_parts: Sequence[str] = ()) -> dict:
     stats = outcome.stats
     return {
         "seconds": lap.seconds,
-        "peak_rss_mb": max_rss_bytes() / 2**20,
+        # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak RSS (Linux carries it
+        # over fork and exec), so it would report this benchmark's own memory, not the dedup's.
+        "peak_rss_mb": proc_status_bytes("VmHWM")["VmHWM"] / 2**20,
         "kept": stats.records_out,
         "rejected": dict(stats.rejected),
         "index_part": outcome.index_part,

@@ -10,14 +10,18 @@ index of everything kept so far. Files, one job each:
 ``minhash``    signatures (datasketch's ``affine32`` MinHash, bit-identical to it), band hashes,
                the bands x rows choice and its S-curve
 ``lsh``        per-chunk signature files and per-partition candidate pairs (mappable steps)
-``cluster``    the global reduce: verification, connected components, keep policy, outputs
+``nodes``      the global step's data out of core: the signatures and shingle sets of the
+               nodes candidate pairs name, spilled to scratch files, judged pair block by block
+``cluster``    the global reduce: verification, connected components, keep policy
+``outputs``    the reduce's decisions as files: kept rows per chunk, rejected rows, index part
 ``index``      the persisted index: immutable content-named Parquet parts the manifest lists
 ``stage``      :func:`dedup_stage`, all of the above in one process
 
 Pipeline: exact duplicates (same normal form) go first; the rest go through MinHash LSH.
 Band ``b`` goes to partition ``b % partitions``; each partition finds its candidate pairs
-alone (one task each on Dask/Ray); only connected components over the small edge list is
-global.
+alone (one task each on Dask/Ray); only the reduce is global: verifying the edge list,
+connected components over it and the keep policy, all on whole arrays, in memory that does not
+grow with the run beyond a few numbers per record (see :mod:`~pipeline.dedup.cluster`).
 
 Bands and rows. datasketch's ``MinHashLSH`` picks bands x rows by balancing false positives
 and false negatives; for threshold 0.8 and 128 permutations that is 9 x 13, whose S-curve

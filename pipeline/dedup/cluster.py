@@ -1,6 +1,6 @@
-"""The global reduce of dedup: verify candidate pairs, cluster them, pick who stays, write.
+"""The global reduce of dedup: verify candidate pairs, cluster them, pick who stays.
 
-Owns the keep policy and every removal decision.
+Owns the keep policy and every removal decision (written out by :mod:`~pipeline.dedup.outputs`).
 
 1. Exact duplicates first: rows whose normal form an earlier run kept are removed
    (``exact_duplicate`` of that record); the others group by normal form.
@@ -22,12 +22,23 @@ Owns the keep policy and every removal decision.
    when old ones win) and ``similarity`` = the estimated Jaccard to it (1.0 for exact). Through
    a chain A~B~C a removed member can be less similar to the kept one than the threshold;
    ``detail`` says so.
+
+Every step works on whole arrays (pairs, nodes, clusters), never a Python object per pair,
+record or cluster, and memory stays flat in the run's size: per new row a few numbers (about
+50 bytes: normal-form hash, response length, source rank, the decision), per candidate pair
+two node numbers and a similarity; the signatures and shingle sets of the nodes pairs name are
+gathered into scratch files and read back block by block (:mod:`~pipeline.dedup.nodes`); the
+quality verdict, the records and the outputs are read and written one row group at a time.
+``is_good`` is asked lazily: of each cluster, the members in keep order until the first that
+passes (most clusters: one question), which decides exactly as asking every member would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,82 +54,17 @@ from scipy.sparse.csgraph import connected_components
 from pipeline import schema
 from pipeline.config import DedupConfig
 from pipeline.dedup import index as dedup_index
-from pipeline.dedup.lsh import RESPONSE_CHARS, SHINGLES, lsh_shape, read_uint64, run_params
-from pipeline.dedup.minhash import estimated_jaccard
-from pipeline.dedup.normalize import row_dicts
-from pipeline.fsutil import write_parquet_atomic
-from pipeline.stage import Drop, StageRun, StageStats, rejected_rows_from_table, write_rejected
+from pipeline.dedup.lsh import RESPONSE_CHARS, lsh_shape, ranges, run_params
+from pipeline.dedup.nodes import NewRows, ShingleStore, SignatureStore
+from pipeline.dedup.outputs import REMOVED_EXACT, REMOVED_NEAR, Decisions, write_outputs
+from pipeline.fsutil import TMP_PREFIX
+from pipeline.stage import StageRun, StageStats
 
 log = logging.getLogger("sftkit.dedup")
 
-EXACT, NEAR = "exact_duplicate", "near_duplicate"
 EXACT_MARGIN = 0.2
-
-
-class _Rows:
-    """The new rows of this run across chunk files: global row <-> (file, local row)."""
-
-    def __init__(self, sig_paths: list[Path]) -> None:
-        self.sig_paths = sig_paths
-        counts = [pq.read_metadata(p).num_rows for p in sig_paths]
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.total = int(self.offsets[-1])
-
-    def split(self, rows: np.ndarray):
-        """Yield ``(file_index, global_rows, local_rows)`` for sorted global ``rows``."""
-        for i in range(len(self.sig_paths)):
-            lo, hi = self.offsets[i], self.offsets[i + 1]
-            picked = rows[(rows >= lo) & (rows < hi)]
-            if len(picked):
-                yield i, picked, picked - lo
-
-    def column(self, name: str) -> pa.ChunkedArray:
-        return pa.chunked_array([pq.read_table(p, columns=[name]).column(name).combine_chunks() for p in self.sig_paths])
-
-    def signatures(self, rows: np.ndarray, num_perm: int) -> np.ndarray:
-        out = np.empty((len(rows), num_perm), dtype=np.uint32)
-        for i, picked, local in self.split(rows):
-            sig = pq.read_table(self.sig_paths[i], columns=[dedup_index.SIGNATURE]).column(0).combine_chunks()
-            values = sig.take(pa.array(local)).flatten().to_numpy().reshape(-1, num_perm)
-            out[np.searchsorted(rows, picked)] = values
-        return out
-
-
-def _fixed_list_numpy(array: pa.Array, width: int) -> np.ndarray:
-    return array.flatten().to_numpy().reshape(-1, width)
-
-
-def _shingle_sets(rows: _Rows, nodes: np.ndarray) -> dict[int, np.ndarray]:
-    """Sorted distinct shingle hashes of the given new rows, from their signature files."""
-    sets: dict[int, np.ndarray] = {}
-    for i, picked, local in rows.split(nodes):
-        column = pq.read_table(rows.sig_paths[i], columns=[SHINGLES]).column(0).combine_chunks()
-        sets.update(_list_sets(picked, column.take(pa.array(local))))
-    return sets
-
-
-def _index_shingle_sets(index_dir, index_parts, nodes: np.ndarray, num_new: int) -> dict[int, np.ndarray]:
-    """The same for the given old nodes (sorted), read from the index rows they name; a node whose
-    part stores no shingle sets (format 1) is left out."""
-    if not len(nodes):
-        return {}
-    return _list_sets(nodes, dedup_index.index_rows(index_dir, index_parts, nodes - num_new, dedup_index.SHINGLES))
-
-
-def _list_sets(nodes: np.ndarray, lists: pa.ListArray) -> dict[int, np.ndarray]:
-    """``{node: its list as numpy}`` for the non-null entries of ``lists`` (one per node)."""
-    lengths = pc.fill_null(lists.value_lengths(), 0).to_numpy()
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    values = lists.flatten().to_numpy()  # null entries contribute no values
-    valid = lists.is_valid().to_numpy(zero_copy_only=False)
-    return {int(node): values[lo:hi] for node, lo, hi, ok in zip(nodes, offsets[:-1], offsets[1:], valid) if ok}
-
-
-def _set_jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    if not len(a) and not len(b):
-        return 1.0
-    inter = len(np.intersect1d(a, b, assume_unique=True))
-    return inter / (len(a) + len(b) - inter)
+WORK_PREFIX = f"{TMP_PREFIX}dedup-"  # scratch folders in the index folder; a killed run's are removed
+_CROSS_PAIRS = 1 << 20  # (new member, old member) pairs estimated at once
 
 
 class DedupOutcome(NamedTuple):
@@ -139,11 +85,13 @@ def resolve_clusters(
     config: DedupConfig,
     is_good: Callable[[dict[str, Any]], bool] | None = None,
     index_parts: Sequence[str] = (),
+    scratch_dir: str | os.PathLike | None = None,
 ) -> DedupOutcome:
     """Decide, write the kept rows per chunk and the rejected rows, and write the new index part.
 
     ``edges``: the candidate pairs of every partition (arrays or ``.npy`` paths); ``index_parts``:
-    the current index (the manifest's ``dedup_index``).
+    the current index (the manifest's ``dedup_index``); ``scratch_dir``: where the nodes' values
+    are spilled (default: a temporary folder in ``index_dir``, removed at the end).
     """
     in_paths, sig_paths, out_paths = ([Path(p) for p in paths] for paths in (in_paths, sig_paths, out_paths))
     if not len(in_paths) == len(sig_paths) == len(out_paths):
@@ -151,120 +99,66 @@ def resolve_clusters(
             f"dedup needs one signature file and one output per input chunk: {len(in_paths)} inputs, "
             f"{len(sig_paths)} signature files, {len(out_paths)} outputs"
         )
-    with StageRun("dedup") as run:
-        removed_by_file = _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts, run)
-        part = _write_outputs(in_paths, sig_paths, out_paths, rejected_path, index_dir, config, removed_by_file)
+    Path(index_dir).mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack, StageRun("dedup") as run:
+        if scratch_dir is None:
+            scratch_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=index_dir))
+        rows = NewRows(sig_paths)
+        decisions = _decide(in_paths, rows, edges, index_dir, config, is_good, index_parts, Path(scratch_dir), run)
+        part = write_outputs(in_paths, rows, decisions, out_paths, rejected_path, index_dir, index_parts, config, run)
     return DedupOutcome(run.stats, part)
 
 
 @dataclass
-class _Decisions:
-    """Per new row: why it goes (0 kept, 1 exact, 2 near), whom it duplicates, how similar."""
+class _Groups:
+    """The clusters of more than one record that hold a new row, as arrays (clusters numbered
+    ``0 .. C-1``): their new members sorted by cluster then row, and their old members (nodes of
+    the index) sorted by cluster then node, cluster ``c``'s at ``old_nodes[old_start[c]:old_start[c + 1]]``."""
 
-    reason: np.ndarray
-    dup_node: np.ndarray
-    similarity: np.ndarray
-    chained: np.ndarray
+    members: np.ndarray
+    cluster: np.ndarray
+    old_nodes: np.ndarray
+    old_start: np.ndarray
 
-    @classmethod
-    def keep_all(cls, num_rows: int) -> _Decisions:
-        return cls(
-            np.zeros(num_rows, dtype=np.int8),
-            np.full(num_rows, -1, dtype=np.int64),
-            np.zeros(num_rows, dtype=np.float64),
-            np.zeros(num_rows, dtype=bool),
-        )
+    @property
+    def old_count(self) -> np.ndarray:
+        return np.diff(self.old_start)
 
 
-@dataclass
-class _Members:
-    """What the keep policy looks at, for every new row (sources and ids as Arrow arrays)."""
-
-    ids: pa.Array
-    sources: pa.Array
-    source_index: np.ndarray
-    response: np.ndarray
-    exact: np.ndarray
-
-    def order_key(self, row: int, good: dict[int, bool]) -> tuple:
-        return (
-            0 if good.get(row, True) else 1,
-            -self.response[row],
-            self.sources[row].as_py(),
-            self.source_index[row],
-            self.ids[row].as_py(),
-        )
-
-
-def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts, run: StageRun):
-    rows = _Rows(sig_paths)
-    for in_path, sig_path, count in zip(in_paths, sig_paths, np.diff(rows.offsets)):
+def _decide(in_paths, rows: NewRows, edges, index_dir, config, is_good, index_parts, scratch: Path, run: StageRun) -> Decisions:
+    for in_path, sig_path, count in zip(in_paths, rows.paths, np.diff(rows.offsets)):
         if pq.read_metadata(in_path).num_rows != count:
             raise ValueError(f"dedup signature file {sig_path} does not match its chunk {in_path} (row counts differ)")
     num_new = rows.total
-    old = dedup_index.load_index(index_dir, index_parts, columns=[schema.ID, dedup_index.EXACT_HASH], params=run_params(config))
+    old = dedup_index.load_index(index_dir, index_parts, columns=[dedup_index.EXACT_HASH], params=run_params(config))
     old_exact = old.column(dedup_index.EXACT_HASH).to_numpy().astype(np.uint64)
-    members = _Members(
-        ids=rows.column(schema.ID).combine_chunks(),
-        sources=rows.column(schema.SOURCE).combine_chunks(),
-        source_index=read_uint64(sig_paths, schema.SOURCE_INDEX).astype(np.int64),
-        response=read_uint64(sig_paths, RESPONSE_CHARS).astype(np.int64),
-        exact=read_uint64(sig_paths, dedup_index.EXACT_HASH),
-    )
-    decisions = _Decisions.keep_all(num_new)
+    del old
+    exact = rows.numbers(dedup_index.EXACT_HASH, np.uint64)
+    decisions = Decisions.keep_all(num_new)
 
     # 1. exact duplicates of records kept before; exact groups within this run share a rep
     if config.exact:
-        hit = _exact_in_index(members.exact, old_exact, decisions, num_new)
-        _, first, inverse = np.unique(members.exact, return_index=True, return_inverse=True)
+        hit = _exact_in_index(exact, old_exact, decisions, num_new)
+        _, first, inverse = np.unique(exact, return_index=True, return_inverse=True)
         rep_of = first[inverse.reshape(-1)]
     else:
         hit = np.zeros(num_new, dtype=bool)
         rep_of = np.arange(num_new)
 
     # 2. verify candidate pairs
-    total = num_new + old.num_rows
-    pairs = _load_pairs(edges, total)
-    nodes = np.unique(pairs)
-    node_sigs = _node_signatures(nodes, rows, index_dir, index_parts, config.num_perm)
-
-    def signature(node) -> np.ndarray:
-        return node_sigs[np.searchsorted(nodes, node)]
-
-    estimate = estimated_jaccard(signature(pairs[:, 0]), signature(pairs[:, 1]))
+    pairs = _load_pairs(edges, num_new + len(old_exact))
+    signatures = SignatureStore(scratch / "signatures.u32", np.unique(pairs), rows, index_dir, index_parts, config.num_perm)
     by_estimate = 0
     if config.verify:
-        accepted, by_estimate = _verify(pairs, estimate, rows, config, index_dir, index_parts)
+        accepted, by_estimate = _verify(pairs, signatures, rows, config, index_dir, index_parts, scratch)
     else:
         accepted = pairs
 
     # 3. clusters, 4. keep policy
-    groups = _clusters(accepted, rep_of, hit, num_new, total)
-    good = _quality(groups, rows, in_paths, is_good) if is_good is not None else {}
-    for new_members, old_members in groups:
-        if old_members:
-            for m in new_members:
-                sims = estimated_jaccard(signature(rep_of[m]), signature(np.asarray(old_members)))
-                best = int(np.argmax(sims))
-                decisions.reason[m], decisions.dup_node[m], decisions.similarity[m] = 2, old_members[best], sims[best]
-            continue
-        winner = min((int(m) for m in new_members), key=lambda m: members.order_key(m, good))
-        for m in new_members:
-            if m == winner:
-                continue
-            decisions.dup_node[m] = winner
-            if config.exact and members.exact[m] == members.exact[winner]:
-                decisions.reason[m], decisions.similarity[m] = 1, 1.0
-            else:
-                sim = float(estimated_jaccard(signature(rep_of[m]), signature(rep_of[winner])))
-                decisions.reason[m], decisions.similarity[m] = 2, sim
-                decisions.chained[m] = sim < config.threshold
+    groups = _clusters(accepted, rep_of, hit, num_new)
+    _lose_to_old(groups, rep_of, signatures, decisions)
+    _keep_one_new(groups, rows, in_paths, exact, rep_of, is_good, signatures, config, decisions)
 
-    # 5. the removed rows of each chunk, with their Drop
-    old_ids = old.column(schema.ID).combine_chunks()
-    removed_by_file = _drops(rows, decisions, members.ids, old_ids, config.threshold)
-    reasons = np.bincount(decisions.reason, minlength=3)
-    run.count(num_new, kept=int(reasons[0]), drops=[EXACT] * int(reasons[1]) + [NEAR] * int(reasons[2]))
     bands, rows_per_band = lsh_shape(config)
     run.stats.extra.update({"candidate_pairs": int(len(pairs)), "verified_pairs": int(len(accepted)), "lsh": f"{bands}x{rows_per_band}"})
     if by_estimate:
@@ -274,148 +168,174 @@ def _decide(in_paths, sig_paths, edges, index_dir, config, is_good, index_parts,
             "index part (written by an older sftkit) stores no shingle sets; prepare into a fresh folder for exact verification",
             by_estimate,
         )
-    return removed_by_file
+    return decisions
 
 
-def _exact_in_index(new_exact: np.ndarray, old_exact: np.ndarray, decisions: _Decisions, num_new: int) -> np.ndarray:
+def _exact_in_index(new_exact: np.ndarray, old_exact: np.ndarray, decisions: Decisions, num_new: int) -> np.ndarray:
     """Mark rows whose normal form an earlier run kept; returns that mask."""
     if not len(old_exact):
         return np.zeros(len(new_exact), dtype=bool)
     order = np.argsort(old_exact, kind="stable")
     pos = np.minimum(np.searchsorted(old_exact[order], new_exact), len(order) - 1)
     hit = old_exact[order][pos] == new_exact
-    decisions.reason[hit] = 1
+    decisions.reason[hit] = REMOVED_EXACT
     decisions.dup_node[hit] = num_new + order[pos[hit]]
     decisions.similarity[hit] = 1.0
     return hit
 
 
 def _load_pairs(edges, total: int) -> np.ndarray:
-    """All partitions' candidate pairs, unique and sorted, as an ``(E, 2)`` array."""
-    arrays = [np.load(e) if isinstance(e, (str, os.PathLike)) else np.asarray(e) for e in edges]
-    arrays = [a.reshape(-1, 2).astype(np.int64) for a in arrays]
-    if not arrays or not sum(len(a) for a in arrays):
-        return np.empty((0, 2), dtype=np.int64)
-    codes = np.unique(np.concatenate([a[:, 0] * total + a[:, 1] for a in arrays]))
+    """All partitions' candidate pairs, unique and sorted, as an ``(E, 2)`` array (merged one
+    partition at a time: a pair sharing bands of several partitions is in each of their lists)."""
+    codes = np.empty(0, dtype=np.int64)
+    for edge in edges:
+        pairs = (np.load(edge) if isinstance(edge, (str, os.PathLike)) else np.asarray(edge)).reshape(-1, 2).astype(np.int64)
+        codes = np.union1d(codes, pairs[:, 0] * total + pairs[:, 1])
     return np.stack([codes // total, codes % total], axis=1)
 
 
-def _verify(pairs: np.ndarray, estimate: np.ndarray, rows: _Rows, config: DedupConfig, index_dir, index_parts) -> tuple[np.ndarray, int]:
+def _verify(pairs: np.ndarray, signatures: SignatureStore, rows: NewRows, config: DedupConfig, index_dir, index_parts, scratch: Path):
     """The pairs whose similarity reaches the threshold (see the module docstring), and how many
     pairs near it were judged by the estimate for want of an old record's shingle set."""
-    similarity = estimate.copy()
+    estimate = signatures.estimates(pairs[:, 0], pairs[:, 1])
     if not config.verify_exact:
-        return pairs[similarity >= config.threshold], 0
+        return pairs[estimate >= config.threshold], 0
     # Only pairs whose estimate is near the threshold need their exact Jaccard: the estimate's
     # standard deviation is <= 0.5 / sqrt(num_perm) (0.044 at 128), so one EXACT_MARGIN away it
     # decides the same way except with negligible probability. The rule depends on the pair
     # alone, not on which run its records came in.
     near = np.flatnonzero(np.abs(estimate - config.threshold) < EXACT_MARGIN)
-    nodes = np.unique(pairs[near])
-    sets = _shingle_sets(rows, nodes[nodes < rows.total])
-    sets |= _index_shingle_sets(index_dir, index_parts, nodes[nodes >= rows.total], rows.total)
+    similarity = estimate
     by_estimate = 0
-    for k in near:
-        a, b = sets.get(int(pairs[k, 0])), sets.get(int(pairs[k, 1]))
-        if a is None or b is None:
-            by_estimate += 1
-        else:
-            similarity[k] = _set_jaccard(a, b)
+    if len(near):
+        sets = ShingleStore(scratch / "shingles.u32", np.unique(pairs[near]), rows, index_dir, index_parts)
+        jaccard, known = sets.jaccards(pairs[near, 0], pairs[near, 1])
+        sets.path.unlink()
+        similarity[near[known]] = jaccard[known]
+        by_estimate = int(np.count_nonzero(~known))
     return pairs[similarity >= config.threshold], by_estimate
 
 
-def _clusters(accepted: np.ndarray, rep_of: np.ndarray, hit: np.ndarray, num_new: int, total: int):
-    """``[(new member rows, old member nodes)]`` of every cluster with more than one member:
-    connected components over the verified pairs, each exact group riding on its rep."""
-    label_of_node = np.full(total, -1, dtype=np.int64)
+def _clusters(accepted: np.ndarray, rep_of: np.ndarray, hit: np.ndarray, num_new: int) -> _Groups:
+    """Connected components over the verified pairs, each exact group riding on its rep."""
+    nodes = np.unique(accepted)
+    labels = np.empty(0, dtype=np.int64)
     if len(accepted):
-        nodes = np.unique(accepted)
         a, b = np.searchsorted(nodes, accepted[:, 0]), np.searchsorted(nodes, accepted[:, 1])
         graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(nodes),) * 2)
-        _, labels = connected_components(graph, directed=False)
-        label_of_node[nodes] = labels
+        labels = connected_components(graph, directed=False)[1].astype(np.int64)
+    num_labels = int(labels.max()) + 1 if len(labels) else 0
     live = np.flatnonzero(~hit)
-    if not len(live):
-        return []
-    cluster = label_of_node[rep_of[live]]
-    alone = cluster < 0
-    cluster[alone] = int(label_of_node.max()) + 1 + rep_of[live][alone]  # exact group outside any component
-    order = np.lexsort((live, cluster))
-    live, cluster = live[order], cluster[order]
-    bounds = np.flatnonzero(np.concatenate([[True], cluster[1:] != cluster[:-1], [True]]))
-    old_by_label: dict[int, list[int]] = {}
-    for node in np.flatnonzero(label_of_node[num_new:] >= 0) + num_new:
-        old_by_label.setdefault(int(label_of_node[node]), []).append(int(node))
-    groups = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        new_members = [int(m) for m in live[lo:hi]]
-        old_members = old_by_label.get(int(cluster[lo]), [])
-        if len(new_members) + len(old_members) > 1:
-            groups.append((new_members, old_members))
-    return groups
+    rep = rep_of[live]
+    pos = np.minimum(np.searchsorted(nodes, rep), max(len(nodes) - 1, 0))
+    in_component = nodes[pos] == rep if len(nodes) else np.zeros(len(rep), dtype=bool)
+    # an exact group outside any component is a cluster of its own, numbered after the components
+    label = np.where(in_component, labels[pos] if len(nodes) else 0, num_labels + rep)
+    label_ids, cluster = np.unique(label, return_inverse=True)
+    cluster = cluster.reshape(-1)
+    # old members: the index's nodes in a component that holds a new row
+    old_nodes, old_labels = nodes[nodes >= num_new], labels[nodes >= num_new]
+    pos = np.minimum(np.searchsorted(label_ids, old_labels), max(len(label_ids) - 1, 0))
+    held = label_ids[pos] == old_labels if len(label_ids) else np.zeros(len(old_labels), dtype=bool)
+    old_cluster, old_nodes = pos[held], old_nodes[held]
+    order = np.lexsort((old_nodes, old_cluster))
+    old_count = np.bincount(old_cluster, minlength=len(label_ids))
+    grouped = (np.bincount(cluster, minlength=len(label_ids)) + old_count)[cluster] > 1
+    members, member_cluster = live[grouped], cluster[grouped]
+    by_cluster = np.argsort(member_cluster, kind="stable")
+    return _Groups(members[by_cluster], member_cluster[by_cluster], old_nodes[order], np.concatenate([[0], np.cumsum(old_count)]))
 
 
-def _quality(groups, rows: _Rows, in_paths: list[Path], is_good) -> dict[int, bool]:
-    """``is_good`` of every row that competes in a cluster without old members."""
-    need = np.array(sorted(m for new_members, old in groups if not old for m in new_members), dtype=np.int64)
-    good: dict[int, bool] = {}
-    for i, picked, local in rows.split(need):
-        table = pq.read_table(in_paths[i])
-        for node, record in zip(picked, row_dicts(table, local).values()):
-            good[int(node)] = bool(is_good(record))
-    return good
+def _lose_to_old(groups: _Groups, rep_of: np.ndarray, signatures: SignatureStore, decisions: Decisions) -> None:
+    """The new members of clusters holding old records go, as near duplicates of the most
+    similar old member (the first, in node order, of equally similar ones)."""
+    old_count = groups.old_count
+    with_old = old_count[groups.cluster] > 0
+    members, cluster = groups.members[with_old], groups.cluster[with_old]
+    counts = old_count[cluster]
+    work = np.cumsum(counts)
+    lo = 0
+    while lo < len(members):
+        hi = max(lo + 1, int(np.searchsorted(work, (work[lo - 1] if lo else 0) + _CROSS_PAIRS, side="right")))
+        m, n = members[lo:hi], counts[lo:hi]
+        olds = groups.old_nodes[ranges(groups.old_start[cluster[lo:hi]], n)]
+        sims = signatures.estimates(np.repeat(rep_of[m], n), olds)
+        segments = np.concatenate([[0], np.cumsum(n)[:-1]])
+        best = np.maximum.reduceat(sims, segments)
+        first = np.minimum.reduceat(np.where(sims == np.repeat(best, n), np.arange(len(sims)), len(sims)), segments)
+        decisions.reason[m], decisions.dup_node[m], decisions.similarity[m] = REMOVED_NEAR, olds[first], sims[first]
+        lo = hi
 
 
-def _drops(rows: _Rows, decisions: _Decisions, ids: pa.Array, old_ids: pa.Array, threshold: float):
-    """``[(local row indices, Drops)]`` per chunk."""
+def _keep_one_new(groups: _Groups, rows: NewRows, in_paths, exact, rep_of, is_good, signatures: SignatureStore, config, decisions) -> None:
+    """Of each cluster without old records, keep one member (the keep policy); the others go."""
+    members, cluster = groups.members, groups.cluster
+    new_only = groups.old_count[cluster] == 0
+    members, cluster = members[new_only], cluster[new_only]
+    if not len(members):
+        return
+    by_row = np.argsort(members)
+    ids = rows.take(members[by_row], schema.ID).take(pa.array(np.argsort(by_row)))
+    keep_order = pa.table(
+        {
+            "cluster": cluster,
+            "longest_response": -rows.numbers(RESPONSE_CHARS)[members],
+            "source": rows.source_ranks(schema.SOURCE)[members],
+            "source_index": rows.numbers(schema.SOURCE_INDEX)[members],
+            "id": ids,
+            "row": members,
+        }
+    )
+    order = pc.sort_indices(keep_order, sort_keys=[(name, "ascending") for name in keep_order.column_names]).to_numpy()
+    members, cluster = members[order], cluster[order]
+    starts = np.flatnonzero(np.concatenate([[True], cluster[1:] != cluster[:-1]]))
+    sizes = np.diff(np.append(starts, len(members)))
+    winners = members[_first_good(members, starts, sizes, in_paths, is_good)]
+    winner_of = np.repeat(winners, sizes)
+    lost = members != winner_of
+    m, w = members[lost], winner_of[lost]
+    decisions.dup_node[m] = w
+    same = exact[m] == exact[w] if config.exact else np.zeros(len(m), dtype=bool)
+    decisions.reason[m[same]], decisions.similarity[m[same]] = REMOVED_EXACT, 1.0
+    m, w = m[~same], w[~same]
+    sims = signatures.estimates(rep_of[m], rep_of[w])
+    decisions.reason[m], decisions.similarity[m], decisions.chained[m] = REMOVED_NEAR, sims, sims < config.threshold
 
-    def kept_id(node: int) -> str:
-        return ids[node].as_py() if node < rows.total else old_ids[node - rows.total].as_py()
 
-    removed_by_file: list[tuple[np.ndarray, list[Drop]]] = []
-    for i in range(len(rows.sig_paths)):
-        lo, hi = rows.offsets[i], rows.offsets[i + 1]
-        local = np.flatnonzero(decisions.reason[lo:hi])
-        drops = []
-        for r in local + lo:
-            of = kept_id(int(decisions.dup_node[r]))
-            if decisions.reason[r] == 1:
-                drops.append(Drop(EXACT, f"same text as {of} after normalisation", of, 1.0))
-                continue
-            sim = float(decisions.similarity[r])
-            note = f"; joined through a chain of pairs >= {threshold:g}" if decisions.chained[r] else ""
-            drops.append(Drop(NEAR, f"near duplicate of {of} (estimated Jaccard {sim:.3f}{note})", of, sim))
-        removed_by_file.append((local, drops))
-    return removed_by_file
+def _first_good(members: np.ndarray, starts: np.ndarray, sizes: np.ndarray, in_paths, is_good) -> np.ndarray:
+    """Per cluster (``members[starts[c]:starts[c] + sizes[c]]``, in keep order), the position of
+    its first member that ``is_good``, or of its first member when none is (or no ``is_good``).
+
+    Asked in rounds: each cluster's next member, then its next 8, 64, ... until one passes,
+    so a cluster costs one question when its first member passes (the common case), and the
+    records are read a row group at a time for all clusters of a round together."""
+    winner = starts.copy()
+    if is_good is None:
+        return winner
+    found = np.zeros(len(starts), dtype=bool)
+    asked = np.zeros(len(starts), dtype=np.int64)
+    pending = np.arange(len(starts))
+    step = 1
+    while len(pending):
+        count = np.minimum(step, sizes[pending] - asked[pending])
+        positions = ranges(starts[pending] + asked[pending], count)
+        owners = np.repeat(pending, count)
+        good = _verdicts(members[positions], in_paths, is_good)
+        asked[pending] += count
+        passed, first = np.unique(owners[good], return_index=True)
+        winner[passed], found[passed] = positions[good][first], True
+        pending = pending[~found[pending] & (asked[pending] < sizes[pending])]
+        step *= 8
+    return winner
 
 
-def _node_signatures(nodes: np.ndarray, rows: _Rows, index_dir, index_parts, num_perm: int) -> np.ndarray:
-    out = np.empty((len(nodes), num_perm), dtype=np.uint32)
-    new = nodes[nodes < rows.total]
-    out[: len(new)] = rows.signatures(new, num_perm)
-    old = nodes[nodes >= rows.total] - rows.total
-    if len(old):
-        values = dedup_index.index_rows(index_dir, index_parts, old, dedup_index.SIGNATURE)
-        out[len(new) :] = _fixed_list_numpy(values, num_perm)
+def _verdicts(rows: np.ndarray, in_paths, is_good) -> np.ndarray:
+    """``is_good`` of the given rows' records (distinct rows, any order)."""
+    order = np.argsort(rows)
+    out = np.empty(len(rows), dtype=bool)
+    done = 0
+    for table in dedup_index.iter_rows(in_paths, rows[order], None):
+        for record in table.to_pylist():
+            out[order[done]] = bool(is_good(record))
+            done += 1
     return out
-
-
-def _write_outputs(in_paths, sig_paths, out_paths, rejected_path, index_dir, config, removed_by_file) -> str | None:
-    rejected = []
-    writer = dedup_index.PartWriter(index_dir, run_params(config))
-    try:
-        for in_path, sig_path, out_path, (local, drops) in zip(in_paths, sig_paths, out_paths, removed_by_file):
-            table = pq.read_table(in_path)
-            keep = np.ones(table.num_rows, dtype=bool)
-            keep[local] = False
-            write_parquet_atomic(table.filter(pa.array(keep)), out_path)
-            rejected.append(rejected_rows_from_table(table, local.tolist(), drops, "dedup"))
-            del table
-            sig = pq.read_table(sig_path, columns=writer.schema.names)
-            writer.write(sig.filter(pa.array(keep)))
-        all_rejected = pa.concat_tables(rejected) if rejected else schema.REJECTED_SCHEMA.empty_table()
-        write_rejected(all_rejected, rejected_path)
-        return writer.close()
-    except BaseException:
-        writer.abort()
-        raise

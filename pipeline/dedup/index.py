@@ -31,7 +31,7 @@ change rebuilds the dataset anyway).
 
 Memory: the shingle sets are by far the largest column (one uint32 per distinct shingle, about
 4 bytes per word of the dedup key), so nothing reads them whole. Parts are written in row groups
-of bounded size, and :func:`index_rows` reads, one row group at a time, only the rows a run's
+of bounded size, and :func:`iter_index_rows` reads, one row group at a time, only the rows a run's
 candidate pairs name.
 
 Two-phase update, for crash safety: a run writes its new part first (atomically, under its
@@ -49,7 +49,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -185,32 +185,49 @@ def load_index(
     return pa.concat_tables(tables, promote_options="default")  # a format-1 part's null shingles
 
 
-def index_rows(index_dir, parts, rows: np.ndarray, column: str) -> pa.Array | None:
-    """Values of ``column`` for the given global index rows (sorted ascending), one row group at
-    a time, so that a large index is never held in memory whole. ``shingles`` of a format-1
-    part come back as nulls."""
-    out = []
+def iter_rows(paths: Sequence[Path], rows: np.ndarray, columns: list[str] | None) -> Iterator[pa.Table]:
+    """``columns`` of the given rows of Parquet files read as one table (``rows`` global, sorted
+    ascending), one row group at a time and in row order: memory holds one row group, never a
+    file. Serves index parts and the dedup step's signature and input files alike."""
     offset = 0
-    for path in resolve_parts(index_dir, parts):
+    for path in paths:
         parquet = pq.ParquetFile(path)
         count = parquet.metadata.num_rows
-        local = rows[(rows >= offset) & (rows < offset + count)] - offset
+        lo, hi = np.searchsorted(rows, [offset, offset + count])
+        local = rows[lo:hi] - offset
         offset += count
-        if not len(local):
-            continue
-        if column == SHINGLES and part_format(path) < 2:
-            out.append(pa.nulls(len(local), SHINGLES_TYPE))
-            continue
         group_start = 0
-        for group in range(parquet.metadata.num_row_groups):
+        for group in range(parquet.metadata.num_row_groups if len(local) else 0):
             group_rows = parquet.metadata.row_group(group).num_rows
-            picked = local[(local >= group_start) & (local < group_start + group_rows)] - group_start
-            if len(picked):
-                values = parquet.read_row_group(group, columns=[column]).column(column).combine_chunks()
-                out.append(values.take(pa.array(picked)))
+            a, b = np.searchsorted(local, [group_start, group_start + group_rows])
+            if b > a:
+                yield parquet.read_row_group(group, columns=columns).take(pa.array(local[a:b] - group_start))
             group_start += group_rows
-    if offset and rows.size and rows.max() >= offset:
-        raise IndexError(f"dedup index row {int(rows.max())} out of range ({offset} rows)")
+    if len(rows) and (rows[0] < 0 or rows[-1] >= offset):
+        raise IndexError(f"rows {int(rows[0])}..{int(rows[-1])} out of range ({offset} rows)")
+
+
+def iter_index_rows(index_dir, parts, rows: np.ndarray, column: str) -> Iterator[pa.Array]:
+    """Values of ``column`` for the given global index rows (sorted ascending), in order, one
+    row group at a time, so that a large index is never held in memory whole. ``shingles`` of a
+    format-1 part come back as nulls."""
+    offset = 0
+    paths = resolve_parts(index_dir, parts)
+    for path in paths:
+        count = pq.read_metadata(path).num_rows
+        lo, hi = np.searchsorted(rows, [offset, offset + count])
+        if hi > lo and column == SHINGLES and part_format(path) < 2:
+            yield pa.nulls(int(hi - lo), SHINGLES_TYPE)
+        elif hi > lo:
+            yield from (table.column(column).combine_chunks() for table in iter_rows([path], rows[lo:hi] - offset, [column]))
+        offset += count
+    if len(rows) and (rows[0] < 0 or rows[-1] >= offset):
+        raise IndexError(f"dedup index row {int(rows[-1])} out of range ({offset} rows)")
+
+
+def index_rows(index_dir, parts, rows: np.ndarray, column: str) -> pa.Array | None:
+    """:func:`iter_index_rows` as one array (None for no rows)."""
+    out = list(iter_index_rows(index_dir, parts, rows, column))
     return pa.concat_arrays(out) if out else None
 
 
@@ -257,8 +274,12 @@ class PartWriter:
         self.id_digest, self.exact_digest = hashlib.blake2b(), hashlib.blake2b()
         self.rows = 0
         self._writer: pq.ParquetWriter | None = None
+        # rows not yet written: a row group is written once it is full (see _group_rows)
+        self._pending: list[pa.Table] = []
+        self._pending_rows = self._pending_bytes = 0
 
     def write(self, table: pa.Table) -> None:
+        """Append rows; they are written in row groups of the bounded size whatever the batching."""
         if not table.num_rows:
             return
         table = table.select(self.schema.names).cast(self.schema)
@@ -266,6 +287,18 @@ class PartWriter:
         # order, however they were batched (a restricted part is written row group by row group).
         self.id_digest.update("".join(f"{i}\n" for i in table.column(schema.ID).to_pylist()).encode("utf-8"))
         self.exact_digest.update(table.column(EXACT_HASH).to_numpy().tobytes())
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self._pending_bytes += table.nbytes
+        while self._pending_rows >= (group_rows := self._group_rows()):
+            self._write_group(group_rows)
+        self.rows += table.num_rows
+
+    def _group_rows(self) -> int:
+        row_bytes = max(1, self._pending_bytes // max(1, self._pending_rows))
+        return max(1, min(_ROW_GROUP_ROWS, _ROW_GROUP_BYTES // row_bytes))
+
+    def _write_group(self, rows: int) -> None:
         if self._writer is None:
             # Each row's shingle hashes are sorted: stored as deltas they take about half the bytes.
             sets = [SHINGLES] if SHINGLES in self.schema.names else []
@@ -276,12 +309,17 @@ class PartWriter:
                 use_dictionary=[name for name in self.schema.names if name not in sets],
                 column_encoding=dict.fromkeys(sets, "DELTA_BINARY_PACKED"),
             )
-        row_bytes = max(1, table.nbytes // table.num_rows)
-        self._writer.write_table(table, row_group_size=max(1, min(_ROW_GROUP_ROWS, _ROW_GROUP_BYTES // row_bytes)))
-        self.rows += table.num_rows
+        pending = pa.concat_tables(self._pending)
+        group, rest = pending.slice(0, rows), pending.slice(rows)
+        self._writer.write_table(group, row_group_size=rows)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+        self._pending_bytes = rest.nbytes
 
     def close(self) -> str | None:
         """Finish the part and give it its final name; ``None`` when nothing was written."""
+        if self._pending_rows:
+            self._write_group(self._pending_rows)
         if self._writer is None:
             return None
         self._writer.close()

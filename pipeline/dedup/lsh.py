@@ -30,12 +30,15 @@ from pipeline.dedup import index as dedup_index
 from pipeline.dedup.minhash import band_hashes, choose_bands, signatures
 from pipeline.dedup.normalize import key_texts, normalize_all, response_chars
 from pipeline.dedup.shingles import shingle_hashes, unique_per_document
-from pipeline.fsutil import write_parquet_atomic
+from pipeline.fsutil import atomic_path
 
 RESPONSE_CHARS = "response_chars"
 SHINGLES = dedup_index.SHINGLES  # the same column goes on into the index part of the kept rows
 _BATCH_ROWS = 4096
 _BATCH_CHARS = 1_000_000  # measured: larger batches fall out of cache
+# Rows a signature file's row group holds: read and written in such batches, so memory holds one
+# batch, not the chunk; the global step reads the rows it needs a row group at a time.
+_ROW_GROUP_ROWS = 4096
 # Bucket groups up to this size give all their pairs to verification; larger ones (a template
 # repeated thousands of times) a star plus a chain, which keeps them connected at linear cost.
 _ALL_PAIRS_MAX = 32
@@ -93,8 +96,36 @@ def _batches(texts: list[str]):
 
 
 def compute_signatures(in_path: str | os.PathLike, sig_path: str | os.PathLike, config: DedupConfig) -> int:
-    """Write the signature file of one canonical chunk; returns its row count."""
-    table = pq.read_table(in_path, columns=[schema.ID, schema.SOURCE, schema.SOURCE_INDEX, schema.MESSAGES])
+    """Write the signature file of one canonical chunk; returns its row count.
+
+    The chunk is read and the file written :data:`_ROW_GROUP_ROWS` rows at a time."""
+    parquet = pq.ParquetFile(in_path)
+    columns = [schema.ID, schema.SOURCE, schema.SOURCE_INDEX, schema.MESSAGES]
+    tables = [pq.read_schema(in_path).empty_table().select(columns)]  # an empty chunk: an empty file, same columns
+    if parquet.metadata.num_rows:
+        tables = (pa.Table.from_batches([b]) for b in parquet.iter_batches(batch_size=_ROW_GROUP_ROWS, columns=columns))
+    params = json.dumps(run_params(config), sort_keys=True).encode()
+    rows = 0
+    with atomic_path(sig_path) as tmp:
+        writer = None
+        try:
+            for table in tables:
+                out = _signature_table(table, config)
+                if writer is None:
+                    out_schema = out.schema.with_metadata({dedup_index.PARAMS_KEY: params})
+                    # a scratch file: no dictionaries (random hashes defeat them, and each row group
+                    # would try anew), no statistics
+                    writer = pq.ParquetWriter(tmp, out_schema, compression="none", use_dictionary=False, write_statistics=False)
+                writer.write_table(out.cast(out_schema), row_group_size=max(1, out.num_rows))
+                rows += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+    return rows
+
+
+def _signature_table(table: pa.Table, config: DedupConfig) -> pa.Table:
+    """The signature file's rows (see the module docstring) for canonical rows ``table``."""
     exact, sig, bands, shingle_sets = table_signatures(table, config)
     columns = {
         schema.ID: table.column(schema.ID),
@@ -107,9 +138,7 @@ def compute_signatures(in_path: str | os.PathLike, sig_path: str | os.PathLike, 
     }
     for band in range(bands.shape[1]):
         columns[dedup_index.band_column(band)] = pa.array(bands[:, band], pa.uint64())
-    params = json.dumps(run_params(config), sort_keys=True).encode()
-    write_parquet_atomic(pa.table(columns), sig_path, metadata={dedup_index.PARAMS_KEY: params}, compression="none")
-    return table.num_rows
+    return pa.table(columns)
 
 
 def read_uint64(paths: list[Path], column: str) -> np.ndarray:
@@ -129,7 +158,7 @@ def representatives(new_exact: np.ndarray, old_exact: np.ndarray, exact: bool) -
 
 
 def _bucket_pairs(keys: np.ndarray, nodes: np.ndarray) -> np.ndarray:
-    """Pairs ``(low, high)`` of nodes sharing a key."""
+    """Pairs ``(low, high)`` of nodes sharing a key, every bucket at once (no loop over buckets)."""
     order = np.lexsort((nodes, keys))
     keys, nodes = keys[order], nodes[order]
     same = keys[1:] == keys[:-1]
@@ -137,16 +166,28 @@ def _bucket_pairs(keys: np.ndarray, nodes: np.ndarray) -> np.ndarray:
         return np.empty((0, 2), dtype=np.int64)
     starts = np.flatnonzero(np.concatenate([[True], ~same]))
     sizes = np.diff(np.append(starts, len(keys)))
-    pairs = [np.stack([nodes[starts[sizes == 2]], nodes[starts[sizes == 2] + 1]], axis=1)]
-    for start, size in zip(starts[sizes > 2], sizes[sizes > 2]):
-        group = nodes[start : start + size]
-        if size <= _ALL_PAIRS_MAX:
-            i, j = np.triu_indices(size, k=1)
-            pairs.append(np.stack([group[i], group[j]], axis=1))
-        else:
-            pairs.append(np.stack([np.repeat(group[0], size - 1), group[1:]], axis=1))
-            pairs.append(np.stack([group[1:-1], group[2:]], axis=1))
+    small = (sizes > 1) & (sizes <= _ALL_PAIRS_MAX)
+    # all pairs of a small bucket: its member i (of s) pairs with each of its s - 1 - i successors
+    member = ranges(starts[small], sizes[small])
+    later = np.repeat(np.append(starts, len(keys))[1:][small], sizes[small]) - member - 1
+    first = np.repeat(member, later)
+    pairs = [np.stack([nodes[first], nodes[first + 1 + ranges(np.zeros(len(later), np.int64), later)]], axis=1)]
+    # a large bucket: a star from its first member plus a chain
+    big_starts, big_sizes = starts[sizes > _ALL_PAIRS_MAX], sizes[sizes > _ALL_PAIRS_MAX]
+    if len(big_starts):
+        rest = ranges(big_starts + 1, big_sizes - 1)
+        pairs.append(np.stack([nodes[np.repeat(big_starts, big_sizes - 1)], nodes[rest]], axis=1))
+        chain = ranges(big_starts + 1, big_sizes - 2)
+        pairs.append(np.stack([nodes[chain], nodes[chain + 1]], axis=1))
     return np.concatenate(pairs).astype(np.int64)
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])`` without the loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    ends = np.cumsum(lengths)
+    return np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths) + np.arange(total, dtype=np.int64)
 
 
 def candidate_pairs(

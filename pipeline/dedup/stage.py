@@ -19,12 +19,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.config import SFTConfig
-from pipeline.dedup.cluster import DedupOutcome, resolve_clusters
+from pipeline.dedup.cluster import WORK_PREFIX, DedupOutcome, resolve_clusters
 from pipeline.dedup.lsh import candidate_pairs, compute_signatures
-from pipeline.fsutil import TMP_PREFIX, atomic_path, write_parquet_atomic
+from pipeline.fsutil import atomic_path, write_parquet_atomic
 from pipeline.stage import StageRun
-
-WORK_PREFIX = f"{TMP_PREFIX}dedup-"
 
 
 def dedup_stage(
@@ -75,7 +73,9 @@ def dedup_stage(
         for partition, edge_path in zip(partitions, edge_paths):
             if not Path(edge_path).exists():
                 save_edges(candidate_pairs(signature_paths, partition, dedup, index_dir, index_parts), edge_path)
-        outcome = resolve_clusters(in_paths, signature_paths, edge_paths, out_paths, rejected_path, index_dir, dedup, is_good, index_parts)
+        outcome = resolve_clusters(
+            in_paths, signature_paths, edge_paths, out_paths, rejected_path, index_dir, dedup, is_good, index_parts, scratch_dir=scratch
+        )
     return outcome
 
 

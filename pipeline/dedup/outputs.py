@@ -1,0 +1,115 @@
+"""Writing a run's dedup decisions: each chunk's kept rows, the rejected rows, the index part.
+
+Owns the per-row decisions the global step makes (:class:`Decisions`, plain arrays) and turns
+them into files, one batch of rows at a time: the kept rows of each chunk to its output, the
+removed ones to ``rejected/`` with their reason, ``duplicate_of`` and ``similarity``, and the
+kept rows' signature rows to a new index part (:class:`~pipeline.dedup.index.PartWriter`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schema
+from pipeline.dedup import index as dedup_index
+from pipeline.dedup.lsh import run_params
+from pipeline.dedup.nodes import NewRows
+from pipeline.fsutil import ParquetSink
+from pipeline.stage import Drop, rejected_rows_from_table
+
+EXACT, NEAR = "exact_duplicate", "near_duplicate"
+KEPT, REMOVED_EXACT, REMOVED_NEAR = 0, 1, 2  # Decisions.reason
+_BATCH_ROWS = 4096
+
+
+@dataclass
+class Decisions:
+    """Per new row of a run: kept or why removed (``reason``), as a duplicate of which node, how
+    similar to it, and whether only through a chain of pairs."""
+
+    reason: np.ndarray
+    dup_node: np.ndarray
+    similarity: np.ndarray
+    chained: np.ndarray
+
+    @classmethod
+    def keep_all(cls, num_rows: int) -> Decisions:
+        return cls(
+            np.zeros(num_rows, dtype=np.int8),
+            np.full(num_rows, -1, dtype=np.int64),
+            np.zeros(num_rows, dtype=np.float64),
+            np.zeros(num_rows, dtype=bool),
+        )
+
+
+def write_outputs(
+    in_paths, rows: NewRows, decisions: Decisions, out_paths, rejected_path, index_dir, index_parts, config, run
+) -> str | None:
+    """Each chunk's kept rows to its output and its removed rows to ``rejected_path``, batch by
+    batch; the kept rows' signature rows to a new index part (its name)."""
+    removed = np.flatnonzero(decisions.reason)
+    dup_nodes = np.unique(decisions.dup_node[removed])
+    dup_ids = _ids(dup_nodes, rows, index_dir, index_parts)
+    writer = dedup_index.PartWriter(index_dir, run_params(config))
+    try:
+        with contextlib.ExitStack() as stack:
+            rejected = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
+            for i, (in_path, out_path) in enumerate(zip(in_paths, out_paths)):
+                lo, hi = rows.offsets[i], rows.offsets[i + 1]
+                keep = decisions.reason[lo:hi] == KEPT
+                with contextlib.ExitStack() as chunk_stack:
+                    kept = ParquetSink(out_path, pq.read_schema(in_path), chunk_stack, create_when_empty=True)
+                    start = 0
+                    for table in _batches(in_path, None):
+                        mask = keep[start : start + table.num_rows]
+                        kept.write_table(table.filter(pa.array(mask)))
+                        local = np.flatnonzero(~mask)
+                        drops = _drops(decisions, lo + start + local, dup_nodes, dup_ids, config.threshold)
+                        rejected.write_table(rejected_rows_from_table(table, local.tolist(), drops, "dedup"))
+                        run.count(table.num_rows, kept=int(np.count_nonzero(mask)), drops=drops)
+                        start += table.num_rows
+                    kept.finish()
+                start = 0
+                for table in _batches(rows.paths[i], writer.schema.names):
+                    writer.write(table.filter(pa.array(keep[start : start + table.num_rows])))
+                    start += table.num_rows
+            rejected.finish()
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _batches(path: Path, columns: list[str] | None):
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+        yield pa.Table.from_batches([batch])
+
+
+def _ids(nodes: np.ndarray, rows: NewRows, index_dir, index_parts) -> pa.Array:
+    """The ids of the given nodes (sorted), new rows' from the signature files, old from the index."""
+    new = nodes[nodes < rows.total]
+    chunks = [rows.take(new, schema.ID)] if len(new) else []
+    chunks += list(dedup_index.iter_index_rows(index_dir, index_parts, nodes[nodes >= rows.total] - rows.total, schema.ID))
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+
+
+def _drops(decisions: Decisions, removed: np.ndarray, dup_nodes: np.ndarray, dup_ids: pa.Array, threshold: float) -> list[Drop]:
+    """The Drop of each of the given removed rows (one batch of one chunk)."""
+    if not len(removed):
+        return []
+    of_ids = dup_ids.take(pa.array(np.searchsorted(dup_nodes, decisions.dup_node[removed]))).to_pylist()
+    drops = []
+    for row, of in zip(removed.tolist(), of_ids):
+        if decisions.reason[row] == REMOVED_EXACT:
+            drops.append(Drop(EXACT, f"same text as {of} after normalisation", of, 1.0))
+            continue
+        sim = float(decisions.similarity[row])
+        note = f"; joined through a chain of pairs >= {threshold:g}" if decisions.chained[row] else ""
+        drops.append(Drop(NEAR, f"near duplicate of {of} (estimated Jaccard {sim:.3f}{note})", of, sim))
+    return drops

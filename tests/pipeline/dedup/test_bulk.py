@@ -1,0 +1,167 @@
+"""Dedup's global step in bulk (issue 16, items 1 and 2): candidates from whole band columns,
+similarities of many pairs at once from values spilled to disk, clusters as arrays, the quality
+predicate asked lazily. The decisions must be the ones the per-pair rules give, whatever the
+block sizes the work is cut into."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import schema
+from pipeline.config import DedupConfig
+from pipeline.dedup import cluster, compute_signatures, lsh, nodes, outputs
+from pipeline.dedup import index as dedup_index
+from pipeline.dedup.minhash import estimated_jaccard
+from tests.pipeline.dedup.test_dedup import conv, id_of, kept_ids, run, words, write_chunk
+
+
+def reference_bucket_pairs(keys: np.ndarray, nodes_: np.ndarray) -> set[tuple[int, int]]:
+    """The per-bucket rule: all pairs of a bucket of up to 32 nodes, a star plus a chain above."""
+    buckets: dict[int, list[int]] = {}
+    for key, node in zip(keys.tolist(), nodes_.tolist()):
+        buckets.setdefault(key, []).append(node)
+    pairs = set()
+    for members in buckets.values():
+        members.sort()
+        if len(members) <= 32:
+            pairs |= {(a, b) for i, a in enumerate(members) for b in members[i + 1 :]}
+        else:
+            pairs |= {(members[0], b) for b in members[1:]} | set(zip(members[1:-1], members[2:]))
+    return pairs
+
+
+def test_candidates_from_all_buckets_at_once_follow_the_per_bucket_rule():
+    rng = np.random.default_rng(5)
+    sizes = [1] * 50 + [2] * 20 + [3, 5, 17, 32, 33, 40, 100]
+    keys = np.concatenate([np.full(size, rng.integers(0, 2**63), dtype=np.uint64) for size in sizes])
+    node_ids = rng.permutation(len(keys)).astype(np.int64)
+    order = rng.permutation(len(keys))
+    got = lsh._bucket_pairs(keys[order], node_ids[order])
+    assert got.dtype == np.int64 and np.all(got[:, 0] < got[:, 1])
+    assert len(got) == len({tuple(p) for p in got.tolist()}) == len(reference_bucket_pairs(keys, node_ids))
+    assert {tuple(p) for p in got.tolist()} == reference_bucket_pairs(keys, node_ids)
+
+
+def signature_files(tmp_path: Path, docs: list[list[dict]], per_chunk: int) -> list[Path]:
+    paths = []
+    for k, start in enumerate(range(0, len(docs), per_chunk)):
+        chunk = write_chunk(tmp_path / f"in-{k}.parquet", docs[start : start + per_chunk])
+        paths.append(tmp_path / f"sig-{k}.parquet")
+        compute_signatures(chunk, paths[-1], DedupConfig())
+    return paths
+
+
+def test_pair_similarities_in_blocks_equal_the_per_pair_values(tmp_path, monkeypatch):
+    monkeypatch.setattr(lsh, "_BATCH_ROWS", 7)  # signature files of many small row groups
+    monkeypatch.setattr(nodes, "_ESTIMATE_BLOCK_PAIRS", 5)
+    monkeypatch.setattr(nodes, "_JACCARD_BLOCK_VALUES", 300)
+    rng = random.Random(3)
+    docs = [conv("q", " ".join(words(rng.randrange(8), 80) + words(100 + i, rng.randrange(0, 30)))) for i in range(40)]
+    docs += [conv("", "!!"), conv("", "?")]  # no shingles at all: the Jaccard of two empty sets is 1
+    paths = signature_files(tmp_path, docs, per_chunk=15)
+    tables = [pq.read_table(p, columns=[dedup_index.SIGNATURE, dedup_index.SHINGLES]) for p in paths]
+    signatures = np.concatenate([t.column(0).combine_chunks().flatten().to_numpy().reshape(-1, 128) for t in tables])
+    sets = [set(s) for t in tables for s in t.column(1).to_pylist()]
+    a = np.array([rng.randrange(35) for _ in range(200)] + [40], dtype=np.int64)
+    b = np.array([rng.randrange(35) for _ in range(200)] + [41], dtype=np.int64)
+    used = np.unique(np.concatenate([a, b]))
+    rows = nodes.NewRows(paths)
+
+    store = nodes.SignatureStore(tmp_path / "sig.u32", used, rows, None, [], 128)
+    assert np.array_equal(store.estimates(a, b), estimated_jaccard(signatures[a], signatures[b]))
+
+    shingles = nodes.ShingleStore(tmp_path / "sets.u32", used, rows, None, [])
+    jaccard, known = shingles.jaccards(a, b)
+    expected = [len(sets[i] & sets[j]) / len(sets[i] | sets[j]) if sets[i] | sets[j] else 1.0 for i, j in zip(a, b)]
+    assert known.all() and jaccard.tolist() == expected and jaccard[-1] == 1.0
+    with pytest.raises(KeyError):  # a node whose values were not gathered is an error, not a wrong row
+        store.estimates(np.array([36]), a[:1])
+
+
+def corpus() -> tuple[list[list[dict]], list[list[dict]]]:
+    """Records with exact copies, near copies, chains and a large template group: a first
+    refresh, and a second one that meets the first's index."""
+    rng = random.Random(11)
+    first, second = [], []
+    for group in range(30):
+        base = words(1000 + group, 60)
+        for _ in range(rng.choice([1, 1, 2, 3, 5])):
+            text = list(base)
+            for _edit in range(rng.randrange(0, 4)):
+                text[rng.randrange(len(text))] = rng.choice(["edit", "other", "word"])
+            record = conv(rng.choice(["Explain.", "explain", "Explain!"]), " ".join(text) + " end" * rng.randrange(3))
+            (first if rng.random() < 0.6 else second).append(record)
+    first += [conv("Template:", " ".join(words(7, 40) + [f"n{i}"])) for i in range(45)]  # a bucket of more than 32
+    rng.shuffle(first)
+    rng.shuffle(second)
+    return first, second
+
+
+def dedup_twice(tmp_path: Path, name: str, is_good):
+    first, second = corpus()
+    index_dir = tmp_path / name / "index"
+    one, kept1, rejected1, _ = run(tmp_path / name, [first[:40], first[40:]], name="one", index_dir=index_dir, is_good=is_good)
+    _, kept2, rejected2, _ = run(tmp_path / name, [second], name="two", index_dir=index_dir, index_parts=[one.index_part], is_good=is_good)
+    return kept_ids(kept1), rejected1, kept_ids(kept2), rejected2, (index_dir / one.index_part).read_bytes()
+
+
+def test_small_blocks_and_batches_decide_exactly_as_large_ones(tmp_path, monkeypatch):
+    def is_good(record):
+        return "other" not in record[schema.MESSAGES][1]["content"]
+
+    for name in ("large", "small"):
+        (tmp_path / name).mkdir()
+    large = dedup_twice(tmp_path, "large", is_good)
+    assert large[1] and large[3]  # both refreshes removed something
+    for module, constant, value in [
+        (lsh, "_BATCH_ROWS", 4),
+        (nodes, "_ESTIMATE_BLOCK_PAIRS", 3),
+        (nodes, "_JACCARD_BLOCK_VALUES", 50),
+        (cluster, "_CROSS_PAIRS", 2),
+        (outputs, "_BATCH_ROWS", 5),
+        (dedup_index, "_ROW_GROUP_ROWS", 6),
+    ]:
+        monkeypatch.setattr(module, constant, value)
+    small = dedup_twice(tmp_path, "small", is_good)
+    assert small[:4] == large[:4]
+    assert pq.read_table(pa.BufferReader(small[4])).equals(pq.read_table(pa.BufferReader(large[4])))
+
+
+def test_quality_is_asked_about_duplicates_only_until_one_passes(tmp_path):
+    base = " ".join(words(70, 80))
+    group = [conv("Explain.", base + " more" * (12 - i)) for i in range(12)]  # longest first in keep order
+    loners = [conv("Explain.", " ".join(words(80 + i, 80))) for i in range(5)]
+    asked = []
+    failing = {id_of(group[0]), id_of(group[1])}
+
+    def is_good(record):
+        asked.append(record[schema.ID])
+        return record[schema.ID] not in failing
+
+    _, kept, rejected, _ = run(tmp_path, [group[6:] + loners, group[:6]], is_good=is_good)
+    assert set(kept_ids(kept)) == {id_of(group[2])} | {id_of(d) for d in loners}
+    assert {r["duplicate_of"] for r in rejected} == {id_of(group[2])}
+    # never about a record without duplicates; not about every member of the group either
+    assert set(asked) <= {id_of(d) for d in group} and len(asked) < len(group)
+    assert asked[0] == id_of(group[0])
+
+
+def test_a_new_record_near_several_old_ones_goes_as_a_copy_of_the_most_similar(tmp_path):
+    index_dir = tmp_path / "index"
+    base = words(90, 100)
+    close, far = list(base), list(base)
+    close[80] = "x1"  # one edit: Jaccard to the base ~0.90
+    far[10], far[30] = "x2", "x3"  # two edits: ~0.81, and ~0.73 to `close`, so both are kept at first
+    first, _, _, _ = run(tmp_path, [[conv("Say.", " ".join(far))], [conv("Say.", " ".join(close))]], name="first", index_dir=index_dir)
+    old = pq.read_table(index_dir / first.index_part, columns=[schema.ID]).column(0).to_pylist()
+    assert len(old) == 2  # the two differ enough to both be kept
+    _, kept, rejected, _ = run(
+        tmp_path, [[conv("Say.", " ".join(base))]], name="second", index_dir=index_dir, index_parts=[first.index_part]
+    )
+    assert kept_ids(kept) == [] and rejected[0]["duplicate_of"] == id_of(conv("Say.", " ".join(close)))
