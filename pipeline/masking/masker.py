@@ -353,14 +353,7 @@ class Masker:
                 else:
                     checks.append(_SpanCheck(row.index, turn, row.messages[turn.message_index], decoded))
         if undecoded:
-            texts = self.backend.decode_batch(
-                [entry.ids[turn.first_token : turn.last_token + 1].tolist() for entry, turn in undecoded],
-                skip_special_tokens=False,
-            )
-            checks += [
-                _SpanCheck(entry.rendered.index, turn, entry.rendered.messages[turn.message_index], text)
-                for (entry, turn), text in zip(undecoded, texts)
-            ]
+            checks += self._decoded_spans(undecoded)
         return leftovers
 
     def _label_by_offsets(
@@ -376,14 +369,17 @@ class Masker:
                 continue
             labelled[row.index] = _Labelled(row, ids, outcome, lambda token, encoding=encoding: encoding.token_to_chars(token)[0])
             located.append(labelled[row.index])
-        spans = [(entry, turn) for entry in located for turn in entry.rendered.turns]
-        decoded = self.backend.decode_batch(
+        checks += self._decoded_spans([(entry, turn) for entry in located for turn in entry.rendered.turns])
+
+    def _decoded_spans(self, spans: list[tuple[_Labelled, _Turn]]) -> list[_SpanCheck]:
+        """Each trained span's text as the tokenizer's own decoder gives it, to check against its message."""
+        texts = self.backend.decode_batch(
             [entry.ids[turn.first_token : turn.last_token + 1].tolist() for entry, turn in spans],
             skip_special_tokens=False,
         )
-        checks += [
+        return [
             _SpanCheck(entry.rendered.index, turn, entry.rendered.messages[turn.message_index], text)
-            for (entry, turn), text in zip(spans, decoded)
+            for (entry, turn), text in zip(spans, texts)
         ]
 
     def _render_mismatches(self, labelled: dict[int, _Labelled]) -> dict[int, str]:
