@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -280,18 +280,11 @@ class Masker:
         spelled_rows = spelled_rows or _spell(self.token_bytes, tokenized)
         if spelled_rows is None:
             return []
-        blob, all_bounds, unknown_before = spelled_rows
-        spelled = memoryview(blob)
         leftovers = []
-        first_token = 0
-        for item in tokenized:
+        for item, bounds, base, spelling in _each_spelled(spelled_rows, tokenized):
             row, ids = item.row, item.ids
-            bounds = all_bounds[first_token : first_token + len(ids) + 1]  # this row's, offset by `base`
-            base, end = int(bounds[0]), int(bounds[-1])
             raw = row.text.encode("utf-8")
-            complete = unknown_before is None or unknown_before[first_token + len(ids)] == unknown_before[first_token]
-            first_token += len(ids)
-            if not (complete and end - base == len(raw) and spelled[base:end] == raw):
+            if spelling is None or spelling != raw:
                 leftovers.append(row)
                 continue
             outcome = tokens_from_bytes(row.turns, row.text, raw, bounds, base) or self._labels(row, ids)
@@ -324,19 +317,12 @@ class Masker:
         spelled_rows = spelled_rows or _spell(table, tokenized)
         if spelled_rows is None:
             return []
-        blob, all_bounds, unknown_before = spelled_rows
-        spelled = memoryview(blob)
         leftovers: list[_Rendered] = []
         undecoded: list[tuple[_Labelled, _Turn]] = []  # spans only the tokenizer's decoder can spell
-        first_token = 0
-        for item in tokenized:
+        for item, bounds, base, spelling in _each_spelled(spelled_rows, tokenized):
             row, ids = item.row, item.ids
-            bounds = all_bounds[first_token : first_token + len(ids) + 1]
-            base, end = int(bounds[0]), int(bounds[-1])
-            complete = unknown_before is None or unknown_before[first_token + len(ids)] == unknown_before[first_token]
-            first_token += len(ids)
             raw = row.text.encode("utf-8")
-            shift = table.shift(spelled[base:end], raw) if complete else None  # type: ignore[union-attr]
+            shift = table.shift(spelling, raw) if spelling is not None else None  # type: ignore[union-attr]
             if shift is None:
                 leftovers.append(row)
                 continue
@@ -347,7 +333,7 @@ class Masker:
                 continue
             entry = labelled[row.index] = _Labelled(row, ids, outcome, offsets.token_start)
             for turn in row.turns:
-                decoded = table.decoded(blob[bounds[turn.first_token] : bounds[turn.last_token + 1]])  # type: ignore[union-attr]
+                decoded = table.decoded(spelled_rows.blob[bounds[turn.first_token] : bounds[turn.last_token + 1]])  # type: ignore[union-attr]
                 if decoded is None:
                     undecoded.append((entry, turn))
                 else:
@@ -670,6 +656,21 @@ def _merge_mismatch(tail: _PromptTail) -> str:
         f"the tokens before assistant turn {tail.turn.message_index} differ from those of its generation "
         f"prompt: a token merges the prompt's end {clip(tail.text or '')!r} with the response"
     )
+
+
+def _each_spelled(spelled_rows: _Spelled, tokenized: list[_Tokenized]) -> Iterator[tuple[_Tokenized, np.ndarray, int, memoryview | None]]:
+    """Each row with its share of the table's spelling: its token byte bounds (offset by ``base``),
+    ``base``, and the bytes its tokens spell (None when a token has no bytes in the table)."""
+    blob, all_bounds, unknown_before = spelled_rows
+    spelled = memoryview(blob)
+    first_token = 0
+    for item in tokenized:
+        count = len(item.ids)
+        bounds = all_bounds[first_token : first_token + count + 1]
+        base, end = int(bounds[0]), int(bounds[-1])
+        complete = unknown_before is None or unknown_before[first_token + count] == unknown_before[first_token]
+        first_token += count
+        yield item, bounds, base, spelled[base:end] if complete else None
 
 
 def _spell(table: ByteTable | PieceTable | None, tokenized: list[_Tokenized]) -> _Spelled | None:
