@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -145,17 +146,19 @@ def kept_table(table: pa.Table, records: list[dict[str, Any]] | dict[int, dict[s
 
 
 # --- one batch, in this process or a worker ----------------------------------------------------
-def _judge(chain: FilterChain, batch: pa.RecordBatch) -> tuple[Verdicts, dict[int, dict[str, Any]]]:
-    """The chain's verdicts on a batch, and the changed (redacted) records by row."""
-    table = pa.Table.from_batches([batch]).cast(schema.CONVERSATION_SCHEMA)
+def _as_table(batch: pa.RecordBatch) -> pa.Table:
+    return pa.Table.from_batches([batch]).cast(schema.CONVERSATION_SCHEMA)
+
+
+def _judge(chain: FilterChain, table: pa.Table) -> tuple[Verdicts, dict[int, dict[str, Any]]]:
+    """The chain's verdicts on a batch's rows, and the changed (redacted) records by row."""
     records = table.select([schema.MESSAGES, schema.TOOLS]).to_pylist()  # what the filters read
     verdicts = filter_records(records, chain)
     return verdicts, {row: records[row] for row in verdicts.changed_rows}
 
 
-def _write_batch(batch: pa.RecordBatch, verdicts: Verdicts, changed: dict[int, dict[str, Any]]) -> tuple[pa.Table, pa.Table]:
-    """(kept rows, rejected rows) of ``batch`` after the verdicts."""
-    table = pa.Table.from_batches([batch]).cast(schema.CONVERSATION_SCHEMA)
+def _write_batch(table: pa.Table, verdicts: Verdicts, changed: dict[int, dict[str, Any]]) -> tuple[pa.Table, pa.Table]:
+    """(kept rows, rejected rows) of a batch's rows after the verdicts."""
     return kept_table(table, changed, verdicts), rejected_rows_from_table(table, verdicts.dropped_rows, verdicts.drops, STAGE_NAME)
 
 
@@ -171,7 +174,7 @@ def _init_worker(config_json: str, tokenizer: str | None) -> None:
 def _filter_in_worker(batch: pa.RecordBatch) -> tuple[Verdicts, dict[int, dict[str, Any]], dict]:
     """A worker's answer: the verdicts and changed records only (the caller holds the batch)."""
     assert _worker_chain is not None, "worker was not initialised"
-    verdicts, changed = _judge(_worker_chain, batch)
+    verdicts, changed = _judge(_worker_chain, _as_table(batch))
     return verdicts, changed, _take_counts(_worker_chain)
 
 
@@ -262,19 +265,21 @@ def quality_stage(
         kept_sink = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
         rejected_sink = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
         if num_proc > 1 and chain.filters:
-            # The batches are read twice (once for the workers, once here to write): cheaper than
+            # The workers get each batch and answer with verdicts; this side keeps its copy of the
+            # batch (tee holds the few the workers are ahead by) to write it: cheaper than
             # shipping every kept row back.
-            batches = source.iter_batches(batch_size=batch_size)
-            judged = _judged_in_workers(source.iter_batches(batch_size=batch_size), num_proc, config, tokenizer)
+            batches, to_workers = itertools.tee(source.iter_batches(batch_size=batch_size))
+            judged = _judged_in_workers(to_workers, num_proc, config, tokenizer)
             stack.enter_context(contextlib.closing(judged))  # the workers stop with the stage, error or not
-            results = ((batch, *answer) for batch, answer in zip(batches, judged))
+            results = ((_as_table(batch), *answer) for batch, answer in zip(batches, judged))
         else:
-            results = ((batch, *_judge(chain, batch), None) for batch in source.iter_batches(batch_size=batch_size))
-        for batch, verdicts, changed, delta in results:
-            kept, rejected = _write_batch(batch, verdicts, changed)
+            tables = (_as_table(batch) for batch in source.iter_batches(batch_size=batch_size))
+            results = ((table, *_judge(chain, table), None) for table in tables)
+        for table, verdicts, changed, delta in results:
+            kept, rejected = _write_batch(table, verdicts, changed)
             kept_sink.write_table(kept)
             rejected_sink.write_table(rejected)
-            run.count(batch.num_rows, kept=kept.num_rows, drops=verdicts.drops)
+            run.count(table.num_rows, kept=kept.num_rows, drops=verdicts.drops)
             _add_counts(chain, delta)
         kept_sink.finish()
         rejected_sink.finish()
