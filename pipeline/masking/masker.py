@@ -119,8 +119,9 @@ class _SpanCheck(NamedTuple):
 
 
 class _PromptTail(NamedTuple):
-    """The tokens of a row from its last control token before its last trained turn up to that turn,
-    and the generation prompt's text there: encoded on its own it must give the same tokens."""
+    """The tokens of a row from its last control token before its last trained turn (that token
+    included; the row's start if there is none) up to that turn, and the generation prompt's text
+    there: encoded on its own it must give the same tokens."""
 
     index: int  # row in the batch
     turn: _Turn
@@ -372,10 +373,12 @@ class Masker:
         """Rows whose tokens before the last trained turn are not what inference tokenizes there.
 
         The text was compared when rendering; here only the tokens around the prompt's end can
-        differ (a merge across it), and the tokens after the last control token before it are
-        encoded again on their own: the control token cuts the tokenization there. (A text that a
-        SentencePiece tokenizer prefixes with "▁" when it is encoded alone is known to differ without
-        encoding it: :meth:`.PieceTable.starts_otherwise`.)
+        differ (a merge across it), and the tokens from the last control token before it are
+        encoded again: the control token cuts the tokenization there. The control token itself is
+        encoded too, because a SentencePiece tokenizer puts "▁" before a text that starts the string
+        and not before one that follows a control token, as the prompt's tail does. (A prompt with no
+        control token is encoded whole; when the tokenizer prefixes it with "▁" and the row does not
+        start so, it is known to differ without encoding it: :meth:`.PieceTable.starts_otherwise`.)
         """
         mismatched: dict[int, str] = {}
         pieces = self.token_pieces
@@ -395,13 +398,22 @@ class Masker:
                 )
                 continue
             first = turn.first_token
-            after_control = self._after_last_control(entry.ids, first)
-            char = entry.token_start(after_control) if after_control < first else row.prompt_length
+            start = max(0, self._after_last_control(entry.ids, first) - 1)  # the control token, if any
+            while first > start and entry.token_start(first - 1) >= row.prompt_length:
+                first -= 1  # tokens of the whitespace between the prompt and the turn belong to neither
+            char = entry.token_start(start) if start < first else row.prompt_length
             text = row.marked_text[char : row.prompt_length] if char <= row.prompt_length else None
-            tail = _PromptTail(index, turn, entry.ids[after_control:first], text)
+            tail = _PromptTail(index, turn, entry.ids[start:first], text)
             if row.has_control_text:
                 hidden.append(tail)
-            elif text is not None and len(tail.tokens) and pieces is not None and pieces.starts_otherwise(text, int(tail.tokens[0])):
+            elif (
+                text is not None
+                and char == 0
+                and len(tail.tokens)
+                and not self.is_control[tail.tokens[0]]
+                and pieces is not None
+                and pieces.starts_otherwise(text, int(tail.tokens[0]))
+            ):
                 mismatched[index] = _merge_mismatch(tail)  # no need to encode it to know
             else:  # the same few texts ("assistant\n") come back row after row: encode each once
                 pending.setdefault(text, []).append(tail)
