@@ -9,6 +9,9 @@ lines and cannot forget its statistics (cf. datatrove's pipeline steps).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import threading
 import time
 from collections import Counter
@@ -202,6 +205,7 @@ class _PeakRss:
             if self._running == 0:
                 # Memory the last stage freed goes back to the system before the next one starts.
                 pa.default_memory_pool().release_unused()
+                _malloc_trim()
                 try:  # "5" resets the peak RSS to the current RSS (proc(5), clear_refs)
                     with open("/proc/self/clear_refs", "w") as refs:
                         refs.write("5")
@@ -223,6 +227,28 @@ class _PeakRss:
 
 
 _peak_rss = _PeakRss()
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _malloc_trim() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Python objects, the tokenizer and Arrow's system-allocator buffers come from glibc's malloc,
+    which keeps what is freed in per-thread arenas. Stages run on threads (the tokenizer's
+    encoders, Prefect's task runner), so without this a flow run's resident memory grew with each
+    stage: 1.13 GiB in tokenize and 1.45 GiB in shards on 200k conversations, against 0.78 and
+    0.96 GiB with it (bench/e2e.py, flow mode)."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def rejected_rows_from_table(table: pa.Table, row_indices: list[int], drops: list[Drop], stage: str) -> pa.Table:
