@@ -14,7 +14,7 @@ import contextlib
 import functools
 import hashlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +46,7 @@ def read_tokenized(path: Path) -> pa.Table:
     stage writes: memory-mapped, so the rows stay on disk until a row group is gathered) or a
     Parquet file (read into memory)."""
     try:
-        with open(path, "rb") as f:
-            arrow_ipc = f.read(6) == b"ARROW1"
-        if arrow_ipc:
+        if _is_arrow_ipc(path):
             table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
         else:
             table = pq.read_table(path, schema=schema.SHARD_SCHEMA)
@@ -95,10 +93,10 @@ def write_shards(
         records_read, previous = 0, None
         try:
             for file in files:
-                table = file if isinstance(file, pa.Table) else read_tokenized(file)
-                records, previous = _route(table, writers, shard_config.val_fraction, previous)
-                records_read += records
-                del table  # unmapped here: a file's pages leave the resident set before the next is read
+                for table in _pieces(file):
+                    records, previous = _route(table, writers, shard_config.val_fraction, previous)
+                    records_read += records
+                    del table  # freed (or unmapped) here, before the next piece is read
             entries = [entry for split in schema.SPLITS for entry in writers[split].close()]
             background.stop()
         except BaseException:
@@ -120,26 +118,64 @@ def _sort_key(table: pa.Table, row: int) -> tuple:
     return tuple((True,) if value is None else (False, value) for value in values)
 
 
-def _in_key_order(in_paths: list[Path]) -> list[Path] | None:
+@dataclass
+class _InOrder:
+    """A tokenized file whose key range does not overlap another's; ``sorted``: its rows are in
+    key order already (what the tokenize stage writes), so it can be read batch by batch."""
+
+    path: Path
+    sorted: bool
+
+
+def _in_key_order(in_paths: list[Path]) -> list[_InOrder] | None:
     """The files in the order of their rows' sort key (source, source index, id, turn), when the
     files' key ranges do not overlap (each tokenize work file holds one contiguous run of one
     input's records); ``None`` when they do.
 
-    Then the shards are written file by file, one file memory-mapped at a time, so the stage's
-    memory does not grow with the run; each file's own rows are sorted when it is read.
+    Then the shards are written file by file: a file whose rows are in key order one record batch
+    at a time, any other whole (memory-mapped) and sorted, so the stage's memory does not grow
+    with the run. Only the key columns are read here.
     """
     ranges = []
     for path in in_paths:
-        table = read_tokenized(path)
+        table = read_tokenized(path).select([name for name, _ in _ORDER])
         if table.num_rows:
-            order = pc.sort_indices(table, _ORDER)
-            ranges.append((_sort_key(table, order[0].as_py()), _sort_key(table, order[-1].as_py()), path))
+            order = pc.sort_indices(table, _ORDER).to_numpy()
+            in_order = bool((order == np.arange(len(order))).all())
+            ranges.append((_sort_key(table, int(order[0])), _sort_key(table, int(order[-1])), _InOrder(path, in_order)))
         del table
     ranges.sort(key=lambda r: r[0])
     for (_, last, _), (first, _, _) in zip(ranges, ranges[1:]):
         if not last < first:
             return None
-    return [path for _, _, path in ranges]
+    return [file for _, _, file in ranges]
+
+
+def _pieces(file: pa.Table | _InOrder) -> Iterator[pa.Table]:
+    """A file's rows for :func:`_route`: one table per record batch when the file is Arrow IPC in
+    key order (read, not mapped, so each batch leaves memory once routed), else the whole file."""
+    if isinstance(file, pa.Table):
+        yield file
+        return
+    try:
+        batched = file.sorted and _is_arrow_ipc(file.path)
+    except OSError as exc:
+        raise ValueError(f"cannot read tokenized rows from {file.path}: {exc}") from exc
+    if not batched:
+        yield read_tokenized(file.path)
+        return
+    try:
+        with pa.OSFile(str(file.path), "rb") as source:
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield pa.Table.from_batches([reader.get_batch(i)]).cast(schema.SHARD_SCHEMA)
+    except (OSError, pa.ArrowInvalid, ValueError) as exc:
+        raise ValueError(f"cannot read tokenized rows from {file.path}: {exc}") from exc
+
+
+def _is_arrow_ipc(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6) == b"ARROW1"
 
 
 def _starts_record(source: np.ndarray, source_index: np.ndarray, rows: np.ndarray, previous: tuple | None) -> np.ndarray:

@@ -323,16 +323,17 @@ def test_real_data_end_to_end(tmp_path, real_data_dir, bpe_tokenizer_path):
     assert sum(e["trainable_tokens"] for e in entries) > 0
 
 
-def _write_ipc(path: Path, table: pa.Table) -> Path:
+def _write_ipc(path: Path, table: pa.Table, batch_rows: int | None = None) -> Path:
     with pa.ipc.new_file(path, table.schema) as writer:
-        writer.write_table(table)
+        writer.write_table(table, max_chunksize=batch_rows)
     return path
 
 
 def test_shard_bytes_do_not_depend_on_how_the_rows_are_cut_into_work_files(tmp_path, tokenized):
-    # The writer streams the work files one at a time (its memory does not grow with the run);
-    # files of contiguous rows, files in any order and files whose rows interleave must all give
-    # the shards one sorted table gives. Records of several rows (one per trained turn) are never
+    # The writer streams the work files one at a time (its memory does not grow with the run),
+    # and a file already in key order one record batch at a time; files of contiguous rows, files
+    # in any order, files of small record batches, files whose own rows are out of order and files
+    # whose rows interleave must all give the shards one sorted table gives. Records of several rows (one per trained turn) are never
     # split between two shard files, even where a file or a row group ends inside one.
     table = pa.concat_tables([read_tokenized(path) for path in tokenized])
     turns = table.filter(pa.compute.equal(pa.compute.bit_wise_and(table[schema.SOURCE_INDEX], 3), 0))
@@ -345,12 +346,18 @@ def test_shard_bytes_do_not_depend_on_how_the_rows_are_cut_into_work_files(tmp_p
         "one file": [table],
         "contiguous pieces, reversed": [table.slice(170, n - 170), table.slice(61, 109), table.slice(0, 61)],
         "interleaved rows": [table.take(list(range(0, n, 2))), table.take(list(range(1, n, 2)))],
+        "small record batches": [table],
+        "rows out of order in each file": [
+            table.slice(0, 100).take(list(range(99, -1, -1))),
+            table.slice(100).take(list(range(n - 101, -1, -1))),
+        ],
     }
     shard_config = SFTConfig(shards=ShardConfig(val_fraction=0.2, target_rows=50, row_group_rows=16))
     written = {}
     for name, pieces in layouts.items():
         folder = tmp_path / name.replace(" ", "-").replace(",", "")
-        paths = [_write_ipc(tmp_path / f"{folder.name}-{i}.arrow", piece) for i, piece in enumerate(pieces)]
+        batch_rows = 7 if name == "small record batches" else None  # records of several rows cross batches
+        paths = [_write_ipc(tmp_path / f"{folder.name}-{i}.arrow", piece, batch_rows) for i, piece in enumerate(pieces)]
         result = write_shards(paths, folder, shard_config, metadata=METADATA)
         assert result.stats.records_in == result.stats.records_out == 205
         written[name] = [(e["path"], e["rows"], e["records"], e["sha256"]) for e in result.entries]
@@ -362,6 +369,8 @@ def test_shard_bytes_do_not_depend_on_how_the_rows_are_cut_into_work_files(tmp_p
                 assert seen.setdefault(key, entry["path"]) == entry["path"], f"record {key} split across files"
     assert written["contiguous pieces, reversed"] == written["one file"]
     assert written["interleaved rows"] == written["one file"]
+    assert written["small record batches"] == written["one file"]
+    assert written["rows out of order in each file"] == written["one file"]
     assert sum(rows for _, rows, _, _ in written["one file"]) == n
 
 
