@@ -40,6 +40,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
@@ -566,11 +567,10 @@ def finalize(
         # not make a later, better near-copy of it look like a duplicate.
         from pipeline.dedup.index import restrict_part
 
-        kept_ids = [
-            i
-            for entry in shard_result.shards
-            for i in pq.read_table(root / entry["path"], columns=[schema.ID]).column(schema.ID).to_pylist()
-        ]
+        kept_ids = pa.chunked_array(
+            [pq.read_table(root / entry["path"], columns=[schema.ID]).column(schema.ID) for entry in shard_result.shards],
+            pa.string(),
+        )
         if restricted := restrict_part(root / DEDUP_INDEX, dedup_result.index_part, kept_ids):
             manifest["dedup_index"].append(restricted)
     listed = manifest_io.listed_files(manifest)

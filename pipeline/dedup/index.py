@@ -231,8 +231,9 @@ def index_rows(index_dir, parts, rows: np.ndarray, column: str) -> pa.Array | No
     return pa.concat_arrays(out) if out else None
 
 
-def restrict_part(index_dir: str | os.PathLike, part: str, keep_ids: Iterable[str]) -> str | None:
-    """A part holding only those records of ``part`` whose id is in ``keep_ids``; its name.
+def restrict_part(index_dir: str | os.PathLike, part: str, keep_ids: pa.Array | pa.ChunkedArray | Iterable[str]) -> str | None:
+    """A part holding only those records of ``part`` whose id is in ``keep_ids`` (an Arrow string
+    array, so a run's ids need not become Python strings, or any iterable of them); its name.
 
     For a pipeline whose later stages (quality, tokenize) drop some records dedup kept: the
     index should remember only what reached the shards, or a later, better near-copy of a
@@ -243,7 +244,12 @@ def restrict_part(index_dir: str | os.PathLike, part: str, keep_ids: Iterable[st
     index_dir = Path(index_dir)
     path = index_dir / _check_part_name(part, index_dir)
     ids = pq.read_table(path, columns=[schema.ID]).column(schema.ID)
-    keep = pc.is_in(ids, value_set=pa.array(sorted(set(keep_ids)), pa.string())).combine_chunks()
+    if not isinstance(keep_ids, (pa.Array, pa.ChunkedArray)):
+        keep_ids = pa.array(list(keep_ids), pa.string())
+    value_set = pc.unique(keep_ids)
+    if isinstance(value_set, pa.ChunkedArray):
+        value_set = value_set.combine_chunks()
+    keep = pc.is_in(ids, value_set=value_set).combine_chunks()
     if pc.all(keep).as_py() is not False:
         return part
     params = json.loads((pq.read_schema(path).metadata or {})[PARAMS_KEY])
