@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -156,6 +157,7 @@ class ChildRun:
     stdout: str
     seconds: float
     peak_rss_bytes: int
+    tree_peak_pss_bytes: int | None = None  # the child and its worker processes together, sampled
 
     def last_json(self) -> Any:
         """The child's answer: the JSON on the last line it printed."""
@@ -168,15 +170,18 @@ def max_rss_bytes(usage: resource.struct_rusage | None = None) -> int:
     return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def run_child(command: Sequence[str], *, env: dict[str, str] | None = None, what: str | None = None) -> ChildRun:
+def run_child(command: Sequence[str], *, env: dict[str, str] | None = None, what: str | None = None, tree_memory: bool = False) -> ChildRun:
     """Run ``command`` from the repository root in a fresh process; its wall seconds and its own
-    peak RSS (``os.wait4``: this child's alone, not the largest child so far). Exits with the
-    child's stderr tail when it fails."""
+    peak RSS (``os.wait4``: this child's alone, not the largest child so far). With
+    ``tree_memory`` also the peak of the memory of the child and all its descendants together
+    (:class:`TreeMemory`). Exits with the child's stderr tail when it fails."""
     with tempfile.TemporaryFile() as stderr:
         started = time.perf_counter()
         child = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=stderr, cwd=REPO, env=env)
+        sampler = TreeMemory(child.pid) if tree_memory else None
         stdout = child.stdout.read()
         child.stdout.close()
+        tree_peak = sampler.stop() if sampler else None
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - started
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -184,7 +189,58 @@ def run_child(command: Sequence[str], *, env: dict[str, str] | None = None, what
             stderr.seek(0)
             tail = stderr.read().decode(errors="replace")[-3000:]
             raise SystemExit(f"{what or shlex.join(command[:4])} failed with exit code {child.returncode}:\n{tail}")
-    return ChildRun(stdout.decode(), seconds, max_rss_bytes(usage))
+    return ChildRun(stdout.decode(), seconds, max_rss_bytes(usage), tree_peak)
+
+
+class TreeMemory:
+    """Samples, four times a second, the proportional set size (``Pss`` of
+    ``/proc/PID/smaps_rollup``: shared pages split between the processes that map them) of a
+    process and all its descendants, summed; :meth:`stop` returns the largest sum seen (None
+    where /proc has no smaps_rollup). Worker processes count, which a process's own ``ru_maxrss``
+    leaves out."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak: int | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int | None:
+        self._done.set()
+        self._thread.join()
+        return self.peak
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            total = self._sample()
+            if total is not None:
+                self.peak = max(self.peak or 0, total)
+
+    def _sample(self) -> int | None:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as stat:
+                        ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        total, seen, pending = 0, False, [self.pid]
+        while pending:
+            pid = pending.pop()
+            pending.extend(children.get(pid, ()))
+            try:
+                with open(f"/proc/{pid}/smaps_rollup") as rollup:
+                    for line in rollup:
+                        if line.startswith("Pss:"):
+                            total += int(line.split()[1]) * 1024
+                            seen = True
+                            break
+            except OSError:
+                continue
+        return total if seen else None
 
 
 # --- memory and time -------------------------------------------------------------------------

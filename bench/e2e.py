@@ -11,7 +11,9 @@ on the same rendered text in another fresh process:
 
 Inputs are JSON Lines files of 50,000 records each, in three layouts (alpaca, messages, sharegpt).
 Per stage it reports the seconds and the peak RSS the manifest records (``stages[].seconds``,
-``stages[].peak_rss_bytes``), and the process's own peak RSS.
+``stages[].peak_rss_bytes``), the process's own peak RSS, and the peak of its memory together
+with its worker processes' (the proportional set size of the process tree, sampled four times a
+second: shared pages count once).
 
 Flow mode is measured as a team runs it: against a Prefect server that is already up (this
 script starts a real ``prefect server start`` first, unless ``PREFECT_API_URL`` is set, and does
@@ -186,7 +188,7 @@ def run_sftkit(inputs: list[Path], out: Path, tokenizer: Path, api_url: str | No
         command.append("--flow")
     else:
         command.append("--no-flow")
-    child = run_child(command, env=env, what="sftkit prepare")
+    child = run_child(command, env=env, what="sftkit prepare", tree_memory=True)
     manifest = json.loads((out / "manifest.json").read_text())
     stages = {s["name"]: {"seconds": s["seconds"], "peak_rss_bytes": s.get("peak_rss_bytes")} for s in manifest.get("stages", [])}
     return {
@@ -194,6 +196,7 @@ def run_sftkit(inputs: list[Path], out: Path, tokenizer: Path, api_url: str | No
         "stage_seconds": sum(s["seconds"] for s in manifest.get("stages", [])),
         "version": manifest["version"],
         "peak_rss_bytes": child.peak_rss_bytes,
+        "tree_peak_pss_bytes": child.tree_peak_pss_bytes,
         "kept": manifest["counts"]["kept"],
         "read": manifest["counts"]["read"],
         "tokens": sum(s["tokens"] for s in manifest["shards"]),
@@ -250,7 +253,10 @@ def main() -> None:
                     entry = measure(data_root / f"{kind}-{size}", work, kind, size, tokenizer, api_url, keep=args.keep is not None)
                     figures.append(entry)
                     rows.append(table_row(entry))
-                    print_table(["workload", "raw tok s", "sftkit s", "ratio", "stage seconds", "peak GiB", "stage peak MiB"], rows)
+                    print_table(
+                        ["workload", "raw tok s", "sftkit s", "ratio", "stage seconds", "peak GiB", "with workers GiB", "stage peak MiB"],
+                        rows,
+                    )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results = {"flow": not args.no_flow, "tokenizer": str(args.tokenizer), "startup": startup_figures, "runs": figures}
@@ -280,6 +286,7 @@ def table_row(entry: dict) -> list[str]:
         f"{entry['ratio']:.2f}x",
         " ".join(f"{name} {s['seconds']:.1f}" for name, s in stages.items()),
         f"{sftkit['peak_rss_bytes'] / 2**30:.2f}",
+        f"{(sftkit.get('tree_peak_pss_bytes') or 0) / 2**30:.2f}",
         " ".join(f"{name} {(s['peak_rss_bytes'] or 0) / 2**20:.0f}" for name, s in stages.items()),
     ]
 
