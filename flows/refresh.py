@@ -11,6 +11,7 @@ stale cache entry.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +85,23 @@ def _dedup(plan: steps.RunPlan, ingest_results: list[steps.StepResult]) -> steps
     """Signatures mapped per chunk, band partitions mapped, clustering as the one global reduce."""
     if not steps.dedup_parts_worth_tasks(plan):  # off, or a small run: the resolve task does it all
         return dedup_resolve_task(plan, ingest_results, [], [])
-    signatures = [f.result() for f in dedup_signatures_task.map(unmapped(plan), ingest_results)]
-    edges = [
-        f.result()
-        for f in dedup_partition_task.map(unmapped(plan), unmapped(ingest_results), unmapped(signatures), steps.dedup_partitions(plan))
-    ]
+    signatures = _mapped(dedup_signatures_task, ingest_results, plan)
+    edges = _mapped(dedup_partition_task, steps.dedup_partitions(plan), plan, ingest_results, signatures)
     return dedup_resolve_task(plan, ingest_results, signatures, edges)
+
+
+def _mapped(task_fn, items: list, *fixed: Any) -> list:
+    """``task_fn(*fixed, item)`` for each item as mapped tasks; their results in order.
+
+    On this process's threads (the default task runner) at most one task per core runs at a
+    time: each one already keeps a core busy (a worker process, or numpy on every record's band
+    hashes), and a thread pool's six or more at once would only hold that many processes or
+    partitions in memory together. Other runners place the tasks themselves."""
+    width = (os.cpu_count() or 1) if _one_machine() else len(items) or 1
+    results = []
+    for start in range(0, len(items), width):
+        results += [f.result() for f in task_fn.map(*(unmapped(value) for value in fixed), items[start : start + width])]
+    return results
 
 
 @task(
@@ -145,7 +157,7 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
         " (tokenizer, template or config changed: rebuilding)" if plan.rebuild else "",
     )
     begin_task(plan)
-    ingest_results = [f.result() for f in ingest_task.map(unmapped(plan), plan.inputs)]
+    ingest_results = _mapped(ingest_task, plan.inputs, plan)
     dedup_result = _dedup(plan, ingest_results)
     chunks = list(range(len(dedup_result.outputs)))
     if _one_machine():

@@ -203,9 +203,7 @@ class _PeakRss:
     def enter(self) -> None:
         with self._lock:
             if self._running == 0:
-                # Memory the last stage freed goes back to the system before the next one starts.
-                pa.default_memory_pool().release_unused()
-                _malloc_trim()
+                release_memory()  # what the last stage freed, before the next one starts
                 try:  # "5" resets the peak RSS to the current RSS (proc(5), clear_refs)
                     with open("/proc/self/clear_refs", "w") as refs:
                         refs.write("5")
@@ -235,6 +233,12 @@ def _libc() -> ctypes.CDLL | None:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
+
+
+def release_memory() -> None:
+    """Give the memory freed so far back to the system: Arrow's pool, then the C heap."""
+    pa.default_memory_pool().release_unused()
+    _malloc_trim()
 
 
 def _malloc_trim() -> None:

@@ -566,7 +566,9 @@ def finalize(
         # Remember only what reached the shards: a record that quality or tokenize dropped must
         # not make a later, better near-copy of it look like a duplicate.
         from pipeline.dedup.index import restrict_part
+        from pipeline.stage import release_memory
 
+        release_memory()  # the shard writer's, before the index part is read and rewritten
         kept_ids = pa.chunked_array(
             [pq.read_table(root / entry["path"], columns=[schema.ID]).column(schema.ID) for entry in shard_result.shards],
             pa.string(),

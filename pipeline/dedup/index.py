@@ -261,6 +261,8 @@ def restrict_part(index_dir: str | os.PathLike, part: str, keep_ids: pa.Array | 
             table = parquet.read_row_group(group)
             writer.write(table.filter(keep.slice(start, table.num_rows)))
             start += table.num_rows
+            del table
+            pa.default_memory_pool().release_unused()  # else Arrow's allocator keeps every group's pages
         return writer.close()
     except BaseException:
         writer.abort()
