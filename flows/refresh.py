@@ -54,12 +54,16 @@ def begin_task(plan: steps.RunPlan) -> None:
     **IO_RETRIES,
 )
 def ingest_task(plan: steps.RunPlan, item: steps.InputFile) -> steps.StepResult:
-    # Ingest is Python: a big file gets a process of its own, so mapped tasks use every core.
-    return steps.in_worker_process(steps.run_ingest, plan, item, input_bytes=steps.input_bytes(item.path))
+    # Ingest is Python: a big file gets a process of its own (which makes its signatures too),
+    # so mapped tasks use every core.
+    signatures = steps.dedup_parts_worth_tasks(plan)
+    return steps.in_worker_process(steps.ingest_then_signatures, plan, item, signatures, input_bytes=steps.input_bytes(item.path))
 
 
 @task(name="dedup-signatures", **IO_RETRIES)
 def dedup_signatures_task(plan: steps.RunPlan, ingest_result: steps.StepResult) -> str:
+    if done := steps.signatures_done(plan, ingest_result):  # made with the ingest, or before
+        return done
     json_bytes = 3 * steps.input_bytes(ingest_result.outputs[0])  # canonical Parquet: ~3x smaller than JSON
     return steps.in_worker_process(steps.dedup_signatures, plan, ingest_result, input_bytes=json_bytes)
 

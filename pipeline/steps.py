@@ -398,6 +398,23 @@ def dedup_signatures(plan: RunPlan, ingest_result: StepResult) -> str:
     return str(path)
 
 
+def signatures_done(plan: RunPlan, ingest_result: StepResult) -> str | None:
+    """The chunk's signature file when an earlier step already made it, else None."""
+    path = _signature_path(plan, ingest_result)
+    return str(path) if path.exists() else None
+
+
+def ingest_then_signatures(plan: RunPlan, item: InputFile, signatures: bool) -> StepResult:
+    """:func:`run_ingest`, then (``signatures``: when a flow maps them as tasks, see
+    :func:`dedup_parts_worth_tasks`) the chunk's dedup signatures, in the same worker process:
+    it then starts once per input instead of twice, and reads the chunk back while it is in the
+    page cache. The signatures task finds the file made (:func:`signatures_done`)."""
+    result = run_ingest(plan, item)
+    if signatures:
+        dedup_signatures(plan, result)
+    return result
+
+
 def _signature_path(plan: RunPlan, ingest_result: StepResult) -> Path:
     key = _key("dedup-signatures", ingest_result.key, plan.output_settings["dedup"], plan.code_version)
     return _work(plan, "dedup-signatures", key)
@@ -642,7 +659,7 @@ def input_bytes(path: str | Path) -> int:
 
 
 # Steps a worker process may run for prepare (pipeline.workers runs only what is named here).
-_WORKER_STEPS = ("run_ingest", "dedup_signatures")
+_WORKER_STEPS = ("run_ingest", "dedup_signatures", "ingest_then_signatures")
 
 
 def _run_in_worker(call: tuple[str, tuple]) -> Any:

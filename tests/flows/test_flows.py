@@ -161,5 +161,6 @@ def test_big_inputs_map_dedup_into_tasks_and_ingest_into_worker_processes(prefec
     big = task_names(tmp_path / "big")
     assert "dedup-signatures" not in small and "dedup-partition" not in small
     assert {"dedup-signatures", "dedup-partition", "dedup-resolve"} <= set(big)
+    # (the signatures are made by the ingest step's worker; the signatures task finds them)
     assert shard_bytes(tmp_path / "big") == shard_bytes(tmp_path / "small")
     assert read_manifest(tmp_path / "big")["counts"] == read_manifest(tmp_path / "small")["counts"]
