@@ -246,10 +246,7 @@ def restrict_part(index_dir: str | os.PathLike, part: str, keep_ids: pa.Array | 
     ids = pq.read_table(path, columns=[schema.ID]).column(schema.ID)
     if not isinstance(keep_ids, (pa.Array, pa.ChunkedArray)):
         keep_ids = pa.array(list(keep_ids), pa.string())
-    value_set = pc.unique(keep_ids)
-    if isinstance(value_set, pa.ChunkedArray):
-        value_set = value_set.combine_chunks()
-    keep = pc.is_in(ids, value_set=value_set).combine_chunks()
+    keep = pc.is_in(ids, value_set=keep_ids).combine_chunks()  # (a value set may repeat values, or be chunked)
     if pc.all(keep).as_py() is not False:
         return part
     params = json.loads((pq.read_schema(path).metadata or {})[PARAMS_KEY])
