@@ -215,6 +215,7 @@ for step in range(2):  # the second step starts from gradients set to None by ze
     trainer.optimizer_step(1)
 with open(f"{out}-rank{trainer.dist.rank}.json", "w") as handle:
     json.dump(storages, handle)
+distributed.barrier()  # both ranks done before either tears its process group down
 distributed.shutdown()
 """
 
