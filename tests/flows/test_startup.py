@@ -120,3 +120,50 @@ def test_a_task_runner_asks_for_a_flow_and_cannot_go_with_no_flow(tmp_path, bpe_
     monkeypatch.setattr(flows.refresh, "refresh_flow", Recorded())
     run_prepare(inputs, str(bpe_tokenizer_path), tmp_path / "b", task_runner="processes")  # no server configured
     assert flows_run == ["ProcessPoolTaskRunner"]
+
+
+def test_the_command_skips_the_interpreter_teardown_but_keeps_exit_codes_output_and_exit_handlers(tmp_path, bpe_tokenizer_path, repo_root):
+    """``sftkit`` (flows.cli:main) ends with os._exit after the exit handlers: the exit code,
+    everything written to stdout and stderr (a pipe, so block-buffered) and what an atexit
+    handler does must all survive, as they would with a normal exit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    marker = tmp_path / "atexit-ran"
+    code = (
+        "import atexit, pathlib, sys\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+        "sys.stdout.write('x' * 100_000)\n"
+        "sys.stdout.write('end of output')\n"  # waits in the buffer (stdout is a pipe)
+        "from flows.cli import main\n"
+        "sys.argv = ['sftkit', *sys.argv[1:]]\n"
+        "main()\n"
+        "raise SystemExit('main returned')\n"
+    )
+
+    def sftkit(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, *args], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("\n".join(json.dumps({"foo": i}) for i in range(3)) + "\n", encoding="utf-8")
+    kept_nothing = sftkit("prepare", str(odd), "--tokenizer", str(bpe_tokenizer_path), "--out", str(tmp_path / "a"), "--no-flow")
+    assert kept_nothing.returncode == 1, kept_nothing.stderr[-2000:]
+    assert "nothing was kept" in kept_nothing.stderr
+    assert kept_nothing.stdout == "x" * 100_000 + "end of output"
+    assert marker.read_text() == "yes"
+
+    marker.unlink()
+    usage = sftkit("prepare", str(tmp_path / "missing.jsonl"), "--tokenizer", str(bpe_tokenizer_path), "--out", str(tmp_path / "b"))
+    assert usage.returncode == 2 and "missing.jsonl" in usage.stderr and marker.exists()
+
+    done = sftkit(
+        "prepare",
+        *map(str, make_inputs(tmp_path / "in")),
+        "--tokenizer",
+        str(bpe_tokenizer_path),
+        "--out",
+        str(tmp_path / "c"),
+        "--no-flow",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "manifest version 1" in done.stderr and "main returned" not in done.stderr
+    assert read_manifest(tmp_path / "c")["counts"]["kept"] > 0
