@@ -266,6 +266,7 @@ def test_a_part_of_a_newer_format_is_refused(tmp_path):
 
 def test_old_rows_are_read_one_row_group_at_a_time_and_restricted_parts_keep_their_sets(tmp_path, monkeypatch):
     monkeypatch.setattr(dedup_index, "_ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(dedup_index, "_RESTRICT_BATCH_ROWS", 3)  # batches that straddle row groups
     bases, variants, truth = near_pairs(18)
     first, _ = dedup(tmp_path, "first", bases)
     index_dir = tmp_path / "index"
