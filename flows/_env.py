@@ -4,11 +4,20 @@ With no ``PREFECT_API_URL`` Prefect starts a temporary local server; on a slow 2
 that takes 15-30 s, past Prefect's 20 s default, so the startup timeout is raised. State lives in
 a project-local ``PREFECT_HOME`` (``./.prefect``) and analytics are off. Every value is only a
 default: anything the user already set wins.
+
+On Linux, Arrow allocates from jemalloc rather than pyarrow's default mimalloc: every stage's
+peak resident memory was 110-180 MiB lower at the same speed (200k near-duplicate-heavy
+conversations, one process: dedup 708 against 592 MiB, tokenize 779 against 635, the manifest
+step 699 against 562), because mimalloc kept the pages of the batches a stage had freed. Arrow
+reads the variable once, when pyarrow loads, so it is set here, before anything imports pyarrow;
+worker processes get it from :mod:`pipeline.workers`. (pyarrow's macOS and Windows wheels have
+no jemalloc.)
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 DEFAULTS = {
@@ -18,6 +27,7 @@ DEFAULTS = {
     "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
     "TOKENIZERS_PARALLELISM": "false",
+    **({"ARROW_DEFAULT_MEMORY_POOL": "jemalloc"} if sys.platform == "linux" else {}),
 }
 
 

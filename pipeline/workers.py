@@ -34,6 +34,17 @@ _HEADER = 8
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+def _has_jemalloc() -> bool:
+    """Whether this pyarrow has its jemalloc pool (Linux wheels do; a worker could use it)."""
+    import pyarrow as pa
+
+    try:
+        pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        return False
+    return True
+
+
 class WorkerError(RuntimeError):
     """A worker process died, or answered something that is not the protocol."""
 
@@ -80,6 +91,8 @@ class WorkerPool:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         env["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+        if "ARROW_DEFAULT_MEMORY_POOL" not in env and _has_jemalloc():
+            env["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"  # see flows._env: 110-180 MiB less per stage
         self._workers: list[subprocess.Popen] = []
         try:
             for _ in range(max(1, num_proc)):
