@@ -158,6 +158,7 @@ class ChildRun:
     seconds: float
     peak_rss_bytes: int
     tree_peak_pss_bytes: int | None = None  # the child and its worker processes together, sampled
+    cpu_seconds: float | None = None  # user + system, the child's and its waited-for descendants'
 
     def last_json(self) -> Any:
         """The child's answer: the JSON on the last line it printed."""
@@ -171,8 +172,9 @@ def max_rss_bytes(usage: resource.struct_rusage | None = None) -> int:
 
 
 def run_child(command: Sequence[str], *, env: dict[str, str] | None = None, what: str | None = None, tree_memory: bool = False) -> ChildRun:
-    """Run ``command`` from the repository root in a fresh process; its wall seconds and its own
-    peak RSS (``os.wait4``: this child's alone, not the largest child so far). With
+    """Run ``command`` from the repository root in a fresh process; its wall seconds, its CPU
+    seconds (its own and its worker processes') and its own peak RSS (``os.wait4``: this child's
+    alone, not the largest child so far). With
     ``tree_memory`` also the peak of the memory of the child and all its descendants together
     (:class:`TreeMemory`). Exits with the child's stderr tail when it fails."""
     with tempfile.TemporaryFile() as stderr:
@@ -189,7 +191,7 @@ def run_child(command: Sequence[str], *, env: dict[str, str] | None = None, what
             stderr.seek(0)
             tail = stderr.read().decode(errors="replace")[-3000:]
             raise SystemExit(f"{what or shlex.join(command[:4])} failed with exit code {child.returncode}:\n{tail}")
-    return ChildRun(stdout.decode(), seconds, max_rss_bytes(usage), tree_peak)
+    return ChildRun(stdout.decode(), seconds, max_rss_bytes(usage), tree_peak, usage.ru_utime + usage.ru_stime)
 
 
 class TreeMemory:

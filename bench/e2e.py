@@ -10,7 +10,10 @@ on the same rendered text in another fresh process:
   near copies (a sentence or a few words changed) of earlier ones.
 
 Inputs are JSON Lines files of 50,000 records each, in three layouts (alpaca, messages, sharegpt).
-Per stage it reports the seconds and the peak RSS the manifest records (``stages[].seconds``,
+Next to the wall-time ratio it reports the CPU ratio (sftkit's CPU seconds, its worker processes'
+included, over the raw tokenizer's) and the CPU bound: sftkit's CPU seconds over the cores times
+the raw tokenizer's wall seconds, the least wall ratio any overlap of the steps could reach on
+this machine. Per stage it reports the seconds and the peak RSS the manifest records (``stages[].seconds``,
 ``stages[].peak_rss_bytes``), the process's own peak RSS, and the peak of its memory together
 with its worker processes' (the proportional set size of the process tree, sampled four times a
 second: shared pages count once).
@@ -193,6 +196,7 @@ def run_sftkit(inputs: list[Path], out: Path, tokenizer: Path, api_url: str | No
     stages = {s["name"]: {"seconds": s["seconds"], "peak_rss_bytes": s.get("peak_rss_bytes")} for s in manifest.get("stages", [])}
     return {
         "seconds": child.seconds,
+        "cpu_seconds": child.cpu_seconds,
         "stage_seconds": sum(s["seconds"] for s in manifest.get("stages", [])),
         "version": manifest["version"],
         "peak_rss_bytes": child.peak_rss_bytes,
@@ -254,7 +258,18 @@ def main() -> None:
                     figures.append(entry)
                     rows.append(table_row(entry))
                     print_table(
-                        ["workload", "raw tok s", "sftkit s", "ratio", "stage seconds", "peak GiB", "with workers GiB", "stage peak MiB"],
+                        [
+                            "workload",
+                            "raw tok s",
+                            "sftkit s",
+                            "ratio",
+                            "CPU ratio",
+                            "CPU bound",
+                            "stage seconds",
+                            "peak GiB",
+                            "with workers GiB",
+                            "stage peak MiB",
+                        ],
                         rows,
                     )
     finally:
@@ -274,7 +289,18 @@ def measure(folder: Path, work: Path, kind: str, size: int, tokenizer: Path, api
     shutil.rmtree(out, ignore_errors=True)
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
-    return {"kind": kind, "conversations": size, "raw_tokenizer": raw, "sftkit": sftkit, "ratio": sftkit["seconds"] / raw["seconds"]}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {
+        "kind": kind,
+        "conversations": size,
+        "raw_tokenizer": raw,
+        "sftkit": sftkit,
+        "ratio": sftkit["seconds"] / raw["seconds"],
+        # sftkit's CPU seconds (its workers' included) over the raw tokenizer's, and the least wall
+        # ratio that CPU allows on this machine's cores, however well the steps overlapped
+        "cpu_ratio": sftkit["cpu_seconds"] / raw["cpu_seconds"],
+        "cpu_bound_ratio": sftkit["cpu_seconds"] / (cores * raw["seconds"]),
+    }
 
 
 def table_row(entry: dict) -> list[str]:
@@ -284,6 +310,8 @@ def table_row(entry: dict) -> list[str]:
         f"{entry['raw_tokenizer']['seconds']:.1f}",
         f"{sftkit['seconds']:.1f}",
         f"{entry['ratio']:.2f}x",
+        f"{entry['cpu_ratio']:.2f}x",
+        f"{entry['cpu_bound_ratio']:.2f}x",
         " ".join(f"{name} {s['seconds']:.1f}" for name, s in stages.items()),
         f"{sftkit['peak_rss_bytes'] / 2**30:.2f}",
         f"{(sftkit.get('tree_peak_pss_bytes') or 0) / 2**30:.2f}",
