@@ -471,18 +471,14 @@ def run_dedup(
     return _cached_step(plan, "dedup", key, dedup_stage, in_paths, out_paths, **options)
 
 
-def _quality_verdict(plan: RunPlan) -> Callable[[dict[str, Any]], bool] | None:
-    """Would the quality stage keep a record? Dedup keeps such a copy of a duplicate group.
-    (The filters are built on the first question, so a step that is already done builds none.)"""
+def _quality_verdict(plan: RunPlan):
+    """Would the quality stage keep a record? Dedup keeps such a copy of a duplicate group
+    (:class:`pipeline.quality.Verdict`: one record, or many in worker processes)."""
     if not plan.config.quality.enabled:
         return None
-    from pipeline.quality import build_filters, passes
+    from pipeline.quality import Verdict
 
-    @lru_cache(maxsize=1)
-    def filters():  # the tokenizer folder: loaded only if a length bound counts tokens
-        return build_filters(plan.config.quality, tokenizer=plan.tokenizer)
-
-    return lambda record: passes(record, filters())
+    return Verdict(plan.config, plan.tokenizer)
 
 
 def quality_key(plan: RunPlan, upstream_key: str, chunk: int) -> str:

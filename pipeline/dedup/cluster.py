@@ -330,9 +330,13 @@ def _first_good(members: np.ndarray, starts: np.ndarray, sizes: np.ndarray, in_p
 
 
 def _verdicts(rows: np.ndarray, in_paths, is_good) -> np.ndarray:
-    """``is_good`` of the given rows' records (distinct rows, any order)."""
+    """``is_good`` of the given rows' records (distinct rows, any order); all at once through
+    ``is_good.many(tables, count)`` where it has that (:class:`pipeline.quality.Verdict`)."""
     order = np.argsort(rows)
     out = np.empty(len(rows), dtype=bool)
+    if many := getattr(is_good, "many", None):
+        out[order] = many(dedup_index.iter_rows(in_paths, rows[order], None), len(rows))
+        return out
     done = 0
     for table in dedup_index.iter_rows(in_paths, rows[order], None):
         for record in table.to_pylist():

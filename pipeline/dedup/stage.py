@@ -41,7 +41,8 @@ def dedup_stage(
     kept (``index_parts`` of ``index_dir``: the manifest's ``dedup_index``); write each chunk's
     kept rows to its ``out_path`` and the removed ones to ``rejected_path``.
 
-    ``is_good(record)`` says whether a record would pass the quality filters: of a group of
+    ``is_good(record)`` says whether a record would pass the quality filters (and
+    ``is_good.many(tables, count)``, where it has that, judges many at once): of a group of
     duplicates, a good one is kept. ``signature_paths`` (one per chunk) and ``edge_paths`` (one per
     partition) are where the intermediate files go; a file already there is reused, so a rerun
     after a crash redoes only what is missing (default: a temporary folder). The new index part

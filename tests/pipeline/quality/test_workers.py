@@ -100,3 +100,21 @@ def test_an_error_in_a_worker_is_raised_in_the_caller_and_a_dead_worker_is_named
 def test_a_worker_runs_only_sftkits_own_functions():
     with pytest.raises(ValueError, match="pipeline functions only"):
         WorkerPool("os:getcwd", "os:system", (), 1)
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_dedups_verdicts_in_bulk_equal_the_one_record_answers(tmp_path, monkeypatch, num_proc):
+    """Dedup's keep policy asks many records at once (Verdict.many), in worker processes when
+    there are many: the answers, in order, are those of asking one record at a time."""
+    import pipeline.quality as quality
+
+    monkeypatch.setattr(quality, "_VERDICT_BATCH_ROWS", 64)
+    monkeypatch.setattr(quality, "_VERDICT_ROWS_FOR_WORKERS", 100)  # 900 rows: workers start
+    table = pq.read_table(write_conversations(tmp_path / "in.parquet"))
+    config = SFTConfig()
+    config.quality.num_proc = num_proc
+    verdict = quality.Verdict(config, None)
+    one_by_one = [verdict(record) for record in table.to_pylist()]
+    assert 80 < one_by_one.count(False) < 300  # the disclaimers and empty replies, not the redactions
+    tables = iter([table.slice(0, 250), table.slice(250, 1), table.slice(251)])
+    assert verdict.many(tables, table.num_rows).tolist() == one_by_one
