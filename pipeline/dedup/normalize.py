@@ -44,6 +44,12 @@ def _punctuation() -> tuple[re.Pattern[str], re.Pattern[str]]:
     return re.compile("[" + "".join(bmp) + "]"), re.compile("[" + "".join(astral) + "]")
 
 
+# ASCII bytes to themselves, except the punctuation (Unicode category P*), which becomes a space.
+_ASCII_PUNCTUATION_TO_SPACE = bytes(ord(" ") if unicodedata.category(chr(code)).startswith("P") else code for code in range(128)) + bytes(
+    range(128, 256)
+)
+
+
 def normalize(text: str) -> tuple[str, int]:
     """The normal form of ``text`` and how many of its tokens are single characters (unspaced
     scripts and Hangul).
@@ -55,6 +61,10 @@ def normalize(text: str) -> tuple[str, int]:
     >>> normalize("안녕, 세계!")
     ('안 녕 세 계', 4)
     """
+    if text.isascii():
+        # NFKC leaves ASCII as it is and casefold is lower(); the punctuation becomes spaces
+        # through a byte table: the same form as below, three times faster.
+        return " ".join(text.encode("ascii").translate(_ASCII_PUNCTUATION_TO_SPACE).decode("ascii").lower().split()), 0
     text = unicodedata.normalize("NFKC", text).casefold()
     bmp_punctuation, astral_punctuation = _punctuation()
     text = bmp_punctuation.sub(" ", text)

@@ -84,6 +84,25 @@ def test_normal_form_ignores_case_width_punctuation_and_spacing():
     assert normalize("hello world")[0] != normalize("hello word")[0]
 
 
+def test_ascii_text_takes_a_short_cut_to_the_same_normal_form():
+    """NFKC, casefold, Unicode punctuation (category P) to spaces, spaces collapsed: written out
+    with unicodedata here, for every ASCII character and random ASCII text."""
+    import unicodedata
+
+    def by_definition(text: str) -> str:
+        text = unicodedata.normalize("NFKC", text).casefold()
+        return " ".join("".join(" " if unicodedata.category(c).startswith("P") else c for c in text).split())
+
+    rng = random.Random(7)
+    ascii_chars = [chr(code) for code in range(128)]
+    texts = [*ascii_chars, *("".join(rng.choices(ascii_chars, k=rng.randint(0, 80))) for _ in range(3000))]
+    texts += ["Hello, WORLD!  It's  a_b (x@y.com) #1 $5 {ok}", "snake_case-and-kebab", "tab\there\r\nnew\x0bline"]
+    for text in texts:
+        assert normalize(text) == (by_definition(text), 0), repr(text)
+    # ASCII and non-ASCII spellings of one text still meet (the short cut is only for ASCII)
+    assert normalize("Ｈｅｌｌｏ，ｗｏｒｌｄ！")[0] == normalize("Hello, world!")[0] == "hello world"
+
+
 def test_cjk_thai_and_mixed_text_use_character_ngrams_short_texts_get_one_shingle():
     texts = ["我爱北京天安门广场", "สวัสดีครับทุกคน", "I love 北京 very much indeed", "hi there"]
     forms, cjk = normalize_all(texts)
