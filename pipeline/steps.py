@@ -394,8 +394,15 @@ def dedup_signatures(plan: RunPlan, ingest_result: StepResult) -> str:
 
     path = _signature_path(plan, ingest_result)
     if not path.exists():
-        compute_signatures(Path(ingest_result.outputs[0]), path, plan.config.dedup)
+        compute_signatures(Path(ingest_result.outputs[0]), path, plan.config.dedup, num_proc=_signature_procs(plan))
     return str(path)
+
+
+def _signature_procs(plan: RunPlan) -> int:
+    """Worker processes for one chunk's signatures: the cores the other inputs leave free (a
+    refresh of one big file signs it on every core, not one; a refresh of as many files as
+    cores signs each on its own core, one file per worker, as ingest runs)."""
+    return max(1, (os.cpu_count() or 1) // max(1, len(plan.inputs)))
 
 
 def signatures_done(plan: RunPlan, ingest_result: StepResult) -> str | None:

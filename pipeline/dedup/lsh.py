@@ -14,6 +14,7 @@ Node numbering shared by every step: the rows of the signature files in order ar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ _BATCH_CHARS = 1_000_000  # measured: larger batches fall out of cache
 # Rows a signature file's row group holds: read and written in such batches, so memory holds one
 # batch, not the chunk; the global step reads the rows it needs a row group at a time.
 _ROW_GROUP_ROWS = 4096
+_BATCHES_FOR_WORKERS = 8  # about a second of signing on one core: what starting the workers costs
 # Bucket groups up to this size give all their pairs to verification; larger ones (a template
 # repeated thousands of times) a star plus a chain, which keeps them connected at linear cost.
 _ALL_PAIRS_MAX = 32
@@ -95,33 +97,59 @@ def _batches(texts: list[str]):
         yield start, len(texts)
 
 
-def compute_signatures(in_path: str | os.PathLike, sig_path: str | os.PathLike, config: DedupConfig) -> int:
+def compute_signatures(in_path: str | os.PathLike, sig_path: str | os.PathLike, config: DedupConfig, num_proc: int = 1) -> int:
     """Write the signature file of one canonical chunk; returns its row count.
 
-    The chunk is read and the file written :data:`_ROW_GROUP_ROWS` rows at a time."""
+    The chunk is read and the file written :data:`_ROW_GROUP_ROWS` rows at a time. With
+    ``num_proc`` > 1 (cores that would otherwise wait: a refresh of fewer input files than
+    cores) the batches are signed in that many worker processes, in order: the same file."""
     parquet = pq.ParquetFile(in_path)
     columns = [schema.ID, schema.SOURCE, schema.SOURCE_INDEX, schema.MESSAGES]
-    tables = [pq.read_schema(in_path).empty_table().select(columns)]  # an empty chunk: an empty file, same columns
-    if parquet.metadata.num_rows:
-        tables = (pa.Table.from_batches([b]) for b in parquet.iter_batches(batch_size=_ROW_GROUP_ROWS, columns=columns))
     params = json.dumps(run_params(config), sort_keys=True).encode()
+    num_batches = -(-parquet.metadata.num_rows // _ROW_GROUP_ROWS)
+    num_proc = min(num_proc, num_batches) if num_batches >= _BATCHES_FOR_WORKERS else 1
     rows = 0
-    with atomic_path(sig_path) as tmp:
+    with atomic_path(sig_path) as tmp, contextlib.ExitStack() as stack:
+        if not num_batches:  # an empty chunk: an empty file, same columns
+            outs = iter([_signature_table(pq.read_schema(in_path).empty_table().select(columns), config)])
+        elif num_proc > 1:
+            from pipeline.workers import WorkerPool
+
+            init = ("pipeline.dedup.lsh:_init_worker", "pipeline.dedup.lsh:_signatures_in_worker", (config.model_dump_json(),))
+            pool = stack.enter_context(WorkerPool(*init, num_proc))
+            outs = pool.map(parquet.iter_batches(batch_size=_ROW_GROUP_ROWS, columns=columns))
+        else:
+            outs = (
+                _signature_table(pa.Table.from_batches([b]), config)
+                for b in parquet.iter_batches(batch_size=_ROW_GROUP_ROWS, columns=columns)
+            )
         writer = None
         try:
-            for table in tables:
-                out = _signature_table(table, config)
+            for out in outs:
                 if writer is None:
                     out_schema = out.schema.with_metadata({dedup_index.PARAMS_KEY: params})
                     # a scratch file: no dictionaries (random hashes defeat them, and each row group
                     # would try anew), no statistics
                     writer = pq.ParquetWriter(tmp, out_schema, compression="none", use_dictionary=False, write_statistics=False)
                 writer.write_table(out.cast(out_schema), row_group_size=max(1, out.num_rows))
-                rows += table.num_rows
+                rows += out.num_rows
         finally:
             if writer is not None:
                 writer.close()
     return rows
+
+
+_worker_config: DedupConfig | None = None
+
+
+def _init_worker(config_json: str) -> None:
+    global _worker_config
+    _worker_config = DedupConfig.model_validate_json(config_json)
+
+
+def _signatures_in_worker(batch: pa.RecordBatch) -> pa.Table:
+    assert _worker_config is not None, "worker was not initialised"
+    return _signature_table(pa.Table.from_batches([batch]), _worker_config)
 
 
 def _signature_table(table: pa.Table, config: DedupConfig) -> pa.Table:

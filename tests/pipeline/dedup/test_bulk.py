@@ -165,3 +165,21 @@ def test_a_new_record_near_several_old_ones_goes_as_a_copy_of_the_most_similar(t
         tmp_path, [[conv("Say.", " ".join(base))]], name="second", index_dir=index_dir, index_parts=[first.index_part]
     )
     assert kept_ids(kept) == [] and rejected[0]["duplicate_of"] == id_of(conv("Say.", " ".join(close)))
+
+
+def test_signatures_signed_in_worker_processes_are_the_same_file(tmp_path, monkeypatch):
+    """A refresh of fewer files than cores signs a chunk's batches in worker processes: the
+    signature file is byte for byte the one a single process writes, and so is an empty one."""
+    monkeypatch.setattr(lsh, "_ROW_GROUP_ROWS", 16)
+    monkeypatch.setattr(lsh, "_BATCHES_FOR_WORKERS", 2)
+    first, second = corpus()
+    chunk = write_chunk(tmp_path / "in.parquet", first + second)  # a few row groups of 16
+    assert pq.ParquetFile(chunk).metadata.num_rows > 3 * 16
+    one, two = tmp_path / "one.parquet", tmp_path / "two.parquet"
+    assert compute_signatures(chunk, one, DedupConfig()) == compute_signatures(chunk, two, DedupConfig(), num_proc=2)
+    assert pq.ParquetFile(two).metadata.num_row_groups > 3
+    assert one.read_bytes() == two.read_bytes()
+    empty = write_chunk(tmp_path / "empty.parquet", [])
+    compute_signatures(empty, tmp_path / "e1.parquet", DedupConfig())
+    compute_signatures(empty, tmp_path / "e2.parquet", DedupConfig(), num_proc=2)
+    assert (tmp_path / "e1.parquet").read_bytes() == (tmp_path / "e2.parquet").read_bytes()
