@@ -95,6 +95,16 @@ def write_parquet_atomic(
     return Path(final)
 
 
+def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
+    """A Parquet file to stream: read through a 1 MiB buffer, without pre-buffering.
+
+    pyarrow's ``ParquetFile`` pre-buffers by default, and its ``iter_batches`` then keeps every
+    column chunk it has read until the reader closes: streaming a 290 MB dedup signature file
+    held 296 MiB of Arrow memory at the end, against 22 MiB this way (200k conversations), so a
+    stage's memory grew with its chunk's size. Local files lose nothing by it."""
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+
+
 def gather_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
     """``table.take(rows)`` as one contiguous chunk, built from zero-copy slices of the runs of
     consecutive rows (``take`` on a chunked table concatenates every chunk of every column first,

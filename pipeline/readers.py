@@ -720,10 +720,11 @@ def _only_escaped_bytes(text: str) -> bool:
 
 def _iter_parquet(path: Path, batch_size: int, limits: Limits) -> Iterator[RawRecord]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from pipeline.fsutil import open_parquet
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = open_parquet(path)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path} is not a readable Parquet file: {exc}") from exc
     index = 0

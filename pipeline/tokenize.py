@@ -29,11 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import SFTConfig
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import atomic_path, open_parquet
 from pipeline.masking import Encoded, Masker, trained_turns
 from pipeline.stage import Drop, StageRun, StageStats, rejected_rows_from_table, write_rejected
 
@@ -350,7 +349,7 @@ def tokenize_stage(in_path: Path, out_path: Path, rejected_path: Path, config: S
         stats = run.stats
         stats.extra = dict.fromkeys(figure_names, 0)
         try:
-            source = pq.ParquetFile(in_path)
+            source = open_parquet(in_path)
         except (OSError, pa.ArrowInvalid) as exc:
             raise ValueError(f"cannot read canonical conversations from {in_path}: {exc}") from exc
         batch_size = config.tokenize.batch_size

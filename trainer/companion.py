@@ -29,9 +29,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from pipeline.fsutil import atomic_path, write_json_atomic
+from pipeline.fsutil import atomic_path, open_parquet, write_json_atomic
 from pipeline.schema import IGNORE_INDEX, INPUT_IDS, LABELS
 
 COMPANION_FORMAT_VERSION = 1
@@ -102,7 +101,7 @@ def build_companion(shard_path: str | os.PathLike, sha256: str, folder: str | os
     ends: list[np.ndarray] = []
     with atomic_path(folder / TOKENS_FILE) as tokens_tmp, atomic_path(folder / LABELS_FILE) as labels_tmp:
         with open(tokens_tmp, "wb") as tokens_out, open(labels_tmp, "wb") as labels_out:
-            parquet = pq.ParquetFile(shard_path)
+            parquet = open_parquet(shard_path)
             for batch in parquet.iter_batches(columns=[INPUT_IDS, LABELS], batch_size=8192):
                 ids_col = batch.column(INPUT_IDS)
                 labels_col = batch.column(LABELS)

@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 
 from pipeline import outdir, schema
 from pipeline.config import DedupConfig
-from pipeline.fsutil import TMP_PREFIX, _fsync_dir
+from pipeline.fsutil import TMP_PREFIX, _fsync_dir, open_parquet
 
 PARAMS_KEY = b"sftkit.dedup.params"
 FORMAT_KEY = b"sftkit.dedup.format"
@@ -192,7 +192,7 @@ def iter_rows(paths: Sequence[Path], rows: np.ndarray, columns: list[str] | None
     file. Serves index parts and the dedup step's signature and input files alike."""
     offset = 0
     for path in paths:
-        parquet = pq.ParquetFile(path)
+        parquet = open_parquet(path)
         count = parquet.metadata.num_rows
         lo, hi = np.searchsorted(rows, [offset, offset + count])
         local = rows[lo:hi] - offset
@@ -254,10 +254,9 @@ def restrict_part(index_dir: str | os.PathLike, part: str, keep_ids: pa.Array | 
     writer = PartWriter(index_dir, params, part_format=part_format(path))
     try:
         start = 0
-        # A few thousand rows at a time, read through a small buffer: a whole row group (32 MB of
-        # shingle hashes) decoded at once took three times its size at the peak, and a pre-buffered
-        # reader keeps every column chunk it has read until it closes.
-        source = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        # A few thousand rows at a time (open_parquet: no pre-buffering): a whole row group (32 MB
+        # of shingle hashes) decoded at once took three times its size at the peak.
+        source = open_parquet(path)
         for batch in source.iter_batches(batch_size=_RESTRICT_BATCH_ROWS, use_threads=False):
             writer.write(pa.Table.from_batches([batch]).filter(keep.slice(start, batch.num_rows)))
             start += batch.num_rows

@@ -31,7 +31,7 @@ from pipeline.dedup import index as dedup_index
 from pipeline.dedup.minhash import band_hashes, choose_bands, signatures
 from pipeline.dedup.normalize import key_texts, normalize_all, response_chars
 from pipeline.dedup.shingles import shingle_hashes, unique_per_document
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import atomic_path, open_parquet
 
 RESPONSE_CHARS = "response_chars"
 SHINGLES = dedup_index.SHINGLES  # the same column goes on into the index part of the kept rows
@@ -103,7 +103,7 @@ def compute_signatures(in_path: str | os.PathLike, sig_path: str | os.PathLike, 
     The chunk is read and the file written :data:`_ROW_GROUP_ROWS` rows at a time. With
     ``num_proc`` > 1 (cores that would otherwise wait: a refresh of fewer input files than
     cores) the batches are signed in that many worker processes, in order: the same file."""
-    parquet = pq.ParquetFile(in_path)
+    parquet = open_parquet(in_path)
     columns = [schema.ID, schema.SOURCE, schema.SOURCE_INDEX, schema.MESSAGES]
     params = json.dumps(run_params(config), sort_keys=True).encode()
     num_batches = -(-parquet.metadata.num_rows // _ROW_GROUP_ROWS)

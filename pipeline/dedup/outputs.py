@@ -20,7 +20,7 @@ from pipeline import schema
 from pipeline.dedup import index as dedup_index
 from pipeline.dedup.lsh import run_params
 from pipeline.dedup.nodes import NewRows
-from pipeline.fsutil import ParquetSink
+from pipeline.fsutil import ParquetSink, open_parquet
 from pipeline.stage import Drop, rejected_rows_from_table
 
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
@@ -87,7 +87,7 @@ def write_outputs(
 
 
 def _batches(path: Path, columns: list[str] | None):
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+    for batch in open_parquet(path).iter_batches(batch_size=_BATCH_ROWS, columns=columns):
         yield pa.Table.from_batches([batch])
 
 

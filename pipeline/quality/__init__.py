@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import QualityConfig, SFTConfig
-from pipeline.fsutil import ParquetSink
+from pipeline.fsutil import ParquetSink, open_parquet
 from pipeline.quality.base import Filter, FilterChain
 from pipeline.quality.decontaminate import Decontaminate
 from pipeline.quality.filters import EmptyResponse, Garbage, Length, MissingInstruction, Refusal, Repetition
@@ -272,7 +272,7 @@ def _judged_in_workers(
 
 def _open_input(in_path: Path) -> pq.ParquetFile:
     try:
-        source = pq.ParquetFile(in_path)
+        source = open_parquet(in_path)
     except (OSError, pa.ArrowInvalid) as exc:
         raise ValueError(f"quality stage cannot read {in_path}: {exc}") from exc
     names = source.schema_arrow.names
