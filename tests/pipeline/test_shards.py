@@ -393,3 +393,32 @@ def test_a_shard_writer_that_fails_halfway_leaves_no_file_that_looks_complete(tm
     assert written and not any(name.startswith(TMP_PREFIX) for name in written)
     for name in written:  # the files finished before the failure are whole
         assert pq.read_table(tmp_path / "data" / "shards" / name).num_rows > 0
+
+
+def test_streaming_a_parquet_file_holds_a_batch_not_the_file(tmp_path):
+    """open_parquet (what every stage streams its chunk through) keeps no more than a few row
+    groups in Arrow memory, however long the file: pyarrow's pre-buffering reader held the
+    whole file by its end, so a stage's memory grew with its chunk."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.fsutil import open_parquet
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "long.parquet"
+    with pq.ParquetWriter(path, pa.schema([("values", pa.list_(pa.uint32()))]), compression="none") as writer:
+        for _ in range(40):  # 40 row groups of 1,000 rows of 250 random uint32: about 40 MB
+            values = rng.integers(0, 2**32, size=250_000, dtype=np.uint32)
+            offsets = np.arange(0, 250_001, 250, dtype=np.int32)
+            writer.write_table(pa.table({"values": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))}))
+    size = path.stat().st_size
+    baseline = pa.total_allocated_bytes()
+
+    def most_held(source) -> int:
+        held = 0
+        for batch in source.iter_batches(batch_size=500):
+            held = max(held, pa.total_allocated_bytes() - baseline)
+            del batch
+        return held
+
+    assert most_held(open_parquet(path)) < size / 8  # pyarrow's default reader: more than half
