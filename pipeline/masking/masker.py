@@ -379,6 +379,8 @@ class Masker:
         and not before one that follows a control token, as the prompt's tail does. (A prompt with no
         control token is encoded whole; when the tokenizer prefixes it with "▁" and the row does not
         start so, it is known to differ without encoding it: :meth:`.PieceTable.starts_otherwise`.)
+        With a SentencePiece tokenizer whose spaces cut the tokenization (:meth:`.PieceTable.space_cut`)
+        only the prompt's text from its last such space is encoded.
         """
         mismatched: dict[int, str] = {}
         pieces = self.token_pieces
@@ -403,6 +405,13 @@ class Masker:
                 first -= 1  # tokens of the whitespace between the prompt and the turn belong to neither
             char = entry.token_start(start) if start < first else row.prompt_length
             text = row.marked_text[char : row.prompt_length] if char <= row.prompt_length else None
+            if text is not None and pieces is not None and not row.has_control_text:
+                # from the last space that cuts the tokenization, not the whole prompt (Mistral's
+                # "[INST]" is text: the tail would be the user's message, encoded again)
+                cut = pieces.space_cut(row.marked_text, char, row.prompt_length)
+                token = _token_starting_at(entry, cut, start, first) if cut is not None else None
+                if token is not None:
+                    start, text = token, row.marked_text[cut : row.prompt_length]
             tail = _PromptTail(index, turn, entry.ids[start:first], text)
             if row.has_control_text:
                 hidden.append(tail)
@@ -661,6 +670,14 @@ class Masker:
 
 
 _PROMPT_OPENS_THINK = re.compile(r"<think>\s*$")
+
+
+def _token_starting_at(entry: _Labelled, char: int, low: int, high: int) -> int | None:
+    """The token in ``low < token < high`` whose first character is ``char``, or None."""
+    token = high - 1
+    while token > low and entry.token_start(token) > char:
+        token -= 1
+    return token if token > low and entry.token_start(token) == char else None
 
 
 def _merge_mismatch(tail: _PromptTail) -> str:

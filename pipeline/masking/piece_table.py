@@ -23,6 +23,7 @@ from pipeline.masking.byte_table import ByteTable
 
 METASPACE = "\u2581"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # what the ByteFallback decoder reads as one byte
+_INNER_METASPACE = re.compile(f"[^{METASPACE}]{METASPACE}")  # a "▁" after another character
 # The decoder of Llama/Mistral SentencePiece tokenizers, as transformers converts them; with any
 # other decoder the trained spans are decoded by the tokenizer itself.
 _SENTENCEPIECE_DECODER = [
@@ -42,13 +43,22 @@ class PieceTable:
     """
 
     def __init__(
-        self, bytes_table: ByteTable, prepends: bool, strip_start: int | None, added: tuple[str, ...] = (), prepended_byte: int = 0x20
+        self,
+        bytes_table: ByteTable,
+        prepends: bool,
+        strip_start: int | None,
+        added: tuple[str, ...] = (),
+        prepended_byte: int = 0x20,
+        space_cuts: bool = False,
     ):
         self.bytes = bytes_table
         self.prepends = prepends  # a text that starts with plain text gets one "▁" before it
         self.strip_start = strip_start  # the decoder's Strip: leading spaces it removes; None: other decoder
         self.added = added  # the added tokens' texts
         self.prepended_byte = prepended_byte  # the first byte spelled by a token that starts with the prepended "▁"
+        # No piece holds a "▁" after another character: a space after a character other than a
+        # space cuts the tokenization in two (see :meth:`space_cut`).
+        self.space_cuts = space_cuts
 
     @classmethod
     def build(cls, data: dict) -> PieceTable | None:
@@ -88,7 +98,8 @@ class PieceTable:
         # A "▁" outside the vocabulary is spelled by its first byte-fallback token.
         prepended_byte = 0x20 if METASPACE in vocab else METASPACE.encode("utf-8")[0]
         added = tuple(t["content"] for t in added_tokens)
-        return cls(ByteTable(pieces, None), scheme == "first", strip_start, added, prepended_byte)
+        space_cuts = not model.get("dropout") and not any(_INNER_METASPACE.search(piece) for piece in vocab)
+        return cls(ByteTable(pieces, None), scheme == "first", strip_start, added, prepended_byte, space_cuts)
 
     def covers(self, text: str) -> bool:
         """Whether ``text`` can go this path: a "▁" of its own would be spelled back as a space."""
@@ -116,6 +127,24 @@ class PieceTable:
         if not 0 <= token < len(lengths) or lengths[token] <= 0:
             return False
         return int(self.bytes.flat[self.bytes.starts[token]]) != self.prepended_byte
+
+    def space_cut(self, text: str, start: int, end: int) -> int | None:
+        """The last place in ``text[start + 1 : end]`` where the tokenization is certainly cut in
+        two, or None: a space that follows a character other than a space (or "▁").
+
+        Every token is a piece of the vocabulary, an added token or a byte, so when no piece holds
+        a "▁" after another character (:attr:`space_cuts`) no token holds such a space with the
+        character before it, and BPE merges nothing across it: the text before the cut and the
+        text from it tokenize each as on their own. (The text from it starts with "▁", so the
+        pre-tokenizer prepends nothing to it either.)"""
+        if not self.space_cuts:
+            return None
+        cut = text.rfind(" ", start + 1, end)
+        while cut > start + 1 and text[cut - 1] == " ":
+            cut -= 1  # the first space of a run: "▁▁" is a piece
+        if cut <= start or text[cut - 1] in (" ", METASPACE):
+            return None
+        return cut
 
     def decoded(self, spelled: bytes) -> str | None:
         """What the tokenizer's decoder gives back for tokens that spell ``spelled``; None when

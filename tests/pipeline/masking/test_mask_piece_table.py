@@ -113,3 +113,42 @@ def test_both_paths_agree_on_the_real_data(mistral_tokenizer, real_data_dir, sam
         fast, slow = maskers(mistral_tokenizer, resolve_template(mistral_tokenizer, TemplateConfig(name="mistral")), **options)
         got, want = fast.encode_batch(rows), slow.encode_batch(rows)
         assert [outcome(r) for r in got] == [outcome(r) for r in want], options
+
+
+# A space outside the response: after three of the prompt's own it makes a run the tokenizer
+# spells as one "▁▁▁▁" token, where the generation prompt alone ends "▁▁▁" (flagged).
+SPACED = (
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}{{ ' ' }}{%- generation %}{{ m.content }}{%- endgeneration %}"
+    "{%- else %}{{ m.content }}{%- endif %}{%- endfor %}"
+)
+SPACED_ROWS = [
+    [msg("user", "tell me   "), msg("assistant", "x")],  # flagged
+    [msg("user", "Hello"), msg("assistant", "there")],
+    [msg("user", "a  b c   "), msg("assistant", "d")],  # flagged
+    [msg("user", "nospace"), msg("assistant", "s")],  # no space to cut at: the whole prompt is encoded
+    [msg("user", "a b"), msg("assistant", "c"), msg("user", " and then   "), msg("assistant", "d")],  # flagged
+    [msg("user", "a b  "), msg("assistant", "c"), msg("user", " and then"), msg("assistant", "d")],
+]
+
+
+def test_the_render_check_encodes_the_prompt_from_its_last_cutting_space(mistral_tokenizer):
+    """No Mistral piece holds a "▁" after another character, so such a space cuts the
+    tokenization, and only the prompt's text from its last one is encoded again (Mistral's
+    "[INST] … [/INST]" is text: without the cut every user message was encoded twice). The flags
+    are those of encoding the whole prompt, and what tokenizing the generation prompt shows."""
+    template = Template("spaced", SPACED)
+    fast = Masker(mistral_tokenizer, template, max_length=4096)
+    assert fast.token_pieces is not None and fast.token_pieces.space_cuts
+    whole = Masker(mistral_tokenizer, template, max_length=4096)
+    whole.token_pieces.space_cuts = False
+    got = [outcome(r) for r in fast.encode_batch([(row, None) for row in SPACED_ROWS])]
+    assert got == [outcome(r) for r in whole.encode_batch([(row, None) for row in SPACED_ROWS])]
+    flags = []
+    for row, result in zip(SPACED_ROWS, got):
+        prompt = "".join(m["content"] if m["role"] == "user" else " " + m["content"] for m in row[:-1])
+        want = mistral_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert result[4] == (result[0][: len(want)] != want), row
+        flags.append(result[4])
+    assert flags == [True, False, True, False, True, False]
+    assert "nospace" in fast._prompt_tail_ids  # nothing to cut at
+    assert not any(len(text) > 12 for text in fast._prompt_tail_ids)  # " then  ", not the prompt
