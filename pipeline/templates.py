@@ -89,24 +89,26 @@ LLAMA3 = (
 )
 
 # Mistral's [INST] format (v0.1 spacing): the system prompt goes into the first user turn, as
-# Mistral's own templates do; tools are listed before the last user turn.
+# Mistral's own templates do; tools are listed before the last user turn. (The loop that finds
+# that turn and the system prefix run only when there are some: rendering is most of a run's Python.)
 MISTRAL = (
     "{%- if bos_token %}{{- bos_token }}{%- endif %}"
     "{%- set ns = namespace(system='', last_user=-1) %}"
     "{%- if messages[0].role == 'system' %}{%- set ns.system = messages[0].content + '\\n\\n' %}{%- endif %}"
-    "{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}"
-    "{%- endif %}{%- endfor %}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'system' and loop.first %}"
-    "{%- elif message.role == 'user' %}"
+    "{%- if tools %}{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{%- for message in messages %}{%- set role = message.role %}"
+    "{%- if role == 'user' %}"
     "{%- if tools and loop.index0 == ns.last_user %}"
     "{{- '[AVAILABLE_TOOLS] ' + tools | tojson + ' [/AVAILABLE_TOOLS]' }}{%- endif %}"
-    "{{- '[INST] ' + ns.system + message.content + ' [/INST]' }}{%- set ns.system = '' %}"
-    "{%- elif message.role == 'assistant' %}{{- ' ' if message.content or message.tool_calls else '' }}"
+    "{%- if ns.system %}{{- '[INST] ' + ns.system + message.content + ' [/INST]' }}{%- set ns.system = '' %}"
+    "{%- else %}{{- '[INST] ' + message.content + ' [/INST]' }}{%- endif %}"
+    "{%- elif role == 'assistant' %}{{- ' ' if message.content or message.tool_calls else '' }}"
     "{%- generation %}{{- message.content }}"
     "{%- if message.tool_calls %}{{- ' ' if message.content else '' }}{{- '[TOOL_CALLS] [' }}" + _TOOL_CALLS_JSON + "{{- ']' }}{%- endif %}"
     "{{- eos_token }}{%- endgeneration %}"
-    "{%- elif message.role == 'tool' %}"
+    "{%- elif role == 'system' and loop.first %}"
+    "{%- elif role == 'tool' %}"
     "{{- '[TOOL_RESULTS] ' + message.content + ' [/TOOL_RESULTS]' }}"
     "{%- else %}{{- '[INST] ' + message.content + ' [/INST]' }}"
     "{%- endif %}"

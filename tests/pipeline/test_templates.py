@@ -93,6 +93,28 @@ def test_builtin_layouts(bpe_tokenizer, mistral_tokenizer):
     assert text(mistral_tokenizer, "mistral") == "<s>[INST] What is 2+2? [/INST] 4.</s>"
     with_system = text(mistral_tokenizer, "mistral", [make_message("system", "Be brief."), *CHAT])
     assert with_system == "<s>[INST] Be brief.\n\nWhat is 2+2? [/INST] 4.</s>"
+    # the system prompt goes into the first user turn only, the tools before the last one; a
+    # system message after the first is an [INST] turn of its own
+    call = {"type": "function", "function": {"name": "price", "arguments": {"item": "kiwi"}}}
+    tools = [{"type": "function", "function": {"name": "price", "parameters": {}}}]
+    mistral = resolve_template(mistral_tokenizer, TemplateConfig(name="mistral"))
+    turns = [
+        make_message("system", "Be brief."),
+        make_message("user", "Price?"),
+        make_message("assistant", "", tool_calls=[call]),
+        make_message("tool", '{"price": 3}'),
+        make_message("assistant", "Three."),
+        make_message("user", "And a pear?"),
+        make_message("assistant", "Four."),
+    ]
+    assert render(mistral, template_variables(mistral_tokenizer), messages_for_template(turns), tools)[0] == (
+        '<s>[INST] Be brief.\n\nPrice? [/INST] [TOOL_CALLS] [{"name": "price", "arguments": {"item": "kiwi"}}]</s>'
+        '[TOOL_RESULTS] {"price": 3} [/TOOL_RESULTS] Three.</s>'
+        '[AVAILABLE_TOOLS] [{"type": "function", "function": {"name": "price", "parameters": {}}}] [/AVAILABLE_TOOLS]'
+        "[INST] And a pear? [/INST] Four.</s>"
+    )
+    late = text(mistral_tokenizer, "mistral", [CHAT[0], make_message("system", "late"), CHAT[1]])
+    assert late == "<s>[INST] What is 2+2? [/INST][INST] late [/INST] 4.</s>"
     assert text(mistral_tokenizer, "alpaca") == "<s>### Instruction:\nWhat is 2+2?\n\n### Response:\n4.</s>\n\n"
 
 
