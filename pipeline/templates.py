@@ -314,6 +314,9 @@ class Renderer:
         self.max_chars = max_chars
         self.context = {**_plain(variables), **_plain(template.pinned_variables())}
         self.compiled = _compile(template.source) if _compile is not None else None
+        # the environment's globals under the variables, as Template.new_context puts them, merged
+        # once here: new_context reads them from a ChainMap on every render
+        self._base = {**self.compiled.globals, **self.context} if self.compiled is not None else {}
 
     def render(
         self,
@@ -340,13 +343,14 @@ class Renderer:
         compiled = self.compiled
         context = compiled.new_context(
             {
-                **self.context,
+                **self._base,
                 "strftime_now": self.template.strftime_now,
                 "messages": chat,
                 "tools": tool_schemas,
                 "documents": None,
                 "add_generation_prompt": add_generation_prompt,
-            }
+            },
+            shared=True,  # the globals are in already
         )
         blocks: list[str] = []
         if not with_spans:
