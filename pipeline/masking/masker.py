@@ -411,7 +411,7 @@ class Masker:
                 cut = pieces.space_cut(row.marked_text, char, row.prompt_length)
                 token = _token_starting_at(entry, cut, start, first) if cut is not None else None
                 if token is not None:
-                    start, text = token, row.marked_text[cut : row.prompt_length]
+                    start, char, text = token, cut, row.marked_text[cut : row.prompt_length]
             tail = _PromptTail(index, turn, entry.ids[start:first], text)
             if row.has_control_text:
                 hidden.append(tail)
