@@ -152,3 +152,34 @@ def test_the_render_check_encodes_the_prompt_from_its_last_cutting_space(mistral
     assert flags == [True, False, True, False, True, False]
     assert "nospace" in fast._prompt_tail_ids  # nothing to cut at
     assert not any(len(text) > 12 for text in fast._prompt_tail_ids)  # " then  ", not the prompt
+
+
+# Fragments the cut must survive: runs of spaces, a space before and after punctuation and
+# newlines, characters the vocabulary lacks (byte-fallback), a "▁" of the text's own, tabs.
+FRAGMENTS = ["the", "re", " ", "  ", "   ", "\n", "\t", ".", "[/INST]", "晴", "𠀀", "ǅ", "\u2581", "a", "Ok", "?", "🚶", "x y"]
+
+
+@pytest.mark.parametrize("name", ["spaced", "mistral"])
+def test_the_cut_flags_what_the_whole_prompt_flags_on_random_text(mistral_tokenizer, name):
+    """Random prompts and responses built from fragments where a cut could go wrong: the rows
+    the Masker keeps, their ids, labels and render-mismatch flags are those of encoding the whole
+    prompt again."""
+    import random
+
+    rng = random.Random(7)
+    template = Template("spaced", SPACED) if name == "spaced" else resolve_template(mistral_tokenizer, TemplateConfig(name="mistral"))
+    fast = Masker(mistral_tokenizer, template, max_length=4096)
+    whole = Masker(mistral_tokenizer, template, max_length=4096)
+    whole.token_pieces.space_cuts = False
+
+    def text() -> str:
+        return "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 8)))
+
+    rows = []
+    for _ in range(400):
+        turns = rng.choice([1, 1, 2])
+        rows.append(([m for _ in range(turns) for m in (msg("user", text()), msg("assistant", text()))], None))
+    got = [outcome(r) for r in fast.encode_batch(rows)]
+    assert got == [outcome(r) for r in whole.encode_batch(rows)]
+    kept = [g for g in got if g[0] != "drop"]
+    assert len(kept) > 100 and any(g[4] for g in kept) == (name == "spaced")  # some flagged where the template can be
