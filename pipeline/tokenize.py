@@ -9,20 +9,20 @@ to render) or ``tokenize`` (``too_long``, ``mask_unverifiable``, ``no_trainable_
 Parallelism, ``num_proc`` workers (default: one per core). With ``workers: threads`` (the
 default) this thread renders and finishes batches while ``num_proc`` threads run the Rust
 encoder, which releases the GIL; no worker start-up, no pickling. ``workers: processes`` runs
-whole batches in worker processes, for templates whose Python rendering dominates (prefix
-rendering of long multi-turn conversations). Results come back in submission order, so the
-output does not depend on the number or kind of workers.
+whole batches in worker processes (:class:`pipeline.workers.WorkerPool`, as the quality stage
+does: a caller's script without a main guard is not run again), for templates whose Python
+rendering dominates (prefix rendering of long multi-turn conversations). Results come back in
+submission order, so the output does not depend on the number or kind of workers.
 """
 
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import os
 import threading
 from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,21 +236,11 @@ def _encoded_batches(
             return
         yield from _pipelined(masker, batches, num_proc)
         return
-    # forkserver: never fork a process that may run threads (Prefect runs tasks in threads).
-    executor = ProcessPoolExecutor(
-        num_proc,
-        mp_context=multiprocessing.get_context("forkserver"),
-        initializer=_init_worker,
-        initargs=(tokenizer_path, config.model_dump_json()),
-    )
-    with executor:
-        in_flight: deque[Future] = deque()
-        for batch in batches:
-            in_flight.append(executor.submit(_encode_in_worker, batch))
-            if len(in_flight) >= 2 * num_proc:  # bounded: at most two batches per worker in memory
-                yield in_flight.popleft().result()
-        while in_flight:
-            yield in_flight.popleft().result()
+    from pipeline.workers import WorkerPool
+
+    init_args = (tokenizer_path, config.model_dump_json())
+    with WorkerPool("pipeline.tokenize:_init_worker", "pipeline.tokenize:_encode_in_worker", init_args, num_proc) as pool:
+        yield from pool.map(batches)  # one batch per worker in flight
 
 
 def _pipelined(masker: Masker, batches: Iterator[pa.RecordBatch], num_proc: int) -> Iterator[tuple[pa.Table, pa.Table, dict]]:

@@ -104,6 +104,36 @@ def test_tokenize_stage_output_does_not_depend_on_workers_or_batch_size(tmp_path
     assert pq.read_table(tmp_path / "r1.parquet").equals(pq.read_table(tmp_path / "r2.parquet"))
 
 
+def test_tokenize_worker_processes_do_not_run_a_script_without_a_main_guard_again(tmp_path, canonical, bpe_tokenizer_path, repo_root):
+    """``workers: processes`` from a user's plain script (top-level code, no main guard): the
+    workers start as ``python -m pipeline.workers``, so the script runs once and finishes, where
+    a multiprocessing spawn or forkserver pool would import it again in every worker and fail."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "my_refresh.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from pipeline.config import SFTConfig\n"
+        "from pipeline.tokenize import tokenize_stage\n"
+        "config = SFTConfig()\n"
+        "config.tokenize.num_proc, config.tokenize.workers, config.tokenize.max_length = 2, 'processes', 512\n"
+        "config.tokenize.batch_size = 7  # several batches: the workers start\n"
+        f"here = Path({str(tmp_path)!r})\n"
+        "with open(here / 'runs.txt', 'a') as log:\n"
+        "    log.write('run\\n')\n"
+        f"stats = tokenize_stage(here / 'canonical.parquet', here / 't.arrow', here / 'r.parquet', config, tokenizer={str(bpe_tokenizer_path)!r})\n"
+        "print(stats.records_out)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["57"]
+    assert (tmp_path / "runs.txt").read_text() == "run\n"  # the script ran once
+    single = tmp_path / "single.arrow"
+    tokenize_stage(canonical, single, tmp_path / "r1.parquet", config(), tokenizer=str(bpe_tokenizer_path))
+    assert read_tokenized(single).equals(read_tokenized(tmp_path / "t.arrow"))
+
+
 def test_tokenize_stage_on_an_empty_input_writes_an_empty_file(tmp_path, bpe_tokenizer_path):
     empty = write_canonical(tmp_path / "empty.parquet", [])
     stats = tokenize_stage(empty, tmp_path / "out.arrow", tmp_path / "rej.parquet", config(), tokenizer=str(bpe_tokenizer_path))
