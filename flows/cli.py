@@ -10,6 +10,7 @@ import sys
 import threading
 from enum import Enum
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -419,15 +420,7 @@ def deploy(
 
 
 def main() -> None:
-    """The ``sftkit`` command: :data:`app`, then a quick exit.
-
-    With torch, transformers and Prefect loaded, the interpreter's own teardown (freeing every
-    module, then the libraries' static destructors) takes about a second after the work is done
-    and the exit handlers have run. So the command runs what a normal exit runs (it waits for
-    non-daemon threads, runs the ``atexit`` handlers: Prefect drains its log and event queues,
-    logging flushes, multiprocessing stops its children), flushes stdout and stderr, and ends the
-    process with the same exit code, without the teardown.
-    """
+    """The ``sftkit`` command: :data:`app`, then :func:`exit_without_teardown`."""
     try:
         app()
         code: object = 0
@@ -436,6 +429,22 @@ def main() -> None:
     if code is not None and not isinstance(code, int):  # what sys.exit("message") does
         print(code, file=sys.stderr)
         code = 1
+    exit_without_teardown(code or 0)
+
+
+def exit_without_teardown(code: int = 0) -> NoReturn:
+    """End the process the way a normal exit does, without the interpreter's teardown.
+
+    With torch, transformers and Prefect loaded, the teardown (freeing every module, then the
+    libraries' static destructors) takes about a second after the work is done and the exit
+    handlers have run, and in a torchrun process it can abort: gloo's threads may still hold
+    tensors whose release needs the interpreter being torn down ("terminate called without an
+    active exception", exit -6; pytorch/pytorch#179291). So this runs what a normal exit runs (it
+    waits for non-daemon threads, runs the ``atexit`` handlers: Prefect drains its log and event
+    queues, logging flushes, multiprocessing stops its children), flushes stdout and stderr, and
+    ends the process with ``code``. ``sftkit`` ends this way; so can a script of one's own that
+    trains under torchrun.
+    """
     current = threading.current_thread()
     for thread in threading.enumerate():
         if thread is not current and not thread.daemon:
@@ -444,7 +453,7 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    os._exit(code or 0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

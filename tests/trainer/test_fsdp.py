@@ -198,6 +198,7 @@ from pipeline.tokenizers import load_tokenizer
 from trainer import SFTTrainer, ShardDataset, TrainConfig, distributed
 from trainer.batching import PlannedBatches
 from trainer.models import tiny_model
+from flows.cli import exit_without_teardown
 
 data, tokenizer_path, out = sys.argv[1:]
 distributed.init_from_env("cpu")
@@ -217,6 +218,7 @@ with open(f"{out}-rank{trainer.dist.rank}.json", "w") as handle:
     json.dump(storages, handle)
 distributed.barrier()  # both ranks done before either tears its process group down
 distributed.shutdown()
+exit_without_teardown()  # as `sftkit train` ends: the interpreter's teardown can abort under gloo
 """
 
 

@@ -451,6 +451,7 @@ PROBE = """
 import json, sys
 from trainer import sampling
 from trainer.loop import TrainConfig, run_training
+from flows.cli import exit_without_teardown
 
 seen = {}
 plan_of_rank = sampling.EpochPlanner.rank_plan
@@ -469,6 +470,7 @@ run_training(TrainConfig(mixture=spec, out=out, max_steps=6, lr=3e-3, batch_toke
 rank = seen[0][0]
 with open(f"{out}/rank{rank}.json", "w") as handle:
     json.dump({epoch: plan for epoch, (_, plan) in seen.items()}, handle)
+exit_without_teardown()  # as `sftkit train` ends: the interpreter's teardown can abort under gloo
 """
 
 
