@@ -208,8 +208,7 @@ _worker_masker: Masker | None = None
 
 
 def _init_worker(tokenizer_path: str, config_json: str) -> None:
-    # One process per core already; the tokenizer's own thread pool would only oversubscribe.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # (WorkerPool starts the workers with TOKENIZERS_PARALLELISM=false: one process per core already.)
     from pipeline.tokenizers import load_tokenizer
 
     global _worker_masker
