@@ -140,14 +140,16 @@ def manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_
 
 @flow(name="sftkit-refresh", description="Refresh a prepared SFT dataset from its inputs (incremental).")
 def refresh_flow(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any] | None = None) -> dict:
-    # One run at a time per output folder, for the whole flow (pipeline.outdir); a second fails at once.
-    with outdir.hold(out):
+    # One run at a time per output folder, for the whole flow (pipeline.outdir); a second fails at
+    # once. The tokenizer loads and tokenizes in a process of its own (pipeline.steps).
+    config = config or SFTConfig().model_dump(mode="json")
+    with outdir.hold(out), steps.tokenizer_process(tokenizer, SFTConfig.model_validate(config)):
         return _refresh(inputs, tokenizer, out, config)
 
 
-def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any] | None) -> dict:
+def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]) -> dict:
     logger = get_run_logger()
-    plan = plan_task(inputs, tokenizer, out, config or SFTConfig().model_dump(mode="json"))
+    plan = plan_task(inputs, tokenizer, out, config)
     if plan.up_to_date:
         logger.info("%s is up to date: all %d inputs were prepared before", out, len(plan.skipped_inputs))
         manifest = steps.tidy(Path(out))

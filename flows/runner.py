@@ -124,14 +124,20 @@ def run_prepare(
                 "[dim]no Prefect server configured (PREFECT_API_URL): running the steps in this process; "
                 "set it, or pass --flow, to run as a tracked Prefect flow[/]"
             )
-    if use_flow:
-        from flows.refresh import refresh_flow
+    from pipeline import steps
 
-        with console.status("[bold]running the sftkit-refresh flow[/] (Prefect)…"):
-            flow = refresh_flow.with_options(task_runner=make_task_runner(task_runner))
-            manifest = flow(inputs=list(inputs), tokenizer=tokenizer, out=str(out), config=config.model_dump(mode="json"))
-    else:
-        manifest = _prepare_with_progress(inputs, tokenizer, out, config)
+    # The run loads its tokenizer in a process of its own; when the plan will want its fingerprints,
+    # that starts here, so transformers is imported while this process imports Prefect.
+    with steps.tokenizer_process(tokenizer, config):
+        steps.warm_tokenizer(tokenizer, out, config)
+        if use_flow:
+            from flows.refresh import refresh_flow
+
+            with console.status("[bold]running the sftkit-refresh flow[/] (Prefect)…"):
+                flow = refresh_flow.with_options(task_runner=make_task_runner(task_runner))
+                manifest = flow(inputs=list(inputs), tokenizer=tokenizer, out=str(out), config=config.model_dump(mode="json"))
+        else:
+            manifest = _prepare_with_progress(inputs, tokenizer, out, config)
     print_summary(manifest, out)
     return manifest
 

@@ -29,11 +29,14 @@ What a run removed is listed in its manifest history entry (``"removed"``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -121,9 +124,7 @@ def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config
     name in different folders stay apart.
     """
     data_dir = Path(data_dir)
-    # Record a local tokenizer by absolute path, so the manifest still finds it from elsewhere.
-    if Path(tokenizer).exists():
-        tokenizer = str(Path(tokenizer).resolve())
+    tokenizer = _tokenizer_name(tokenizer)
     config_fp = config.fingerprint()
     previous = manifest_io.read_manifest_or_none(data_dir)
     files_digest = _tokenizer_files_digest(tokenizer, config)
@@ -131,12 +132,7 @@ def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config
     if recorded is not None:  # same tokenizer files, template, config and code as the last run
         tokenizer_fp, template_name, template_fp = recorded
     else:
-        from pipeline.templates import resolve_template
-        from pipeline.tokenizers import load_tokenizer, tokenizer_fingerprint
-
-        tok = load_tokenizer(tokenizer)
-        template = resolve_template(tok, config.template)
-        tokenizer_fp, template_name, template_fp = tokenizer_fingerprint(tok), template.name, template.fingerprint
+        tokenizer_fp, template_name, template_fp = _fingerprints(tokenizer, config)
 
     inputs = [InputFile(path=str(path), source=str(path), sha256=_hash_input(Path(path))) for path in input_paths]
     rebuild = previous is not None and (
@@ -153,6 +149,8 @@ def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config
         else:
             new.append(item)
             this_run.add(item.sha256)
+    if new:  # this run tokenizes: let its tokenizer load meanwhile, where a process may
+        _start_tokenizer_process(tokenizer, config)
     start_index = {split: 0 for split in schema.SPLITS}
     if previous is not None and not rebuild:
         for entry in previous["shards"]:
@@ -182,6 +180,28 @@ def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config
         start_index=start_index,
         tokenizer_files_digest=files_digest,
     )
+
+
+def _tokenizer_name(tokenizer: str) -> str:
+    """A local tokenizer by absolute path (the manifest records it, and finds it from elsewhere);
+    a hub name as it is."""
+    return str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else str(tokenizer)
+
+
+def run_fingerprints(tokenizer: str, config: SFTConfig) -> tuple[str, str, str]:
+    """(tokenizer fingerprint, template name, template fingerprint): loads the tokenizer."""
+    from pipeline.templates import resolve_template
+    from pipeline.tokenizers import load_tokenizer, tokenizer_fingerprint
+
+    tok = load_tokenizer(tokenizer)
+    template = resolve_template(tok, config.template)
+    return tokenizer_fingerprint(tok), template.name, template.fingerprint
+
+
+def _fingerprints(tokenizer: str, config: SFTConfig) -> tuple[str, str, str]:
+    _start_tokenizer_process(tokenizer, config)
+    process = _tokenizer_process_for(tokenizer, config)
+    return process.call("run_fingerprints", tokenizer, config) if process else run_fingerprints(tokenizer, config)
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
@@ -515,6 +535,11 @@ def tokenize_key(plan: RunPlan, upstream_key: str) -> str:
 
 
 def run_tokenize(plan: RunPlan, upstream: StepResult) -> StepResult:
+    """The tokenize step: in the run's tokenizer process when it has one (see
+    :func:`tokenizer_process`), else here."""
+    process = _tokenizer_process_for(plan.tokenizer, plan.config)
+    if process is not None:
+        return process.call("run_tokenize", plan, upstream)
     from pipeline.tokenize import tokenize_stage
 
     in_path = Path(upstream.outputs[0])
@@ -662,7 +687,7 @@ def input_bytes(path: str | Path) -> int:
 
 
 # Steps a worker process may run for prepare (pipeline.workers runs only what is named here).
-_WORKER_STEPS = ("run_ingest", "dedup_signatures", "ingest_then_signatures")
+_WORKER_STEPS = ("run_ingest", "dedup_signatures", "ingest_then_signatures", "run_fingerprints", "run_tokenize")
 
 
 def _run_in_worker(call: tuple[str, tuple]) -> Any:
@@ -709,6 +734,98 @@ class _StepWorkers:
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
             self.pool.close()
+
+
+# --- the tokenizer process -------------------------------------------------------------------
+# Loading a tokenizer imports transformers and torch: 1.5-2 s of one core, which a run otherwise
+# spends on its critical path (in its plan when the fingerprints are not recorded, else before its
+# first tokenize step) while the other cores wait. Inside tokenizer_process() a run loads it in a
+# process of its own, started as soon as the run knows it will need it (the command line starts
+# it before it imports Prefect, see warm_tokenizer): that process computes the fingerprints and
+# runs the tokenize steps (their own encoder threads or worker processes included), while this
+# one starts the flow, hashes the inputs, ingests, deduplicates and filters. Steps pass file
+# names, so the tokenize step writes the same files in either process. A run that finds nothing
+# new starts none.
+class _TokenizerProcess:
+    def __init__(self, tokenizer: str, config_json: str) -> None:
+        from pipeline.workers import WorkerPool
+
+        self._pool = WorkerPool("pipeline.steps:_load_in_worker", "pipeline.steps:_run_in_worker", (tokenizer, config_json), 1)
+        self._lock = threading.Lock()
+
+    def call(self, step: str, *args: Any) -> Any:
+        with self._lock:  # one request at a time on the pipe
+            [result] = self._pool.map([(step, args)])
+        return result
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+_TOKENIZER_PROCESSES: dict[tuple[str, str], _TokenizerProcess] = {}
+_TOKENIZER_PROCESS_RUNS: Counter[tuple[str, str]] = Counter()  # runs inside tokenizer_process()
+_TOKENIZER_PROCESS_LOCK = threading.Lock()
+
+
+def _process_key(tokenizer: str, config: SFTConfig) -> tuple[str, str]:
+    return _tokenizer_name(tokenizer), config.model_dump_json()
+
+
+@contextlib.contextmanager
+def tokenizer_process(tokenizer: str, config: SFTConfig) -> Iterator[None]:
+    """Within this block, runs of ``tokenizer`` and ``config`` in this process load the tokenizer
+    and tokenize in a process of their own (see above); it is closed when the block ends. The
+    command line and the refresh flow use it; :func:`prepare` does not (its callers may patch
+    what the tokenize step calls, in this process)."""
+    key = _process_key(tokenizer, config)
+    with _TOKENIZER_PROCESS_LOCK:
+        _TOKENIZER_PROCESS_RUNS[key] += 1
+    try:
+        yield
+    finally:
+        with _TOKENIZER_PROCESS_LOCK:
+            _TOKENIZER_PROCESS_RUNS[key] -= 1
+            last = _TOKENIZER_PROCESS_RUNS[key] <= 0
+            if last:
+                del _TOKENIZER_PROCESS_RUNS[key]
+            process = _TOKENIZER_PROCESSES.pop(key, None) if last else None
+        if process is not None:
+            process.close()
+
+
+def warm_tokenizer(tokenizer: str, data_dir: str | Path, config: SFTConfig) -> None:
+    """Inside :func:`tokenizer_process`: start the tokenizer process now when the plan will need
+    the fingerprints (a first build, or tokenizer files, template or config changed since the last
+    run), for a caller with other work to do first. Otherwise the plan starts it once it finds new
+    inputs, and a refresh with nothing new starts none."""
+    try:
+        previous = manifest_io.read_manifest_or_none(Path(data_dir))
+        recorded = _recorded_fingerprints(previous, _tokenizer_files_digest(_tokenizer_name(tokenizer), config), config.fingerprint())
+    except Exception:  # the plan meets the same problem, and says it in its place
+        return
+    if recorded is None:
+        _start_tokenizer_process(tokenizer, config)
+
+
+def _start_tokenizer_process(tokenizer: str, config: SFTConfig) -> None:
+    key = _process_key(tokenizer, config)
+    with _TOKENIZER_PROCESS_LOCK:
+        if key in _TOKENIZER_PROCESS_RUNS and key not in _TOKENIZER_PROCESSES:
+            _TOKENIZER_PROCESSES[key] = _TokenizerProcess(*key)
+
+
+def _tokenizer_process_for(tokenizer: str, config: SFTConfig) -> _TokenizerProcess | None:
+    with _TOKENIZER_PROCESS_LOCK:
+        return _TOKENIZER_PROCESSES.get(_process_key(tokenizer, config)) if _TOKENIZER_PROCESSES else None
+
+
+def _load_in_worker(tokenizer: str, config_json: str) -> None:
+    """The tokenizer process's start: import transformers, load the tokenizer and its template.
+    A failure is left to the step that needs them, which raises it with its own message."""
+    try:
+        run_fingerprints(tokenizer, SFTConfig.model_validate_json(config_json))
+    except Exception:
+        pass
 
 
 def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: SFTConfig, progress) -> dict:

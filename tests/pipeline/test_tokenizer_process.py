@@ -1,0 +1,99 @@
+"""The run's tokenizer process (``pipeline.steps.tokenizer_process``): the command line and the
+refresh flow load the tokenizer, compute its fingerprints and tokenize in a process of their own,
+so the run's own process never imports transformers and torch (1.5-2 s of start-up)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.runner import run_prepare
+from pipeline.config import SFTConfig
+from pipeline.steps import prepare
+from pipeline.workers import WorkerPool
+from tests.support.inputs import alpaca_records, make_inputs, shard_bytes, write_json
+
+REPO = Path(__file__).resolve().parents[2]
+LOAD = "pipeline.steps:_load_in_worker"
+
+# The command line's run, in a fresh interpreter: what it imported, and what it left running.
+RUN = """
+import json, sys
+from pathlib import Path
+import psutil
+from flows.runner import run_prepare
+run_prepare(sys.argv[3:], sys.argv[1], Path(sys.argv[2]), use_flow=False)
+workers = [p for p in psutil.Process().children(recursive=True) if "pipeline.workers" in " ".join(p.cmdline())]
+print(json.dumps({"transformers": "transformers" in sys.modules, "torch": "torch" in sys.modules, "workers": len(workers)}))
+"""
+
+
+def _run(tokenizer: Path, out: Path, inputs: list[Path]) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", RUN, str(tokenizer), str(out), *map(str, inputs)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_command_line_tokenizes_in_a_process_of_its_own_and_writes_what_one_process_writes(tmp_path, bpe_tokenizer_path):
+    inputs = make_inputs(tmp_path / "in")
+    here = tmp_path / "here"
+    prepare([str(p) for p in inputs], str(bpe_tokenizer_path), here, SFTConfig())
+
+    # A first build: the plan needs the fingerprints, the tokenize steps the tokenizer.
+    seen = _run(bpe_tokenizer_path, tmp_path / "cli", inputs)
+    assert seen == {"transformers": False, "torch": False, "workers": 0}
+    assert shard_bytes(tmp_path / "cli") == shard_bytes(here)
+
+    # A refresh with a new input: the fingerprints are recorded, the new input is tokenized.
+    more = write_json(tmp_path / "in" / "more.json", alpaca_records(40, 10))
+    prepare([str(p) for p in [*inputs, more]], str(bpe_tokenizer_path), here, SFTConfig())
+    seen = _run(bpe_tokenizer_path, tmp_path / "cli", [*inputs, more])
+    assert seen == {"transformers": False, "torch": False, "workers": 0}
+    assert shard_bytes(tmp_path / "cli") == shard_bytes(here)
+    manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (here, tmp_path / "cli")]
+    assert manifests[0]["counts"] == manifests[1]["counts"]
+    assert manifests[0]["tokenizer"] == manifests[1]["tokenizer"] and manifests[0]["template"] == manifests[1]["template"]
+
+
+def _tokenizer_starts(monkeypatch) -> list[str]:
+    started: list[str] = []
+    real_init = WorkerPool.__init__
+    monkeypatch.setattr(WorkerPool, "__init__", lambda self, *a: started.append(a[0]) or real_init(self, *a))
+    return started
+
+
+def _workers_left() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if "pipeline.workers" in " ".join(p.cmdline())]
+
+
+def test_a_refresh_with_nothing_new_starts_no_tokenizer_process(tmp_path, bpe_tokenizer_path, monkeypatch):
+    inputs = [str(p) for p in make_inputs(tmp_path / "in")]
+    started = _tokenizer_starts(monkeypatch)
+    run_prepare(inputs, str(bpe_tokenizer_path), tmp_path / "data", use_flow=False)
+    assert started.count(LOAD) == 1
+    assert _workers_left() == []
+    started.clear()
+    run_prepare(inputs, str(bpe_tokenizer_path), tmp_path / "data", use_flow=False)
+    assert LOAD not in started
+
+
+def test_a_tokenizer_that_does_not_load_fails_the_run_with_the_same_sentence(tmp_path, bpe_tokenizer_path):
+    broken = tmp_path / "broken-tokenizer"
+    shutil.copytree(bpe_tokenizer_path, broken)
+    (broken / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    inputs = [str(p) for p in make_inputs(tmp_path / "in")]
+    with pytest.raises(ValueError) as here:
+        prepare(inputs, str(broken), tmp_path / "here", SFTConfig())
+    with pytest.raises(ValueError) as there:  # raised in the tokenizer process, again here
+        run_prepare(inputs, str(broken), tmp_path / "there", use_flow=False)
+    assert str(there.value) == str(here.value)
+    assert "cannot load tokenizer" in str(there.value)
+    assert _workers_left() == []
