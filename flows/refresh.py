@@ -118,6 +118,11 @@ def quality_task(plan: steps.RunPlan, upstream: steps.StepResult, chunk: int) ->
     return steps.run_quality(plan, upstream, chunk)
 
 
+@task(name="fingerprints")
+def fingerprints_task(plan: steps.RunPlan) -> steps.RunPlan:
+    return steps.with_fingerprints(plan)
+
+
 @task(
     name="tokenize",
     cache_key_fn=_cache_key("tokenize", lambda plan, p: steps.tokenize_key(plan, p["upstream"].key)),
@@ -166,14 +171,17 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
     ingest_results = _mapped(ingest_task, plan.inputs, plan)
     dedup_result = _dedup(plan, ingest_results)
     chunks = list(range(len(dedup_result.outputs)))
+    # On this process's threads each chunk's quality and tokenize steps already use every core
+    # (worker processes, encoder threads): one chunk at a time, rather than two oversubscribing
+    # the cores and holding two chunks' batches in memory. Other runners place the tasks themselves.
     if _one_machine():
-        # Each chunk's quality and tokenize steps already use every core (worker processes,
-        # encoder threads): one chunk at a time, rather than two oversubscribing the cores and
-        # holding two chunks' batches in memory.
         quality_results = [quality_task(plan, dedup_result, chunk) for chunk in chunks]
-        tokenize_results = [tokenize_task(plan, upstream) for upstream in quality_results]
     else:
         quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]
+    plan = fingerprints_task(plan)  # a first build's, its tokenizer loaded meanwhile
+    if _one_machine():
+        tokenize_results = [tokenize_task(plan, upstream) for upstream in quality_results]
+    else:
         tokenize_results = [f.result() for f in tokenize_task.map(unmapped(plan), quality_results)]
     shard_result = shards_task(plan, tokenize_results)
     manifest = manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_result)

@@ -74,9 +74,11 @@ class RunPlan(BaseModel):
     tokenizer: str
     config: SFTConfig
     config_fingerprint: str
-    tokenizer_fingerprint: str
-    template_name: str
-    template_fingerprint: str
+    # None until with_fingerprints() on a first build, which decides nothing by them and so does
+    # not wait for its tokenizer to load before ingesting
+    tokenizer_fingerprint: str | None
+    template_name: str | None
+    template_fingerprint: str | None
     code_version: str
     inputs: list[InputFile]  # new this run
     skipped_inputs: list[InputFile]  # already in the dataset
@@ -131,7 +133,9 @@ def plan_refresh(input_paths: list[Path], tokenizer: str, data_dir: Path, config
     recorded = _recorded_fingerprints(previous, files_digest, config_fp)
     if recorded is not None:  # same tokenizer files, template, config and code as the last run
         tokenizer_fp, template_name, template_fp = recorded
-    else:
+    elif previous is None:  # a first build: known before tokenizing (with_fingerprints)
+        tokenizer_fp = template_name = template_fp = None
+    else:  # whether to rebuild depends on them
         tokenizer_fp, template_name, template_fp = _fingerprints(tokenizer, config)
 
     inputs = [InputFile(path=str(path), source=str(path), sha256=_hash_input(Path(path))) for path in input_paths]
@@ -202,6 +206,19 @@ def _fingerprints(tokenizer: str, config: SFTConfig) -> tuple[str, str, str]:
     _start_tokenizer_process(tokenizer, config)
     process = _tokenizer_process_for(tokenizer, config)
     return process.call("run_fingerprints", tokenizer, config) if process else run_fingerprints(tokenizer, config)
+
+
+def with_fingerprints(plan: RunPlan) -> RunPlan:
+    """``plan`` with its tokenizer and template fingerprints, which a first build's plan leaves
+    out: the run ingests, deduplicates and filters while its tokenizer loads (see
+    :func:`tokenizer_process`), and a tokenizer that does not load stops it here, before the
+    tokenize steps (a run started again reuses the steps done)."""
+    if plan.tokenizer_fingerprint is not None:
+        return plan
+    tokenizer_fp, template_name, template_fp = _fingerprints(plan.tokenizer, plan.config)
+    return plan.model_copy(
+        update={"tokenizer_fingerprint": tokenizer_fp, "template_name": template_name, "template_fingerprint": template_fp}
+    )
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
@@ -523,6 +540,8 @@ def run_quality(plan: RunPlan, upstream: StepResult, chunk: int) -> StepResult:
 
 
 def tokenize_key(plan: RunPlan, upstream_key: str) -> str:
+    if plan.tokenizer_fingerprint is None or plan.template_fingerprint is None:
+        raise ValueError("the plan has no tokenizer fingerprints yet: pass it through with_fingerprints()")
     return _key(
         "tokenize",
         upstream_key,
@@ -738,12 +757,13 @@ class _StepWorkers:
 
 # --- the tokenizer process -------------------------------------------------------------------
 # Loading a tokenizer imports transformers and torch: 1.5-2 s of one core, which a run otherwise
-# spends on its critical path (in its plan when the fingerprints are not recorded, else before its
-# first tokenize step) while the other cores wait. Inside tokenizer_process() a run loads it in a
-# process of its own, started as soon as the run knows it will need it (the command line starts
-# it before it imports Prefect, see warm_tokenizer): that process computes the fingerprints and
-# runs the tokenize steps (their own encoder threads or worker processes included), while this
-# one starts the flow, hashes the inputs, ingests, deduplicates and filters. Steps pass file
+# spends on its critical path (in its plan, or before its first tokenize step) while the other
+# cores wait. Inside tokenizer_process() a run loads it in a process of its own, started as soon
+# as the run knows it will need it (the command line starts it before it imports Prefect, see
+# warm_tokenizer): that process computes the fingerprints and runs the tokenize steps (their own
+# encoder threads or worker processes included), while this one starts the flow, hashes the
+# inputs, ingests, deduplicates and filters. Only a plan that decides by the fingerprints waits
+# for them (a first build takes them before tokenizing: with_fingerprints). Steps pass file
 # names, so the tokenize step writes the same files in either process. A run that finds nothing
 # new starts none.
 class _TokenizerProcess:
@@ -853,6 +873,7 @@ def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: S
     for chunk in range(len(dedup_result.outputs)):
         quality_results.append(run_quality(plan, dedup_result, chunk))
         notify("quality", chunk + 1, len(dedup_result.outputs))
+    plan = with_fingerprints(plan)
     tokenize_results = []
     for i, upstream in enumerate(quality_results):
         tokenize_results.append(run_tokenize(plan, upstream))

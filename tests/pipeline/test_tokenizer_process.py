@@ -85,11 +85,21 @@ def test_a_refresh_with_nothing_new_starts_no_tokenizer_process(tmp_path, bpe_to
     assert LOAD not in started
 
 
-def test_a_tokenizer_that_does_not_load_fails_the_run_with_the_same_sentence(tmp_path, bpe_tokenizer_path):
-    broken = tmp_path / "broken-tokenizer"
+def test_a_first_build_ingests_while_its_tokenizer_loads_and_one_that_does_not_load_stops_it_before_tokenizing(
+    tmp_path, bpe_tokenizer_path, monkeypatch
+):
+    from pipeline import steps
+
+    broken = tmp_path / "tokenizer"
     shutil.copytree(bpe_tokenizer_path, broken)
+    good = (broken / "tokenizer.json").read_bytes()
     (broken / "tokenizer.json").write_text("{not json", encoding="utf-8")
     inputs = [str(p) for p in make_inputs(tmp_path / "in")]
+
+    # A first build decides nothing by the fingerprints: its plan does not wait for the tokenizer.
+    plan = steps.plan_refresh([Path(p) for p in inputs], str(broken), tmp_path / "plan-only", SFTConfig())
+    assert (plan.tokenizer_fingerprint, plan.template_name, plan.template_fingerprint) == (None, None, None)
+
     with pytest.raises(ValueError) as here:
         prepare(inputs, str(broken), tmp_path / "here", SFTConfig())
     with pytest.raises(ValueError) as there:  # raised in the tokenizer process, again here
@@ -97,3 +107,24 @@ def test_a_tokenizer_that_does_not_load_fails_the_run_with_the_same_sentence(tmp
     assert str(there.value) == str(here.value)
     assert "cannot load tokenizer" in str(there.value)
     assert _workers_left() == []
+    work = tmp_path / "there" / ".work"
+    done = {stage: sorted(work.glob(f"{stage}/*.stats.json")) for stage in ("ingest", "dedup", "quality", "tokenize")}
+    assert done["ingest"] and done["dedup"] and done["quality"] and not done["tokenize"]
+    assert not (tmp_path / "there" / "manifest.json").exists()
+
+    # Mended, the run goes on from the steps it had done, and writes what a fresh run writes.
+    (broken / "tokenizer.json").write_bytes(good)
+    reused = []
+    real_step_done = steps.step_done
+
+    def step_done(plan, stage, key):
+        if (found := real_step_done(plan, stage, key)) is not None:
+            reused.append(stage)
+        return found
+
+    monkeypatch.setattr(steps, "step_done", step_done)
+    run_prepare(inputs, str(broken), tmp_path / "there", use_flow=False)
+    assert reused.count("ingest") == len(done["ingest"]) and reused.count("quality") == len(done["quality"])
+    monkeypatch.undo()
+    prepare(inputs, str(broken), tmp_path / "fresh", SFTConfig())
+    assert shard_bytes(tmp_path / "there") == shard_bytes(tmp_path / "fresh")
