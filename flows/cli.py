@@ -137,6 +137,7 @@ def prepare(
 ) -> None:
     """Read, dedup, filter, render, tokenize and write Parquet shards with label arrays."""
     from flows.runner import run_prepare
+    from pipeline.workers import WorkerError
 
     try:
         manifest = run_prepare(
@@ -155,6 +156,8 @@ def prepare(
         )
     except (ValueError, FileNotFoundError) as exc:
         _fail(_validation_sentence(exc))
+    except WorkerError as exc:
+        _fail(f"{exc}. The run stopped and published nothing; the same command goes on from the steps it had done", code=EXIT_FAILED)
     counts = manifest.get("counts") or {}
     if not counts.get("kept"):
         _fail(

@@ -774,8 +774,18 @@ class _TokenizerProcess:
         self._lock = threading.Lock()
 
     def call(self, step: str, *args: Any) -> Any:
-        with self._lock:  # one request at a time on the pipe
-            [result] = self._pool.map([(step, args)])
+        from pipeline.workers import WorkerError
+
+        try:
+            with self._lock:  # one request at a time on the pipe
+                [result] = self._pool.map([(step, args)])
+        except WorkerError:  # the process died (killed, out of memory): a retry runs without it
+            with _TOKENIZER_PROCESS_LOCK:
+                for key, process in list(_TOKENIZER_PROCESSES.items()):
+                    if process is self:
+                        del _TOKENIZER_PROCESSES[key]
+            self.close()
+            raise
         return result
 
     def close(self) -> None:

@@ -20,9 +20,11 @@ raised again in the caller. Only functions of sftkit's own ``pipeline`` package 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -144,7 +146,13 @@ class WorkerPool:
             code = worker.wait(timeout=5)
         except subprocess.TimeoutExpired:
             code = None
-        return WorkerError(f"a worker process (pid {worker.pid}) stopped answering (exit code {code}); see its messages above")
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                how = f"killed by {signal.Signals(-code).name}" + (
+                    ", which is what the out-of-memory killer sends" if code == -signal.SIGKILL else ""
+                )
+        return WorkerError(f"a worker process (pid {worker.pid}) stopped answering ({how}); see its messages above")
 
     def close(self) -> None:
         for worker in self._workers:

@@ -5,7 +5,9 @@ so the run's own process never imports transformers and torch (1.5-2 s of start-
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +130,32 @@ def test_a_first_build_ingests_while_its_tokenizer_loads_and_one_that_does_not_l
     monkeypatch.undo()
     prepare(inputs, str(broken), tmp_path / "fresh", SFTConfig())
     assert shard_bytes(tmp_path / "there") == shard_bytes(tmp_path / "fresh")
+
+
+def test_a_killed_tokenizer_process_stops_the_run_with_one_sentence_and_the_same_command_goes_on(tmp_path, bpe_tokenizer_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from pipeline import steps
+
+    inputs = [str(p) for p in make_inputs(tmp_path / "in")]
+    command = ["prepare", *inputs, "--tokenizer", str(bpe_tokenizer_path), "--out", str(tmp_path / "data"), "--no-flow"]
+    real_call = steps._TokenizerProcess.call
+
+    def killed_first(self, step, *args):
+        if step == "run_tokenize":  # as the out-of-memory killer would, in the middle of a run
+            os.kill(self._pool._workers[0].pid, signal.SIGKILL)
+        return real_call(self, step, *args)
+
+    monkeypatch.setattr(steps._TokenizerProcess, "call", killed_first)
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert "killed by SIGKILL" in said and "the same command goes on" in said and "Traceback" not in said
+    assert not (tmp_path / "data" / "manifest.json").exists() and _workers_left() == []
+
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    prepare(inputs, str(bpe_tokenizer_path), tmp_path / "fresh", SFTConfig())
+    assert shard_bytes(tmp_path / "data") == shard_bytes(tmp_path / "fresh")

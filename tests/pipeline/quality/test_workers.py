@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -87,6 +88,11 @@ class _ExitWhenUnpickled:
         return (os._exit, (3,))
 
 
+class _KilledWhenUnpickled:
+    def __reduce__(self):
+        return (signal.raise_signal, (signal.SIGKILL,))
+
+
 def test_an_error_in_a_worker_is_raised_in_the_caller_and_a_dead_worker_is_named(tmp_path):
     config_json = SFTConfig().model_dump_json()
     with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", (config_json, None), 2) as pool:
@@ -95,6 +101,9 @@ def test_an_error_in_a_worker_is_raised_in_the_caller_and_a_dead_worker_is_named
     with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", (config_json, None), 1) as pool:
         with pytest.raises(WorkerError, match="exit code 3"):
             list(pool.map([_ExitWhenUnpickled()]))
+    with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", (config_json, None), 1) as pool:
+        with pytest.raises(WorkerError, match="killed by SIGKILL, which is what the out-of-memory killer sends"):
+            list(pool.map([_KilledWhenUnpickled()]))
 
 
 def test_a_worker_runs_only_sftkits_own_functions():
