@@ -541,7 +541,7 @@ def run_quality(plan: RunPlan, upstream: StepResult, chunk: int) -> StepResult:
 
 def tokenize_key(plan: RunPlan, upstream_key: str) -> str:
     if plan.tokenizer_fingerprint is None or plan.template_fingerprint is None:
-        raise ValueError("the plan has no tokenizer fingerprints yet: pass it through with_fingerprints()")
+        raise RuntimeError("the plan has no tokenizer fingerprints yet: pass it through with_fingerprints()")
     return _key(
         "tokenize",
         upstream_key,
