@@ -174,12 +174,13 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
     # On this process's threads each chunk's quality and tokenize steps already use every core
     # (worker processes, encoder threads): one chunk at a time, rather than two oversubscribing
     # the cores and holding two chunks' batches in memory. Other runners place the tasks themselves.
-    if _one_machine():
+    one_machine = _one_machine()
+    if one_machine:
         quality_results = [quality_task(plan, dedup_result, chunk) for chunk in chunks]
     else:
         quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]
     plan = fingerprints_task(plan)  # a first build's, its tokenizer loaded meanwhile
-    if _one_machine():
+    if one_machine:
         tokenize_results = [tokenize_task(plan, upstream) for upstream in quality_results]
     else:
         tokenize_results = [f.result() for f in tokenize_task.map(unmapped(plan), quality_results)]

@@ -770,7 +770,8 @@ class _TokenizerProcess:
     def __init__(self, tokenizer: str, config_json: str) -> None:
         from pipeline.workers import WorkerPool
 
-        self._pool = WorkerPool("pipeline.steps:_load_in_worker", "pipeline.steps:_run_in_worker", (tokenizer, config_json), 1)
+        self.key = (tokenizer, config_json)
+        self._pool = WorkerPool("pipeline.steps:_load_in_worker", "pipeline.steps:_run_in_worker", self.key, 1)
         self._lock = threading.Lock()
 
     def call(self, step: str, *args: Any) -> Any:
@@ -781,9 +782,8 @@ class _TokenizerProcess:
                 [result] = self._pool.map([(step, args)])
         except WorkerError:  # the process died (killed, out of memory): a retry runs without it
             with _TOKENIZER_PROCESS_LOCK:
-                for key, process in list(_TOKENIZER_PROCESSES.items()):
-                    if process is self:
-                        del _TOKENIZER_PROCESSES[key]
+                if _TOKENIZER_PROCESSES.get(self.key) is self:
+                    del _TOKENIZER_PROCESSES[self.key]
             self.close()
             raise
         return result
