@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,15 +148,19 @@ class Verdicts:
     drops: list[Drop] = dataclasses.field(default_factory=list)
 
 
-def filter_records(records: list[dict[str, Any]], chain: FilterChain) -> Verdicts:
-    """Run the chain over ``records``; kept records may be changed in place (redacted)."""
+def filter_records(records: list[dict[str, Any]], chain: FilterChain, table: pa.Table | None = None) -> Verdicts:
+    """Run the chain over ``records``; kept records may be changed in place (redacted).
+
+    With ``table`` (the same rows as Arrow) each filter first narrows the rows it checks to its
+    :meth:`~pipeline.quality.base.Filter.candidates`; the verdicts are the same either way."""
     verdicts = Verdicts()
     # A filter that changes records counts each change (Filter.counts): that is how a changed
     # record is told from an unchanged one without comparing texts.
     transforming = [flt for flt in chain.filters if flt.transforms]
+    row_filters = _row_filters(chain, table, len(records)) if table is not None else None
     for row, record in enumerate(records):
         changes_before = sum(flt.counts.total() for flt in transforming)
-        drop = chain.apply(record)
+        drop = chain.apply(record, row_filters[row] if row_filters is not None else None)
         if drop is not None:
             verdicts.dropped_rows.append(row)
             verdicts.drops.append(drop)
@@ -164,6 +169,34 @@ def filter_records(records: list[dict[str, Any]], chain: FilterChain) -> Verdict
         if transforming and sum(flt.counts.total() for flt in transforming) != changes_before:
             verdicts.changed_rows.append(row)
     return verdicts
+
+
+def _row_filters(chain: FilterChain, table: pa.Table, num_rows: int) -> list[list[Filter]] | None:
+    """For each row, the chain's filters that may act on it (None: all of them, on every row).
+
+    Masks are taken from the batch as read, so only up to the first filter that changes records:
+    the filters after it see the changed text."""
+    masked: list[tuple[Filter, np.ndarray]] = []
+    for flt in chain.filters:
+        start = time.perf_counter()
+        mask = flt.candidates(table)
+        chain.seconds[flt.name] += time.perf_counter() - start
+        if mask is not None:
+            masked.append((flt, mask))
+        if flt.transforms:
+            break
+    if not masked:
+        return None
+    # The rows' mask combinations as bit sets: one filter list per combination (a handful).
+    keys = np.zeros(num_rows, np.int64)
+    for bit, (_, mask) in enumerate(masked):
+        keys |= mask.astype(np.int64) << bit
+    skipped_by = {id(flt): bit for bit, (flt, _) in enumerate(masked)}
+    lists = {
+        key: [flt for flt in chain.filters if id(flt) not in skipped_by or key >> skipped_by[id(flt)] & 1]
+        for key in np.unique(keys).tolist()
+    }
+    return [lists[key] for key in keys.tolist()]
 
 
 def kept_table(table: pa.Table, records: list[dict[str, Any]] | dict[int, dict[str, Any]], verdicts: Verdicts) -> pa.Table:
@@ -197,8 +230,9 @@ def _as_table(batch: pa.RecordBatch) -> pa.Table:
 
 def _judge(chain: FilterChain, table: pa.Table) -> tuple[Verdicts, dict[int, dict[str, Any]]]:
     """The chain's verdicts on a batch's rows, and the changed (redacted) records by row."""
-    records = table.select([schema.MESSAGES, schema.TOOLS]).to_pylist()  # what the filters read
-    verdicts = filter_records(records, chain)
+    table = table.select([schema.MESSAGES, schema.TOOLS])  # what the filters read
+    records = table.to_pylist()
+    verdicts = filter_records(records, chain, table)
     return verdicts, {row: records[row] for row in verdicts.changed_rows}
 
 

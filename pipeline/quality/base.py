@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline.stage import Drop
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
     from pipeline.config import QualityConfig
 
 
@@ -49,6 +52,16 @@ class Filter:
     def check(self, record: dict[str, Any]) -> Drop | None:
         raise NotImplementedError
 
+    def candidates(self, table: pa.Table) -> np.ndarray | None:
+        """The rows of a batch of canonical conversations (``messages``, ``tools``) this filter
+        might act on, as a boolean mask; None (the default) for all of them.
+
+        A vectorised test over the batch's Arrow columns, for a filter whose Python check would
+        find nothing on most rows: the chain does not call :meth:`check` on a row left out, so
+        the mask must be a necessary condition of every drop and every change the check makes.
+        """
+        return None
+
     def summary(self) -> dict[str, Any]:
         """Filter-specific figures for the stage statistics (e.g. redactions by kind)."""
         return {}
@@ -63,10 +76,11 @@ class FilterChain:
     dropped: Counter = field(default_factory=Counter)
     reasons: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
 
-    def apply(self, record: dict[str, Any]) -> Drop | None:
+    def apply(self, record: dict[str, Any], filters: list[Filter] | None = None) -> Drop | None:
+        """The first drop of ``filters`` (default: the whole chain) on ``record``, or None."""
         clock = time.perf_counter
         start = clock()
-        for flt in self.filters:
+        for flt in self.filters if filters is None else filters:
             drop = flt.check(record)
             end = clock()
             self.seconds[flt.name] += end - start

@@ -185,6 +185,67 @@ def test_pii_hints_hold_wherever_the_pattern_matches(pattern, hint):
     assert matched > 50
 
 
+ROWS_SCHEMA = pa.schema([schema.CONVERSATION_SCHEMA.field("messages"), schema.CONVERSATION_SCHEMA.field("tools")])
+
+
+@pytest.mark.parametrize("kinds", [["email", "phone", "ip"], ["phone"], ["email", "ip"]])
+def test_pii_batch_candidates_hold_every_row_the_check_changes(kinds):
+    """The Arrow (RE2) scan that spares most rows the Python check leaves out no row the check
+    would redact: Unicode digits, tool calls and later turns included."""
+    pool = list("0123456789abcdefABCDEF@.:-+() _x\n") + [
+        "٣",
+        "١٣٨",
+        "１",
+        "example.com",
+        "gmail.com",
+        "+44 ",
+        "8.8.",
+        ".255.",
+        "1.",
+        "0755-",
+    ]
+    rng = random.Random(7)
+    texts = iter(random_texts(pool, 40000, 24, seed=8))
+    records = []
+    for _ in range(4000):
+        turns = [("user", next(texts)), ("assistant", next(texts)), ("user", next(texts))]
+        messages = [schema.make_message(*turn) for turn in turns]
+        if rng.random() < 0.5:
+            messages[1]["tool_calls"] = '[{"name": "f", "arguments": {"to": "' + next(texts).replace("\\", "") + '"}}]'
+        records.append({"messages": messages, "tools": None})
+    table = pa.Table.from_pylist(records, schema=ROWS_SCHEMA)
+    redact = pii.PII(kinds=kinds)
+    mask = redact.candidates(table)
+    changed = 0
+    for row, record in enumerate(records):
+        if redact.check(record) is None and redact.counts.total() > changed:  # redacted something
+            changed = redact.counts.total()
+            assert mask[row], records[row]
+    assert changed > 50 and 0 < mask.sum() < len(records)  # both kinds of rows, many times
+
+
+def test_quality_verdicts_and_redactions_are_the_same_with_and_without_the_batch_scan():
+    from pipeline.quality import FilterChain, build_filters, filter_records
+
+    rng = random.Random(9)
+    replies = ["Mail me at ann.lee@gmail.com.", "Call +44 20 7946 0958 now.", "The server is 8.8.8.8.", "هاتف ٤١٥-٥٥٥-٠١٣٢", "Fine."]
+    records = []
+    for i in range(600):
+        reply = " ".join(rng.choices(replies, k=3)) + f" Answer number {i}."
+        records.append(
+            {"messages": [schema.make_message("user", f"Question {i}?"), schema.make_message("assistant", reply)], "tools": None}
+        )
+    table = pa.Table.from_pylist(records, schema=ROWS_SCHEMA)
+    plain, scanned = FilterChain(build_filters(SFTConfig().quality)), FilterChain(build_filters(SFTConfig().quality))
+    plain_records, scanned_records = table.to_pylist(), table.to_pylist()
+    expected = filter_records(plain_records, plain)
+    got = filter_records(scanned_records, scanned, table)
+    assert got == expected and scanned_records == plain_records
+    assert scanned.summary()["pii"]["redactions"] == plain.summary()["pii"]["redactions"]
+    redacted = " ".join(r["messages"][1]["content"] for r in scanned_records)
+    assert len(expected.changed_rows) > 300 and "هاتف <PHONE>" in redacted and "٤١٥" not in redacted
+
+
 def plain_refusal_match(refusal: flt.Refusal, text: str) -> bool:
     normal = flt._normalise(text)
     opening = normal[: refusal.refusal_window]
