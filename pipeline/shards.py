@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,6 +84,11 @@ def write_shards(
     entries: list[ShardEntry] = []
     with StageRun("shards") as run:
         files = _in_key_order(in_paths)
+        if files is not None and all(file.sorted and _is_arrow_ipc(file.path) for file in files):
+            # What the steps write: the shard files are cut first, then written side by side.
+            records_read, entries = _write_planned(files, data_dir, shard_config, metadata, start_index)
+            run.count(records_read, kept=sum(entry["records"] for entry in entries))
+            return WrittenShards(entries, run.stats)
         if files is None:  # the files' rows interleave: one global sort (not what the steps write)
             table = pa.concat_tables([read_tokenized(path) for path in in_paths]) if in_paths else None
             files = [table] if table is not None and table.num_rows else []
@@ -171,6 +177,167 @@ def _pieces(file: pa.Table | _InOrder) -> Iterator[pa.Table]:
                 yield pa.Table.from_batches([reader.get_batch(i)]).cast(schema.SHARD_SCHEMA)
     except (OSError, pa.ArrowInvalid, ValueError) as exc:
         raise ValueError(f"cannot read tokenized rows from {file.path}: {exc}") from exc
+
+
+# --- cut first, then write the files side by side ---------------------------------------------
+# The shard files of the usual run (work files in key order, Arrow IPC) are planned from the key
+# and length columns alone, with the cuts the streaming writer below makes, and then written by
+# one thread per core, a whole file each: Parquet encoding and compression are most of the stage
+# and release the GIL, and a file's bytes depend only on its rows. Each thread reads the record
+# batches its file needs one at a time, so memory stays a few batches per core.
+
+
+@dataclass
+class _FileJob:
+    """One planned shard file: its split and number, and its rows in order, as (work file, row)."""
+
+    split: str
+    number: int
+    files: np.ndarray
+    rows: np.ndarray
+    records: int
+    tokens: int
+    trainable_tokens: int
+
+
+def _write_planned(
+    files: list[_InOrder], data_dir: Path, config: ShardConfig, metadata: dict[bytes, bytes], start_index: dict[str, int]
+) -> tuple[int, list[ShardEntry]]:
+    """(records read, manifest entries) of the shard files of ``files``, written in parallel."""
+    records_read, jobs, batch_ends = _plan_files(files, config, start_index)
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if not jobs:
+        return records_read, []
+    with ThreadPoolExecutor(workers, thread_name_prefix="sftkit-shards") as pool:
+        futures = [pool.submit(_write_job, job, files, batch_ends, data_dir, config, metadata) for job in jobs]
+        try:
+            entries = [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()  # files not started stay unwritten; those being written finish or fail
+            raise
+    return records_read, entries
+
+
+def _plan_files(files: list[_InOrder], config: ShardConfig, start_index: dict[str, int]) -> tuple[int, list[_FileJob], list[np.ndarray]]:
+    """The records in ``files``, the shard files to write (split by split, in number order) and
+    each work file's record batch ends (cumulative rows), read from the key and length columns."""
+    columns = [schema.SOURCE, schema.SOURCE_INDEX, schema.ID, schema.LENGTH, schema.NUM_TRAINABLE]
+    parts: dict[str, list[tuple[np.ndarray, ...]]] = {split: [] for split in schema.SPLITS}
+    last: dict[str, tuple | None] = dict.fromkeys(schema.SPLITS)
+    batch_ends, records_read, previous = [], 0, None
+    for number, file in enumerate(files):
+        try:
+            with pa.memory_map(str(file.path)) as source:  # the columns read, not the file, are paged in
+                reader = pa.ipc.open_file(source)
+                batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+                batch_ends.append(np.cumsum([batch.num_rows for batch in batches], dtype=np.int64))
+                table = (
+                    pa.Table.from_batches(batches, reader.schema)
+                    .select(columns)
+                    .cast(pa.schema([schema.SHARD_SCHEMA.field(c) for c in columns]))
+                )
+                source_ = table.column(schema.SOURCE).to_numpy(zero_copy_only=False)
+                source_index = table.column(schema.SOURCE_INDEX).to_numpy()
+                lengths = table.column(schema.LENGTH).to_numpy()
+                trainable = table.column(schema.NUM_TRAINABLE).to_numpy()
+                ids = table.column(schema.ID).to_pylist()
+                del table, batches, reader
+        except (OSError, pa.ArrowInvalid, ValueError) as exc:
+            raise ValueError(f"cannot read tokenized rows from {file.path}: {exc}") from exc
+        rows = np.arange(len(ids))
+        splits = np.array([split_of(row_id, config.val_fraction) for row_id in ids])
+        if len(rows):
+            records_read += int(_starts_record(source_, source_index, rows, previous).sum())
+            previous = (source_[-1], source_index[-1])
+        for split in schema.SPLITS:
+            mine = rows[splits == split]
+            if not len(mine):
+                continue
+            starts = _starts_record(source_, source_index, mine, last[split])
+            last[split] = (source_[mine[-1]], source_index[mine[-1]])
+            parts[split].append((np.full(len(mine), number, np.int32), mine, starts, lengths[mine], trainable[mine]))
+    jobs = []
+    for split in schema.SPLITS:
+        if not parts[split]:
+            continue
+        file_of, rows, starts, lengths, trainable = (np.concatenate(column) for column in zip(*parts[split]))
+        record_starts = np.flatnonzero(starts)
+        number, start = start_index.get(split, 0), 0
+        while start < len(rows):  # a file ends at the first record start at or past target_rows rows
+            at = int(np.searchsorted(record_starts, start + config.target_rows, "left"))
+            end = int(record_starts[at]) if at < len(record_starts) else len(rows)
+            piece = slice(start, end)
+            jobs.append(
+                _FileJob(
+                    split,
+                    number,
+                    file_of[piece],
+                    rows[piece],
+                    int(starts[piece].sum()),
+                    int(lengths[piece].sum()),
+                    int(trainable[piece].sum()),
+                )
+            )
+            number, start = number + 1, end
+    return records_read, jobs, batch_ends
+
+
+def _write_job(
+    job: _FileJob, files: list[_InOrder], batch_ends: list[np.ndarray], data_dir: Path, config: ShardConfig, metadata: dict[bytes, bytes]
+) -> ShardEntry:
+    """(In a writer thread.) Write one planned shard file, atomically; its manifest entry."""
+    name = schema.shard_file_name(job.split, job.number)
+    arrow_schema = schema.SHARD_SCHEMA.with_metadata(
+        {**(schema.SHARD_SCHEMA.metadata or {}), **metadata, schema.META_SPLIT: job.split.encode()}
+    )
+    compression = None if config.compression == "none" else config.compression
+    step = config.row_group_rows
+    with atomic_path(data_dir / SHARDS_DIR / name) as tmp:
+        with pq.ParquetWriter(tmp, arrow_schema, compression=compression, write_statistics=True) as writer:
+            pending: list[pa.Table] = []
+            pending_rows = 0
+            for table, rows in _job_pieces(job, files, batch_ends):
+                while len(rows):  # row groups of row_group_rows rows from the file's start
+                    take = rows[: step - pending_rows]
+                    pending.append(gather_rows(table, take))
+                    pending_rows += len(take)
+                    rows = rows[len(take) :]
+                    if pending_rows == step:
+                        writer.write_table(pa.concat_tables(pending).combine_chunks(), row_group_size=step)
+                        pending, pending_rows = [], 0
+            if pending_rows:
+                writer.write_table(pa.concat_tables(pending).combine_chunks(), row_group_size=step)
+    return {
+        "path": f"{SHARDS_DIR}/{name}",
+        "split": job.split,
+        "rows": len(job.rows),
+        "records": job.records,
+        "tokens": job.tokens,
+        "trainable_tokens": job.trainable_tokens,
+        "sha256": sha256_file(data_dir / SHARDS_DIR / name),
+    }
+
+
+def _job_pieces(job: _FileJob, files: list[_InOrder], batch_ends: list[np.ndarray]) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """(record batch, rows of it) in the job's order, each batch read (not mapped) when needed."""
+    runs = np.flatnonzero(np.diff(job.files)) + 1
+    for first, last in zip([0, *runs.tolist()], [*runs.tolist(), len(job.files)]):
+        number = int(job.files[first])
+        rows, ends = job.rows[first:last], batch_ends[number]
+        path = files[number].path
+        try:
+            with pa.OSFile(str(path), "rb") as source:
+                reader = pa.ipc.open_file(source)
+                batch_of = np.searchsorted(ends, rows, "right")  # rows ascend: so do their batches
+                cuts = np.flatnonzero(np.diff(batch_of)) + 1
+                for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)]):
+                    index = int(batch_of[lo])
+                    offset = int(ends[index - 1]) if index else 0
+                    table = pa.Table.from_batches([reader.get_batch(index)]).cast(schema.SHARD_SCHEMA)
+                    yield table, rows[lo:hi] - offset
+        except (OSError, pa.ArrowInvalid, ValueError) as exc:
+            raise ValueError(f"cannot read tokenized rows from {path}: {exc}") from exc
 
 
 def _is_arrow_ipc(path: Path) -> bool:
