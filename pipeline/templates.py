@@ -143,6 +143,40 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     "alpaca": ALPACA,
 }
 
+# What add_generation_prompt appends in each built-in: the header its assistant turns open with
+# (Mistral's appends nothing; an assistant turn with text opens with a space there).
+BUILTIN_GENERATION_PROMPTS = {
+    "chatml": "<|im_start|>assistant\n",
+    "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "mistral": "",
+    "alpaca": "### Response:\n",
+}
+
+
+def builtin_prompt_end(template: Template, rendered: str, turn_start: int, message: dict[str, Any], has_tools: bool) -> int | None:
+    """Where the generation prompt before an assistant turn ends in ``rendered``, for a built-in
+    template, without rendering ``messages[:i]`` with ``add_generation_prompt``; None where this
+    is not derived (any other template; a first message; Mistral with tools, which lists them
+    before the last user turn of what it renders).
+
+    ``turn_start`` is where the turn's ``{% generation %}`` block starts and ``message`` the turn's
+    message as rendered. A built-in renders each message by itself, the system prompt and tools
+    from the first message and the tools alone, so the prompt is the rendering up to that turn's
+    header. Tests check ``rendered[:end]`` against the rendered prompt on many random
+    conversations for every built-in.
+    """
+    header = BUILTIN_GENERATION_PROMPTS.get(template.name)
+    if header is None or template.source != BUILTIN_TEMPLATES[template.name]:
+        return None
+    if header:
+        return turn_start if rendered.startswith(header, turn_start - len(header)) and turn_start >= len(header) else None
+    if has_tools:
+        return None
+    if message.get("content") or message.get("tool_calls"):
+        return turn_start - 1 if turn_start >= 1 and rendered[turn_start - 1] == " " else None
+    return turn_start
+
+
 # The end-of-turn marker each built-in closes an assistant turn with; "{eos}" is the tokenizer's EOS.
 BUILTIN_END_TOKENS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "{eos}", "alpaca": "{eos}"}
 

@@ -35,7 +35,7 @@ from pipeline.masking.results import Encoded
 from pipeline.masking.token_spans import token_start_from_bytes, tokens_from_bytes, tokens_from_offsets
 from pipeline.masking.verify import clip, metaspace, span_matches
 from pipeline.stage import Drop
-from pipeline.templates import KNOWN_END_TOKENS, Renderer, RenderTooLarge, Template, template_variables
+from pipeline.templates import KNOWN_END_TOKENS, Renderer, RenderTooLarge, Template, builtin_prompt_end, template_variables
 
 SPAN_METHODS = ("auto", "generation", "locate", "prefix")  # "prefix": the old name of "locate"
 
@@ -624,6 +624,12 @@ class Masker:
         if not selected:
             return None
         turn = selected[-1]
+        if prompt is None and turn.message_index > 0:
+            # a built-in template's prompt is the rendering up to the turn's header: not rendered again
+            end = builtin_prompt_end(self.template, rendered, turn.char_start, plain[turn.message_index], bool(tool_schemas))
+            if end is not None and self.use_generation:
+                row.prompt_length = end
+                return None
         if prompt is None:
             try:
                 prompt, _ = self._render(plain[: turn.message_index], tool_schemas, add_generation_prompt=True)
