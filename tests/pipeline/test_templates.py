@@ -118,6 +118,55 @@ def test_builtin_layouts(bpe_tokenizer, mistral_tokenizer):
     assert text(mistral_tokenizer, "alpaca") == "<s>### Instruction:\nWhat is 2+2?\n\n### Response:\n4.</s>\n\n"
 
 
+# The built-in Mistral template as it was written before, keeping its state in a namespace() as
+# Mistral's own templates do; the built-in finds the same two turns from the list of roles.
+MISTRAL_WITH_NAMESPACE = BUILTIN_TEMPLATES["mistral"].split("{%- for message in messages %}", 1)[1].replace(
+    "{%- if tools and loop.index0 == last_user %}", "{%- if tools and loop.index0 == ns.last_user %}"
+).replace(
+    "{%- if loop.index0 == first_user %}{{- '[INST] ' + messages[0]['content'] + '\\n\\n' + message['content'] + ' [/INST]' }}",
+    "{%- if ns.system %}{{- '[INST] ' + ns.system + message['content'] + ' [/INST]' }}{%- set ns.system = '' %}",
+)
+MISTRAL_WITH_NAMESPACE = (
+    "{%- if bos_token %}{{- bos_token }}{%- endif %}"
+    "{%- set ns = namespace(system='', last_user=-1) %}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set ns.system = messages[0]['content'] + '\\n\\n' %}{%- endif %}"
+    "{%- if tools %}{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.last_user = loop.index0 %}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{%- for message in messages %}" + MISTRAL_WITH_NAMESPACE
+)
+
+
+def test_builtin_mistral_renders_what_its_namespace_form_renders():
+    import random
+
+    from pipeline.templates import Renderer, Template
+
+    assert "ns.system" in MISTRAL_WITH_NAMESPACE and "ns.last_user" in MISTRAL_WITH_NAMESPACE
+    rng = random.Random(3)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    rendered = 0
+    for bos in ("<s>", ""):
+        variables = {"bos_token": bos, "eos_token": "</s>"}
+        ours, theirs = (Renderer(Template("mistral", source), variables) for source in (BUILTIN_TEMPLATES["mistral"], MISTRAL_WITH_NAMESPACE))
+        for _ in range(4000):
+            messages = []  # any order of roles, also the ones sftkit rejects before rendering
+            for _ in range(rng.randint(0, 6)):
+                role = rng.choice(["system", "user", "assistant", "tool", "user", "assistant"])
+                call = [{"function": {"name": "f", "arguments": {"a": 1}}}] if role == "assistant" and rng.random() < 0.3 else None
+                messages.append({"role": role, "content": rng.choice(["", "hi", " x ", "[/INST]", "a\n\nb"]), "tool_calls": call})
+            offered = tools if rng.random() < 0.4 else None
+            for prompt in (False, True):
+                outcomes = []
+                for renderer in (ours, theirs):
+                    try:
+                        outcomes.append(renderer.render(messages, offered, with_spans=True, add_generation_prompt=prompt))
+                    except Exception as exc:  # an empty conversation: both raise
+                        outcomes.append(type(exc).__name__)
+                assert outcomes[0] == outcomes[1], (messages, offered)
+                rendered += isinstance(outcomes[0], tuple)
+    assert rendered > 12000
+
+
 @pytest.mark.parametrize("name", ["auto", *BUILTIN_TEMPLATES])
 def test_tools_and_tool_calls_are_passed_through(bpe_tokenizer, name):
     template = resolve_template(bpe_tokenizer, TemplateConfig(name=name))
