@@ -156,25 +156,28 @@ BUILTIN_GENERATION_PROMPTS = {
 }
 
 
-def builtin_prompt_end(template: Template, rendered: str, turn_start: int, message: dict[str, Any], has_tools: bool) -> int | None:
-    """Where the generation prompt before an assistant turn ends in ``rendered``, for a built-in
-    template, without rendering ``messages[:i]`` with ``add_generation_prompt``; None where this
-    is not derived (any other template; a first message; Mistral with tools, which lists them
-    before the last user turn of what it renders).
+def builtin_prompt_end(
+    template: Template, rendered: str, turn_start: int, messages: list[dict[str, Any]], index: int, has_tools: bool
+) -> int | None:
+    """Where the generation prompt before assistant turn ``messages[index]`` ends in ``rendered``
+    (the rendering of ``messages``), for a built-in template, without rendering ``messages[:index]``
+    with ``add_generation_prompt``; None where this is not derived (any other template; a first
+    message; Mistral with tools and a user turn after this one: it lists the tools before the last
+    user turn of what it renders).
 
-    ``turn_start`` is where the turn's ``{% generation %}`` block starts and ``message`` the turn's
-    message as rendered. A built-in renders each message by itself, the system prompt and tools
-    from the first message and the tools alone, so the prompt is the rendering up to that turn's
-    header. Tests check ``rendered[:end]`` against the rendered prompt on many random
-    conversations for every built-in.
+    ``turn_start`` is where the turn's ``{% generation %}`` block starts. A built-in renders each
+    message by itself, the system prompt and tools from the first message and the tools alone,
+    so the prompt is the rendering up to that turn's header. Tests check ``rendered[:end]``
+    against the rendered prompt on many random conversations for every built-in.
     """
     header = BUILTIN_GENERATION_PROMPTS.get(template.name)
-    if header is None or template.source != BUILTIN_TEMPLATES[template.name]:
+    if header is None or template.source != BUILTIN_TEMPLATES[template.name] or index < 1:
         return None
     if header:
         return turn_start if rendered.startswith(header, turn_start - len(header)) and turn_start >= len(header) else None
-    if has_tools:
+    if has_tools and any(message["role"] == "user" for message in messages[index + 1 :]):
         return None
+    message = messages[index]
     if message.get("content") or message.get("tool_calls"):
         return turn_start - 1 if turn_start >= 1 and rendered[turn_start - 1] == " " else None
     return turn_start

@@ -626,7 +626,7 @@ class Masker:
         turn = selected[-1]
         if prompt is None and turn.message_index > 0:
             # a built-in template's prompt is the rendering up to the turn's header: not rendered again
-            end = builtin_prompt_end(self.template, rendered, turn.char_start, plain[turn.message_index], bool(tool_schemas))
+            end = builtin_prompt_end(self.template, rendered, turn.char_start, plain, turn.message_index, bool(tool_schemas))
             if end is not None and self.use_generation:
                 row.prompt_length = end
                 return None

@@ -120,11 +120,14 @@ def test_builtin_layouts(bpe_tokenizer, mistral_tokenizer):
 
 # The built-in Mistral template as it was written before, keeping its state in a namespace() as
 # Mistral's own templates do; the built-in finds the same two turns from the list of roles.
-MISTRAL_WITH_NAMESPACE = BUILTIN_TEMPLATES["mistral"].split("{%- for message in messages %}", 1)[1].replace(
-    "{%- if tools and loop.index0 == last_user %}", "{%- if tools and loop.index0 == ns.last_user %}"
-).replace(
-    "{%- if loop.index0 == first_user %}{{- '[INST] ' + messages[0]['content'] + '\\n\\n' + message['content'] + ' [/INST]' }}",
-    "{%- if ns.system %}{{- '[INST] ' + ns.system + message['content'] + ' [/INST]' }}{%- set ns.system = '' %}",
+MISTRAL_WITH_NAMESPACE = (
+    BUILTIN_TEMPLATES["mistral"]
+    .split("{%- for message in messages %}", 1)[1]
+    .replace("{%- if tools and loop.index0 == last_user %}", "{%- if tools and loop.index0 == ns.last_user %}")
+    .replace(
+        "{%- if loop.index0 == first_user %}{{- '[INST] ' + messages[0]['content'] + '\\n\\n' + message['content'] + ' [/INST]' }}",
+        "{%- if ns.system %}{{- '[INST] ' + ns.system + message['content'] + ' [/INST]' }}{%- set ns.system = '' %}",
+    )
 )
 MISTRAL_WITH_NAMESPACE = (
     "{%- if bos_token %}{{- bos_token }}{%- endif %}"
@@ -147,7 +150,9 @@ def test_builtin_mistral_renders_what_its_namespace_form_renders():
     rendered = 0
     for bos in ("<s>", ""):
         variables = {"bos_token": bos, "eos_token": "</s>"}
-        ours, theirs = (Renderer(Template("mistral", source), variables) for source in (BUILTIN_TEMPLATES["mistral"], MISTRAL_WITH_NAMESPACE))
+        ours, theirs = (
+            Renderer(Template("mistral", source), variables) for source in (BUILTIN_TEMPLATES["mistral"], MISTRAL_WITH_NAMESPACE)
+        )
         for _ in range(4000):
             messages = []  # any order of roles, also the ones sftkit rejects before rendering
             for _ in range(rng.randint(0, 6)):

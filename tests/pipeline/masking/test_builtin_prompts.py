@@ -73,7 +73,7 @@ def test_the_derived_prompt_is_the_rendered_prompt(name, bos):
         for index, (start, _) in zip(assistants, spans):
             if index == 0:
                 continue
-            end = builtin_prompt_end(template, rendered, start, messages[index], bool(tools))
+            end = builtin_prompt_end(template, rendered, start, messages, index, bool(tools))
             if end is None:
                 declined += 1
                 continue
@@ -83,7 +83,7 @@ def test_the_derived_prompt_is_the_rendered_prompt(name, bos):
             assert not rendered[end:start].strip()
     assert derived > 1000
     if name == "mistral":
-        assert declined > 100  # with tools: rendered, since Mistral lists them before the last user turn
+        assert declined > 100  # tools and a later user turn: rendered, since Mistral lists them before the last one
     else:
         assert declined == 0
 
@@ -92,8 +92,17 @@ def test_only_the_built_in_text_is_derived():
     source = BUILTIN_TEMPLATES["chatml"].replace("assistant\\n", "assistant\\n\\n")
     rendered = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n\nHello<|im_end|>\n"
     message = {"role": "assistant", "content": "Hello"}
-    assert builtin_prompt_end(Template("chatml", source), rendered, rendered.index("Hello"), message, False) is None
-    assert builtin_prompt_end(Template("auto", BUILTIN_TEMPLATES["chatml"]), rendered, 40, message, False) is None
+    messages = [{"role": "user", "content": "Hi"}, message]
+    assert builtin_prompt_end(Template("chatml", source), rendered, rendered.index("Hello"), messages, 1, False) is None
+    assert builtin_prompt_end(Template("auto", BUILTIN_TEMPLATES["chatml"]), rendered, 40, messages, 1, False) is None
+    builtin = rendered.replace("assistant\n\n", "assistant\n")
+    assert builtin_prompt_end(
+        Template("chatml", BUILTIN_TEMPLATES["chatml"]), builtin, builtin.index("Hello"), messages, 1, False
+    ) == builtin.index("Hello")
+    # ... but not where the header is not right before the turn
+    assert (
+        builtin_prompt_end(Template("chatml", BUILTIN_TEMPLATES["chatml"]), rendered, rendered.index("Hello"), messages, 1, False) is None
+    )
 
 
 def _table(rng: random.Random, count: int) -> pa.Table:
