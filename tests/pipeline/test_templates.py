@@ -229,3 +229,49 @@ def test_rich_objects_in_the_data_reach_the_template_as_plain_values(bpe_tokeniz
     messages = [make_message("user", np.str_("hello")), make_message("assistant", np.str_("hi"))]
     Masker(bpe_tokenizer, template, max_length=512).encode(messages)
     assert not target.exists()
+
+
+def test_builtin_mistral_in_python_renders_what_its_jinja_renders():
+    """The built-in mistral template is rendered in Python for the conversations sftkit passes:
+    the same text and generation spans as its Jinja, or the Jinja itself for anything else."""
+    import random
+
+    from pipeline.templates import Renderer, RenderTooLarge, Template
+
+    rng = random.Random(5)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"q": "é"}}}]
+    contents = ["", "hi", " x ", "[/INST]", "a\n\nb", "你好", None, 7]
+    arguments = ['{"a": 1}', {"a": 1, "b": [1.5, None, "ü"]}, {"a": (1, 2)}, None, 3]
+    natives = 0
+    for bos in ("<s>", ""):
+        variables = {"bos_token": bos, "eos_token": "</s>"}
+        python = Renderer(Template("mistral", BUILTIN_TEMPLATES["mistral"]), variables)
+        jinja = Renderer(Template("mistral", BUILTIN_TEMPLATES["mistral"]), variables)
+        jinja._native_tokens = None
+        assert python._native_tokens is not None
+        for _ in range(6000):
+            messages = []
+            for _ in range(rng.randint(0, 6)):
+                role = rng.choice(["system", "user", "assistant", "tool", "user", "assistant", "developer"])
+                message = {"role": role, "content": rng.choice(contents) if rng.random() < 0.1 else rng.choice(contents[:6])}
+                if role == "assistant" and rng.random() < 0.4:
+                    calls = []
+                    for _ in range(rng.randint(0, 2)):
+                        function = {"name": rng.choice(["f", "g"]) if rng.random() < 0.95 else None, "arguments": rng.choice(arguments)}
+                        calls.append({"type": "function", "function": function} if rng.random() < 0.7 else function)
+                    message["tool_calls"] = calls
+                messages.append(message)
+            offered = rng.choice([None, [], tools])
+            for prompt in (False, True):
+                outcomes = []
+                for renderer in (python, jinja):
+                    try:
+                        outcomes.append(renderer.render(messages, offered, with_spans=True, add_generation_prompt=prompt))
+                    except Exception as exc:
+                        outcomes.append(type(exc).__name__)
+                assert outcomes[0] == outcomes[1], (messages, offered)
+            natives += isinstance(outcomes[0], tuple) and len(outcomes[0][1]) > 0
+    assert natives > 4000
+    small = Renderer(Template("mistral", BUILTIN_TEMPLATES["mistral"]), {"bos_token": "<s>", "eos_token": "</s>"}, max_chars=20)
+    with pytest.raises(RenderTooLarge, match="passed 20 characters"):
+        small.render([{"role": "user", "content": "a long question, longer than twenty characters"}])
