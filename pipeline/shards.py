@@ -230,26 +230,28 @@ def _plan_files(files: list[_InOrder], config: ShardConfig, start_index: dict[st
         try:
             with pa.memory_map(str(file.path)) as source:  # the columns read, not the file, are paged in
                 reader = pa.ipc.open_file(source)
-                batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-                batch_ends.append(np.cumsum([batch.num_rows for batch in batches], dtype=np.int64))
-                table = (
-                    pa.Table.from_batches(batches, reader.schema)
-                    .select(columns)
-                    .cast(pa.schema([schema.SHARD_SCHEMA.field(c) for c in columns]))
-                )
+                keys, sizes = [], []
+                for i in range(reader.num_record_batches):  # one at a time: a compressed batch is decoded whole
+                    batch = reader.get_batch(i)
+                    sizes.append(batch.num_rows)
+                    keys.append(pa.Table.from_batches([batch.select(columns)]))
+                    del batch
+                batch_ends.append(np.cumsum(sizes, dtype=np.int64))
+                # (every file here has rows: _in_key_order leaves out the empty ones)
+                table = pa.concat_tables(keys).cast(pa.schema([schema.SHARD_SCHEMA.field(c) for c in columns]))
+                del keys, reader
                 source_ = table.column(schema.SOURCE).to_numpy(zero_copy_only=False)
                 source_index = table.column(schema.SOURCE_INDEX).to_numpy()
                 lengths = table.column(schema.LENGTH).to_numpy()
                 trainable = table.column(schema.NUM_TRAINABLE).to_numpy()
                 ids = table.column(schema.ID).to_pylist()
-                del table, batches, reader
+                del table
         except (OSError, pa.ArrowInvalid, ValueError) as exc:
             raise ValueError(f"cannot read tokenized rows from {file.path}: {exc}") from exc
         rows = np.arange(len(ids))
         splits = np.array([split_of(row_id, config.val_fraction) for row_id in ids])
-        if len(rows):
-            records_read += int(_starts_record(source_, source_index, rows, previous).sum())
-            previous = (source_[-1], source_index[-1])
+        records_read += int(_starts_record(source_, source_index, rows, previous).sum())
+        previous = (source_[-1], source_index[-1])
         for split in schema.SPLITS:
             mine = rows[splits == split]
             if not len(mine):
