@@ -289,36 +289,17 @@ def _write_job(
     job: _FileJob, files: list[_InOrder], batch_ends: list[np.ndarray], data_dir: Path, config: ShardConfig, metadata: dict[bytes, bytes]
 ) -> ShardEntry:
     """(In a writer thread.) Write one planned shard file, atomically; its manifest entry."""
-    name = schema.shard_file_name(job.split, job.number)
-    arrow_schema = schema.SHARD_SCHEMA.with_metadata(
-        {**(schema.SHARD_SCHEMA.metadata or {}), **metadata, schema.META_SPLIT: job.split.encode()}
-    )
-    compression = None if config.compression == "none" else config.compression
-    step = config.row_group_rows
-    with atomic_path(data_dir / SHARDS_DIR / name) as tmp:
-        with pq.ParquetWriter(tmp, arrow_schema, compression=compression, write_statistics=True) as writer:
-            pending: list[pa.Table] = []
-            pending_rows = 0
+    path = f"{SHARDS_DIR}/{schema.shard_file_name(job.split, job.number)}"
+    groups = _RowGroups(config.row_group_rows)
+    with atomic_path(data_dir / path) as tmp:
+        with _parquet_writer(tmp, {**metadata, schema.META_SPLIT: job.split.encode()}, config) as writer:
             for table, rows in _job_pieces(job, files, batch_ends):
-                while len(rows):  # row groups of row_group_rows rows from the file's start
-                    take = rows[: step - pending_rows]
-                    pending.append(gather_rows(table, take))
-                    pending_rows += len(take)
-                    rows = rows[len(take) :]
-                    if pending_rows == step:
-                        writer.write_table(pa.concat_tables(pending).combine_chunks(), row_group_size=step)
-                        pending, pending_rows = [], 0
-            if pending_rows:
-                writer.write_table(pa.concat_tables(pending).combine_chunks(), row_group_size=step)
-    return {
-        "path": f"{SHARDS_DIR}/{name}",
-        "split": job.split,
-        "rows": len(job.rows),
-        "records": job.records,
-        "tokens": job.tokens,
-        "trainable_tokens": job.trainable_tokens,
-        "sha256": sha256_file(data_dir / SHARDS_DIR / name),
-    }
+                for group in groups.add(table, rows):
+                    writer.write_table(group, row_group_size=config.row_group_rows)
+            if (group := groups.rest()) is not None:
+                writer.write_table(group, row_group_size=config.row_group_rows)
+    counts = {"rows": len(job.rows), "records": job.records, "tokens": job.tokens, "trainable_tokens": job.trainable_tokens}
+    return _entry(data_dir, path, job.split, counts)
 
 
 def _job_pieces(job: _FileJob, files: list[_InOrder], batch_ends: list[np.ndarray]) -> Iterator[tuple[pa.Table, np.ndarray]]:
@@ -340,6 +321,47 @@ def _job_pieces(job: _FileJob, files: list[_InOrder], batch_ends: list[np.ndarra
                     yield table, rows[lo:hi] - offset
         except (OSError, pa.ArrowInvalid, ValueError) as exc:
             raise ValueError(f"cannot read tokenized rows from {path}: {exc}") from exc
+
+
+def _parquet_writer(path: Path, metadata: dict[bytes, bytes], config: ShardConfig) -> pq.ParquetWriter:
+    """A shard file's writer: :data:`schema.SHARD_SCHEMA` with ``metadata`` (the split's included)."""
+    arrow_schema = schema.SHARD_SCHEMA.with_metadata({**(schema.SHARD_SCHEMA.metadata or {}), **metadata})
+    compression = None if config.compression == "none" else config.compression
+    return pq.ParquetWriter(path, arrow_schema, compression=compression, write_statistics=True)
+
+
+def _entry(data_dir: Path, path: str, split: str, counts: dict[str, int]) -> ShardEntry:
+    """A finished shard file's manifest entry (``counts``: rows, records, tokens, trainable_tokens)."""
+    return {"path": path, "split": split, **counts, "sha256": sha256_file(data_dir / path)}
+
+
+class _RowGroups:
+    """Rows gathered into row groups of ``size`` rows counted from a file's start, each one
+    contiguous chunk, so a file's bytes depend only on its rows."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._pending: list[pa.Table] = []
+        self._rows = 0
+
+    def add(self, table: pa.Table, rows: np.ndarray) -> Iterator[pa.Table]:
+        """Add ``rows`` of ``table``; yields each row group they fill (consume it whole)."""
+        while len(rows):
+            take = rows[: self.size - self._rows]
+            self._pending.append(gather_rows(table, take))
+            self._rows += len(take)
+            rows = rows[len(take) :]
+            if self._rows == self.size:
+                yield self._take()
+
+    def rest(self) -> pa.Table | None:
+        """The last, partial row group, if any rows wait."""
+        return self._take() if self._rows else None
+
+    def _take(self) -> pa.Table:
+        group = pa.concat_tables(self._pending).combine_chunks()
+        self._pending, self._rows = [], 0
+        return group
 
 
 def _is_arrow_ipc(path: Path) -> bool:
@@ -416,13 +438,11 @@ class _SplitWriter:
         self.split, self.data_dir, self.config, self.background = split, data_dir, config, background
         self.metadata = {**metadata, schema.META_SPLIT: split.encode()}
         self.number = first_number
-        self.compression = None if config.compression == "none" else config.compression
         self.entries: list[Future] = []  # each file's manifest entry, once the thread finished it
         self.last_record: tuple | None = None
         self._stack: contextlib.ExitStack | None = None
         self._writer: pq.ParquetWriter | None = None
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
+        self._groups = _RowGroups(config.row_group_rows)
         self._file: dict = {}
 
     def add(self, table: pa.Table, rows: np.ndarray, new_record: np.ndarray, source: np.ndarray, source_index: np.ndarray) -> None:
@@ -454,20 +474,15 @@ class _SplitWriter:
         self.last_record = (source[last], source_index[last])
 
     def _append(self, table: pa.Table, rows: np.ndarray) -> None:
-        step = self.config.row_group_rows
-        while len(rows):
-            take = rows[: step - self._pending_rows]
-            self._pending.append(gather_rows(table, take))
-            self._pending_rows += len(take)
-            rows = rows[len(take) :]
-            if self._pending_rows == step:
-                self._flush()
+        for group in self._groups.add(table, rows):
+            self._write(group)
 
     def _flush(self) -> None:
-        if self._pending_rows:
-            group = pa.concat_tables(self._pending).combine_chunks()
-            self.background.submit(functools.partial(self._writer.write_table, group, row_group_size=self.config.row_group_rows))
-        self._pending, self._pending_rows = [], 0
+        if (group := self._groups.rest()) is not None:
+            self._write(group)
+
+    def _write(self, group: pa.Table) -> None:
+        self.background.submit(functools.partial(self._writer.write_table, group, row_group_size=self.config.row_group_rows))
 
     def _open(self) -> None:
         if self._writer is not None:
@@ -476,8 +491,7 @@ class _SplitWriter:
         self._file = {"path": f"{SHARDS_DIR}/{name}", "rows": 0, "records": 0, "tokens": 0, "trainable_tokens": 0}
         self._stack = contextlib.ExitStack()
         tmp = self._stack.enter_context(atomic_path(self.data_dir / SHARDS_DIR / name))
-        arrow_schema = schema.SHARD_SCHEMA.with_metadata({**(schema.SHARD_SCHEMA.metadata or {}), **self.metadata})
-        self._writer = pq.ParquetWriter(tmp, arrow_schema, compression=self.compression, write_statistics=True)
+        self._writer = _parquet_writer(tmp, self.metadata, self.config)
 
     def _finish_file(self) -> None:
         if self._writer is None:
@@ -497,16 +511,7 @@ class _SplitWriter:
                 stack.__exit__(type(exc), exc, exc.__traceback__)  # removes the temporary file
             raise
         stack.close()  # syncs and renames the finished file into place
-        path = self.data_dir / file["path"]
-        return {
-            "path": file["path"],
-            "split": self.split,
-            "rows": file["rows"],
-            "records": file["records"],
-            "tokens": file["tokens"],
-            "trainable_tokens": file["trainable_tokens"],
-            "sha256": sha256_file(path),
-        }
+        return _entry(self.data_dir, file["path"], self.split, {k: v for k, v in file.items() if k != "path"})
 
     def close(self) -> list[ShardEntry]:
         self._finish_file()

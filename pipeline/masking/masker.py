@@ -624,10 +624,10 @@ class Masker:
         if not selected:
             return None
         turn = selected[-1]
-        if prompt is None and turn.message_index > 0:
+        if prompt is None and self.use_generation:
             # a built-in template's prompt is the rendering up to the turn's header: not rendered again
             end = builtin_prompt_end(self.template, rendered, turn.char_start, plain, turn.message_index, bool(tool_schemas))
-            if end is not None and self.use_generation:
+            if end is not None:
                 row.prompt_length = end
                 return None
         if prompt is None:
