@@ -168,7 +168,8 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
         " (tokenizer, template or config changed: rebuilding)" if plan.rebuild else "",
     )
     begin_task(plan)
-    ingest_results = _mapped(ingest_task, plan.inputs, plan)
+    with steps.reusing_workers():  # the ingest tasks' worker processes serve one input after another
+        ingest_results = _mapped(ingest_task, plan.inputs, plan)
     dedup_result = _dedup(plan, ingest_results)
     chunks = list(range(len(dedup_result.outputs)))
     # On this process's threads each chunk's quality and tokenize steps already use every core
@@ -176,7 +177,8 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
     # the cores and holding two chunks' batches in memory. Other runners place the tasks themselves.
     one_machine = _one_machine()
     if one_machine:
-        quality_results = [quality_task(plan, dedup_result, chunk) for chunk in chunks]
+        with steps.reusing_workers():  # one set of quality workers for all the chunks
+            quality_results = [quality_task(plan, dedup_result, chunk) for chunk in chunks]
     else:
         quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]
     plan = fingerprints_task(plan)  # a first build's, its tokenizer loaded meanwhile

@@ -515,6 +515,15 @@ def run_dedup(
     return _cached_step(plan, "dedup", key, dedup_stage, in_paths, out_paths, **options)
 
 
+def reusing_workers() -> contextlib.AbstractContextManager[None]:
+    """Within this block, steps run one after another reuse their worker processes
+    (:func:`pipeline.workers.reusing`): a run's quality steps, a flow's ingest tasks. Closed
+    when it ends, so the workers do not sit beside the tokenizer process."""
+    from pipeline import workers
+
+    return workers.reusing()
+
+
 def _quality_verdict(plan: RunPlan):
     """Would the quality stage keep a record? Dedup keeps such a copy of a duplicate group
     (:class:`pipeline.quality.Verdict`: one record, or many in worker processes)."""
@@ -720,11 +729,12 @@ def in_worker_process(step: Callable[..., Any], *args: Any, input_bytes: int) ->
     """``step(*args)`` in a worker process of its own when its input has ``input_bytes`` of
     :data:`_BYTES_FOR_WORKERS` or more, else here. For callers that run steps side by side in
     threads (Prefect's thread task runner), where Python steps would share one core."""
-    from pipeline.workers import WorkerPool
+    from pipeline import workers
 
     if input_bytes < _BYTES_FOR_WORKERS:
         return step(*args)
-    with WorkerPool(None, "pipeline.steps:_run_in_worker", (), 1) as pool:
+    # inside workers.reusing() (a flow's ingest tasks) a process serves one step after another
+    with workers.pool(None, "pipeline.steps:_run_in_worker", (), 1) as pool:
         [result] = pool.map([(step.__name__, args)])
     return result
 
@@ -880,9 +890,10 @@ def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: S
     dedup_result = run_dedup(plan, ingest_results, signature_paths)
     notify("dedup", 1, 1)
     quality_results = []
-    for chunk in range(len(dedup_result.outputs)):
-        quality_results.append(run_quality(plan, dedup_result, chunk))
-        notify("quality", chunk + 1, len(dedup_result.outputs))
+    with reusing_workers():  # one set of quality workers for all the chunks
+        for chunk in range(len(dedup_result.outputs)):
+            quality_results.append(run_quality(plan, dedup_result, chunk))
+            notify("quality", chunk + 1, len(dedup_result.outputs))
     plan = with_fingerprints(plan)
     tokenize_results = []
     for i, upstream in enumerate(quality_results):

@@ -27,6 +27,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -96,6 +97,7 @@ class WorkerPool:
         if "ARROW_DEFAULT_MEMORY_POOL" not in env and _has_jemalloc():
             env["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"  # see flows._env: 110-180 MiB less per stage
         self._workers: list[subprocess.Popen] = []
+        self._in_flight = 0
         try:
             for _ in range(max(1, num_proc)):
                 worker = subprocess.Popen(
@@ -130,6 +132,7 @@ class WorkerPool:
             _send(worker.stdin, item)
         except BrokenPipeError as exc:
             raise self._died(worker) from exc
+        self._in_flight += 1
         return True
 
     def _answer(self, worker: subprocess.Popen) -> Any:
@@ -137,6 +140,7 @@ class WorkerPool:
             ok, value = _receive(worker.stdout)
         except (EOFError, pickle.UnpicklingError, ValueError) as exc:
             raise self._died(worker) from exc
+        self._in_flight -= 1
         if not ok:
             raise value
         return value
@@ -153,6 +157,15 @@ class WorkerPool:
                     ", which is what the out-of-memory killer sends" if code == -signal.SIGKILL else ""
                 )
         return WorkerError(f"a worker process (pid {worker.pid}) stopped answering ({how}); see its messages above")
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.pid for worker in self._workers]
+
+    @property
+    def idle(self) -> bool:
+        """Whether every item sent was answered and the workers still run: the pool can serve another map."""
+        return self._in_flight == 0 and bool(self._workers) and all(w.poll() is None for w in self._workers)
 
     def close(self) -> None:
         for worker in self._workers:
@@ -177,6 +190,60 @@ class WorkerPool:
 
 
 _DONE = object()
+
+
+# --- pools kept for a run ---------------------------------------------------------------------
+# A stage that runs once per chunk (quality), or a step run once per input file in a process of
+# its own (a flow's ingest), would start its worker processes again each time: 0.3 s of wall
+# time and half a CPU-second of imports for two workers, twenty times in a 1M-conversation run.
+# Inside reusing(), pool() hands a pool that answered all its items back to the next caller
+# with the same arguments; the outermost block closes what is left.
+_IDLE: dict[tuple, list[WorkerPool]] = {}
+_REUSING = 0
+_IDLE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def reusing() -> Iterator[None]:
+    """Within this block (on any thread), :func:`pool` keeps finished pools for the next caller
+    with the same arguments instead of closing them; the outermost block closes them."""
+    global _REUSING
+    with _IDLE_LOCK:
+        _REUSING += 1
+    try:
+        yield
+    finally:
+        with _IDLE_LOCK:
+            _REUSING -= 1
+            closing = [p for pools in _IDLE.values() for p in pools] if _REUSING == 0 else []
+            if _REUSING == 0:
+                _IDLE.clear()
+        for worker_pool in closing:
+            worker_pool.close()
+
+
+@contextlib.contextmanager
+def pool(initializer: str | None, task: str, init_args: tuple, num_proc: int) -> Iterator[WorkerPool]:
+    """A :class:`WorkerPool` for the block: inside :func:`reusing`, one a block with the same
+    arguments left idle (its workers initialised once), and handed back when the block ends
+    with every item answered; otherwise a new one, closed when the block ends. A pool whose
+    block raised, or left items unanswered, is closed, never handed on."""
+    key = (initializer, task, init_args, max(1, num_proc))
+    with _IDLE_LOCK:
+        idle = _IDLE.get(key)
+        found = idle.pop() if idle else None
+    worker_pool = found if found is not None else WorkerPool(*key)
+    reusable = False
+    try:
+        yield worker_pool
+        reusable = worker_pool.idle
+    finally:
+        with _IDLE_LOCK:
+            keep = reusable and _REUSING > 0
+            if keep:
+                _IDLE.setdefault(key, []).append(worker_pool)
+        if not keep:
+            worker_pool.close()
 
 
 def main() -> None:

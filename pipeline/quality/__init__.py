@@ -123,10 +123,10 @@ class Verdict:
         if count < _VERDICT_ROWS_FOR_WORKERS or num_proc <= 1:
             answers = (_passes_of(self.filters(), batch) for batch in batches)
             return np.concatenate([np.zeros(0, bool), *answers])
-        from pipeline.workers import WorkerPool
+        from pipeline import workers
 
         init_args = (self.config.model_dump_json(), self.tokenizer)
-        with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_passes_in_worker", init_args, num_proc) as pool:
+        with workers.pool("pipeline.quality:_init_worker", "pipeline.quality:_passes_in_worker", init_args, num_proc) as pool:
             return np.concatenate([np.zeros(0, bool), *pool.map(batches)])
 
 
@@ -297,10 +297,11 @@ def _judged_in_workers(
 ) -> Iterator[tuple[Verdicts, dict[int, dict[str, Any]], dict]]:
     """Batches filtered in ``num_proc`` worker processes (:mod:`pipeline.workers`), results in
     input order, so the output does not depend on the number of workers."""
-    from pipeline.workers import WorkerPool
+    from pipeline import workers
 
     init_args = (config.model_dump_json(), tokenizer)
-    with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", init_args, num_proc) as pool:
+    # inside workers.reusing() (a run's quality steps, one per chunk) the workers start once
+    with workers.pool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", init_args, num_proc) as pool:
         yield from pool.map(batches)
 
 
@@ -356,7 +357,9 @@ def quality_stage(
             batches, to_workers = itertools.tee(source.iter_batches(batch_size=batch_size))
             judged = _judged_in_workers(to_workers, num_proc, config, tokenizer)
             stack.enter_context(contextlib.closing(judged))  # the workers stop with the stage, error or not
-            results = ((_as_table(batch), *answer) for batch, answer in zip(batches, judged))
+            # judged first: its last next() ends the workers' map, so their pool is left idle
+            # (and inside workers.reusing() handed on to the next chunk) rather than abandoned
+            results = ((_as_table(batch), *answer) for answer, batch in zip(judged, batches))
         else:
             tables = (_as_table(batch) for batch in source.iter_batches(batch_size=batch_size))
             results = ((table, *_judge(chain, table), None) for table in tables)

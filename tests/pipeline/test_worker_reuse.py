@@ -1,0 +1,92 @@
+"""Worker processes kept for a run (pipeline.workers.reusing): a stage run once per chunk starts
+its workers once, hands on only a pool that answered everything, and leaves no process behind."""
+
+from __future__ import annotations
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import workers
+from pipeline.config import SFTConfig
+from pipeline.quality import quality_stage
+from tests.pipeline.quality.test_workers import write_conversations
+
+# any function of sftkit's pipeline that takes one item and answers it
+TASK = (None, "pipeline.schema:messages_for_template", (), 2)
+ITEMS = [[{"role": "user", "content": f"q{i}", "name": None, "tool_calls": None, "train": None}] for i in range(6)]
+
+
+def exited(pids: list[int]) -> bool:
+    return all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in pids)
+
+
+def test_inside_reusing_a_pool_that_answered_everything_serves_the_next_block():
+    with workers.reusing():
+        with workers.pool(*TASK) as pool:
+            first = pool.pids
+            assert len(list(pool.map(ITEMS))) == 6
+        assert not exited(first)  # idle, kept for the next caller
+        with workers.pool(*TASK) as pool:
+            assert pool.pids == first
+            assert [m[0]["content"] for m in pool.map(ITEMS)] == [f"q{i}" for i in range(6)]
+        with workers.pool(None, TASK[1], (), 1) as other:  # other arguments: a pool of its own
+            assert set(other.pids).isdisjoint(first)
+            list(other.map(ITEMS))
+        second = other.pids
+    assert exited(first) and exited(second)  # the block's end closes what it kept
+
+
+def test_outside_reusing_each_block_has_its_own_workers_and_closes_them():
+    with workers.pool(*TASK) as pool:
+        first = pool.pids
+        list(pool.map(ITEMS))
+    assert exited(first)
+    with workers.pool(*TASK) as pool:
+        assert set(pool.pids).isdisjoint(first)
+        list(pool.map(ITEMS))
+
+
+def test_a_pool_left_with_items_in_flight_or_an_error_is_closed_not_handed_on():
+    with workers.reusing():
+        with workers.pool(*TASK) as pool:
+            abandoned = pool.pids
+            answers = pool.map(ITEMS)
+            next(answers)  # two more items are with the workers when the block ends
+            answers.close()
+        assert exited(abandoned)
+        with pytest.raises(RuntimeError, match="stop"):
+            with workers.pool(*TASK) as pool:
+                failed = pool.pids
+                list(pool.map(ITEMS))
+                raise RuntimeError("stop")
+        assert exited(failed)
+        with workers.pool(*TASK) as pool:
+            assert set(pool.pids).isdisjoint(abandoned + failed)
+            assert [m[0]["content"] for m in pool.map(ITEMS)] == [f"q{i}" for i in range(6)]
+
+
+def test_quality_steps_inside_reusing_share_their_workers_and_write_the_same_files(tmp_path):
+    config = SFTConfig()
+    config.quality.num_proc = 2
+    sources = [write_conversations(tmp_path / f"in{i}.parquet", count=600, seed=i) for i in range(2)]
+
+    def run(tag: str) -> list[bytes]:
+        out = []
+        for i, source in enumerate(sources):
+            kept, rejected = tmp_path / f"{tag}-kept{i}.parquet", tmp_path / f"{tag}-rejected{i}.parquet"
+            quality_stage(source, kept, rejected, config, batch_size=100)  # 6 batches: workers start
+            out += [kept.read_bytes(), rejected.read_bytes()]
+            seen.append({p.pid for p in psutil.Process().children() if "pipeline.workers" in " ".join(p.cmdline())})
+        return out
+
+    seen: list[set[int]] = []
+    alone = run("alone")
+    assert seen == [set(), set()]  # each step closed its workers
+    seen.clear()
+    with workers.reusing():
+        shared = run("shared")
+        assert len(seen[0]) == 2 and seen[1] == seen[0]  # the second chunk met the first one's workers
+    assert exited(list(seen[0]))
+    assert shared == alone
+    assert pq.read_table(tmp_path / "shared-kept1.parquet").num_rows > 0
