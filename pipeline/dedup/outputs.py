@@ -9,6 +9,7 @@ kept rows' signature rows to a new index part (:class:`~pipeline.dedup.index.Par
 from __future__ import annotations
 
 import contextlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from pipeline import schema
 from pipeline.dedup import index as dedup_index
 from pipeline.dedup.lsh import run_params
 from pipeline.dedup.nodes import NewRows
-from pipeline.fsutil import ParquetSink, open_parquet
+from pipeline.fsutil import ParquetSink, atomic_path, open_parquet
 from pipeline.stage import Drop, rejected_rows_from_table
 
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
@@ -63,18 +64,11 @@ def write_outputs(
             for i, (in_path, out_path) in enumerate(zip(in_paths, out_paths)):
                 lo, hi = rows.offsets[i], rows.offsets[i + 1]
                 keep = decisions.reason[lo:hi] == KEPT
-                with contextlib.ExitStack() as chunk_stack:
-                    kept = ParquetSink(out_path, pq.read_schema(in_path), chunk_stack, create_when_empty=True)
-                    start = 0
-                    for table in _batches(in_path, None):
-                        mask = keep[start : start + table.num_rows]
-                        kept.write_table(table.filter(pa.array(mask)))
-                        local = np.flatnonzero(~mask)
-                        drops = _drops(decisions, lo + start + local, dup_nodes, dup_ids, config.threshold)
-                        rejected.write_table(rejected_rows_from_table(table, local.tolist(), drops, "dedup"))
-                        run.count(table.num_rows, kept=int(np.count_nonzero(mask)), drops=drops)
-                        start += table.num_rows
-                    kept.finish()
+                if keep.all():
+                    _same_file(Path(in_path), Path(out_path))
+                    run.count(int(hi - lo), kept=int(hi - lo), drops=[])
+                else:
+                    _write_kept(in_path, out_path, keep, lo, decisions, dup_nodes, dup_ids, config.threshold, rejected, run)
                 start = 0
                 for table in _batches(rows.paths[i], writer.schema.names):
                     writer.write(table.filter(pa.array(keep[start : start + table.num_rows])))
@@ -84,6 +78,32 @@ def write_outputs(
     except BaseException:
         writer.abort()
         raise
+
+
+def _write_kept(in_path, out_path, keep, lo, decisions, dup_nodes, dup_ids, threshold, rejected, run) -> None:
+    """A chunk's kept rows to ``out_path`` and its removed ones to ``rejected``, batch by batch."""
+    with contextlib.ExitStack() as stack:
+        kept = ParquetSink(out_path, pq.read_schema(in_path), stack, create_when_empty=True)
+        start = 0
+        for table in _batches(in_path, None):
+            mask = keep[start : start + table.num_rows]
+            kept.write_table(table.filter(pa.array(mask)))
+            local = np.flatnonzero(~mask)
+            drops = _drops(decisions, lo + start + local, dup_nodes, dup_ids, threshold)
+            rejected.write_table(rejected_rows_from_table(table, local.tolist(), drops, "dedup"))
+            run.count(table.num_rows, kept=int(np.count_nonzero(mask)), drops=drops)
+            start += table.num_rows
+        kept.finish()
+
+
+def _same_file(in_path: Path, out_path: Path) -> None:
+    """A chunk that keeps every row (most chunks of unique data): its output is a byte copy of
+    its input instead of the input decoded and encoded again, which cost 0.2 s a 50k-row chunk on
+    the run's one global step. The rows, their order and row groups are the input's; only the
+    list fields' names in the embedded Arrow schema differ from a rewrite's, and readers cast to
+    the canonical schema. A copy, not a hard link: the input may be a caller's file."""
+    with atomic_path(out_path) as tmp:
+        shutil.copyfile(in_path, tmp)
 
 
 def _batches(path: Path, columns: list[str] | None):

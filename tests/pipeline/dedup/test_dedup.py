@@ -448,3 +448,18 @@ def test_a_killed_runs_signature_folder_is_cleared(tmp_path):
     run(tmp_path, [[conv("a", "b")]])
     assert not leftover.exists()
     assert [p.name for p in (tmp_path / "index").iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_a_chunk_that_loses_no_row_keeps_every_row_as_it_came_and_one_that_loses_rows_loses_only_those(tmp_path):
+    """A chunk without duplicates is copied rather than rewritten: its output holds its rows, in
+    order, with the same row groups; the chunk beside it still loses its duplicate."""
+    unique = [conv(f"q{i}", " ".join(words(i))) for i in range(40)]
+    with_copy = [conv(f"p{i}", " ".join(words(100 + i))) for i in range(30)] + [unique[5]]
+    outcome, kept, rejected, ins = run(tmp_path, [unique, with_copy])
+    assert kept[0].equals(ins[0].cast(kept[0].schema))
+    assert (tmp_path / "run" / "out-0.parquet").read_bytes() == (tmp_path / "run" / "in-0.parquet").read_bytes()  # a copy
+    assert pq.ParquetFile(tmp_path / "run" / "out-0.parquet").metadata.num_row_groups == pq.ParquetFile(
+        tmp_path / "run" / "in-0.parquet"
+    ).metadata.num_row_groups
+    assert kept[1].num_rows == 30 and [r[schema.ID] for r in rejected] == [id_of(unique[5])]
+    assert (outcome.stats.records_in, outcome.stats.records_out) == (71, 70)
