@@ -458,8 +458,9 @@ def test_a_chunk_that_loses_no_row_keeps_every_row_as_it_came_and_one_that_loses
     outcome, kept, rejected, ins = run(tmp_path, [unique, with_copy])
     assert kept[0].equals(ins[0].cast(kept[0].schema))
     assert (tmp_path / "run" / "out-0.parquet").read_bytes() == (tmp_path / "run" / "in-0.parquet").read_bytes()  # a copy
-    assert pq.ParquetFile(tmp_path / "run" / "out-0.parquet").metadata.num_row_groups == pq.ParquetFile(
-        tmp_path / "run" / "in-0.parquet"
-    ).metadata.num_row_groups
+    assert (
+        pq.ParquetFile(tmp_path / "run" / "out-0.parquet").metadata.num_row_groups
+        == pq.ParquetFile(tmp_path / "run" / "in-0.parquet").metadata.num_row_groups
+    )
     assert kept[1].num_rows == 30 and [r[schema.ID] for r in rejected] == [id_of(unique[5])]
     assert (outcome.stats.records_in, outcome.stats.records_out) == (71, 70)
