@@ -159,6 +159,7 @@ class ChildRun:
     peak_rss_bytes: int
     tree_peak_pss_bytes: int | None = None  # the child and its worker processes together, sampled
     cpu_seconds: float | None = None  # user + system, the child's and its waited-for descendants'
+    cpu_by_role: dict[str, float] | None = None  # sampled CPU seconds by process role (TreeMemory.role)
 
     def last_json(self) -> Any:
         """The child's answer: the JSON on the last line it printed."""
@@ -184,6 +185,7 @@ def run_child(command: Sequence[str], *, env: dict[str, str] | None = None, what
         stdout = child.stdout.read()
         child.stdout.close()
         tree_peak = sampler.stop() if sampler else None
+        roles = sampler.cpu_by_role() if sampler else None
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - started
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -191,7 +193,10 @@ def run_child(command: Sequence[str], *, env: dict[str, str] | None = None, what
             stderr.seek(0)
             tail = stderr.read().decode(errors="replace")[-3000:]
             raise SystemExit(f"{what or shlex.join(command[:4])} failed with exit code {child.returncode}:\n{tail}")
-    return ChildRun(stdout.decode(), seconds, max_rss_bytes(usage), tree_peak, usage.ru_utime + usage.ru_stime)
+    return ChildRun(stdout.decode(), seconds, max_rss_bytes(usage), tree_peak, usage.ru_utime + usage.ru_stime, roles)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class TreeMemory:
@@ -204,6 +209,7 @@ class TreeMemory:
     def __init__(self, pid: int, interval: float = 0.25) -> None:
         self.pid, self.interval = pid, interval
         self.peak: int | None = None
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds when last seen)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -219,6 +225,49 @@ class TreeMemory:
             if total is not None:
                 self.peak = max(self.peak or 0, total)
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds of the sampled processes by :meth:`role` (a process that ended between two
+        samples loses its last quarter second)."""
+        roles: dict[str, float] = {}
+        for role, seconds in self._cpu.values():
+            roles[role] = roles.get(role, 0.0) + seconds
+        return {role: round(seconds, 2) for role, seconds in sorted(roles.items())}
+
+    def role(self, pid: int) -> str:
+        """``main`` for the child itself; a worker by what it runs (``python -m pipeline.workers
+        TASK [INITIALIZER]``): the tokenizer process, quality workers, step workers (ingest and
+        signatures), signature workers, tokenize workers; anything else by its program name."""
+        if pid == self.pid:
+            return "main"
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().decode(errors="replace").split("\0")
+        except OSError:
+            return "other"
+        if "pipeline.workers" not in argv:
+            return Path(argv[0]).name if argv and argv[0] else "other"
+        names = " ".join(argv[argv.index("pipeline.workers") + 1 :])
+        for marker, role in (
+            ("_load_in_worker", "tokenizer process"),
+            ("pipeline.quality:", "quality workers"),
+            ("pipeline.dedup.", "signature workers"),
+            ("pipeline.tokenize:", "tokenize workers"),
+            ("pipeline.steps:", "step workers"),
+        ):
+            if marker in names:
+                return role
+        return "other workers"
+
+    def _note_cpu(self, pid: int) -> None:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            return
+        seconds = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
+        role = self._cpu[pid][0] if pid in self._cpu else self.role(pid)
+        self._cpu[pid] = (role, seconds)
+
     def _sample(self) -> int | None:
         children: dict[int, list[int]] = {}
         for entry in os.listdir("/proc"):
@@ -233,6 +282,7 @@ class TreeMemory:
         while pending:
             pid = pending.pop()
             pending.extend(children.get(pid, ()))
+            self._note_cpu(pid)
             try:
                 with open(f"/proc/{pid}/smaps_rollup") as rollup:
                     for line in rollup:

@@ -13,7 +13,9 @@ Inputs are JSON Lines files of 50,000 records each, in three layouts (alpaca, me
 Next to the wall-time ratio it reports the CPU ratio (sftkit's CPU seconds, its worker processes'
 included, over the raw tokenizer's) and the CPU bound: sftkit's CPU seconds over the cores times
 the raw tokenizer's wall seconds, the least wall ratio any overlap of the steps could reach on
-this machine. Per stage it reports the seconds and the peak RSS the manifest records (``stages[].seconds``,
+this machine. "CPU s by process" splits sftkit's CPU seconds (sampled with the memory) by
+process: the command's own (main), the tokenizer process (its Rust encoder threads included),
+the step workers (ingest and signatures) and the quality workers. Per stage it reports the seconds and the peak RSS the manifest records (``stages[].seconds``,
 ``stages[].peak_rss_bytes``), the process's own peak RSS, and the peak of its memory together
 with its worker processes' (the proportional set size of the process tree, sampled four times a
 second: shared pages count once).
@@ -201,6 +203,7 @@ def run_sftkit(inputs: list[Path], out: Path, tokenizer: Path, api_url: str | No
         "version": manifest["version"],
         "peak_rss_bytes": child.peak_rss_bytes,
         "tree_peak_pss_bytes": child.tree_peak_pss_bytes,
+        "cpu_by_role": child.cpu_by_role,
         "kept": manifest["counts"]["kept"],
         "read": manifest["counts"]["read"],
         "tokens": sum(s["tokens"] for s in manifest["shards"]),
@@ -265,6 +268,7 @@ def main() -> None:
                             "ratio",
                             "CPU ratio",
                             "CPU bound",
+                            "CPU s by process",
                             "stage seconds",
                             "peak GiB",
                             "with workers GiB",
@@ -312,6 +316,7 @@ def table_row(entry: dict) -> list[str]:
         f"{entry['ratio']:.2f}x",
         f"{entry['cpu_ratio']:.2f}x",
         f"{entry['cpu_bound_ratio']:.2f}x",
+        " ".join(f"{role.split()[0]} {seconds:.1f}" for role, seconds in (sftkit.get("cpu_by_role") or {}).items()),
         " ".join(f"{name} {s['seconds']:.1f}" for name, s in stages.items()),
         f"{sftkit['peak_rss_bytes'] / 2**30:.2f}",
         f"{(sftkit.get('tree_peak_pss_bytes') or 0) / 2**30:.2f}",

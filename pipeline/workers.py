@@ -101,7 +101,11 @@ class WorkerPool:
         try:
             for _ in range(max(1, num_proc)):
                 worker = subprocess.Popen(
-                    [sys.executable, "-m", "pipeline.workers"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+                    # what it runs, after the module: ps and the benchmarks tell the workers apart
+                    [sys.executable, "-m", "pipeline.workers", task, *([initializer] if initializer else [])],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env=env,
                 )
                 self._workers.append(worker)
                 _send(worker.stdin, (initializer, task, init_args))

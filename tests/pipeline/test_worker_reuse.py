@@ -26,6 +26,8 @@ def test_inside_reusing_a_pool_that_answered_everything_serves_the_next_block():
         with workers.pool(*TASK) as pool:
             first = pool.pids
             assert len(list(pool.map(ITEMS))) == 6
+            # what a worker runs is on its command line, for ps and the benchmarks' CPU by process
+            assert psutil.Process(first[0]).cmdline()[-2:] == ["pipeline.workers", "pipeline.schema:messages_for_template"]
         assert not exited(first)  # idle, kept for the next caller
         with workers.pool(*TASK) as pool:
             assert pool.pids == first
