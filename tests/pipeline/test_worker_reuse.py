@@ -79,7 +79,7 @@ def test_quality_steps_inside_reusing_share_their_workers_and_write_the_same_fil
             kept, rejected = tmp_path / f"{tag}-kept{i}.parquet", tmp_path / f"{tag}-rejected{i}.parquet"
             quality_stage(source, kept, rejected, config, batch_size=100)  # 6 batches: workers start
             out += [kept.read_bytes(), rejected.read_bytes()]
-            seen.append({p.pid for p in psutil.Process().children() if "pipeline.workers" in " ".join(p.cmdline())})
+            seen.append({p.pid for p in psutil.Process().children() if "pipeline.quality:_filter_in_worker" in p.cmdline()})
         return out
 
     seen: list[set[int]] = []
