@@ -258,31 +258,25 @@ class TreeMemory:
                 return role
         return "other workers"
 
-    def _note_cpu(self, pid: int) -> None:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            return
-        seconds = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
-        role = self._cpu[pid][0] if pid in self._cpu else self.role(pid)
-        self._cpu[pid] = (role, seconds)
-
     def _sample(self) -> int | None:
         children: dict[int, list[int]] = {}
+        cpu: dict[int, float] = {}  # utime + stime, from the same read of /proc/PID/stat
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
                     with open(f"/proc/{entry}/stat", "rb") as stat:
-                        ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+                        fields = stat.read().rsplit(b")", 1)[1].split()
+                    ppid, pid = int(fields[1]), int(entry)
+                    cpu[pid] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
                 except (OSError, IndexError, ValueError):
                     continue
-                children.setdefault(ppid, []).append(int(entry))
+                children.setdefault(ppid, []).append(pid)
         total, seen, pending = 0, False, [self.pid]
         while pending:
             pid = pending.pop()
             pending.extend(children.get(pid, ()))
-            self._note_cpu(pid)
+            if pid in cpu:
+                self._cpu[pid] = (self._cpu[pid][0] if pid in self._cpu else self.role(pid), cpu[pid])
             try:
                 with open(f"/proc/{pid}/smaps_rollup") as rollup:
                     for line in rollup:
