@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -23,6 +24,13 @@ from tests.support.inputs import alpaca_records, make_inputs, shard_bytes, shard
 
 def _config(**shards) -> SFTConfig:
     return SFTConfig.model_validate({"shards": {"val_fraction": 0.2, **shards}})
+
+
+LONG_ANSWER_WORDS = (
+    "Mercury Venus Earth Mars Jupiter Saturn Uranus Neptune orbit moon ring storm crater valley "
+    "ocean ice dust gas rock metal heat cold light dark day night year season tilt axis pole core "
+    "mantle crust magnetic field solar wind comet asteroid belt probe lander rover telescope"
+).split()
 
 
 def _rejected_rows(data_dir: Path) -> int:
@@ -177,8 +185,9 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path, bpe_tokenizer_path, re
     json.loads((crashed / "manifest.json").read_text())
 
 
-def test_dedup_index_remembers_only_rows_that_reached_the_shards(tmp_path, bpe_tokenizer_path):
-    """A record dropped by quality must not make its later, good near-copy a 'duplicate'."""
+@pytest.mark.parametrize("tokenize_drops", [False, True], ids=["quality-drops", "quality-and-tokenize-drops"])
+def test_dedup_index_remembers_only_rows_that_reached_the_shards(tmp_path, bpe_tokenizer_path, tokenize_drops):
+    """A record dropped by quality or tokenize must not make its later, good near-copy a 'duplicate'."""
     folder = tmp_path / "in"
     folder.mkdir()
     refusal = {
@@ -186,10 +195,21 @@ def test_dedup_index_remembers_only_rows_that_reached_the_shards(tmp_path, bpe_t
         "input": "",
         "output": "As an AI language model, I cannot tell jokes about cats or anything else.",
     }
-    first = write_json(folder / "first.json", alpaca_records(0, 5) + [refusal])
+    records = alpaca_records(0, 5) + [refusal]
+    if tokenize_drops:  # a well-formed answer past max_length: too_long at tokenize
+        records.append(
+            {
+                "instruction": "List the planets with a note on each.",
+                "input": "",
+                "output": " ".join(random.Random(0).choices(LONG_ANSWER_WORDS, k=400)),
+            }
+        )
+    first = write_json(folder / "first.json", records)
     out = tmp_path / "data"
-    manifest = prepare([str(first)], str(bpe_tokenizer_path), out, _config())
+    config = _config().model_copy(update={"tokenize": _config().tokenize.model_copy(update={"max_length": 256})})
+    manifest = prepare([str(first)], str(bpe_tokenizer_path), out, config)
     assert manifest["counts"]["rejected"]["quality"]
+    assert ("tokenize" in manifest["counts"]["rejected"]) == tokenize_drops
     indexed = set()
     for part in manifest["dedup_index"]:
         indexed |= set(pq.read_table(out / "dedup_index" / part, columns=["id"]).column("id").to_pylist())
