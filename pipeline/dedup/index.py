@@ -307,14 +307,16 @@ class PartWriter:
 
     def _write_group(self, rows: int) -> None:
         if self._writer is None:
-            # Each row's shingle hashes are sorted: stored as deltas they take about half the bytes.
-            sets = [SHINGLES] if SHINGLES in self.schema.names else []
+            # The MinHash values and the shingle hashes are uniform random 32-bit numbers: zstd
+            # takes 4 % off them (a 200k-record part: 257 MB against 267 MB) and half again to the
+            # CPU of writing and reading the part, so they are stored plain and uncompressed.
+            # (Delta encoding of the sorted shingle hashes takes 7 % off, for a sixth more CPU.)
+            raw = {SIGNATURE, SHINGLES}
             self._writer = pq.ParquetWriter(
                 self.tmp,
                 self.schema,
-                compression="zstd",
-                use_dictionary=[name for name in self.schema.names if name not in sets],
-                column_encoding=dict.fromkeys(sets, "DELTA_BINARY_PACKED"),
+                compression={name: "none" if name in raw else "zstd" for name in self.schema.names},
+                use_dictionary=[name for name in self.schema.names if name not in raw],
             )
         pending = pa.concat_tables(self._pending)
         group, rest = pending.slice(0, rows), pending.slice(rows)
