@@ -34,16 +34,28 @@ def sentencepiece_folder(model_file: str | os.PathLike, folder: str | os.PathLik
     return folder
 
 
+# The class a tokenizer folder names in tokenizer_config.json when it is a plain tokenizer.json,
+# under both of its names (transformers 5 calls PreTrainedTokenizerFast TokenizersBackend).
+_BACKEND_CLASS_NAMES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 @lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str):
     """A fast tokenizer from a local folder (or a hub name when online); never runs remote code."""
-    from transformers import AutoTokenizer
-
     path = Path(name_or_path)
     if path.is_file() and path.suffix == ".model":
         path = sentencepiece_folder(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        if _plain_tokenizer_folder(path):
+            # what AutoTokenizer picks for such a folder, without importing its model registry
+            # (which imports torch: a second and more of a tokenizer process's start)
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+            tokenizer = TokenizersBackend.from_pretrained(str(path))
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load tokenizer {name_or_path!r}: {exc}") from exc
     if not tokenizer.is_fast:
@@ -51,6 +63,20 @@ def load_tokenizer(name_or_path: str):
             f"tokenizer {name_or_path!r} has no fast (Rust) implementation; sftkit needs offset mappings to place loss masks exactly"
         )
     return tokenizer
+
+
+def _plain_tokenizer_folder(path: Path) -> bool:
+    """Whether AutoTokenizer would load ``path`` as the generic tokenizers-backed class without
+    looking further: a local folder with a ``tokenizer.json``, whose ``tokenizer_config.json``
+    names that class and maps no code of its own (``auto_map``), and with no model ``config.json``
+    (whose model type can make AutoTokenizer pick a model's own class instead)."""
+    if not path.is_dir() or not (path / "tokenizer.json").is_file() or (path / "config.json").exists():
+        return False
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("tokenizer_class") in _BACKEND_CLASS_NAMES and "auto_map" not in config
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
