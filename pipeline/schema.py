@@ -50,6 +50,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 import pyarrow as pa
 
 IGNORE_INDEX = -100
@@ -189,8 +190,18 @@ def conversation_id(messages: Iterable[dict[str, Any]], tools: str | None = None
         if m.get("reasoning"):
             item.append(m["reasoning"])
         canonical.append(item)
-    payload = json.dumps([canonical, tools], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.blake2b(payload.encode("utf-8"), digest_size=16).hexdigest()
+    return hashlib.blake2b(_compact_json([canonical, tools]), digest_size=16).hexdigest()
+
+
+def _compact_json(value: Any) -> bytes:
+    """``json.dumps(value, ensure_ascii=False, separators=(",", ":"))`` in UTF-8, for strings,
+    booleans, nulls and lists of them (what an id hashes), from orjson, which writes those very
+    bytes six times faster (a test holds the two to the same bytes on every code point). A value
+    orjson refuses (a lone surrogate) goes through json, which gives its text or its error."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def messages_for_template(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -762,3 +763,24 @@ def test_real_reasoning_tool_use_demo_keeps_reasoning_and_tool_calls(real_data_d
             if message["role"] == "assistant":
                 assert message["reasoning"]  # every assistant turn of this file reasons first
     assert seen_reasoning == 112 and seen_calls == 68
+
+
+def test_the_ids_json_is_the_json_module_s_text_for_every_character():
+    # Ids hash orjson's bytes, which must be json.dumps(ensure_ascii=False, separators=(",", ":"))
+    # in UTF-8 to the byte, or every id (and the split and dedup decisions made from it) changes.
+    def reference(value):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    every = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    for start in range(0, len(every), 4096):
+        value = [[["user", "".join(every[start : start + 4096]), None, None, True]], None]
+        assert schema._compact_json(value) == reference(value)
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in [*range(0x80), 0xA0, 0x2028, 0x2029, 0xFEFF, 0x4E2D, 0x1F642, 0xFFFF, 0x10FFFF]]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        value = [[["assistant", text, rng.choice([None, text]), text[::-1], rng.choice([None, True, False])]], rng.choice([None, text])]
+        assert schema._compact_json(value) == reference(value)
+    # a lone surrogate still fails as json fails: ingest files the record as invalid_utf8
+    with pytest.raises(UnicodeEncodeError):
+        schema.conversation_id([schema.make_message("user", "\ud800"), schema.make_message("assistant", "x")])
