@@ -236,6 +236,9 @@ def pool(initializer: str | None, task: str, init_args: tuple, num_proc: int) ->
     with _IDLE_LOCK:
         idle = _IDLE.get(key)
         found = idle.pop() if idle else None
+    if found is not None and not found.idle:  # a worker died while the pool waited (killed, out of memory)
+        found.close()
+        found = None
     worker_pool = found if found is not None else WorkerPool(*key)
     reusable = False
     try:

@@ -39,6 +39,20 @@ def test_inside_reusing_a_pool_that_answered_everything_serves_the_next_block():
     assert exited(first) and exited(second)  # the block's end closes what it kept
 
 
+def test_a_kept_pool_whose_worker_died_while_it_waited_is_replaced_not_handed_on():
+    with workers.reusing():
+        with workers.pool(*TASK) as pool:
+            first = pool.pids
+            list(pool.map(ITEMS))
+        victim = psutil.Process(first[0])
+        victim.kill()  # the out-of-memory killer, say, between two chunks
+        victim.wait(timeout=10)
+        with workers.pool(*TASK) as pool:
+            assert set(pool.pids).isdisjoint(first)
+            assert [m[0]["content"] for m in pool.map(ITEMS)] == [f"q{i}" for i in range(6)]
+        assert exited(first)
+
+
 def test_outside_reusing_each_block_has_its_own_workers_and_closes_them():
     with workers.pool(*TASK) as pool:
         first = pool.pids
