@@ -105,6 +105,17 @@ def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
     return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
 
 
+def compression_of(path: str | os.PathLike) -> str:
+    """The codec of a Parquet file's first column chunk, as ``ParquetWriter`` names it ("none" for
+    an uncompressed file; "zstd" for one without row groups): a stage that rewrites a chunk keeps
+    the chunk's codec, so a run's work files stay as the run wrote them."""
+    metadata = pq.read_metadata(path)
+    if not metadata.num_row_groups or not metadata.num_columns:
+        return "zstd"
+    codec = metadata.row_group(0).column(0).compression.lower()
+    return "none" if codec == "uncompressed" else codec
+
+
 def gather_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
     """``table.take(rows)`` as one contiguous chunk, built from zero-copy slices of the runs of
     consecutive rows (``take`` on a chunked table concatenates every chunk of every column first,

@@ -65,6 +65,7 @@ def ingest_file(
     on_batch: Callable[[int], None] | None = None,
     on_progress: Callable[[ReadProgress, int], None] | None = None,
     progress_interval_s: float = PROGRESS_INTERVAL_S,
+    compression: str = "zstd",
 ) -> StageStats:
     """Read one input file; write kept canonical rows and rejected rows; return the counts.
 
@@ -75,7 +76,8 @@ def ingest_file(
     text file is read, its progress (bytes read, compressed bytes read, records so far) is logged
     at INFO on ``sftkit.ingest`` and passed to ``on_progress(progress, records)`` every
     ``progress_interval_s`` seconds: a big or compressed file, or one huge line being skipped,
-    shows signs of life. Raises :class:`InputError` if the file is not a readable container, or
+    shows signs of life. ``compression`` is ``out_path``'s Parquet codec (a run's work files,
+    read back a few times and then removed, are written uncompressed). Raises :class:`InputError` if the file is not a readable container, or
     if a compressed one expands past ``config.ingest.max_expanded_bytes``.
     """
     source = str(in_path) if source is None else source
@@ -105,7 +107,7 @@ def ingest_file(
             on_progress(read, records)
 
     with StageRun(STAGE) as run, contextlib.ExitStack() as stack:
-        kept = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
+        kept = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True, compression=compression)
         rejected = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
         records = iter_records(
             Path(in_path),

@@ -21,7 +21,7 @@ from pipeline import schema
 from pipeline.dedup import index as dedup_index
 from pipeline.dedup.lsh import run_params
 from pipeline.dedup.nodes import NewRows
-from pipeline.fsutil import ParquetSink, atomic_path, open_parquet
+from pipeline.fsutil import ParquetSink, atomic_path, compression_of, open_parquet
 from pipeline.stage import Drop, rejected_rows_from_table
 
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
@@ -83,7 +83,7 @@ def write_outputs(
 def _write_kept(in_path, out_path, keep, lo, decisions, dup_nodes, dup_ids, threshold, rejected, run) -> None:
     """A chunk's kept rows to ``out_path`` and its removed ones to ``rejected``, batch by batch."""
     with contextlib.ExitStack() as stack:
-        kept = ParquetSink(out_path, pq.read_schema(in_path), stack, create_when_empty=True)
+        kept = ParquetSink(out_path, pq.read_schema(in_path), stack, create_when_empty=True, compression=compression_of(in_path))
         start = 0
         for table in _batches(in_path, None):
             mask = keep[start : start + table.num_rows]

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pipeline.config import SFTConfig
 from pipeline.dedup.cluster import WORK_PREFIX, DedupOutcome, resolve_clusters
 from pipeline.dedup.lsh import candidate_pairs, compute_signatures
-from pipeline.fsutil import atomic_path, write_parquet_atomic
+from pipeline.fsutil import atomic_path, compression_of, write_parquet_atomic
 from pipeline.stage import StageRun
 
 
@@ -56,7 +56,7 @@ def dedup_stage(
         with StageRun("dedup") as run:
             for in_path, out_path in zip(in_paths, out_paths):
                 table = pq.read_table(in_path)
-                write_parquet_atomic(table, out_path)
+                write_parquet_atomic(table, out_path, compression=compression_of(in_path))
                 run.count(table.num_rows, kept=table.num_rows)
         return DedupOutcome(run.stats, None)
     index_dir = Path(index_dir)

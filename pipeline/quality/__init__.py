@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import QualityConfig, SFTConfig
-from pipeline.fsutil import ParquetSink, open_parquet
+from pipeline.fsutil import ParquetSink, compression_of, open_parquet
 from pipeline.quality.base import Filter, FilterChain
 from pipeline.quality.decontaminate import Decontaminate
 from pipeline.quality.filters import EmptyResponse, Garbage, Length, MissingInstruction, Refusal, Repetition
@@ -348,7 +348,8 @@ def quality_stage(
     # Worker processes pay their start (a fraction of a second) back from a few batches on.
     num_proc = min(config.quality.num_proc or os.cpu_count() or 1, num_batches) if num_batches >= _BATCHES_FOR_WORKERS else 1
     with StageRun(STAGE_NAME) as run, contextlib.ExitStack() as stack:
-        kept_sink = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True)
+        # kept rows in the input's codec (a run's uncompressed work file stays uncompressed)
+        kept_sink = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True, compression=compression_of(in_path))
         rejected_sink = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
         if num_proc > 1 and chain.filters:
             # The workers get each batch and answer with verdicts; this side keeps its copy of the

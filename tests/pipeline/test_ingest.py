@@ -217,3 +217,30 @@ def test_parquet_written_from_mixed_layouts_is_read_row_by_row(tmp_path):
         ["2+2?", "4"],
         ["Capital of France?", "Paris"],
     ]
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_a_run_s_work_file_codec_carries_through_dedup_and_quality_with_the_same_rows(tmp_path, compression):
+    """A run writes its canonical chunks uncompressed (work files, read back three times); dedup
+    and quality write their kept rows in their input's codec. The rows are the same either way."""
+    from pipeline.dedup import dedup_stage
+    from pipeline.fsutil import compression_of
+    from pipeline.quality import quality_stage
+    from tests.support.inputs import alpaca_records, write_jsonl
+
+    records = alpaca_records(count=12)
+    records += [records[0], {"instruction": "Say nothing at all, please.", "input": "", "output": "..."}]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    config = SFTConfig()
+    chunk = tmp_path / "ingest.parquet"
+    ingest_file(path, chunk, tmp_path / "ingest-rejected.parquet", config, compression=compression)
+    deduped = tmp_path / "dedup.parquet"
+    dedup_stage([chunk], [deduped], tmp_path / "dedup-rejected.parquet", config, index_dir=tmp_path / "index")
+    kept = tmp_path / "quality.parquet"
+    stats = quality_stage(deduped, kept, tmp_path / "quality-rejected.parquet", config)
+
+    assert stats.records_in == 13 and stats.records_out == 12  # the exact copy and the "..." answer are gone
+    assert [compression_of(p) for p in (chunk, deduped, kept)] == [compression] * 3
+    assert compression_of(tmp_path / "dedup-rejected.parquet") == compression_of(tmp_path / "quality-rejected.parquet") == "zstd"
+    rows = pq.read_table(kept).to_pylist()
+    assert [r[schema.SOURCE_INDEX] for r in rows] == list(range(12))

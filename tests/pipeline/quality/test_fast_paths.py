@@ -307,13 +307,13 @@ def test_kept_rows_taken_from_arrow_write_the_same_bytes_as_rebuilt_rows(tmp_pat
         messages = [schema.make_message("user", prompt), schema.make_message("assistant", "" if i % 11 == 0 else reply)]
         rows.append({"id": f"id{i}", "source": "s.jsonl", "source_index": i, "messages": messages, "tools": None})
     source = tmp_path / "in.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema.CONVERSATION_SCHEMA), source)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema.CONVERSATION_SCHEMA), source, compression="zstd")
     quality_stage(source, tmp_path / "kept.parquet", tmp_path / "rejected.parquet", SFTConfig(), batch_size=100)
 
     kept = pq.read_table(tmp_path / "kept.parquet").to_pylist()
     assert len(kept) == 300 - 28 and sum("<PHONE>" in r["messages"][1]["content"] for r in kept) == 43 - 4
     rebuilt = io.BytesIO()
-    with pq.ParquetWriter(rebuilt, schema.CONVERSATION_SCHEMA, compression="zstd") as writer:  # as ParquetSink writes
+    with pq.ParquetWriter(rebuilt, schema.CONVERSATION_SCHEMA, compression="zstd") as writer:  # the input's codec
         for start in range(0, 300, 100):  # one table per batch, as the stage writes them
             batch = [r for r in kept if start <= r["source_index"] < start + 100]
             writer.write_table(pa.Table.from_pylist(batch, schema=schema.CONVERSATION_SCHEMA))
