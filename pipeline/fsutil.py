@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,19 @@ def gather_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
     starts = rows[np.concatenate([[0], breaks])].tolist()
     lengths = np.diff(np.concatenate([[0], breaks, [len(rows)]])).tolist()
     return pa.concat_tables([table.slice(start, length) for start, length in zip(starts, lengths)]).combine_chunks()
+
+
+def read_ahead(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """``items`` in order, produced by a thread of their own up to ``depth`` ahead of the caller:
+    a reader that releases the GIL (pyarrow decoding Parquet) then works beside the caller (pyarrow
+    encoding what it read). The producer's exception is raised here, at its place in the order;
+    leaving the loop early waits for at most ``depth`` items in flight, then stops."""
+    iterator, end = iter(items), object()
+    with ThreadPoolExecutor(1, thread_name_prefix="sftkit-read-ahead") as pool:
+        pending = deque(pool.submit(next, iterator, end) for _ in range(max(1, depth)))
+        while (item := pending.popleft().result()) is not end:
+            pending.append(pool.submit(next, iterator, end))
+            yield item
 
 
 def write_json_atomic(obj: Any, final: str | os.PathLike) -> Path:
