@@ -21,7 +21,7 @@ from pipeline import schema
 from pipeline.dedup import index as dedup_index
 from pipeline.dedup.lsh import run_params
 from pipeline.dedup.nodes import NewRows
-from pipeline.fsutil import ParquetSink, atomic_path, compression_of, open_parquet
+from pipeline.fsutil import ParquetSink, atomic_path, compression_of, open_parquet, read_ahead
 from pipeline.stage import Drop, rejected_rows_from_table
 
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
@@ -70,7 +70,8 @@ def write_outputs(
                 else:
                     _write_kept(in_path, out_path, keep, lo, decisions, dup_nodes, dup_ids, config.threshold, rejected, run)
                 start = 0
-                for table in _batches(rows.paths[i], writer.schema.names):
+                # the signature rows decoded a batch or two ahead, beside the part's encoding
+                for table in read_ahead(_batches(rows.paths[i], writer.schema.names)):
                     writer.write(table.filter(pa.array(keep[start : start + table.num_rows])))
                     start += table.num_rows
             rejected.finish()
