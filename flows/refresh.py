@@ -170,16 +170,18 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
     begin_task(plan)
     with steps.reusing_workers():  # the ingest tasks' worker processes serve one input after another
         ingest_results = _mapped(ingest_task, plan.inputs, plan)
-    dedup_result = _dedup(plan, ingest_results)
-    chunks = list(range(len(dedup_result.outputs)))
     # On this process's threads each chunk's quality and tokenize steps already use every core
     # (worker processes, encoder threads): one chunk at a time, rather than two oversubscribing
     # the cores and holding two chunks' batches in memory. Other runners place the tasks themselves.
     one_machine = _one_machine()
     if one_machine:
-        with steps.reusing_workers():  # one set of quality workers for all the chunks
-            quality_results = [quality_task(plan, dedup_result, chunk) for chunk in chunks]
+        with steps.reusing_workers():  # one set of quality workers for all the chunks, started beside dedup
+            steps.start_quality_workers(plan, ingest_results)
+            dedup_result = _dedup(plan, ingest_results)
+            quality_results = [quality_task(plan, dedup_result, chunk) for chunk in range(len(dedup_result.outputs))]
     else:
+        dedup_result = _dedup(plan, ingest_results)
+        chunks = list(range(len(dedup_result.outputs)))
         quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]
     plan = fingerprints_task(plan)  # a first build's, its tokenizer loaded meanwhile
     if one_machine:

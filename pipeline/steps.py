@@ -538,6 +538,16 @@ def _quality_verdict(plan: RunPlan):
     return Verdict(plan.config, plan.tokenizer)
 
 
+def start_quality_workers(plan: RunPlan, ingest_results: list[StepResult]) -> None:
+    """Inside :func:`reusing_workers`, before dedup: start the workers of the run's quality steps
+    (sized for its first chunk) so that their start, a CPU-second of imports and filters, runs
+    beside dedup's global step, which keeps one core busy. Elsewhere, nothing."""
+    if ingest_results:
+        from pipeline.quality import start_workers
+
+        start_workers(plan.config, plan.tokenizer, ingest_results[0].stats.records_out)
+
+
 def quality_key(plan: RunPlan, upstream_key: str, chunk: int) -> str:
     return _key("quality", upstream_key, chunk, plan.output_settings["quality"], plan.code_version)
 
@@ -891,10 +901,11 @@ def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: S
         signature_paths = None
         if plan.config.dedup.enabled:
             signature_paths = list(workers.map(dedup_signatures, [(plan, result) for result in ingest_results]))
-    dedup_result = run_dedup(plan, ingest_results, signature_paths)
-    notify("dedup", 1, 1)
     quality_results = []
-    with reusing_workers():  # one set of quality workers for all the chunks
+    with reusing_workers():  # one set of quality workers for all the chunks, started beside dedup
+        start_quality_workers(plan, ingest_results)
+        dedup_result = run_dedup(plan, ingest_results, signature_paths)
+        notify("dedup", 1, 1)
         for chunk in range(len(dedup_result.outputs)):
             quality_results.append(run_quality(plan, dedup_result, chunk))
             notify("quality", chunk + 1, len(dedup_result.outputs))

@@ -226,6 +226,22 @@ def reusing() -> Iterator[None]:
             worker_pool.close()
 
 
+def start(initializer: str | None, task: str, init_args: tuple, num_proc: int) -> None:
+    """Inside :func:`reusing`: start a pool now and keep it idle for a later :func:`pool` with the
+    same arguments, so that its workers import and initialise while the caller works on (a
+    step on one core). Outside it, or with such a pool already idle, nothing."""
+    key = (initializer, task, init_args, max(1, num_proc))
+    with _IDLE_LOCK:
+        if _REUSING == 0 or _IDLE.get(key):
+            return
+    started = WorkerPool(*key)  # returns at once: the workers initialise on their own
+    with _IDLE_LOCK:
+        if _REUSING > 0:
+            _IDLE.setdefault(key, []).append(started)
+            return
+    started.close()  # the block ended meanwhile
+
+
 @contextlib.contextmanager
 def pool(initializer: str | None, task: str, init_args: tuple, num_proc: int) -> Iterator[WorkerPool]:
     """A :class:`WorkerPool` for the block: inside :func:`reusing`, one a block with the same

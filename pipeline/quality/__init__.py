@@ -123,10 +123,11 @@ class Verdict:
         if count < _VERDICT_ROWS_FOR_WORKERS or num_proc <= 1:
             answers = (_passes_of(self.filters(), batch) for batch in batches)
             return np.concatenate([np.zeros(0, bool), *answers])
-        from pipeline import workers
+        from pipeline.workers import WorkerPool
 
+        # used once, by dedup's one step: closed at once, never kept beside the quality workers
         init_args = (self.config.model_dump_json(), self.tokenizer)
-        with workers.pool("pipeline.quality:_init_worker", "pipeline.quality:_passes_in_worker", init_args, num_proc) as pool:
+        with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_passes_in_worker", init_args, num_proc) as pool:
             return np.concatenate([np.zeros(0, bool), *pool.map(batches)])
 
 
@@ -292,16 +293,35 @@ def _add_counts(chain: FilterChain, delta: dict | None) -> None:
         flt.counts.update(delta["counts"].get(flt.name, {}))
 
 
-def _judged_in_workers(
-    batches: Iterator[pa.RecordBatch], num_proc: int, config: SFTConfig, tokenizer: str | None
-) -> Iterator[tuple[Verdicts, dict[int, dict[str, Any]], dict]]:
-    """Batches filtered in ``num_proc`` worker processes (:mod:`pipeline.workers`), results in
-    input order, so the output does not depend on the number of workers."""
+def _stage_workers(config: SFTConfig, tokenizer: str | None, num_rows: int, batch_size: int) -> tuple | None:
+    """The worker pool (:func:`pipeline.workers.pool`'s arguments) that :func:`quality_stage`
+    filters ``num_rows`` rows in; None when it filters them in its own process. Worker processes
+    pay their start (a fraction of a second) back from a few batches on."""
+    num_batches = -(-num_rows // batch_size)
+    num_proc = min(config.quality.num_proc or os.cpu_count() or 1, num_batches)
+    if num_batches < _BATCHES_FOR_WORKERS or num_proc <= 1:
+        return None
+    return ("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", (config.model_dump_json(), tokenizer), num_proc)
+
+
+def start_workers(config: SFTConfig, tokenizer: str | None, num_rows: int, batch_size: int = 4096) -> None:
+    """Inside :func:`pipeline.workers.reusing`: start the workers a quality stage of about
+    ``num_rows`` rows will filter in, so that they import and build their filters while the
+    caller works on (dedup's one global step, on one core). Elsewhere, or when that stage would
+    filter in its own process, nothing."""
+    if config.quality.enabled and (arguments := _stage_workers(config, tokenizer, num_rows, batch_size)) is not None:
+        from pipeline import workers
+
+        workers.start(*arguments)
+
+
+def _judged_in_workers(batches: Iterator[pa.RecordBatch], arguments: tuple) -> Iterator[tuple[Verdicts, dict[int, dict[str, Any]], dict]]:
+    """Batches filtered in worker processes (:mod:`pipeline.workers`), results in input order,
+    so the output does not depend on the number of workers."""
     from pipeline import workers
 
-    init_args = (config.model_dump_json(), tokenizer)
     # inside workers.reusing() (a run's quality steps, one per chunk) the workers start once
-    with workers.pool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", init_args, num_proc) as pool:
+    with workers.pool(*arguments) as pool:
         yield from pool.map(batches)
 
 
@@ -344,19 +364,17 @@ def quality_stage(
     # The folder, not a loaded tokenizer: the length filter loads it only for token bounds.
     chain = FilterChain(build_filters(config.quality, tokenizer=tokenizer))
     source = _open_input(Path(in_path))
-    num_batches = -(-source.metadata.num_rows // batch_size)
-    # Worker processes pay their start (a fraction of a second) back from a few batches on.
-    num_proc = min(config.quality.num_proc or os.cpu_count() or 1, num_batches) if num_batches >= _BATCHES_FOR_WORKERS else 1
+    arguments = _stage_workers(config, tokenizer, source.metadata.num_rows, batch_size)
     with StageRun(STAGE_NAME) as run, contextlib.ExitStack() as stack:
         # kept rows in the input's codec (a run's uncompressed work file stays uncompressed)
         kept_sink = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True, compression=compression_of(in_path))
         rejected_sink = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
-        if num_proc > 1 and chain.filters:
+        if arguments is not None and chain.filters:
             # The workers get each batch and answer with verdicts; this side keeps its copy of the
             # batch (tee holds the few the workers are ahead by) to write it: cheaper than
             # shipping every kept row back.
             batches, to_workers = itertools.tee(source.iter_batches(batch_size=batch_size))
-            judged = _judged_in_workers(to_workers, num_proc, config, tokenizer)
+            judged = _judged_in_workers(to_workers, arguments)
             stack.enter_context(contextlib.closing(judged))  # the workers stop with the stage, error or not
             # judged first: its last next() ends the workers' map, so their pool is left idle
             # (and inside workers.reusing() handed on to the next chunk) rather than abandoned

@@ -106,3 +106,43 @@ def test_quality_steps_inside_reusing_share_their_workers_and_write_the_same_fil
     assert exited(list(seen[0]))
     assert shared == alone
     assert pq.read_table(tmp_path / "shared-kept1.parquet").num_rows > 0
+
+
+def test_workers_started_ahead_serve_the_first_block_and_are_closed_unused_at_the_end():
+    workers.start(*TASK)  # outside reusing(): nothing to keep them for
+    assert not [p for p in psutil.Process().children() if "pipeline.schema:messages_for_template" in p.cmdline()]
+    with workers.reusing():
+        workers.start(*TASK)
+        started = [p.pid for p in psutil.Process().children() if "pipeline.schema:messages_for_template" in p.cmdline()]
+        assert len(started) == 2
+        workers.start(*TASK)  # one idle pool of these is enough
+        with workers.pool(*TASK) as pool:
+            assert sorted(pool.pids) == sorted(started)
+            assert [m[0]["content"] for m in pool.map(ITEMS)] == [f"q{i}" for i in range(6)]
+        workers.start(None, TASK[1], (), 1)  # never used
+        unused = [p.pid for p in psutil.Process().children() if p.pid not in started and "pipeline.workers" in p.cmdline()]
+        assert len(unused) == 1
+    assert exited(started) and exited(unused)
+
+
+def test_quality_workers_started_before_dedup_filter_the_first_chunk(tmp_path):
+    from pipeline.quality import start_workers
+
+    config = SFTConfig()
+    config.quality.num_proc = 2
+    source = write_conversations(tmp_path / "in.parquet", count=600, seed=3)
+    quality_stage(source, tmp_path / "alone.parquet", tmp_path / "alone-rejected.parquet", config, batch_size=100)
+
+    def filtering() -> set[int]:
+        return {p.pid for p in psutil.Process().children() if "pipeline.quality:_filter_in_worker" in p.cmdline()}
+
+    with workers.reusing():
+        start_workers(config, None, 600, batch_size=100)
+        started = filtering()
+        assert len(started) == 2
+        quality_stage(source, tmp_path / "kept.parquet", tmp_path / "rejected.parquet", config, batch_size=100)
+        assert filtering() == started  # the stage filtered in them, and left them for the next chunk
+        start_workers(config, None, 150, batch_size=100)  # two batches: the stage filters in its own process
+        assert filtering() == started
+    assert exited(list(started))
+    assert (tmp_path / "kept.parquet").read_bytes() == (tmp_path / "alone.parquet").read_bytes()
