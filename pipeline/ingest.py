@@ -77,8 +77,9 @@ def ingest_file(
     at INFO on ``sftkit.ingest`` and passed to ``on_progress(progress, records)`` every
     ``progress_interval_s`` seconds: a big or compressed file, or one huge line being skipped,
     shows signs of life. ``compression`` is ``out_path``'s Parquet codec (a run's work files,
-    read back a few times and then removed, are written uncompressed). Raises :class:`InputError` if the file is not a readable container, or
-    if a compressed one expands past ``config.ingest.max_expanded_bytes``.
+    read back a few times and then removed, are written uncompressed). Raises
+    :class:`InputError` if the file is not a readable container, or if a compressed one expands
+    past ``config.ingest.max_expanded_bytes``.
     """
     source = str(in_path) if source is None else source
     limits = config.ingest
