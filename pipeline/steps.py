@@ -516,6 +516,7 @@ def run_dedup(
     edge_paths = edge_paths or [_edge_path(plan, ingest_results, q) for q in dedup_partitions(plan)]
     options = {"index_dir": plan.root / DEDUP_INDEX, "index_parts": list(plan.index_parts), "is_good": _quality_verdict(plan)}
     options |= {"signature_paths": [Path(p) for p in signature_paths], "edge_paths": [Path(p) for p in edge_paths]}
+    options["link_unchanged"] = True  # the chunks are this run's work files, never written again
     return _cached_step(plan, "dedup", key, dedup_stage, in_paths, out_paths, **options)
 
 

@@ -86,6 +86,7 @@ def resolve_clusters(
     is_good: Callable[[dict[str, Any]], bool] | None = None,
     index_parts: Sequence[str] = (),
     scratch_dir: str | os.PathLike | None = None,
+    link_unchanged: bool = False,
 ) -> DedupOutcome:
     """Decide, write the kept rows per chunk and the rejected rows, and write the new index part.
 
@@ -105,7 +106,7 @@ def resolve_clusters(
             scratch_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=index_dir))
         rows = NewRows(sig_paths)
         decisions = _decide(in_paths, rows, edges, index_dir, config, is_good, index_parts, Path(scratch_dir), run)
-        part = write_outputs(in_paths, rows, decisions, out_paths, rejected_path, index_dir, index_parts, config, run)
+        part = write_outputs(in_paths, rows, decisions, out_paths, rejected_path, index_dir, index_parts, config, run, link_unchanged)
     return DedupOutcome(run.stats, part)
 
 

@@ -9,6 +9,7 @@ kept rows' signature rows to a new index part (:class:`~pipeline.dedup.index.Par
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,16 @@ class Decisions:
 
 
 def write_outputs(
-    in_paths, rows: NewRows, decisions: Decisions, out_paths, rejected_path, index_dir, index_parts, config, run
+    in_paths,
+    rows: NewRows,
+    decisions: Decisions,
+    out_paths,
+    rejected_path,
+    index_dir,
+    index_parts,
+    config,
+    run,
+    link_unchanged: bool = False,
 ) -> str | None:
     """Each chunk's kept rows to its output and its removed rows to ``rejected_path``, batch by
     batch; the kept rows' signature rows to a new index part (its name)."""
@@ -65,7 +75,7 @@ def write_outputs(
                 lo, hi = rows.offsets[i], rows.offsets[i + 1]
                 keep = decisions.reason[lo:hi] == KEPT
                 if keep.all():
-                    _same_file(Path(in_path), Path(out_path))
+                    _same_file(Path(in_path), Path(out_path), link=link_unchanged)
                     run.count(int(hi - lo), kept=int(hi - lo), drops=[])
                 else:
                     _write_kept(in_path, out_path, keep, lo, decisions, dup_nodes, dup_ids, config.threshold, rejected, run)
@@ -97,13 +107,22 @@ def _write_kept(in_path, out_path, keep, lo, decisions, dup_nodes, dup_ids, thre
         kept.finish()
 
 
-def _same_file(in_path: Path, out_path: Path) -> None:
+def _same_file(in_path: Path, out_path: Path, *, link: bool = False) -> None:
     """A chunk that keeps every row (most chunks of unique data): its output is a byte copy of
     its input instead of the input decoded and encoded again, which cost 0.2 s a 50k-row chunk on
     the run's one global step. The rows, their order and row groups are the input's; only the
     list fields' names in the embedded Arrow schema differ from a rewrite's, and readers cast to
-    the canonical schema. A copy, not a hard link: the input may be a caller's file."""
+    the canonical schema. A copy, since the input may be a caller's file, which the caller may
+    later write over in place; with ``link`` (a run's own work file, never written again) a hard
+    link where the file system has them. Copied and synced, a 1M-conversation run's uncompressed
+    work files took the global step 9.3 s, against 6.4 s when they were zstd and a third the size."""
     with atomic_path(out_path) as tmp:
+        if link:
+            try:
+                os.link(in_path, tmp)
+                return
+            except OSError:  # another file system, or none that links: copy
+                pass
         shutil.copyfile(in_path, tmp)
 
 

@@ -36,6 +36,7 @@ def dedup_stage(
     is_good: Callable[[dict[str, Any]], bool] | None = None,
     signature_paths: list[Path] | None = None,
     edge_paths: list[Path] | None = None,
+    link_unchanged: bool = False,
 ) -> DedupOutcome:
     """Remove exact then near duplicates among the chunks and against the records earlier runs
     kept (``index_parts`` of ``index_dir``: the manifest's ``dedup_index``); write each chunk's
@@ -46,7 +47,9 @@ def dedup_stage(
     duplicates, a good one is kept. ``signature_paths`` (one per chunk) and ``edge_paths`` (one per
     partition) are where the intermediate files go; a file already there is reused, so a rerun
     after a crash redoes only what is missing (default: a temporary folder). The new index part
-    the outcome names is written but not current until the manifest lists it.
+    the outcome names is written but not current until the manifest lists it. A chunk that keeps
+    every row is copied to its output, or with ``link_unchanged`` (inputs nobody writes again,
+    as a run's work files) hard-linked.
     """
     in_paths, out_paths = [Path(p) for p in in_paths], [Path(p) for p in out_paths]
     if len(in_paths) != len(out_paths):
@@ -75,7 +78,17 @@ def dedup_stage(
             if not Path(edge_path).exists():
                 save_edges(candidate_pairs(signature_paths, partition, dedup, index_dir, index_parts), edge_path)
         outcome = resolve_clusters(
-            in_paths, signature_paths, edge_paths, out_paths, rejected_path, index_dir, dedup, is_good, index_parts, scratch_dir=scratch
+            in_paths,
+            signature_paths,
+            edge_paths,
+            out_paths,
+            rejected_path,
+            index_dir,
+            dedup,
+            is_good,
+            index_parts,
+            scratch_dir=scratch,
+            link_unchanged=link_unchanged,
         )
     return outcome
 

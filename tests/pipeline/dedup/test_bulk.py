@@ -183,3 +183,20 @@ def test_signatures_signed_in_worker_processes_are_the_same_file(tmp_path, monke
     compute_signatures(empty, tmp_path / "e1.parquet", DedupConfig())
     compute_signatures(empty, tmp_path / "e2.parquet", DedupConfig(), num_proc=2)
     assert (tmp_path / "e1.parquet").read_bytes() == (tmp_path / "e2.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_a_chunk_that_keeps_every_row_is_copied_or_for_a_run_s_work_files_linked(tmp_path, link):
+    """A chunk dedup leaves whole goes on as its own bytes: a copy by default (the input may be a
+    caller's file, which the caller may write over later), a hard link for a run's work files."""
+    from pipeline.config import SFTConfig
+    from pipeline.dedup import dedup_stage
+
+    first, second = corpus()
+    whole = write_chunk(tmp_path / "whole.parquet", first[:5])
+    out = tmp_path / "out.parquet"
+    outcome = dedup_stage([whole], [out], tmp_path / "rejected.parquet", SFTConfig(), index_dir=tmp_path / "index", link_unchanged=link)
+    assert outcome.stats.records_out == 5
+    assert out.read_bytes() == whole.read_bytes()
+    assert out.samefile(whole) is link
+    assert not list(tmp_path.glob(".tmp-*"))
