@@ -107,11 +107,12 @@ def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
     return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
 
 
-def compression_of(path: str | os.PathLike) -> str:
-    """The codec of a Parquet file's first column chunk, as ``ParquetWriter`` names it ("none" for
-    an uncompressed file; "zstd" for one without row groups): a stage that rewrites a chunk keeps
-    the chunk's codec, so a run's work files stay as the run wrote them."""
-    metadata = pq.read_metadata(path)
+def compression_of(file: str | os.PathLike | pq.FileMetaData) -> str:
+    """The codec of a Parquet file's first column chunk (the file, or its metadata when the caller
+    has read it), as ``ParquetWriter`` names it ("none" for an uncompressed file; "zstd" for one
+    without row groups): a stage that rewrites a chunk keeps the chunk's codec, so a run's work
+    files stay as the run wrote them."""
+    metadata = file if isinstance(file, pq.FileMetaData) else pq.read_metadata(file)
     if not metadata.num_row_groups or not metadata.num_columns:
         return "zstd"
     codec = metadata.row_group(0).column(0).compression.lower()

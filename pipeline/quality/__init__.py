@@ -367,7 +367,9 @@ def quality_stage(
     arguments = _stage_workers(config, tokenizer, source.metadata.num_rows, batch_size)
     with StageRun(STAGE_NAME) as run, contextlib.ExitStack() as stack:
         # kept rows in the input's codec (a run's uncompressed work file stays uncompressed)
-        kept_sink = ParquetSink(out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True, compression=compression_of(in_path))
+        kept_sink = ParquetSink(
+            out_path, schema.CONVERSATION_SCHEMA, stack, create_when_empty=True, compression=compression_of(source.metadata)
+        )
         rejected_sink = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
         if arguments is not None and chain.filters:
             # The workers get each batch and answer with verdicts; this side keeps its copy of the

@@ -50,3 +50,4 @@ def test_compression_of_names_the_codec_as_the_writer_takes_it(tmp_path):
         assert compression_of(tmp_path / f"{codec}.parquet") == codec
     pq.ParquetWriter(tmp_path / "empty.parquet", table.schema, compression="none").close()  # no row group
     assert compression_of(tmp_path / "empty.parquet") == "zstd"
+    assert compression_of(pq.read_metadata(tmp_path / "zstd.parquet")) == "zstd"  # from metadata already read
