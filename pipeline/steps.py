@@ -329,7 +329,9 @@ class StepResult:
     """A finished step: its outputs, its rejected file and its counts (files as absolute paths).
 
     ``index_part`` is the dedup index part the dedup step wrote (current once the manifest lists
-    it); ``shards`` the manifest entries of the files the shards step wrote.
+    it); ``part_source`` what the dedup step left for :func:`finalize` to write its part from
+    instead (``signatures``: the signature files, ``kept``: which of their rows dedup kept);
+    ``shards`` the manifest entries of the files the shards step wrote.
     """
 
     stage: str
@@ -339,6 +341,12 @@ class StepResult:
     stats: StageStats
     index_part: str | None = None
     shards: list[ShardEntry] = field(default_factory=list)
+    part_source: dict[str, Any] | None = None
+
+    def files(self) -> list[str]:
+        """The files this result names that a later step reads (its outputs, its part's sources)."""
+        source = self.part_source or {}
+        return [*self.outputs, *source.get("signatures", []), *([source["kept"]] if "kept" in source else [])]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -349,6 +357,7 @@ class StepResult:
             "stats": self.stats.to_dict(),
             "index_part": self.index_part,
             "shards": self.shards,
+            "part_source": self.part_source,
         }
 
     @classmethod
@@ -371,16 +380,18 @@ def step_done(plan: RunPlan, stage: str, key: str) -> StepResult | None:
     if not mark.exists():
         return None
     result = StepResult.from_json(json.loads(mark.read_text(encoding="utf-8")))
-    return result if all(Path(p).exists() for p in result.outputs) else None
+    return result if all(Path(p).exists() for p in result.files()) else None
 
 
-def _cached_step(plan: RunPlan, stage: str, key: str, stage_fn: Callable[..., Any], inputs, outputs, /, **options) -> StepResult:
+def _cached_step(
+    plan: RunPlan, stage: str, key: str, stage_fn: Callable[..., Any], inputs, outputs, /, *, part_source: dict | None = None, **options
+) -> StepResult:
     """Run step ``stage``/``key`` unless :func:`step_done`; record it.
 
     ``stage_fn`` is a stage function of the one signature, called as
     ``stage_fn(inputs, outputs, rejected_path, plan.config, **options)``; it returns its
     :class:`StageStats` (dedup: an outcome of stats and index part). The result's JSON, written
-    last, is the step's completion mark.
+    last, is the step's completion mark. ``part_source`` goes into the result as it is.
     """
     if (done := step_done(plan, stage, key)) is not None:
         return done
@@ -388,7 +399,9 @@ def _cached_step(plan: RunPlan, stage: str, key: str, stage_fn: Callable[..., An
     outcome = stage_fn(inputs, outputs, rejected, plan.config, **options)
     stats, index_part = (outcome, None) if isinstance(outcome, StageStats) else outcome
     listed = [outputs] if isinstance(outputs, Path) else outputs
-    result = StepResult(stage, key, [str(p) for p in listed], str(rejected) if rejected.exists() else None, stats, index_part)
+    result = StepResult(
+        stage, key, [str(p) for p in listed], str(rejected) if rejected.exists() else None, stats, index_part, part_source=part_source
+    )
     write_json_atomic(result.to_json(), _work(plan, stage, key, ".stats.json"))
     return result
 
@@ -517,7 +530,11 @@ def run_dedup(
     options = {"index_dir": plan.root / DEDUP_INDEX, "index_parts": list(plan.index_parts), "is_good": _quality_verdict(plan)}
     options |= {"signature_paths": [Path(p) for p in signature_paths], "edge_paths": [Path(p) for p in edge_paths]}
     options["link_unchanged"] = True  # the chunks are this run's work files, never written again
-    return _cached_step(plan, "dedup", key, dedup_stage, in_paths, out_paths, **options)
+    # No index part yet: finalize writes it once, from the signature files, with only the rows
+    # that reach the shards (rather than dedup writing every kept row's and finalize rewriting it).
+    kept_path = _work(plan, "dedup", key, ".kept.npy")
+    part_source = {"signatures": [str(p) for p in options["signature_paths"]], "kept": str(kept_path)}
+    return _cached_step(plan, "dedup", key, dedup_stage, in_paths, out_paths, kept_path=kept_path, part_source=part_source, **options)
 
 
 def reusing_workers() -> contextlib.AbstractContextManager[None]:
@@ -650,19 +667,27 @@ def finalize(
         stages=[r.stats for r in step_results] + [shard_result.stats],
         rebuild=plan.rebuild,
     )
-    if dedup_result and dedup_result.index_part:
+    if dedup_result and (dedup_result.index_part or dedup_result.part_source):
         # Remember only what reached the shards: a record that quality or tokenize dropped must
         # not make a later, better near-copy of it look like a duplicate.
-        from pipeline.dedup.index import restrict_part
+        from pipeline.dedup.index import restrict_part, write_part_from
+        from pipeline.dedup.lsh import run_params
         from pipeline.stage import release_memory
 
-        release_memory()  # the shard writer's, before the index part is read and rewritten
+        release_memory()  # the shard writer's, before the index part is written
         kept_ids = pa.chunked_array(
             [pq.read_table(root / entry["path"], columns=[schema.ID]).column(schema.ID) for entry in shard_result.shards],
             pa.string(),
         )
-        if restricted := restrict_part(root / DEDUP_INDEX, dedup_result.index_part, kept_ids):
-            manifest["dedup_index"].append(restricted)
+        if source := dedup_result.part_source:
+            import numpy as np
+
+            kept = np.load(source["kept"], allow_pickle=False)
+            part = write_part_from(root / DEDUP_INDEX, source["signatures"], kept, kept_ids, run_params(plan.config.dedup))
+        else:
+            part = restrict_part(root / DEDUP_INDEX, dedup_result.index_part, kept_ids)
+        if part:
+            manifest["dedup_index"].append(part)
     listed = manifest_io.listed_files(manifest)
     unlisted = _unlisted(root, listed)
     note = root / WORK / REMOVED_AT_BEGIN

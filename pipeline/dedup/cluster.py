@@ -87,12 +87,14 @@ def resolve_clusters(
     index_parts: Sequence[str] = (),
     scratch_dir: str | os.PathLike | None = None,
     link_unchanged: bool = False,
+    kept_path: str | os.PathLike | None = None,
 ) -> DedupOutcome:
     """Decide, write the kept rows per chunk and the rejected rows, and write the new index part.
 
     ``edges``: the candidate pairs of every partition (arrays or ``.npy`` paths); ``index_parts``:
     the current index (the manifest's ``dedup_index``); ``scratch_dir``: where the nodes' values
-    are spilled (default: a temporary folder in ``index_dir``, removed at the end).
+    are spilled (default: a temporary folder in ``index_dir``, removed at the end); with
+    ``kept_path``, no part: which rows were kept goes there (see :func:`.outputs.write_outputs`).
     """
     in_paths, sig_paths, out_paths = ([Path(p) for p in paths] for paths in (in_paths, sig_paths, out_paths))
     if not len(in_paths) == len(sig_paths) == len(out_paths):
@@ -106,7 +108,19 @@ def resolve_clusters(
             scratch_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=index_dir))
         rows = NewRows(sig_paths)
         decisions = _decide(in_paths, rows, edges, index_dir, config, is_good, index_parts, Path(scratch_dir), run)
-        part = write_outputs(in_paths, rows, decisions, out_paths, rejected_path, index_dir, index_parts, config, run, link_unchanged)
+        part = write_outputs(
+            in_paths,
+            rows,
+            decisions,
+            out_paths,
+            rejected_path,
+            index_dir,
+            index_parts,
+            config,
+            run,
+            link_unchanged,
+            Path(kept_path) if kept_path else None,
+        )
     return DedupOutcome(run.stats, part)
 
 

@@ -61,13 +61,17 @@ def write_outputs(
     config,
     run,
     link_unchanged: bool = False,
+    kept_path: Path | None = None,
 ) -> str | None:
     """Each chunk's kept rows to its output and its removed rows to ``rejected_path``, batch by
-    batch; the kept rows' signature rows to a new index part (its name)."""
+    batch; the kept rows' signature rows to a new index part (its name). With ``kept_path`` no
+    part: which rows were kept (one bool per signature row, ``.npy``) goes there instead, for a
+    caller that writes the part later with :func:`~pipeline.dedup.index.write_part_from`, once it
+    knows which of them reach the shards."""
     removed = np.flatnonzero(decisions.reason)
     dup_nodes = np.unique(decisions.dup_node[removed])
     dup_ids = _ids(dup_nodes, rows, index_dir, index_parts)
-    writer = dedup_index.PartWriter(index_dir, run_params(config))
+    writer = dedup_index.PartWriter(index_dir, run_params(config)) if kept_path is None else None
     try:
         with contextlib.ExitStack() as stack:
             rejected = ParquetSink(rejected_path, schema.REJECTED_SCHEMA, stack, create_when_empty=False)
@@ -79,15 +83,22 @@ def write_outputs(
                     run.count(int(hi - lo), kept=int(hi - lo), drops=[])
                 else:
                     _write_kept(in_path, out_path, keep, lo, decisions, dup_nodes, dup_ids, config.threshold, rejected, run)
+                if writer is None:
+                    continue
                 start = 0
                 # the signature rows decoded a batch or two ahead, beside the part's encoding
                 for table in read_ahead(_batches(rows.paths[i], writer.schema.names)):
                     writer.write(table.filter(pa.array(keep[start : start + table.num_rows])))
                     start += table.num_rows
             rejected.finish()
+        if writer is None:
+            with atomic_path(kept_path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, decisions.reason == KEPT)
+            return None
         return writer.close()
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
 
 

@@ -37,6 +37,7 @@ def dedup_stage(
     signature_paths: list[Path] | None = None,
     edge_paths: list[Path] | None = None,
     link_unchanged: bool = False,
+    kept_path: Path | None = None,
 ) -> DedupOutcome:
     """Remove exact then near duplicates among the chunks and against the records earlier runs
     kept (``index_parts`` of ``index_dir``: the manifest's ``dedup_index``); write each chunk's
@@ -49,12 +50,16 @@ def dedup_stage(
     after a crash redoes only what is missing (default: a temporary folder). The new index part
     the outcome names is written but not current until the manifest lists it. A chunk that keeps
     every row is copied to its output, or with ``link_unchanged`` (inputs nobody writes again,
-    as a run's work files) hard-linked.
+    as a run's work files) hard-linked. With ``kept_path`` no part is written: which signature
+    rows were kept goes there, for :func:`~pipeline.dedup.index.write_part_from` (the signature
+    files must then outlive this call: pass ``signature_paths``).
     """
     in_paths, out_paths = [Path(p) for p in in_paths], [Path(p) for p in out_paths]
     if len(in_paths) != len(out_paths):
         raise ValueError(f"dedup needs one output per input chunk: {len(in_paths)} inputs, {len(out_paths)} outputs")
     dedup = config.dedup
+    if kept_path is not None and signature_paths is None:
+        raise ValueError("dedup_stage(kept_path=...) needs signature_paths: the index part is written later from them")
     if not dedup.enabled:
         with StageRun("dedup") as run:
             for in_path, out_path in zip(in_paths, out_paths):
@@ -89,6 +94,7 @@ def dedup_stage(
             index_parts,
             scratch_dir=scratch,
             link_unchanged=link_unchanged,
+            kept_path=kept_path,
         )
     return outcome
 

@@ -180,6 +180,7 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path, bpe_tokenizer_path, re
     m_crashed, m_clean = read_manifest(crashed), read_manifest(clean)
     assert [s["sha256"] for s in m_crashed["shards"]] == [s["sha256"] for s in m_clean["shards"]]
     assert m_crashed["counts"] == m_clean["counts"]
+    assert m_crashed["dedup_index"] == m_clean["dedup_index"]  # parts are named by their content
     leftovers = [p for p in crashed.rglob("*") if p.name.startswith(".tmp-")]
     assert leftovers == []
     json.loads((crashed / "manifest.json").read_text())
@@ -215,6 +216,33 @@ def test_dedup_index_remembers_only_rows_that_reached_the_shards(tmp_path, bpe_t
         indexed |= set(pq.read_table(out / "dedup_index" / part, columns=["id"]).column("id").to_pylist())
     assert indexed == {row["id"] for row in shard_rows(out)}
     assert sorted(p.name for p in (out / "dedup_index").glob("part-*.parquet")) == sorted(manifest["dedup_index"])
+
+
+def test_a_dedup_step_whose_kept_rows_are_gone_is_done_again(tmp_path, bpe_tokenizer_path, monkeypatch):
+    """The dedup step leaves its index part to the end of the run (written from the signature
+    files and which rows it kept); a rerun after a failure reuses the step only while those are
+    still there, and the part holds what reached the shards either way."""
+    from pipeline import steps
+
+    first = write_json(tmp_path / "first.json", alpaca_records(0, 12) + alpaca_records(0, 3))
+    out = tmp_path / "data"
+
+    def fail(plan, upstream):
+        raise RuntimeError("tokenizer gone")
+
+    monkeypatch.setattr(steps, "run_tokenize", fail)
+    with pytest.raises(RuntimeError, match="tokenizer gone"):
+        prepare([str(first)], str(bpe_tokenizer_path), out, _config())
+    monkeypatch.undo()
+    kept_files = list((out / ".work" / "dedup").glob("*.kept.npy"))
+    assert len(kept_files) == 1 and not list((out / "dedup_index").glob("part-*"))  # no part before the end
+    kept_files[0].unlink()
+    manifest = prepare([str(first)], str(bpe_tokenizer_path), out, _config())
+    assert manifest["counts"]["rejected"]["dedup"] == {"exact_duplicate": 3}
+    (part,) = manifest["dedup_index"]
+    assert sorted(pq.read_table(out / "dedup_index" / part, columns=["id"]).column("id").to_pylist()) == sorted(
+        row["id"] for row in shard_rows(out)
+    )
 
 
 def test_inputs_with_the_same_name_in_different_folders_stay_apart(tmp_path, bpe_tokenizer_path):

@@ -441,6 +441,46 @@ def test_index_can_be_restricted_to_what_reached_the_shards(tmp_path):
     assert rejected[0]["duplicate_of"] == id_of(kept_doc)
 
 
+def test_a_part_written_later_from_the_signatures_equals_the_restricted_part(tmp_path):
+    """dedup_stage(kept_path=...) writes no part, only which signature rows it kept; the part
+    write_part_from makes of them and the ids that reached the shards is the part dedup would
+    have written, restricted to those ids: the same rows, columns and name. A removed row stays
+    out even when its id is among the shards' (an exact copy shares its original's id)."""
+    from pipeline.dedup import restrict_part
+    from pipeline.dedup.index import write_part_from
+    from pipeline.dedup.lsh import run_params
+
+    short = conv("Tell me.", " ".join(words(80, 100)))
+    longer_copy = conv("Tell me.", " ".join(words(80, 100)) + " again")  # the near copy dedup keeps
+    dropped = conv("Tell me.", " ".join(words(81, 100)))  # kept by dedup, dropped by a later stage
+    other = conv("Other.", " ".join(words(82, 100)))
+    chunks = [[short, dropped, short], [longer_copy, other]]
+    shard_ids = pa.chunked_array([pa.array([id_of(short), id_of(longer_copy), id_of(other)])])
+
+    written, _, _, _ = run(tmp_path, chunks, name="written", index_dir=tmp_path / "i1")
+    expected = restrict_part(tmp_path / "i1", written.index_part, shard_ids)
+
+    sigs = [tmp_path / f"sig-{i}.parquet" for i in range(len(chunks))]
+    with pytest.raises(ValueError, match="needs signature_paths"):
+        run(tmp_path, chunks, name="refused", index_dir=tmp_path / "i0", kept_path=tmp_path / "kept.npy")
+    later, kept, _, _ = run(
+        tmp_path, chunks, name="later", index_dir=tmp_path / "i2", signature_paths=sigs, kept_path=tmp_path / "kept.npy"
+    )
+    assert later.index_part is None and not list((tmp_path / "i2").glob("part-*"))
+    mask = np.load(tmp_path / "kept.npy")
+    assert mask.tolist() == [False, True, False, True, True]  # short and its exact copy removed
+    assert kept_ids(kept) == [id_of(dropped), id_of(longer_copy), id_of(other)]
+
+    params = run_params(DedupConfig())
+    part = write_part_from(tmp_path / "i2", sigs, mask, shard_ids, params)
+    assert part == expected
+    assert load_index(tmp_path / "i2", [part]).equals(load_index(tmp_path / "i1", [expected]))
+    assert load_index(tmp_path / "i2", [part]).column(schema.ID).to_pylist() == [id_of(longer_copy), id_of(other)]
+    assert write_part_from(tmp_path / "i2", sigs, mask, pa.chunked_array([], pa.string()), params) is None
+    with pytest.raises(ValueError, match="kept rows name 4 rows, the signature files hold 5"):
+        write_part_from(tmp_path / "i2", sigs, mask[:4], shard_ids, params)
+
+
 def test_a_killed_runs_signature_folder_is_cleared(tmp_path):
     leftover = tmp_path / "index" / ".tmp-dedup-crashed"
     leftover.mkdir(parents=True)
