@@ -318,8 +318,10 @@ def run_refreshes(tables: list[pa.Table], config: DedupConfig, workdir: Path) ->
 
 
 def index_bytes_per_1k_records(index_dir: Path) -> float:
-    parts = sorted(index_dir.glob("part-*.parquet"))
-    rows = sum(pq.read_metadata(p).num_rows for p in parts)
+    from pipeline.dedup.index import PART_NAME, load_index
+
+    parts = sorted(p for p in index_dir.iterdir() if PART_NAME.match(p.name))
+    rows = load_index(index_dir, [p.name for p in parts]).num_rows
     return round(sum(p.stat().st_size for p in parts) / rows * 1000) if rows else 0.0
 
 

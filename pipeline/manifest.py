@@ -18,8 +18,9 @@ Layout::
       "inputs": [{"source", "sha256", "records"}],  # what has been read, for incremental runs
       "shards": [{"path", "split", "rows", "records", "tokens", "trainable_tokens", "sha256"}],
       "rejected": [{"path", "rows", "records"}],
-      "dedup_index": ["part-<16 hex>.parquet", ...],  # the current dedup index parts, in
+      "dedup_index": ["part-<16 hex>.arrow", ...],  # the current dedup index parts, in
                                          # dedup_index/: the records every version kept
+                                         # (.parquet: a part an older sftkit wrote)
       "counts": {"read", "kept", "rows", "rejected": {stage: {reason: n}},
                  "turns_rejected": {reason: n}, "render_mismatch": n},
       "stages": [{"name", "seconds", "records_in", "records_out", "rejected": {reason: n},

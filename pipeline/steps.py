@@ -304,13 +304,16 @@ def begin_run(plan: RunPlan) -> list[str]:
 
 def _dataset_files(relatives) -> list[str]:
     """Of paths relative to the output folder, those that are sftkit's dataset files by place and
-    name: ``shards/*.parquet``, ``rejected/*.parquet``, ``dedup_index/part-*.parquet``."""
+    name: ``shards/*.parquet``, ``rejected/*.parquet``, ``dedup_index/part-*.arrow`` (and
+    ``part-*.parquet``, as older versions wrote them)."""
     out = []
     for relative in relatives:
         folder, _, name = relative.partition("/")
-        if "/" in name or not name.endswith(".parquet"):
+        if "/" in name:
             continue
-        if folder in (SHARDS, REJECTED) or (folder == DEDUP_INDEX and name.startswith("part-")):
+        if (folder in (SHARDS, REJECTED) and name.endswith(".parquet")) or (
+            folder == DEDUP_INDEX and name.startswith("part-") and name.endswith((".arrow", ".parquet"))
+        ):
             out.append(relative)
     return sorted(out)
 

@@ -216,21 +216,32 @@ def near_pairs(count: int, seed: int = 5) -> tuple[list[str], list[str], list[fl
     return bases, variants, truth
 
 
-def as_format_1(path: Path) -> None:
-    """Rewrite an index part as sftkit wrote it before the shingles column (no format key)."""
-    table = pq.read_table(path)
+def as_older_format(path: Path, part_format: int) -> str:
+    """An index part rewritten as sftkit wrote it before format 3: Parquet, and at format 1 without
+    the shingles column (and no format key); its new name."""
+    table = dedup_index.load_index(path.parent, [path.name])
     meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != dedup_index.FORMAT_KEY}
-    table = table.drop_columns([dedup_index.SHINGLES]).replace_schema_metadata(meta)
-    pq.write_table(table, path, compression="zstd")
+    if part_format == 1:
+        table = table.drop_columns([dedup_index.SHINGLES])
+    else:
+        meta[dedup_index.FORMAT_KEY] = str(part_format).encode()
+    older = path.with_suffix(".parquet")
+    pq.write_table(table.replace_schema_metadata(meta), older, compression="zstd")
+    path.unlink()
+    return older.name
+
+
+def arrow_ipc(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 def test_a_part_stores_the_kept_rows_shingle_sets_and_says_its_format(tmp_path):
     bases, variants, _ = near_pairs(3)
     first, _ = dedup(tmp_path, "first", bases + [variants[0].replace("Tell", "tell")])
     path = tmp_path / "index" / first.index_part
-    assert dedup_index.part_format(path) == dedup_index.FORMAT == 2
-    assert pq.read_schema(path).metadata[dedup_index.FORMAT_KEY] == b"2"
-    sets = pq.read_table(path, columns=[dedup_index.SHINGLES]).column(0).to_pylist()
+    assert path.suffix == ".arrow" and dedup_index.part_format(path) == dedup_index.FORMAT == 3
+    assert arrow_ipc(path).schema.metadata[dedup_index.FORMAT_KEY] == b"3"  # an uncompressed Arrow IPC file
+    sets = arrow_ipc(path).column(dedup_index.SHINGLES).to_pylist()
     expected = [len(set(shingle_strings(normalize("Tell me.\n" + b)[0], 5))) for b in bases]
     assert [len(s) for s in sets[:3]] == expected and all(s == sorted(set(s)) for s in sets)
 
@@ -242,24 +253,45 @@ def test_refresh_against_an_older_part_falls_back_to_the_estimate(tmp_path, capl
     assert kept_exact == [i for i, j in enumerate(truth) if j < THRESHOLD]
     assert "pairs_judged_by_estimate" not in exact_outcome.stats.extra
 
-    as_format_1(tmp_path / "index" / first.index_part)
-    assert dedup_index.part_format(tmp_path / "index" / first.index_part) == 1
-    assert load_index(tmp_path / "index", [first.index_part]).column(dedup_index.SHINGLES).null_count == 30
+    format_1 = as_older_format(tmp_path / "index" / first.index_part, 1)
+    assert dedup_index.part_format(tmp_path / "index" / format_1) == 1
+    assert load_index(tmp_path / "index", [format_1]).column(dedup_index.SHINGLES).null_count == 30
     with caplog.at_level("WARNING", logger="sftkit.dedup"):
-        old_outcome, kept_old = dedup(tmp_path, "old", variants, [first.index_part])
+        old_outcome, kept_old = dedup(tmp_path, "old", variants, [format_1])
     # what sftkit decided before the column existed: the estimate, wrong on some of these pairs
-    _, estimate_only = dedup(tmp_path, "estimate", variants, [first.index_part], DedupConfig(verify_exact=False))
+    _, estimate_only = dedup(tmp_path, "estimate", variants, [format_1], DedupConfig(verify_exact=False))
     assert kept_old == estimate_only != kept_exact
     assert old_outcome.stats.extra["pairs_judged_by_estimate"] > 0
     assert "older sftkit" in caplog.text
+
+
+def test_a_format_2_part_decides_a_refresh_as_the_part_it_became(tmp_path):
+    """A dataset whose index an older sftkit wrote as Parquet (format 2) refreshes as before:
+    exactly, against its shingle sets; the new part is format 3."""
+    bases, variants, truth = near_pairs(12)
+    first, _ = dedup(tmp_path, "first", bases)
+    _, kept_now = dedup(tmp_path, "now", variants, [first.index_part])
+    format_2 = as_older_format(tmp_path / "index" / first.index_part, 2)
+    assert dedup_index.part_format(tmp_path / "index" / format_2) == 2
+    second, kept_then = dedup(tmp_path, "then", variants, [format_2])
+    assert kept_then == kept_now == [i for i, j in enumerate(truth) if j < THRESHOLD]
+    assert second.index_part.endswith(".arrow")
+    ids = load_index(tmp_path / "index", [format_2]).column(schema.ID).to_pylist()
+    smaller = dedup_index.restrict_part(tmp_path / "index", format_2, ids[:5])  # an old part keeps its format
+    assert smaller.endswith(".parquet") and dedup_index.part_format(tmp_path / "index" / smaller) == 2
+    assert load_index(tmp_path / "index", [smaller]).column(schema.ID).to_pylist() == ids[:5]
 
 
 def test_a_part_of_a_newer_format_is_refused(tmp_path):
     bases, _, _ = near_pairs(2)
     first, _ = dedup(tmp_path, "first", bases)
     path = tmp_path / "index" / first.index_part
-    table = pq.read_table(path)
-    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, dedup_index.FORMAT_KEY: b"3"}), path)
+    table = arrow_ipc(path)
+    with pa.ipc.new_file(
+        path.with_suffix(".tmp"), table.schema.with_metadata({**table.schema.metadata, dedup_index.FORMAT_KEY: b"4"})
+    ) as w:
+        w.write_table(table)
+    path.with_suffix(".tmp").replace(path)
     with pytest.raises(ValueError, match="newer than this sftkit"):
         dedup(tmp_path, "second", bases, [first.index_part])
 
@@ -271,18 +303,18 @@ def test_old_rows_are_read_one_row_group_at_a_time_and_restricted_parts_keep_the
     first, _ = dedup(tmp_path, "first", bases)
     index_dir = tmp_path / "index"
     path = index_dir / first.index_part
-    assert pq.ParquetFile(path).metadata.num_row_groups == 5
-    whole = pq.read_table(path)
+    assert pa.ipc.open_file(pa.memory_map(str(path))).num_record_batches == 5
+    whole = arrow_ipc(path)
     rows = np.array([0, 3, 4, 9, 17])
     got = dedup_index.index_rows(index_dir, [first.index_part], rows, dedup_index.SHINGLES)
     assert got.to_pylist() == [whole.column(dedup_index.SHINGLES)[int(r)].as_py() for r in rows]
 
     ids = whole.column(schema.ID).to_pylist()
     smaller = dedup_index.restrict_part(index_dir, first.index_part, ids[::2])
-    restricted = pq.read_table(index_dir / smaller)
+    restricted = arrow_ipc(index_dir / smaller)
     assert restricted.column(schema.ID).to_pylist() == ids[::2]
     assert restricted.column(dedup_index.SHINGLES).to_pylist() == whole.column(dedup_index.SHINGLES).to_pylist()[::2]
-    assert dedup_index.part_format(index_dir / smaller) == 2
+    assert dedup_index.part_format(index_dir / smaller) == 3
     # its name hashes its content, however it was written: the same as a run that kept just those
     assert dedup(tmp_path, "evens", bases[::2])[0].index_part == smaller
 
