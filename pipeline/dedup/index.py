@@ -233,11 +233,16 @@ def iter_rows(paths: Sequence[Path], rows: np.ndarray, columns: list[str] | None
     for path in paths:
         if _is_ipc(path):
             table = _ipc_table(path)
-            count = table.num_rows
-            lo, hi = np.searchsorted(rows, [offset, offset + count])
-            if hi > lo:  # a take from the mapped columns reads the taken rows' pages only
-                yield (table.select(columns) if columns is not None else table).take(pa.array(rows[lo:hi] - offset))
-            offset += count
+            table = table.select(columns) if columns is not None else table
+            lo, hi = np.searchsorted(rows, [offset, offset + table.num_rows])
+            local = rows[lo:hi] - offset
+            offset += table.num_rows
+            batch_start = 0
+            for batch in table.to_batches() if len(local) else []:  # a record batch is a row group
+                a, b = np.searchsorted(local, [batch_start, batch_start + batch.num_rows])
+                if b > a:  # a take from the mapped columns reads the taken rows' pages only
+                    yield pa.Table.from_batches([batch]).take(pa.array(local[a:b] - batch_start))
+                batch_start += batch.num_rows
             continue
         parquet = open_parquet(path)
         count = parquet.metadata.num_rows

@@ -308,6 +308,9 @@ def test_old_rows_are_read_one_row_group_at_a_time_and_restricted_parts_keep_the
     rows = np.array([0, 3, 4, 9, 17])
     got = dedup_index.index_rows(index_dir, [first.index_part], rows, dedup_index.SHINGLES)
     assert got.to_pylist() == [whole.column(dedup_index.SHINGLES)[int(r)].as_py() for r in rows]
+    # one piece per row group (record batch) the rows fall in, never the requested rows at once
+    pieces = list(dedup_index.iter_index_rows(index_dir, [first.index_part], rows, dedup_index.SHINGLES))
+    assert [len(piece) for piece in pieces] == [2, 1, 1, 1]
 
     ids = whole.column(schema.ID).to_pylist()
     smaller = dedup_index.restrict_part(index_dir, first.index_part, ids[::2])
