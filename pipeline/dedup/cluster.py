@@ -48,8 +48,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from pipeline import schema
 from pipeline.config import DedupConfig
@@ -236,6 +234,11 @@ def _clusters(accepted: np.ndarray, rep_of: np.ndarray, hit: np.ndarray, num_new
     nodes = np.unique(accepted)
     labels = np.empty(0, dtype=np.int64)
     if len(accepted):
+        # imported here: scipy costs every process that imports pipeline.dedup (the signature
+        # workers, a band partition's step) a fifth of a second, and only this step needs it
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
         a, b = np.searchsorted(nodes, accepted[:, 0]), np.searchsorted(nodes, accepted[:, 1])
         graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(nodes),) * 2)
         labels = connected_components(graph, directed=False)[1].astype(np.int64)
