@@ -16,6 +16,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
+
 from pipeline import schema
 from pipeline.config import IngestConfig, SFTConfig
 from pipeline.formats import INVALID_UTF8, to_conversation, too_deep
@@ -63,6 +65,7 @@ def ingest_file(
     *,
     source: str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    on_table: Callable[[pa.Table], None] | None = None,
     on_progress: Callable[[ReadProgress, int], None] | None = None,
     progress_interval_s: float = PROGRESS_INTERVAL_S,
     compression: str = "zstd",
@@ -72,7 +75,9 @@ def ingest_file(
     ``source`` names the file in every row (default: ``in_path`` as given). ``out_path`` is
     always written (an empty Parquet file when nothing was kept) so later stages find it;
     ``rejected_path`` only when something was rejected (a stale one from an earlier run is
-    removed). ``on_batch(n)`` is called after every ``n`` records, for progress bars. While a
+    removed). ``on_batch(n)`` is called after every ``n`` records, for progress bars, and
+    ``on_table(table)`` with every table of kept rows as it is written (so a consumer, dedup's
+    signatures, can work beside the parsing). While a
     text file is read, its progress (bytes read, compressed bytes read, records so far) is logged
     at INFO on ``sftkit.ingest`` and passed to ``on_progress(progress, records)`` every
     ``progress_interval_s`` seconds: a big or compressed file, or one huge line being skipped,
@@ -121,7 +126,11 @@ def ingest_file(
         )
 
         def flush() -> None:
-            kept.write(kept_rows)
+            if kept_rows:
+                table = pa.Table.from_pylist(kept_rows, schema=schema.CONVERSATION_SCHEMA)
+                kept.write_table(table)
+                if on_table is not None:
+                    on_table(table)
             rejected.write(rejected_rows)
             run.count(len(kept_rows) + len(rejected_rows), kept=len(kept_rows), drops=[r[schema.REASON] for r in rejected_rows])
             if on_batch and (kept_rows or rejected_rows):

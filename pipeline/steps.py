@@ -422,7 +422,8 @@ def ingest_key(plan: RunPlan, item: InputFile) -> str:
     return _key("ingest", item.sha256, item.source, plan.output_settings["ingest"], plan.code_version)
 
 
-def run_ingest(plan: RunPlan, item: InputFile) -> StepResult:
+def run_ingest(plan: RunPlan, item: InputFile, on_table: Callable[[pa.Table], None] | None = None) -> StepResult:
+    """The ingest step of one input; ``on_table`` gets the chunk's kept rows as they are written."""
     from pipeline.ingest import ingest_file
 
     key = ingest_key(plan, item)
@@ -431,7 +432,7 @@ def run_ingest(plan: RunPlan, item: InputFile) -> StepResult:
     # dedup and quality write their kept rows in its codec) and removed with .work/. zstd cost
     # 0.2 CPU-s to write and 0.05 more to read each of its 50k-record chunks; it takes 2.6x less
     # disk, which the tokenize step's uncompressed Arrow files, 5x larger again, dwarf.
-    return _cached_step(plan, "ingest", key, ingest_file, Path(item.path), out, source=item.source, compression="none")
+    return _cached_step(plan, "ingest", key, ingest_file, Path(item.path), out, source=item.source, compression="none", on_table=on_table)
 
 
 def dedup_key(plan: RunPlan, ingest_results: list[StepResult]) -> str:
@@ -449,7 +450,7 @@ def dedup_signatures(plan: RunPlan, ingest_result: StepResult) -> str:
     """MinHash signatures and band hashes of one ingested chunk (mappable per chunk)."""
     from pipeline.dedup import compute_signatures
 
-    path = _signature_path(plan, ingest_result)
+    path = _signature_path(plan, ingest_result.key)
     if not path.exists():
         compute_signatures(Path(ingest_result.outputs[0]), path, plan.config.dedup, num_proc=_signature_procs(plan))
     return str(path)
@@ -464,7 +465,7 @@ def _signature_procs(plan: RunPlan) -> int:
 
 def signatures_done(plan: RunPlan, ingest_result: StepResult) -> str | None:
     """The chunk's signature file when an earlier step already made it, else None."""
-    path = _signature_path(plan, ingest_result)
+    path = _signature_path(plan, ingest_result.key)
     return str(path) if path.exists() else None
 
 
@@ -472,15 +473,29 @@ def ingest_then_signatures(plan: RunPlan, item: InputFile, signatures: bool) -> 
     """:func:`run_ingest`, then (``signatures``: when a flow maps them as tasks, see
     :func:`dedup_parts_worth_tasks`) the chunk's dedup signatures, in the same worker process:
     it then starts once per input instead of twice, and reads the chunk back while it is in the
-    page cache. The signatures task finds the file made (:func:`signatures_done`)."""
+    page cache. The signatures task finds the file made (:func:`signatures_done`).
+
+    When the chunk's signatures get worker processes of their own (fewer inputs than cores: a
+    refresh of one file), they sign the rows as ingest writes them, on the cores the parsing
+    leaves idle, rather than after it (:func:`pipeline.dedup.lsh.signing_alongside`)."""
+    key = ingest_key(plan, item)
+    num_proc = _signature_procs(plan)
+    path = _signature_path(plan, key)
+    if signatures and num_proc > 1 and step_done(plan, "ingest", key) is None and not path.exists():
+        from pipeline.dedup.lsh import signing_alongside
+
+        # The ingest step's mark is written before the signature file is complete: killed in
+        # between, the signatures task makes the file from the chunk (signatures_done says no).
+        with signing_alongside(path, plan.config.dedup, num_proc) as add:
+            return run_ingest(plan, item, on_table=add)
     result = run_ingest(plan, item)
     if signatures:
         dedup_signatures(plan, result)
     return result
 
 
-def _signature_path(plan: RunPlan, ingest_result: StepResult) -> Path:
-    key = _key("dedup-signatures", ingest_result.key, plan.output_settings["dedup"], plan.code_version)
+def _signature_path(plan: RunPlan, chunk_key: str) -> Path:
+    key = _key("dedup-signatures", chunk_key, plan.output_settings["dedup"], plan.code_version)
     return _work(plan, "dedup-signatures", key)
 
 
@@ -528,7 +543,7 @@ def run_dedup(
     if not plan.config.dedup.enabled:
         return _cached_step(plan, "dedup", key, _passed_through, in_paths, in_paths, stage="dedup")
     out_paths = [_work(plan, "dedup", f"{key}-{i:05d}") for i in range(len(in_paths))]
-    signature_paths = signature_paths or [_signature_path(plan, r) for r in ingest_results]
+    signature_paths = signature_paths or [_signature_path(plan, r.key) for r in ingest_results]
     edge_paths = edge_paths or [_edge_path(plan, ingest_results, q) for q in dedup_partitions(plan)]
     options = {"index_dir": plan.root / DEDUP_INDEX, "index_parts": list(plan.index_parts), "is_good": _quality_verdict(plan)}
     options |= {"signature_paths": [Path(p) for p in signature_paths], "edge_paths": [Path(p) for p in edge_paths]}

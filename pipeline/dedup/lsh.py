@@ -18,7 +18,9 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +99,9 @@ def _batches(texts: list[str]):
         yield start, len(texts)
 
 
+_SIGNED_COLUMNS = [schema.ID, schema.SOURCE, schema.SOURCE_INDEX, schema.MESSAGES]
+
+
 def compute_signatures(in_path: str | os.PathLike, sig_path: str | os.PathLike, config: DedupConfig, num_proc: int = 1) -> int:
     """Write the signature file of one canonical chunk; returns its row count.
 
@@ -104,39 +109,129 @@ def compute_signatures(in_path: str | os.PathLike, sig_path: str | os.PathLike, 
     ``num_proc`` > 1 (cores that would otherwise wait: a refresh of fewer input files than
     cores) the batches are signed in that many worker processes, in order: the same file."""
     parquet = open_parquet(in_path)
-    columns = [schema.ID, schema.SOURCE, schema.SOURCE_INDEX, schema.MESSAGES]
-    params = json.dumps(run_params(config), sort_keys=True).encode()
     num_batches = -(-parquet.metadata.num_rows // _ROW_GROUP_ROWS)
     num_proc = min(num_proc, num_batches) if num_batches >= _BATCHES_FOR_WORKERS else 1
-    rows = 0
     with atomic_path(sig_path) as tmp, contextlib.ExitStack() as stack:
         if not num_batches:  # an empty chunk: an empty file, same columns
-            outs = iter([_signature_table(pq.read_schema(in_path).empty_table().select(columns), config)])
+            outs = iter([_signature_table(pq.read_schema(in_path).empty_table().select(_SIGNED_COLUMNS), config)])
         elif num_proc > 1:
-            from pipeline.workers import WorkerPool
-
-            init = ("pipeline.dedup.lsh:_init_worker", "pipeline.dedup.lsh:_signatures_in_worker", (config.model_dump_json(),))
-            pool = stack.enter_context(WorkerPool(*init, num_proc))
-            outs = pool.map(parquet.iter_batches(batch_size=_ROW_GROUP_ROWS, columns=columns))
+            pool = stack.enter_context(_signature_pool(config, num_proc))
+            outs = pool.map(parquet.iter_batches(batch_size=_ROW_GROUP_ROWS, columns=_SIGNED_COLUMNS))
         else:
             outs = (
                 _signature_table(pa.Table.from_batches([b]), config)
-                for b in parquet.iter_batches(batch_size=_ROW_GROUP_ROWS, columns=columns)
+                for b in parquet.iter_batches(batch_size=_ROW_GROUP_ROWS, columns=_SIGNED_COLUMNS)
             )
-        writer = None
-        try:
-            for out in outs:
-                if writer is None:
-                    out_schema = out.schema.with_metadata({dedup_index.PARAMS_KEY: params})
-                    # a scratch file: no dictionaries (random hashes defeat them, and each row group
-                    # would try anew), no statistics
-                    writer = pq.ParquetWriter(tmp, out_schema, compression="none", use_dictionary=False, write_statistics=False)
-                writer.write_table(out.cast(out_schema), row_group_size=max(1, out.num_rows))
-                rows += out.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
+        return _write_signature_file(tmp, outs, config)
+
+
+def _signature_pool(config: DedupConfig, num_proc: int):
+    from pipeline.workers import WorkerPool
+
+    return WorkerPool("pipeline.dedup.lsh:_init_worker", "pipeline.dedup.lsh:_signatures_in_worker", (config.model_dump_json(),), num_proc)
+
+
+def _write_signature_file(path: Path, outs: Iterator[pa.Table], config: DedupConfig) -> int:
+    """The signature tables ``outs`` (in row order) as the signature file ``path``; its rows."""
+    params = json.dumps(run_params(config), sort_keys=True).encode()
+    rows, writer = 0, None
+    try:
+        for out in outs:
+            if writer is None:
+                out_schema = out.schema.with_metadata({dedup_index.PARAMS_KEY: params})
+                # a scratch file: no dictionaries (random hashes defeat them, and each row group
+                # would try anew), no statistics
+                writer = pq.ParquetWriter(path, out_schema, compression="none", use_dictionary=False, write_statistics=False)
+            writer.write_table(out.cast(out_schema), row_group_size=max(1, out.num_rows))
+            rows += out.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
     return rows
+
+
+@contextlib.contextmanager
+def signing_alongside(sig_path: str | os.PathLike, config: DedupConfig, num_proc: int) -> Iterator[Callable[[pa.Table], None]]:
+    """The signature file of a chunk that is being written: yields ``add(table)``, to be called
+    with the chunk's rows in order, as its writer writes them (canonical columns).
+
+    The same file as :func:`compute_signatures` of the finished chunk (the rows regrouped into
+    the same :data:`_ROW_GROUP_ROWS`-row batches), made while the chunk is written: ``num_proc``
+    worker processes sign the batches, and start (import) at once, beside the writer. Ingest
+    parses on one core, so a refresh of one input file signs it on the cores ingest leaves idle
+    instead of after it. Complete (renamed to ``sig_path``) when the block ends without an
+    error; memory holds the few batches in flight."""
+    batches: queue.Queue = queue.Queue(maxsize=2 * num_proc)
+    failure: list[BaseException] = []
+    signed = [0]  # rows sent to the workers
+
+    def regrouped() -> Iterator[pa.Table]:
+        pending: list[pa.Table] = []
+        rows = 0
+        while (table := batches.get()) is not _END:
+            if table is _ABORT:
+                return
+            pending.append(table)
+            rows += table.num_rows
+            while rows >= _ROW_GROUP_ROWS:
+                whole = pa.concat_tables(pending)
+                yield whole.slice(0, _ROW_GROUP_ROWS)
+                pending, rows = [whole.slice(_ROW_GROUP_ROWS)], rows - _ROW_GROUP_ROWS
+        if rows:
+            yield pa.concat_tables(pending)
+        elif not signed[0]:  # an empty chunk: an empty file, same columns
+            yield schema.CONVERSATION_SCHEMA.empty_table().select(_SIGNED_COLUMNS)
+
+    def sign(path: Path) -> None:
+        try:
+            with _signature_pool(config, num_proc) as pool:
+
+                def outs() -> Iterator[pa.Table]:
+                    for batch in regrouped():
+                        signed[0] += batch.num_rows
+                        yield batch
+
+                _write_signature_file(path, pool.map(outs()), config)
+        except BaseException as exc:  # raised again in the writer's thread
+            failure.append(exc)
+            with contextlib.suppress(queue.Empty):  # unblock a writer waiting on a full queue
+                while True:
+                    batches.get_nowait()
+
+    def add(table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        table = table.select(_SIGNED_COLUMNS)
+        while not failure:
+            with contextlib.suppress(queue.Full):
+                batches.put(table, timeout=0.1)
+                return
+        raise failure[0]
+
+    with atomic_path(sig_path) as tmp:
+        thread = threading.Thread(target=sign, args=(tmp,), name="sftkit-signatures", daemon=True)
+        thread.start()
+        try:
+            yield add
+        except BaseException:
+            _put_until_taken(batches, _ABORT, thread)
+            thread.join()
+            raise
+        _put_until_taken(batches, _END, thread)
+        thread.join()
+        if failure:
+            raise failure[0]
+
+
+_END, _ABORT = object(), object()
+
+
+def _put_until_taken(batches: queue.Queue, item: object, thread: threading.Thread) -> None:
+    """Put ``item`` on the queue unless the signing thread has already stopped (after a failure)."""
+    while thread.is_alive():
+        with contextlib.suppress(queue.Full):
+            batches.put(item, timeout=0.1)
+            return
 
 
 _worker_config: DedupConfig | None = None
@@ -147,9 +242,9 @@ def _init_worker(config_json: str) -> None:
     _worker_config = DedupConfig.model_validate_json(config_json)
 
 
-def _signatures_in_worker(batch: pa.RecordBatch) -> pa.Table:
+def _signatures_in_worker(batch: pa.RecordBatch | pa.Table) -> pa.Table:
     assert _worker_config is not None, "worker was not initialised"
-    return _signature_table(pa.Table.from_batches([batch]), _worker_config)
+    return _signature_table(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch, _worker_config)
 
 
 def _signature_table(table: pa.Table, config: DedupConfig) -> pa.Table:

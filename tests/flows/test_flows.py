@@ -149,7 +149,7 @@ def test_big_inputs_map_dedup_into_tasks_and_ingest_into_worker_processes(prefec
 
     inputs = [str(p) for p in make_inputs(tmp_path / "in")]
 
-    def task_names(out):
+    def task_names(out, inputs=inputs):
         state = refresh_flow(inputs=inputs, tokenizer=str(bpe_tokenizer_path), out=str(out), config=_config(), return_state=True)
         assert state.is_completed()
         flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
@@ -164,3 +164,10 @@ def test_big_inputs_map_dedup_into_tasks_and_ingest_into_worker_processes(prefec
     # (the signatures are made by the ingest step's worker; the signatures task finds them)
     assert shard_bytes(tmp_path / "big") == shard_bytes(tmp_path / "small")
     assert read_manifest(tmp_path / "big")["counts"] == read_manifest(tmp_path / "small")["counts"]
+    # One input on two or more cores: its signatures are made while ingest writes the chunk
+    # (pipeline.dedup.lsh.signing_alongside), to the same dataset.
+    task_names(tmp_path / "one-big", inputs[:1])
+    monkeypatch.setattr(steps, "_BYTES_FOR_WORKERS", 1 << 60)
+    task_names(tmp_path / "one-small", inputs[:1])
+    assert shard_bytes(tmp_path / "one-big") == shard_bytes(tmp_path / "one-small")
+    assert read_manifest(tmp_path / "one-big")["counts"] == read_manifest(tmp_path / "one-small")["counts"]

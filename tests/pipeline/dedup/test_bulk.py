@@ -185,6 +185,57 @@ def test_signatures_signed_in_worker_processes_are_the_same_file(tmp_path, monke
     assert (tmp_path / "e1.parquet").read_bytes() == (tmp_path / "e2.parquet").read_bytes()
 
 
+def test_signatures_made_while_ingest_writes_the_chunk_are_the_same_file(tmp_path, monkeypatch):
+    """A refresh of one input signs its rows while ingest parses them (issue 16, item 1): the
+    signature file is byte for byte the one signing the finished chunk gives, whatever sizes
+    ingest's batches come in (rejected lines make them uneven), and so is an empty one."""
+    import json
+
+    from pipeline.config import SFTConfig
+    from pipeline.ingest import ingest_file
+
+    monkeypatch.setattr(lsh, "_ROW_GROUP_ROWS", 16)
+    first, second = corpus()
+    lines = []
+    for i, messages in enumerate(first + second):
+        lines.append(json.dumps({"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}))
+        if i % 5 == 0:
+            lines.append('{"messages": "not a list"}')  # rejected by ingest: a short batch
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    config = SFTConfig.model_validate({"ingest": {"batch_size": 7}})
+    for name, lines_of in (("full", lines), ("empty", ['{"messages": "not a list"}'])):
+        source.write_text("\n".join(lines_of) + "\n")
+        chunk, streamed, signed = (tmp_path / f"{name}-{part}.parquet" for part in ("chunk", "streamed", "signed"))
+        with lsh.signing_alongside(streamed, config.dedup, 2) as add:
+            stats = ingest_file(source, chunk, tmp_path / f"{name}-rejected.parquet", config, on_table=add)
+        assert stats.records_in > stats.records_out or name == "full" and stats.records_out > 3 * 16
+        compute_signatures(chunk, signed, config.dedup)
+        assert streamed.read_bytes() == signed.read_bytes()
+    assert pq.ParquetFile(tmp_path / "full-streamed.parquet").metadata.num_row_groups > 3
+
+
+def test_signing_alongside_leaves_no_file_when_the_writer_or_a_worker_fails(tmp_path, monkeypatch):
+    """Signatures are made beside ingest: an ingest that fails halfway, or a batch a worker
+    cannot sign, ends the block with the error (no hang on the queue between them), and no
+    signature file, complete-looking or temporary, is left."""
+    chunk = pq.read_table(write_chunk(tmp_path / "in.parquet", corpus()[0]))
+    sig = tmp_path / "sig" / "signatures.parquet"
+    with pytest.raises(RuntimeError, match="ingest stopped"):
+        with lsh.signing_alongside(sig, DedupConfig(), 2) as add:
+            add(chunk.slice(0, 10))
+            raise RuntimeError("ingest stopped")
+    assert list(sig.parent.iterdir()) == []
+
+    monkeypatch.setattr(lsh, "_ROW_GROUP_ROWS", 4)  # every add a batch for the workers
+    broken = chunk.set_column(chunk.schema.get_field_index(schema.MESSAGES), schema.MESSAGES, pa.array(["text"] * chunk.num_rows))
+    with pytest.raises(AttributeError):  # the worker's error, with its type
+        with lsh.signing_alongside(sig, DedupConfig(), 2) as add:
+            for start in range(0, chunk.num_rows, 4):  # more than the queue holds: the writer must not block
+                add(broken.slice(start, 4))
+    assert list(sig.parent.iterdir()) == []
+
+
 @pytest.mark.parametrize("link", [False, True])
 def test_a_chunk_that_keeps_every_row_is_copied_or_for_a_run_s_work_files_linked(tmp_path, link):
     """A chunk dedup leaves whole goes on as its own bytes: a copy by default (the input may be a
