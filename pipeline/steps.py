@@ -935,15 +935,18 @@ def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: S
     notify = progress or (lambda stage, done, total: None)
 
     # Ingest and the dedup signatures are Python, per input file: one worker process per core,
-    # when the inputs are big enough to pay back the workers' start (about a second).
+    # when the inputs are big enough to pay back the workers' start (about a second). Big ones
+    # are signed in the ingest's step, as a flow does: beside the parsing where it leaves cores.
     big = sum(input_bytes(Path(item.path)) for item in plan.inputs) >= _BYTES_FOR_WORKERS
+    signing = big and plan.config.dedup.enabled
     with _StepWorkers(min(os.cpu_count() or 1, len(plan.inputs)) if big else 1) as workers:
         ingest_results = []
-        for result in workers.map(run_ingest, [(plan, item) for item in plan.inputs]):
+        calls = [(plan, item, True) if signing else (plan, item) for item in plan.inputs]
+        for result in workers.map(ingest_then_signatures if signing else run_ingest, calls):
             ingest_results.append(result)
             notify("ingest", len(ingest_results), len(plan.inputs))
         signature_paths = None
-        if plan.config.dedup.enabled:
+        if plan.config.dedup.enabled:  # (files the ingest steps made are found, not made again)
             signature_paths = list(workers.map(dedup_signatures, [(plan, result) for result in ingest_results]))
     quality_results = []
     with reusing_workers():  # one set of quality workers for all the chunks, started beside dedup

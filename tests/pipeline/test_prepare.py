@@ -339,6 +339,28 @@ def test_ingest_and_signatures_in_worker_processes_write_the_same_dataset(tmp_pa
     assert rejected and rejected == {r["path"].split("/")[-1] for r in parallel["rejected"]}
 
 
+def test_one_big_input_is_signed_while_it_is_ingested_to_the_same_dataset(tmp_path, bpe_tokenizer_path, monkeypatch):
+    """One input on two or more cores: its dedup signatures are made by worker processes while
+    ingest writes the chunk (issue 16, item 1), and the dataset is the one the serial road makes."""
+    import os
+
+    import pipeline.steps as steps
+    from pipeline.workers import WorkerPool
+
+    inputs = [str(make_inputs(tmp_path / "in")[1])]  # the JSON Lines file: a bad line, a duplicate
+    monkeypatch.setattr(steps, "_BYTES_FOR_WORKERS", 1 << 60)  # small: ingest, then signatures in the dedup step
+    serial = prepare(inputs, str(bpe_tokenizer_path), tmp_path / "serial", _config())
+    monkeypatch.setattr(steps, "_BYTES_FOR_WORKERS", 0)  # big, whatever the size
+    started = []
+    real_init = WorkerPool.__init__
+    monkeypatch.setattr(WorkerPool, "__init__", lambda self, *a: started.append(a[1]) or real_init(self, *a))
+    signed = prepare(inputs, str(bpe_tokenizer_path), tmp_path / "signed", _config())
+    if (os.cpu_count() or 1) > 1:
+        assert "pipeline.dedup.lsh:_signatures_in_worker" in started
+    assert shard_bytes(tmp_path / "signed") == shard_bytes(tmp_path / "serial")
+    assert signed["counts"] == serial["counts"] and signed["counts"]["rejected"]
+
+
 def test_a_step_run_in_a_worker_process_gives_what_it_gives_here(tmp_path, bpe_tokenizer_path):
     from pipeline import steps
 
