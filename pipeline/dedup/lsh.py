@@ -163,11 +163,10 @@ def signing_alongside(sig_path: str | os.PathLike, config: DedupConfig, num_proc
     error; memory holds the few batches in flight."""
     batches: queue.Queue = queue.Queue(maxsize=2 * num_proc)
     failure: list[BaseException] = []
-    signed = [0]  # rows sent to the workers
 
     def regrouped() -> Iterator[pa.Table]:
         pending: list[pa.Table] = []
-        rows = 0
+        rows, sent = 0, False
         while (table := batches.get()) is not _END:
             if table is _ABORT:
                 return
@@ -176,22 +175,16 @@ def signing_alongside(sig_path: str | os.PathLike, config: DedupConfig, num_proc
             while rows >= _ROW_GROUP_ROWS:
                 whole = pa.concat_tables(pending)
                 yield whole.slice(0, _ROW_GROUP_ROWS)
-                pending, rows = [whole.slice(_ROW_GROUP_ROWS)], rows - _ROW_GROUP_ROWS
+                pending, rows, sent = [whole.slice(_ROW_GROUP_ROWS)], rows - _ROW_GROUP_ROWS, True
         if rows:
             yield pa.concat_tables(pending)
-        elif not signed[0]:  # an empty chunk: an empty file, same columns
+        elif not sent:  # an empty chunk: an empty file, same columns
             yield schema.CONVERSATION_SCHEMA.empty_table().select(_SIGNED_COLUMNS)
 
     def sign(path: Path) -> None:
         try:
             with _signature_pool(config, num_proc) as pool:
-
-                def outs() -> Iterator[pa.Table]:
-                    for batch in regrouped():
-                        signed[0] += batch.num_rows
-                        yield batch
-
-                _write_signature_file(path, pool.map(outs()), config)
+                _write_signature_file(path, pool.map(regrouped()), config)
         except BaseException as exc:  # raised again in the writer's thread
             failure.append(exc)
             with contextlib.suppress(queue.Empty):  # unblock a writer waiting on a full queue
@@ -199,14 +192,10 @@ def signing_alongside(sig_path: str | os.PathLike, config: DedupConfig, num_proc
                     batches.get_nowait()
 
     def add(table: pa.Table) -> None:
-        if not table.num_rows:
-            return
-        table = table.select(_SIGNED_COLUMNS)
-        while not failure:
-            with contextlib.suppress(queue.Full):
-                batches.put(table, timeout=0.1)
-                return
-        raise failure[0]
+        if table.num_rows:
+            _put_until_taken(batches, table.select(_SIGNED_COLUMNS), thread)
+        if failure:
+            raise failure[0]
 
     with atomic_path(sig_path) as tmp:
         thread = threading.Thread(target=sign, args=(tmp,), name="sftkit-signatures", daemon=True)
@@ -227,7 +216,7 @@ _END, _ABORT = object(), object()
 
 
 def _put_until_taken(batches: queue.Queue, item: object, thread: threading.Thread) -> None:
-    """Put ``item`` on the queue unless the signing thread has already stopped (after a failure)."""
+    """Put ``item`` on the queue, unless the signing thread stops first (after a failure)."""
     while thread.is_alive():
         with contextlib.suppress(queue.Full):
             batches.put(item, timeout=0.1)
