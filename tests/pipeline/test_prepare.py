@@ -387,6 +387,9 @@ def test_the_cli_and_stage_workers_allocate_from_jemalloc_unless_the_user_chose_
         "import pyarrow as pa\n"
         "from pipeline.workers import WorkerPool\n"
         "with WorkerPool(None, 'pipeline.schema:messages_for_template', (), 1) as pool:\n"
+        # an answer first: Popen returns once exec has closed the parent's pipe, before the new
+        # program's environment is in place, and /proc/PID/environ is empty until it is
+        "    assert list(pool.map([[]])) == [[]]\n"
         "    pid = pool._workers[0].pid\n"
         "    environ = open(f'/proc/{pid}/environ', 'rb').read().split(b'\\0')\n"
         "worker = [v.split(b'=', 1)[1].decode() for v in environ if v.startswith(b'ARROW_DEFAULT_MEMORY_POOL=')]\n"
@@ -413,6 +416,7 @@ def test_a_library_caller_s_workers_get_jemalloc_too(repo_root):
         "import sys\n"
         "from pipeline.workers import WorkerPool\n"
         "with WorkerPool(None, 'pipeline.schema:messages_for_template', (), 1) as pool:\n"
+        "    assert list(pool.map([[]])) == [[]]\n"  # an answer first (see the test above)
         "    environ = open(f'/proc/{pool._workers[0].pid}/environ', 'rb').read().split(b'\\0')\n"
         "print(*[v.decode() for v in environ if v.startswith(b'ARROW_DEFAULT_MEMORY_POOL=')], 'flows' in sys.modules)\n"
     )
