@@ -3,6 +3,8 @@ its workers once, hands on only a pool that answered everything, and leaves no p
 
 from __future__ import annotations
 
+import time
+
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +17,25 @@ from tests.pipeline.quality.test_workers import write_conversations
 # any function of sftkit's pipeline that takes one item and answers it
 TASK = (None, "pipeline.schema:messages_for_template", (), 2)
 ITEMS = [[{"role": "user", "content": f"q{i}", "name": None, "tool_calls": None, "train": None}] for i in range(6)]
+
+
+def started_children(marker: str, count: int, other_than: tuple[int, ...] | list[int] = ()) -> list[int]:
+    """This process's children whose command line holds ``marker``, once ``count`` of them show it.
+
+    A worker ``workers.start`` just launched shows its command line only once its exec has set it
+    up, after ``Popen`` has returned: on a busy machine a look straight away can miss it."""
+    deadline = time.monotonic() + 60
+    while True:
+        found = []
+        for child in psutil.Process().children():
+            try:
+                if child.pid not in other_than and marker in child.cmdline():
+                    found.append(child.pid)
+            except psutil.Error:  # gone meanwhile
+                continue
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
 
 
 def exited(pids: list[int]) -> bool:
@@ -113,14 +134,14 @@ def test_workers_started_ahead_serve_the_first_block_and_are_closed_unused_at_th
     assert not [p for p in psutil.Process().children() if "pipeline.schema:messages_for_template" in p.cmdline()]
     with workers.reusing():
         workers.start(*TASK)
-        started = [p.pid for p in psutil.Process().children() if "pipeline.schema:messages_for_template" in p.cmdline()]
+        started = started_children("pipeline.schema:messages_for_template", 2)
         assert len(started) == 2
         workers.start(*TASK)  # one idle pool of these is enough
         with workers.pool(*TASK) as pool:
             assert sorted(pool.pids) == sorted(started)
             assert [m[0]["content"] for m in pool.map(ITEMS)] == [f"q{i}" for i in range(6)]
         workers.start(None, TASK[1], (), 1)  # never used
-        unused = [p.pid for p in psutil.Process().children() if p.pid not in started and "pipeline.workers" in p.cmdline()]
+        unused = started_children("pipeline.workers", 1, other_than=started)
         assert len(unused) == 1
     assert exited(started) and exited(unused)
 
@@ -138,7 +159,7 @@ def test_quality_workers_started_before_dedup_filter_the_first_chunk(tmp_path):
 
     with workers.reusing():
         start_workers(config, None, 600, batch_size=100)
-        started = filtering()
+        started = set(started_children("pipeline.quality:_filter_in_worker", 2))
         assert len(started) == 2
         quality_stage(source, tmp_path / "kept.parquet", tmp_path / "rejected.parquet", config, batch_size=100)
         assert filtering() == started  # the stage filtered in them, and left them for the next chunk
