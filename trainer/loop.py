@@ -182,7 +182,7 @@ class SFTTrainer:
                 # global RNG would shift dropout's masks after a resume (which restarts the loader).
                 generator=torch.Generator().manual_seed(self.config.seed),
             )
-            batches = iter(loader)
+            batches = _started(loader)
             index = start
             while index < len(plan):
                 waited = time.perf_counter()
@@ -421,11 +421,32 @@ class _SigtermFlag:
         return False
 
 
+def _started(loader: torch.utils.data.DataLoader) -> Iterator:
+    """``iter(loader)``, its worker processes started with SIGTERM held back.
+
+    A worker forked while a scheduler signals the whole group would meet the signal before its
+    ``worker_init_fn`` (:func:`_ignore_sigterm`) runs, under torch's own handler, which ends it: the
+    main process would fail with a traceback instead of saving. Started with SIGTERM blocked (the
+    mask a forked or spawned process inherits; a forkserver's workers do not), a worker keeps such
+    a signal pending until it ignores it; this process gets its own as soon as its workers are
+    started."""
+    if not loader.num_workers or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _ignore_sigterm(worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM: a scheduler signals the whole process group, and a worker
     killed by it would make the main process fail with a traceback instead of saving and stopping.
-    Workers still end when the loader closes, and on their own when the main process is gone."""
+    Workers still end when the loader closes, and on their own when the main process is gone. One
+    sent while the worker started (held back by :func:`_started`) is dropped here with it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _pad_token_id(tokenizer, model) -> int:

@@ -207,6 +207,38 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(data
     assert sorted((out / "checkpoints").glob("step-*"))
 
 
+SIGTERM_WHILE_WORKERS_START_SCRIPT = """
+import os, signal
+import torch
+from trainer.loop import _SigtermFlag, _ignore_sigterm, _started
+
+def signalled_first(worker_id):
+    os.killpg(0, signal.SIGTERM)  # the scheduler's signal, to the whole group, before the worker's own init
+    _ignore_sigterm(worker_id)
+
+loader = torch.utils.data.DataLoader(list(range(8)), batch_size=None, num_workers=2, worker_init_fn=signalled_first)
+with _SigtermFlag() as flag:
+    print(sorted(_started(loader)), flag.raised, flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signal masks are POSIX")
+def test_a_group_sigterm_while_loader_workers_start_leaves_them_running_and_reaches_the_trainer(repo_root):
+    """Each epoch starts its DataLoader workers again; a SIGTERM to the whole group that lands
+    before a worker's init has made it ignore the signal must not end that worker (torch's own
+    handler would, and the run would fail with a traceback instead of saving)."""
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_WORKERS_START_SCRIPT],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[0] == "[0, 1, 2, 3, 4, 5, 6, 7] True"
+
+
 # --- train: a damaged checkpoint --------------------------------------------------------------
 def test_resume_from_a_damaged_checkpoint_names_it_and_the_one_to_use(data_dir, tmp_path):
     out = tmp_path / "run"
