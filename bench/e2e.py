@@ -26,8 +26,12 @@ not count its start-up). ``--no-flow`` measures the in-process run instead. The 
 times a small run (the sample data) and a refresh that finds nothing new, in both modes; the
 overhead is the wall time minus the seconds the stages report.
 
+``--bracket`` times the raw call again after each sftkit run and compares sftkit with the mean of
+the two: on a shared machine the speed of the same work drifts by 10-20 % within an hour, and a
+single pair of runs minutes apart shows that drift as a change of the ratio.
+
     python -m bench.e2e [--sizes 50000,200000,1000000] [--kinds unique,dups] [--no-flow]
-                        [--tokenizer data_samples/tokenizer] [--keep DIR] [--no-startup]
+                        [--tokenizer data_samples/tokenizer] [--keep DIR] [--no-startup] [--bracket]
 
 Writes bench/results/e2e.json.
 """
@@ -245,6 +249,12 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     parser.add_argument("--keep", type=Path, default=None, help="generate the inputs here and keep them")
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up table")
+    parser.add_argument(
+        "--bracket",
+        action="store_true",
+        help="time the raw tokenizer before and after each sftkit run and compare with their mean "
+        "(the machine's speed can drift by 10-20 %% within an hour)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sftkit-e2e-"))
     data_root = args.keep or work / "inputs"
@@ -257,7 +267,9 @@ def main() -> None:
                 startup_figures = startup(work, tokenizer, api_url)
             for size in [int(s) for s in args.sizes.split(",") if s]:
                 for kind in args.kinds.split(","):
-                    entry = measure(data_root / f"{kind}-{size}", work, kind, size, tokenizer, api_url, keep=args.keep is not None)
+                    entry = measure(
+                        data_root / f"{kind}-{size}", work, kind, size, tokenizer, api_url, keep=args.keep is not None, bracket=args.bracket
+                    )
                     figures.append(entry)
                     rows.append(table_row(entry))
                     print_table(
@@ -282,7 +294,9 @@ def main() -> None:
     write_results("e2e", results, args.out)
 
 
-def measure(folder: Path, work: Path, kind: str, size: int, tokenizer: Path, api_url: str | None, *, keep: bool) -> dict:
+def measure(
+    folder: Path, work: Path, kind: str, size: int, tokenizer: Path, api_url: str | None, *, keep: bool, bracket: bool = False
+) -> dict:
     inputs = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
     if len(inputs) != -(-size // RECORDS_PER_FILE):
         shutil.rmtree(folder, ignore_errors=True)
@@ -291,6 +305,8 @@ def measure(folder: Path, work: Path, kind: str, size: int, tokenizer: Path, api
     out = work / f"out-{kind}-{size}"
     sftkit = run_sftkit(inputs, out, tokenizer, api_url)
     shutil.rmtree(out, ignore_errors=True)
+    if bracket:  # the raw call again: sftkit is compared with the mean of the runs on either side
+        raw = bracketed(raw, run_raw_tokenizer(inputs, tokenizer))
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -307,11 +323,18 @@ def measure(folder: Path, work: Path, kind: str, size: int, tokenizer: Path, api
     }
 
 
+def bracketed(before: dict, after: dict) -> dict:
+    """The raw call's figures as the mean of a run before and a run after sftkit's, with both runs."""
+    mean = {key: (before[key] + after[key]) / 2 for key in ("seconds", "cpu_seconds", "wall_seconds")}
+    return {**before, **mean, "peak_rss_bytes": max(before["peak_rss_bytes"], after["peak_rss_bytes"]), "runs": [before, after]}
+
+
 def table_row(entry: dict) -> list[str]:
-    sftkit, stages = entry["sftkit"], entry["sftkit"]["stages"]
+    sftkit, stages, raw = entry["sftkit"], entry["sftkit"]["stages"], entry["raw_tokenizer"]
+    runs = "/".join(f"{run['seconds']:.1f}" for run in raw.get("runs", []))
     return [
         f"{entry['kind']} {entry['conversations']:,}",
-        f"{entry['raw_tokenizer']['seconds']:.1f}",
+        f"{raw['seconds']:.1f}" + (f" ({runs})" if runs else ""),
         f"{sftkit['seconds']:.1f}",
         f"{entry['ratio']:.2f}x",
         f"{entry['cpu_ratio']:.2f}x",
