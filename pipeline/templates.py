@@ -198,6 +198,8 @@ KNOWN_END_TOKENS = (
     "<|im_end|>",
     "<|eot_id|>",
     "<|end|>",
+    "<|return|>",  # gpt-oss (harmony): the last turn's end; earlier turns end with <|end|>
+    "<|call|>",  # gpt-oss: a turn that calls a tool ends with it
     "<end_of_turn>",
     "<|endoftext|>",
     "<|end_of_text|>",

@@ -12,7 +12,8 @@ render is not a prefix of the whole one. This module locates turns without that 
    move it (a system prompt folded into the first user turn) — it does to the sentinel, so the
    skeleton shows exactly which pieces the template rendered and the fixed text around them.
 2. **Alignment.** The real rendering must equal the skeleton with every sentinel replaced by
-   its piece, trimmed of surrounding whitespace at most (``trim``, ``strip('\\n')``); anything
+   its piece, trimmed of surrounding whitespace at most (``trim``, ``strip('\\n')``), or
+   escaped whole by ``tojson`` (gpt-oss writes tool results as JSON strings); anything
    else (a template that branches on what the text says, a content split at ``</think>``) is
    refused, and the caller tries again with fewer sentinels or rejects the row. So every
    position of the skeleton's fixed text maps to one position of the real text.
@@ -29,7 +30,7 @@ render is not a prefix of the whole one. This module locates turns without that 
    then verified to hold nothing but the turn's own. (With sentinels in assistant turns only,
    the fallback, a partial match is refused: the text between is not known to be fixed.)
 4. **Turn end.** The first end-of-turn marker after the turn's last text (content, or the tool
-   calls the template renders after it), before the next message's text.
+   calls the template renders after it, found by their names), before the next message's text.
 
 Positions are found in the skeleton and mapped to the real text; the caller tokenizes the real
 text once and verifies every trained span, as for generation blocks.
@@ -37,6 +38,7 @@ text once and verifies every trained span, as for generation blocks.
 
 from __future__ import annotations
 
+import json
 import re
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
@@ -163,6 +165,14 @@ def _align(real: str, skeleton: str, pattern: re.Pattern, keys: dict[str, tuple[
             return None
         r_pos += len(fixed)
         value = values[key]
+        quoted = _json_quoted(value)
+        if not real.startswith(value.strip(), r_pos + _whitespace_run(real, r_pos)) and real.startswith(quoted, r_pos):
+            # written through tojson (gpt-oss's tool results): the sentinel's quotes are fixed text,
+            # the piece is escaped whole, never trimmed
+            slots.append(_Slot(*key, match.start(), match.end(), r_pos, r_pos + len(quoted)))
+            r_pos += len(quoted)
+            s_pos = match.end()
+            continue
         core = value.strip()
         lead = len(value) - len(value.lstrip())
         trail = len(value) - len(value.rstrip())
@@ -187,6 +197,11 @@ def _align(real: str, skeleton: str, pattern: re.Pattern, keys: dict[str, tuple[
     if real[r_pos:] != skeleton[s_pos:]:
         return None
     return _Skeleton(real, skeleton, slots)
+
+
+def _json_quoted(text: str) -> str:
+    """``text`` as tojson writes it inside its quotes (transformers' tojson: ensure_ascii off)."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
 def _next_match_start(pattern: re.Pattern, text: str, position: int) -> int:
@@ -297,6 +312,10 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
         while start < region_end and text[start] == " ":
             start += 1  # the template's separator space (Mistral's after [/INST]) is not generated text
         search_from = own[-1].skeleton_end if own else start
+        for name in _call_names(message):  # the calls rendered after the text (gpt-oss: after an <|end|>)
+            found = text.find(name, search_from, limit)
+            if found >= 0:
+                search_from = found + len(name)
         end, end_token = _first_end_token(text, search_from, limit, end_tokens)
         if end is None:
             if not own:
@@ -330,6 +349,17 @@ def _back_off(tail: str, text: str, base: int, matched: int, markers: Sequence[s
             if 0 <= found < offset + matched:
                 matched = min(matched, found - offset)
     return matched
+
+
+def _call_names(message: dict[str, Any]) -> list[str]:
+    """The function names of a message's tool calls, in order."""
+    names = []
+    for call in message.get("tool_calls") or ():
+        function = call.get("function", call) if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str) and name:
+            names.append(name)
+    return names
 
 
 def _key_ending_at(skeleton: _Skeleton, position: int):

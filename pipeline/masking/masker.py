@@ -33,7 +33,7 @@ from pipeline.masking.piece_table import PieceOffsets, PieceTable
 from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy
 from pipeline.masking.results import Encoded
 from pipeline.masking.token_spans import token_start_from_bytes, tokens_from_bytes, tokens_from_offsets
-from pipeline.masking.verify import clip, metaspace, span_matches
+from pipeline.masking.verify import clip, metaspace, span_matches, turn_markup
 from pipeline.stage import Drop
 from pipeline.templates import KNOWN_END_TOKENS, Renderer, RenderTooLarge, Template, builtin_prompt_end, template_variables
 
@@ -188,6 +188,8 @@ class Masker:
         self.is_control = np.zeros(max([self.backend.get_vocab_size(with_added_tokens=True), *control_ids]) + 1, bool)
         self.is_control[control_ids] = True
         self._prompt_tail_ids: dict[str, np.ndarray] = {}  # a prompt's text after its last control token -> ids
+        # gpt-oss's <|channel|>final<|message|> …: header text of the template's own that the model writes in a turn
+        self.turn_markup = turn_markup(self._probe_render, self.controls, self.reasoning.reads_field)
 
     # --- public ------------------------------------------------------------------------------
     def encode(self, messages: list[dict[str, Any]], tools: str | None = None) -> Encoded | Drop:
@@ -235,7 +237,9 @@ class Masker:
         by_offsets = batch.encoded_by_offsets + self._encode(leftovers, offsets=True)
         self._label_by_offsets(by_offsets, results, labelled, checks)
         for check in checks:
-            if check.index in labelled and not span_matches(check.decoded, check.message, check.turn.end_token, self.as_decoded):
+            if check.index in labelled and not span_matches(
+                check.decoded, check.message, check.turn.end_token, self.as_decoded, self.turn_markup
+            ):
                 del labelled[check.index]
                 results[check.index] = Drop(
                     "mask_unverifiable",
@@ -565,12 +569,23 @@ class Masker:
             text, marked = self._control_encoder().texts(rendered)
         else:
             text = marked = rendered
-        row = _Rendered(index, text, marked, turns, true_messages, train_flags, has_control_text)
+        row = _Rendered(index, text, marked, turns, _as_checked(true_messages, text), train_flags, has_control_text)
         row.prompt = self._inference_prompt(row, rendered, plain, tool_schemas, prompt)
         return row
 
     def _render(self, messages, tools, **options) -> tuple[str, list[tuple[int, int]]]:
         return self.renderer.render(messages, tools, **options)
+
+    def _probe_render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """A short probe conversation rendered within the row limits; an overrun is an error."""
+        try:
+            with time_limit(self.render_timeout):
+                return self._render(messages, None, add_generation_prompt=add_generation_prompt)[0]
+        except RenderTimeout:
+            release()
+            raise ValueError("the probe took too long to render") from None
+        except RenderTooLarge as exc:
+            raise ValueError(str(exc)) from None
 
     def _end_marker_in_tool_calls(self, messages: list[dict[str, Any]]) -> Drop | None:
         """A turn whose tool calls hold its end marker as text cannot be located: the turn's end
@@ -676,6 +691,20 @@ class Masker:
 
 
 _PROMPT_OPENS_THINK = re.compile(r"<think>\s*$")
+
+
+def _as_checked(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """The messages a row's trained spans are checked against: the content of a tool-calling turn
+    that the template renders nowhere in ``text`` is not looked for (gpt-oss writes such content
+    as the turn's analysis, and drops it once a later turn answers, as it drops reasoning)."""
+    checked = messages
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        if message["role"] == "assistant" and message.get("tool_calls") and content and content.strip() not in text:
+            if checked is messages:
+                checked = list(messages)
+            checked[index] = {**message, "content": ""}
+    return checked
 
 
 def _token_starting_at(entry: _Labelled, char: int, low: int, high: int) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,11 @@ def trained_turns(assistant_indices: Sequence[int], train_flags: Sequence[bool |
     return wanted
 
 
+# A template that reads the reasoning under ``thinking`` (gpt-oss's harmony template: message.thinking,
+# "thinking" in message); the renderer passes ``reasoning_content`` there too.
+_READS_THINKING = re.compile(r"""\.thinking\b|\[\s*['"]thinking['"]\s*\]|['"]thinking['"]\s+(?:not\s+)?in\s+\w""")
+
+
 class ReasoningShape:
     """How an assistant turn's reasoning reaches the template (``tokenize.reasoning``).
 
@@ -49,7 +55,7 @@ class ReasoningShape:
         if policy not in REASONING_POLICIES:
             raise ValueError(f"tokenize.reasoning must be one of {REASONING_POLICIES}, got {policy!r}")
         self.policy = policy
-        self.reads_field = "reasoning_content" in template.source
+        self.reads_field = "reasoning_content" in template.source or _READS_THINKING.search(template.source) is not None
 
     def shape(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Template messages with reasoning where the template will find it (piece lists, see locate)."""
@@ -101,6 +107,7 @@ class RolePolicy:
         # Some templates concatenate a call's arguments as text (DeepSeek-R1): they get JSON text.
         self.arguments_as_text = False
         self.dropped: dict[str, str] = {}  # role -> why: the template renders it as nothing
+        self.one_call_per_turn = False  # it renders only a turn's first tool call (gpt-oss: one call per message)
         plain = _rendered_or_error(template, variables, [user, answer], limits)
         if isinstance(plain, _Overrun):
             raise ValueError(
@@ -118,6 +125,11 @@ class RolePolicy:
                 self.unsupported[role] = str(text) or type(text).__name__
             elif not all(piece in text for piece in must_hold):
                 self.dropped[role] = f"the template renders no {role} messages or calls (it drops them silently)"
+        if "tool" not in self.unsupported and "tool" not in self.dropped:
+            second = {"type": "function", "function": {"name": "sftkit_probe_second_call", "arguments": {}}}
+            calls = [user, {"role": "assistant", "content": "", "tool_calls": [call, second]}]
+            text = _rendered_or_error(template, variables, _arguments_as_text(calls) if self.arguments_as_text else calls, limits)
+            self.one_call_per_turn = isinstance(text, str) and "sftkit_probe_call" in text and "sftkit_probe_second_call" not in text
 
     def prepare(self, messages, true_messages, train_flags):
         """(messages, true messages, train flags) with the default system prompt and the policy applied."""
@@ -134,6 +146,16 @@ class RolePolicy:
                     stage="template",
                 )
             messages, true_messages, train_flags = _merge_system(messages), _merge_system(true_messages), train_flags[1:]
+        if (
+            self.one_call_per_turn
+            and (many := next((i for i, m in enumerate(messages) if len(m.get("tool_calls") or ()) > 1), None)) is not None
+        ):
+            return Drop(
+                "template_drops_tool_calls",
+                f"assistant turn {many} makes {len(messages[many]['tool_calls'])} tool calls and chat template "
+                f"{self.template.name!r} renders only the first call of a turn (the others would be lost)",
+                stage="template",
+            )
         for role, said in self.dropped.items():
             if any(m["role"] == role or (role == "tool" and m.get("tool_calls")) for m in messages):
                 hint = " (template.system: merge folds it into the first user turn)" if role == "system" else ""

@@ -8,6 +8,7 @@ row is rejected as ``mask_unverifiable``: a wrong mask is never written.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # What may stand before a turn's content in its trained text, once its reasoning is taken out:
@@ -16,11 +17,14 @@ from typing import Any
 _BEFORE_CONTENT = re.compile(r"\s*(?:<(\w+)>\s*</\1>|</think>)?\s*")
 
 
-def span_matches(decoded: str, message: dict[str, Any], end_token: str | None, as_decoded=lambda s: s) -> bool:
+def span_matches(
+    decoded: str, message: dict[str, Any], end_token: str | None, as_decoded=lambda s: s, markup: frozenset[str] = frozenset()
+) -> bool:
     """Decoded trained tokens == the turn's [reasoning block +] content [+ tool calls] + end token.
 
     ``as_decoded`` spells a text the way the tokenizer's decoder gives it back (SentencePiece's
-    decoders turn every "▁", an added token's included, into a space).
+    decoders turn every "▁", an added token's included, into a space). ``markup``: the template's
+    own header text inside a turn (:func:`turn_markup`), allowed before the content as well.
     """
     body = decoded.strip()
     end_token = as_decoded(end_token) if end_token else end_token
@@ -48,7 +52,64 @@ def span_matches(decoded: str, message: dict[str, Any], end_token: str | None, a
                 return False
     if reasoning and reasoning in before:
         before = before.replace(reasoning, "", 1)
-    return _BEFORE_CONTENT.fullmatch(before) is not None
+    return _BEFORE_CONTENT.fullmatch(before) is not None or (bool(markup) and _bare(before) in markup)
+
+
+def _bare(text: str) -> str:
+    return "".join(text.split())
+
+
+# Probe texts for turn_markup: what no template writes of its own.
+_QUESTION, _ANSWER, _REASONING = "sftkit probe question", "sftkit probe answer", "sftkit probe reasoning"
+
+
+def turn_markup(render: Callable[[list[dict[str, Any]], bool], str], controls: Sequence[str], reasoning_field: bool) -> frozenset[str]:
+    """The header text a template writes inside an assistant turn before its content, where that
+    text holds control tokens: gpt-oss's ``<|channel|>final<|message|>`` after the generation
+    prompt's ``<|start|>assistant``, and with reasoning
+    ``<|channel|>analysis<|message|>…<|end|><|start|>assistant<|channel|>final<|message|>``.
+
+    The model writes it, so it is trained; :func:`span_matches` allows exactly these texts
+    (whitespace aside, reasoning taken out) before a turn's content, and nothing else made of
+    control tokens: a span that starts a token early (taking in ``<|start|>``) still fails.
+    Found by rendering short conversations (``render(messages, add_generation_prompt)``; a
+    probe the template refuses adds nothing): for each assistant turn, the text between the
+    generation prompt of the messages before it and the turn's content.
+    """
+    if not controls:
+        return frozenset()
+    user = {"role": "user", "content": _QUESTION}
+
+    def answer(number: int, reasoning: bool, calls: bool = False) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": f"{_ANSWER} {number}"}
+        if reasoning:
+            message["reasoning_content"] = f"{_REASONING} {number}"
+        if calls:
+            message["tool_calls"] = [{"type": "function", "function": {"name": "sftkit_probe_call", "arguments": {}}}]
+        return message
+
+    probes = [[user, answer(1, False), user, answer(2, False)], [user, answer(1, False, calls=True)]]
+    if reasoning_field:
+        probes.append([user, answer(1, True), user, answer(2, True)])
+    found = set()
+    for messages in probes:
+        try:
+            full = render(messages, False)
+            for index, message in enumerate(messages):
+                if message["role"] != "assistant":
+                    continue
+                prompt = render(messages[:index], True)
+                at = full.find(message["content"], len(prompt))
+                if not full.startswith(prompt) or at < 0:
+                    continue
+                header = full[len(prompt) : at]
+                if reasoning := message.get("reasoning_content"):
+                    header = header.replace(reasoning, "", 1)
+                if any(control in header for control in controls):
+                    found.add(_bare(header))
+        except Exception:  # a probe the template refuses (tool calls, a role): it shows nothing
+            continue
+    return frozenset(found)
 
 
 def metaspace(text: str) -> str:

@@ -1,7 +1,8 @@
-"""Official chat templates of six real models, and their generation-tagged twins, as test fixtures.
+"""Official chat templates of seven real models, and their generation-tagged twins, as test fixtures.
 
 Each ``<name>.jinja`` file is the model's published chat template (see the comment at its top for
-where the text came from and what, if anything, was changed); ``<name>_gen.jinja`` is the same
+where the text came from and what, if anything, was changed; ``gpt_oss.jinja`` is written to
+reproduce every behaviour of gpt-oss's that decides where a turn lies, with a shorter tool schema); ``<name>_gen.jinja`` is the same
 template with ``{% generation %}`` … ``{% endgeneration %}`` around exactly what the model writes in
 each assistant turn (from right after the assistant header through the end-of-turn marker). A twin
 renders byte-identical text to its original for every input; its generation spans are the ground
@@ -195,6 +196,21 @@ TEMPLATES: dict[str, dict] = {
         "variables": {},
         # One tool call per turn, arguments as an object (a string would be JSON-quoted again).
         "conversations": [c for c in _ALL if c != "tool_call_json_args"],
+        "raises": [],
+    },
+    "gpt_oss": {
+        "file": "gpt_oss.jinja",
+        "twin": "gpt_oss_gen.jinja",
+        # the harmony format's tokens (o200k_harmony): all special
+        "controls": ["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>", "<|endoftext|>"],
+        "added": [],
+        "bos": "<|startoftext|>",
+        "eos": "<|return|>",
+        "end_of_turn": "<|end|>",
+        "variables": {},
+        # One call per turn (the template renders tool_calls[0] only); arguments of either shape go
+        # through tojson (a JSON string is quoted again, as the official template does).
+        "conversations": _ALL,
         "raises": [],
     },
     "mistral": {

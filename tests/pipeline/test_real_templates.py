@@ -1,6 +1,6 @@
 """Masks for the official chat templates of real models, located without generation tags.
 
-The test of the product: each of six official templates (tests/chat_templates/, each naming the
+The test of the product: each of seven official templates (tests/chat_templates/, each naming the
 model it comes from) is run without ``{% generation %}`` blocks, so sftkit must locate every
 assistant turn itself, and its masks must equal those of a generation-tagged twin of the same
 template, token for token, on the sample data, the public real data and the fixtures'
@@ -11,6 +11,7 @@ and the real Mistral SentencePiece tokenizer. No row may be rejected as ``mask_u
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -147,7 +148,10 @@ def _inference_prompt_ids(tokenizer, source: str, variables: dict, messages: lis
     """What inference tokenizes before the last assistant turn: the generation prompt rendered by
     transformers' own apply_chat_template, encoded whole by the tokenizer (the ground truth)."""
     from pipeline import schema
+    from pipeline.templates import DEFAULT_TODAY
 
+    # the day sftkit pins (template.today), for a template that asks the clock (gpt-oss)
+    source = re.sub(r'strftime_now\("([^"]*)"\)', lambda call: json.dumps(DEFAULT_TODAY.strftime(call.group(1))), source)
     plain = schema.messages_for_template(messages)
     last = max(i for i, m in enumerate(plain) if m["role"] == "assistant")
     prompt = tokenizer.apply_chat_template(
