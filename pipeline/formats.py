@@ -157,6 +157,7 @@ PROMPT_COMPLETION_KEYS = (("prompt", "completion"), ("prompt", "response"), ("qu
 # value is the call; "observation"/"function"/"ipython" carry a tool's result.
 ROLE_ALIASES = {
     "system": "system",
+    "developer": "system",  # OpenAI's name for the system prompt since o1 (and gpt-oss's harmony format)
     "user": "user",
     "human": "user",
     "assistant": "assistant",

@@ -98,6 +98,14 @@ def test_sharegpt_record_level_system_is_prepended():
 
 
 # --- OpenAI messages -------------------------------------------------------------------------
+def test_a_developer_message_is_the_system_prompt():
+    """OpenAI's chat format names the system prompt "developer" since o1 (gpt-oss's harmony too)."""
+    developer = to_conversation(openai_record(("developer", "Answer in French."), ("user", "Hi"), ("assistant", "Salut"), tools=None))
+    system = to_conversation(openai_record(("system", "Answer in French."), ("user", "Hi"), ("assistant", "Salut"), tools=None))
+    assert developer == system
+    assert roles(developer[0]) == ["system", "user", "assistant"]
+
+
 def test_openai_content_parts_tool_calls_and_tool_role():
     record = {
         "messages": [
