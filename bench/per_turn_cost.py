@@ -7,7 +7,7 @@ templates such as Qwen3's drop from earlier turns) at the price of more tokens t
     .venv/bin/python -m bench.per_turn_cost [--real ../shared/data/real]
 
 Reads every record of ``data_samples/inputs`` and of the real data folder (when present), renders
-it with the official Qwen3 and DeepSeek-R1 templates (``tests/chat_templates``) on the bundled
+it with the official Qwen3 and DeepSeek-R1 templates and the gpt-oss one (``tests/chat_templates``) on the bundled
 tokenizer, and with the bundled tokenizer's own ChatML template (reasoning put inline), and writes
 ``bench/results/per_turn_cost.json``: records, rows, tokens and trained tokens per policy, and the
 ratios per_turn / template.
@@ -69,6 +69,7 @@ def main() -> None:
     for name, tokenizer in (
         ("qwen3", tokenizer_for("qwen3", base)),
         ("deepseek_r1", tokenizer_for("deepseek_r1", base)),
+        ("gpt_oss", tokenizer_for("gpt_oss", base)),
         ("bundled-chatml", base),
     ):
         for subset, data in (("all", rows), ("with_reasoning", reasoning_rows)):
