@@ -30,7 +30,8 @@ render is not a prefix of the whole one. This module locates turns without that 
    then verified to hold nothing but the turn's own. (With sentinels in assistant turns only,
    the fallback, a partial match is refused: the text between is not known to be fixed.)
 4. **Turn end.** The first end-of-turn marker after the turn's last text (content, or the tool
-   calls the template renders after it, found by their names), before the next message's text.
+   calls the template renders after it, found by their names followed by their arguments), before
+   the next message's text.
 
 Positions are found in the skeleton and mapped to the real text; the caller tokenizes the real
 text once and verifies every trained span, as for generation blocks.
@@ -312,10 +313,8 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
         while start < region_end and text[start] == " ":
             start += 1  # the template's separator space (Mistral's after [/INST]) is not generated text
         search_from = own[-1].skeleton_end if own else start
-        for name in _call_names(message):  # the calls rendered after the text (gpt-oss: after an <|end|>)
-            found = text.find(name, search_from, limit)
-            if found >= 0:
-                search_from = found + len(name)
+        for name, arguments in _calls(message):  # the calls rendered after the text (gpt-oss: after an <|end|>)
+            search_from = _call_end(text, search_from, limit, name, arguments, end_tokens)
         end, end_token = _first_end_token(text, search_from, limit, end_tokens)
         if end is None:
             if not own:
@@ -351,15 +350,43 @@ def _back_off(tail: str, text: str, base: int, matched: int, markers: Sequence[s
     return matched
 
 
-def _call_names(message: dict[str, Any]) -> list[str]:
-    """The function names of a message's tool calls, in order."""
-    names = []
+def _calls(message: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """A message's tool calls, in order: (function name, the forms its arguments are written in)."""
+    calls = []
     for call in message.get("tool_calls") or ():
         function = call.get("function", call) if isinstance(call, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
-        if isinstance(name, str) and name:
-            names.append(name)
-    return names
+        if not isinstance(name, str) or not name:
+            continue
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):  # JSON text: as it is, or quoted by tojson
+            forms = [arguments, _json_quoted(arguments)]
+        else:
+            try:
+                forms = [json.dumps(arguments, ensure_ascii=False)]  # tojson's, and json.dumps's
+            except (TypeError, ValueError):
+                forms = []
+        calls.append((name, forms))
+    return calls
+
+
+def _call_end(text: str, start: int, limit: int, name: str, arguments: list[str], end_tokens: Sequence[str]) -> int:
+    """Where the template's rendering of one tool call ends in ``text[start:limit]``: just after
+    its arguments, at the first place the call's name is followed by them before any end-of-turn
+    marker (the name alone may stand in the template's own text: gpt-oss's
+    ``<|channel|>analysis`` before a call to a tool named "analysis"). ``start`` when the call
+    is not found written that way."""
+    found = text.find(name, start, limit)
+    while found >= 0:
+        after = found + len(name)
+        end, _ = _first_end_token(text, after, limit, end_tokens)
+        stop = limit if end is None else end
+        for form in arguments:
+            at = text.find(form, after, stop)
+            if at >= 0:
+                return at + len(form)
+        found = text.find(name, after, limit)
+    return start
 
 
 def _key_ending_at(skeleton: _Skeleton, position: int):

@@ -569,7 +569,8 @@ class Masker:
             text, marked = self._control_encoder().texts(rendered)
         else:
             text = marked = rendered
-        row = _Rendered(index, text, marked, turns, _as_checked(true_messages, text), train_flags, has_control_text)
+        checked = _answered_calls_without_text(true_messages) if self.roles.drops_answered_call_text else true_messages
+        row = _Rendered(index, text, marked, turns, checked, train_flags, has_control_text)
         row.prompt = self._inference_prompt(row, rendered, plain, tool_schemas, prompt)
         return row
 
@@ -693,14 +694,20 @@ class Masker:
 _PROMPT_OPENS_THINK = re.compile(r"<think>\s*$")
 
 
-def _as_checked(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """The messages a row's trained spans are checked against: the content of a tool-calling turn
-    that the template renders nowhere in ``text`` is not looked for (gpt-oss writes such content
-    as the turn's analysis, and drops it once a later turn answers, as it drops reasoning)."""
+def _answered_calls_without_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages a row's trained spans are checked against, for a template that writes a
+    calling turn's words only until a later turn answers (gpt-oss writes them as the turn's
+    analysis, and drops them then, as it drops reasoning; found by a probe, RolePolicy): such a
+    turn's content is not looked for in its span once an assistant turn without calls follows."""
     checked = messages
-    for index, message in enumerate(messages):
-        content = message.get("content")
-        if message["role"] == "assistant" and message.get("tool_calls") and content and content.strip() not in text:
+    answered = False
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        if message["role"] != "assistant":
+            continue
+        if not message.get("tool_calls"):
+            answered = True
+        elif answered and message.get("content"):
             if checked is messages:
                 checked = list(messages)
             checked[index] = {**message, "content": ""}

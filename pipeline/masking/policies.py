@@ -35,7 +35,10 @@ def trained_turns(assistant_indices: Sequence[int], train_flags: Sequence[bool |
 
 # A template that reads the reasoning under ``thinking`` (gpt-oss's harmony template: message.thinking,
 # "thinking" in message); the renderer passes ``reasoning_content`` there too.
-_READS_THINKING = re.compile(r"""\.thinking\b|\[\s*['"]thinking['"]\s*\]|['"]thinking['"]\s+(?:not\s+)?in\s+\w""")
+# (A namespace's own .thinking flag is not a message field.)
+_READS_THINKING = re.compile(
+    r"""\b(?:message|msg|m|turn|item|entry)\.thinking\b|\[\s*['"]thinking['"]\s*\]|['"]thinking['"]\s+(?:not\s+)?in\s+\w"""
+)
 
 
 class ReasoningShape:
@@ -108,6 +111,8 @@ class RolePolicy:
         self.arguments_as_text = False
         self.dropped: dict[str, str] = {}  # role -> why: the template renders it as nothing
         self.one_call_per_turn = False  # it renders only a turn's first tool call (gpt-oss: one call per message)
+        # it writes a calling turn's words only while no later turn answers (gpt-oss: as the turn's analysis)
+        self.drops_answered_call_text = False
         plain = _rendered_or_error(template, variables, [user, answer], limits)
         if isinstance(plain, _Overrun):
             raise ValueError(
@@ -130,6 +135,17 @@ class RolePolicy:
             calls = [user, {"role": "assistant", "content": "", "tool_calls": [call, second]}]
             text = _rendered_or_error(template, variables, _arguments_as_text(calls) if self.arguments_as_text else calls, limits)
             self.one_call_per_turn = isinstance(text, str) and "sftkit_probe_call" in text and "sftkit_probe_second_call" not in text
+            calling = {"role": "assistant", "content": "sftkit probe preamble", "tool_calls": [call]}
+            latest, answered = (
+                _rendered_or_error(template, variables, _arguments_as_text(c) if self.arguments_as_text else c, limits)
+                for c in ([user, calling], [user, calling, {"role": "tool", "content": "sftkit probe result"}, answer])
+            )
+            self.drops_answered_call_text = (
+                isinstance(latest, str)
+                and isinstance(answered, str)
+                and "sftkit probe preamble" in latest
+                and "sftkit probe preamble" not in answered
+            )
 
     def prepare(self, messages, true_messages, train_flags):
         """(messages, true messages, train flags) with the default system prompt and the policy applied."""

@@ -50,9 +50,23 @@ def span_matches(
             name = fn.get("name") if isinstance(fn, dict) else None
             if not name or name not in rest:
                 return False
+    if markup and any(_bare(rest) in markup for rest in _without(before, reasoning)):
+        return True
     if reasoning and reasoning in before:
         before = before.replace(reasoning, "", 1)
-    return _BEFORE_CONTENT.fullmatch(before) is not None or (bool(markup) and _bare(before) in markup)
+    return _BEFORE_CONTENT.fullmatch(before) is not None
+
+
+def _without(text: str, piece: str) -> list[str]:
+    """``text`` with one occurrence of ``piece`` taken out, for each place it occurs (all of
+    ``text`` when it does not): reasoning that reads "analysis" is not the header's word."""
+    if not piece:
+        return [text]
+    places, at = [], text.find(piece)
+    while at >= 0:
+        places.append(text[:at] + text[at + len(piece) :])
+        at = text.find(piece, at + 1)
+    return places or [text]
 
 
 def _bare(text: str) -> str:
@@ -74,11 +88,19 @@ def turn_markup(render: Callable[[list[dict[str, Any]], bool], str], controls: S
     control tokens: a span that starts a token early (taking in ``<|start|>``) still fails.
     Found by rendering short conversations (``render(messages, add_generation_prompt)``; a
     probe the template refuses adds nothing): for each assistant turn, the text between the
-    generation prompt of the messages before it and the turn's content.
+    generation prompt of the messages before it and the turn's content. A template whose
+    generation prompt adds nothing has none: there the text before a turn's content is its role
+    header, which the prompt leaves out, not text the model writes after it.
     """
     if not controls:
         return frozenset()
     user = {"role": "user", "content": _QUESTION}
+    try:
+        if render([user], True) == render([user], False):
+            # No generation prompt: a turn's header is not the prompt's, and would pass for markup
+            return frozenset()
+    except Exception:
+        return frozenset()
 
     def answer(number: int, reasoning: bool, calls: bool = False) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": f"{_ANSWER} {number}"}

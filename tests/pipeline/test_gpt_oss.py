@@ -176,3 +176,98 @@ def test_prepare_writes_harmony_shards(tmp_path, bpe_tokenizer):
     )
     assert f"{ANSWER}144<|end|>{ANALYSIS}13 * 13 = 169.<|end|><|start|>assistant{ANSWER}169<|return|>" in trained
     assert all(text.endswith(("<|return|>", "<|call|>")) for text in trained), trained
+
+
+# --- found by probing the change: each once gave a wrong mask, lost text or refused a good row ----
+def _tool_row(content: str, name: str = "get_weather", answer: str | None = "It is 18.", reasoning: str | None = None) -> tuple:
+    call = {"id": "c1", "type": "function", "function": {"name": name, "arguments": {"city": "Paris"}}}
+    turn = {"role": "assistant", "content": content, "tool_calls": [call]}
+    if reasoning:
+        turn["reasoning_content"] = reasoning
+    messages = [{"role": "user", "content": "Weather in Paris?"}, turn]
+    if answer is not None:  # None: the conversation ends with the call
+        messages += [{"role": "tool", "tool_call_id": "c1", "content": '{"t": 18}'}, {"role": "assistant", "content": answer}]
+    tool = {"type": "function", "function": {"name": name, "description": "d", "parameters": {"type": "object", "properties": {}}}}
+    return to_conversation({"messages": messages, "tools": [tool]})
+
+
+def _same_as_tagged(row, **policy) -> tuple[str, str]:
+    from tests.pipeline.test_real_templates import maskers
+
+    locate, tagged = maskers("gpt_oss", _BASE, **policy)
+    got, want = locate.encode(*row), tagged.encode(*row)
+    assert isinstance(got, Encoded) and isinstance(want, Encoded), (got, want)
+    assert got.input_ids.tolist() == want.input_ids.tolist() and got.labels.tolist() == want.labels.tolist()
+    return texts(locate.tokenizer, got)
+
+
+_BASE = None
+
+
+@pytest.fixture(autouse=True)
+def _base(bpe_tokenizer):
+    global _BASE
+    _BASE = bpe_tokenizer
+
+
+@pytest.mark.parametrize("name", ["analysis", "message", "channel", "a"])
+def test_a_call_to_a_tool_named_like_the_templates_own_words_is_trained_to_its_call_token(name):
+    # no words before the call: its end is found after the call's name AND arguments, not at the
+    # first "analysis" of the template's own header
+    _, trained = _same_as_tagged(_tool_row("\n", name=name, answer=None))
+    assert trained.endswith(f'to=functions.{name}<|channel|>commentary json<|message|>{{"city": "Paris"}}<|call|>'), trained
+
+
+def test_a_calling_turns_words_repeated_later_are_still_not_looked_for_where_the_template_dropped_them():
+    _, trained = _same_as_tagged(_tool_row("Sure.", answer="Sure. It is 18."))
+    assert trained.startswith(" to=functions.get_weather")
+
+
+def test_reasoning_that_reads_like_the_header_is_trained():
+    messages, _ = conversation("reasoning")
+    messages[-1]["reasoning_content"] = "analysis"
+    _, trained = _same_as_tagged(to_conversation({"messages": messages}))
+    assert trained.endswith(f"{ANALYSIS}analysis<|end|><|start|>assistant{ANSWER}169<|return|>")
+
+
+def _call_turn(content: str) -> dict:
+    call = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    return {"role": "assistant", "content": content, "tool_calls": [call]}
+
+
+def test_templates_that_drop_a_calling_turns_words_otherwise_do_not_lose_them_silently(bpe_tokenizer):
+    """Llama-3.1 writes no calling turn's content at all, and DeepSeek-R1 loses a second calling
+    turn's content with its header (its ns.is_first flag); neither is gpt-oss's rule (words kept
+    until a later turn answers), so such rows are still refused, not trained without their words."""
+    _, llama = masker_for("llama31", bpe_tokenizer)
+    messages, tools = conversation("tool_call")
+    messages[1]["content"] = "Let me check the weather."
+    assert not llama.roles.drops_answered_call_text
+    assert isinstance(llama.encode(*to_conversation({"messages": messages, "tools": tools})), Drop)
+
+    _, deepseek = masker_for("deepseek_r1", bpe_tokenizer)
+    user, tool = {"role": "user", "content": "q"}, {"role": "tool", "tool_call_id": "c", "content": "{}"}
+    messages = [user, _call_turn("A."), tool, {"role": "assistant", "content": "B."}, {"role": "user", "content": "more"}]
+    messages += [_call_turn("Checking London."), tool, {"role": "assistant", "content": "D."}]
+    assert not deepseek.roles.drops_answered_call_text
+    assert isinstance(deepseek.encode(*to_conversation({"messages": messages, "tools": tools})), Drop)
+
+
+def test_a_template_without_a_generation_prompt_gets_no_header_allowance(bpe_tokenizer):
+    from pipeline.masking import Masker
+    from pipeline.templates import Template
+    from tests.chat_templates.models import tokenizer_for
+
+    source = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    masker = Masker(tokenizer_for("qwen3", bpe_tokenizer), Template("no-prompt", source), max_length=4096, span_method="locate")
+    assert masker.turn_markup == frozenset()  # "<|im_start|>assistant" is the turn's header, never trained
+
+
+def test_a_namespace_flag_named_thinking_is_not_a_reasoning_field():
+    from pipeline.masking.policies import ReasoningShape
+    from pipeline.templates import Template
+
+    flag = "{% set ns = namespace(thinking=false) %}{% set ns.thinking = true %}{{ messages[0].content }}"
+    assert not ReasoningShape(Template("flag", flag), "template").reads_field
+    for reads in ("{{ message.thinking }}", "{{ m['thinking'] }}", '{% if "thinking" in message %}{% endif %}'):
+        assert ReasoningShape(Template("reads", reads), "template").reads_field, reads
