@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.manifest import read_manifest
@@ -44,6 +46,26 @@ def test_refresh_flow_runs_incrementally_on_real_engine(prefect_harness, tmp_pat
     full = tmp_path / "full"
     refresh_flow(inputs=[str(p) for p in inputs], tokenizer=str(bpe_tokenizer_path), out=str(full), config=_config())
     assert shard_rows(out) == shard_rows(full)
+
+
+def test_a_refresh_publishes_its_summary_and_stage_table(prefect_harness, tmp_path, bpe_tokenizer_path):
+    """A flow run leaves its stage table and summary on the server, where the Prefect UI shows them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.refresh import refresh_flow
+
+    inputs = [str(p) for p in make_inputs(tmp_path / "in")]
+    state = refresh_flow(inputs=inputs, tokenizer=str(bpe_tokenizer_path), out=str(tmp_path / "data"), config=_config(), return_state=True)
+    assert state.is_completed()
+    manifest = read_manifest(tmp_path / "data")
+    with get_client(sync_client=True) as client:
+        found = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        artifacts = {artifact.key: artifact for artifact in client.read_artifacts(artifact_filter=found)}
+    assert set(artifacts) == {"sftkit-stages", "sftkit-summary"}
+    assert f"rows kept in shards: **{manifest['counts']['kept']}**" in artifacts["sftkit-summary"].data
+    assert "New inputs processed: **2**" in artifacts["sftkit-summary"].data
+    assert {row["stage"] for row in json.loads(artifacts["sftkit-stages"].data)} >= {"ingest", "tokenize"}
 
 
 def test_refresh_flow_on_local_dask_cluster(prefect_harness, tmp_path, bpe_tokenizer_path):
