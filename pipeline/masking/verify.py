@@ -36,21 +36,32 @@ def span_matches(
     reasoning = as_decoded(message.get("reasoning_content") or "").strip()
     calls = message.get("tool_calls")
     if not calls:
-        if not body.endswith(content):
-            return False
-        before, rest = body[: len(body) - len(content)], ""
-    else:
-        after_reasoning = body.find(reasoning) + len(reasoning) if reasoning and reasoning in body else 0
-        at = body.find(content, after_reasoning) if content else -1
-        if content and at < 0:
-            return False
-        before, rest = (body[:at], body[at + len(content) :]) if content else ("", body)
-        for call in calls:
-            fn = call.get("function", call) if isinstance(call, dict) else {}
-            name = fn.get("name") if isinstance(fn, dict) else None
-            if not name or name not in rest:
-                return False
-    if markup and any(_bare(rest) in markup for rest in _without(before, reasoning)):
+        return body.endswith(content) and _header_only(body[: len(body) - len(content)], reasoning, markup)
+    names = [_call_name(call) for call in calls]
+    if not all(names):
+        return False
+    if not content:
+        return all(name in body for name in names)
+    after_reasoning = body.find(reasoning) + len(reasoning) if reasoning and reasoning in body else 0
+    at = body.find(content, after_reasoning)
+    while at >= 0:  # each place the content stands: "analysis" also stands in gpt-oss's header
+        rest = body[at + len(content) :]
+        if all(name in rest for name in names) and _header_only(body[:at], reasoning, markup):
+            return True
+        at = body.find(content, at + 1)
+    return False
+
+
+def _call_name(call: Any) -> str | None:
+    function = call.get("function", call) if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _header_only(before: str, reasoning: str, markup: frozenset[str]) -> bool:
+    """Whether ``before``, what stands before a turn's content in its span, is header text only:
+    an allowed form (:data:`_BEFORE_CONTENT`) or the template's own markup, its reasoning taken out."""
+    if markup and any(_bare(text) in markup for text in _without(before, reasoning)):
         return True
     if reasoning and reasoning in before:
         before = before.replace(reasoning, "", 1)

@@ -271,3 +271,16 @@ def test_a_namespace_flag_named_thinking_is_not_a_reasoning_field():
     assert not ReasoningShape(Template("flag", flag), "template").reads_field
     for reads in ("{{ message.thinking }}", "{{ m['thinking'] }}", '{% if "thinking" in message %}{% endif %}'):
         assert ReasoningShape(Template("reads", reads), "template").reads_field, reads
+
+
+@pytest.mark.parametrize("words", ["analysis", "message", "a"])
+def test_a_calling_turns_words_that_also_stand_in_the_header_are_found_where_they_are(words):
+    # the call ends the conversation, so its words are written (as the turn's analysis)
+    _, trained = _same_as_tagged(_tool_row(words, answer=None))
+    assert trained.startswith(f"{ANALYSIS}{words}<|end|><|start|>assistant to=functions.get_weather"), trained
+
+
+def test_per_turn_trains_a_calling_turns_words_that_read_like_the_header():
+    # per_turn cuts the conversation at each trained turn: the calling turn's row ends with it
+    _, trained = _same_as_tagged(_tool_row("message", answer=None), reasoning="per_turn")
+    assert trained.startswith(f"{ANALYSIS}message<|end|>"), trained
