@@ -179,11 +179,9 @@ def test_prepare_writes_harmony_shards(tmp_path, bpe_tokenizer):
 
 
 # --- found by probing the change: each once gave a wrong mask, lost text or refused a good row ----
-def _tool_row(content: str, name: str = "get_weather", answer: str | None = "It is 18.", reasoning: str | None = None) -> tuple:
+def _tool_row(content: str, name: str = "get_weather", answer: str | None = "It is 18.") -> tuple:
     call = {"id": "c1", "type": "function", "function": {"name": name, "arguments": {"city": "Paris"}}}
     turn = {"role": "assistant", "content": content, "tool_calls": [call]}
-    if reasoning:
-        turn["reasoning_content"] = reasoning
     messages = [{"role": "user", "content": "Weather in Paris?"}, turn]
     if answer is not None:  # None: the conversation ends with the call
         messages += [{"role": "tool", "tool_call_id": "c1", "content": '{"t": 18}'}, {"role": "assistant", "content": answer}]
@@ -191,42 +189,34 @@ def _tool_row(content: str, name: str = "get_weather", answer: str | None = "It 
     return to_conversation({"messages": messages, "tools": [tool]})
 
 
-def _same_as_tagged(row, **policy) -> tuple[str, str]:
+def _same_as_tagged(base_tokenizer, row, **policy) -> tuple[str, str]:
+    """(text, trained text) of ``row``, after checking that locating equals the tagged twin."""
     from tests.pipeline.test_real_templates import maskers
 
-    locate, tagged = maskers("gpt_oss", _BASE, **policy)
+    locate, tagged = maskers("gpt_oss", base_tokenizer, **policy)
     got, want = locate.encode(*row), tagged.encode(*row)
     assert isinstance(got, Encoded) and isinstance(want, Encoded), (got, want)
     assert got.input_ids.tolist() == want.input_ids.tolist() and got.labels.tolist() == want.labels.tolist()
     return texts(locate.tokenizer, got)
 
 
-_BASE = None
-
-
-@pytest.fixture(autouse=True)
-def _base(bpe_tokenizer):
-    global _BASE
-    _BASE = bpe_tokenizer
-
-
 @pytest.mark.parametrize("name", ["analysis", "message", "channel", "a"])
-def test_a_call_to_a_tool_named_like_the_templates_own_words_is_trained_to_its_call_token(name):
+def test_a_call_to_a_tool_named_like_the_templates_own_words_is_trained_to_its_call_token(name, bpe_tokenizer):
     # no words before the call: its end is found after the call's name AND arguments, not at the
     # first "analysis" of the template's own header
-    _, trained = _same_as_tagged(_tool_row("\n", name=name, answer=None))
+    _, trained = _same_as_tagged(bpe_tokenizer, _tool_row("\n", name=name, answer=None))
     assert trained.endswith(f'to=functions.{name}<|channel|>commentary json<|message|>{{"city": "Paris"}}<|call|>'), trained
 
 
-def test_a_calling_turns_words_repeated_later_are_still_not_looked_for_where_the_template_dropped_them():
-    _, trained = _same_as_tagged(_tool_row("Sure.", answer="Sure. It is 18."))
+def test_a_calling_turns_words_repeated_later_are_still_not_looked_for_where_the_template_dropped_them(bpe_tokenizer):
+    _, trained = _same_as_tagged(bpe_tokenizer, _tool_row("Sure.", answer="Sure. It is 18."))
     assert trained.startswith(" to=functions.get_weather")
 
 
-def test_reasoning_that_reads_like_the_header_is_trained():
+def test_reasoning_that_reads_like_the_header_is_trained(bpe_tokenizer):
     messages, _ = conversation("reasoning")
     messages[-1]["reasoning_content"] = "analysis"
-    _, trained = _same_as_tagged(to_conversation({"messages": messages}))
+    _, trained = _same_as_tagged(bpe_tokenizer, to_conversation({"messages": messages}))
     assert trained.endswith(f"{ANALYSIS}analysis<|end|><|start|>assistant{ANSWER}169<|return|>")
 
 
@@ -274,13 +264,13 @@ def test_a_namespace_flag_named_thinking_is_not_a_reasoning_field():
 
 
 @pytest.mark.parametrize("words", ["analysis", "message", "a"])
-def test_a_calling_turns_words_that_also_stand_in_the_header_are_found_where_they_are(words):
+def test_a_calling_turns_words_that_also_stand_in_the_header_are_found_where_they_are(words, bpe_tokenizer):
     # the call ends the conversation, so its words are written (as the turn's analysis)
-    _, trained = _same_as_tagged(_tool_row(words, answer=None))
+    _, trained = _same_as_tagged(bpe_tokenizer, _tool_row(words, answer=None))
     assert trained.startswith(f"{ANALYSIS}{words}<|end|><|start|>assistant to=functions.get_weather"), trained
 
 
-def test_per_turn_trains_a_calling_turns_words_that_read_like_the_header():
+def test_per_turn_trains_a_calling_turns_words_that_read_like_the_header(bpe_tokenizer):
     # per_turn cuts the conversation at each trained turn: the calling turn's row ends with it
-    _, trained = _same_as_tagged(_tool_row("message", answer=None), reasoning="per_turn")
+    _, trained = _same_as_tagged(bpe_tokenizer, _tool_row("message", answer=None), reasoning="per_turn")
     assert trained.startswith(f"{ANALYSIS}message<|end|>"), trained
