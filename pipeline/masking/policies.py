@@ -113,6 +113,7 @@ class RolePolicy:
         self.one_call_per_turn = False  # it renders only a turn's first tool call (gpt-oss: one call per message)
         # it writes a calling turn's words only while no later turn answers (gpt-oss: as the turn's analysis)
         self.drops_answered_call_text = False
+        self.drops_call_text = False  # it never writes a calling turn's words (Llama-3.1)
         plain = _rendered_or_error(template, variables, [user, answer], limits)
         if isinstance(plain, _Overrun):
             raise ValueError(
@@ -140,12 +141,9 @@ class RolePolicy:
                 _rendered_or_error(template, variables, _arguments_as_text(c) if self.arguments_as_text else c, limits)
                 for c in ([user, calling], [user, calling, {"role": "tool", "content": "sftkit probe result"}, answer])
             )
-            self.drops_answered_call_text = (
-                isinstance(latest, str)
-                and isinstance(answered, str)
-                and "sftkit probe preamble" in latest
-                and "sftkit probe preamble" not in answered
-            )
+            if isinstance(latest, str) and isinstance(answered, str):
+                self.drops_answered_call_text = "sftkit probe preamble" in latest and "sftkit probe preamble" not in answered
+                self.drops_call_text = "sftkit probe preamble" not in latest and "sftkit probe preamble" not in answered
 
     def prepare(self, messages, true_messages, train_flags):
         """(messages, true messages, train flags) with the default system prompt and the policy applied."""
@@ -170,6 +168,16 @@ class RolePolicy:
                 "template_drops_tool_calls",
                 f"assistant turn {many} makes {len(messages[many]['tool_calls'])} tool calls and chat template "
                 f"{self.template.name!r} renders only the first call of a turn (the others would be lost)",
+                stage="template",
+            )
+        if self.drops_call_text and (
+            (worded := next((i for i, m in enumerate(messages) if m.get("tool_calls") and (m.get("content") or "").strip()), None))
+            is not None
+        ):
+            return Drop(
+                "template_drops_content",
+                f"assistant turn {worded} has words beside its tool calls and chat template {self.template.name!r} "
+                "renders no calling turn's words (they would be lost)",
                 stage="template",
             )
         for role, said in self.dropped.items():

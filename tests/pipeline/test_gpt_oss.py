@@ -233,7 +233,11 @@ def test_templates_that_drop_a_calling_turns_words_otherwise_do_not_lose_them_si
     messages, tools = conversation("tool_call")
     messages[1]["content"] = "Let me check the weather."
     assert not llama.roles.drops_answered_call_text
-    assert isinstance(llama.encode(*to_conversation({"messages": messages, "tools": tools})), Drop)
+    refused = llama.encode(*to_conversation({"messages": messages, "tools": tools}))
+    assert isinstance(refused, Drop) and (refused.stage, refused.reason) == ("template", "template_drops_content")
+    assert "assistant turn 1 has words beside its tool calls" in refused.detail
+    messages[1]["content"] = ""  # a call alone is rendered whole, and kept
+    assert isinstance(llama.encode(*to_conversation({"messages": messages, "tools": tools})), Encoded)
 
     _, deepseek = masker_for("deepseek_r1", bpe_tokenizer)
     user, tool = {"role": "user", "content": "q"}, {"role": "tool", "tool_call_id": "c", "content": "{}"}
