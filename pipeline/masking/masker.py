@@ -30,10 +30,10 @@ from pipeline.masking.control import (
 from pipeline.masking.labels import build_labels, fit_length, selected_turns
 from pipeline.masking.locate import LocateError, locate_turns, realise
 from pipeline.masking.piece_table import PieceOffsets, PieceTable
-from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy
+from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, turn_markup
 from pipeline.masking.results import Encoded
 from pipeline.masking.token_spans import token_start_from_bytes, tokens_from_bytes, tokens_from_offsets
-from pipeline.masking.verify import clip, metaspace, span_matches, turn_markup
+from pipeline.masking.verify import clip, metaspace, span_matches
 from pipeline.stage import Drop
 from pipeline.templates import KNOWN_END_TOKENS, Renderer, RenderTooLarge, Template, builtin_prompt_end, template_variables
 
@@ -166,7 +166,8 @@ class Masker:
         self.use_generation = span_method == "generation" or (span_method == "auto" and template.has_generation_tags)
         self.variables = template_variables(tokenizer)
         self.reasoning = ReasoningShape(template, reasoning)
-        self.roles = RolePolicy(template, self.variables, system, limits=(render_timeout, max_render_chars))
+        limits = (render_timeout, max_render_chars)
+        self.roles = RolePolicy(template, self.variables, system, limits=limits)
         self.strict_render = strict_render
         self.render_timeout = render_timeout
         self.renderer = Renderer(template, self.variables, max_render_chars)
@@ -189,7 +190,7 @@ class Masker:
         self.is_control[control_ids] = True
         self._prompt_tail_ids: dict[str, np.ndarray] = {}  # a prompt's text after its last control token -> ids
         # gpt-oss's <|channel|>final<|message|> …: header text of the template's own that the model writes in a turn
-        self.turn_markup = turn_markup(self._probe_render, self.controls, self.reasoning.reads_field)
+        self.turn_markup = turn_markup(template, self.variables, self.controls, self.reasoning.reads_field, limits)
 
     # --- public ------------------------------------------------------------------------------
     def encode(self, messages: list[dict[str, Any]], tools: str | None = None) -> Encoded | Drop:
@@ -576,17 +577,6 @@ class Masker:
 
     def _render(self, messages, tools, **options) -> tuple[str, list[tuple[int, int]]]:
         return self.renderer.render(messages, tools, **options)
-
-    def _probe_render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        """A short probe conversation rendered within the row limits; an overrun is an error."""
-        try:
-            with time_limit(self.render_timeout):
-                return self._render(messages, None, add_generation_prompt=add_generation_prompt)[0]
-        except RenderTimeout:
-            release()
-            raise ValueError("the probe took too long to render") from None
-        except RenderTooLarge as exc:
-            raise ValueError(str(exc)) from None
 
     def _end_marker_in_tool_calls(self, messages: list[dict[str, Any]]) -> Drop | None:
         """A turn whose tool calls hold its end marker as text cannot be located: the turn's end

@@ -1,4 +1,5 @@
-"""Which turns are trained, how reasoning reaches the template, and roles a template refuses."""
+"""Which turns are trained, how reasoning reaches the template, roles and calls a template refuses,
+and the header text it writes inside a turn (these found by probing the template once)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from pipeline.deadline import RenderTimeout, release, time_limit
 from pipeline.masking.locate import Piece
-from pipeline.masking.verify import clip
+from pipeline.masking.verify import bare, clip
 from pipeline.stage import Drop
 from pipeline.templates import RenderTooLarge, Template, render
 
@@ -203,12 +204,89 @@ class RolePolicy:
         return Drop("template_error", f"chat template {self.template.name!r} failed: {exc}", stage="template")
 
 
-def _rendered_or_error(template: Template, variables: dict[str, Any], messages: list[dict[str, Any]], limits=(None, None)):
+# Probe texts for turn_markup: what no template writes of its own.
+_QUESTION, _ANSWER, _REASONING = "sftkit probe question", "sftkit probe answer", "sftkit probe reasoning"
+
+
+def turn_markup(
+    template: Template, variables: dict[str, Any], controls: Sequence[str], reasoning_field: bool, limits=(None, None)
+) -> frozenset[str]:
+    """The header text a template writes inside an assistant turn before its content, where that
+    text holds control tokens: gpt-oss's ``<|channel|>final<|message|>`` after the generation
+    prompt's ``<|start|>assistant``, and with reasoning
+    ``<|channel|>analysis<|message|>…<|end|><|start|>assistant<|channel|>final<|message|>``.
+
+    The model writes it, so it is trained; :func:`~pipeline.masking.verify.span_matches` allows exactly these texts
+    (whitespace aside, reasoning taken out) before a turn's content, and nothing else made of
+    control tokens: a span that starts a token early (taking in ``<|start|>``) still fails.
+    Found by rendering short conversations within ``limits`` (a probe the template refuses, or
+    that overruns, adds nothing): for each assistant turn, the text between the
+    generation prompt of the messages before it and the turn's content. A template whose
+    generation prompt adds nothing has none: there the text before a turn's content is its role
+    header, which the prompt leaves out, not text the model writes after it.
+    """
+    if not controls:
+        return frozenset()
+
+    def render(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        text = _rendered_or_error(template, variables, messages, limits, add_generation_prompt=add_generation_prompt)
+        if isinstance(text, Exception):
+            raise text
+        return text
+
+    user = {"role": "user", "content": _QUESTION}
+    try:
+        if render([user], True) == render([user], False):
+            # No generation prompt: a turn's header is not the prompt's, and would pass for markup
+            return frozenset()
+    except Exception:
+        return frozenset()
+
+    def answer(number: int, reasoning: bool, calls: bool = False) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": f"{_ANSWER} {number}"}
+        if reasoning:
+            message["reasoning_content"] = f"{_REASONING} {number}"
+        if calls:
+            message["tool_calls"] = [{"type": "function", "function": {"name": "sftkit_probe_call", "arguments": {}}}]
+        return message
+
+    probes = [[user, answer(1, False), user, answer(2, False)], [user, answer(1, False, calls=True)]]
+    if reasoning_field:
+        probes.append([user, answer(1, True), user, answer(2, True)])
+    found = set()
+    for messages in probes:
+        try:
+            full = render(messages, False)
+            for index, message in enumerate(messages):
+                if message["role"] != "assistant":
+                    continue
+                prompt = render(messages[:index], True)
+                at = full.find(message["content"], len(prompt))
+                if not full.startswith(prompt) or at < 0:
+                    continue
+                header = full[len(prompt) : at]
+                if reasoning := message.get("reasoning_content"):
+                    header = header.replace(reasoning, "", 1)
+                if any(control in header for control in controls):
+                    found.add(bare(header))
+        except Exception:  # a probe the template refuses (tool calls, a role): it shows nothing
+            continue
+    return frozenset(found)
+
+
+def _rendered_or_error(
+    template: Template,
+    variables: dict[str, Any],
+    messages: list[dict[str, Any]],
+    limits=(None, None),
+    *,
+    add_generation_prompt: bool = False,
+):
     """The rendering of ``messages``, or the exception the template raised (or its overrun)."""
     seconds, max_chars = limits
     try:
         with time_limit(seconds):
-            return render(template, variables, messages, max_chars=max_chars)[0]
+            return render(template, variables, messages, add_generation_prompt=add_generation_prompt, max_chars=max_chars)[0]
     except Exception as exc:
         return exc
     except RenderTimeout:

@@ -8,7 +8,6 @@ row is rejected as ``mask_unverifiable``: a wrong mask is never written.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
 from typing import Any
 
 # What may stand before a turn's content in its trained text, once its reasoning is taken out:
@@ -24,7 +23,8 @@ def span_matches(
 
     ``as_decoded`` spells a text the way the tokenizer's decoder gives it back (SentencePiece's
     decoders turn every "▁", an added token's included, into a space). ``markup``: the template's
-    own header text inside a turn (:func:`turn_markup`), allowed before the content as well.
+    own header text inside a turn (:func:`~pipeline.masking.policies.turn_markup`), allowed before
+    the content as well.
     """
     body = decoded.strip()
     end_token = as_decoded(end_token) if end_token else end_token
@@ -61,7 +61,7 @@ def _call_name(call: Any) -> str | None:
 def _header_only(before: str, reasoning: str, markup: frozenset[str]) -> bool:
     """Whether ``before``, what stands before a turn's content in its span, is header text only:
     an allowed form (:data:`_BEFORE_CONTENT`) or the template's own markup, its reasoning taken out."""
-    if markup and any(_bare(text) in markup for text in _without(before, reasoning)):
+    if markup and any(bare(text) in markup for text in _without(before, reasoning)):
         return True
     if reasoning and reasoning in before:
         before = before.replace(reasoning, "", 1)
@@ -80,69 +80,9 @@ def _without(text: str, piece: str) -> list[str]:
     return places or [text]
 
 
-def _bare(text: str) -> str:
+def bare(text: str) -> str:
+    """``text`` without whitespace: how header markup is compared."""
     return "".join(text.split())
-
-
-# Probe texts for turn_markup: what no template writes of its own.
-_QUESTION, _ANSWER, _REASONING = "sftkit probe question", "sftkit probe answer", "sftkit probe reasoning"
-
-
-def turn_markup(render: Callable[[list[dict[str, Any]], bool], str], controls: Sequence[str], reasoning_field: bool) -> frozenset[str]:
-    """The header text a template writes inside an assistant turn before its content, where that
-    text holds control tokens: gpt-oss's ``<|channel|>final<|message|>`` after the generation
-    prompt's ``<|start|>assistant``, and with reasoning
-    ``<|channel|>analysis<|message|>…<|end|><|start|>assistant<|channel|>final<|message|>``.
-
-    The model writes it, so it is trained; :func:`span_matches` allows exactly these texts
-    (whitespace aside, reasoning taken out) before a turn's content, and nothing else made of
-    control tokens: a span that starts a token early (taking in ``<|start|>``) still fails.
-    Found by rendering short conversations (``render(messages, add_generation_prompt)``; a
-    probe the template refuses adds nothing): for each assistant turn, the text between the
-    generation prompt of the messages before it and the turn's content. A template whose
-    generation prompt adds nothing has none: there the text before a turn's content is its role
-    header, which the prompt leaves out, not text the model writes after it.
-    """
-    if not controls:
-        return frozenset()
-    user = {"role": "user", "content": _QUESTION}
-    try:
-        if render([user], True) == render([user], False):
-            # No generation prompt: a turn's header is not the prompt's, and would pass for markup
-            return frozenset()
-    except Exception:
-        return frozenset()
-
-    def answer(number: int, reasoning: bool, calls: bool = False) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": f"{_ANSWER} {number}"}
-        if reasoning:
-            message["reasoning_content"] = f"{_REASONING} {number}"
-        if calls:
-            message["tool_calls"] = [{"type": "function", "function": {"name": "sftkit_probe_call", "arguments": {}}}]
-        return message
-
-    probes = [[user, answer(1, False), user, answer(2, False)], [user, answer(1, False, calls=True)]]
-    if reasoning_field:
-        probes.append([user, answer(1, True), user, answer(2, True)])
-    found = set()
-    for messages in probes:
-        try:
-            full = render(messages, False)
-            for index, message in enumerate(messages):
-                if message["role"] != "assistant":
-                    continue
-                prompt = render(messages[:index], True)
-                at = full.find(message["content"], len(prompt))
-                if not full.startswith(prompt) or at < 0:
-                    continue
-                header = full[len(prompt) : at]
-                if reasoning := message.get("reasoning_content"):
-                    header = header.replace(reasoning, "", 1)
-                if any(control in header for control in controls):
-                    found.add(_bare(header))
-        except Exception:  # a probe the template refuses (tool calls, a role): it shows nothing
-            continue
-    return frozenset(found)
 
 
 def metaspace(text: str) -> str:
