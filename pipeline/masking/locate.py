@@ -334,6 +334,13 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
 _OPENED_THINK = re.compile(r"<think>\s*$")
 
 
+def parting_point(prompt: str, text: str, markers: Sequence[str]) -> int:
+    """Where ``text`` parts from the generation prompt ``prompt`` (its whole length where it is a
+    prefix), never inside one of ``markers`` nor inside a think block both opened: a turn's start."""
+    matched = _common_prefix(prompt, text)
+    return matched if matched == len(prompt) else _back_off(prompt, text, 0, matched, (*markers, "<think>"))
+
+
 def _back_off(tail: str, text: str, base: int, matched: int, markers: Sequence[str]) -> int:
     """The parting point moved back to the start of any marker it would cut in two, and of a
     think block both had opened (Qwen3 with enable_thinking false prompts with an empty block;

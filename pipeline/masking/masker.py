@@ -30,10 +30,10 @@ from pipeline.masking.control import (
 from pipeline.masking.labels import build_labels, fit_length, selected_turns
 from pipeline.masking.locate import LocateError, locate_turns, realise
 from pipeline.masking.piece_table import PieceOffsets, PieceTable
-from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, turn_markup
+from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, call_leads, turn_markup
 from pipeline.masking.results import Encoded
 from pipeline.masking.token_spans import token_start_from_bytes, tokens_from_bytes, tokens_from_offsets
-from pipeline.masking.verify import clip, metaspace, span_matches
+from pipeline.masking.verify import bare, clip, metaspace, span_matches
 from pipeline.stage import Drop
 from pipeline.templates import KNOWN_END_TOKENS, Renderer, RenderTooLarge, Template, builtin_prompt_end, template_variables
 
@@ -191,6 +191,10 @@ class Masker:
         self._prompt_tail_ids: dict[str, np.ndarray] = {}  # a prompt's text after its last control token -> ids
         # gpt-oss's <|channel|>final<|message|> …: header text of the template's own that the model writes in a turn
         self.turn_markup = turn_markup(template, self.variables, self.controls, self.reasoning.reads_field, limits)
+        # what it writes before a calling turn's first call name: [TOOL_CALLS] [{"name": "
+        leads = call_leads(template, self.variables, self.controls, self.reasoning.reads_field, self.roles.arguments_as_text, limits)
+        # as decoded; keyed by whether a turn is its conversation's first calling turn
+        self.call_leads = None if leads is None else {k: frozenset(bare(self.as_decoded(t)) for t in v) for k, v in leads.items()}
 
     # --- public ------------------------------------------------------------------------------
     def encode(self, messages: list[dict[str, Any]], tools: str | None = None) -> Encoded | Drop:
@@ -239,7 +243,7 @@ class Masker:
         self._label_by_offsets(by_offsets, results, labelled, checks)
         for check in checks:
             if check.index in labelled and not span_matches(
-                check.decoded, check.message, check.turn.end_token, self.as_decoded, self.turn_markup
+                check.decoded, check.message, check.turn.end_token, self.as_decoded, self.turn_markup, self._leads(labelled, check)
             ):
                 del labelled[check.index]
                 results[check.index] = Drop(
@@ -373,6 +377,13 @@ class Masker:
             _SpanCheck(entry.rendered.index, turn, entry.rendered.messages[turn.message_index], text)
             for (entry, turn), text in zip(spans, texts)
         ]
+
+    def _leads(self, labelled: dict[int, _Labelled], check: _SpanCheck) -> frozenset[str] | None:
+        """What the template writes before the first call name of the checked turn, were it a calling turn with no words."""
+        if self.call_leads is None or not check.message.get("tool_calls"):
+            return None
+        messages = labelled[check.index].rendered.messages
+        return self.call_leads[not any(m.get("tool_calls") for m in messages[: check.turn.message_index])]
 
     def _render_mismatches(self, labelled: dict[int, _Labelled]) -> dict[int, str]:
         """Rows whose tokens before the last trained turn are not what inference tokenizes there.

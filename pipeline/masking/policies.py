@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.deadline import RenderTimeout, release, time_limit
-from pipeline.masking.locate import Piece
+from pipeline.masking.locate import Piece, parting_point
 from pipeline.masking.verify import bare, clip
 from pipeline.stage import Drop
 from pipeline.templates import RenderTooLarge, Template, render
@@ -272,6 +272,76 @@ def turn_markup(
         except Exception:  # a probe the template refuses (tool calls, a role): it shows nothing
             continue
     return frozenset(found)
+
+
+_CALL, _ARGUMENT, _VALUE, _RESULT = "sftkit_probe_call", "sftkit_probe_argument", "sftkit probe value", "sftkit probe result"
+
+
+def call_leads(
+    template: Template,
+    variables: dict[str, Any],
+    controls: Sequence[str],
+    reasoning_field: bool,
+    arguments_as_text: bool,
+    limits=(None, None),
+) -> dict[bool, frozenset[str]] | None:
+    """What a template writes in a calling turn with no words before its first call's name:
+    Mistral's ``[TOOL_CALLS] [{"name": "``, Qwen3's ``<tool_call>\n{"name": "`` (after
+    ``<think>\n\n</think>\n\n`` on the last turn), gpt-oss's ``<|channel|>commentary to=functions.``.
+
+    :func:`~pipeline.masking.verify.span_matches` allows exactly these texts (whitespace aside,
+    reasoning taken out) before the first call's name in such a turn's trained span, so a span
+    that starts early (taking in the prompt) or late (missing ``<tool_call>``) fails. Found by
+    rendering calling turns last, answered, twice in a row and in a second exchange, with and
+    without reasoning, within ``limits``: each lead is the text between the call's name and where
+    the rendering parts from the generation prompt of the messages before the turn
+    (:func:`~pipeline.masking.locate.parting_point`; DeepSeek-R1 prompts with ``<think>\n`` and
+    renders a calling turn without it). Keyed by whether the turn is its conversation's first
+    calling turn: DeepSeek-R1 writes ``<｜tool▁calls▁begin｜>`` before the first one only.
+    ``None`` where no lead can be known (the template refuses calls, or writes a call's
+    arguments before its name): such a turn is then checked for its names and end token only.
+    """
+    call = {"function": {"arguments": {_ARGUMENT: _VALUE}, "name": _CALL}, "type": "function"}  # canonical key order
+
+    def calling(reasoning: bool) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [call]}
+        if reasoning:
+            message["reasoning_content"] = _REASONING
+        return message
+
+    user, result, answer = (
+        {"role": "user", "content": _QUESTION},
+        {"role": "tool", "content": _RESULT},
+        {"role": "assistant", "content": _ANSWER},
+    )
+    probes = []
+    for c in [calling(False), calling(True)] if reasoning_field else [calling(False)]:
+        # last and answered, twice in a row, in a second exchange (DeepSeek-R1 opens its call block once a conversation)
+        probes += [[user, c], [user, c, result, answer], [user, c, result, c, result, answer], [user, c, result, answer, user, c]]
+    found: dict[bool, set[str]] = {True: set(), False: set()}
+    for messages in probes:
+        if arguments_as_text:
+            messages = _arguments_as_text(messages)
+        full = _rendered_or_error(template, variables, messages, limits)
+        if isinstance(full, Exception):
+            continue
+        for index, message in enumerate(messages):
+            prompt = _rendered_or_error(template, variables, messages[:index], limits, add_generation_prompt=True)
+            if not message.get("tool_calls") or isinstance(prompt, Exception):
+                continue
+            start = parting_point(prompt, full, controls)
+            at = full.find(_CALL, start)
+            lead = full[start:at]
+            if at < 0 or any(text in lead for text in (_QUESTION, _RESULT, _ANSWER)):
+                continue  # this turn's call is not rendered here
+            if _ARGUMENT in lead or _VALUE in lead:
+                return None  # the arguments come first: what stands before the name depends on the row
+            first = not any(m.get("tool_calls") for m in messages[:index])
+            found[first].add(bare(lead.replace(_REASONING, "", 1)))
+    if not found[True] and not found[False]:
+        return None
+    either = frozenset(found[True] | found[False])  # one side never rendered: it may write either
+    return {first: frozenset(leads) if leads else either for first, leads in found.items()}
 
 
 def _rendered_or_error(

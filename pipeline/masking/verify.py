@@ -17,14 +17,21 @@ _BEFORE_CONTENT = re.compile(r"\s*(?:<(\w+)>\s*</\1>|</think>)?\s*")
 
 
 def span_matches(
-    decoded: str, message: dict[str, Any], end_token: str | None, as_decoded=lambda s: s, markup: frozenset[str] = frozenset()
+    decoded: str,
+    message: dict[str, Any],
+    end_token: str | None,
+    as_decoded=lambda s: s,
+    markup: frozenset[str] = frozenset(),
+    leads: frozenset[str] | None = None,
 ) -> bool:
     """Decoded trained tokens == the turn's [reasoning block +] content [+ tool calls] + end token.
 
     ``as_decoded`` spells a text the way the tokenizer's decoder gives it back (SentencePiece's
     decoders turn every "▁", an added token's included, into a space). ``markup``: the template's
     own header text inside a turn (:func:`~pipeline.masking.policies.turn_markup`), allowed before
-    the content as well.
+    the content as well. ``leads``: what the template writes before a calling turn's first call
+    name when the turn has no words (:func:`~pipeline.masking.policies.call_leads`), the only text
+    allowed there; ``None``: not known, and such a turn is checked for its names only.
     """
     body = decoded.strip()
     end_token = as_decoded(end_token) if end_token else end_token
@@ -41,7 +48,15 @@ def span_matches(
     if not all(names):
         return False
     if not content:
-        return all(name in body for name in names)
+        if leads is None:
+            return all(name in body for name in names)
+        after_reasoning = body.find(reasoning) + len(reasoning) if reasoning and reasoning in body else 0
+        at = body.find(names[0], after_reasoning)
+        while at >= 0:  # each place the first name stands: gpt-oss's header may hold the same word
+            if all(name in body[at:] for name in names) and _lead_only(body[:at], reasoning, markup, leads):
+                return True
+            at = body.find(names[0], at + 1)
+        return False
     after_reasoning = body.find(reasoning) + len(reasoning) if reasoning and reasoning in body else 0
     at = body.find(content, after_reasoning)
     while at >= 0:  # each place the content stands: "analysis" also stands in gpt-oss's header
@@ -66,6 +81,19 @@ def _header_only(before: str, reasoning: str, markup: frozenset[str]) -> bool:
     if reasoning and reasoning in before:
         before = before.replace(reasoning, "", 1)
     return _BEFORE_CONTENT.fullmatch(before) is not None
+
+
+def _lead_only(before: str, reasoning: str, markup: frozenset[str], leads: frozenset[str]) -> bool:
+    """Whether ``before``, what stands before the first call's name in a calling turn with no words,
+    is a lead the template writes, after header text (:func:`_header_only`) or not, reasoning taken out."""
+    for text in _without(before, reasoning):
+        spelled = bare(text)
+        for lead in leads:
+            if spelled.endswith(lead):
+                head = spelled[: len(spelled) - len(lead)]
+                if not head or head in markup or _BEFORE_CONTENT.fullmatch(head):
+                    return True
+    return False
 
 
 def _without(text: str, piece: str) -> list[str]:
