@@ -7,6 +7,7 @@ row is rejected as ``mask_unverifiable``: a wrong mask is never written.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -29,7 +30,8 @@ def span_matches(
     ``as_decoded`` spells a text the way the tokenizer's decoder gives it back (SentencePiece's
     decoders turn every "▁", an added token's included, into a space). ``markup``: the template's
     own header text inside a turn (:func:`~pipeline.masking.policies.turn_markup`), allowed before
-    the content as well. ``leads``: what the template writes before a calling turn's first call
+    the content as well. A calling turn's end token may not stand inside its span as well (beyond
+    its own texts holding it): such a span ran on into the next turn. ``leads``: what the template writes before a calling turn's first call
     name when the turn has no words (:func:`~pipeline.masking.policies.call_leads`), the only text
     allowed there; ``None``: not known, and such a turn is checked for its names only.
     """
@@ -47,6 +49,8 @@ def span_matches(
     names = [_call_name(call) for call in calls]
     if not all(names):
         return False
+    if end_token and body.count(end_token) > _own_count(end_token, content, reasoning, calls, as_decoded):
+        return False  # the turn's end token stands inside it too: the span ran on into the next turn
     if not content:
         if leads is None:
             return all(name in body for name in names)
@@ -65,6 +69,12 @@ def span_matches(
             return True
         at = body.find(content, at + 1)
     return False
+
+
+def _own_count(end_token: str, content: str, reasoning: str, calls: Any, as_decoded) -> int:
+    """How often ``end_token`` may stand in a calling turn's span before its end: as often as the
+    turn's own words, reasoning and calls (their JSON, an upper bound) hold its text."""
+    return content.count(end_token) + reasoning.count(end_token) + as_decoded(json.dumps(calls, ensure_ascii=False)).count(end_token)
 
 
 def _call_name(call: Any) -> str | None:

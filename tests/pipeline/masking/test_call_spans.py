@@ -116,3 +116,17 @@ def test_a_template_writing_arguments_before_the_name_keeps_its_calling_turns(bp
     ]
     ids, start, end, _ = _calling_span(masker, messages)
     assert _decode(masker, ids[start:end]).startswith('{"arguments"')
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama31", "deepseek_r1"])
+def test_a_calling_span_running_on_into_the_next_turn_is_refused(name, bpe_tokenizer):
+    """Its end token stands at its end, but also before: the span took in the tool's result."""
+    locate, _ = maskers(name, bpe_tokenizer)
+    messages, tools = conversation("tool_call_json_args" if name == "deepseek_r1" else "tool_call")
+    ids, start, end, message = _calling_span(locate, *to_conversation({"messages": messages, "tools": tools}))
+    end_token = next(t for t in locate.end_tokens if _decode(locate, ids[start:end]).rstrip().endswith(t))
+    further = next(i for i in range(end + 1, len(ids) + 1) if _decode(locate, ids[end:i]).rstrip().endswith(end_token))
+    assert "18" in _decode(locate, ids[end:further])  # the tool's result
+    check = (locate.as_decoded, locate.turn_markup, locate.call_leads[True])
+    assert span_matches(_decode(locate, ids[start:end]), message, end_token, *check)
+    assert not span_matches(_decode(locate, ids[start:further]), message, end_token, *check)
