@@ -46,6 +46,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from pipeline.masking.verify import call_name
+
 Render = Callable[[list[dict[str, Any]], bool], str]  # (messages, add_generation_prompt) -> text
 
 
@@ -361,10 +363,10 @@ def _calls(message: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """A message's tool calls, in order: (function name, the forms its arguments are written in)."""
     calls = []
     for call in message.get("tool_calls") or ():
-        function = call.get("function", call) if isinstance(call, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not name:
+        name = call_name(call)
+        if name is None:
             continue
+        function = call.get("function", call)
         arguments = function.get("arguments")
         if isinstance(arguments, str):  # JSON text: as it is, or quoted by tojson
             forms = [arguments, _json_quoted(arguments)]

@@ -46,7 +46,7 @@ def span_matches(
     calls = message.get("tool_calls")
     if not calls:
         return body.endswith(content) and _header_only(body[: len(body) - len(content)], reasoning, markup)
-    names = [_call_name(call) for call in calls]
+    names = [call_name(call) for call in calls]
     if not all(names):
         return False
     if end_token and body.count(end_token) > _own_count(end_token, content, reasoning, calls, as_decoded):
@@ -77,10 +77,11 @@ def _own_count(end_token: str, content: str, reasoning: str, calls: Any, as_deco
     return content.count(end_token) + reasoning.count(end_token) + as_decoded(json.dumps(calls, ensure_ascii=False)).count(end_token)
 
 
-def _call_name(call: Any) -> str | None:
+def call_name(call: Any) -> str | None:
+    """A tool call's function name (OpenAI's nested shape or a flat one); None if it has none."""
     function = call.get("function", call) if isinstance(call, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
-    return name if isinstance(name, str) else None
+    return name if isinstance(name, str) and name else None
 
 
 def _header_only(before: str, reasoning: str, markup: frozenset[str]) -> bool:
