@@ -132,6 +132,11 @@ class RolePolicy:
                 self.unsupported[role] = str(text) or type(text).__name__
             elif not all(piece in text for piece in must_hold):
                 self.dropped[role] = f"the template renders no {role} messages or calls (it drops them silently)"
+        if "tool" in self.unsupported:  # it refuses tool results: does it render a call at all?
+            calling = [user, {"role": "assistant", "content": "", "tool_calls": [call]}]
+            text = _rendered_or_error(template, variables, calling, limits)
+            if isinstance(text, str) and "sftkit_probe_call" not in text:  # Mistral v0.2, Gemma: calls vanish
+                self.dropped["tool"] = "the template renders no tool calls (it drops them silently)"
         if "tool" not in self.unsupported and "tool" not in self.dropped:
             second = {"type": "function", "function": {"name": "sftkit_probe_second_call", "arguments": {}}}
             calls = [user, {"role": "assistant", "content": "", "tool_calls": [call, second]}]

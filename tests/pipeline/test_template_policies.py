@@ -270,6 +270,22 @@ def test_mistral_tool_conversation_is_an_unsupported_role_not_a_template_error(m
     assert isinstance(plain, Encoded)
 
 
+@pytest.mark.parametrize("model", ["mistral", "gemma"])
+def test_tool_calls_a_template_never_renders_are_refused_not_trained_without_them(model, bpe_tokenizer):
+    """Mistral v0.2's and Gemma's templates raise on a tool result but render an assistant turn's
+    tool calls as nothing: a turn that only calls (its result not in the row) would be trained as
+    its words alone, the calls lost. Its reasoning naming the tool once made that pass the span check."""
+    _, masker = masker_for(model, bpe_tokenizer)
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": c}}} for c in ("Paris", "Rome")]
+    messages = [
+        schema.make_message("user", "Weather in Paris and Rome?"),
+        schema.make_message("assistant", "", tool_calls=calls, reasoning="I will call get_weather for each city."),
+    ]
+    refused = masker.encode(messages)
+    assert isinstance(refused, Drop), trained_text(masker.tokenizer, refused)
+    assert refused.reason == "template_unsupported_role" and "renders no tool calls" in refused.detail
+
+
 # --- 5. render-vs-inference check --------------------------------------------------------------
 DEEPSEEK_MISMATCHING = ["single_turn", "multi_turn", "system_multi_turn", "reasoning"]
 # the last assistant turn follows a tool result: the generation prompt opens no <think> there
