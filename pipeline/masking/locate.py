@@ -71,6 +71,7 @@ class LocatedTurn:
     start: int
     end: int
     end_token: str | None
+    opened_think: bool = False  # its generation prompt ends inside a think block it opened (Qwen3.5)
 
 
 class LocateError(ValueError):
@@ -328,6 +329,7 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
                 skeleton.to_real(start),
                 skeleton.to_real(end),
                 end_token,
+                _OPENED_THINK.search(prompt) is not None,
             )
         )
     return turns

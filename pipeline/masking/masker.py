@@ -30,7 +30,7 @@ from pipeline.masking.control import (
 from pipeline.masking.labels import build_labels, fit_length, selected_turns
 from pipeline.masking.locate import LocateError, locate_turns, realise
 from pipeline.masking.piece_table import PieceOffsets, PieceTable
-from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, call_leads, turn_markup
+from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, call_leads, lead_key, turn_markup
 from pipeline.masking.results import Encoded
 from pipeline.masking.token_spans import token_start_from_bytes, tokens_from_bytes, tokens_from_offsets
 from pipeline.masking.verify import bare, clip, metaspace, span_matches
@@ -50,6 +50,7 @@ class _Turn:
     end_token: str | None
     first_token: int = -1
     last_token: int = -1  # inclusive
+    opened_think: bool = False  # its generation prompt ends inside a think block it opened: "<think>" is not its text
 
 
 @dataclass
@@ -193,7 +194,7 @@ class Masker:
         self.turn_markup = turn_markup(template, self.variables, self.controls, self.reasoning.reads_field, limits)
         # what it writes before a calling turn's first call name: [TOOL_CALLS] [{"name": "
         leads = call_leads(template, self.variables, self.controls, self.reasoning.reads_field, self.roles.arguments_as_text, limits)
-        # as decoded; keyed by whether a turn is its conversation's first calling turn
+        # as decoded; keyed by where a calling turn stands (policies.lead_key)
         self.call_leads = None if leads is None else {k: frozenset(bare(self.as_decoded(t)) for t in v) for k, v in leads.items()}
 
     # --- public ------------------------------------------------------------------------------
@@ -243,7 +244,13 @@ class Masker:
         self._label_by_offsets(by_offsets, results, labelled, checks)
         for check in checks:
             if check.index in labelled and not span_matches(
-                check.decoded, check.message, check.turn.end_token, self.as_decoded, self.turn_markup, self._leads(labelled, check)
+                check.decoded,
+                check.message,
+                check.turn.end_token,
+                self.as_decoded,
+                self.turn_markup,
+                self._leads(labelled, check),
+                check.turn.opened_think,
             ):
                 del labelled[check.index]
                 results[check.index] = Drop(
@@ -382,8 +389,7 @@ class Masker:
         """What the template writes before the first call name of the checked turn, were it a calling turn with no words."""
         if self.call_leads is None or not check.message.get("tool_calls"):
             return None
-        messages = labelled[check.index].rendered.messages
-        return self.call_leads[not any(m.get("tool_calls") for m in messages[: check.turn.message_index])]
+        return self.call_leads[lead_key(labelled[check.index].rendered.messages, check.turn.message_index)]
 
     def _render_mismatches(self, labelled: dict[int, _Labelled]) -> dict[int, str]:
         """Rows whose tokens before the last trained turn are not what inference tokenizes there.
@@ -570,7 +576,7 @@ class Masker:
                 return Drop("mask_unverifiable", str(exc), stage="tokenize")
             except Exception as exc:
                 return self.roles.render_failure(messages, exc)
-            turns = [_Turn(t.message_index, t.start, t.end, t.end_token) for t in located]
+            turns = [_Turn(t.message_index, t.start, t.end, t.end_token, opened_think=t.opened_think) for t in located]
         prompt = None  # the last trained turn's generation prompt, where already rendered
         if self.reasoning.policy == "per_turn" and turns:
             composed = self._as_at_inference(rendered, turns[-1], plain, messages, tool_schemas)
@@ -629,7 +635,8 @@ class Masker:
             reasoning = (messages[turn.message_index].get("reasoning_content") or "").strip()
             generated = reasoning + ("\n</think>" if generated.startswith("\n") else "\n</think>\n\n") + generated
         text = prompt + generated
-        return text, [_Turn(turn.message_index, len(prompt), len(text), turn.end_token)], prompt
+        opened = _PROMPT_OPENS_THINK.search(prompt) is not None
+        return text, [_Turn(turn.message_index, len(prompt), len(text), turn.end_token, opened_think=opened)], prompt
 
     def _inference_prompt(
         self, row: _Rendered, rendered: str, plain: list[dict[str, Any]], tool_schemas, prompt: str | None = None

@@ -289,7 +289,7 @@ def call_leads(
     reasoning_field: bool,
     arguments_as_text: bool,
     limits=(None, None),
-) -> dict[bool, frozenset[str]] | None:
+) -> dict[tuple[bool, bool], frozenset[str]] | None:
     """What a template writes in a calling turn with no words before its first call's name:
     Mistral's ``[TOOL_CALLS] [{"name": "``, Qwen3's ``<tool_call>\n{"name": "`` (after
     ``<think>\n\n</think>\n\n`` on the last turn), gpt-oss's ``<|channel|>commentary to=functions.``.
@@ -297,12 +297,13 @@ def call_leads(
     :func:`~pipeline.masking.verify.span_matches` allows exactly these texts (whitespace aside,
     reasoning taken out) before the first call's name in such a turn's trained span, so a span
     that starts early (taking in the prompt) or late (missing ``<tool_call>``) fails. Found by
-    rendering calling turns last, answered, twice in a row and in a second exchange, with and
-    without reasoning, within ``limits``: each lead is the text between the call's name and where
+    rendering calling turns last, twice in a row and answered, in a second exchange and before a
+    later question, with and without reasoning, within ``limits``: each lead is the text between the call's name and where
     the rendering parts from the generation prompt of the messages before the turn
     (:func:`~pipeline.masking.locate.parting_point`; DeepSeek-R1 prompts with ``<think>\n`` and
-    renders a calling turn without it). Keyed by whether the turn is its conversation's first
-    calling turn: DeepSeek-R1 writes ``<｜tool▁calls▁begin｜>`` before the first one only.
+    renders a calling turn without it). Keyed by where the turn stands (:func:`lead_key`):
+    DeepSeek-R1 writes ``<｜tool▁calls▁begin｜>`` before a conversation's first call only, Qwen3.5
+    closes a think block before a call no later question follows.
     ``None`` where no lead can be known (the template refuses calls, or writes a call's
     arguments before its name): such a turn is then checked for its names and end token only.
     """
@@ -321,9 +322,16 @@ def call_leads(
     )
     probes = []
     for c in [calling(False), calling(True)] if reasoning_field else [calling(False)]:
-        # last and answered, twice in a row, in a second exchange (DeepSeek-R1 opens its call block once a conversation)
-        probes += [[user, c], [user, c, result, answer], [user, c, result, c, result, answer], [user, c, result, answer, user, c]]
-    found: dict[bool, set[str]] = {True: set(), False: set()}
+        # last, twice in a row and answered, in a second exchange (DeepSeek-R1 opens its call block once
+        # a conversation), before a later question (Qwen3.5 opens a think block after the last one only)
+        probes += [
+            [user, c],
+            [user, c, result, c, result, answer],
+            [user, c, result, answer, user, c],
+            [user, c, result, c, result, answer, user, answer],
+        ]
+    found: dict[tuple[bool, bool], set[str]] = {}
+    prompts: dict[str, str | Exception] = {}  # the probes share their beginnings: each prompt rendered once
     for messages in probes:
         if arguments_as_text:
             messages = _arguments_as_text(messages)
@@ -331,8 +339,13 @@ def call_leads(
         if isinstance(full, Exception):
             continue
         for index, message in enumerate(messages):
-            prompt = _rendered_or_error(template, variables, messages[:index], limits, add_generation_prompt=True)
-            if not message.get("tool_calls") or isinstance(prompt, Exception):
+            if not message.get("tool_calls"):
+                continue
+            before = json.dumps(messages[:index], sort_keys=True)
+            if before not in prompts:
+                prompts[before] = _rendered_or_error(template, variables, messages[:index], limits, add_generation_prompt=True)
+            prompt = prompts[before]
+            if isinstance(prompt, Exception):
                 continue
             start = parting_point(prompt, full, controls)
             at = full.find(_CALL, start)
@@ -341,12 +354,23 @@ def call_leads(
                 continue  # this turn's call is not rendered here
             if _ARGUMENT in lead or _VALUE in lead:
                 return None  # the arguments come first: what stands before the name depends on the row
-            first = not any(m.get("tool_calls") for m in messages[:index])
-            found[first].add(bare(lead.replace(_REASONING, "", 1)))
-    if not found[True] and not found[False]:
+            found.setdefault(lead_key(messages, index), set()).add(bare(lead.replace(_REASONING, "", 1)))
+    if not found:
         return None
-    either = frozenset(found[True] | found[False])  # one side never rendered: it may write either
-    return {first: frozenset(leads) if leads else either for first, leads in found.items()}
+    every = frozenset().union(*found.values())  # a position never rendered: it may write any of them
+    return {key: frozenset(found.get(key, every)) for key in _LEAD_KEYS}
+
+
+_LEAD_KEYS = [(first, asked) for first in (True, False) for asked in (True, False)]
+
+
+def lead_key(messages: Sequence[dict[str, Any]], index: int) -> tuple[bool, bool]:
+    """Where a calling turn stands, as far as what a template writes before its call depends on it:
+    (the conversation's first calling turn, a user question follows). Coarse on purpose: a finer
+    key (the last message, say) would refuse turns whose template follows a rule the probes did
+    not meet (gpt-oss keeps a calling turn's analysis until a final answer follows)."""
+    first = not any(m.get("tool_calls") for m in messages[:index])
+    return first, any(m.get("role") == "user" for m in messages[index + 1 :])
 
 
 def _rendered_or_error(

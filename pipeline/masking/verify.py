@@ -15,6 +15,9 @@ from typing import Any
 # nothing, one pair of tags left empty (Qwen3's "<think>\n\n</think>\n\n" on the last turn), or
 # the close of a think block the prompt opened (DeepSeek-R1 per turn: "REASONING\n</think>\n\n").
 _BEFORE_CONTENT = re.compile(r"\s*(?:<(\w+)>\s*</\1>|</think>)?\s*")
+# The same where the generation prompt opened the think block (Qwen3.5, DeepSeek-R1): the model
+# writes only its close, so a span taking in the prompt's "<think>" fails.
+_BEFORE_CONTENT_OPENED = re.compile(r"\s*(?:</think>)?\s*")
 
 
 def span_matches(
@@ -24,6 +27,7 @@ def span_matches(
     as_decoded=lambda s: s,
     markup: frozenset[str] = frozenset(),
     leads: frozenset[str] | None = None,
+    opened_think: bool = False,
 ) -> bool:
     """Decoded trained tokens == the turn's [reasoning block +] content [+ tool calls] + end token.
 
@@ -34,7 +38,11 @@ def span_matches(
     its own texts holding it): such a span ran on into the next turn. ``leads``: what the template writes before a calling turn's first call
     name when the turn has no words (:func:`~pipeline.masking.policies.call_leads`), the only text
     allowed there; ``None``: not known, and such a turn is checked for its names only.
+    ``opened_think``: the turn's generation prompt ends inside a think block it opened (the
+    locator says so; Qwen3.5's "<think>\n"), so of an empty pair of tags only the close is the turn's.
+    A text may stand in its reasoning, content and calls alike: each place it stands is tried.
     """
+    allowed = _BEFORE_CONTENT_OPENED if opened_think else _BEFORE_CONTENT
     body = decoded.strip()
     end_token = as_decoded(end_token) if end_token else end_token
     if end_token:
@@ -45,7 +53,7 @@ def span_matches(
     reasoning = as_decoded(message.get("reasoning_content") or "").strip()
     calls = message.get("tool_calls")
     if not calls:
-        return body.endswith(content) and _header_only(body[: len(body) - len(content)], reasoning, markup)
+        return body.endswith(content) and _header_only(body[: len(body) - len(content)], reasoning, markup, allowed)
     names = [call_name(call) for call in calls]
     if not all(names):
         return False
@@ -53,22 +61,25 @@ def span_matches(
         return False  # the turn's end token stands inside it too: the span ran on into the next turn
     if not content:
         if leads is None:
-            return all(name in body for name in names)
-        after_reasoning = body.find(reasoning) + len(reasoning) if reasoning and reasoning in body else 0
-        at = body.find(names[0], after_reasoning)
+            return _holds_calls(body, names)
+        at = body.find(names[0])
         while at >= 0:  # each place the first name stands: gpt-oss's header may hold the same word
-            if all(name in body[at:] for name in names) and _lead_only(body[:at], reasoning, markup, leads):
+            if _holds_calls(body[at:], names) and _lead_only(body[:at], reasoning, markup, leads, allowed):
                 return True
             at = body.find(names[0], at + 1)
         return False
-    after_reasoning = body.find(reasoning) + len(reasoning) if reasoning and reasoning in body else 0
-    at = body.find(content, after_reasoning)
+    at = body.find(content)
     while at >= 0:  # each place the content stands: "analysis" also stands in gpt-oss's header
         rest = body[at + len(content) :]
-        if all(name in rest for name in names) and _header_only(body[:at], reasoning, markup):
+        if _holds_calls(rest, names) and _header_only(body[:at], reasoning, markup, allowed):
             return True
         at = body.find(content, at + 1)
     return False
+
+
+def _holds_calls(text: str, names: list[str]) -> bool:
+    """Whether ``text`` holds each call's name, as often as the calls have it (two calls to one tool: twice)."""
+    return all(text.count(name) >= names.count(name) for name in set(names))
 
 
 def _own_count(end_token: str, content: str, reasoning: str, calls: Any, as_decoded) -> int:
@@ -84,17 +95,14 @@ def call_name(call: Any) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def _header_only(before: str, reasoning: str, markup: frozenset[str]) -> bool:
+def _header_only(before: str, reasoning: str, markup: frozenset[str], allowed: re.Pattern = _BEFORE_CONTENT) -> bool:
     """Whether ``before``, what stands before a turn's content in its span, is header text only:
-    an allowed form (:data:`_BEFORE_CONTENT`) or the template's own markup, its reasoning taken out."""
-    if markup and any(bare(text) in markup for text in _without(before, reasoning)):
-        return True
-    if reasoning and reasoning in before:
-        before = before.replace(reasoning, "", 1)
-    return _BEFORE_CONTENT.fullmatch(before) is not None
+    an ``allowed`` form (:data:`_BEFORE_CONTENT`) or the template's own markup, its reasoning taken out."""
+    texts = _without(before, reasoning)
+    return any((markup and bare(text) in markup) or allowed.fullmatch(text) is not None for text in texts)
 
 
-def _lead_only(before: str, reasoning: str, markup: frozenset[str], leads: frozenset[str]) -> bool:
+def _lead_only(before: str, reasoning: str, markup: frozenset[str], leads: frozenset[str], allowed: re.Pattern) -> bool:
     """Whether ``before``, what stands before the first call's name in a calling turn with no words,
     is a lead the template writes, after header text (:func:`_header_only`) or not, reasoning taken out."""
     for text in _without(before, reasoning):
@@ -102,21 +110,21 @@ def _lead_only(before: str, reasoning: str, markup: frozenset[str], leads: froze
         for lead in leads:
             if spelled.endswith(lead):
                 head = spelled[: len(spelled) - len(lead)]
-                if not head or head in markup or _BEFORE_CONTENT.fullmatch(head):
+                if not head or head in markup or allowed.fullmatch(head):
                     return True
     return False
 
 
 def _without(text: str, piece: str) -> list[str]:
-    """``text`` with one occurrence of ``piece`` taken out, for each place it occurs (all of
-    ``text`` when it does not): reasoning that reads "analysis" is not the header's word."""
+    """``text`` with one occurrence of ``piece`` taken out, for each place it occurs, and ``text``
+    itself: reasoning that reads "analysis" is not the header's word."""
     if not piece:
         return [text]
     places, at = [], text.find(piece)
     while at >= 0:
         places.append(text[:at] + text[at + len(piece) :])
         at = text.find(piece, at + 1)
-    return places or [text]
+    return [*places, text]  # the text whole too: a reasoning not rendered may still read like it
 
 
 def bare(text: str) -> str:

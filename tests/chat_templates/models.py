@@ -1,4 +1,4 @@
-"""Official chat templates of seven real models, and their generation-tagged twins, as test fixtures.
+"""Official chat templates of eight real models, and their generation-tagged twins, as test fixtures.
 
 Each ``<name>.jinja`` file is the model's published chat template (see the comment at its top for
 where the text came from and what, if anything, was changed; ``gpt_oss.jinja`` is written to
@@ -119,6 +119,20 @@ TEMPLATES: dict[str, dict] = {
         "end_of_turn": "<|im_end|>",
         "variables": {"enable_thinking": True},
         "conversations": _ALL,
+        "raises": [],
+    },
+    "qwen35": {
+        "file": "qwen35.jinja",
+        "twin": "qwen35_gen.jinja",
+        "controls": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        "added": ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "end_of_turn": "<|im_end|>",
+        "variables": {},
+        # Tool calls with arguments as an object only: it iterates over them (|items), and a JSON
+        # string fails there.
+        "conversations": [c for c in _ALL if c != "tool_call_json_args"],
         "raises": [],
     },
     "deepseek_r1": {

@@ -96,7 +96,7 @@ def test_real_data_bpe(name, bpe_tokenizer, real_data_dir):
     assert counts["kept"] > len(rows) // 2
 
 
-@pytest.mark.parametrize("name", ["qwen3", "deepseek_r1", "mistral"])
+@pytest.mark.parametrize("name", ["qwen3", "qwen35", "deepseek_r1", "mistral"])
 def test_real_data_sentencepiece(name, mistral_tokenizer, real_data_dir):
     rows = rows_of(sorted(real_data_dir.glob("*.json*")))[::3]  # every third: SentencePiece is slower
     counts = compare(*maskers(name, mistral_tokenizer), rows)

@@ -91,3 +91,34 @@ def test_real_tool_call_data_never_trains_template_text(real_data_dir, mistral_t
             expected_start = message["content"].strip()[:10] if message["content"].strip() else "[TOOL_CALLS]"
             assert span.startswith(expected_start), (span[:40], expected_start)
             assert span.endswith("</s>")
+
+
+def test_a_span_taking_in_the_think_tag_its_prompt_opened_is_refused(bpe_tokenizer):
+    """Qwen3.5's generation prompt ends with "<think>\\n": the model writes the reasoning and the
+    block's close, never "<think>" (Qwen3's prompt stops before it, and there the tag is trained)."""
+    from pipeline.formats import to_conversation
+    from pipeline.masking.verify import span_matches
+    from tests.chat_templates.models import conversation
+    from tests.pipeline.test_real_templates import maskers
+
+    for name, opened in (("qwen35", True), ("qwen3", False)):
+        locate, _ = maskers(name, bpe_tokenizer)
+        messages, tools = conversation("reasoning")
+        prompt = locate.tokenizer.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True)
+        assert prompt.endswith("<think>\n") is opened
+        result = locate.encode(*to_conversation({"messages": messages, "tools": tools}))
+        assert isinstance(result, Encoded)
+        ids, trained = result.input_ids.tolist(), (result.labels != schema.IGNORE_INDEX).tolist()
+        end = max(i for i, t in enumerate(trained) if t) + 1  # the last turn's trained run
+        start = end
+        while trained[start - 1]:
+            start -= 1
+        span = locate.tokenizer.decode(ids[start:end], skip_special_tokens=False)
+        assert span.strip().startswith("<think>") is not opened  # Qwen3 trains the tag, Qwen3.5 does not
+        message = {"role": "assistant", "content": "169", "reasoning_content": "13 * 13 = 169."}
+        check = (locate.as_decoded, locate.turn_markup, None, opened)
+        assert span_matches(span, message, "<|im_end|>", *check)
+        if opened:
+            taken_in = locate.tokenizer.decode(ids[start - 2 : end], skip_special_tokens=False)
+            assert taken_in.strip().startswith("<think>")
+            assert not span_matches(taken_in, message, "<|im_end|>", *check)
