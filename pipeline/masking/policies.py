@@ -296,16 +296,17 @@ def call_leads(
 
     :func:`~pipeline.masking.verify.span_matches` allows exactly these texts (whitespace aside,
     reasoning taken out) before the first call's name in such a turn's trained span, so a span
-    that starts early (taking in the prompt) or late (missing ``<tool_call>``) fails. Found by
-    rendering calling turns last, twice in a row and answered, in a second exchange and before a
-    later question, with and without reasoning, within ``limits``: each lead is the text between the call's name and where
-    the rendering parts from the generation prompt of the messages before the turn
+    that starts early (taking in the prompt) or late (missing ``<tool_call>``) fails.
+
+    Found by rendering calling turns last, twice in a row and answered, in a second exchange and
+    before a later question, with and without reasoning, within ``limits``: each lead is the text
+    between where the rendering parts from the generation prompt of the messages before the turn
     (:func:`~pipeline.masking.locate.parting_point`; DeepSeek-R1 prompts with ``<think>\n`` and
-    renders a calling turn without it). Keyed by where the turn stands (:func:`lead_key`):
-    DeepSeek-R1 writes ``<｜tool▁calls▁begin｜>`` before a conversation's first call only, Qwen3.5
-    closes a think block before a call no later question follows.
-    ``None`` where no lead can be known (the template refuses calls, or writes a call's
-    arguments before its name): such a turn is then checked for its names and end token only.
+    renders a calling turn without it) and the call's name. Keyed by where the turn stands
+    (:func:`lead_key`): DeepSeek-R1 writes ``<｜tool▁calls▁begin｜>`` before a conversation's first
+    call only, Qwen3.5 closes a think block before a call no later question follows. ``None`` where
+    no lead can be known (the template refuses calls, or writes a call's arguments before its
+    name): such a turn is then checked for its names and end token only.
     """
     call = {"function": {"arguments": {_ARGUMENT: _VALUE}, "name": _CALL}, "type": "function"}  # canonical key order
 

@@ -34,13 +34,16 @@ def span_matches(
     ``as_decoded`` spells a text the way the tokenizer's decoder gives it back (SentencePiece's
     decoders turn every "▁", an added token's included, into a space). ``markup``: the template's
     own header text inside a turn (:func:`~pipeline.masking.policies.turn_markup`), allowed before
-    the content as well. A calling turn's end token may not stand inside its span as well (beyond
-    its own texts holding it): such a span ran on into the next turn. ``leads``: what the template writes before a calling turn's first call
+    the content as well. ``leads``: what the template writes before a calling turn's first call
     name when the turn has no words (:func:`~pipeline.masking.policies.call_leads`), the only text
     allowed there; ``None``: not known, and such a turn is checked for its names only.
     ``opened_think``: the turn's generation prompt ends inside a think block it opened (the
     locator says so; Qwen3.5's "<think>\n"), so of an empty pair of tags only the close is the turn's.
-    A text may stand in its reasoning, content and calls alike: each place it stands is tried.
+
+    A calling turn's span must hold each call's name (as often as its calls have it), and its end
+    token may not stand inside it as well beyond its own texts holding it (such a span ran on into
+    the next turn). A text may stand in the reasoning, the content and the calls alike: each place
+    it stands is tried.
     """
     allowed = _BEFORE_CONTENT_OPENED if opened_think else _BEFORE_CONTENT
     body = decoded.strip()
