@@ -60,6 +60,7 @@ def span_matches(
     names = [call_name(call) for call in calls]
     if not all(names):
         return False
+    names = [as_decoded(name) for name in names]  # as the decoder spells them ("▁" a space)
     if end_token and body.count(end_token) > _own_count(end_token, content, reasoning, calls, as_decoded):
         return False  # the turn's end token stands inside it too: the span ran on into the next turn
     if not content:

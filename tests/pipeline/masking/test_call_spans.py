@@ -180,3 +180,12 @@ def test_two_calls_to_one_tool_must_both_be_in_the_span(bpe_tokenizer):
     check = (locate.as_decoded, locate.turn_markup, locate.call_leads[(True, False)])
     assert span_matches(both, message, "<|im_end|>", *check)
     assert not span_matches(one, message, "<|im_end|>", *check)
+
+
+def test_call_names_are_compared_as_the_decoder_spells_them():
+    """SentencePiece decoders turn "▁" into a space, in a tool's name too."""
+    from pipeline.masking.verify import metaspace
+
+    message = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get▁weather"}}]}
+    decoded = '[TOOL_CALLS] [{"name": "get weather", "arguments": {}}]</s>'
+    assert span_matches(decoded, message, "</s>", metaspace, frozenset(), frozenset({'[TOOL_CALLS][{"name":"'}))
