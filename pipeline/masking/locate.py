@@ -329,13 +329,19 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
                 skeleton.to_real(start),
                 skeleton.to_real(end),
                 end_token,
-                _OPENED_THINK.search(prompt) is not None,
+                prompt_opens_think(prompt),
             )
         )
     return turns
 
 
 _OPENED_THINK = re.compile(r"<think>\s*$")
+
+
+def prompt_opens_think(prompt: str) -> bool:
+    """Whether a generation prompt ends inside a think block it opened (Qwen3.5's and DeepSeek-R1's
+    "<think>\n"): the model then writes the block's close, never "<think>"."""
+    return _OPENED_THINK.search(prompt) is not None
 
 
 def parting_point(prompt: str, text: str, markers: Sequence[str]) -> int:

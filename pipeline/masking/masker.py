@@ -28,7 +28,7 @@ from pipeline.masking.control import (
     control_tokens,
 )
 from pipeline.masking.labels import build_labels, fit_length, selected_turns
-from pipeline.masking.locate import LocateError, locate_turns, realise
+from pipeline.masking.locate import LocateError, locate_turns, prompt_opens_think, realise
 from pipeline.masking.piece_table import PieceOffsets, PieceTable
 from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, call_leads, lead_key, turn_markup
 from pipeline.masking.results import Encoded
@@ -629,13 +629,13 @@ class Masker:
         if rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
             return rendered, [turn], prompt
         generated = rendered[turn.char_start : turn.char_end]
-        if _PROMPT_OPENS_THINK.search(prompt) and "</think>" not in generated:
+        opened = prompt_opens_think(prompt)
+        if opened and "</think>" not in generated:
             # The prompt opens a think block the rendered turn never closes (DeepSeek-R1 strips the
             # block from every turn): the model writes its reasoning, or nothing, and closes it.
             reasoning = (messages[turn.message_index].get("reasoning_content") or "").strip()
             generated = reasoning + ("\n</think>" if generated.startswith("\n") else "\n</think>\n\n") + generated
         text = prompt + generated
-        opened = _PROMPT_OPENS_THINK.search(prompt) is not None
         return text, [_Turn(turn.message_index, len(prompt), len(text), turn.end_token, opened_think=opened)], prompt
 
     def _inference_prompt(
@@ -697,9 +697,6 @@ class Masker:
 
     def _selected_turns(self, turns: list[_Turn], train_flags) -> list[_Turn]:
         return selected_turns(turns, train_flags, self.train_on, per_turn=self.reasoning.policy == "per_turn")
-
-
-_PROMPT_OPENS_THINK = re.compile(r"<think>\s*$")
 
 
 def _answered_calls_without_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

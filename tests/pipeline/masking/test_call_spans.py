@@ -15,6 +15,7 @@ from pipeline import schema
 from pipeline.config import TemplateConfig
 from pipeline.formats import to_conversation
 from pipeline.masking import Encoded, Masker
+from pipeline.masking.locate import prompt_opens_think
 from pipeline.masking.verify import span_matches
 from pipeline.templates import Template, render, resolve_template
 from tests.chat_templates.models import conversation
@@ -55,7 +56,7 @@ def _opens_think(masker: Masker, messages: list[dict]) -> bool:
     plain = schema.messages_for_template(messages)
     calling = next(i for i, m in enumerate(plain) if m.get("tool_calls"))
     prompt = render(masker.template, masker.variables, plain[:calling], add_generation_prompt=True)[0]
-    return prompt.rstrip().endswith("<think>")
+    return prompt_opens_think(prompt)
 
 
 def _assert_only_the_exact_span_passes(masker: Masker, ids, start, end, message, opened: bool) -> None:
