@@ -319,6 +319,10 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
         for name, arguments in _calls(message):  # the calls rendered after the text (gpt-oss: after an <|end|>)
             search_from = _call_end(text, search_from, limit, name, arguments, end_tokens)
         end, end_token = _first_end_token(text, search_from, limit, end_tokens)
+        if end is None and m == len(shaped) - 1 and message.get("tool_calls"):
+            # The conversation's last turn, closed by no end token (GLM-4.5 writes none): its calls,
+            # rendered after its text, run to the end of the conversation.
+            end = len(text.rstrip())
         if end is None:
             if not own:
                 raise LocateError(f"assistant turn {m} has no text and no end-of-turn marker to find it by")

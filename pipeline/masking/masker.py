@@ -30,7 +30,7 @@ from pipeline.masking.control import (
 from pipeline.masking.labels import build_labels, fit_length, selected_turns
 from pipeline.masking.locate import LocateError, locate_turns, prompt_opens_think, realise
 from pipeline.masking.piece_table import PieceOffsets, PieceTable
-from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, call_leads, lead_key, turn_markup
+from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, call_leads, lead_key, next_message_stops, turn_markup
 from pipeline.masking.results import Encoded
 from pipeline.masking.token_spans import token_start_from_bytes, tokens_from_bytes, tokens_from_offsets
 from pipeline.masking.verify import bare, clip, metaspace, span_matches
@@ -196,6 +196,14 @@ class Masker:
         leads = call_leads(template, self.variables, self.controls, self.reasoning.reads_field, self.roles.arguments_as_text, limits)
         # as decoded; keyed by where a calling turn stands (policies.lead_key)
         self.call_leads = None if leads is None else {k: frozenset(bare(self.as_decoded(t)) for t in v) for k, v in leads.items()}
+        # GLM-4.5 writes no end-of-turn token: the next message's role token is where the model stops
+        self.stops = (
+            {}
+            if template.end_token
+            else next_message_stops(template, self.variables, self.controls, self.end_tokens, self.roles.arguments_as_text, limits)
+        )
+        if self.stops:
+            self.end_tokens = tuple(sorted({*self.end_tokens, *self.stops.values()}, key=lambda t: (-len(t), t)))
 
     # --- public ------------------------------------------------------------------------------
     def encode(self, messages: list[dict[str, Any]], tools: str | None = None) -> Encoded | Drop:
@@ -577,6 +585,8 @@ class Masker:
             except Exception as exc:
                 return self.roles.render_failure(messages, exc)
             turns = [_Turn(t.message_index, t.start, t.end, t.end_token, opened_think=t.opened_think) for t in located]
+        if self.stops and turns:
+            rendered, turns = self._close_last_turn(rendered, turns, messages)
         prompt = None  # the last trained turn's generation prompt, where already rendered
         if self.reasoning.policy == "per_turn" and turns:
             composed = self._as_at_inference(rendered, turns[-1], plain, messages, tool_schemas)
@@ -614,6 +624,20 @@ class Masker:
                         stage="tokenize",
                     )
         return None
+
+    def _close_last_turn(self, rendered: str, turns: list[_Turn], messages: list[dict[str, Any]]) -> tuple[str, list[_Turn]]:
+        """A template that writes no end-of-turn token (``self.stops``) leaves a conversation's last
+        turn open: the model stops there with the token that opens the next message (GLM-4.5:
+        ``<|user|>`` after an answer, ``<|observation|>`` after a call). It is appended and trained."""
+        last = turns[-1]
+        if last.end_token is not None or last.message_index != len(messages) - 1 or rendered[last.char_end :].strip():
+            return rendered, turns
+        token = self.stops.get("call" if messages[last.message_index].get("tool_calls") else "answer")
+        if token is None:
+            return rendered, turns
+        rendered += token
+        closed = _Turn(last.message_index, last.char_start, len(rendered), token, opened_think=last.opened_think)
+        return rendered, [*turns[:-1], closed]
 
     def _as_at_inference(self, rendered: str, turn: _Turn, plain, messages, tool_schemas):
         """A per_turn row: (text, [its last turn], its generation prompt) as the model sees it at inference."""

@@ -365,6 +365,54 @@ def call_leads(
 _LEAD_KEYS = [(first, asked) for first in (True, False) for asked in (True, False)]
 
 
+def next_message_stops(
+    template: Template,
+    variables: dict[str, Any],
+    controls: Sequence[str],
+    end_tokens: Sequence[str],
+    arguments_as_text: bool,
+    limits=(None, None),
+) -> dict[str, str]:
+    """The tokens a model stops with, for a template that writes no end-of-turn marker of its own:
+    GLM-4.5 closes an assistant turn with the next message's role token, ``<|user|>`` after an
+    answer and ``<|observation|>`` after a tool call (its generation config stops on both), and
+    writes nothing after a conversation's last turn.
+
+    Returns ``{"answer": token, "call": token}`` (either may be missing), or ``{}`` for a template
+    that ends its turns with one of ``end_tokens``. Found by rendering a question, an answer and a
+    second question (and a calling turn with its result) within ``limits``: the stop is the control
+    token that opens the next message right after the assistant turn's text, when the template
+    writes no end token between them. The masker trains it as the turn's end token, and appends it
+    to a conversation whose last turn the template leaves open, as the model writes it there.
+    """
+    if not controls:
+        return {}
+    user, second = {"role": "user", "content": _QUESTION}, {"role": "user", "content": f"{_QUESTION} 2"}
+    call = {"type": "function", "function": {"name": _CALL, "arguments": {_ARGUMENT: _VALUE}}}
+    probes = {
+        "answer": ([user, {"role": "assistant", "content": _ANSWER}], second),
+        "call": ([user, {"role": "assistant", "content": "", "tool_calls": [call]}], {"role": "tool", "content": _RESULT}),
+    }
+    stops = {}
+    for kind, (turn, following) in probes.items():
+        if arguments_as_text:
+            turn = _arguments_as_text(turn)
+        alone = _rendered_or_error(template, variables, turn, limits)
+        full = _rendered_or_error(template, variables, [*turn, following], limits)
+        if isinstance(alone, Exception) or isinstance(full, Exception) or not full.startswith(alone):
+            continue
+        own, next_text = alone.rfind(_ANSWER if kind == "answer" else _CALL), full.find(following["content"], len(alone))
+        if own < 0 or next_text < 0:
+            continue  # the template does not render this turn (or its follower) as written
+        if any(token in alone[own:] or token in full[len(alone) : next_text] for token in end_tokens):
+            return {}  # the template closes its turns itself
+        header = full[len(alone) : next_text].lstrip()
+        opening = [c for c in controls if header.startswith(c)]
+        if opening:
+            stops[kind] = max(opening, key=len)
+    return stops
+
+
 def lead_key(messages: Sequence[dict[str, Any]], index: int) -> tuple[bool, bool]:
     """Where a calling turn stands, as far as what a template writes before its call depends on it:
     (the conversation's first calling turn, a user question follows). Coarse on purpose: a finer

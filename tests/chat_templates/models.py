@@ -1,4 +1,4 @@
-"""Official chat templates of eight real models, and their generation-tagged twins, as test fixtures.
+"""Official chat templates of nine real models, and their generation-tagged twins, as test fixtures.
 
 Each ``<name>.jinja`` file is the model's published chat template (see the comment at its top for
 where the text came from and what, if anything, was changed; ``gpt_oss.jinja`` is written to
@@ -225,6 +225,21 @@ TEMPLATES: dict[str, dict] = {
         # One call per turn (the template renders tool_calls[0] only); arguments of either shape go
         # through tojson (a JSON string is quoted again, as the official template does).
         "conversations": _ALL,
+        "raises": [],
+    },
+    "glm45": {
+        "file": "glm45.jinja",
+        "twin": "glm45_gen.jinja",
+        "controls": ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>"],
+        "added": ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"],
+        "bos": None,
+        "eos": "<|endoftext|>",
+        # No end-of-turn token: a turn ends where the next message's role token begins, and the
+        # model stops with that token (<|user|> after an answer, <|observation|> after a call).
+        "end_of_turn": None,
+        "variables": {},
+        # Tool calls with arguments as an object only: it iterates over them (.items()).
+        "conversations": [c for c in _ALL if c != "tool_call_json_args"],
         "raises": [],
     },
     "mistral": {

@@ -1,6 +1,6 @@
 """Masks for the official chat templates of real models, located without generation tags.
 
-The test of the product: each of seven official templates (tests/chat_templates/, each naming the
+The test of the product: each official template (tests/chat_templates/, each naming the
 model it comes from) is run without ``{% generation %}`` blocks, so sftkit must locate every
 assistant turn itself, and its masks must equal those of a generation-tagged twin of the same
 template, token for token, on the sample data, the public real data and the fixtures'

@@ -1,0 +1,120 @@
+"""Templates with no end-of-turn token: the model stops with the token that opens the next message.
+
+GLM-4.5 and GLM-4.6 close an assistant turn with nothing of its own: the next message's role
+token follows its text (``<|user|>`` after an answer, ``<|observation|>`` after a tool call), and
+those are the model's stop tokens. A conversation's last turn is followed by nothing at all. Trained
+as rendered, no GLM row would teach the model to stop; sftkit trains the following role token as
+the turn's end and appends it after the last turn.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.formats import to_conversation
+from pipeline.masking import Encoded, Masker
+from pipeline.masking.policies import next_message_stops
+from pipeline.templates import Template, template_variables
+from tests.chat_templates.models import TEMPLATES, conversation, template_text, tokenizer_for
+
+
+def _glm(tokenizer, **options) -> tuple[Masker, object]:
+    dressed = tokenizer_for("glm45", tokenizer)
+    return Masker(dressed, Template("glm45", template_text("glm45")), max_length=4096, span_method="locate", **options), dressed
+
+
+def _encode(masker: Masker, name: str) -> Encoded:
+    messages, tools = conversation(name)
+    result = masker.encode(*to_conversation({"messages": messages, "tools": tools}))
+    assert isinstance(result, Encoded), result
+    return result
+
+
+def _trained_runs(result: Encoded, tokenizer) -> list[str]:
+    """The trained stretches of a row, each decoded."""
+    runs, current = [], []
+    for token, label in zip(result.input_ids.tolist(), result.labels.tolist()):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_only_a_template_without_end_tokens_gets_stops(name, bpe_tokenizer):
+    dressed = tokenizer_for(name, bpe_tokenizer)
+    masker = Masker(dressed, Template(name, template_text(name)), max_length=4096, span_method="locate")
+    expected = {"answer": "<|user|>", "call": "<|observation|>"} if name == "glm45" else {}
+    assert masker.stops == expected
+
+
+def test_a_single_answer_ends_with_the_stop_token_trained(bpe_tokenizer):
+    masker, tokenizer = _glm(bpe_tokenizer)
+    result = _encode(masker, "single_turn")
+    stop = tokenizer.convert_tokens_to_ids("<|user|>")
+    assert result.input_ids[-1] == stop and result.labels[-1] == stop
+    assert _trained_runs(result, tokenizer) == ["\n<think></think>\nThe capital of France is Paris.<|user|>"]
+    # everything before it is exactly what the official template renders
+    messages, _ = conversation("single_turn")
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(result.input_ids.tolist()) == rendered + "<|user|>"
+    assert not result.render_mismatch
+
+
+def test_each_turn_trains_the_role_token_that_follows_it(bpe_tokenizer):
+    masker, tokenizer = _glm(bpe_tokenizer)
+    runs = _trained_runs(_encode(masker, "multi_turn"), tokenizer)
+    assert runs == ["\n<think></think>\nSeven.<|user|>", "\n<think></think>\nFourteen.<|user|>"]
+
+
+def test_a_calling_turn_stops_with_the_observation_token(bpe_tokenizer):
+    masker, tokenizer = _glm(bpe_tokenizer)
+    runs = _trained_runs(_encode(masker, "tool_call"), tokenizer)
+    assert len(runs) == 2
+    assert runs[0].startswith("\n<think></think>\n<tool_call>get_weather\n") and runs[0].endswith("</tool_call><|observation|>")
+    assert runs[1] == "\n<think></think>\nIt is 18 °C and cloudy in Paris.<|user|>"
+
+
+def test_a_conversation_that_ends_in_a_call_gets_its_observation_token(bpe_tokenizer):
+    masker, tokenizer = _glm(bpe_tokenizer)
+    messages, tools = conversation("tool_call")
+    messages = messages[:2]  # the question and the calling turn, no result yet
+    result = masker.encode(*to_conversation({"messages": messages, "tools": tools}))
+    assert isinstance(result, Encoded), result
+    runs = _trained_runs(result, tokenizer)
+    assert len(runs) == 1
+    assert runs[0].startswith("\n<think></think>\n<tool_call>get_weather") and runs[0].endswith("</tool_call><|observation|>")
+
+
+def test_per_turn_rows_end_with_their_stop(bpe_tokenizer):
+    masker, tokenizer = _glm(bpe_tokenizer, reasoning="per_turn")
+    messages, tools = conversation("tool_call")
+    stops = []
+    for end in (1, 3):  # one row per assistant turn, holding the conversation up to it
+        result = masker.encode(*to_conversation({"messages": messages[: end + 1], "tools": tools}))
+        assert isinstance(result, Encoded), result
+        stops.append(tokenizer.decode(result.input_ids[-1:].tolist()))
+        assert result.labels[-1] == result.input_ids[-1]
+    assert stops == ["<|observation|>", "<|user|>"]
+
+
+def test_reasoning_of_the_last_turn_is_trained_with_its_stop(bpe_tokenizer):
+    masker, tokenizer = _glm(bpe_tokenizer)
+    runs = _trained_runs(_encode(masker, "reasoning"), tokenizer)
+    # GLM drops the reasoning of turns before the last question, as Qwen3 does
+    assert runs == ["\n<think></think>\n144<|user|>", "\n<think>13 * 13 = 169.</think>\n169<|user|>"]
+
+
+def test_the_probe_finds_no_stop_in_a_template_with_plain_headers(bpe_tokenizer):
+    """No control token opens the next message: nothing is guessed (the turn is trained as rendered)."""
+    source = (
+        "{%- for m in messages %}{{- '### ' + m.role + ':\\n' + m.content + '\\n\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"
+    )
+    template = Template("plain", source)
+    variables = template_variables(bpe_tokenizer)
+    assert next_message_stops(template, variables, ["<|im_start|>"], ["<|im_end|>"], False) == {}
