@@ -206,6 +206,12 @@ KNOWN_END_TOKENS = (
     "</s>",
 )
 
+# Tokens that open the next message and also end the assistant turn before it, for templates that
+# write no end-of-turn marker: the GLM family's (ChatGLM3, GLM-4, GLM-4.5/4.6 stop generating on
+# <|user|> and <|observation|>). Another template without an end marker trains no stop token: its
+# model's stop (Baichuan-2 stops on an EOS its template never writes) cannot be read off the text.
+KNOWN_NEXT_MESSAGE_STOPS = ("<|user|>", "<|observation|>")
+
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 

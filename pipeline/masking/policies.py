@@ -12,7 +12,7 @@ from pipeline.deadline import RenderTimeout, release, time_limit
 from pipeline.masking.locate import Piece, parting_point
 from pipeline.masking.verify import bare, clip
 from pipeline.stage import Drop
-from pipeline.templates import RenderTooLarge, Template, render
+from pipeline.templates import KNOWN_NEXT_MESSAGE_STOPS, RenderTooLarge, Template, render
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
 REASONING_POLICIES = ("template", "per_turn", "drop")
@@ -378,14 +378,17 @@ def next_message_stops(
     answer and ``<|observation|>`` after a tool call (its generation config stops on both), and
     writes nothing after a conversation's last turn.
 
-    Returns ``{"answer": token, "call": token}`` (either may be missing), or ``{}`` for a template
-    that ends its turns with one of ``end_tokens``. Found by rendering a question, an answer and a
-    second question (and a calling turn with its result) within ``limits``: the stop is the control
-    token that opens the next message right after the assistant turn's text, when the template
-    writes no end token between them. The masker trains it as the turn's end token, and appends it
-    to a conversation whose last turn the template leaves open, as the model writes it there.
+    Returns ``{"answer": token, "call": token}`` (the call's may be missing), or ``{}``. Found by
+    rendering a question, an answer and a second question (and a calling turn with its result)
+    within ``limits``: the template must write nothing after the answer when it is last, and only
+    whitespace before the next message's first token, which must be a control token and one of
+    :data:`~pipeline.templates.KNOWN_NEXT_MESSAGE_STOPS`. Anything else there (an end token,
+    a marker of the template's own, a header token some other model does not stop on) gives
+    ``{}``. The masker trains the stop as the turn's end token, and appends it to a conversation
+    whose last turn the template leaves open, as the model writes it there.
     """
-    if not controls:
+    stops_known = [c for c in controls if c in KNOWN_NEXT_MESSAGE_STOPS]
+    if not stops_known:
         return {}
     user, second = {"role": "user", "content": _QUESTION}, {"role": "user", "content": f"{_QUESTION} 2"}
     call = {"type": "function", "function": {"name": _CALL, "arguments": {_ARGUMENT: _VALUE}}}
@@ -399,17 +402,24 @@ def next_message_stops(
             turn = _arguments_as_text(turn)
         alone = _rendered_or_error(template, variables, turn, limits)
         full = _rendered_or_error(template, variables, [*turn, following], limits)
-        if isinstance(alone, Exception) or isinstance(full, Exception) or not full.startswith(alone):
-            continue
-        own, next_text = alone.rfind(_ANSWER if kind == "answer" else _CALL), full.find(following["content"], len(alone))
+        usable = not isinstance(alone, Exception) and not isinstance(full, Exception) and full.startswith(alone)
+        own = alone.rfind(_ANSWER if kind == "answer" else _CALL) if usable else -1
+        next_text = full.find(following["content"], len(alone)) if usable else -1
         if own < 0 or next_text < 0:
-            continue  # the template does not render this turn (or its follower) as written
+            if kind == "answer":
+                return {}  # no answer rendered as written: nothing is known
+            continue  # the template does not render calls, or their results
         if any(token in alone[own:] or token in full[len(alone) : next_text] for token in end_tokens):
             return {}  # the template closes its turns itself
+        if kind == "answer" and alone[own + len(_ANSWER) :].strip():
+            return {}  # it writes something of its own after the answer (a marker it does not list)
         header = full[len(alone) : next_text].lstrip()
-        opening = [c for c in controls if header.startswith(c)]
-        if opening:
-            stops[kind] = max(opening, key=len)
+        stop = next((token for token in stops_known if header.startswith(token)), None)
+        if stop is None:
+            if kind == "answer":
+                return {}  # the next message opens with something the model is not known to stop on
+            continue
+        stops[kind] = stop
     return stops
 
 

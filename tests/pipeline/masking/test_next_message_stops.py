@@ -109,12 +109,50 @@ def test_reasoning_of_the_last_turn_is_trained_with_its_stop(bpe_tokenizer):
     assert runs == ["\n<think></think>\n144<|user|>", "\n<think>13 * 13 = 169.</think>\n169<|user|>"]
 
 
-def test_the_probe_finds_no_stop_in_a_template_with_plain_headers(bpe_tokenizer):
-    """No control token opens the next message: nothing is guessed (the turn is trained as rendered)."""
-    source = (
-        "{%- for m in messages %}{{- '### ' + m.role + ':\\n' + m.content + '\\n\\n' }}{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"
+def _role_template(after_answer: str, header: str = "<|{role}|>\n") -> str:
+    """Every message as HEADER + content, an assistant's followed by ``after_answer``."""
+    open_ = header.replace("{role}", "' + m.role + '")
+    return (
+        "{%- for m in messages %}{{- '" + open_ + "' + m.content }}"
+        "{%- if m.role == 'assistant' %}{{- '" + after_answer + "' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '" + header.replace("{role}", "assistant") + "' }}{%- endif %}"
     )
-    template = Template("plain", source)
+
+
+@pytest.mark.parametrize(
+    "source, controls",
+    [
+        # a marker of its own after each answer, a control token sftkit does not list as an end token
+        (_role_template("<|eot|>\\n"), ["<|user|>", "<|assistant|>", "<|eot|>"]),
+        # the same marker as plain text
+        (_role_template("[END]\\n"), ["<|user|>", "<|assistant|>"]),
+        # Baichuan-2: nothing after the answer, but the model stops on an EOS the template never
+        # writes, not on the next message's token
+        (
+            "{%- for m in messages %}{{- ('<reserved_106>' if m.role == 'user' else '<reserved_107>') + m.content }}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<reserved_107>' }}{%- endif %}",
+            ["<reserved_106>", "<reserved_107>"],
+        ),
+        # plain-text headers
+        (_role_template("", header="### {role}:\\n"), ["<|user|>"]),
+    ],
+    ids=["own-control-marker", "own-text-marker", "baichuan2", "plain-headers"],
+)
+def test_no_stop_is_guessed_for_other_templates(source, controls, bpe_tokenizer):
+    """Only a GLM-style template gets stops: the next message's token right after the answer, and
+    one its family stops on. Others keep their masks as before (nothing appended, nothing added)."""
     variables = template_variables(bpe_tokenizer)
-    assert next_message_stops(template, variables, ["<|im_start|>"], ["<|im_end|>"], False) == {}
+    assert next_message_stops(Template("custom", source), variables, controls, ["<|im_end|>"], False) == {}
+
+
+def test_a_template_with_its_own_marker_keeps_its_masks(bpe_tokenizer):
+    """A turn closed by a control marker sftkit does not list is trained as before: up to its text."""
+    tokenizer = tokenizer_for("glm45", bpe_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    source = _role_template("<|eot|>\\n")
+    masker = Masker(tokenizer, Template("custom", source), max_length=4096, span_method="locate")
+    assert masker.stops == {}
+    messages, _ = conversation("multi_turn")
+    result = masker.encode(*to_conversation({"messages": messages}))
+    assert isinstance(result, Encoded), result
+    assert [run.strip() for run in _trained_runs(result, tokenizer)] == ["Seven.", "Fourteen."]
