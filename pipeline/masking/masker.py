@@ -654,11 +654,15 @@ class Masker:
             return rendered, [turn], prompt
         generated = rendered[turn.char_start : turn.char_end]
         opened = prompt_opens_think(prompt)
+        reasoning = (messages[turn.message_index].get("reasoning_content") or "").strip()
         if opened and "</think>" not in generated:
             # The prompt opens a think block the rendered turn never closes (DeepSeek-R1 strips the
             # block from every turn): the model writes its reasoning, or nothing, and closes it.
-            reasoning = (messages[turn.message_index].get("reasoning_content") or "").strip()
             generated = reasoning + ("\n</think>" if generated.startswith("\n") else "\n</think>\n\n") + generated
+        elif opened and reasoning and generated.lstrip().startswith("</think>"):
+            # The rendered turn closes the block at once, its reasoning cut out (DeepSeek-V3.1 with
+            # thinking renders every turn as "</think>" + content): the model writes it before the close.
+            generated = reasoning + generated
         text = prompt + generated
         return text, [_Turn(turn.message_index, len(prompt), len(text), turn.end_token, opened_think=opened)], prompt
 

@@ -52,7 +52,8 @@ class ReasoningShape:
     into one row per assistant turn) train only their last turn, rendered as at inference: the
     row is the generation prompt of the messages before the turn followed by the turn as the
     template renders it last, and where the template leaves the reasoning out although the prompt
-    opens a think block (DeepSeek-R1) the reasoning is written into that block.
+    opens a think block (DeepSeek-R1 renders no block; DeepSeek-V3.1 with thinking closes it at
+    once) the reasoning is written into that block.
     """
 
     def __init__(self, template: Template, policy: str):

@@ -1,4 +1,4 @@
-"""Official chat templates of nine real models, and their generation-tagged twins, as test fixtures.
+"""Official chat templates of ten real models, and their generation-tagged twins, as test fixtures.
 
 Each ``<name>.jinja`` file is the model's published chat template (see the comment at its top for
 where the text came from and what, if anything, was changed; ``gpt_oss.jinja`` is written to
@@ -160,6 +160,33 @@ TEMPLATES: dict[str, dict] = {
         "variables": {},
         # Tool calls only with arguments as a JSON string: the template concatenates them (a dict
         # raises a TypeError, not a raise_exception, so "tool_call" is simply left out).
+        "conversations": [c for c in _ALL if c != "tool_call"],
+        "raises": [],
+    },
+    "deepseek_v31": {
+        "file": "deepseek_v31.jinja",
+        "twin": "deepseek_v31_gen.jinja",
+        "controls": [
+            "<｜begin▁of▁sentence｜>",
+            "<｜end▁of▁sentence｜>",
+            "<｜User｜>",
+            "<｜Assistant｜>",
+            "<｜tool▁calls▁begin｜>",
+            "<｜tool▁calls▁end｜>",
+            "<｜tool▁call▁begin｜>",
+            "<｜tool▁call▁end｜>",
+            "<｜tool▁sep｜>",
+            "<｜tool▁output▁begin｜>",
+            "<｜tool▁output▁end｜>",
+        ],
+        "added": ["<think>", "</think>"],
+        "bos": "<｜begin▁of▁sentence｜>",
+        "eos": "<｜end▁of▁sentence｜>",
+        "end_of_turn": "<｜end▁of▁sentence｜>",
+        # thinking false (its default): the prompt closes the think block, '<｜Assistant｜></think>'.
+        # With thinking true it opens one, which no rendered turn shows (see test_per_turn.py).
+        "variables": {},
+        # Tool calls only with arguments as a JSON string: the template concatenates them.
         "conversations": [c for c in _ALL if c != "tool_call"],
         "raises": [],
     },

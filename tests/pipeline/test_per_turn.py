@@ -47,9 +47,9 @@ def canonical_table(conversations) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema.CONVERSATION_SCHEMA)
 
 
-def masker(model: str, base_tokenizer, *, twin: bool = False, **kwargs):
+def masker(model: str, base_tokenizer, *, twin: bool = False, variables: dict | None = None, **kwargs):
     tokenizer = tokenizer_for(model, base_tokenizer, twin=twin)
-    template = resolve_template(tokenizer, TemplateConfig())
+    template = resolve_template(tokenizer, TemplateConfig(variables=variables or {}))
     return tokenizer, Masker(
         tokenizer,
         template,
@@ -98,6 +98,28 @@ def test_deepseek_reasoning_is_written_into_the_think_block_the_prompt_opens(bpe
     assert trained(tokenizer, last[schema.INPUT_IDS], last[schema.LABELS]) == ("13 * 13 = 169.\n</think>\n\n169<｜end▁of▁sentence｜>")
     assert kept.column(schema.LABELS).to_pylist() == reference.column(schema.LABELS).to_pylist()
     assert kept.column(schema.INPUT_IDS).to_pylist() == reference.column(schema.INPUT_IDS).to_pylist()
+
+
+def test_deepseek_v31_thinking_reasoning_is_written_before_the_close(bpe_tokenizer):
+    """DeepSeek-V3.1 with thinking prompts "<｜Assistant｜><think>" but renders every turn as
+    "</think>" + content, its reasoning cut out; per_turn writes the reasoning before that close, as
+    the model does at inference. A turn without reasoning closes the block empty."""
+    tokenizer, per_turn = masker("deepseek_v31", bpe_tokenizer, variables={"thinking": True})
+    no_reasoning = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    kept, rejected, _ = encode_table(per_turn, canonical_table([REASONING, no_reasoning]))
+    assert rejected.num_rows == 0 and kept.num_rows == 3
+    rows = kept.to_pylist()
+    texts = [trained(tokenizer, row[schema.INPUT_IDS], row[schema.LABELS]) for row in rows]
+    eos = "<｜end▁of▁sentence｜>"
+    assert texts[1] == f"13 * 13 = 169.</think>\n\n169{eos}"
+    assert texts[0].startswith("12 * 12 = 144.</think>") and "13 * 13" not in texts[0]
+    assert texts[2] == f"</think>Hello.{eos}"
+    for row in rows:  # before the trained turn: exactly the inference prompt, which opens the block
+        first = next(i for i, label in enumerate(row[schema.LABELS]) if label != schema.IGNORE_INDEX)
+        messages = realise(per_turn.reasoning.shape(schema.messages_for_template(row[schema.MESSAGES][:-1])), None)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, thinking=True)
+        assert prompt.endswith("<｜Assistant｜><think>")
+        assert row[schema.INPUT_IDS][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 def test_a_refused_turn_of_a_kept_record_is_filed_with_its_turn(bpe_tokenizer):
