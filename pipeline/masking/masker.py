@@ -166,8 +166,8 @@ class Masker:
         self.truncate = truncate
         self.use_generation = span_method == "generation" or (span_method == "auto" and template.has_generation_tags)
         self.variables = template_variables(tokenizer)
-        self.reasoning = ReasoningShape(template, reasoning)
         limits = (render_timeout, max_render_chars)
+        self.reasoning = ReasoningShape(template, reasoning, self.variables, limits)
         self.roles = RolePolicy(template, self.variables, system, limits=limits)
         self.strict_render = strict_render
         self.render_timeout = render_timeout

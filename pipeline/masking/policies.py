@@ -56,11 +56,17 @@ class ReasoningShape:
     once) the reasoning is written into that block.
     """
 
-    def __init__(self, template: Template, policy: str):
+    def __init__(self, template: Template, policy: str, variables: dict[str, Any] | None = None, limits=(None, None)):
         if policy not in REASONING_POLICIES:
             raise ValueError(f"tokenize.reasoning must be one of {REASONING_POLICIES}, got {policy!r}")
         self.policy = policy
         self.reads_field = "reasoning_content" in template.source or _READS_THINKING.search(template.source) is not None
+        # Put back inline, the reasoning of a template that cuts it out of every turn (DeepSeek-R1,
+        # DeepSeek-V3.1: content.split('</think>')) would leave only its separator, "\n\n", before
+        # the content: trained, and never written by the model after a prompt that closed its think
+        # block. Such a template gets no reasoning at all (per_turn still writes it where its
+        # prompt opens a block).
+        self.inline = not self.reads_field and (variables is None or _keeps_inline_reasoning(template, variables, limits))
 
     def shape(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Template messages with reasoning where the template will find it (piece lists, see locate)."""
@@ -74,10 +80,22 @@ class ReasoningShape:
             if self.policy != "drop":
                 if self.reads_field:
                     message["reasoning_content"] = reasoning
-                else:
+                elif self.inline:
                     message["content"] = ["<think>\n", Piece(reasoning), "\n</think>\n\n", Piece(message["content"])]
             shaped.append(message)
         return shaped
+
+
+def _keeps_inline_reasoning(template: Template, variables: dict[str, Any], limits=(None, None)) -> bool:
+    """Whether a template that reads only ``content`` renders reasoning written inline there, on the
+    last turn or an earlier one; True also where the probe does not render (nothing is known)."""
+    inline = {"role": "assistant", "content": f"<think>\n{_REASONING}\n</think>\n\n{_ANSWER}"}
+    user = {"role": "user", "content": _QUESTION}
+    for messages in ([user, inline], [user, inline, user, {"role": "assistant", "content": _ANSWER}]):
+        text = _rendered_or_error(template, variables, messages, limits)
+        if isinstance(text, Exception) or _ANSWER not in text or _REASONING in text:
+            return True
+    return False
 
 
 class RolePolicy:

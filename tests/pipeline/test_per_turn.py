@@ -111,7 +111,7 @@ def test_deepseek_v31_thinking_reasoning_is_written_before_the_close(bpe_tokeniz
     rows = kept.to_pylist()
     texts = [trained(tokenizer, row[schema.INPUT_IDS], row[schema.LABELS]) for row in rows]
     eos = "<｜end▁of▁sentence｜>"
-    assert texts[1] == f"13 * 13 = 169.</think>\n\n169{eos}"
+    assert texts[1] == f"13 * 13 = 169.</think>169{eos}"  # the content as it is: no separator of sftkit's
     assert texts[0].startswith("12 * 12 = 144.</think>") and "13 * 13" not in texts[0]
     assert texts[2] == f"</think>Hello.{eos}"
     for row in rows:  # before the trained turn: exactly the inference prompt, which opens the block

@@ -114,6 +114,28 @@ def test_reasoning_is_trained_where_the_template_renders_it(bpe_tokenizer):
     assert trained.count("<|im_end|>") == 2
 
 
+@pytest.mark.parametrize("name", ["deepseek_r1", "deepseek_v31"])
+def test_reasoning_a_template_cuts_out_leaves_no_separator_behind(name, bpe_tokenizer):
+    """DeepSeek's templates cut everything up to '</think>' out of a turn's content: reasoning put
+    back inline there would leave its "\n\n" before the answer, trained, though the model never
+    writes it after its prompt. Such a template gets no reasoning (per_turn writes it, see
+    test_per_turn.py)."""
+    locate, _ = maskers(name, bpe_tokenizer)
+    assert not locate.reasoning.inline
+    result = locate.encode(*to_conversation({"messages": CONVERSATIONS["reasoning"]["messages"]}))
+    trained = [i for i, label in zip(result.input_ids, result.labels) if label != -100]
+    assert locate.tokenizer.decode(trained) == "144<｜end▁of▁sentence｜>169<｜end▁of▁sentence｜>"
+
+
+def test_reasoning_stays_inline_where_the_template_renders_it(bpe_tokenizer):
+    """Phi-3 reads only content and renders it whole: the reasoning goes there, and is trained."""
+    locate, _ = maskers("phi3", bpe_tokenizer)
+    assert locate.reasoning.inline
+    result = locate.encode(*to_conversation({"messages": CONVERSATIONS["reasoning"]["messages"]}))
+    trained = locate.tokenizer.decode([i for i, label in zip(result.input_ids, result.labels) if label != -100])
+    assert "<think>\n13 * 13 = 169.\n</think>\n\n169<|end|>" in trained
+
+
 def test_a_template_that_changes_the_text_is_refused_not_mislabelled(bpe_tokenizer):
     """A template that rewrites content (here: upper-cases it) cannot be located: rejected, never guessed."""
     source = (
