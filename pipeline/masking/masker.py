@@ -166,8 +166,8 @@ class Masker:
         self.truncate = truncate
         self.use_generation = span_method == "generation" or (span_method == "auto" and template.has_generation_tags)
         self.variables = template_variables(tokenizer)
+        self.reasoning = ReasoningShape(template, reasoning)
         limits = (render_timeout, max_render_chars)
-        self.reasoning = ReasoningShape(template, reasoning, self.variables, limits)
         self.roles = RolePolicy(template, self.variables, system, limits=limits)
         self.strict_render = strict_render
         self.render_timeout = render_timeout
@@ -557,6 +557,10 @@ class Masker:
         plain = realise(shaped, None)
         try:
             rendered, spans = self._render(plain, tool_schemas, with_spans=self.use_generation)
+            if cut := self.reasoning.cut_out(shaped, rendered):  # DeepSeek-R1's answers: no stray "\n\n"
+                shaped = self.reasoning.shape(messages, cut)
+                plain = realise(shaped, None)
+                rendered, spans = self._render(plain, tool_schemas, with_spans=self.use_generation)
         except Exception as exc:  # a template raises whatever its author chose (raise_exception, TypeError …)
             return self.roles.render_failure(messages, exc)
         assistant_indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from pipeline.deadline import RenderTimeout, release, time_limit
@@ -56,22 +56,17 @@ class ReasoningShape:
     once) the reasoning is written into that block.
     """
 
-    def __init__(self, template: Template, policy: str, variables: dict[str, Any] | None = None, limits=(None, None)):
+    def __init__(self, template: Template, policy: str):
         if policy not in REASONING_POLICIES:
             raise ValueError(f"tokenize.reasoning must be one of {REASONING_POLICIES}, got {policy!r}")
         self.policy = policy
         self.reads_field = "reasoning_content" in template.source or _READS_THINKING.search(template.source) is not None
-        # Put back inline, the reasoning of a template that cuts it out of every turn (DeepSeek-R1,
-        # DeepSeek-V3.1: content.split('</think>')) would leave only its separator, "\n\n", before
-        # the content: trained, and never written by the model after a prompt that closed its think
-        # block. Such a template gets no reasoning at all (per_turn still writes it where its
-        # prompt opens a block).
-        self.inline = not self.reads_field and (variables is None or _keeps_inline_reasoning(template, variables, limits))
 
-    def shape(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Template messages with reasoning where the template will find it (piece lists, see locate)."""
+    def shape(self, messages: list[dict[str, Any]], cut: Collection[int] = ()) -> list[dict[str, Any]]:
+        """Template messages with reasoning where the template will find it (piece lists, see
+        locate); none for the messages at the indices in ``cut`` (see :meth:`cut_out`)."""
         shaped = []
-        for message in messages:
+        for index, message in enumerate(messages):
             reasoning = message.get("reasoning_content")
             if reasoning is None:
                 shaped.append(message)
@@ -80,22 +75,26 @@ class ReasoningShape:
             if self.policy != "drop":
                 if self.reads_field:
                     message["reasoning_content"] = reasoning
-                elif self.inline:
+                elif index not in cut:
                     message["content"] = ["<think>\n", Piece(reasoning), "\n</think>\n\n", Piece(message["content"])]
             shaped.append(message)
         return shaped
 
+    def cut_out(self, shaped: list[dict[str, Any]], rendered: str) -> list[int]:
+        """The messages whose reasoning, put inline, the template cut out of ``rendered``.
 
-def _keeps_inline_reasoning(template: Template, variables: dict[str, Any], limits=(None, None)) -> bool:
-    """Whether a template that reads only ``content`` renders reasoning written inline there, on the
-    last turn or an earlier one; True also where the probe does not render (nothing is known)."""
-    inline = {"role": "assistant", "content": f"<think>\n{_REASONING}\n</think>\n\n{_ANSWER}"}
-    user = {"role": "user", "content": _QUESTION}
-    for messages in ([user, inline], [user, inline, user, {"role": "assistant", "content": _ANSWER}]):
-        text = _rendered_or_error(template, variables, messages, limits)
-        if isinstance(text, Exception) or _ANSWER not in text or _REASONING in text:
-            return True
-    return False
+        DeepSeek-R1 and -V3.1 keep only what follows ``</think>`` in an answer to a user (not in a
+        calling turn nor after tool outputs): the inline block's separator, ``\n\n``, would stay
+        before the answer, trained although the model never writes it there. Such a message is
+        rendered again without reasoning (``per_turn`` still writes it into a think block its
+        prompt opens). A reasoning whose text stands anywhere in ``rendered`` counts as kept."""
+        cut = []
+        for index, message in enumerate(shaped):
+            content = message.get("content")
+            if isinstance(content, list) and len(content) == 4 and isinstance(content[1], Piece):
+                if content[1].text.strip() and content[1].text.strip() not in rendered:
+                    cut.append(index)
+        return cut
 
 
 class RolePolicy:

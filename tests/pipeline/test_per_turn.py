@@ -60,6 +60,15 @@ def masker(model: str, base_tokenizer, *, twin: bool = False, variables: dict | 
     )
 
 
+def history(per_turn: Masker, tokenizer, canonical, **variables) -> list[dict]:
+    """The messages before a row's turn as the template gets them: reasoning inline where the
+    template reads only content, except where it cuts it out (DeepSeek's answers to a user)."""
+    messages = schema.messages_for_template(canonical)
+    shaped = per_turn.reasoning.shape(messages)
+    rendered = tokenizer.apply_chat_template(realise(shaped, None), tokenize=False, date_string="26 Jul 2024", **variables)
+    return realise(per_turn.reasoning.shape(messages, per_turn.reasoning.cut_out(shaped, rendered)), None)
+
+
 def trained(tokenizer, ids, labels) -> str:
     return tokenizer.decode([i for i, label in zip(ids, labels) if label != schema.IGNORE_INDEX])
 
@@ -80,7 +89,7 @@ def test_each_turn_is_a_row_trained_as_at_inference(model, bpe_tokenizer):
             assert "12 * 12" not in text and "144" not in text  # nothing of an earlier turn is trained
         # The text before the trained turn is exactly the inference prompt, token for token.
         first = next(i for i, label in enumerate(row[schema.LABELS]) if label != schema.IGNORE_INDEX)
-        messages = realise(per_turn.reasoning.shape(schema.messages_for_template(row[schema.MESSAGES][:-1])), None)
+        messages = history(per_turn, tokenizer, row[schema.MESSAGES][:-1])
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, date_string="26 Jul 2024")
         assert row[schema.INPUT_IDS][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
@@ -116,7 +125,7 @@ def test_deepseek_v31_thinking_reasoning_is_written_before_the_close(bpe_tokeniz
     assert texts[2] == f"</think>Hello.{eos}"
     for row in rows:  # before the trained turn: exactly the inference prompt, which opens the block
         first = next(i for i, label in enumerate(row[schema.LABELS]) if label != schema.IGNORE_INDEX)
-        messages = realise(per_turn.reasoning.shape(schema.messages_for_template(row[schema.MESSAGES][:-1])), None)
+        messages = history(per_turn, tokenizer, row[schema.MESSAGES][:-1], thinking=True)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, thinking=True)
         assert prompt.endswith("<｜Assistant｜><think>")
         assert row[schema.INPUT_IDS][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -121,16 +121,32 @@ def test_reasoning_a_template_cuts_out_leaves_no_separator_behind(name, bpe_toke
     writes it after its prompt. Such a template gets no reasoning (per_turn writes it, see
     test_per_turn.py)."""
     locate, _ = maskers(name, bpe_tokenizer)
-    assert not locate.reasoning.inline
     result = locate.encode(*to_conversation({"messages": CONVERSATIONS["reasoning"]["messages"]}))
     trained = [i for i, label in zip(result.input_ids, result.labels) if label != -100]
     assert locate.tokenizer.decode(trained) == "144<｜end▁of▁sentence｜>169<｜end▁of▁sentence｜>"
 
 
+@pytest.mark.parametrize("policy", ["template", "per_turn"])
+def test_deepseek_r1_keeps_inline_reasoning_where_it_renders_it(policy, bpe_tokenizer):
+    """DeepSeek-R1 cuts reasoning out of an answer to a user only: a calling turn and an answer
+    after tool outputs render their content whole, so their reasoning stays inline and is trained."""
+    locate, _ = maskers("deepseek_r1", bpe_tokenizer, reasoning=policy)
+    messages, tools = conversation("tool_call_json_args")
+    messages[1]["reasoning_content"] = "I need the weather tool."
+    messages[3]["reasoning_content"] = "The tool says 18 degrees."
+    texts = []
+    for end in (2, 4) if policy == "per_turn" else (4,):
+        result = locate.encode(*to_conversation({"messages": messages[:end], "tools": tools}))
+        assert isinstance(result, Encoded), result
+        texts.append(locate.tokenizer.decode([i for i, label in zip(result.input_ids, result.labels) if label != -100]))
+    trained = "".join(texts)
+    assert "I need the weather tool." in trained and "<｜tool▁sep｜>get_weather" in trained
+    assert "<think>\nThe tool says 18 degrees.\n</think>\n\nIt is 18 °C and cloudy in Paris." in trained
+
+
 def test_reasoning_stays_inline_where_the_template_renders_it(bpe_tokenizer):
     """Phi-3 reads only content and renders it whole: the reasoning goes there, and is trained."""
     locate, _ = maskers("phi3", bpe_tokenizer)
-    assert locate.reasoning.inline
     result = locate.encode(*to_conversation({"messages": CONVERSATIONS["reasoning"]["messages"]}))
     trained = locate.tokenizer.decode([i for i, label in zip(result.input_ids, result.labels) if label != -100])
     assert "<think>\n13 * 13 = 169.\n</think>\n\n169<|end|>" in trained
