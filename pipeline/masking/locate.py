@@ -348,6 +348,16 @@ def prompt_opens_think(prompt: str) -> bool:
     return _OPENED_THINK.search(prompt) is not None
 
 
+_CLOSED_THINK = re.compile(r"</think>\s*$")
+
+
+def prompt_closes_think(prompt: str) -> bool:
+    """Whether a generation prompt ends by closing a think block: thinking is off (Qwen3 and GLM
+    with enable_thinking false: "<think>\n\n</think>\n\n"; DeepSeek-V3.1 without thinking:
+    "</think>"), and the model writes no reasoning after it."""
+    return _CLOSED_THINK.search(prompt) is not None
+
+
 def parting_point(prompt: str, text: str, markers: Sequence[str]) -> int:
     """Where ``text`` parts from the generation prompt ``prompt`` (its whole length where it is a
     prefix), never inside one of ``markers`` nor inside a think block both opened: a turn's start."""

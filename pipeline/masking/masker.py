@@ -28,7 +28,7 @@ from pipeline.masking.control import (
     control_tokens,
 )
 from pipeline.masking.labels import build_labels, fit_length, selected_turns
-from pipeline.masking.locate import LocateError, locate_turns, prompt_opens_think, realise
+from pipeline.masking.locate import LocateError, locate_turns, prompt_closes_think, prompt_opens_think, realise
 from pipeline.masking.piece_table import PieceOffsets, PieceTable
 from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, call_leads, lead_key, next_message_stops, turn_markup
 from pipeline.masking.results import Encoded
@@ -553,6 +553,8 @@ class Masker:
         if isinstance(prepared, Drop):
             return prepared
         messages, true_messages, train_flags = prepared
+        if self.reasoning.policy == "per_turn":
+            messages = self._without_reasoning_when_thinking_is_off(messages, tool_schemas)
         shaped = self.reasoning.shape(messages)
         plain = realise(shaped, None)
         try:
@@ -642,6 +644,22 @@ class Masker:
         rendered += token
         closed = _Turn(last.message_index, last.char_start, len(rendered), token, opened_think=last.opened_think)
         return rendered, [*turns[:-1], closed]
+
+    def _without_reasoning_when_thinking_is_off(self, messages: list[dict[str, Any]], tool_schemas) -> list[dict[str, Any]]:
+        """A per_turn row's last turn without its reasoning where its generation prompt closes the
+        think block (Qwen3 and GLM with enable_thinking false, DeepSeek-V3.1 without thinking): the
+        model writes none after that prompt, so none is trained after it (a second think block
+        after the prompt's empty one would teach it to think when told not to)."""
+        last = len(messages) - 1
+        if last < 1 or messages[last]["role"] != "assistant" or not messages[last].get("reasoning_content"):
+            return messages
+        try:
+            prompt, _ = self._render(realise(self.reasoning.shape(messages[:last]), None), tool_schemas, add_generation_prompt=True)
+        except Exception:  # the prompt does not render: _as_at_inference reports it
+            return messages
+        if not prompt_closes_think(prompt):
+            return messages
+        return [*messages[:last], {k: v for k, v in messages[last].items() if k != "reasoning_content"}]
 
     def _as_at_inference(self, rendered: str, turn: _Turn, plain, messages, tool_schemas):
         """A per_turn row: (text, [its last turn], its generation prompt) as the model sees it at inference."""

@@ -131,6 +131,32 @@ def test_deepseek_v31_thinking_reasoning_is_written_before_the_close(bpe_tokeniz
         assert row[schema.INPUT_IDS][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.parametrize("model, answer", [("qwen3", "169<|im_end|>"), ("glm45", "\n169<|user|>")])
+def test_with_thinking_off_no_reasoning_is_trained_after_the_prompt_closed_the_block(model, answer, bpe_tokenizer):
+    """enable_thinking false: the prompt ends with an empty think block, after which the model
+    writes its answer, never a second block. The turn's reasoning is not trained (it was, as
+    "<think>…</think>" after the prompt's empty one)."""
+    tokenizer, per_turn = masker(model, bpe_tokenizer, variables={"enable_thinking": False})
+    kept, rejected, _ = encode_table(per_turn, canonical_table([REASONING]))
+    assert rejected.num_rows == 0
+    last = kept.to_pylist()[-1]
+    assert trained(tokenizer, last[schema.INPUT_IDS], last[schema.LABELS]) == answer
+    first = next(i for i, label in enumerate(last[schema.LABELS]) if label != schema.IGNORE_INDEX)
+    assert tokenizer.decode(last[schema.INPUT_IDS][:first]).rstrip().endswith("</think>")
+
+
+def test_deepseek_v31_without_thinking_trains_no_reasoning_in_a_calling_turn(bpe_tokenizer):
+    """DeepSeek-V3.1 renders a calling turn's content whole, so reasoning put inline there would be
+    trained as "<think>…</think>" right after the prompt's "</think>"."""
+    tokenizer, per_turn = masker("deepseek_v31", bpe_tokenizer)
+    messages, _ = to_conversation(CONVERSATIONS["tool_call_json_args"])
+    messages = [dict(m) for m in messages[:2]]
+    messages[1]["reasoning"] = "I need the weather tool."
+    result = per_turn.encode(messages, json.dumps(CONVERSATIONS["tool_call_json_args"]["tools"]))
+    text = trained(tokenizer, result.input_ids, result.labels)
+    assert text.startswith("<｜tool▁calls▁begin｜>") and "weather tool" not in text and "<think>" not in text
+
+
 def test_a_refused_turn_of_a_kept_record_is_filed_with_its_turn(bpe_tokenizer):
     long_answer = "word " * 300
     conversation = [
