@@ -559,7 +559,8 @@ class Masker:
         plain = realise(shaped, None)
         try:
             rendered, spans = self._render(plain, tool_schemas, with_spans=self.use_generation)
-            if cut := self.reasoning.cut_out(shaped, rendered):  # DeepSeek-R1's answers: no stray "\n\n"
+            sentinels = lambda msgs: self._render(msgs, tool_schemas)[0]  # noqa: E731
+            if cut := self.reasoning.cut_out(shaped, rendered, sentinels):  # DeepSeek-R1's answers: no stray "\n\n"
                 shaped = self.reasoning.shape(messages, cut)
                 plain = realise(shaped, None)
                 rendered, spans = self._render(plain, tool_schemas, with_spans=self.use_generation)
@@ -653,12 +654,15 @@ class Masker:
         last = len(messages) - 1
         if last < 1 or messages[last]["role"] != "assistant" or not messages[last].get("reasoning_content"):
             return messages
+        before = realise(self.reasoning.shape(messages[:last]), None)
         try:
-            prompt, _ = self._render(realise(self.reasoning.shape(messages[:last]), None), tool_schemas, add_generation_prompt=True)
+            prompt, _ = self._render(before, tool_schemas, add_generation_prompt=True)
+            history, _ = self._render(before, tool_schemas)
         except Exception:  # the prompt does not render: _as_at_inference reports it
             return messages
-        if not prompt_closes_think(prompt):
-            return messages
+        added = prompt[len(history) :] if prompt.startswith(history) else prompt
+        if not prompt_closes_think(prompt) or "</think>" not in added:
+            return messages  # the close is the data's own (a question ending in "</think>"), not the prompt's
         return [*messages[:last], {k: v for k, v in messages[last].items() if k != "reasoning_content"}]
 
     def _as_at_inference(self, rendered: str, turn: _Turn, plain, messages, tool_schemas):

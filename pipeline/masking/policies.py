@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from pipeline.deadline import RenderTimeout, release, time_limit
-from pipeline.masking.locate import Piece, parting_point
+from pipeline.masking.locate import Piece, parting_point, realise
 from pipeline.masking.verify import bare, clip
 from pipeline.stage import Drop
 from pipeline.templates import KNOWN_NEXT_MESSAGE_STOPS, RenderTooLarge, Template, render
@@ -80,21 +80,33 @@ class ReasoningShape:
             shaped.append(message)
         return shaped
 
-    def cut_out(self, shaped: list[dict[str, Any]], rendered: str) -> list[int]:
-        """The messages whose reasoning, put inline, the template cut out of ``rendered``.
+    def cut_out(self, shaped: list[dict[str, Any]], rendered: str, render: Callable[[list[dict[str, Any]]], str]) -> list[int]:
+        """The messages whose reasoning, put inline, the template cut out of its rendering.
 
         DeepSeek-R1 and -V3.1 keep only what follows ``</think>`` in an answer to a user (not in a
         calling turn nor after tool outputs): the inline block's separator, ``\n\n``, would stay
         before the answer, trained although the model never writes it there. Such a message is
         rendered again without reasoning (``per_turn`` still writes it into a think block its
-        prompt opens). A reasoning whose text stands anywhere in ``rendered`` counts as kept."""
-        cut = []
+        prompt opens). Told exactly by rendering ``shaped`` once more, each inline reasoning
+        replaced by a sentinel (``render``): a template that rewrites the reasoning (trims it,
+        escapes it) still shows its sentinel, and is then refused by the locator as before,
+        never silently trained without it. No inline reasoning, or a rendering that fails: none."""
+        pieces = {}
         for index, message in enumerate(shaped):
             content = message.get("content")
             if isinstance(content, list) and len(content) == 4 and isinstance(content[1], Piece):
-                if content[1].text.strip() and content[1].text.strip() not in rendered:
-                    cut.append(index)
-        return cut
+                pieces[(index, "content.1")] = index
+        if not pieces:
+            return []
+        marker = "@@skr"
+        while marker in rendered:
+            marker += "r"
+        names = {key: f"{marker}{n}@@" for n, key in enumerate(pieces)}
+        try:
+            skeleton = render(realise(shaped, lambda index, field: names.get((index, field))))
+        except Exception:
+            return []
+        return [pieces[key] for key, name in names.items() if name not in skeleton]
 
 
 class RolePolicy:

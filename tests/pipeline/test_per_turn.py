@@ -24,7 +24,7 @@ from pipeline.manifest import read_manifest
 from pipeline.masking import Masker
 from pipeline.masking.locate import realise
 from pipeline.steps import prepare
-from pipeline.templates import resolve_template
+from pipeline.templates import Template, resolve_template
 from pipeline.tokenize import encode_table
 from tests.chat_templates.models import CONVERSATIONS, tokenizer_for
 
@@ -65,8 +65,11 @@ def history(per_turn: Masker, tokenizer, canonical, **variables) -> list[dict]:
     template reads only content, except where it cuts it out (DeepSeek's answers to a user)."""
     messages = schema.messages_for_template(canonical)
     shaped = per_turn.reasoning.shape(messages)
-    rendered = tokenizer.apply_chat_template(realise(shaped, None), tokenize=False, date_string="26 Jul 2024", **variables)
-    return realise(per_turn.reasoning.shape(messages, per_turn.reasoning.cut_out(shaped, rendered)), None)
+
+    def render(plain):
+        return tokenizer.apply_chat_template(plain, tokenize=False, date_string="26 Jul 2024", **variables)
+
+    return realise(per_turn.reasoning.shape(messages, per_turn.reasoning.cut_out(shaped, render(realise(shaped, None)), render)), None)
 
 
 def trained(tokenizer, ids, labels) -> str:
@@ -143,6 +146,19 @@ def test_with_thinking_off_no_reasoning_is_trained_after_the_prompt_closed_the_b
     assert trained(tokenizer, last[schema.INPUT_IDS], last[schema.LABELS]) == answer
     first = next(i for i, label in enumerate(last[schema.LABELS]) if label != schema.IGNORE_INDEX)
     assert tokenizer.decode(last[schema.INPUT_IDS][:first]).rstrip().endswith("</think>")
+
+
+def test_a_question_ending_in_a_close_tag_does_not_turn_thinking_off(bpe_tokenizer):
+    """Only a close the generation prompt adds means thinking is off; a template without one,
+    whose rendering ends with the question "...: </think>", keeps the turn's reasoning."""
+    source = "{%- for m in messages %}{{- m.content + '\\n' }}{%- endfor %}"
+    per_turn = Masker(bpe_tokenizer, Template("bare", source), max_length=512, span_method="locate", reasoning="per_turn")
+    messages = [
+        {"role": "user", "content": "What does this tag do: </think>"},
+        {"role": "assistant", "reasoning_content": "The user asks about a tag.", "content": "It closes a think block."},
+    ]
+    result = per_turn.encode(*to_conversation({"messages": messages}))
+    assert "The user asks about a tag." in trained(bpe_tokenizer, result.input_ids, result.labels)
 
 
 def test_deepseek_v31_without_thinking_trains_no_reasoning_in_a_calling_turn(bpe_tokenizer):

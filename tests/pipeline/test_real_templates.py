@@ -126,6 +126,35 @@ def test_reasoning_a_template_cuts_out_leaves_no_separator_behind(name, bpe_toke
     assert locate.tokenizer.decode(trained) == "144<｜end▁of▁sentence｜>169<｜end▁of▁sentence｜>"
 
 
+def test_reasoning_that_also_stands_elsewhere_is_still_found_cut(bpe_tokenizer):
+    """Whether the template cut a turn's reasoning out is told by a sentinel, not by searching for
+    its text: here the reasoning also stands in the question and in the answer."""
+    locate, _ = maskers("deepseek_r1", bpe_tokenizer)
+    messages = [
+        {"role": "user", "content": "Say Paris. Paris."},
+        {"role": "assistant", "reasoning_content": "Paris.", "content": "The capital is Paris."},
+    ]
+    result = locate.encode(*to_conversation({"messages": messages}))
+    trained = [i for i, label in zip(result.input_ids, result.labels) if label != -100]
+    assert locate.tokenizer.decode(trained) == "The capital is Paris.<｜end▁of▁sentence｜>"
+
+
+@pytest.mark.parametrize("rewrite", ["replace('\\n\\n', '\\n')", "e"])
+def test_reasoning_a_template_rewrites_is_not_taken_for_cut(rewrite, bpe_tokenizer):
+    """A template that rewrites an answer (collapses blank lines, escapes it) still renders the
+    reasoning put inline: the row is refused as before, never trained without its reasoning."""
+    source = (
+        "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+        "{%- if m.role == 'assistant' %}{{- m.content | " + rewrite + " }}{%- else %}{{- m.content }}{%- endif %}"
+        "{{- '<|im_end|>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    masker = Masker(bpe_tokenizer, Template("rewrites", source), max_length=512, span_method="locate")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "reasoning_content": "one\n\ntwo < three", "content": "Hello."}]
+    result = masker.encode(*to_conversation({"messages": messages}))
+    assert isinstance(result, Drop) and result.reason == "mask_unverifiable", result
+
+
 @pytest.mark.parametrize("policy", ["template", "per_turn"])
 def test_deepseek_r1_keeps_inline_reasoning_where_it_renders_it(policy, bpe_tokenizer):
     """DeepSeek-R1 cuts reasoning out of an answer to a user only: a calling turn and an answer
