@@ -18,6 +18,7 @@ from pipeline import schema
 from pipeline.report import find_row, inspect_dataset, read_row, sample_rows, summarize, token_pieces
 from pipeline.report.html_page import SECTION_IDS
 from pipeline.report.terminal import TOKEN_SEPARATOR, TRAINED_CLOSE, TRAINED_OPEN
+from tests.support.masks import trained_runs
 from tests.support.report import build_dataset, one_line
 
 TRAINED_SPAN = re.compile(re.escape(TRAINED_OPEN) + "(.*?)" + re.escape(TRAINED_CLOSE), re.S)
@@ -33,18 +34,8 @@ def rows_shown(output: str) -> str:
     return output.split("\n", 1)[1]
 
 
-def trained_runs(tokenizer, row) -> list[str]:
-    """Ground truth: the decoded text of every run of consecutive trained tokens."""
-    runs, current = [], []
-    for token, label in zip(row[schema.INPUT_IDS], row[schema.LABELS]):
-        if label != schema.IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+def shard_ids_and_labels(row) -> tuple:
+    return row[schema.INPUT_IDS], row[schema.LABELS]
 
 
 # --- summary ----------------------------------------------------------------------------------
@@ -126,7 +117,7 @@ def test_row_marks_exactly_the_trained_tokens(report_dataset, bpe_tokenizer):
         result = run_cli(report_dataset.path, "--row", index)
         assert result.exit_code == 0, result.output
         assert row[schema.ID] in result.output
-        assert TRAINED_SPAN.findall(rows_shown(result.output)) == trained_runs(bpe_tokenizer, row)
+        assert TRAINED_SPAN.findall(rows_shown(result.output)) == trained_runs(bpe_tokenizer, row[schema.INPUT_IDS], row[schema.LABELS])
         # The prompt is shown, outside the markers.
         outside = TRAINED_SPAN.sub("", rows_shown(result.output))
         user = next(m for m in row[schema.MESSAGES] if m["role"] == "user")
@@ -350,7 +341,7 @@ def test_html_examples_highlight_exactly_the_trained_tokens(report_dataset, bpe_
     assert any(find_row(report_dataset.path, i)["split"] == "val" for i in ids)
     parser = PageParser()
     parser.feed(page)
-    expected = "".join("".join(trained_runs(bpe_tokenizer, find_row(report_dataset.path, i))) for i in ids)
+    expected = "".join("".join(trained_runs(bpe_tokenizer, *shard_ids_and_labels(find_row(report_dataset.path, i)))) for i in ids)
     assert "".join(parser.trained) == expected
 
 

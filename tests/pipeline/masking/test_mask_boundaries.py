@@ -16,25 +16,13 @@ from pipeline.config import TemplateConfig
 from pipeline.masking import Encoded, Masker
 from pipeline.stage import Drop
 from pipeline.templates import resolve_template
+from tests.support.masks import trained_runs
 
 # A Mistral-like template with no space between "[/INST]" and the response.
 NO_SPACE_TEMPLATE = (
     "{{- bos_token }}{%- for m in messages %}{%- if m.role == 'user' %}{{- '[INST] ' + m.content + ' [/INST]' }}"
     "{%- else %}{%- generation %}{{- m.content + eos_token }}{%- endgeneration %}{%- endif %}{%- endfor %}"
 )
-
-
-def _trained_spans(tokenizer, encoded: Encoded) -> list[str]:
-    spans, current = [], []
-    for token, label in zip(encoded.input_ids.tolist(), encoded.labels.tolist()):
-        if label != schema.IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            spans.append(tokenizer.decode(current))
-            current = []
-    if current:
-        spans.append(tokenizer.decode(current))
-    return spans
 
 
 def test_straddling_token_at_response_start_is_rejected(tmp_path, mistral_tokenizer):
@@ -64,7 +52,7 @@ def test_mistral_tool_call_turns_train_exactly_the_call(mistral_tokenizer):
     ]
     result = Masker(mistral_tokenizer, template, max_length=512).encode(messages)
     assert isinstance(result, Encoded)
-    spans = [s.strip() for s in _trained_spans(mistral_tokenizer, result)]
+    spans = [s.strip() for s in trained_runs(mistral_tokenizer, result.input_ids, result.labels)]
     assert spans[0].startswith("[TOOL_CALLS]") and spans[0].endswith("</s>")
     assert "search_recipes" in spans[0]
     assert spans[1] == "Try fried rice.</s>"
@@ -85,7 +73,7 @@ def test_real_tool_call_data_never_trains_template_text(real_data_dir, mistral_t
         if not isinstance(result, Encoded):
             continue
         assistant = [m for m in messages if m["role"] == "assistant"]
-        spans = [s.strip() for s in _trained_spans(mistral_tokenizer, result)]
+        spans = [s.strip() for s in trained_runs(mistral_tokenizer, result.input_ids, result.labels)]
         assert len(spans) == len(assistant)
         for span, message in zip(spans, assistant):
             expected_start = message["content"].strip()[:10] if message["content"].strip() else "[TOOL_CALLS]"

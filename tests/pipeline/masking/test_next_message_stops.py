@@ -16,6 +16,7 @@ from pipeline.masking import Encoded, Masker
 from pipeline.masking.policies import next_message_stops
 from pipeline.templates import Template, template_variables
 from tests.chat_templates.models import TEMPLATES, conversation, template_text, tokenizer_for
+from tests.support.masks import trained_runs
 
 
 def _glm(tokenizer, **options) -> tuple[Masker, object]:
@@ -28,20 +29,6 @@ def _encode(masker: Masker, name: str) -> Encoded:
     result = masker.encode(*to_conversation({"messages": messages, "tools": tools}))
     assert isinstance(result, Encoded), result
     return result
-
-
-def _trained_runs(result: Encoded, tokenizer) -> list[str]:
-    """The trained stretches of a row, each decoded."""
-    runs, current = [], []
-    for token, label in zip(result.input_ids.tolist(), result.labels.tolist()):
-        if label != -100:
-            current.append(token)
-        elif current:
-            runs.append(tokenizer.decode(current))
-            current = []
-    if current:
-        runs.append(tokenizer.decode(current))
-    return runs
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
@@ -57,7 +44,7 @@ def test_a_single_answer_ends_with_the_stop_token_trained(bpe_tokenizer):
     result = _encode(masker, "single_turn")
     stop = tokenizer.convert_tokens_to_ids("<|user|>")
     assert result.input_ids[-1] == stop and result.labels[-1] == stop
-    assert _trained_runs(result, tokenizer) == ["\n<think></think>\nThe capital of France is Paris.<|user|>"]
+    assert trained_runs(tokenizer, result.input_ids, result.labels) == ["\n<think></think>\nThe capital of France is Paris.<|user|>"]
     # everything before it is exactly what the official template renders
     messages, _ = conversation("single_turn")
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -67,13 +54,15 @@ def test_a_single_answer_ends_with_the_stop_token_trained(bpe_tokenizer):
 
 def test_each_turn_trains_the_role_token_that_follows_it(bpe_tokenizer):
     masker, tokenizer = _glm(bpe_tokenizer)
-    runs = _trained_runs(_encode(masker, "multi_turn"), tokenizer)
+    result = _encode(masker, "multi_turn")
+    runs = trained_runs(tokenizer, result.input_ids, result.labels)
     assert runs == ["\n<think></think>\nSeven.<|user|>", "\n<think></think>\nFourteen.<|user|>"]
 
 
 def test_a_calling_turn_stops_with_the_observation_token(bpe_tokenizer):
     masker, tokenizer = _glm(bpe_tokenizer)
-    runs = _trained_runs(_encode(masker, "tool_call"), tokenizer)
+    result = _encode(masker, "tool_call")
+    runs = trained_runs(tokenizer, result.input_ids, result.labels)
     assert len(runs) == 2
     assert runs[0].startswith("\n<think></think>\n<tool_call>get_weather\n") and runs[0].endswith("</tool_call><|observation|>")
     assert runs[1] == "\n<think></think>\nIt is 18 °C and cloudy in Paris.<|user|>"
@@ -85,7 +74,7 @@ def test_a_conversation_that_ends_in_a_call_gets_its_observation_token(bpe_token
     messages = messages[:2]  # the question and the calling turn, no result yet
     result = masker.encode(*to_conversation({"messages": messages, "tools": tools}))
     assert isinstance(result, Encoded), result
-    runs = _trained_runs(result, tokenizer)
+    runs = trained_runs(tokenizer, result.input_ids, result.labels)
     assert len(runs) == 1
     assert runs[0].startswith("\n<think></think>\n<tool_call>get_weather") and runs[0].endswith("</tool_call><|observation|>")
 
@@ -104,7 +93,8 @@ def test_per_turn_rows_end_with_their_stop(bpe_tokenizer):
 
 def test_reasoning_of_the_last_turn_is_trained_with_its_stop(bpe_tokenizer):
     masker, tokenizer = _glm(bpe_tokenizer)
-    runs = _trained_runs(_encode(masker, "reasoning"), tokenizer)
+    result = _encode(masker, "reasoning")
+    runs = trained_runs(tokenizer, result.input_ids, result.labels)
     # GLM drops the reasoning of turns before the last question, as Qwen3 does
     assert runs == ["\n<think></think>\n144<|user|>", "\n<think>13 * 13 = 169.</think>\n169<|user|>"]
 
@@ -155,4 +145,4 @@ def test_a_template_with_its_own_marker_keeps_its_masks(bpe_tokenizer):
     messages, _ = conversation("multi_turn")
     result = masker.encode(*to_conversation({"messages": messages}))
     assert isinstance(result, Encoded), result
-    assert [run.strip() for run in _trained_runs(result, tokenizer)] == ["Seven.", "Fourteen."]
+    assert [run.strip() for run in trained_runs(tokenizer, result.input_ids, result.labels)] == ["Seven.", "Fourteen."]
