@@ -108,6 +108,29 @@ CONVERSATIONS: dict[str, dict] = {
 _ALL = list(CONVERSATIONS)
 _NO_TOOLS = [c for c in _ALL if not c.startswith("tool_call")]
 
+# DeepSeek-R1's tokens; DeepSeek-V3.1 shares them (its template writes all but the outputs pair)
+_DEEPSEEK = {
+    "controls": [
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        "<｜User｜>",
+        "<｜Assistant｜>",
+        "<｜tool▁calls▁begin｜>",
+        "<｜tool▁calls▁end｜>",
+        "<｜tool▁call▁begin｜>",
+        "<｜tool▁call▁end｜>",
+        "<｜tool▁sep｜>",
+        "<｜tool▁outputs▁begin｜>",
+        "<｜tool▁outputs▁end｜>",
+        "<｜tool▁output▁begin｜>",
+        "<｜tool▁output▁end｜>",
+    ],
+    "added": ["<think>", "</think>"],
+    "bos": "<｜begin▁of▁sentence｜>",
+    "eos": "<｜end▁of▁sentence｜>",
+    "end_of_turn": "<｜end▁of▁sentence｜>",
+}
+
 TEMPLATES: dict[str, dict] = {
     "qwen3": {
         "file": "qwen3.jinja",
@@ -138,25 +161,7 @@ TEMPLATES: dict[str, dict] = {
     "deepseek_r1": {
         "file": "deepseek_r1.jinja",
         "twin": "deepseek_r1_gen.jinja",
-        "controls": [
-            "<｜begin▁of▁sentence｜>",
-            "<｜end▁of▁sentence｜>",
-            "<｜User｜>",
-            "<｜Assistant｜>",
-            "<｜tool▁calls▁begin｜>",
-            "<｜tool▁calls▁end｜>",
-            "<｜tool▁call▁begin｜>",
-            "<｜tool▁call▁end｜>",
-            "<｜tool▁sep｜>",
-            "<｜tool▁outputs▁begin｜>",
-            "<｜tool▁outputs▁end｜>",
-            "<｜tool▁output▁begin｜>",
-            "<｜tool▁output▁end｜>",
-        ],
-        "added": ["<think>", "</think>"],
-        "bos": "<｜begin▁of▁sentence｜>",
-        "eos": "<｜end▁of▁sentence｜>",
-        "end_of_turn": "<｜end▁of▁sentence｜>",
+        **_DEEPSEEK,
         "variables": {},
         # Tool calls only with arguments as a JSON string: the template concatenates them (a dict
         # raises a TypeError, not a raise_exception, so "tool_call" is simply left out).
@@ -166,23 +171,9 @@ TEMPLATES: dict[str, dict] = {
     "deepseek_v31": {
         "file": "deepseek_v31.jinja",
         "twin": "deepseek_v31_gen.jinja",
-        "controls": [
-            "<｜begin▁of▁sentence｜>",
-            "<｜end▁of▁sentence｜>",
-            "<｜User｜>",
-            "<｜Assistant｜>",
-            "<｜tool▁calls▁begin｜>",
-            "<｜tool▁calls▁end｜>",
-            "<｜tool▁call▁begin｜>",
-            "<｜tool▁call▁end｜>",
-            "<｜tool▁sep｜>",
-            "<｜tool▁output▁begin｜>",
-            "<｜tool▁output▁end｜>",
-        ],
-        "added": ["<think>", "</think>"],
-        "bos": "<｜begin▁of▁sentence｜>",
-        "eos": "<｜end▁of▁sentence｜>",
-        "end_of_turn": "<｜end▁of▁sentence｜>",
+        **_DEEPSEEK,
+        # no <｜tool▁outputs▁begin｜>/<｜tool▁outputs▁end｜> around the outputs, as R1 writes
+        "controls": [c for c in _DEEPSEEK["controls"] if "outputs" not in c],
         # thinking false (its default): the prompt closes the think block, '<｜Assistant｜></think>'.
         # With thinking true it opens one, which no rendered turn shows (see test_per_turn.py).
         "variables": {},
