@@ -211,5 +211,12 @@ def print_summary(manifest: dict[str, Any], out: Path) -> None:
         rows_tokens[2] += shard["trainable_tokens"]
     for split, (rows, tokens, trained) in sorted(splits.items()):
         table.add_row(f"{split}: rows / tokens / trained", f"{rows} / {tokens} / {trained}")
+    if counts.get("turns_without_stop"):
+        table.add_row("trained turns with no end-of-turn token", str(counts["turns_without_stop"]), style="yellow")
     console.print(table)
+    if counts.get("turns_without_stop"):
+        console.print(
+            "[yellow]the chat template writes no end-of-turn token after those assistant turns, and sftkit knows "
+            "no stop token for it: the model learns no stop from them[/]"
+        )
     console.print(f"shards in {Path(out) / 'shards'}, rejected records in {Path(out) / 'rejected'}")

@@ -22,7 +22,7 @@ Layout::
                                          # dedup_index/: the records every version kept
                                          # (.parquet: a part an older sftkit wrote)
       "counts": {"read", "kept", "rows", "rejected": {stage: {reason: n}},
-                 "turns_rejected": {reason: n}, "render_mismatch": n},
+                 "turns_rejected": {reason: n}, "render_mismatch": n, "turns_without_stop": n},
       "stages": [{"name", "seconds", "records_in", "records_out", "rejected": {reason: n},
                   "extra": {...}, "peak_rss_bytes"}],  # this version's run, per stage (extra: stage
                                          # figures; peak_rss_bytes: the process's peak RSS during it)
@@ -37,7 +37,9 @@ more than ``kept`` when ``tokenize.reasoning: per_turn`` cut records into one ro
 turn, and ``turns_rejected`` the turns of kept records that were refused (filed in rejected/
 with their ``turn``; ``records`` of a rejected file counts only whole records).
 ``render_mismatch`` is the kept rows whose tokens before their last trained turn differ from the
-generation prompt's. ``counts.rejected`` is counted from the rejected files themselves, by each
+generation prompt's; ``turns_without_stop`` the trained turns that end with no end-of-turn token
+(a template that writes none and whose stop sftkit does not know: the model learns no stop from
+them). ``counts.rejected`` is counted from the rejected files themselves, by each
 row's own stage (the tokenize step files template failures under stage ``template``).
 """
 
@@ -236,6 +238,7 @@ def build_manifest(
             "kept": kept,
             "rejected": {stage: dict(reasons) for stage, reasons in rejected_counts.items()},
             "render_mismatch": counts.get("render_mismatch", 0) + tokenize_extra.get("render_mismatch", 0),
+            "turns_without_stop": counts.get("turns_without_stop", 0) + tokenize_extra.get("turns_without_stop", 0),
             "rows": sum(s["rows"] for s in shards),
             "turns_rejected": dict(turns_rejected),
         },

@@ -197,6 +197,7 @@ def assemble(rows: _Rows, results: list[Encoded | Drop]) -> tuple[pa.Table, pa.T
         "truncated": sum(e.truncated for e in encoded),
         "truncated_tokens": sum(e.truncated_tokens for e in encoded),
         "render_mismatch": sum(e.render_mismatch for e in encoded),
+        "turns_without_stop": sum(e.turns_without_stop for e in encoded),
         "template_failed": template_failed,
         "template_example": template_example,
     }
@@ -332,7 +333,15 @@ def tokenize_stage(in_path: Path, out_path: Path, rejected_path: Path, config: S
     ``config.template``/``config.tokenize``; write kept rows to ``out_path`` and refused ones to
     ``rejected_path``. Records are counted whole: a ``per_turn`` record kept as several rows is one
     record out, and a refused turn of a kept record is in ``extra["turns_rejected"]``."""
-    figure_names = ("tokens", "trainable_tokens", "truncated", "truncated_tokens", "render_mismatch", "turns_rejected")
+    figure_names = (
+        "tokens",
+        "trainable_tokens",
+        "truncated",
+        "truncated_tokens",
+        "render_mismatch",
+        "turns_without_stop",
+        "turns_rejected",
+    )
     rejected_tables = []
     with StageRun("tokenize") as run, _GC_FROZEN.held():
         stats = run.stats

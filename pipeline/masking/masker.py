@@ -277,6 +277,9 @@ class Masker:
                 truncate=self.truncate,
                 train_on=self.train_on,
             )
+            if isinstance(outcome, Encoded):
+                selected = self._selected_turns(entry.rendered.turns, entry.rendered.train_flags)
+                outcome.turns_without_stop = sum(turn.end_token is None for turn in selected)
             if isinstance(outcome, Encoded) and index in mismatched:
                 if self.strict_render:
                     outcome = Drop("render_mismatch", mismatched[index], stage="tokenize")

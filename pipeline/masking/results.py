@@ -21,6 +21,9 @@ class Encoded:
     # The tokens before the last trained turn differ from what the generation prompt of the
     # messages before it tokenizes to: training shows the model something inference never will.
     render_mismatch: bool = False
+    # Trained turns that end with no end-of-turn token of the template's (it writes none, and no
+    # stop is known for it): the model learns no stop from them.
+    turns_without_stop: int = 0
 
     @property
     def num_trainable(self) -> int:

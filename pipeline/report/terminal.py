@@ -109,6 +109,12 @@ def print_summary(console: Console, summary: DatasetSummary) -> None:
             "differently from the template's generation prompt[/] (training shows what inference will not; "
             "`sftkit prepare --strict-render` rejects them)"
         )
+    if counts.get("turns_without_stop"):
+        console.print(
+            f"[yellow]{_int(counts['turns_without_stop'])} trained assistant turns end with no end-of-turn token[/] "
+            "(the chat template writes none after them and sftkit knows no stop token for it: the model "
+            "learns no stop from these turns)"
+        )
 
     if summary.history:
         history = Table(title="Manifest history", title_justify="left")

@@ -9,6 +9,8 @@ the turn's end and appends it after the last turn.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.formats import to_conversation
@@ -146,3 +148,58 @@ def test_a_template_with_its_own_marker_keeps_its_masks(bpe_tokenizer):
     result = masker.encode(*to_conversation({"messages": messages}))
     assert isinstance(result, Encoded), result
     assert [run.strip() for run in trained_runs(tokenizer, result.input_ids, result.labels)] == ["Seven.", "Fourteen."]
+
+
+_BAICHUAN2 = (
+    "{%- for m in messages %}{{- ('<reserved_106>' if m.role == 'user' else '<reserved_107>') + m.content }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<reserved_107>' }}{%- endif %}"
+)
+
+
+def test_turns_that_end_without_a_stop_are_counted(bpe_tokenizer):
+    """A template with no end-of-turn token and no known stop (Baichuan-2's): each trained turn is
+    counted, so the run can say its model learns no stop; GLM's and Qwen3's turns all have one."""
+    tokenizer = tokenizer_for("glm45", bpe_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<reserved_106>", "<reserved_107>"]})
+    row = to_conversation({"messages": conversation("multi_turn")[0]})
+    baichuan = Masker(tokenizer, Template("baichuan2", _BAICHUAN2), max_length=4096, span_method="locate")
+    assert baichuan.encode(*row).turns_without_stop == 2
+    assert baichuan.encode(*row).num_trainable > 0  # kept, as before: only counted
+    glm, _ = _glm(bpe_tokenizer)
+    assert glm.encode(*row).turns_without_stop == 0
+    qwen3 = Masker(tokenizer_for("qwen3", bpe_tokenizer), Template("qwen3", template_text("qwen3")), max_length=4096, span_method="locate")
+    assert qwen3.encode(*row).turns_without_stop == 0
+
+
+def test_prepare_says_when_the_model_learns_no_stop(tmp_path, bpe_tokenizer):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from pipeline.manifest import read_manifest
+
+    tokenizer = tokenizer_for("glm45", bpe_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<reserved_106>", "<reserved_107>"]})
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "baichuan2.jinja").write_text(_BAICHUAN2)
+    source = tmp_path / "chat.jsonl"
+    source.write_text(json.dumps({"messages": conversation("multi_turn")[0]}) + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "dedup": {"enabled": False},
+                "quality": {"enabled": False},
+                "shards": {"val_fraction": 0.0},
+                "template": {"jinja_file": str(tmp_path / "baichuan2.jinja")},
+            }
+        )
+    )
+    out = tmp_path / "data"
+    args = ["prepare", str(source), "--tokenizer", str(tmp_path / "tokenizer"), "--out", str(out), "--config", str(config), "--no-flow"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out)["counts"]["turns_without_stop"] == 2
+    assert "no end-of-turn token" in result.output
+    inspected = CliRunner().invoke(app, ["inspect", str(out)])
+    assert inspected.exit_code == 0, inspected.output
+    assert "2 trained assistant turns end with no end-of-turn token" in " ".join(inspected.output.split())
