@@ -277,7 +277,7 @@ class Masker:
                 truncate=self.truncate,
                 train_on=self.train_on,
             )
-            if isinstance(outcome, Encoded):
+            if isinstance(outcome, Encoded):  # no end token known: the model learns no stop from the turn
                 selected = self._selected_turns(entry.rendered.turns, entry.rendered.train_flags)
                 outcome.turns_without_stop = sum(turn.end_token is None for turn in selected)
             if isinstance(outcome, Encoded) and index in mismatched:
