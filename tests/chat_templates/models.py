@@ -108,6 +108,15 @@ CONVERSATIONS: dict[str, dict] = {
 _ALL = list(CONVERSATIONS)
 _NO_TOOLS = [c for c in _ALL if not c.startswith("tool_call")]
 
+# Qwen3's tokens; Qwen3.5 shares them
+_QWEN = {
+    "controls": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+    "added": ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"],
+    "bos": None,
+    "eos": "<|im_end|>",
+    "end_of_turn": "<|im_end|>",
+}
+
 # DeepSeek-R1's tokens; DeepSeek-V3.1 shares them (its template writes all but the outputs pair)
 _DEEPSEEK = {
     "controls": [
@@ -135,11 +144,7 @@ TEMPLATES: dict[str, dict] = {
     "qwen3": {
         "file": "qwen3.jinja",
         "twin": "qwen3_gen.jinja",
-        "controls": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        "added": ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"],
-        "bos": None,
-        "eos": "<|im_end|>",
-        "end_of_turn": "<|im_end|>",
+        **_QWEN,
         "variables": {"enable_thinking": True},
         "conversations": _ALL,
         "raises": [],
@@ -147,11 +152,7 @@ TEMPLATES: dict[str, dict] = {
     "qwen35": {
         "file": "qwen35.jinja",
         "twin": "qwen35_gen.jinja",
-        "controls": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        "added": ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"],
-        "bos": None,
-        "eos": "<|im_end|>",
-        "end_of_turn": "<|im_end|>",
+        **_QWEN,
         "variables": {},
         # Tool calls with arguments as an object only: it iterates over them (|items), and a JSON
         # string fails there.
