@@ -556,8 +556,9 @@ class Masker:
         if isinstance(prepared, Drop):
             return prepared
         messages, true_messages, train_flags = prepared
+        known_prompt = None  # per_turn: the last turn's generation prompt, where rendered already
         if self.reasoning.policy == "per_turn":
-            messages = self._without_reasoning_when_thinking_is_off(messages, tool_schemas)
+            messages, known_prompt = self._without_reasoning_when_thinking_is_off(messages, tool_schemas)
         shaped = self.reasoning.shape(messages)
         plain = realise(shaped, None)
         try:
@@ -566,6 +567,7 @@ class Masker:
             if cut := self.reasoning.cut_out(shaped, rendered, sentinels):  # DeepSeek-R1's answers: no stray "\n\n"
                 shaped = self.reasoning.shape(messages, cut)
                 plain = realise(shaped, None)
+                known_prompt = None  # the turns before may render otherwise now
                 rendered, spans = self._render(plain, tool_schemas, with_spans=self.use_generation)
         except Exception as exc:  # a template raises whatever its author chose (raise_exception, TypeError …)
             return self.roles.render_failure(messages, exc)
@@ -599,7 +601,7 @@ class Masker:
             rendered, turns = self._close_last_turn(rendered, turns, messages)
         prompt = None  # the last trained turn's generation prompt, where already rendered
         if self.reasoning.policy == "per_turn" and turns:
-            composed = self._as_at_inference(rendered, turns[-1], plain, messages, tool_schemas)
+            composed = self._as_at_inference(rendered, turns[-1], plain, messages, tool_schemas, known_prompt)
             if isinstance(composed, Drop):
                 return composed
             rendered, turns, prompt = composed
@@ -649,29 +651,34 @@ class Masker:
         closed = _Turn(last.message_index, last.char_start, len(rendered), token, opened_think=last.opened_think)
         return rendered, [*turns[:-1], closed]
 
-    def _without_reasoning_when_thinking_is_off(self, messages: list[dict[str, Any]], tool_schemas) -> list[dict[str, Any]]:
+    def _without_reasoning_when_thinking_is_off(
+        self, messages: list[dict[str, Any]], tool_schemas
+    ) -> tuple[list[dict[str, Any]], str | None]:
         """A per_turn row's last turn without its reasoning where its generation prompt closes the
         think block (Qwen3 and GLM with enable_thinking false, DeepSeek-V3.1 without thinking): the
         model writes none after that prompt, so none is trained after it (a second think block
-        after the prompt's empty one would teach it to think when told not to)."""
+        after the prompt's empty one would teach it to think when told not to). Also that prompt,
+        where it was rendered (for :meth:`_as_at_inference`)."""
         last = len(messages) - 1
         if last < 1 or messages[last]["role"] != "assistant" or not messages[last].get("reasoning_content"):
-            return messages
+            return messages, None
         before = realise(self.reasoning.shape(messages[:last]), None)
         try:
             prompt, _ = self._render(before, tool_schemas, add_generation_prompt=True)
             history, _ = self._render(before, tool_schemas)
         except Exception:  # the prompt does not render: _as_at_inference reports it
-            return messages
+            return messages, None
         added = prompt[len(history) :] if prompt.startswith(history) else prompt
         if not prompt_closes_think(prompt) or "</think>" not in added:
-            return messages  # the close is the data's own (a question ending in "</think>"), not the prompt's
-        return [*messages[:last], {k: v for k, v in messages[last].items() if k != "reasoning_content"}]
+            return messages, prompt  # the close is the data's own (a question ending in "</think>"), not the prompt's
+        return [*messages[:last], {k: v for k, v in messages[last].items() if k != "reasoning_content"}], prompt
 
-    def _as_at_inference(self, rendered: str, turn: _Turn, plain, messages, tool_schemas):
-        """A per_turn row: (text, [its last turn], its generation prompt) as the model sees it at inference."""
+    def _as_at_inference(self, rendered: str, turn: _Turn, plain, messages, tool_schemas, prompt: str | None = None):
+        """A per_turn row: (text, [its last turn], its generation prompt) as the model sees it at inference.
+        ``prompt``: that generation prompt, where the caller has rendered it from the same messages."""
         try:
-            prompt, _ = self._render(plain[: turn.message_index], tool_schemas, add_generation_prompt=True)
+            if prompt is None:
+                prompt, _ = self._render(plain[: turn.message_index], tool_schemas, add_generation_prompt=True)
         except Exception as exc:
             return Drop(
                 "template_error",
