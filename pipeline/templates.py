@@ -18,6 +18,7 @@ import logging
 import re
 from dataclasses import dataclass, replace
 from datetime import date, datetime
+from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -256,12 +257,30 @@ class Template:
         return {"date_string": self.date_string, **dict(self.variables)}
 
     @property
+    def code(self) -> str:
+        """The Jinja text without its comments: what sftkit reads off a template (its generation
+        tags, the fields and tokens it uses) is what it renders, never what a comment mentions."""
+        return _without_comments(self.source)
+
+    @property
     def has_generation_tags(self) -> bool:
-        return bool(_GENERATION_TAG.search(self.source))
+        return bool(_GENERATION_TAG.search(self.code))
 
     @property
     def supports_system(self) -> bool:
-        return "system" in self.source
+        return "system" in self.code
+
+
+@lru_cache(maxsize=64)
+def _without_comments(source: str) -> str:
+    """``source`` without its ``{# … #}`` comments, as Jinja's own lexer finds them (a ``{#`` in a
+    string is not one); the text itself where it does not lex (rendering will say why)."""
+    from jinja2 import Environment, TemplateSyntaxError
+
+    try:
+        return "".join(value for _, kind, value in Environment().lex(source) if not kind.startswith(("comment", "linecomment")))
+    except TemplateSyntaxError:
+        return source
 
 
 def resolve_template(tokenizer, config: TemplateConfig) -> Template:

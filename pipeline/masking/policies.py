@@ -60,7 +60,7 @@ class ReasoningShape:
         if policy not in REASONING_POLICIES:
             raise ValueError(f"tokenize.reasoning must be one of {REASONING_POLICIES}, got {policy!r}")
         self.policy = policy
-        self.reads_field = "reasoning_content" in template.source or _READS_THINKING.search(template.source) is not None
+        self.reads_field = "reasoning_content" in template.code or _READS_THINKING.search(template.code) is not None
 
     def shape(self, messages: list[dict[str, Any]], cut: Collection[int] = ()) -> list[dict[str, Any]]:
         """Template messages with reasoning where the template will find it (piece lists, see

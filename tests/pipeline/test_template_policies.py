@@ -22,7 +22,7 @@ from pipeline.formats import to_conversation
 from pipeline.manifest import read_manifest
 from pipeline.masking import Encoded, Masker
 from pipeline.stage import Drop
-from pipeline.templates import render, resolve_template
+from pipeline.templates import Template, render, resolve_template
 from tests.chat_templates.models import TEMPLATES, conversation, tokenizer_for
 
 PINNED = "26 Jul 2024"  # TemplateConfig.today's default, formatted as Llama-3.1 prints it
@@ -461,11 +461,29 @@ def test_a_template_that_reads_the_clock_itself_sees_the_pinned_day(bpe_tokenize
     source = (
         "{{- 'Today: ' + strftime_now('%Y-%m-%d') + '\\n' }}{%- for m in messages %}{{- m.role + ': ' + m.content + '\\n' }}{%- endfor %}"
     )
-    from pipeline.templates import Template
-
     today = Template("clock", source, today=dt.date(2024, 7, 26))
     text, _ = render(today, {}, [{"role": "user", "content": "hi"}])
     assert text.startswith("Today: 2024-07-26\n")
     other = Template("clock", source, today=dt.date(2025, 1, 2))
     assert render(other, {}, [{"role": "user", "content": "hi"}])[0].startswith("Today: 2025-01-02\n")
     assert today.fingerprint != other.fingerprint
+
+
+# --- 7. what a template only mentions in a comment --------------------------------------------
+def test_what_a_template_only_mentions_in_a_comment_does_not_change_how_it_is_read(bpe_tokenizer):
+    """A comment naming reasoning_content once made sftkit pass reasoning in a field the template
+    never reads: the reasoning vanished from the row without a word. Tags, fields and roles are
+    read off the template's code, never off its comments."""
+    body = (
+        "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    comment = "{#- reads no reasoning_content or message.thinking, has no {% generation %} blocks, no system role -#}\n"
+    plain, commented = Template("plain", body), Template("commented", comment + body)
+    assert (commented.has_generation_tags, commented.supports_system) == (False, False)
+    reasoning = row("reasoning")
+    results = [Masker(bpe_tokenizer, t, max_length=512).encode(*reasoning) for t in (plain, commented)]
+    assert all(isinstance(r, Encoded) for r in results), results
+    assert results[0].input_ids.tolist() == results[1].input_ids.tolist()
+    assert results[0].labels.tolist() == results[1].labels.tolist()
+    assert "12 * 12 = 144." in trained_text(bpe_tokenizer, results[1])
