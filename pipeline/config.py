@@ -143,7 +143,7 @@ class TokenizeConfig(_Section):
         "auto",
         description="how assistant turns are located: the template's {% generation %} blocks, or locate "
         "(render with sentinels and align, any template; 'prefix' is its old name), or auto "
-        "(generation blocks when the template has them)",
+        "(generation blocks when the template has them and they open where its generation prompt ends)",
     )
     reasoning: Literal["template", "per_turn", "drop"] = Field(
         "template",

@@ -30,7 +30,16 @@ from pipeline.masking.control import (
 from pipeline.masking.labels import build_labels, fit_length, selected_turns
 from pipeline.masking.locate import LocateError, locate_turns, prompt_closes_think, prompt_opens_think, realise
 from pipeline.masking.piece_table import PieceOffsets, PieceTable
-from pipeline.masking.policies import TRAIN_ON, ReasoningShape, RolePolicy, call_leads, lead_key, next_message_stops, turn_markup
+from pipeline.masking.policies import (
+    TRAIN_ON,
+    ReasoningShape,
+    RolePolicy,
+    call_leads,
+    lead_key,
+    next_message_stops,
+    prompt_in_generation_blocks,
+    turn_markup,
+)
 from pipeline.masking.results import Encoded
 from pipeline.masking.token_spans import token_start_from_bytes, tokens_from_bytes, tokens_from_offsets
 from pipeline.masking.verify import bare, clip, metaspace, span_matches
@@ -164,7 +173,6 @@ class Masker:
         self.max_length = max_length
         self.train_on = train_on
         self.truncate = truncate
-        self.use_generation = span_method == "generation" or (span_method == "auto" and template.has_generation_tags)
         self.variables = template_variables(tokenizer)
         self.reasoning = ReasoningShape(template, reasoning)
         limits = (render_timeout, max_render_chars)
@@ -172,6 +180,7 @@ class Masker:
         self.strict_render = strict_render
         self.render_timeout = render_timeout
         self.renderer = Renderer(template, self.variables, max_render_chars)
+        self.use_generation = self._uses_generation_blocks(span_method, limits)
         self.controls = control_tokens(tokenizer, template.source)
         self.control_re = re.compile("|".join(re.escape(c) for c in self.controls)) if self.controls else None
         self._plain_control_encoder: _PlainControlEncoder | None = None
@@ -204,6 +213,24 @@ class Masker:
         )
         if self.stops:
             self.end_tokens = tuple(sorted({*self.end_tokens, *self.stops.values()}, key=lambda t: (-len(t), t)))
+
+    def _uses_generation_blocks(self, span_method: str, limits) -> bool:
+        """Whether turns are taken from the template's ``{% generation %}`` blocks: asked for, or
+        ``auto`` with blocks that start where the generation prompt ends. Blocks that take in the
+        prompt (SmolLM3's hold the assistant header) would train text the model never writes:
+        ``auto`` locates the turns instead, and ``generation`` is refused here, not row by row."""
+        if span_method not in ("generation", "auto") or not self.template.has_generation_tags:
+            return False
+        held = prompt_in_generation_blocks(self.template, self.variables, limits)
+        if held is None:
+            return True
+        if span_method == "generation":
+            raise ValueError(
+                f"chat template {self.template.name!r} puts its generation prompt {held!r} inside its "
+                "{% generation %} blocks, so they would train text the model is given, not text it writes; "
+                "use tokenize.span_method 'auto' or 'locate' (sftkit then finds each turn itself)"
+            )
+        return False
 
     # --- public ------------------------------------------------------------------------------
     def encode(self, messages: list[dict[str, Any]], tools: str | None = None) -> Encoded | Drop:

@@ -453,6 +453,29 @@ def next_message_stops(
     return stops
 
 
+def prompt_in_generation_blocks(template: Template, variables: dict[str, Any], limits=(None, None)) -> str | None:
+    """The text of the generation prompt that a template's ``{% generation %}`` blocks take in, or
+    None when they start where the prompt ends (or nothing can be told).
+
+    A block is meant to hold what the model writes. SmolLM3's official template opens it before
+    the assistant header, ``<|im_start|>assistant\n`` (and, in its no-think mode, the empty think
+    block after it), which is its generation prompt: the model is given that text, never writes
+    it, and a mask taken from the blocks would train it. Found by rendering a question and an
+    answer with their spans, and the question with its generation prompt, within ``limits``.
+    """
+    if not template.has_generation_tags:
+        return None
+    question = [{"role": "user", "content": _QUESTION}]
+    spanned = _rendered_or_error(template, variables, [*question, {"role": "assistant", "content": _ANSWER}], limits, with_spans=True)
+    prompt = _rendered_or_error(template, variables, question, limits, add_generation_prompt=True)
+    if isinstance(spanned, Exception) or isinstance(prompt, Exception):
+        return None
+    rendered, spans = spanned
+    if not spans or not rendered.startswith(prompt) or spans[0][0] >= len(prompt):
+        return None
+    return prompt[spans[0][0] :]
+
+
 def lead_key(messages: Sequence[dict[str, Any]], index: int) -> tuple[bool, bool]:
     """Where a calling turn stands, as far as what a template writes before its call depends on it:
     (the conversation's first calling turn, a user question follows). Coarse on purpose: a finer
@@ -469,12 +492,17 @@ def _rendered_or_error(
     limits=(None, None),
     *,
     add_generation_prompt: bool = False,
+    with_spans: bool = False,
 ):
-    """The rendering of ``messages``, or the exception the template raised (or its overrun)."""
+    """The rendering of ``messages`` (with its generation spans: ``(text, spans)``), or the
+    exception the template raised (or its overrun)."""
     seconds, max_chars = limits
     try:
         with time_limit(seconds):
-            return render(template, variables, messages, add_generation_prompt=add_generation_prompt, max_chars=max_chars)[0]
+            rendered = render(
+                template, variables, messages, add_generation_prompt=add_generation_prompt, with_spans=with_spans, max_chars=max_chars
+            )
+            return rendered if with_spans else rendered[0]
     except Exception as exc:
         return exc
     except RenderTimeout:

@@ -1,4 +1,4 @@
-"""Official chat templates of ten real models, and their generation-tagged twins, as test fixtures.
+"""Official chat templates of eleven real models, and their generation-tagged twins, as test fixtures.
 
 Each ``<name>.jinja`` file is the model's published chat template (see the comment at its top for
 where the text came from and what, if anything, was changed; ``gpt_oss.jinja`` is written to
@@ -17,6 +17,7 @@ truth a mask locator working on the *untagged* original has to reproduce.
 - ``bos`` / ``eos`` / ``end_of_turn``: the model's strings (``bos`` is None for Qwen3);
 - ``variables``: extra keyword arguments to pass when rendering (``enable_thinking`` for Qwen3);
 - ``conversations``: the names in :data:`CONVERSATIONS` the template renders faithfully;
+- ``tagged``: present (True) where the official template has ``{% generation %}`` blocks of its own;
 - ``raises``: the names in :data:`CONVERSATIONS` the template refuses with ``raise_exception``
   (a ``jinja2.TemplateError``). Names in neither list render but lose or mangle information
   (Phi-3 drops tool messages; Llama-3.1 JSON-quotes string arguments again) or fail with an
@@ -259,6 +260,24 @@ TEMPLATES: dict[str, dict] = {
         "variables": {},
         # Tool calls with arguments as an object only: it iterates over them (.items()).
         "conversations": [c for c in _ALL if c != "tool_call_json_args"],
+        "raises": [],
+    },
+    "smollm3": {
+        "file": "smollm3.jinja",
+        "twin": "smollm3_gen.jinja",
+        # SmolLM3-3B's chat tokens (a Llama-3 vocabulary with ChatML turns)
+        "controls": ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|end_of_text|>"],
+        "added": ["<think>", "</think>", "<tool_call>", "</tool_call>", "<code>", "</code>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "end_of_turn": "<|im_end|>",
+        "variables": {},
+        # Its own generation blocks hold the assistant header (see smollm3.jinja): the official text
+        # has them, so "auto" has to see through them.
+        "tagged": True,
+        # No tools: the tool conversations render, but tool calls are dropped and tool messages
+        # written as user turns, so they are not listed.
+        "conversations": _NO_TOOLS,
         "raises": [],
     },
     "mistral": {

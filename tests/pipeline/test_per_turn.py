@@ -9,6 +9,7 @@ whose turns are refused is rejected once.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pyarrow as pa
@@ -76,8 +77,16 @@ def trained(tokenizer, ids, labels) -> str:
     return tokenizer.decode([i for i, label in zip(ids, labels) if label != schema.IGNORE_INDEX])
 
 
-@pytest.mark.parametrize("model", ["qwen3", "deepseek_r1", "phi3", "llama31"])
-def test_each_turn_is_a_row_trained_as_at_inference(model, bpe_tokenizer):
+@pytest.mark.parametrize("model", ["qwen3", "deepseek_r1", "phi3", "llama31", "smollm3"])
+def test_each_turn_is_a_row_trained_as_at_inference(model, bpe_tokenizer, monkeypatch):
+    import transformers.utils.chat_template_utils as ctu
+
+    class PinnedDay(dt.datetime):  # transformers' strftime_now, for SmolLM3's dated system block
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2024, 7, 26, 12, 0, 0)
+
+    monkeypatch.setattr(ctu, "datetime", PinnedDay)
     tokenizer, per_turn = masker(model, bpe_tokenizer)
     kept, rejected, figures = encode_table(per_turn, canonical_table([REASONING]))
     assert rejected.num_rows == 0 and kept.num_rows == 2

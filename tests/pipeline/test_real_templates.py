@@ -41,7 +41,7 @@ def maskers(name: str, base_tokenizer, **policy) -> tuple[Masker, Masker]:
     variables = tuple(sorted(entry["variables"].items()))
     official = Template(name, template_text(name), variables=variables)
     twin = Template(f"{name}-twin", template_text(name, twin=True), variables=variables)
-    assert not official.has_generation_tags and twin.has_generation_tags
+    assert official.has_generation_tags == entry.get("tagged", False) and twin.has_generation_tags
     # Gemma refuses system prompts: fold them into the first user turn, as its model card says.
     system = "merge" if name == "gemma" else "keep"
     locate = Masker(tokenizer, official, max_length=8192, span_method="locate", system=system, **policy)

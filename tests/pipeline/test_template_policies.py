@@ -21,8 +21,9 @@ from pipeline.config import SFTConfig, TemplateConfig
 from pipeline.formats import to_conversation
 from pipeline.manifest import read_manifest
 from pipeline.masking import Encoded, Masker
+from pipeline.masking.policies import prompt_in_generation_blocks
 from pipeline.stage import Drop
-from pipeline.templates import Template, render, resolve_template
+from pipeline.templates import BUILTIN_TEMPLATES, Template, render, resolve_template
 from tests.chat_templates.models import TEMPLATES, conversation, tokenizer_for
 
 PINNED = "26 Jul 2024"  # TemplateConfig.today's default, formatted as Llama-3.1 prints it
@@ -469,7 +470,59 @@ def test_a_template_that_reads_the_clock_itself_sees_the_pinned_day(bpe_tokenize
     assert today.fingerprint != other.fingerprint
 
 
-# --- 7. what a template only mentions in a comment --------------------------------------------
+# --- 7. what a template's own generation blocks and its comments say ----------------------------
+NO_THINK = to_conversation(
+    {
+        "messages": [
+            {"role": "system", "content": "You are terse. /no_think"},
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."},
+        ]
+    }
+)
+
+
+@pytest.mark.parametrize(
+    "variables, prompt",
+    [({}, "<|im_start|>assistant\n"), ({"enable_thinking": False}, "<|im_start|>assistant\n<think>\n\n</think>\n")],
+)
+def test_smollm3s_generation_blocks_hold_its_prompt_and_are_seen_through(bpe_tokenizer, variables, prompt):
+    """SmolLM3's official template opens its {% generation %} blocks before the assistant header,
+    its generation prompt (without thinking, the empty think block too): taken as they are, every
+    row would train text the model is given and be refused by the span check. ``auto`` locates
+    each turn instead and trains what the model writes, exactly as the correctly tagged twin does;
+    ``generation`` is refused up front, naming the prompt."""
+    config = {"variables": variables} if variables else {}
+    tokenizer, official = masker_for("smollm3", bpe_tokenizer, **config)
+    assert official.template.has_generation_tags and not official.use_generation
+    assert prompt_in_generation_blocks(official.template, official.variables) == prompt
+    _, twin = masker_for("smollm3", bpe_tokenizer, twin=True, **config)
+    assert twin.use_generation
+    rows = [row(name) for name in TEMPLATES["smollm3"]["conversations"]] + [NO_THINK]
+    for conversation_row, got, want in zip(rows, official.encode_batch(rows), twin.encode_batch(rows)):
+        assert isinstance(got, Encoded) and isinstance(want, Encoded), (got, want)
+        assert got.input_ids.tolist() == want.input_ids.tolist(), conversation_row
+        assert got.labels.tolist() == want.labels.tolist(), conversation_row
+        assert "<|im_start|>" not in trained_text(tokenizer, got)
+    no_think = official.encode(*NO_THINK)
+    assert "<|im_start|>assistant\n<think>\n\n</think>\nHello.<|im_end|>" in full_text(tokenizer, no_think)
+    assert trained_text(tokenizer, no_think) == "Hello.<|im_end|>"
+    with pytest.raises(ValueError, match="puts its generation prompt .* inside its"):
+        masker_for("smollm3", bpe_tokenizer, span_method="generation", **config)
+
+
+@pytest.mark.parametrize("name", [*(n for n in TEMPLATES if n != "smollm3"), *BUILTIN_TEMPLATES])
+def test_generation_blocks_that_start_where_the_prompt_ends_are_used(name, bpe_tokenizer):
+    """The twins' blocks and the built-in templates' start right after the generation prompt."""
+    if name in TEMPLATES:
+        variables = TEMPLATES[name]["variables"]
+        _, masker = masker_for(name, bpe_tokenizer, twin=True, span_method="generation", **({"variables": variables} if variables else {}))
+    else:
+        masker = Masker(bpe_tokenizer, resolve_template(bpe_tokenizer, TemplateConfig(name=name)), max_length=512, span_method="generation")
+    assert masker.use_generation
+    assert prompt_in_generation_blocks(masker.template, masker.variables) is None
+
+
 def test_what_a_template_only_mentions_in_a_comment_does_not_change_how_it_is_read(bpe_tokenizer):
     """A comment naming reasoning_content once made sftkit pass reasoning in a field the template
     never reads: the reasoning vanished from the row without a word. Tags, fields and roles are
