@@ -162,6 +162,12 @@ class RolePolicy:
                 self.unsupported[role] = str(text) or type(text).__name__
             elif not all(piece in text for piece in must_hold):
                 self.dropped[role] = f"the template renders no {role} messages or calls (it drops them silently)"
+                if role == "tool" and _writes_call_ids_for_names(template, variables, conversation, limits):
+                    self.dropped[role] = (
+                        "it writes a tool call's id where the call's name would be (Kimi K2 expects ids like "
+                        "functions.NAME:0, and writes each result under its tool_call_id), and sftkit keeps no "
+                        "tool_call_id of a result, so its tool turns cannot be rendered as the model sees them"
+                    )
         if "tool" in self.unsupported:  # it refuses tool results: does it render a call at all?
             calling = [user, {"role": "assistant", "content": "", "tool_calls": [call]}]
             text = _rendered_or_error(template, variables, calling, limits)
@@ -510,6 +516,19 @@ def _rendered_or_error(
         return _Overrun(f"it took longer than {seconds:g} s to render a short conversation")
     except RenderTooLarge as exc:
         return _Overrun(f"its rendering of a short conversation: {exc}")
+
+
+def _writes_call_ids_for_names(template: Template, variables: dict[str, Any], conversation: list[dict[str, Any]], limits) -> bool:
+    """Whether a template that shows no call name shows the call's id instead (Kimi K2)."""
+    with_ids = []
+    for message in conversation:
+        if message.get("tool_calls"):
+            message = {**message, "tool_calls": [{**call, "id": "sftkit_probe_id"} for call in message["tool_calls"]]}
+        elif message["role"] == "tool":
+            message = {**message, "tool_call_id": "sftkit_probe_id"}
+        with_ids.append(message)
+    text = _rendered_or_error(template, variables, with_ids, limits)
+    return isinstance(text, str) and "sftkit_probe_id" in text and "sftkit_probe_call" not in text
 
 
 class _Overrun(Exception):

@@ -1,4 +1,4 @@
-"""Official chat templates of eleven real models, and their generation-tagged twins, as test fixtures.
+"""Official chat templates of twelve real models, and their generation-tagged twins, as test fixtures.
 
 Each ``<name>.jinja`` file is the model's published chat template (see the comment at its top for
 where the text came from and what, if anything, was changed; ``gpt_oss.jinja`` is written to
@@ -277,6 +277,32 @@ TEMPLATES: dict[str, dict] = {
         "tagged": True,
         # No tools: the tool conversations render, but tool calls are dropped and tool messages
         # written as user turns, so they are not listed.
+        "conversations": _NO_TOOLS,
+        "raises": [],
+    },
+    "kimi_k2": {
+        "file": "kimi_k2.jinja",
+        "twin": "kimi_k2_gen.jinja",
+        # Kimi K2's chat tokens (its tiktoken tokenizer adds no BOS; the chat stops on <|im_end|>)
+        "controls": [
+            "<|im_end|>",
+            "<|im_user|>",
+            "<|im_assistant|>",
+            "<|im_system|>",
+            "<|im_middle|>",
+            "<|tool_calls_section_begin|>",
+            "<|tool_calls_section_end|>",
+            "<|tool_call_begin|>",
+            "<|tool_call_argument_begin|>",
+            "<|tool_call_end|>",
+        ],
+        "added": [],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "end_of_turn": "<|im_end|>",
+        "variables": {},
+        # No tool conversations: it writes a call's id where its name would be and each result under
+        # its tool_call_id, which sftkit's messages do not keep; such rows are refused, named so.
         "conversations": _NO_TOOLS,
         "raises": [],
     },

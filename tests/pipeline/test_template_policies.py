@@ -287,6 +287,18 @@ def test_tool_calls_a_template_never_renders_are_refused_not_trained_without_the
     assert refused.reason == "template_unsupported_role" and "renders no tool calls" in refused.detail
 
 
+def test_kimi_k2_tool_turns_are_refused_saying_the_template_writes_call_ids(bpe_tokenizer):
+    """Kimi K2's template writes a call's id where its name would be, and each result under its
+    tool_call_id, which sftkit's messages do not keep: its tool rows cannot render as the model sees
+    them. They are refused saying that, not as if the template dropped tool messages."""
+    _, masker = masker_for("kimi_k2", bpe_tokenizer)
+    refused = masker.encode(*row("tool_call"))
+    assert isinstance(refused, Drop) and refused.reason == "template_unsupported_role"
+    assert "writes a tool call's id where the call's name would be" in refused.detail
+    assert "drops them silently" not in refused.detail
+    assert isinstance(masker.encode(*row("single_turn")), Encoded)
+
+
 # --- 5. render-vs-inference check --------------------------------------------------------------
 DEEPSEEK_MISMATCHING = ["single_turn", "multi_turn", "system_multi_turn", "reasoning"]
 # the last assistant turn follows a tool result: the generation prompt opens no <think> there
