@@ -24,6 +24,9 @@ Canonical record
                   templates as ``reasoning_content`` (the Qwen3 / DeepSeek-R1 convention, see
                   :func:`messages_for_template`). Added as the last struct field: shards written
                   before it read back with ``reasoning`` null.
+                  A tool message keeps no ``tool_call_id``: it answers the calls of the turn
+                  before it in order, and :func:`messages_for_template` gives it that call's id
+                  (a template that writes the id, Mistral v0.3's or Kimi K2's, gets it back).
 ``tools``         JSON string of the tool schemas offered to the model, or null
 
 Shard row
@@ -208,9 +211,14 @@ def messages_for_template(messages: Iterable[dict[str, Any]]) -> list[dict[str, 
     """Canonical messages -> the list-of-dicts shape ``apply_chat_template`` expects.
 
     Reasoning goes out as ``reasoning_content`` (what Qwen3's and DeepSeek-R1's templates read),
-    and only for a message with non-empty reasoning text.
+    and only for a message with non-empty reasoning text. A tool message gets the
+    ``tool_call_id`` of the call it answers: the tool messages after a calling turn answer its
+    calls in order (how the readers pair them), and the id is given only where that call has one
+    and names the tool the message names (Mistral v0.3's template writes it and refuses a result
+    without one; Kimi K2's writes each result under it).
     """
     out = []
+    answering: list[dict[str, Any]] = []  # the calls of the last calling turn not yet answered, in order
     for m in messages:
         msg: dict[str, Any] = {"role": m["role"], "content": m["content"]}
         if m.get("name"):
@@ -220,8 +228,24 @@ def messages_for_template(messages: Iterable[dict[str, Any]]) -> list[dict[str, 
         reasoning = m.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             msg["reasoning_content"] = reasoning
+        if m["role"] == "tool":
+            if answering and (call_id := _answered_call_id(answering.pop(0), m.get("name"))) is not None:
+                msg["tool_call_id"] = call_id
+        else:
+            answering = [c for c in msg.get("tool_calls") or () if isinstance(c, dict)]
         out.append(msg)
     return out
+
+
+def _answered_call_id(call: dict[str, Any], tool_name: str | None) -> str | None:
+    """The id of ``call`` for the tool message answering it, when it has one and the message does
+    not name another tool."""
+    call_id = call.get("id")
+    function = call.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(call_id, str) or not call_id or (tool_name and name and tool_name != name):
+        return None
+    return call_id
 
 
 def tools_for_template(tools: str | None) -> list[dict[str, Any]] | None:

@@ -145,6 +145,10 @@ class RolePolicy:
         # it writes a calling turn's words only while no later turn answers (gpt-oss: as the turn's analysis)
         self.drops_answered_call_text = False
         self.drops_call_text = False  # it never writes a calling turn's words (Llama-3.1)
+        # it refuses a call or a result without an id (Mistral v0.3: "Tool call IDs should be …")
+        self.needs_call_ids = False
+        # it writes a call's id where its name would be (Kimi K2, whose ids read functions.NAME:0)
+        self.calls_named_by_id = False
         plain = _rendered_or_error(template, variables, [user, answer], limits)
         if isinstance(plain, _Overrun):
             raise ValueError(
@@ -158,16 +162,12 @@ class RolePolicy:
                 as_text = _rendered_or_error(template, variables, _arguments_as_text(conversation), limits)
                 if isinstance(as_text, str):
                     self.arguments_as_text, text = True, as_text
+            if role == "tool" and (isinstance(text, Exception) or not all(piece in text for piece in must_hold)):
+                text = self._tool_turns_with_ids(template, variables, conversation, must_hold, limits) or text
             if isinstance(text, Exception):
                 self.unsupported[role] = str(text) or type(text).__name__
             elif not all(piece in text for piece in must_hold):
                 self.dropped[role] = f"the template renders no {role} messages or calls (it drops them silently)"
-                if role == "tool" and _writes_call_ids_for_names(template, variables, conversation, limits):
-                    self.dropped[role] = (
-                        "it writes a tool call's id where the call's name would be (Kimi K2 expects ids like "
-                        "functions.NAME:0, and writes each result under its tool_call_id), and sftkit keeps no "
-                        "tool_call_id of a result, so its tool turns cannot be rendered as the model sees them"
-                    )
         if "tool" in self.unsupported:  # it refuses tool results: does it render a call at all?
             calling = [user, {"role": "assistant", "content": "", "tool_calls": [call]}]
             text = _rendered_or_error(template, variables, calling, limits)
@@ -176,16 +176,41 @@ class RolePolicy:
         if "tool" not in self.unsupported and "tool" not in self.dropped:
             second = {"type": "function", "function": {"name": "sftkit_probe_second_call", "arguments": {}}}
             calls = [user, {"role": "assistant", "content": "", "tool_calls": [call, second]}]
-            text = _rendered_or_error(template, variables, _arguments_as_text(calls) if self.arguments_as_text else calls, limits)
+            text = _rendered_or_error(template, variables, self._as_probed(calls), limits)
             self.one_call_per_turn = isinstance(text, str) and "sftkit_probe_call" in text and "sftkit_probe_second_call" not in text
             calling = {"role": "assistant", "content": "sftkit probe preamble", "tool_calls": [call]}
             latest, answered = (
-                _rendered_or_error(template, variables, _arguments_as_text(c) if self.arguments_as_text else c, limits)
+                _rendered_or_error(template, variables, self._as_probed(c), limits)
                 for c in ([user, calling], [user, calling, {"role": "tool", "content": "sftkit probe result"}, answer])
             )
             if isinstance(latest, str) and isinstance(answered, str):
                 self.drops_answered_call_text = "sftkit probe preamble" in latest and "sftkit probe preamble" not in answered
                 self.drops_call_text = "sftkit probe preamble" not in latest and "sftkit probe preamble" not in answered
+
+    def _tool_turns_with_ids(self, template, variables, conversation, must_hold, limits) -> str | None:
+        """The tool probe's rendering once its calls carry ids (and its result the call's id), for
+        a template that refuses calls without them (Mistral v0.3) or writes the id in place of the
+        call's name (Kimi K2: an id like ``functions.NAME:0`` shows the name); None if neither."""
+        for as_text in (self.arguments_as_text, not self.arguments_as_text):
+            base = _arguments_as_text(conversation) if as_text else conversation
+            text = _rendered_or_error(template, variables, _with_call_ids(base, _PROBE_ID), limits)
+            if isinstance(text, str) and all(piece in text for piece in must_hold):
+                self.needs_call_ids, self.arguments_as_text = True, as_text
+                return text
+            if isinstance(text, str) and _PROBE_ID in text and "sftkit_probe_call" not in text:
+                text = _rendered_or_error(template, variables, _with_call_ids(base, None), limits)
+                if isinstance(text, str) and all(piece in text for piece in must_hold):
+                    self.calls_named_by_id, self.arguments_as_text = True, as_text
+                    return text
+        return None
+
+    def _as_probed(self, conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A probe conversation in the shape the template was found to need."""
+        if self.arguments_as_text:
+            conversation = _arguments_as_text(conversation)
+        if self.needs_call_ids or self.calls_named_by_id:
+            conversation = _with_call_ids(conversation, _PROBE_ID if self.needs_call_ids else None)
+        return conversation
 
     def prepare(self, messages, true_messages, train_flags):
         """(messages, true messages, train flags) with the default system prompt and the policy applied."""
@@ -210,6 +235,15 @@ class RolePolicy:
                 "template_drops_tool_calls",
                 f"assistant turn {many} makes {len(messages[many]['tool_calls'])} tool calls and chat template "
                 f"{self.template.name!r} renders only the first call of a turn (the others would be lost)",
+                stage="template",
+            )
+        if self.calls_named_by_id and (unnamed := _call_not_named_by_its_id(messages)) is not None:
+            index, name, call_id = unnamed
+            return Drop(
+                "template_drops_tool_calls",
+                f"assistant turn {index} calls {name!r} under the id {call_id!r}, and chat template "
+                f"{self.template.name!r} writes a call's id where its name would be (Kimi K2's ids read "
+                "functions.NAME:INDEX): the call's name would be lost",
                 stage="template",
             )
         if self.drops_call_text and (
@@ -518,17 +552,36 @@ def _rendered_or_error(
         return _Overrun(f"its rendering of a short conversation: {exc}")
 
 
-def _writes_call_ids_for_names(template: Template, variables: dict[str, Any], conversation: list[dict[str, Any]], limits) -> bool:
-    """Whether a template that shows no call name shows the call's id instead (Kimi K2)."""
-    with_ids = []
+_PROBE_ID = "sftkprobe"  # nine letters: Mistral v0.3 refuses ids of any other length
+
+
+def _with_call_ids(conversation: list[dict[str, Any]], call_id: str | None) -> list[dict[str, Any]]:
+    """A probe conversation whose calls carry ``call_id`` (None: ``functions.NAME:INDEX``, Kimi
+    K2's form) and whose tool results carry the id of the call they answer, in order."""
+    out, answering = [], []
     for message in conversation:
         if message.get("tool_calls"):
-            message = {**message, "tool_calls": [{**call, "id": "sftkit_probe_id"} for call in message["tool_calls"]]}
-        elif message["role"] == "tool":
-            message = {**message, "tool_call_id": "sftkit_probe_id"}
-        with_ids.append(message)
-    text = _rendered_or_error(template, variables, with_ids, limits)
-    return isinstance(text, str) and "sftkit_probe_id" in text and "sftkit_probe_call" not in text
+            calls = [
+                {**call, "id": call_id or f"functions.{call['function']['name']}:{index}"}
+                for index, call in enumerate(message["tool_calls"])
+            ]
+            message, answering = {**message, "tool_calls": calls}, [c["id"] for c in calls]
+        elif message["role"] == "tool" and answering:
+            message = {**message, "tool_call_id": answering.pop(0)}
+        out.append(message)
+    return out
+
+
+def _call_not_named_by_its_id(messages: list[dict[str, Any]]) -> tuple[int, str | None, Any] | None:
+    """(turn, name, id) of the first call whose id does not hold its function's name."""
+    for index, message in enumerate(messages):
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            name = function.get("name") if isinstance(function, dict) else None
+            call_id = call.get("id") if isinstance(call, dict) else None
+            if not (isinstance(name, str) and name and isinstance(call_id, str) and name in call_id):
+                return index, name, call_id
+    return None
 
 
 class _Overrun(Exception):

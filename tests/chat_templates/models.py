@@ -1,4 +1,4 @@
-"""Official chat templates of twelve real models, and their generation-tagged twins, as test fixtures.
+"""Official chat templates of thirteen real models, and their generation-tagged twins, as test fixtures.
 
 Each ``<name>.jinja`` file is the model's published chat template (see the comment at its top for
 where the text came from and what, if anything, was changed; ``gpt_oss.jinja`` is written to
@@ -304,6 +304,31 @@ TEMPLATES: dict[str, dict] = {
         # No tool conversations: it writes a call's id where its name would be and each result under
         # its tool_call_id, which sftkit's messages do not keep; such rows are refused, named so.
         "conversations": _NO_TOOLS,
+        "raises": [],
+    },
+    "mistral_v03": {
+        "file": "mistral_v03.jinja",
+        "twin": "mistral_v03_gen.jinja",
+        # Mistral-7B-Instruct-v0.3 (SentencePiece v3): the instruction and tool markers are control tokens
+        "controls": [
+            "<s>",
+            "</s>",
+            "[INST]",
+            "[/INST]",
+            "[TOOL_CALLS]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+        ],
+        "added": [],
+        "bos": "<s>",
+        "eos": "</s>",
+        "end_of_turn": "</s>",
+        "variables": {},
+        # Not the system conversation (a conversation ending with an answer renders no system
+        # prompt: refused, with merge as the way in), nor arguments as a JSON string (quoted again).
+        "conversations": [c for c in _ALL if c not in ("system_multi_turn", "tool_call_json_args")],
         "raises": [],
     },
     "mistral": {

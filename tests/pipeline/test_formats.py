@@ -363,6 +363,39 @@ def test_messages_for_template_passes_reasoning_as_reasoning_content():
     assert list(schema.MESSAGE_TYPE)[-1].name == "reasoning"
 
 
+def test_messages_for_template_gives_each_tool_result_the_id_of_the_call_it_answers():
+    """The canonical messages keep no tool_call_id (ingest names each result after its call): a
+    template that writes it (Mistral v0.3, Kimi K2) gets back the id of the call a result answers,
+    the results after a calling turn answering its calls in order, as the readers pair them."""
+    calls = [
+        {"id": "call_0001", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"id": "call_0002", "type": "function", "function": {"name": "get_time", "arguments": {"city": "Paris"}}},
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}},  # no id
+    ]
+    messages, _ = to_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": "Weather and time in Paris, weather in Rome?"},
+                {"role": "assistant", "content": "", "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "call_0001", "content": "18 C"},
+                {"role": "tool", "tool_call_id": "call_0002", "content": "14:00"},
+                {"role": "tool", "content": "21 C"},
+                {"role": "assistant", "content": "18 C at 14:00 in Paris, 21 C in Rome."},
+            ]
+        }
+    )
+    assert all("tool_call_id" not in m for m in messages)  # not a canonical field
+    out = schema.messages_for_template(messages)
+    assert [m.get("tool_call_id") for m in out] == [None, None, "call_0001", "call_0002", None, None]
+    # a result after a turn that called nothing answers no call (ingest refuses such rows anyway)
+    stray = schema.messages_for_template([*messages, schema.make_message("tool", "a result no call asked for")])
+    assert "tool_call_id" not in stray[-1]
+    # a result named after another tool than the call it would answer gets no id
+    swapped = [dict(m) for m in messages]
+    swapped[2]["name"] = "get_time"
+    assert "tool_call_id" not in schema.messages_for_template(swapped)[2]
+
+
 # --- reasoning -------------------------------------------------------------------------------
 @pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
 def test_reasoning_field_on_an_assistant_message(key):

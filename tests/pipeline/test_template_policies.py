@@ -287,16 +287,57 @@ def test_tool_calls_a_template_never_renders_are_refused_not_trained_without_the
     assert refused.reason == "template_unsupported_role" and "renders no tool calls" in refused.detail
 
 
-def test_kimi_k2_tool_turns_are_refused_saying_the_template_writes_call_ids(bpe_tokenizer):
-    """Kimi K2's template writes a call's id where its name would be, and each result under its
-    tool_call_id, which sftkit's messages do not keep: its tool rows cannot render as the model sees
-    them. They are refused saying that, not as if the template dropped tool messages."""
-    _, masker = masker_for("kimi_k2", bpe_tokenizer)
-    refused = masker.encode(*row("tool_call"))
-    assert isinstance(refused, Drop) and refused.reason == "template_unsupported_role"
-    assert "writes a tool call's id where the call's name would be" in refused.detail
-    assert "drops them silently" not in refused.detail
-    assert isinstance(masker.encode(*row("single_turn")), Encoded)
+def with_call_ids(name: str, call_id: str):
+    """Fixture conversation ``name`` with every call's id (and every result's) set to ``call_id``."""
+    messages, tools = conversation(name)
+    for message in messages:
+        for call in message.get("tool_calls") or ():
+            call["id"] = call_id
+        if message.get("tool_call_id"):
+            message["tool_call_id"] = call_id
+    return to_conversation({"messages": messages, "tools": tools})
+
+
+def test_kimi_k2_trains_calls_whose_ids_name_them_and_refuses_the_others(bpe_tokenizer):
+    """Kimi K2's template writes a call's id where its name would be (its model writes ids like
+    functions.NAME:0) and each result under the id of the call it answers. A row whose ids name
+    their calls is masked as the tagged twin masks it; one whose ids do not (OpenAI's call_…)
+    would lose every call's name, and is refused saying so."""
+    tokenizer, official = masker_for("kimi_k2", bpe_tokenizer)
+    _, twin = masker_for("kimi_k2", bpe_tokenizer, twin=True)
+    assert official.roles.calls_named_by_id and not official.roles.needs_call_ids
+    named = with_call_ids("tool_call", "functions.get_weather:0")
+    got, want = official.encode(*named), twin.encode(*named)
+    assert isinstance(got, Encoded) and isinstance(want, Encoded), (got, want)
+    assert (got.input_ids.tolist(), got.labels.tolist()) == (want.input_ids.tolist(), want.labels.tolist())
+    assert "## Return of functions.get_weather:0" in full_text(tokenizer, got)
+    assert "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>" in trained_text(tokenizer, got)
+    refused = official.encode(*row("tool_call"))
+    assert isinstance(refused, Drop) and refused.reason == "template_drops_tool_calls"
+    assert "'get_weather' under the id 'call_0001'" in refused.detail and "functions.NAME:INDEX" in refused.detail
+
+
+def test_mistral_v03_trains_tool_rows_with_the_ids_its_template_demands(bpe_tokenizer):
+    """Mistral v0.3's template refuses a call or a result without a nine-character id. Results get
+    back the id of the call they answer, so tool rows are trained (before, every one was refused as
+    a role the template cannot render); a call without an id is refused with the template's words."""
+    tokenizer, masker = masker_for("mistral_v03", bpe_tokenizer)
+    assert masker.roles.needs_call_ids and not masker.roles.calls_named_by_id
+    encoded = masker.encode(*row("tool_call"))
+    assert isinstance(encoded, Encoded), encoded
+    assert '"call_id": "call_0001"}[/TOOL_RESULTS]' in full_text(tokenizer, encoded)
+    assert trained_text(tokenizer, encoded).startswith('[TOOL_CALLS] [{"arguments": {"city": "Paris"')
+    messages, tools = conversation("tool_call")
+    del messages[1]["tool_calls"][0]["id"]
+    refused = masker.encode(*to_conversation({"messages": messages, "tools": tools}))
+    assert isinstance(refused, Drop) and refused.reason == "template_error"
+    assert "Tool call IDs should be alphanumeric strings with length 9!" in refused.detail
+
+
+@pytest.mark.parametrize("model", ["qwen3", "llama31", "gpt_oss", "deepseek_r1"])
+def test_templates_that_name_calls_need_no_ids(model, bpe_tokenizer):
+    _, masker = masker_for(model, bpe_tokenizer)
+    assert not masker.roles.needs_call_ids and not masker.roles.calls_named_by_id
 
 
 # --- 5. render-vs-inference check --------------------------------------------------------------
