@@ -259,7 +259,8 @@ class Template:
     @property
     def code(self) -> str:
         """The Jinja text without its comments: what sftkit reads off a template (its generation
-        tags, the fields and tokens it uses) is what it renders, never what a comment mentions."""
+        tags, the fields and roles it reads) is what it renders, never what a comment mentions.
+        (Its control tokens follow transformers' rule, which reads the whole source.)"""
         return _without_comments(self.source)
 
     @property
