@@ -24,9 +24,10 @@ Canonical record
                   templates as ``reasoning_content`` (the Qwen3 / DeepSeek-R1 convention, see
                   :func:`messages_for_template`). Added as the last struct field: shards written
                   before it read back with ``reasoning`` null.
-                  A tool message keeps no ``tool_call_id``: it answers the calls of the turn
-                  before it in order, and :func:`messages_for_template` gives it that call's id
-                  (a template that writes the id, Mistral v0.3's or Kimi K2's, gets it back).
+                  A tool message keeps no ``tool_call_id`` (its ``name`` is its call's tool):
+                  :func:`messages_for_template` gives it the id of the first call of the turn
+                  before it that calls that tool and is not yet answered (a template that writes
+                  the id, Mistral v0.3's or Kimi K2's, gets it back).
 ``tools``         JSON string of the tool schemas offered to the model, or null
 
 Shard row
@@ -212,10 +213,9 @@ def messages_for_template(messages: Iterable[dict[str, Any]]) -> list[dict[str, 
 
     Reasoning goes out as ``reasoning_content`` (what Qwen3's and DeepSeek-R1's templates read),
     and only for a message with non-empty reasoning text. A tool message gets the
-    ``tool_call_id`` of the call it answers: the tool messages after a calling turn answer its
-    calls in order (how the readers pair them), and the id is given only where that call has one
-    and names the tool the message names (Mistral v0.3's template writes it and refuses a result
-    without one; Kimi K2's writes each result under it).
+    ``tool_call_id`` of the call it answers (:func:`_answered_call`: Mistral v0.3's template writes
+    it and refuses a result without one; Kimi K2's writes each result under it). Calls go out with
+    their keys in OpenAI's order, ``name`` before ``arguments``.
     """
     out = []
     answering: list[dict[str, Any]] = []  # the calls of the last calling turn not yet answered, in order
@@ -224,28 +224,50 @@ def messages_for_template(messages: Iterable[dict[str, Any]]) -> list[dict[str, 
         if m.get("name"):
             msg["name"] = m["name"]
         if m.get("tool_calls"):
-            msg["tool_calls"] = json.loads(m["tool_calls"])
+            msg["tool_calls"] = [_in_openai_order(call) for call in json.loads(m["tool_calls"])]
         reasoning = m.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             msg["reasoning_content"] = reasoning
         if m["role"] == "tool":
-            if answering and (call_id := _answered_call_id(answering.pop(0), m.get("name"))) is not None:
-                msg["tool_call_id"] = call_id
+            if (call := _answered_call(answering, m.get("name"))) is not None:
+                msg["tool_call_id"] = call["id"]
         else:
             answering = [c for c in msg.get("tool_calls") or () if isinstance(c, dict)]
         out.append(msg)
     return out
 
 
-def _answered_call_id(call: dict[str, Any], tool_name: str | None) -> str | None:
-    """The id of ``call`` for the tool message answering it, when it has one and the message does
-    not name another tool."""
-    call_id = call.get("id")
+def _answered_call(answering: list[dict[str, Any]], tool_name: str | None) -> dict[str, Any] | None:
+    """The call a tool message answers, taken off ``answering``: the first one not yet answered
+    that calls the tool the message names (any, where it names none). Only a call with an id is
+    returned. Two calls of one tool answered out of order cannot be told apart here: ingest keeps
+    each result's tool name, not its tool_call_id."""
+    for position, call in enumerate(answering):
+        function = call.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not tool_name or name == tool_name:
+            del answering[position]
+            call_id = call.get("id")
+            return call if isinstance(call_id, str) and call_id else None
+    return None
+
+
+# The key order OpenAI writes a call in: the stored JSON has its keys sorted (a stable id), and a
+# template that writes a call or its function with tojson (Mistral v0.3) shows the order.
+_CALL_KEYS, _FUNCTION_KEYS = ("id", "type", "function"), ("name", "arguments")
+
+
+def _in_openai_order(call: Any) -> Any:
+    if not isinstance(call, dict):
+        return call
     function = call.get("function")
-    name = function.get("name") if isinstance(function, dict) else None
-    if not isinstance(call_id, str) or not call_id or (tool_name and name and tool_name != name):
-        return None
-    return call_id
+    if isinstance(function, dict):
+        call = {**call, "function": _ordered(function, _FUNCTION_KEYS)}
+    return _ordered(call, _CALL_KEYS)
+
+
+def _ordered(mapping: dict[str, Any], first: tuple[str, ...]) -> dict[str, Any]:
+    return {**{key: mapping[key] for key in first if key in mapping}, **mapping}
 
 
 def tools_for_template(tools: str | None) -> list[dict[str, Any]] | None:

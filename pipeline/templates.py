@@ -213,7 +213,7 @@ KNOWN_END_TOKENS = (
 # model's stop (Baichuan-2 stops on an EOS its template never writes) cannot be read off the text.
 KNOWN_NEXT_MESSAGE_STOPS = ("<|user|>", "<|observation|>")
 
-_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_GENERATION_TAG = re.compile(r"\{%[-+]?\s*generation\s*[-+]?%\}")
 
 
 DEFAULT_TODAY = date(2024, 7, 26)  # Llama-3.1's own fallback date: any fixed day would do

@@ -4,6 +4,7 @@ and the header text it writes inside a turn (these found by probing the template
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
@@ -244,6 +245,16 @@ class RolePolicy:
                 f"assistant turn {index} calls {name!r} under the id {call_id!r}, and chat template "
                 f"{self.template.name!r} writes a call's id where its name would be (Kimi K2's ids read "
                 "functions.NAME:INDEX): the call's name would be lost",
+                stage="template",
+            )
+        if (self.needs_call_ids or self.calls_named_by_id) and (
+            unpaired := next((i for i, m in enumerate(messages) if m["role"] == "tool" and not m.get("tool_call_id")), None)
+        ) is not None:
+            return Drop(
+                "tool_result_unpaired",
+                f"tool result {unpaired} answers no call of the turn before it that has an id and calls "
+                f"the tool it names, and chat template {self.template.name!r} writes each result under "
+                "the id of its call",
                 stage="template",
             )
         if self.drops_call_text and (
@@ -501,7 +512,8 @@ def prompt_in_generation_blocks(template: Template, variables: dict[str, Any], l
     the assistant header, ``<|im_start|>assistant\n`` (and, in its no-think mode, the empty think
     block after it), which is its generation prompt: the model is given that text, never writes
     it, and a mask taken from the blocks would train it. Found by rendering a question and an
-    answer with their spans, and the question with its generation prompt, within ``limits``.
+    answer with their spans, and the question with its generation prompt, within ``limits``: a
+    block that opens before the two renderings part holds text of the prompt.
     """
     if not template.has_generation_tags:
         return None
@@ -511,9 +523,10 @@ def prompt_in_generation_blocks(template: Template, variables: dict[str, Any], l
     if isinstance(spanned, Exception) or isinstance(prompt, Exception):
         return None
     rendered, spans = spanned
-    if not spans or not rendered.startswith(prompt) or spans[0][0] >= len(prompt):
+    parting = len(os.path.commonprefix([rendered, prompt]))  # the prompt may open a think block the answer lacks
+    if not spans or spans[0][0] >= parting:
         return None
-    return prompt[spans[0][0] :]
+    return prompt[spans[0][0] : parting]
 
 
 def lead_key(messages: Sequence[dict[str, Any]], index: int) -> tuple[bool, bool]:
@@ -573,13 +586,13 @@ def _with_call_ids(conversation: list[dict[str, Any]], call_id: str | None) -> l
 
 
 def _call_not_named_by_its_id(messages: list[dict[str, Any]]) -> tuple[int, str | None, Any] | None:
-    """(turn, name, id) of the first call whose id does not hold its function's name."""
+    """(turn, name, id) of the first call whose id is not ``functions.NAME:INDEX`` for its function."""
     for index, message in enumerate(messages):
         for call in message.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             name = function.get("name") if isinstance(function, dict) else None
             call_id = call.get("id") if isinstance(call, dict) else None
-            if not (isinstance(name, str) and name and isinstance(call_id, str) and name in call_id):
+            if not (isinstance(name, str) and isinstance(call_id, str) and re.fullmatch(rf"functions\.{re.escape(name)}:\d+", call_id)):
                 return index, name, call_id
     return None
 

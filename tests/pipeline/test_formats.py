@@ -364,9 +364,10 @@ def test_messages_for_template_passes_reasoning_as_reasoning_content():
 
 
 def test_messages_for_template_gives_each_tool_result_the_id_of_the_call_it_answers():
-    """The canonical messages keep no tool_call_id (ingest names each result after its call): a
-    template that writes it (Mistral v0.3, Kimi K2) gets back the id of the call a result answers,
-    the results after a calling turn answering its calls in order, as the readers pair them."""
+    """The canonical messages keep no tool_call_id (ingest names each result after its call's
+    tool): a template that writes it (Mistral v0.3, Kimi K2) gets back the id of the first call
+    not yet answered that calls the tool the result names, so results answered out of order get
+    their own calls' ids. Calls go out name first, as OpenAI writes them (stored sorted)."""
     calls = [
         {"id": "call_0001", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
         {"id": "call_0002", "type": "function", "function": {"name": "get_time", "arguments": {"city": "Paris"}}},
@@ -377,23 +378,21 @@ def test_messages_for_template_gives_each_tool_result_the_id_of_the_call_it_answ
             "messages": [
                 {"role": "user", "content": "Weather and time in Paris, weather in Rome?"},
                 {"role": "assistant", "content": "", "tool_calls": calls},
-                {"role": "tool", "tool_call_id": "call_0001", "content": "18 C"},
                 {"role": "tool", "tool_call_id": "call_0002", "content": "14:00"},
-                {"role": "tool", "content": "21 C"},
+                {"role": "tool", "tool_call_id": "call_0001", "content": "18 C"},
+                {"role": "tool", "name": "get_weather", "content": "21 C"},
                 {"role": "assistant", "content": "18 C at 14:00 in Paris, 21 C in Rome."},
             ]
         }
     )
     assert all("tool_call_id" not in m for m in messages)  # not a canonical field
     out = schema.messages_for_template(messages)
-    assert [m.get("tool_call_id") for m in out] == [None, None, "call_0001", "call_0002", None, None]
+    assert [m.get("tool_call_id") for m in out] == [None, None, "call_0002", "call_0001", None, None]
+    assert [list(call) for call in out[1]["tool_calls"]] == [["id", "type", "function"]] * 2 + [["type", "function"]]
+    assert all(list(call["function"]) == ["name", "arguments"] for call in out[1]["tool_calls"])
     # a result after a turn that called nothing answers no call (ingest refuses such rows anyway)
     stray = schema.messages_for_template([*messages, schema.make_message("tool", "a result no call asked for")])
     assert "tool_call_id" not in stray[-1]
-    # a result named after another tool than the call it would answer gets no id
-    swapped = [dict(m) for m in messages]
-    swapped[2]["name"] = "get_time"
-    assert "tool_call_id" not in schema.messages_for_template(swapped)[2]
 
 
 # --- reasoning -------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pipeline.masking import Encoded, Masker
 from pipeline.masking.policies import prompt_in_generation_blocks
 from pipeline.stage import Drop
 from pipeline.templates import BUILTIN_TEMPLATES, Template, render, resolve_template
-from tests.chat_templates.models import TEMPLATES, conversation, tokenizer_for
+from tests.chat_templates.models import TEMPLATES, conversation, template_text, tokenizer_for
 
 PINNED = "26 Jul 2024"  # TemplateConfig.today's default, formatted as Llama-3.1 prints it
 
@@ -312,24 +312,42 @@ def test_kimi_k2_trains_calls_whose_ids_name_them_and_refuses_the_others(bpe_tok
     assert (got.input_ids.tolist(), got.labels.tolist()) == (want.input_ids.tolist(), want.labels.tolist())
     assert "## Return of functions.get_weather:0" in full_text(tokenizer, got)
     assert "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>" in trained_text(tokenizer, got)
-    refused = official.encode(*row("tool_call"))
-    assert isinstance(refused, Drop) and refused.reason == "template_drops_tool_calls"
-    assert "'get_weather' under the id 'call_0001'" in refused.detail and "functions.NAME:INDEX" in refused.detail
+    for call_id in ("call_0001", "call_get_weather_7", "functions.get_weather"):
+        refused = official.encode(*with_call_ids("tool_call", call_id))
+        assert isinstance(refused, Drop) and refused.reason == "template_drops_tool_calls", call_id
+        assert f"'get_weather' under the id '{call_id}'" in refused.detail and "functions.NAME:INDEX" in refused.detail
+
+
+@pytest.mark.parametrize("model, call_id", [("kimi_k2", "functions.get_weather:0"), ("mistral_v03", "call_0001")])
+def test_a_result_that_answers_no_call_with_an_id_is_refused_where_the_template_writes_ids(model, call_id, bpe_tokenizer):
+    """A template that writes each result under its call's id would render such a result under no
+    id at all (Kimi K2: '## Return of ' and nothing): refused, not trained that way."""
+    _, masker = masker_for(model, bpe_tokenizer)
+    messages, tools = conversation("tool_call")
+    messages[1]["tool_calls"][0]["id"] = call_id
+    messages.insert(3, {"role": "tool", "name": "get_weather", "content": '{"temperature": 19}'})  # a second result
+    refused = masker.encode(*to_conversation({"messages": messages, "tools": tools}))
+    assert isinstance(refused, Drop) and refused.reason == "tool_result_unpaired", refused
+    assert "tool result 3" in refused.detail
 
 
 def test_mistral_v03_trains_tool_rows_with_the_ids_its_template_demands(bpe_tokenizer):
     """Mistral v0.3's template refuses a call or a result without a nine-character id. Results get
     back the id of the call they answer, so tool rows are trained (before, every one was refused as
-    a role the template cannot render); a call without an id is refused with the template's words."""
+    a role the template cannot render); a call without an id is refused, in the template's words
+    where it has no result."""
     tokenizer, masker = masker_for("mistral_v03", bpe_tokenizer)
     assert masker.roles.needs_call_ids and not masker.roles.calls_named_by_id
     encoded = masker.encode(*row("tool_call"))
     assert isinstance(encoded, Encoded), encoded
     assert '"call_id": "call_0001"}[/TOOL_RESULTS]' in full_text(tokenizer, encoded)
-    assert trained_text(tokenizer, encoded).startswith('[TOOL_CALLS] [{"arguments": {"city": "Paris"')
+    # name before arguments, as the model writes a call (the stored JSON has its keys sorted)
+    assert trained_text(tokenizer, encoded).startswith('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"')
     messages, tools = conversation("tool_call")
     del messages[1]["tool_calls"][0]["id"]
-    refused = masker.encode(*to_conversation({"messages": messages, "tools": tools}))
+    unpaired = masker.encode(*to_conversation({"messages": messages, "tools": tools}))
+    assert isinstance(unpaired, Drop) and unpaired.reason == "tool_result_unpaired"  # its result has no id to go under
+    refused = masker.encode(*to_conversation({"messages": messages[:2], "tools": tools}))  # the call alone
     assert isinstance(refused, Drop) and refused.reason == "template_error"
     assert "Tool call IDs should be alphanumeric strings with length 9!" in refused.detail
 
@@ -562,6 +580,24 @@ def test_smollm3s_generation_blocks_hold_its_prompt_and_are_seen_through(bpe_tok
     assert trained_text(tokenizer, no_think) == "Hello.<|im_end|>"
     with pytest.raises(ValueError, match="puts its generation prompt .* inside its"):
         masker_for("smollm3", bpe_tokenizer, span_method="generation", **config)
+
+
+def test_generation_blocks_that_take_in_a_header_before_a_prompts_think_block_are_seen_through(bpe_tokenizer):
+    """DeepSeek-R1's twin with its answer block opened before '<｜Assistant｜>': its prompt goes on
+    with '<think>\n', which the answer never renders, so the prompt is no prefix of the answer's
+    rendering; the header the block takes in is still found (where the two renderings part)."""
+    tokenizer = tokenizer_for("deepseek_r1", bpe_tokenizer, twin=True)
+    source = template_text("deepseek_r1", twin=True)
+    right = "{{'<｜Assistant｜>'}}{%- generation %}{{content + '<｜end▁of▁sentence｜>'}}"
+    assert source.count(right) == 1
+    wrong = Template(
+        "r1-header-in-block", source.replace(right, "{%- generation %}{{'<｜Assistant｜>'}}{{content + '<｜end▁of▁sentence｜>'}}")
+    )
+    masker = Masker(tokenizer, wrong, max_length=512)
+    assert not masker.use_generation and prompt_in_generation_blocks(wrong, masker.variables) == "<｜Assistant｜>"
+    encoded = masker.encode(*row("single_turn"))
+    assert isinstance(encoded, Encoded), encoded
+    assert "<｜Assistant｜>" not in trained_text(tokenizer, encoded)
 
 
 @pytest.mark.parametrize("name", [*(n for n in TEMPLATES if n != "smollm3"), *BUILTIN_TEMPLATES])

@@ -123,7 +123,9 @@ def test_a_template_writing_arguments_before_the_name_keeps_its_calling_turns(bp
     turn is checked for its names and end token as before."""
     source = (
         "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-        "{%- for call in m.tool_calls or [] %}{{ call.function | tojson }}{%- endfor %}<|im_end|>\n{%- endfor %}"
+        "{%- for call in m.tool_calls or [] %}"
+        "{{ '{\"arguments\": ' + call.function.arguments | tojson + ', \"name\": \"' + call.function.name + '\"}' }}"
+        "{%- endfor %}<|im_end|>\n{%- endfor %}"
         "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     masker = Masker(bpe_tokenizer, Template("arguments-first", source), max_length=512, span_method="locate")
