@@ -218,7 +218,6 @@ def messages_for_template(messages: Iterable[dict[str, Any]]) -> list[dict[str, 
     their keys in OpenAI's order, ``name`` before ``arguments``.
     """
     out = []
-    answering: list[dict[str, Any]] = []  # the calls of the last calling turn not yet answered, in order
     for m in messages:
         msg: dict[str, Any] = {"role": m["role"], "content": m["content"]}
         if m.get("name"):
@@ -228,13 +227,21 @@ def messages_for_template(messages: Iterable[dict[str, Any]]) -> list[dict[str, 
         reasoning = m.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             msg["reasoning_content"] = reasoning
-        if m["role"] == "tool":
-            if (call := _answered_call(answering, m.get("name"))) is not None:
+        out.append(msg)
+    return give_results_call_ids(out)
+
+
+def give_results_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Template messages (``messages``, changed in place) whose tool results carry the
+    ``tool_call_id`` of the call each answers (:func:`_answered_call`), where it has one."""
+    answering: list[dict[str, Any]] = []  # the calls of the last calling turn not yet answered, in order
+    for msg in messages:
+        if msg["role"] == "tool":
+            if (call := _answered_call(answering, msg.get("name"))) is not None:
                 msg["tool_call_id"] = call["id"]
         else:
             answering = [c for c in msg.get("tool_calls") or () if isinstance(c, dict)]
-        out.append(msg)
-    return out
+    return messages
 
 
 def _answered_call(answering: list[dict[str, Any]], tool_name: str | None) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from typing import Any
 from pipeline.deadline import RenderTimeout, release, time_limit
 from pipeline.masking.locate import Piece, parting_point, realise
 from pipeline.masking.verify import bare, clip
+from pipeline.schema import give_results_call_ids
 from pipeline.stage import Drop
 from pipeline.templates import KNOWN_NEXT_MESSAGE_STOPS, RenderTooLarge, Template, render
 
@@ -570,19 +571,13 @@ _PROBE_ID = "sftkprobe"  # nine letters: Mistral v0.3 refuses ids of any other l
 
 def _with_call_ids(conversation: list[dict[str, Any]], call_id: str | None) -> list[dict[str, Any]]:
     """A probe conversation whose calls carry ``call_id`` (None: ``functions.NAME:INDEX``, Kimi
-    K2's form) and whose tool results carry the id of the call they answer, in order."""
-    out, answering = [], []
+    K2's form) and whose tool results carry the id of the call they answer, as rows get them."""
+    out = []
     for message in conversation:
-        if message.get("tool_calls"):
-            calls = [
-                {**call, "id": call_id or f"functions.{call['function']['name']}:{index}"}
-                for index, call in enumerate(message["tool_calls"])
-            ]
-            message, answering = {**message, "tool_calls": calls}, [c["id"] for c in calls]
-        elif message["role"] == "tool" and answering:
-            message = {**message, "tool_call_id": answering.pop(0)}
-        out.append(message)
-    return out
+        calls = message.get("tool_calls") or ()
+        ids = [call_id or f"functions.{call['function']['name']}:{index}" for index, call in enumerate(calls)]
+        out.append({**message, "tool_calls": [{**c, "id": i} for c, i in zip(calls, ids)]} if calls else dict(message))
+    return give_results_call_ids(out)
 
 
 def _call_not_named_by_its_id(messages: list[dict[str, Any]]) -> tuple[int, str | None, Any] | None:
