@@ -1,4 +1,4 @@
-"""Official chat templates of thirteen real models, and their generation-tagged twins, as test fixtures.
+"""Official chat templates of fourteen real models, and their generation-tagged twins, as test fixtures.
 
 Each ``<name>.jinja`` file is the model's published chat template (see the comment at its top for
 where the text came from and what, if anything, was changed; ``gpt_oss.jinja`` is written to
@@ -303,6 +303,31 @@ TEMPLATES: dict[str, dict] = {
         "variables": {},
         # No tool conversations: it writes a call's id where its name would be and each result under
         # its tool_call_id, which sftkit's messages do not keep; such rows are refused, named so.
+        "conversations": _NO_TOOLS,
+        "raises": [],
+    },
+    "kimi_k2_thinking": {
+        "file": "kimi_k2_thinking.jinja",
+        "twin": "kimi_k2_thinking_gen.jinja",
+        # Kimi K2's chat tokens; <think> and </think> are added tokens of its tokenizer
+        "controls": [
+            "<|im_end|>",
+            "<|im_user|>",
+            "<|im_assistant|>",
+            "<|im_system|>",
+            "<|im_middle|>",
+            "<|tool_calls_section_begin|>",
+            "<|tool_calls_section_end|>",
+            "<|tool_call_begin|>",
+            "<|tool_call_argument_begin|>",
+            "<|tool_call_end|>",
+        ],
+        "added": ["<think>", "</think>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "end_of_turn": "<|im_end|>",
+        "variables": {},
+        # As Kimi K2: the tool conversations' ids are not functions.NAME:INDEX, so they are refused.
         "conversations": _NO_TOOLS,
         "raises": [],
     },
