@@ -35,9 +35,11 @@ from pipeline.masking.policies import (
     ReasoningShape,
     RolePolicy,
     call_leads,
+    kept_reasoning_frame,
     lead_key,
     next_message_stops,
     prompt_in_generation_blocks,
+    reasoning_into_empty_block,
     turn_markup,
 )
 from pipeline.masking.results import Encoded
@@ -213,6 +215,12 @@ class Masker:
         )
         if self.stops:
             self.end_tokens = tuple(sorted({*self.end_tokens, *self.stops.values()}, key=lambda t: (-len(t), t)))
+        # per_turn: how the template writes reasoning it keeps (Kimi K2 Thinking's answers render an empty block)
+        self.think_frame = (
+            kept_reasoning_frame(template, self.variables, limits)
+            if self.reasoning.policy == "per_turn" and self.reasoning.reads_field
+            else None
+        )
 
     def _uses_generation_blocks(self, span_method: str, limits) -> bool:
         """Whether turns are taken from the template's ``{% generation %}`` blocks: asked for, or
@@ -713,12 +721,21 @@ class Masker:
                 f"does not render with chat template {self.template.name!r}: {exc}",
                 stage="template",
             )
-        if rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
-            return rendered, [turn], prompt
         generated = rendered[turn.char_start : turn.char_end]
         opened = prompt_opens_think(prompt)
         reasoning = (messages[turn.message_index].get("reasoning_content") or "").strip()
-        if opened and "</think>" not in generated:
+        # The template renders the turn with an empty think block, its reasoning cut out (Kimi K2
+        # Thinking: every answer, the last one too): the model writes the reasoning into it.
+        filled = None if opened else reasoning_into_empty_block(generated, reasoning, self.think_frame)
+        if rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
+            if filled is None:
+                return rendered, [turn], prompt
+            text = rendered[: turn.char_start] + filled + rendered[turn.char_end :]
+            end = turn.char_start + len(filled)
+            return text, [_Turn(turn.message_index, turn.char_start, end, turn.end_token, opened_think=False)], prompt
+        if filled is not None:
+            generated = filled
+        elif opened and "</think>" not in generated:
             # The prompt opens a think block the rendered turn never closes (DeepSeek-R1 strips the
             # block from every turn): the model writes its reasoning, or nothing, and closes it.
             generated = reasoning + ("\n</think>" if generated.startswith("\n") else "\n</think>\n\n") + generated

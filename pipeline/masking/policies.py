@@ -447,6 +447,43 @@ def call_leads(
 _LEAD_KEYS = [(first, asked) for first in (True, False) for asked in (True, False)]
 
 
+_KEPT_THINK = re.compile(r"<think>(\s*)" + re.escape(_REASONING) + r"(\s*)</think>")
+_EMPTY_THINK = re.compile(r"\s*<think>\s*</think>")
+
+
+def kept_reasoning_frame(template: Template, variables: dict[str, Any], limits=(None, None)) -> tuple[str, str] | None:
+    """How a template writes a turn's reasoning where it keeps it: the whitespace it puts after
+    ``<think>`` and before ``</think>`` (Qwen3 ``"\n"``, ``"\n"``; Kimi K2 Thinking none), or None
+    where it writes reasoning in no think block (or refuses every probe).
+
+    Kimi K2 Thinking renders every answer with an empty ``<think></think>``, the last one too,
+    and keeps reasoning only in the calling turns after the last answer: the reasoning of an
+    answer is written at inference, never in a rendering that holds the answer. ``per_turn``
+    writes it into that empty block in this frame (:func:`reasoning_into_empty_block`). Found by
+    rendering an answer and a calling turn with reasoning, last, within ``limits``."""
+    call = {"function": {"arguments": {_ARGUMENT: _VALUE}, "name": _CALL}, "type": "function"}
+    user = {"role": "user", "content": _QUESTION}
+    turns = [
+        {"role": "assistant", "content": _ANSWER, "reasoning_content": _REASONING},
+        {"role": "assistant", "content": "", "tool_calls": [call], "reasoning_content": _REASONING},
+    ]
+    for turn in turns:
+        rendered = _rendered_or_error(template, variables, [user, turn], limits)
+        if isinstance(rendered, str) and (kept := _KEPT_THINK.search(rendered)):
+            return kept.group(1), kept.group(2)
+    return None
+
+
+def reasoning_into_empty_block(generated: str, reasoning: str, frame: tuple[str, str] | None) -> str | None:
+    """``generated`` (an assistant turn as rendered) with ``reasoning`` written into the empty think
+    block it opens with, in the template's ``frame``; None where it opens with no empty block."""
+    empty = _EMPTY_THINK.match(generated)
+    if empty is None or frame is None or not reasoning:
+        return None
+    lead = generated[: generated.index("<think>")]  # the whitespace before the block, kept
+    return f"{lead}<think>{frame[0]}{reasoning}{frame[1]}</think>{generated[empty.end() :]}"
+
+
 def next_message_stops(
     template: Template,
     variables: dict[str, Any],

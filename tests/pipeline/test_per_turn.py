@@ -77,7 +77,7 @@ def trained(tokenizer, ids, labels) -> str:
     return tokenizer.decode([i for i, label in zip(ids, labels) if label != schema.IGNORE_INDEX])
 
 
-@pytest.mark.parametrize("model", ["qwen3", "deepseek_r1", "phi3", "llama31", "smollm3"])
+@pytest.mark.parametrize("model", ["qwen3", "deepseek_r1", "phi3", "llama31", "smollm3", "kimi_k2_thinking"])
 def test_each_turn_is_a_row_trained_as_at_inference(model, bpe_tokenizer, monkeypatch):
     import transformers.utils.chat_template_utils as ctu
 
@@ -141,6 +141,56 @@ def test_deepseek_v31_thinking_reasoning_is_written_before_the_close(bpe_tokeniz
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, thinking=True)
         assert prompt.endswith("<｜Assistant｜><think>")
         assert row[schema.INPUT_IDS][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_kimi_k2_thinking_reasoning_is_written_into_the_empty_block_of_its_answer(bpe_tokenizer):
+    """Kimi K2 Thinking renders every answer, the last one too, as "<think></think>" + content and
+    keeps reasoning only in the calling turns after the last answer: the rendering of a turn never
+    holds its reasoning, which the model writes at inference after "<|im_assistant|>assistant<|im_middle|>".
+    per_turn writes it into the empty block, with no whitespace, as the template writes the reasoning it
+    keeps (it trained "<think></think>169", teaching the model not to think). Same as the tagged twin."""
+    tokenizer, per_turn = masker("kimi_k2_thinking", bpe_tokenizer)
+    _, twin = masker("kimi_k2_thinking", bpe_tokenizer, twin=True)
+    assert per_turn.think_frame == ("", "")
+    call = {"id": "functions.get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    with_tools = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "reasoning_content": "I should call the tool.", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "functions.get_weather:0", "name": "get_weather", "content": "18 C"},
+        {"role": "assistant", "content": "It is 18 C.", "reasoning_content": "The tool said 18."},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "You're welcome."},  # no reasoning: its block stays empty
+    ]
+    table = canonical_table([REASONING, with_tools])
+    kept, rejected, _ = encode_table(per_turn, table)
+    reference, _, _ = encode_table(twin, table)
+    assert rejected.num_rows == 0 and kept.num_rows == 5
+    texts = [trained(tokenizer, row[schema.INPUT_IDS], row[schema.LABELS]) for row in kept.to_pylist()]
+    assert texts == [
+        "<think>12 * 12 = 144.</think>144<|im_end|>",
+        "<think>13 * 13 = 169.</think>169<|im_end|>",
+        "<think>I should call the tool.</think><|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+        '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>',
+        "<think>The tool said 18.</think>It is 18 C.<|im_end|>",
+        "<think></think>You're welcome.<|im_end|>",
+    ]
+    for row in kept.to_pylist():  # before the trained turn: exactly the inference prompt
+        first = next(i for i, label in enumerate(row[schema.LABELS]) if label != schema.IGNORE_INDEX)
+        messages = history(per_turn, tokenizer, row[schema.MESSAGES][:-1])
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert row[schema.INPUT_IDS][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    # The answer after the call is prompted with the call's reasoning, as the template renders it then.
+    assert "<think>I should call the tool.</think>" in tokenizer.decode(kept.to_pylist()[3][schema.INPUT_IDS])
+    assert kept.column(schema.LABELS).to_pylist() == reference.column(schema.LABELS).to_pylist()
+    assert kept.column(schema.INPUT_IDS).to_pylist() == reference.column(schema.INPUT_IDS).to_pylist()
+
+
+@pytest.mark.parametrize("model, frame", [("qwen3", ("\n", "\n")), ("glm45", ("", "")), ("deepseek_r1", None), ("llama31", None)])
+def test_the_frame_of_kept_reasoning_is_read_from_the_template(model, frame, bpe_tokenizer):
+    """How a template writes the reasoning it keeps, probed once: Qwen3 "<think>\nR\n</think>", GLM
+    "<think>R</think>"; DeepSeek-R1 keeps none in a think block of its own, Llama-3.1 reads no reasoning."""
+    _, per_turn = masker(model, bpe_tokenizer)
+    assert per_turn.think_frame == frame
 
 
 @pytest.mark.parametrize("model, answer", [("qwen3", "169<|im_end|>"), ("glm45", "\n169<|user|>")])
