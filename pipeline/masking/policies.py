@@ -111,6 +111,10 @@ class ReasoningShape:
         return [pieces[key] for key, name in names.items() if name not in skeleton]
 
 
+# What each probe text stands for, to say which one a template dropped.
+_PROBED_AS = {"sftkit probe system": "system messages", "sftkit_probe_call": "tool calls", "sftkit probe result": "tool results"}
+
+
 class RolePolicy:
     """System prompts and roles a template cannot render (``template.system``).
 
@@ -168,8 +172,8 @@ class RolePolicy:
                 text = self._tool_turns_with_ids(template, variables, conversation, must_hold, limits) or text
             if isinstance(text, Exception):
                 self.unsupported[role] = str(text) or type(text).__name__
-            elif not all(piece in text for piece in must_hold):
-                self.dropped[role] = f"the template renders no {role} messages or calls (it drops them silently)"
+            elif missing := [_PROBED_AS[piece] for piece in must_hold if piece not in text]:
+                self.dropped[role] = f"the template renders no {' and no '.join(missing)} (it drops them silently)"
         if "tool" in self.unsupported:  # it refuses tool results: does it render a call at all?
             calling = [user, {"role": "assistant", "content": "", "tool_calls": [call]}]
             text = _rendered_or_error(template, variables, calling, limits)

@@ -287,6 +287,31 @@ def test_tool_calls_a_template_never_renders_are_refused_not_trained_without_the
     assert refused.reason == "template_unsupported_role" and "renders no tool calls" in refused.detail
 
 
+# A ChatML template that writes tool results as user turns and a calling turn's words only (as
+# Granite 3.x's renders a result under its own role while a call's text depends on the version).
+_RESULTS_NOT_CALLS = (
+    "{% for m in messages %}<|im_start|>{{ 'user' if m.role == 'tool' else m.role }}\n"
+    "{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "source, said, not_said",
+    [
+        (_RESULTS_NOT_CALLS, "renders no tool calls (", "tool results"),
+        (template_text("phi3"), "renders no tool calls and no tool results", None),
+    ],
+)
+def test_a_dropped_tool_role_is_refused_naming_what_the_template_drops(source, said, not_said, bpe_tokenizer):
+    """The refusal says what is lost: the calls, the results or both (it said "no tool messages or
+    calls" for a template that renders the results)."""
+    masker = Masker(bpe_tokenizer, Template("custom", source), max_length=1024)
+    refused = masker.encode(*row("tool_call"))
+    assert isinstance(refused, Drop) and refused.reason == "template_unsupported_role"
+    assert said in refused.detail, refused.detail
+    assert not_said is None or not_said not in refused.detail
+
+
 def with_call_ids(name: str, call_id: str):
     """Fixture conversation ``name`` with every call's id (and every result's) set to ``call_id``."""
     messages, tools = conversation(name)
