@@ -724,25 +724,27 @@ class Masker:
         generated = rendered[turn.char_start : turn.char_end]
         opened = prompt_opens_think(prompt)
         reasoning = (messages[turn.message_index].get("reasoning_content") or "").strip()
-        # The template renders the turn with an empty think block, its reasoning cut out (Kimi K2
-        # Thinking: every answer, the last one too): the model writes the reasoning into it.
-        filled = None if opened else reasoning_into_empty_block(generated, reasoning, self.think_frame)
+        filled = None  # the turn with the reasoning its rendering cut out, written where the model writes it
+        if not opened:
+            # The template renders the turn with an empty think block (Kimi K2 Thinking: every
+            # answer, the last one too): the model writes the reasoning into it.
+            filled = reasoning_into_empty_block(generated, reasoning, self.think_frame)
+        elif reasoning and generated.lstrip().startswith("</think>"):
+            # The prompt opens the block and the rendered turn closes it at once (DeepSeek-V3.1 with
+            # thinking, Kimi K2.5): the model writes the reasoning before the close.
+            filled = reasoning + generated
         if rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
             if filled is None:
                 return rendered, [turn], prompt
             text = rendered[: turn.char_start] + filled + rendered[turn.char_end :]
             end = turn.char_start + len(filled)
-            return text, [_Turn(turn.message_index, turn.char_start, end, turn.end_token, opened_think=False)], prompt
+            return text, [_Turn(turn.message_index, turn.char_start, end, turn.end_token, opened_think=opened)], prompt
         if filled is not None:
             generated = filled
         elif opened and "</think>" not in generated:
             # The prompt opens a think block the rendered turn never closes (DeepSeek-R1 strips the
             # block from every turn): the model writes its reasoning, or nothing, and closes it.
             generated = reasoning + ("\n</think>" if generated.startswith("\n") else "\n</think>\n\n") + generated
-        elif opened and reasoning and generated.lstrip().startswith("</think>"):
-            # The rendered turn closes the block at once, its reasoning cut out (DeepSeek-V3.1 with
-            # thinking renders every turn as "</think>" + content): the model writes it before the close.
-            generated = reasoning + generated
         text = prompt + generated
         return text, [_Turn(turn.message_index, len(prompt), len(text), turn.end_token, opened_think=opened)], prompt
 

@@ -27,7 +27,7 @@ from pipeline.masking.locate import realise
 from pipeline.steps import prepare
 from pipeline.templates import Template, resolve_template
 from pipeline.tokenize import encode_table
-from tests.chat_templates.models import CONVERSATIONS, tokenizer_for
+from tests.chat_templates.models import CONVERSATIONS, template_text, tokenizer_for
 
 REASONING = CONVERSATIONS["reasoning"]["messages"]  # two turns, each with reasoning_content
 
@@ -183,6 +183,41 @@ def test_kimi_k2_thinking_reasoning_is_written_into_the_empty_block_of_its_answe
     assert "<think>I should call the tool.</think>" in tokenizer.decode(kept.to_pylist()[3][schema.INPUT_IDS])
     assert kept.column(schema.LABELS).to_pylist() == reference.column(schema.LABELS).to_pylist()
     assert kept.column(schema.INPUT_IDS).to_pylist() == reference.column(schema.INPUT_IDS).to_pylist()
+
+
+_KIMI_PROMPT = "{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}"
+# Kimi K2.5 and K2.6 render answers as K2 Thinking does, and their generation prompt opens the block
+# (closes it at once with thinking false).
+_KIMI_K25_PROMPT = (
+    "{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>"
+    "{%- if thinking is defined and thinking is false -%}<think></think>{%- else -%}<think>{%- endif -%}{%- endif -%}"
+)
+
+
+@pytest.mark.parametrize("thinking, answers", [(True, ["12 * 12 = 144.</think>144", "13 * 13 = 169.</think>169"]), (False, ["144", "169"])])
+def test_kimi_k25_reasoning_is_written_before_the_close_its_answer_renders(thinking, answers, bpe_tokenizer):
+    """Kimi K2.5's prompt opens "<think>" and its rendering of the answer closes the block at once,
+    "</think>A": per_turn writes the reasoning before that close (it trained "</think>169", the
+    reasoning lost, since the rendering starts with the prompt). With thinking false the prompt
+    closes the block and no reasoning is trained. (No tagged twin: the prompt's "<think>" lies inside
+    K2 Thinking's blocks.)"""
+    tokenizer = tokenizer_for("kimi_k2_thinking", bpe_tokenizer)
+    source = template_text("kimi_k2_thinking")
+    assert _KIMI_PROMPT in source
+    source = source.replace(_KIMI_PROMPT, _KIMI_K25_PROMPT)
+    per_turn = Masker(tokenizer, Template("kimi_k25", source, variables=(("thinking", thinking),)), max_length=4096, reasoning="per_turn")
+    kept, rejected, _ = encode_table(per_turn, canonical_table([REASONING]))
+    assert rejected.num_rows == 0
+    rows = kept.to_pylist()
+    assert [trained(tokenizer, row[schema.INPUT_IDS], row[schema.LABELS]) for row in rows] == [f"{a}<|im_end|>" for a in answers]
+    for row in rows:  # before the trained turn: exactly the inference prompt
+        first = next(i for i, label in enumerate(row[schema.LABELS]) if label != schema.IGNORE_INDEX)
+        messages = history(per_turn, tokenizer, row[schema.MESSAGES][:-1])
+        prompt = tokenizer.apply_chat_template(
+            messages, chat_template=source, add_generation_prompt=True, tokenize=False, thinking=thinking
+        )
+        assert prompt.endswith("<think>" if thinking else "<think></think>")
+        assert row[schema.INPUT_IDS][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("model, frame", [("qwen3", ("\n", "\n")), ("glm45", ("", "")), ("deepseek_r1", None), ("llama31", None)])
