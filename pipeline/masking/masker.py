@@ -735,18 +735,33 @@ class Masker:
             filled = reasoning + generated
         if rendered.startswith(prompt) and not rendered[len(prompt) : turn.char_start].strip():
             if filled is None:
-                return rendered, [turn], prompt
-            text = rendered[: turn.char_start] + filled + rendered[turn.char_end :]
-            end = turn.char_start + len(filled)
-            return text, [_Turn(turn.message_index, turn.char_start, end, turn.end_token, opened_think=opened)], prompt
-        if filled is not None:
-            generated = filled
-        elif opened and "</think>" not in generated:
-            # The prompt opens a think block the rendered turn never closes (DeepSeek-R1 strips the
-            # block from every turn): the model writes its reasoning, or nothing, and closes it.
-            generated = reasoning + ("\n</think>" if generated.startswith("\n") else "\n</think>\n\n") + generated
-        text = prompt + generated
-        return text, [_Turn(turn.message_index, len(prompt), len(text), turn.end_token, opened_think=opened)], prompt
+                text, composed = rendered, turn
+            else:
+                text = rendered[: turn.char_start] + filled + rendered[turn.char_end :]
+                end = turn.char_start + len(filled)
+                composed = _Turn(turn.message_index, turn.char_start, end, turn.end_token, opened_think=opened)
+        else:
+            if filled is not None:
+                generated = filled
+            elif opened and "</think>" not in generated:
+                # The prompt opens a think block the rendered turn never closes (DeepSeek-R1 strips the
+                # block from every turn): the model writes its reasoning, or nothing, and closes it.
+                generated = reasoning + ("\n</think>" if generated.startswith("\n") else "\n</think>\n\n") + generated
+            text = prompt + generated
+            composed = _Turn(turn.message_index, len(prompt), len(text), turn.end_token, opened_think=opened)
+        if reasoning and self.reasoning.reads_field and reasoning not in text[composed.char_start : composed.char_end]:
+            # per_turn trains a turn with its reasoning: a template that reads the reasoning field but
+            # renders it nowhere in the turn, nor an empty think block to write it into (a tag of its
+            # own, say), would have it lost without a word. (A template that reads only content and
+            # drops a calling turn's content, as Llama-3.1's, drops the inline reasoning with it.)
+            return Drop(
+                "template_drops_reasoning",
+                f"assistant turn {turn.message_index} has reasoning and chat template {self.template.name!r} renders "
+                "none of it in that turn, nor an empty think block to write it into (it would be lost); "
+                "tokenize.reasoning: drop trains such turns without it",
+                stage="template",
+            )
+        return text, [composed], prompt
 
     def _inference_prompt(
         self, row: _Rendered, rendered: str, plain: list[dict[str, Any]], tool_schemas, prompt: str | None = None

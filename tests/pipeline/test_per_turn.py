@@ -220,6 +220,30 @@ def test_kimi_k25_reasoning_is_written_before_the_close_its_answer_renders(think
         assert row[schema.INPUT_IDS][:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+def test_reasoning_a_template_reads_but_renders_nowhere_in_the_turn_is_refused_not_lost(bpe_tokenizer):
+    """A template that reads the reasoning field, cuts it from its answers and writes no <think>
+    block to put it back into (here K2 Thinking's rule with tags of its own) would have per_turn train
+    the answer without its reasoning: such a turn is refused, named, and a calling turn whose
+    reasoning it renders is kept."""
+    tokenizer = tokenizer_for("kimi_k2_thinking", bpe_tokenizer)
+    source = template_text("kimi_k2_thinking").replace("'<think>' ~ reasoning ~ '</think>'", "'<reason>' ~ reasoning ~ '</reason>'")
+    assert "<reason>" in source
+    per_turn = Masker(tokenizer, Template("own-tags", source), max_length=4096, reasoning="per_turn")
+    assert per_turn.think_frame is None
+    call = {"id": "functions.get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    calling = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "reasoning_content": "Call it.", "tool_calls": [call]},
+    ]
+    kept, rejected, _ = encode_table(per_turn, canonical_table([REASONING, calling]))
+    assert rejected.column(schema.REASON).to_pylist() == ["template_drops_reasoning"]  # the record, both its answers refused
+    assert "renders none of it" in rejected.column(schema.DETAIL).to_pylist()[0]
+    assert [trained(tokenizer, row[schema.INPUT_IDS], row[schema.LABELS]) for row in kept.to_pylist()] == [
+        "<reason>Call it.</reason><|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+        '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>'
+    ]
+
+
 @pytest.mark.parametrize("model, frame", [("qwen3", ("\n", "\n")), ("glm45", ("", "")), ("deepseek_r1", None), ("llama31", None)])
 def test_the_frame_of_kept_reasoning_is_read_from_the_template(model, frame, bpe_tokenizer):
     """How a template writes the reasoning it keeps, probed once: Qwen3 "<think>\nR\n</think>", GLM
