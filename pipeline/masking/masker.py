@@ -749,11 +749,11 @@ class Masker:
                 generated = reasoning + ("\n</think>" if generated.startswith("\n") else "\n</think>\n\n") + generated
             text = prompt + generated
             composed = _Turn(turn.message_index, len(prompt), len(text), turn.end_token, opened_think=opened)
-        if reasoning and self.reasoning.reads_field and reasoning not in text[composed.char_start : composed.char_end]:
-            # per_turn trains a turn with its reasoning: a template that reads the reasoning field but
-            # renders it nowhere in the turn, nor an empty think block to write it into (a tag of its
-            # own, say), would have it lost without a word. (A template that reads only content and
-            # drops a calling turn's content, as Llama-3.1's, drops the inline reasoning with it.)
+        if reasoning and reasoning not in text[composed.char_start : composed.char_end]:
+            # per_turn trains a turn with its reasoning. A template that renders it nowhere in the
+            # turn, nor an empty think block to write it into, would have it lost without a word:
+            # one that cuts it under a think tag of its own, or Llama-3.1's, which writes a calling
+            # turn's calls and not its content (where the reasoning goes inline).
             return Drop(
                 "template_drops_reasoning",
                 f"assistant turn {turn.message_index} has reasoning and chat template {self.template.name!r} renders "

@@ -244,6 +244,22 @@ def test_reasoning_a_template_reads_but_renders_nowhere_in_the_turn_is_refused_n
     ]
 
 
+def test_reasoning_of_a_calling_turn_llama31_writes_without_its_content_is_refused_not_lost(bpe_tokenizer):
+    """Llama-3.1's template writes a calling turn's call and not its content, where the reasoning of a
+    template that reads only content goes inline: per_turn would train the call without the
+    reasoning. It is refused, named; without reasoning the same turn is kept."""
+    tokenizer, per_turn = masker("llama31", bpe_tokenizer)
+    call = {"id": "call_0001", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    question = {"role": "user", "content": "Weather in Paris?"}
+    with_reasoning = [question, {"role": "assistant", "content": "", "reasoning_content": "Call it.", "tool_calls": [call]}]
+    without = [question, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    kept, rejected, _ = encode_table(per_turn, canonical_table([with_reasoning, without]))
+    assert rejected.column(schema.REASON).to_pylist() == ["template_drops_reasoning"]
+    assert rejected.column(schema.SOURCE_INDEX).to_pylist() == [0]
+    assert kept.column(schema.SOURCE_INDEX).to_pylist() == [1]
+    assert "get_weather" in trained(tokenizer, kept.to_pylist()[0][schema.INPUT_IDS], kept.to_pylist()[0][schema.LABELS])
+
+
 @pytest.mark.parametrize("model, frame", [("qwen3", ("\n", "\n")), ("glm45", ("", "")), ("deepseek_r1", None), ("llama31", None)])
 def test_the_frame_of_kept_reasoning_is_read_from_the_template(model, frame, bpe_tokenizer):
     """How a template writes the reasoning it keeps, probed once: Qwen3 "<think>\nR\n</think>", GLM
