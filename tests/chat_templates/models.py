@@ -141,6 +141,20 @@ _DEEPSEEK = {
     "end_of_turn": "<｜end▁of▁sentence｜>",
 }
 
+# Kimi K2's chat tokens (its tiktoken tokenizer adds no BOS; the chat stops on <|im_end|>); K2 Thinking's too
+_KIMI_CONTROLS = [
+    "<|im_end|>",
+    "<|im_user|>",
+    "<|im_assistant|>",
+    "<|im_system|>",
+    "<|im_middle|>",
+    "<|tool_calls_section_begin|>",
+    "<|tool_calls_section_end|>",
+    "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>",
+    "<|tool_call_end|>",
+]
+
 TEMPLATES: dict[str, dict] = {
     "qwen3": {
         "file": "qwen3.jinja",
@@ -283,19 +297,7 @@ TEMPLATES: dict[str, dict] = {
     "kimi_k2": {
         "file": "kimi_k2.jinja",
         "twin": "kimi_k2_gen.jinja",
-        # Kimi K2's chat tokens (its tiktoken tokenizer adds no BOS; the chat stops on <|im_end|>)
-        "controls": [
-            "<|im_end|>",
-            "<|im_user|>",
-            "<|im_assistant|>",
-            "<|im_system|>",
-            "<|im_middle|>",
-            "<|tool_calls_section_begin|>",
-            "<|tool_calls_section_end|>",
-            "<|tool_call_begin|>",
-            "<|tool_call_argument_begin|>",
-            "<|tool_call_end|>",
-        ],
+        "controls": _KIMI_CONTROLS,
         "added": [],
         "bos": None,
         "eos": "<|im_end|>",
@@ -303,31 +305,6 @@ TEMPLATES: dict[str, dict] = {
         "variables": {},
         # No tool conversations: it writes a call's id where its name would be and each result under
         # its tool_call_id, which sftkit's messages do not keep; such rows are refused, named so.
-        "conversations": _NO_TOOLS,
-        "raises": [],
-    },
-    "kimi_k2_thinking": {
-        "file": "kimi_k2_thinking.jinja",
-        "twin": "kimi_k2_thinking_gen.jinja",
-        # Kimi K2's chat tokens; <think> and </think> are added tokens of its tokenizer
-        "controls": [
-            "<|im_end|>",
-            "<|im_user|>",
-            "<|im_assistant|>",
-            "<|im_system|>",
-            "<|im_middle|>",
-            "<|tool_calls_section_begin|>",
-            "<|tool_calls_section_end|>",
-            "<|tool_call_begin|>",
-            "<|tool_call_argument_begin|>",
-            "<|tool_call_end|>",
-        ],
-        "added": ["<think>", "</think>"],
-        "bos": None,
-        "eos": "<|im_end|>",
-        "end_of_turn": "<|im_end|>",
-        "variables": {},
-        # As Kimi K2: the tool conversations' ids are not functions.NAME:INDEX, so they are refused.
         "conversations": _NO_TOOLS,
         "raises": [],
     },
@@ -369,6 +346,16 @@ TEMPLATES: dict[str, dict] = {
         "conversations": _NO_TOOLS,
         "raises": ["tool_call", "tool_call_json_args"],
     },
+}
+
+
+# Kimi K2 Thinking: Kimi K2's tokens and roles (<think> and </think> are added tokens of its tokenizer);
+# as for K2, the tool conversations' ids are not functions.NAME:INDEX, so they are refused.
+TEMPLATES["kimi_k2_thinking"] = {
+    **TEMPLATES["kimi_k2"],
+    "file": "kimi_k2_thinking.jinja",
+    "twin": "kimi_k2_thinking_gen.jinja",
+    "added": ["<think>", "</think>"],
 }
 
 
