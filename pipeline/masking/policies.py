@@ -366,6 +366,8 @@ def turn_markup(
 
 
 _CALL, _ARGUMENT, _VALUE, _RESULT = "sftkit_probe_call", "sftkit_probe_argument", "sftkit probe value", "sftkit probe result"
+# A probe turn's tool call, its keys in canonical (sorted) order, as rows store them
+_PROBE_CALL = {"function": {"arguments": {_ARGUMENT: _VALUE}, "name": _CALL}, "type": "function"}
 
 
 def call_leads(
@@ -394,10 +396,9 @@ def call_leads(
     no lead can be known (the template refuses calls, or writes a call's arguments before its
     name): such a turn is then checked for its names and end token only.
     """
-    call = {"function": {"arguments": {_ARGUMENT: _VALUE}, "name": _CALL}, "type": "function"}  # canonical key order
 
     def calling(reasoning: bool) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [call]}
+        message: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}
         if reasoning:
             message["reasoning_content"] = _REASONING
         return message
@@ -465,11 +466,10 @@ def kept_reasoning_frame(template: Template, variables: dict[str, Any], limits=(
     answer is written at inference, never in a rendering that holds the answer. ``per_turn``
     writes it into that empty block in this frame (:func:`reasoning_into_empty_block`). Found by
     rendering an answer and a calling turn with reasoning, last, within ``limits``."""
-    call = {"function": {"arguments": {_ARGUMENT: _VALUE}, "name": _CALL}, "type": "function"}
     user = {"role": "user", "content": _QUESTION}
     turns = [
         {"role": "assistant", "content": _ANSWER, "reasoning_content": _REASONING},
-        {"role": "assistant", "content": "", "tool_calls": [call], "reasoning_content": _REASONING},
+        {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL], "reasoning_content": _REASONING},
     ]
     for turn in turns:
         rendered = _rendered_or_error(template, variables, [user, turn], limits)

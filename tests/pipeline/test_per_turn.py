@@ -73,6 +73,10 @@ def history(per_turn: Masker, tokenizer, canonical, **variables) -> list[dict]:
     return realise(per_turn.reasoning.shape(messages, per_turn.reasoning.cut_out(shaped, render(realise(shaped, None)), render)), None)
 
 
+def weather_call(call_id: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
 def trained(tokenizer, ids, labels) -> str:
     return tokenizer.decode([i for i, label in zip(ids, labels) if label != schema.IGNORE_INDEX])
 
@@ -152,7 +156,7 @@ def test_kimi_k2_thinking_reasoning_is_written_into_the_empty_block_of_its_answe
     tokenizer, per_turn = masker("kimi_k2_thinking", bpe_tokenizer)
     _, twin = masker("kimi_k2_thinking", bpe_tokenizer, twin=True)
     assert per_turn.think_frame == ("", "")
-    call = {"id": "functions.get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    call = weather_call("functions.get_weather:0")
     with_tools = [
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": "", "reasoning_content": "I should call the tool.", "tool_calls": [call]},
@@ -230,7 +234,7 @@ def test_reasoning_a_template_reads_but_renders_nowhere_in_the_turn_is_refused_n
     assert "<reason>" in source
     per_turn = Masker(tokenizer, Template("own-tags", source), max_length=4096, reasoning="per_turn")
     assert per_turn.think_frame is None
-    call = {"id": "functions.get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    call = weather_call("functions.get_weather:0")
     calling = [
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": "", "reasoning_content": "Call it.", "tool_calls": [call]},
@@ -249,7 +253,7 @@ def test_reasoning_of_a_calling_turn_llama31_writes_without_its_content_is_refus
     template that reads only content goes inline: per_turn would train the call without the
     reasoning. It is refused, named; without reasoning the same turn is kept."""
     tokenizer, per_turn = masker("llama31", bpe_tokenizer)
-    call = {"id": "call_0001", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    call = weather_call("call_0001")
     question = {"role": "user", "content": "Weather in Paris?"}
     with_reasoning = [question, {"role": "assistant", "content": "", "reasoning_content": "Call it.", "tool_calls": [call]}]
     without = [question, {"role": "assistant", "content": "", "tool_calls": [call]}]
