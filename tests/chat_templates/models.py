@@ -1,4 +1,4 @@
-"""Official chat templates of fourteen real models, and their generation-tagged twins, as test fixtures.
+"""Official chat templates of sixteen real models, and their generation-tagged twins, as test fixtures.
 
 Each ``<name>.jinja`` file is the model's published chat template (see the comment at its top for
 where the text came from and what, if anything, was changed; ``gpt_oss.jinja`` is written to
@@ -18,6 +18,8 @@ truth a mask locator working on the *untagged* original has to reproduce.
 - ``variables``: extra keyword arguments to pass when rendering (``enable_thinking`` for Qwen3);
 - ``conversations``: the names in :data:`CONVERSATIONS` the template renders faithfully;
 - ``tagged``: present (True) where the official template has ``{% generation %}`` blocks of its own;
+- ``prompt_opens_think``: present (True) where the generation prompt opens a think block that a turn
+  rendered without reasoning does not show, so such rows are flagged ``render_mismatch``;
 - ``raises``: the names in :data:`CONVERSATIONS` the template refuses with ``raise_exception``
   (a ``jinja2.TemplateError``). Names in neither list render but lose or mangle information
   (Phi-3 drops tool messages; Llama-3.1 JSON-quotes string arguments again) or fail with an
@@ -183,6 +185,7 @@ TEMPLATES: dict[str, dict] = {
         # raises a TypeError, not a raise_exception, so "tool_call" is simply left out).
         "conversations": [c for c in _ALL if c != "tool_call"],
         "raises": [],
+        "prompt_opens_think": True,
     },
     "deepseek_v31": {
         "file": "deepseek_v31.jinja",
@@ -356,6 +359,41 @@ TEMPLATES["kimi_k2_thinking"] = {
     "file": "kimi_k2_thinking.jinja",
     "twin": "kimi_k2_thinking_gen.jinja",
     "added": ["<think>", "</think>"],
+}
+
+
+# MiniMax-M2: its chat markers are special tokens, and <think> and </think> are taken as special too
+# (MiniMax's own verifier says its M3 tokenizer has them so); the masks are the same with them as
+# ordinary added tokens. Every conversation opens with a system turn; the generation prompt opens a
+# think block.
+TEMPLATES["minimax_m2"] = {
+    "file": "minimax_m2.jinja",
+    "twin": "minimax_m2_gen.jinja",
+    "controls": ["]~!b[", "]~b]", "[e~[", "<think>", "</think>"],
+    "added": ["<minimax:tool_call>", "</minimax:tool_call>"],
+    "bos": "]~!b[",
+    "eos": "[e~[",
+    "end_of_turn": "[e~[",
+    "variables": {},
+    "conversations": _ALL,
+    "raises": [],
+    "prompt_opens_think": True,
+}
+
+
+# Seed-OSS: '<seed:bos>' opens every turn and '<seed:eos>' closes it; its think and tool-call tags are
+# added tokens. Reasoning is written as '<seed:think>R</seed:think>' and kept in every turn.
+TEMPLATES["seed_oss"] = {
+    "file": "seed_oss.jinja",
+    "twin": "seed_oss_gen.jinja",
+    "controls": ["<seed:bos>", "<seed:eos>", "<seed:pad>"],
+    "added": ["<seed:think>", "</seed:think>", "<seed:tool_call>", "</seed:tool_call>"],
+    "bos": "<seed:bos>",
+    "eos": "<seed:eos>",
+    "end_of_turn": "<seed:eos>",
+    "variables": {},
+    "conversations": _ALL,
+    "raises": [],
 }
 
 
