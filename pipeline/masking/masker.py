@@ -44,7 +44,7 @@ from pipeline.masking.policies import (
 )
 from pipeline.masking.results import Encoded
 from pipeline.masking.token_spans import token_start_from_bytes, tokens_from_bytes, tokens_from_offsets
-from pipeline.masking.verify import bare, clip, metaspace, span_matches
+from pipeline.masking.verify import bare, call_name, clip, metaspace, span_matches
 from pipeline.stage import Drop
 from pipeline.templates import KNOWN_END_TOKENS, Renderer, RenderTooLarge, Template, builtin_prompt_end, template_variables
 
@@ -296,12 +296,7 @@ class Masker:
                 check.turn.opened_think,
             ):
                 del labelled[check.index]
-                results[check.index] = Drop(
-                    "mask_unverifiable",
-                    f"trained tokens of assistant turn {check.turn.message_index} decode to {clip(check.decoded)!r}, "
-                    f"not to its reasoning, content and end token",
-                    stage="tokenize",
-                )
+                results[check.index] = _unverified(check, self.as_decoded)
         mismatched = self._render_mismatches(labelled)
         for index, entry in labelled.items():
             outcome = fit_length(
@@ -599,8 +594,9 @@ class Masker:
         try:
             rendered, spans = self._render(plain, tool_schemas, with_spans=self.use_generation)
             sentinels = lambda msgs: self._render(msgs, tool_schemas)[0]  # noqa: E731
-            if cut := self.reasoning.cut_out(shaped, rendered, sentinels):  # DeepSeek-R1's answers: no stray "\n\n"
-                shaped = self.reasoning.shape(messages, cut)
+            # DeepSeek-R1's answers: no stray "\n\n"; Nemotron's last answer: no second <think>
+            if placed := self.reasoning.placement(shaped, rendered, sentinels):
+                shaped = self.reasoning.shape(messages, placed)
                 plain = realise(shaped, None)
                 known_prompt = None  # the turns before may render otherwise now
                 rendered, spans = self._render(plain, tool_schemas, with_spans=self.use_generation)
@@ -822,6 +818,30 @@ class Masker:
 
     def _selected_turns(self, turns: list[_Turn], train_flags) -> list[_Turn]:
         return selected_turns(turns, train_flags, self.train_on, per_turn=self.reasoning.policy == "per_turn")
+
+
+def _unverified(check: _SpanCheck, as_decoded) -> Drop:
+    """The refusal of a turn whose trained tokens failed the span check: ``template_splits_turn``
+    where its tool calls stand after an end token inside its span, the template having rendered its
+    words and its calls as two turns (Nemotron Nano v2 does so with a conversation's last message),
+    else ``mask_unverifiable``. Either way the row is refused; this only names why."""
+    names = [as_decoded(name) for name in map(call_name, check.message.get("tool_calls") or []) if name]
+    end = as_decoded(check.turn.end_token) if check.turn.end_token else None
+    at = check.decoded.find(end) if end else -1
+    if names and at >= 0 and all(check.decoded[at:].count(name) >= names.count(name) for name in names):
+        return Drop(
+            "template_splits_turn",
+            f"the template renders assistant turn {check.turn.message_index}'s words and its tool calls as two "
+            f"turns, the calls after its end token {check.turn.end_token!r}; the model writes them as one, so "
+            "the turn cannot be trained as the template renders it",
+            stage="tokenize",
+        )
+    return Drop(
+        "mask_unverifiable",
+        f"trained tokens of assistant turn {check.turn.message_index} decode to {clip(check.decoded)!r}, "
+        f"not to its reasoning, content and end token",
+        stage="tokenize",
+    )
 
 
 def _answered_calls_without_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

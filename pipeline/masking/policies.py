@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from pipeline.deadline import RenderTimeout, release, time_limit
 from pipeline.masking.locate import Piece, parting_point, realise
@@ -56,6 +56,12 @@ class ReasoningShape:
     template renders it last, and where the template leaves the reasoning out although the prompt
     opens a think block (DeepSeek-R1 renders no block; DeepSeek-V3.1 with thinking closes it at
     once) the reasoning is written into that block.
+
+    Where the template itself opens the think block right before a turn's content (Nemotron Nano
+    v2 renders the conversation's last answer as its generation prompt, ``<think>\n\n``, followed
+    by the content), the inline reasoning goes in without an opening tag of its own, as
+    ``REASONING\n</think>\n\n`` before the content: the model writes exactly that after its prompt,
+    and a second ``<think>`` would be trained although it never writes one (:meth:`placement`).
     """
 
     def __init__(self, template: Template, policy: str):
@@ -64,9 +70,11 @@ class ReasoningShape:
         self.policy = policy
         self.reads_field = "reasoning_content" in template.code or _READS_THINKING.search(template.code) is not None
 
-    def shape(self, messages: list[dict[str, Any]], cut: Collection[int] = ()) -> list[dict[str, Any]]:
+    def shape(self, messages: list[dict[str, Any]], placed: Placement | None = None) -> list[dict[str, Any]]:
         """Template messages with reasoning where the template will find it (piece lists, see
-        locate); none for the messages at the indices in ``cut`` (see :meth:`cut_out`)."""
+        locate); none for the messages ``placed`` says the template cuts it out of, and without
+        an opening tag for those it says the template opens the block of (see :meth:`placement`)."""
+        cut, opened = placed if placed is not None else ((), ())
         shaped = []
         for index, message in enumerate(messages):
             reasoning = message.get("reasoning_content")
@@ -77,29 +85,38 @@ class ReasoningShape:
             if self.policy != "drop":
                 if self.reads_field:
                     message["reasoning_content"] = reasoning
+                elif index in opened:
+                    message["content"] = [Piece(reasoning), INLINE_CLOSE, Piece(message["content"])]
                 elif index not in cut:
-                    message["content"] = ["<think>\n", Piece(reasoning), "\n</think>\n\n", Piece(message["content"])]
+                    message["content"] = [INLINE_OPEN, Piece(reasoning), INLINE_CLOSE, Piece(message["content"])]
             shaped.append(message)
         return shaped
 
-    def cut_out(self, shaped: list[dict[str, Any]], rendered: str, render: Callable[[list[dict[str, Any]]], str]) -> list[int]:
-        """The messages whose reasoning, put inline, the template cut out of its rendering.
+    def placement(self, shaped: list[dict[str, Any]], rendered: str, render: Callable[[list[dict[str, Any]]], str]) -> Placement | None:
+        """Where the template puts the reasoning :meth:`shape` wrote inline; None where nothing changes.
 
+        ``cut``: the messages whose inline reasoning the template cuts out of its rendering.
         DeepSeek-R1 and -V3.1 keep only what follows ``</think>`` in an answer to a user (not in a
         calling turn nor after tool outputs): the inline block's separator, ``\n\n``, would stay
         before the answer, trained although the model never writes it there. Such a message is
         rendered again without reasoning (``per_turn`` still writes it into a think block its
-        prompt opens). Told exactly by rendering ``shaped`` once more, each inline reasoning
-        replaced by a sentinel (``render``): a template that rewrites the reasoning (trims it,
-        escapes it) still shows its sentinel, and is then refused by the locator as before,
-        never silently trained without it. No inline reasoning, or a rendering that fails: none."""
+        prompt opens).
+
+        ``opened``: the messages whose content the template writes right after a ``<think>`` of its
+        own (Nemotron Nano v2's last answer): their reasoning goes in without the inline block's
+        opening tag.
+
+        Told exactly by rendering ``shaped`` once more, each inline reasoning replaced by a sentinel
+        (``render``): a template that rewrites the reasoning (trims it, escapes it) still shows its
+        sentinel, and is then refused by the locator as before, never silently trained without it.
+        No inline reasoning, or a rendering that fails: None."""
         pieces = {}
         for index, message in enumerate(shaped):
             content = message.get("content")
             if isinstance(content, list) and len(content) == 4 and isinstance(content[1], Piece):
                 pieces[(index, "content.1")] = index
         if not pieces:
-            return []
+            return None
         marker = "@@skr"
         while marker in rendered:
             marker += "r"
@@ -107,8 +124,28 @@ class ReasoningShape:
         try:
             skeleton = render(realise(shaped, lambda index, field: names.get((index, field))))
         except Exception:
-            return []
-        return [pieces[key] for key, name in names.items() if name not in skeleton]
+            return None
+        cut, opened = [], []
+        for key, name in names.items():
+            at = skeleton.find(INLINE_OPEN + name)
+            if name not in skeleton:
+                cut.append(pieces[key])
+            elif at >= 0 and skeleton[:at].rstrip().endswith(INLINE_OPEN.strip()):
+                opened.append(pieces[key])
+        return Placement(cut, opened) if cut or opened else None
+
+
+# Reasoning put inline, for a template that reads only content: INLINE_OPEN + reasoning + INLINE_CLOSE + content.
+INLINE_OPEN = "<think>\n"
+INLINE_CLOSE = "\n</think>\n\n"
+
+
+class Placement(NamedTuple):
+    """What :meth:`ReasoningShape.placement` found: message indices whose inline reasoning the template
+    cuts out (``cut``), and those whose content it writes right after a think block it opens (``opened``)."""
+
+    cut: list[int]
+    opened: list[int]
 
 
 # What each probe text stands for, to say which one a template dropped.

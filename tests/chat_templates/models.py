@@ -1,4 +1,4 @@
-"""Official chat templates of sixteen real models, and their generation-tagged twins, as test fixtures.
+"""Official chat templates of seventeen real models, and their generation-tagged twins, as test fixtures.
 
 Each ``<name>.jinja`` file is the model's published chat template (see the comment at its top for
 where the text came from and what, if anything, was changed; ``gpt_oss.jinja`` is written to
@@ -391,6 +391,23 @@ TEMPLATES["seed_oss"] = {
     "bos": "<seed:bos>",
     "eos": "<seed:eos>",
     "end_of_turn": "<seed:eos>",
+    "variables": {},
+    "conversations": _ALL,
+    "raises": [],
+}
+
+
+# NVIDIA Nemotron Nano v2: <SPECIAL_10>/<SPECIAL_11> open a system or user/assistant turn and
+# <SPECIAL_12> ends an assistant turn (the model's stop token); it writes no BOS. It reads no
+# reasoning field, and renders the last answer after a '<think>\n\n' of its own.
+TEMPLATES["nemotron_nano_v2"] = {
+    "file": "nemotron_nano_v2.jinja",
+    "twin": "nemotron_nano_v2_gen.jinja",
+    "controls": ["<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>"],
+    "added": ["<think>", "</think>"],
+    "bos": None,
+    "eos": "<SPECIAL_12>",
+    "end_of_turn": "<SPECIAL_12>",
     "variables": {},
     "conversations": _ALL,
     "raises": [],

@@ -70,7 +70,7 @@ def history(per_turn: Masker, tokenizer, canonical, **variables) -> list[dict]:
     def render(plain):
         return tokenizer.apply_chat_template(plain, tokenize=False, date_string="26 Jul 2024", **variables)
 
-    return realise(per_turn.reasoning.shape(messages, per_turn.reasoning.cut_out(shaped, render(realise(shaped, None)), render)), None)
+    return realise(per_turn.reasoning.shape(messages, per_turn.reasoning.placement(shaped, render(realise(shaped, None)), render)), None)
 
 
 def weather_call(call_id: str) -> dict:
@@ -81,7 +81,7 @@ def trained(tokenizer, ids, labels) -> str:
     return tokenizer.decode([i for i, label in zip(ids, labels) if label != schema.IGNORE_INDEX])
 
 
-@pytest.mark.parametrize("model", ["qwen3", "deepseek_r1", "phi3", "llama31", "smollm3", "kimi_k2_thinking"])
+@pytest.mark.parametrize("model", ["qwen3", "deepseek_r1", "phi3", "llama31", "smollm3", "kimi_k2_thinking", "nemotron_nano_v2"])
 def test_each_turn_is_a_row_trained_as_at_inference(model, bpe_tokenizer, monkeypatch):
     import transformers.utils.chat_template_utils as ctu
 
@@ -187,6 +187,36 @@ def test_kimi_k2_thinking_reasoning_is_written_into_the_empty_block_of_its_answe
     assert "<think>I should call the tool.</think>" in tokenizer.decode(kept.to_pylist()[3][schema.INPUT_IDS])
     assert kept.column(schema.LABELS).to_pylist() == reference.column(schema.LABELS).to_pylist()
     assert kept.column(schema.INPUT_IDS).to_pylist() == reference.column(schema.INPUT_IDS).to_pylist()
+
+
+def test_nemotron_nano_v2_reasoning_goes_into_the_think_block_its_template_opens(bpe_tokenizer):
+    """Nemotron Nano v2 reads no reasoning field and renders the last answer as its generation prompt
+    does, "<SPECIAL_11>Assistant\n<think>\n\n", then the content: reasoning put inline with a tag of
+    its own trained a second "<think>" (the span check refused every such row). It now goes in as
+    "REASONING\n</think>\n\n" before the content, what the model writes after that prompt; a calling
+    turn the template splits from its words is refused, named so. Same as the tagged twin."""
+    tokenizer, per_turn = masker("nemotron_nano_v2", bpe_tokenizer)
+    _, twin = masker("nemotron_nano_v2", bpe_tokenizer, twin=True)
+    calling = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "reasoning_content": "I should call the tool.", "tool_calls": [weather_call("call_1")]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "18 C"},
+        {"role": "assistant", "content": "It is 18 C.", "reasoning_content": "The tool said 18."},
+    ]
+    table = canonical_table([REASONING, calling])
+    kept, rejected, _ = encode_table(per_turn, table)
+    reference, _, _ = encode_table(twin, table)
+    texts = [trained(tokenizer, row[schema.INPUT_IDS], row[schema.LABELS]) for row in kept.to_pylist()]
+    assert texts == [
+        "12 * 12 = 144.\n</think>\n\n144\n<SPECIAL_12>",
+        "13 * 13 = 169.\n</think>\n\n169\n<SPECIAL_12>",
+        "The tool said 18.\n</think>\n\nIt is 18 C.\n<SPECIAL_12>",
+    ]
+    assert "<think>\n\n13 * 13" in tokenizer.decode(kept.to_pylist()[1][schema.INPUT_IDS])  # the template's own tag
+    # The calling turn, rendered last: its reasoning as one assistant turn, its call as another.
+    assert rejected.column("reason").to_pylist() == ["template_splits_turn"]
+    assert "two turns" in rejected.column("detail").to_pylist()[0]
+    assert kept.column(schema.LABELS).to_pylist() == reference.column(schema.LABELS).to_pylist()
 
 
 _KIMI_PROMPT = "{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}"
