@@ -176,8 +176,8 @@ class Masker:
         self.train_on = train_on
         self.truncate = truncate
         self.variables = template_variables(tokenizer)
-        self.reasoning = ReasoningShape(template, reasoning)
         limits = (render_timeout, max_render_chars)
+        self.reasoning = ReasoningShape(template, reasoning, self.variables, limits)
         self.roles = RolePolicy(template, self.variables, system, limits=limits)
         self.strict_render = strict_render
         self.render_timeout = render_timeout

@@ -49,7 +49,8 @@ class ReasoningShape:
 
     A template that reads ``reasoning_content`` (Qwen3, DeepSeek-R1 distills, gpt-oss ports) gets
     it there; for one that reads only ``content`` the reasoning is put back inline, as
-    ``<think>\nREASONING\n</think>\n\n`` before the content, the form such models were trained on.
+    ``<think>\nREASONING\n</think>\n\n`` before the content, the form such models were trained on
+    (or in the model's own tags, where its template strips those: :func:`inline_tags`).
     ``drop`` renders no reasoning at all. ``per_turn`` rows (the tokenize stage cuts a conversation
     into one row per assistant turn) train only their last turn, rendered as at inference: the
     row is the generation prompt of the messages before the turn followed by the turn as the
@@ -64,11 +65,16 @@ class ReasoningShape:
     and a second ``<think>`` would be trained although it never writes one (:meth:`placement`).
     """
 
-    def __init__(self, template: Template, policy: str):
+    def __init__(self, template: Template, policy: str, variables: dict[str, Any] | None = None, limits=(None, None)):
         if policy not in REASONING_POLICIES:
             raise ValueError(f"tokenize.reasoning must be one of {REASONING_POLICIES}, got {policy!r}")
         self.policy = policy
         self.reads_field = "reasoning_content" in template.code or _READS_THINKING.search(template.code) is not None
+        # how reasoning is written inline for a template that reads no field: "<think>\n" … "\n</think>\n\n",
+        # or the model's own tags where its template strips those (Gemma 4's thought channel)
+        self.open, self.close = (
+            inline_tags(template, variables, limits) if variables is not None and not self.reads_field and policy != "drop" else INLINE_TAGS
+        )
 
     def shape(self, messages: list[dict[str, Any]], placed: Placement | None = None) -> list[dict[str, Any]]:
         """Template messages with reasoning where the template will find it (piece lists, see
@@ -86,9 +92,9 @@ class ReasoningShape:
                 if self.reads_field:
                     message["reasoning_content"] = reasoning
                 elif index in opened:
-                    message["content"] = [Piece(reasoning), INLINE_CLOSE, Piece(message["content"])]
+                    message["content"] = [Piece(reasoning), self.close, Piece(message["content"])]
                 elif index not in cut:
-                    message["content"] = [INLINE_OPEN, Piece(reasoning), INLINE_CLOSE, Piece(message["content"])]
+                    message["content"] = [self.open, Piece(reasoning), self.close, Piece(message["content"])]
             shaped.append(message)
         return shaped
 
@@ -127,17 +133,40 @@ class ReasoningShape:
             return None
         cut, opened = [], []
         for key, name in names.items():
-            at = skeleton.find(INLINE_OPEN + name)
+            at = skeleton.find(self.open + name)
             if name not in skeleton:
                 cut.append(pieces[key])
-            elif at >= 0 and skeleton[:at].rstrip().endswith(INLINE_OPEN.strip()):
+            elif at >= 0 and skeleton[:at].rstrip().endswith(self.open.strip()):
                 opened.append(pieces[key])
         return Placement(cut, opened) if cut or opened else None
 
 
-# Reasoning put inline, for a template that reads only content: INLINE_OPEN + reasoning + INLINE_CLOSE + content.
-INLINE_OPEN = "<think>\n"
-INLINE_CLOSE = "\n</think>\n\n"
+# Reasoning put inline, for a template that reads only content: open + reasoning + close + content.
+INLINE_TAGS = ("<think>\n", "\n</think>\n\n")
+# The inline tags of models that write their reasoning otherwise, each taken only where the template strips
+# reasoning written in them (and not reasoning in <think>): Gemma 4's thought channel.
+OWN_INLINE_TAGS = (("<|channel>thought\n", "<channel|>"),)
+
+
+def inline_tags(template: Template, variables: dict[str, Any], limits=(None, None)) -> tuple[str, str]:
+    """The tags reasoning is written inline in, for a template that reads no reasoning field.
+
+    ``<think>\n`` … ``\n</think>\n\n`` (what DeepSeek-R1 distills and most open models write),
+    unless the template strips reasoning written in a model's own tags from an answer and keeps
+    ``<think>`` text: Gemma 4's template cuts ``<|channel>thought\n…<channel|>`` out of every model
+    turn, so reasoning in ``<think>`` tags would be trained there as foreign text the model never
+    writes, while in its own tags it is cut, as DeepSeek-R1's is (under ``per_turn`` such a turn is
+    then refused as ``template_drops_reasoning``, ``tokenize.reasoning: drop`` trains it without).
+    Found by rendering one answer with probe reasoning in each set of tags (within ``limits``)."""
+
+    def stripped(tags: tuple[str, str]) -> bool:
+        answer = {"role": "assistant", "content": tags[0] + _REASONING + tags[1] + _ANSWER}
+        text = _rendered_or_error(template, variables, [{"role": "user", "content": _QUESTION}, answer], limits)
+        return isinstance(text, str) and _ANSWER in text and _REASONING not in text
+
+    if stripped(INLINE_TAGS):
+        return INLINE_TAGS
+    return next((tags for tags in OWN_INLINE_TAGS if stripped(tags)), INLINE_TAGS)
 
 
 class Placement(NamedTuple):

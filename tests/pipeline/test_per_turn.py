@@ -9,6 +9,7 @@ whose turns are refused is rejected once.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 
@@ -217,6 +218,50 @@ def test_nemotron_nano_v2_reasoning_goes_into_the_think_block_its_template_opens
     assert rejected.column("reason").to_pylist() == ["template_splits_turn"]
     assert "two turns" in rejected.column("detail").to_pylist()[0]
     assert kept.column(schema.LABELS).to_pylist() == reference.column(schema.LABELS).to_pylist()
+
+
+# Gemma 4 (google/gemma-4-*-it), written for this test: what its official template does with a model
+# turn's text (read from llama.cpp's copy, models/templates/gemma4.jinja): it reads no reasoning field
+# and cuts everything from "<|channel>" through "<channel|>" out of every model turn, then trims; its
+# generation prompt, thinking being off, ends with an empty thought channel.
+_GEMMA4 = (
+    "{{ bos_token }}{%- for m in messages -%}"
+    "{{ '<|turn>' ~ ('model' if m.role == 'assistant' else m.role) ~ '\\n' }}"
+    "{%- if m.role == 'assistant' -%}{%- set kept = namespace(text='') -%}"
+    "{%- for part in m.content.split('<channel|>') -%}{%- set kept.text = kept.text ~ part.split('<|channel>')[0] -%}{%- endfor -%}"
+    "{{ kept.text | trim }}{%- else -%}{{ m.content | trim }}{%- endif -%}{{ '<turn|>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- if not enable_thinking | default(false) -%}"
+    "{{ '<|channel>thought\\n<channel|>' }}{%- endif -%}{%- endif -%}"
+)
+
+
+def test_gemma4_reasoning_goes_inline_in_its_own_thought_channel_never_as_think_tags(bpe_tokenizer):
+    """Gemma 4 reads no reasoning field, writes its reasoning in a thought channel of its own, and its
+    template cuts that channel out of every model turn. Reasoning put inline as "<think>…</think>"
+    was kept by it and trained as text the model never writes; it now goes inline in Gemma's own
+    channel, which the template cuts as DeepSeek-R1's cuts "<think>": the answers are trained without
+    it, and per_turn, which promises the reasoning, refuses those turns and names the way out."""
+    tokenizer = copy.deepcopy(bpe_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|turn>", "<turn|>", "<|channel>", "<channel|>"]})
+    tokenizer.add_special_tokens({"eos_token": "<turn|>"})
+    template = Template("gemma4", _GEMMA4)
+    table = canonical_table([REASONING])
+    rows = {}
+    for policy in ("template", "per_turn", "drop"):
+        masker_ = Masker(tokenizer, template, max_length=4096, reasoning=policy)
+        assert masker_.reasoning.open == ("<think>\n" if policy == "drop" else "<|channel>thought\n")
+        rows[policy] = encode_table(masker_, table)
+    kept, rejected, _ = rows["template"]
+    assert rejected.num_rows == 0
+    text = tokenizer.decode(kept.column(schema.INPUT_IDS).to_pylist()[0])
+    assert "<think>" not in text and "12 * 12 = 144." not in text
+    answers = trained(tokenizer, kept.column(schema.INPUT_IDS)[0].as_py(), kept.column(schema.LABELS)[0].as_py())
+    assert answers == "144<turn|>169<turn|>"
+    kept, rejected, _ = rows["per_turn"]
+    assert kept.num_rows == 0 and set(rejected.column("reason").to_pylist()) == {"template_drops_reasoning"}
+    assert "tokenize.reasoning: drop" in rejected.column("detail")[0].as_py()
+    kept, rejected, _ = rows["drop"]
+    assert rejected.num_rows == 0 and "<think>" not in tokenizer.decode(kept.column(schema.INPUT_IDS)[0].as_py())
 
 
 _KIMI_PROMPT = "{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}"
