@@ -82,7 +82,7 @@ class WorkerPool:
 
     ::
 
-        with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", (config_json,), 2) as pool:
+        with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_in_worker", (config_json,), 2) as pool:
             for result in pool.map(batches):
                 ...
     """

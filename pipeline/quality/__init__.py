@@ -123,12 +123,13 @@ class Verdict:
         if count < _VERDICT_ROWS_FOR_WORKERS or num_proc <= 1:
             answers = (_passes_of(self.filters(), batch) for batch in batches)
             return np.concatenate([np.zeros(0, bool), *answers])
-        from pipeline.workers import WorkerPool
+        from pipeline import workers
 
-        # used once, by dedup's one step: closed at once, never kept beside the quality workers
-        init_args = (self.config.model_dump_json(), self.tokenizer)
-        with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_passes_in_worker", init_args, num_proc) as pool:
-            return np.concatenate([np.zeros(0, bool), *pool.map(batches)])
+        # The quality stage's own pool: inside workers.reusing() the one start_workers started
+        # beside dedup (no second set of workers importing and building the filters while dedup
+        # waits for their answers), handed on to the quality stage afterwards.
+        with workers.pool(*_pool_arguments(self.config, self.tokenizer, num_proc)) as pool:
+            return np.concatenate([np.zeros(0, bool), *pool.map((_PASSES, batch) for batch in batches)])
 
 
 _VERDICT_BATCH_ROWS = 1024
@@ -251,17 +252,22 @@ def _init_worker(config_json: str, tokenizer: str | None) -> None:
     _worker_chain = FilterChain(build_filters(SFTConfig.model_validate_json(config_json).quality, tokenizer=tokenizer))
 
 
-def _filter_in_worker(batch: pa.RecordBatch) -> tuple[Verdicts, dict[int, dict[str, Any]], dict]:
-    """A worker's answer: the verdicts and changed records only (the caller holds the batch)."""
+_JUDGE, _PASSES = "judge", "passes"  # what a worker is asked of a batch
+
+
+def _in_worker(request: tuple[str, pa.RecordBatch]) -> Any:
+    """A worker's answer to ``(what, batch)``: for :data:`_JUDGE` (the quality stage) the verdicts
+    and changed records only (the caller holds the batch); for :data:`_PASSES` (dedup's keep
+    policy, :meth:`Verdict.many`) whether each record passes. One task for both, so that dedup
+    and the quality stage after it share one set of workers."""
     assert _worker_chain is not None, "worker was not initialised"
+    what, batch = request
+    if what == _PASSES:
+        return _passes_of(_worker_chain.filters, batch)
+    if what != _JUDGE:
+        raise ValueError(f"a quality worker is asked {_JUDGE!r} or {_PASSES!r}, not {what!r}")
     verdicts, changed = _judge(_worker_chain, _as_table(batch))
     return verdicts, changed, _take_counts(_worker_chain)
-
-
-def _passes_in_worker(batch: pa.RecordBatch) -> np.ndarray:
-    """A worker's answer for :meth:`Verdict.many`: whether each record of ``batch`` passes."""
-    assert _worker_chain is not None, "worker was not initialised"
-    return _passes_of(_worker_chain.filters, batch)
 
 
 def _take_counts(chain: FilterChain) -> dict:
@@ -301,7 +307,13 @@ def _stage_workers(config: SFTConfig, tokenizer: str | None, num_rows: int, batc
     num_proc = min(config.quality.num_proc or os.cpu_count() or 1, num_batches)
     if num_batches < _BATCHES_FOR_WORKERS or num_proc <= 1:
         return None
-    return ("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", (config.model_dump_json(), tokenizer), num_proc)
+    return _pool_arguments(config, tokenizer, num_proc)
+
+
+def _pool_arguments(config: SFTConfig, tokenizer: str | None, num_proc: int) -> tuple:
+    """:func:`pipeline.workers.pool`'s arguments for ``num_proc`` quality workers (the key under
+    which a run's steps find the pool a step before them left idle)."""
+    return ("pipeline.quality:_init_worker", "pipeline.quality:_in_worker", (config.model_dump_json(), tokenizer), num_proc)
 
 
 def start_workers(config: SFTConfig, tokenizer: str | None, num_rows: int, batch_size: int = 4096) -> None:
@@ -322,7 +334,7 @@ def _judged_in_workers(batches: Iterator[pa.RecordBatch], arguments: tuple) -> I
 
     # inside workers.reusing() (a run's quality steps, one per chunk) the workers start once
     with workers.pool(*arguments) as pool:
-        yield from pool.map(batches)
+        yield from pool.map((_JUDGE, batch) for batch in batches)
 
 
 def _open_input(in_path: Path) -> pq.ParquetFile:

@@ -114,7 +114,7 @@ def test_quality_steps_inside_reusing_share_their_workers_and_write_the_same_fil
             kept, rejected = tmp_path / f"{tag}-kept{i}.parquet", tmp_path / f"{tag}-rejected{i}.parquet"
             quality_stage(source, kept, rejected, config, batch_size=100)  # 6 batches: workers start
             out += [kept.read_bytes(), rejected.read_bytes()]
-            seen.append({p.pid for p in psutil.Process().children() if "pipeline.quality:_filter_in_worker" in p.cmdline()})
+            seen.append({p.pid for p in psutil.Process().children() if "pipeline.quality:_in_worker" in p.cmdline()})
         return out
 
     seen: list[set[int]] = []
@@ -155,11 +155,11 @@ def test_quality_workers_started_before_dedup_filter_the_first_chunk(tmp_path):
     quality_stage(source, tmp_path / "alone.parquet", tmp_path / "alone-rejected.parquet", config, batch_size=100)
 
     def filtering() -> set[int]:
-        return {p.pid for p in psutil.Process().children() if "pipeline.quality:_filter_in_worker" in p.cmdline()}
+        return {p.pid for p in psutil.Process().children() if "pipeline.quality:_in_worker" in p.cmdline()}
 
     with workers.reusing():
         start_workers(config, None, 600, batch_size=100)
-        started = set(started_children("pipeline.quality:_filter_in_worker", 2))
+        started = set(started_children("pipeline.quality:_in_worker", 2))
         assert len(started) == 2
         quality_stage(source, tmp_path / "kept.parquet", tmp_path / "rejected.parquet", config, batch_size=100)
         assert filtering() == started  # the stage filtered in them, and left them for the next chunk
@@ -167,3 +167,44 @@ def test_quality_workers_started_before_dedup_filter_the_first_chunk(tmp_path):
         assert filtering() == started
     assert exited(list(started))
     assert (tmp_path / "kept.parquet").read_bytes() == (tmp_path / "alone.parquet").read_bytes()
+
+
+def test_dedups_keep_policy_asks_the_quality_workers_started_beside_it(tmp_path, monkeypatch):
+    """On duplicate-heavy data dedup's one global step asks the quality filters about thousands of
+    records (Verdict.many). Inside a run it asks the quality workers started beside it, rather
+    than starting a second set of its own, and hands them on, still running, to the quality
+    stage: one set of workers imports and builds the filters, not two."""
+    import pipeline.quality as quality
+
+    monkeypatch.setattr(quality, "_VERDICT_BATCH_ROWS", 64)
+    monkeypatch.setattr(quality, "_VERDICT_ROWS_FOR_WORKERS", 100)
+    config = SFTConfig()
+    config.quality.num_proc = 2
+    source = write_conversations(tmp_path / "in.parquet", count=600, seed=5)
+    table = pq.read_table(source)
+    verdict = quality.Verdict(config, None)
+    one_by_one = [verdict(record) for record in table.to_pylist()]
+
+    def quality_workers() -> set[int]:
+        return {p.pid for p in psutil.Process().children() if "pipeline.quality:_in_worker" in p.cmdline()}
+
+    pools_started = []
+    start_pool = workers.WorkerPool.__init__
+
+    def counting(self, *args, **kwargs):
+        pools_started.append(args)
+        start_pool(self, *args, **kwargs)
+
+    monkeypatch.setattr(workers.WorkerPool, "__init__", counting)
+    with workers.reusing():
+        quality.start_workers(config, None, 600, batch_size=100)
+        started = set(started_children("pipeline.quality:_in_worker", 2))
+        assert len(started) == 2
+        assert verdict.many(iter([table]), table.num_rows).tolist() == one_by_one
+        assert quality_workers() == started  # asked in them; no other set started
+        quality_stage(source, tmp_path / "kept.parquet", tmp_path / "rejected.parquet", config, batch_size=100)
+        assert quality_workers() == started
+    assert exited(list(started))
+    assert len(pools_started) == 1
+    kept = pq.read_table(tmp_path / "kept.parquet")
+    assert kept.num_rows == sum(one_by_one)  # the stage's verdicts agree with the keep policy's

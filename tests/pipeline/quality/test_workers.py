@@ -95,13 +95,13 @@ class _KilledWhenUnpickled:
 
 def test_an_error_in_a_worker_is_raised_in_the_caller_and_a_dead_worker_is_named(tmp_path):
     config_json = SFTConfig().model_dump_json()
-    with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", (config_json, None), 2) as pool:
+    with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_in_worker", (config_json, None), 2) as pool:
         with pytest.raises(TypeError, match="RecordBatch"):
-            list(pool.map(["not a record batch"]))
-    with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", (config_json, None), 1) as pool:
+            list(pool.map([("judge", "not a record batch")]))
+    with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_in_worker", (config_json, None), 1) as pool:
         with pytest.raises(WorkerError, match="exit code 3"):
             list(pool.map([_ExitWhenUnpickled()]))
-    with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_filter_in_worker", (config_json, None), 1) as pool:
+    with WorkerPool("pipeline.quality:_init_worker", "pipeline.quality:_in_worker", (config_json, None), 1) as pool:
         with pytest.raises(WorkerError, match="killed by SIGKILL, which is what the out-of-memory killer sends"):
             list(pool.map([_KilledWhenUnpickled()]))
 
