@@ -303,7 +303,14 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
         matched = _common_prefix(tail, text[base:region_end])
         start = base + matched
         if matched < len(tail) or not same_anchor:  # the rendering parts from the generation prompt
-            if strict_prompt or not same_anchor:
+            # Where only the assistant turns are marked (the template changes other messages' text,
+            # as Nemotron Nano v2 cuts "/no_think" out), a prompt that parts from the conversation
+            # only in the think block it ends with is still exact: every message before the turn
+            # renders as real text in both, and the block is what the template writes for the
+            # model's next turn alone ("<think></think>", thinking off), not for a past one.
+            frame = _PROMPT_THINK_FRAME.search(tail)
+            only_its_frame = frame is not None and frame.start() <= matched
+            if (strict_prompt and not only_its_frame) or not same_anchor:
                 raise LocateError(
                     f"assistant turn {m}: its generation prompt ends {_clip(tail)!r} but the conversation "
                     f"renders {_clip(text[base:region_end])!r} there, so where the turn starts is unknown"
@@ -340,6 +347,8 @@ def _turns(render, shaped, skeleton: _Skeleton, pattern, keys, end_tokens, marke
 
 
 _OPENED_THINK = re.compile(r"<think>\s*$")
+# The think block a generation prompt may end with: opened ("<think>\n") or opened and closed.
+_PROMPT_THINK_FRAME = re.compile(r"<think>\s*(?:</think>\s*)?$")
 
 
 def prompt_opens_think(prompt: str) -> bool:

@@ -110,7 +110,10 @@ class ReasoningShape:
 
         ``opened``: the messages whose content the template writes right after a ``<think>`` of its
         own (Nemotron Nano v2's last answer): their reasoning goes in without the inline block's
-        opening tag.
+        opening tag. One whose content it writes right after an empty think block of its own
+        (Nemotron's last answer with ``/no_think``: ``<think></think>``) is in ``cut``: the template
+        says that turn has no reasoning, and an inline block after its empty one would train a
+        second block (as the generation prompt of ``per_turn``'s thinking-off rows does).
 
         Told exactly by rendering ``shaped`` once more, each inline reasoning replaced by a sentinel
         (``render``): a template that rewrites the reasoning (trims it, escapes it) still shows its
@@ -132,9 +135,10 @@ class ReasoningShape:
         except Exception:
             return None
         cut, opened = [], []
+        empty_block = re.compile(rf"{re.escape(self.open.strip())}\s*{re.escape(self.close.strip())}\s*$")
         for key, name in names.items():
             at = skeleton.find(self.open + name)
-            if name not in skeleton:
+            if name not in skeleton or (at >= 0 and empty_block.search(skeleton, 0, at)):
                 cut.append(pieces[key])
             elif at >= 0 and skeleton[:at].rstrip().endswith(self.open.strip()):
                 opened.append(pieces[key])

@@ -106,6 +106,19 @@ CONVERSATIONS: dict[str, dict] = {
     "think_in_content": openai_record(
         ("user", "Is 91 prime?"), ("assistant", "<think>\n91 = 7 * 13.\n</think>\n\nNo, 91 = 7 × 13."), tools=None
     ),
+    # Thinking switched off by the system prompt, as SmolLM3 and Nemotron Nano v2 read it (both cut
+    # the flag out of what they render; other templates render it as text), with reasoning in the
+    # data: those two render the last answer after an empty think block of their own.
+    "no_think_multi_turn": {
+        "messages": [
+            {"role": "system", "content": "/no_think"},
+            {"role": "user", "content": "What is 12 * 12?"},
+            {"role": "assistant", "reasoning_content": "12 * 12 = 144.", "content": "144"},
+            {"role": "user", "content": "And 13 * 13?"},
+            {"role": "assistant", "reasoning_content": "13 * 13 = 169.", "content": "169"},
+        ],
+        "tools": None,
+    },
 }
 
 _ALL = list(CONVERSATIONS)
@@ -224,8 +237,8 @@ TEMPLATES: dict[str, dict] = {
         "end_of_turn": "<end_of_turn>",
         "variables": {},
         # No system role, no tools (a tool message breaks the user/model alternation check).
-        "conversations": [c for c in _NO_TOOLS if c != "system_multi_turn"],
-        "raises": ["system_multi_turn", "tool_call", "tool_call_json_args"],
+        "conversations": [c for c in _NO_TOOLS if c not in ("system_multi_turn", "no_think_multi_turn")],
+        "raises": ["system_multi_turn", "no_think_multi_turn", "tool_call", "tool_call_json_args"],
     },
     "llama31": {
         "file": "llama31.jinja",
@@ -333,7 +346,7 @@ TEMPLATES: dict[str, dict] = {
         "variables": {},
         # Not the system conversation (a conversation ending with an answer renders no system
         # prompt: refused, with merge as the way in), nor arguments as a JSON string (quoted again).
-        "conversations": [c for c in _ALL if c not in ("system_multi_turn", "tool_call_json_args")],
+        "conversations": [c for c in _ALL if c not in ("system_multi_turn", "no_think_multi_turn", "tool_call_json_args")],
         "raises": [],
     },
     "mistral": {

@@ -211,6 +211,32 @@ def test_qwen3_without_thinking_trains_the_think_block_a_turn_brings(bpe_tokeniz
     assert isinstance(plain, Encoded) and not plain.render_mismatch  # the empty block is the prompt's
 
 
+@pytest.mark.parametrize("policy", ["template", "per_turn", "drop"])
+def test_nemotron_nano_v2_without_thinking_trains_each_answer_after_its_empty_think_block(policy, bpe_tokenizer):
+    """Nemotron Nano v2 with "/no_think" (cut out of what it renders, so turns are located with the
+    system message as real text) prompts its next answer with "<think></think>", which no past turn
+    of the conversation shows: every multi-turn conversation was refused as mask_unverifiable. Data
+    reasoning under `template` was written inline after that empty block, training a second think
+    block when the model is told not to think. Now each answer trains alone, as in the tagged twin
+    and as the model writes it after its prompt."""
+    from pipeline.tokenize import encode_table
+    from tests.pipeline.test_per_turn import canonical_table, trained
+
+    locate, tagged = maskers("nemotron_nano_v2", bpe_tokenizer, reasoning=policy)
+    messages = CONVERSATIONS["no_think_multi_turn"]["messages"]
+    without_reasoning = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
+    table = canonical_table([messages, without_reasoning])
+    kept, rejected, _ = encode_table(locate, table)
+    reference, _, _ = encode_table(tagged, table)
+    assert rejected.num_rows == 0, rejected.column("detail").to_pylist()
+    texts = [trained(locate.tokenizer, row["input_ids"], row["labels"]) for row in kept.to_pylist()]
+    per_row = ["144\n<SPECIAL_12>", "169\n<SPECIAL_12>"] if policy == "per_turn" else ["144\n<SPECIAL_12>169\n<SPECIAL_12>"]
+    assert texts == per_row * 2
+    assert kept.column("labels").to_pylist() == reference.column("labels").to_pylist()
+    for row in kept.to_pylist():
+        assert "<think></think><think>" not in locate.tokenizer.decode(row["input_ids"])
+
+
 def _inference_prompt_ids(tokenizer, source: str, variables: dict, messages: list[dict], tools) -> list[int]:
     """What inference tokenizes before the last assistant turn: the generation prompt rendered by
     transformers' own apply_chat_template, encoded whole by the tokenizer (the ground truth)."""
