@@ -110,10 +110,12 @@ class ReasoningShape:
 
         ``opened``: the messages whose content the template writes right after a ``<think>`` of its
         own (Nemotron Nano v2's last answer): their reasoning goes in without the inline block's
-        opening tag. One whose content it writes right after an empty think block of its own
-        (Nemotron's last answer with ``/no_think``: ``<think></think>``) is in ``cut``: the template
-        says that turn has no reasoning, and an inline block after its empty one would train a
-        second block (as the generation prompt of ``per_turn``'s thinking-off rows does).
+        opening tag. One whose content it writes right after closing a think block itself, empty
+        (Nemotron's last answer with ``/no_think``: ``<think></think>``) or opened by the generation
+        prompt alone (DeepSeek-V3.1's calling turns: ``<｜Assistant｜></think>``), is in ``cut``: the
+        template shows that turn without reasoning, and an inline block after its close would train
+        a second block (``per_turn`` writes the reasoning before that close where its prompt opens
+        the block, and none where its prompt closes it: thinking is off).
 
         Told exactly by rendering ``shaped`` once more, each inline reasoning replaced by a sentinel
         (``render``): a template that rewrites the reasoning (trims it, escapes it) still shows its
@@ -130,19 +132,31 @@ class ReasoningShape:
         while marker in rendered:
             marker += "r"
         names = {key: f"{marker}{n}@@" for n, key in enumerate(pieces)}
+        realised = realise(shaped, lambda index, field: names.get((index, field)))
         try:
-            skeleton = render(realise(shaped, lambda index, field: names.get((index, field))))
+            skeleton = render(realised)
         except Exception:
             return None
         cut, opened = [], []
-        empty_block = re.compile(rf"{re.escape(self.open.strip())}\s*{re.escape(self.close.strip())}\s*$")
+        close = self.close.strip()
+        closed_before = re.compile(rf"(?:{re.escape(self.open.strip())}\s*)?{re.escape(close)}\s*$")
         for key, name in names.items():
             at = skeleton.find(self.open + name)
-            if name not in skeleton or (at >= 0 and empty_block.search(skeleton, 0, at)):
+            if name not in skeleton or (
+                at >= 0 and closed_before.search(skeleton, 0, at) and not _data_close(realised, pieces[key], skeleton[:at], close)
+            ):
                 cut.append(pieces[key])
             elif at >= 0 and skeleton[:at].rstrip().endswith(self.open.strip()):
                 opened.append(pieces[key])
         return Placement(cut, opened) if cut or opened else None
+
+
+def _data_close(messages: list[dict[str, Any]], index: int, before: str, close: str) -> bool:
+    """Whether the close tag right before message ``index``'s inline reasoning is the previous
+    message's own text (a question ending "…: </think>" under a template that writes nothing
+    between two messages), not a close the template writes."""
+    previous = messages[index - 1].get("content") if index > 0 else None
+    return isinstance(previous, str) and previous.rstrip().endswith(close) and before.rstrip().endswith(previous.rstrip())
 
 
 # Reasoning put inline, for a template that reads only content: open + reasoning + close + content.

@@ -23,7 +23,7 @@ from pipeline import schema
 from pipeline.config import SFTConfig, TemplateConfig
 from pipeline.formats import to_conversation
 from pipeline.manifest import read_manifest
-from pipeline.masking import Masker
+from pipeline.masking import Encoded, Masker
 from pipeline.masking.locate import realise
 from pipeline.steps import prepare
 from pipeline.templates import Template, resolve_template
@@ -384,6 +384,31 @@ def test_deepseek_v31_without_thinking_trains_no_reasoning_in_a_calling_turn(bpe
     result = per_turn.encode(messages, json.dumps(CONVERSATIONS["tool_call_json_args"]["tools"]))
     text = trained(tokenizer, result.input_ids, result.labels)
     assert text.startswith("<｜tool▁calls▁begin｜>") and "weather tool" not in text and "<think>" not in text
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_deepseek_v31_calling_turn_trains_its_reasoning_only_where_the_model_writes_it(thinking, bpe_tokenizer):
+    """DeepSeek-V3.1 renders a calling turn as "<｜Assistant｜></think>" + its content whole: the
+    reasoning put inline there stood after that close. With thinking on (the prompt opens the
+    block) every such row was refused as mask_unverifiable under both policies; under `template`
+    with thinking off it trained "<think>…</think>" after the close. The turn is now rendered
+    without it, as the template shows a past turn: `template` trains what follows the prompt,
+    `per_turn` writes the reasoning before the close where the prompt opens the block."""
+    calling = [dict(m) for m in CONVERSATIONS["tool_call_json_args"]["messages"][:2]]
+    calling[1]["reasoning_content"] = "I need the weather tool."
+    tools = CONVERSATIONS["tool_call_json_args"]["tools"]
+    calls = '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris", "unit": "celsius"}'
+    calls += "<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>"
+    tokenizer = tokenizer_for("deepseek_v31", bpe_tokenizer)
+    template = resolve_template(tokenizer, TemplateConfig(variables={"thinking": thinking}))
+    for policy, want in (
+        ("template", "</think>" + calls if thinking else calls),
+        ("per_turn", "I need the weather tool.</think>" + calls if thinking else calls),
+    ):
+        masker_ = Masker(tokenizer, template, max_length=4096, span_method="locate", reasoning=policy)
+        result = masker_.encode(*to_conversation({"messages": calling, "tools": tools}))
+        assert isinstance(result, Encoded), result
+        assert trained(tokenizer, result.input_ids, result.labels) == want, policy
 
 
 def test_a_refused_turn_of_a_kept_record_is_filed_with_its_turn(bpe_tokenizer):
