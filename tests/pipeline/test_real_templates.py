@@ -34,11 +34,12 @@ def fixture_rows(name: str) -> list[tuple[list[dict], str | None]]:
     return rows
 
 
-def maskers(name: str, base_tokenizer, **policy) -> tuple[Masker, Masker]:
-    """(sftkit locating turns in the official template, the same template with generation tags)."""
+def maskers(name: str, base_tokenizer, variables: dict | None = None, **policy) -> tuple[Masker, Masker]:
+    """(sftkit locating turns in the official template, the same template with generation tags);
+    ``variables`` on top of the entry's (a thinking switch)."""
     entry = TEMPLATES[name]
     tokenizer = tokenizer_for(name, base_tokenizer)
-    variables = tuple(sorted(entry["variables"].items()))
+    variables = tuple(sorted({**entry["variables"], **(variables or {})}.items()))
     official = Template(name, template_text(name), variables=variables)
     twin = Template(f"{name}-twin", template_text(name, twin=True), variables=variables)
     assert official.has_generation_tags == entry.get("tagged", False) and twin.has_generation_tags
@@ -101,6 +102,22 @@ def test_real_data_sentencepiece(name, mistral_tokenizer, real_data_dir):
     rows = rows_of(sorted(real_data_dir.glob("*.json*")))[::3]  # every third: SentencePiece is slower
     counts = compare(*maskers(name, mistral_tokenizer), rows)
     assert counts["kept"] > len(rows) // 2
+
+
+@pytest.mark.parametrize("policy", ["template", "per_turn"])
+def test_real_data_deepseek_v31_with_thinking(policy, bpe_tokenizer, real_data_dir):
+    """DeepSeek-V3.1 with `thinking` (the prompt opens the block every past turn shows closed): its
+    calling turns with reasoning were all refused as mask_unverifiable. (The twin's blocks, written
+    for its default, take the past turns' "</think>" as prompt: no reference here; what such a turn
+    trains is in test_per_turn.py.)"""
+    rows = rows_of(sorted(real_data_dir.glob("*.json*")))
+    if policy == "per_turn":
+        rows = [(m[: i + 1], t) for m, t in rows for i, x in enumerate(m) if x["role"] == "assistant"]
+    locate, _ = maskers("deepseek_v31", bpe_tokenizer, variables={"thinking": True}, reasoning=policy)
+    results = locate.encode_batch(rows)
+    refused = [(r.reason, r.detail) for r in results if isinstance(r, Drop) and r.reason != "no_trainable_tokens"]
+    assert refused == []
+    assert sum(isinstance(r, Encoded) for r in results) >= len(rows) - 1  # one turn of the data trains nothing
 
 
 def test_reasoning_is_trained_where_the_template_renders_it(bpe_tokenizer):
