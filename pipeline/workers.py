@@ -269,6 +269,37 @@ def pool(initializer: str | None, task: str, init_args: tuple, num_proc: int) ->
             worker_pool.close()
 
 
+@contextlib.contextmanager
+def borrowed(initializer: str | None, task: str, init_args: tuple, num_proc: int) -> Iterator[WorkerPool]:
+    """For a step that asks such workers once, between steps that use them more (dedup's keep
+    policy, between the start of the quality workers and the quality stage): inside
+    :func:`reusing`, an idle pool of these workers of any size, handed back when the block ends
+    as :func:`pool` does; where none is idle, a new one of ``num_proc`` workers, closed when the
+    block ends, never kept beside the pool the next step starts."""
+    wanted = (initializer, task, init_args)
+    with _IDLE_LOCK:
+        key = next((k for k, pools in _IDLE.items() if k[:3] == wanted and pools), None)
+        found = _IDLE[key].pop() if key is not None else None
+    if found is not None and not found.idle:  # a worker died while the pool waited
+        found.close()
+        found = None
+    if found is None:
+        with WorkerPool(initializer, task, init_args, max(1, num_proc)) as fresh:
+            yield fresh
+        return
+    reusable = False
+    try:
+        yield found
+        reusable = found.idle
+    finally:
+        with _IDLE_LOCK:
+            keep = reusable and _REUSING > 0
+            if keep:
+                _IDLE.setdefault(key, []).append(found)
+        if not keep:
+            found.close()
+
+
 def main() -> None:
     """The worker: initialise, then answer items until the caller closes stdin."""
     requests, answers = sys.stdin.buffer, sys.stdout.buffer

@@ -139,7 +139,7 @@ class ReasoningShape:
             return None
         cut, opened = [], []
         close = self.close.strip()
-        closed_before = re.compile(rf"(?:{re.escape(self.open.strip())}\s*)?{re.escape(close)}\s*$")
+        closed_before = re.compile(rf"{re.escape(close)}\s*$")
         for key, name in names.items():
             at = skeleton.find(self.open + name)
             if name not in skeleton or (

@@ -125,10 +125,11 @@ class Verdict:
             return np.concatenate([np.zeros(0, bool), *answers])
         from pipeline import workers
 
-        # The quality stage's own pool: inside workers.reusing() the one start_workers started
-        # beside dedup (no second set of workers importing and building the filters while dedup
-        # waits for their answers), handed on to the quality stage afterwards.
-        with workers.pool(*_pool_arguments(self.config, self.tokenizer, num_proc)) as pool:
+        # The quality stage's own workers: inside workers.reusing() the ones start_workers started
+        # beside dedup (no second set importing and building the filters while dedup waits for
+        # their answers), handed on to the quality stage afterwards; elsewhere a set of its own,
+        # closed at once.
+        with workers.borrowed(*_pool_arguments(self.config, self.tokenizer, num_proc)) as pool:
             return np.concatenate([np.zeros(0, bool), *pool.map((_PASSES, batch) for batch in batches)])
 
 

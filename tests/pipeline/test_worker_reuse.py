@@ -169,17 +169,18 @@ def test_quality_workers_started_before_dedup_filter_the_first_chunk(tmp_path):
     assert (tmp_path / "kept.parquet").read_bytes() == (tmp_path / "alone.parquet").read_bytes()
 
 
-def test_dedups_keep_policy_asks_the_quality_workers_started_beside_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("num_proc", "first_chunk_rows", "started_workers"), [(2, 600, 2), (5, 400, 4)])
+def test_dedups_keep_policy_asks_the_quality_workers_started_beside_it(tmp_path, monkeypatch, num_proc, first_chunk_rows, started_workers):
     """On duplicate-heavy data dedup's one global step asks the quality filters about thousands of
-    records (Verdict.many). Inside a run it asks the quality workers started beside it, rather
-    than starting a second set of its own, and hands them on, still running, to the quality
-    stage: one set of workers imports and builds the filters, not two."""
+    records (Verdict.many). Inside a run it asks the quality workers started beside it (of
+    whatever size the first chunk gave them), rather than starting a second set of its own, and
+    hands them on, still running, to the quality stage: one set imports and builds the filters."""
     import pipeline.quality as quality
 
     monkeypatch.setattr(quality, "_VERDICT_BATCH_ROWS", 64)
     monkeypatch.setattr(quality, "_VERDICT_ROWS_FOR_WORKERS", 100)
     config = SFTConfig()
-    config.quality.num_proc = 2
+    config.quality.num_proc = num_proc
     source = write_conversations(tmp_path / "in.parquet", count=600, seed=5)
     table = pq.read_table(source)
     verdict = quality.Verdict(config, None)
@@ -197,14 +198,14 @@ def test_dedups_keep_policy_asks_the_quality_workers_started_beside_it(tmp_path,
 
     monkeypatch.setattr(workers.WorkerPool, "__init__", counting)
     with workers.reusing():
-        quality.start_workers(config, None, 600, batch_size=100)
-        started = set(started_children("pipeline.quality:_in_worker", 2))
-        assert len(started) == 2
+        quality.start_workers(config, None, first_chunk_rows, batch_size=100)
+        started = set(started_children("pipeline.quality:_in_worker", started_workers))
+        assert len(started) == started_workers
         assert verdict.many(iter([table]), table.num_rows).tolist() == one_by_one
         assert quality_workers() == started  # asked in them; no other set started
+        assert len(pools_started) == 1
         quality_stage(source, tmp_path / "kept.parquet", tmp_path / "rejected.parquet", config, batch_size=100)
-        assert quality_workers() == started
+        assert started <= quality_workers()  # handed on, still running
     assert exited(list(started))
-    assert len(pools_started) == 1
     kept = pq.read_table(tmp_path / "kept.parquet")
     assert kept.num_rows == sum(one_by_one)  # the stage's verdicts agree with the keep policy's
