@@ -243,61 +243,44 @@ def start(initializer: str | None, task: str, init_args: tuple, num_proc: int) -
 
 
 @contextlib.contextmanager
-def pool(initializer: str | None, task: str, init_args: tuple, num_proc: int) -> Iterator[WorkerPool]:
+def pool(
+    initializer: str | None, task: str, init_args: tuple, num_proc: int, *, at_least: int | None = None, keep_new: bool = True
+) -> Iterator[WorkerPool]:
     """A :class:`WorkerPool` for the block: inside :func:`reusing`, one a block with the same
     arguments left idle (its workers initialised once), and handed back when the block ends
-    with every item answered; otherwise a new one, closed when the block ends. A pool whose
-    block raised, or left items unanswered, is closed, never handed on."""
+    with every item answered; otherwise a new one of ``num_proc`` workers, closed when the block
+    ends. A pool whose block raised, or left items unanswered, is closed, never handed on.
+
+    ``at_least``: an idle pool of these workers with that many or more will do too (a stage
+    whose chunks differ in size takes the workers started for the first; dedup's keep policy,
+    asking once, takes whatever the quality stage left). ``keep_new=False``: a pool started
+    here is closed when the block ends, never kept beside the one a later step starts."""
     key = (initializer, task, init_args, max(1, num_proc))
     with _IDLE_LOCK:
-        idle = _IDLE.get(key)
-        found = idle.pop() if idle else None
+        if _IDLE.get(key):
+            found_key = key
+        else:
+            sizes = [k for k, pools in _IDLE.items() if pools and k[:3] == key[:3] and at_least is not None and k[3] >= at_least]
+            found_key = min(sizes, key=lambda k: k[3], default=None)
+        found = _IDLE[found_key].pop() if found_key is not None else None
     if found is not None and not found.idle:  # a worker died while the pool waited (killed, out of memory)
         found.close()
         found = None
-    worker_pool = found if found is not None else WorkerPool(*key)
+    if found is not None:
+        worker_pool, key, keepable = found, found_key, True
+    else:
+        worker_pool, keepable = WorkerPool(*key), keep_new
     reusable = False
     try:
         yield worker_pool
         reusable = worker_pool.idle
     finally:
         with _IDLE_LOCK:
-            keep = reusable and _REUSING > 0
+            keep = keepable and reusable and _REUSING > 0
             if keep:
                 _IDLE.setdefault(key, []).append(worker_pool)
         if not keep:
             worker_pool.close()
-
-
-@contextlib.contextmanager
-def borrowed(initializer: str | None, task: str, init_args: tuple, num_proc: int) -> Iterator[WorkerPool]:
-    """For a step that asks such workers once, between steps that use them more (dedup's keep
-    policy, between the start of the quality workers and the quality stage): inside
-    :func:`reusing`, an idle pool of these workers of any size, handed back when the block ends
-    as :func:`pool` does; where none is idle, a new one of ``num_proc`` workers, closed when the
-    block ends, never kept beside the pool the next step starts."""
-    wanted = (initializer, task, init_args)
-    with _IDLE_LOCK:
-        key = next((k for k, pools in _IDLE.items() if k[:3] == wanted and pools), None)
-        found = _IDLE[key].pop() if key is not None else None
-    if found is not None and not found.idle:  # a worker died while the pool waited
-        found.close()
-        found = None
-    if found is None:
-        with WorkerPool(initializer, task, init_args, max(1, num_proc)) as fresh:
-            yield fresh
-        return
-    reusable = False
-    try:
-        yield found
-        reusable = found.idle
-    finally:
-        with _IDLE_LOCK:
-            keep = reusable and _REUSING > 0
-            if keep:
-                _IDLE.setdefault(key, []).append(found)
-        if not keep:
-            found.close()
 
 
 def main() -> None:

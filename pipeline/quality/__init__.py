@@ -129,7 +129,7 @@ class Verdict:
         # beside dedup (no second set importing and building the filters while dedup waits for
         # their answers), handed on to the quality stage afterwards; elsewhere a set of its own,
         # closed at once.
-        with workers.borrowed(*_pool_arguments(self.config, self.tokenizer, num_proc)) as pool:
+        with workers.pool(*_pool_arguments(self.config, self.tokenizer, num_proc), at_least=1, keep_new=False) as pool:
             return np.concatenate([np.zeros(0, bool), *pool.map((_PASSES, batch) for batch in batches)])
 
 
@@ -333,8 +333,9 @@ def _judged_in_workers(batches: Iterator[pa.RecordBatch], arguments: tuple) -> I
     so the output does not depend on the number of workers."""
     from pipeline import workers
 
-    # inside workers.reusing() (a run's quality steps, one per chunk) the workers start once
-    with workers.pool(*arguments) as pool:
+    # inside workers.reusing() (a run's quality steps, one per chunk) the workers start once: a
+    # chunk takes those started for the first chunk where there are as many as it would start
+    with workers.pool(*arguments, at_least=arguments[3]) as pool:
         yield from pool.map((_JUDGE, batch) for batch in batches)
 
 

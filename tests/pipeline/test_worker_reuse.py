@@ -209,3 +209,31 @@ def test_dedups_keep_policy_asks_the_quality_workers_started_beside_it(tmp_path,
     assert exited(list(started))
     kept = pq.read_table(tmp_path / "kept.parquet")
     assert kept.num_rows == sum(one_by_one)  # the stage's verdicts agree with the keep policy's
+
+
+def test_a_smaller_chunk_filters_in_the_workers_started_for_the_first(tmp_path, monkeypatch):
+    """A run's quality workers are started for its first chunk. A chunk with fewer batches (dedup
+    took rows out of it; a run's last chunk) would start fewer workers of its own: it takes the
+    started ones, which are enough, instead of starting a second set beside them."""
+    config = SFTConfig()
+    config.quality.num_proc = 5
+    first = write_conversations(tmp_path / "first.parquet", count=600, seed=6)  # 6 batches of 100: 5 workers
+    second = write_conversations(tmp_path / "second.parquet", count=400, seed=7)  # 4 batches: 4 workers would do
+    alone = tmp_path / "alone.parquet"
+    quality_stage(second, alone, tmp_path / "alone-rejected.parquet", config, batch_size=100)
+    pools_started = []
+    start_pool = workers.WorkerPool.__init__
+
+    def counting(self, *args, **kwargs):
+        pools_started.append(args[3])
+        start_pool(self, *args, **kwargs)
+
+    monkeypatch.setattr(workers.WorkerPool, "__init__", counting)
+    with workers.reusing():
+        from pipeline.quality import start_workers
+
+        start_workers(config, None, 600, batch_size=100)
+        quality_stage(first, tmp_path / "kept1.parquet", tmp_path / "rejected1.parquet", config, batch_size=100)
+        quality_stage(second, tmp_path / "kept2.parquet", tmp_path / "rejected2.parquet", config, batch_size=100)
+    assert pools_started == [5]
+    assert (tmp_path / "kept2.parquet").read_bytes() == alone.read_bytes()  # the same rows, whatever the workers
