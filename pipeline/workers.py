@@ -257,11 +257,10 @@ def pool(
     here is closed when the block ends, never kept beside the one a later step starts."""
     key = (initializer, task, init_args, max(1, num_proc))
     with _IDLE_LOCK:
-        if _IDLE.get(key):
-            found_key = key
-        else:
-            sizes = [k for k, pools in _IDLE.items() if pools and k[:3] == key[:3] and at_least is not None and k[3] >= at_least]
-            found_key = min(sizes, key=lambda k: k[3], default=None)
+        found_key = key if _IDLE.get(key) else None
+        if found_key is None and at_least is not None:  # the smallest idle pool of these workers that is big enough
+            big_enough = [k for k, pools in _IDLE.items() if pools and k[:3] == key[:3] and k[3] >= at_least]
+            found_key = min(big_enough, key=lambda k: k[3], default=None)
         found = _IDLE[found_key].pop() if found_key is not None else None
     if found is not None and not found.idle:  # a worker died while the pool waited (killed, out of memory)
         found.close()

@@ -19,6 +19,20 @@ TASK = (None, "pipeline.schema:messages_for_template", (), 2)
 ITEMS = [[{"role": "user", "content": f"q{i}", "name": None, "tool_calls": None, "train": None}] for i in range(6)]
 
 
+@pytest.fixture
+def pools_started(monkeypatch) -> list[int]:
+    """The size of every WorkerPool started during the test, in order."""
+    sizes: list[int] = []
+    start_pool = workers.WorkerPool.__init__
+
+    def counting(self, *args, **kwargs):
+        sizes.append(args[3])
+        start_pool(self, *args, **kwargs)
+
+    monkeypatch.setattr(workers.WorkerPool, "__init__", counting)
+    return sizes
+
+
 def started_children(marker: str, count: int, other_than: tuple[int, ...] | list[int] = ()) -> list[int]:
     """This process's children whose command line holds ``marker``, once ``count`` of them show it.
 
@@ -170,7 +184,9 @@ def test_quality_workers_started_before_dedup_filter_the_first_chunk(tmp_path):
 
 
 @pytest.mark.parametrize(("num_proc", "first_chunk_rows", "started_workers"), [(2, 600, 2), (5, 400, 4)])
-def test_dedups_keep_policy_asks_the_quality_workers_started_beside_it(tmp_path, monkeypatch, num_proc, first_chunk_rows, started_workers):
+def test_dedups_keep_policy_asks_the_quality_workers_started_beside_it(
+    tmp_path, monkeypatch, pools_started, num_proc, first_chunk_rows, started_workers
+):
     """On duplicate-heavy data dedup's one global step asks the quality filters about thousands of
     records (Verdict.many). Inside a run it asks the quality workers started beside it (of
     whatever size the first chunk gave them), rather than starting a second set of its own, and
@@ -189,14 +205,6 @@ def test_dedups_keep_policy_asks_the_quality_workers_started_beside_it(tmp_path,
     def quality_workers() -> set[int]:
         return {p.pid for p in psutil.Process().children() if "pipeline.quality:_in_worker" in p.cmdline()}
 
-    pools_started = []
-    start_pool = workers.WorkerPool.__init__
-
-    def counting(self, *args, **kwargs):
-        pools_started.append(args)
-        start_pool(self, *args, **kwargs)
-
-    monkeypatch.setattr(workers.WorkerPool, "__init__", counting)
     with workers.reusing():
         quality.start_workers(config, None, first_chunk_rows, batch_size=100)
         started = set(started_children("pipeline.quality:_in_worker", started_workers))
@@ -211,7 +219,7 @@ def test_dedups_keep_policy_asks_the_quality_workers_started_beside_it(tmp_path,
     assert kept.num_rows == sum(one_by_one)  # the stage's verdicts agree with the keep policy's
 
 
-def test_a_smaller_chunk_filters_in_the_workers_started_for_the_first(tmp_path, monkeypatch):
+def test_a_smaller_chunk_filters_in_the_workers_started_for_the_first(tmp_path, pools_started):
     """A run's quality workers are started for its first chunk. A chunk with fewer batches (dedup
     took rows out of it; a run's last chunk) would start fewer workers of its own: it takes the
     started ones, which are enough, instead of starting a second set beside them."""
@@ -221,14 +229,7 @@ def test_a_smaller_chunk_filters_in_the_workers_started_for_the_first(tmp_path, 
     second = write_conversations(tmp_path / "second.parquet", count=400, seed=7)  # 4 batches: 4 workers would do
     alone = tmp_path / "alone.parquet"
     quality_stage(second, alone, tmp_path / "alone-rejected.parquet", config, batch_size=100)
-    pools_started = []
-    start_pool = workers.WorkerPool.__init__
-
-    def counting(self, *args, **kwargs):
-        pools_started.append(args[3])
-        start_pool(self, *args, **kwargs)
-
-    monkeypatch.setattr(workers.WorkerPool, "__init__", counting)
+    pools_started.clear()  # (that run's own pool)
     with workers.reusing():
         from pipeline.quality import start_workers
 
