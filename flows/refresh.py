@@ -11,6 +11,8 @@ stale cache entry.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,33 @@ from pipeline.config import SFTConfig
 from pipeline.ingest import expand_inputs
 
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[1, 5])
+
+
+def _heartbeat_thread_not_joined() -> None:
+    """Let a flow run end without waiting for its heartbeat thread (Prefect 3.9's sync engine).
+
+    The thread sends a heartbeat when the run starts and then sleeps in steps of one second,
+    looking at its stop flag between them; the engine sets the flag when the run's body returns
+    and joins the thread, so every run ended with up to a second of nothing (0.89 s in a profile
+    of a refresh that found nothing new, a third of its wall time). Told not to join, as
+    Prefect's own async engine is, the engine goes on at once, and the thread, a daemon, sees
+    the flag at its next step and ends without sending anything more. Heartbeats while the
+    run works are unchanged. A Prefect without this function or argument is left as it is."""
+    from prefect import flow_engine
+
+    send = getattr(flow_engine, "_send_heartbeats", None)
+    if send is None or getattr(send, "sftkit_not_joined", False) or "join_on_exit" not in inspect.signature(send).parameters:
+        return
+
+    @functools.wraps(send)
+    def not_joined(engine, join_on_exit: bool = True):
+        return send(engine, join_on_exit=False)
+
+    not_joined.sftkit_not_joined = True
+    flow_engine._send_heartbeats = not_joined
+
+
+_heartbeat_thread_not_joined()
 
 
 def _cache_key(stage: str, key_of):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -66,6 +67,45 @@ def test_a_refresh_publishes_its_summary_and_stage_table(prefect_harness, tmp_pa
     assert f"rows kept in shards: **{manifest['counts']['kept']}**" in artifacts["sftkit-summary"].data
     assert "New inputs processed: **2**" in artifacts["sftkit-summary"].data
     assert {row["stage"] for row in json.loads(artifacts["sftkit-stages"].data)} >= {"ingest", "tokenize"}
+
+
+def test_a_refresh_sends_heartbeats_and_ends_without_waiting_for_their_thread(prefect_harness, tmp_path, bpe_tokenizer_path, monkeypatch):
+    """The run's heartbeats still go out (crash detection on the server relies on them), but its
+    end does not join their thread, which sleeps in one-second steps: Prefect's sync engine
+    waited up to a second at the end of every run for it. The thread ends by itself, sending
+    nothing after the run."""
+    from prefect.flow_engine import FlowRunEngine
+
+    from flows.refresh import refresh_flow
+
+    sent: list[threading.Thread] = []
+    joined: list[threading.Thread] = []
+    emit = FlowRunEngine._emit_flow_run_heartbeat
+
+    def recording(engine, *args, **kwargs):
+        thread = threading.current_thread()
+        if thread not in sent:  # the heartbeat thread: note whoever joins it
+            join = thread.join
+
+            def noting_join(*join_args, **join_kwargs):
+                joined.append(thread)
+                return join(*join_args, **join_kwargs)
+
+            thread.join = noting_join
+        sent.append(thread)
+        return emit(engine, *args, **kwargs)
+
+    monkeypatch.setattr(FlowRunEngine, "_emit_flow_run_heartbeat", recording)
+    inputs = [str(p) for p in make_inputs(tmp_path / "in")]
+    manifest = refresh_flow(inputs=inputs, tokenizer=str(bpe_tokenizer_path), out=str(tmp_path / "data"), config=_config())
+    assert manifest["version"] == 1
+    assert sent, "no heartbeat was sent"
+    [thread] = set(sent)
+    assert joined == []
+    at_end = len(sent)
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert len(sent) == at_end
 
 
 def test_refresh_flow_on_local_dask_cluster(prefect_harness, tmp_path, bpe_tokenizer_path):
