@@ -1,9 +1,11 @@
 """The dedup stage in one call, composed from the three mappable steps.
 
 ``compute_signatures`` per chunk -> ``candidate_pairs`` per band partition ->
-``resolve_clusters`` once. The Prefect flow maps the first two over chunks and partitions (they
-only read and write files) and runs the third once; :func:`dedup_stage` runs the same three in
-this process, one after the other (``sftkit prepare --no-flow`` and the library API).
+``resolve_clusters`` once. A Prefect flow on a cluster maps the first two over chunks and
+partitions (they only read and write files) and runs the third once; :func:`dedup_stage` runs the
+same three in this process (``sftkit prepare --no-flow``, the library API, and a flow on one
+machine's threads), the partitions on a thread per core: their work is numpy sorts and Parquet
+reads, which release the GIL.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +82,13 @@ def dedup_stage(
         for in_path, sig_path in zip(in_paths, signature_paths):
             if not Path(sig_path).exists():
                 compute_signatures(in_path, sig_path, dedup)
-        for partition, edge_path in zip(partitions, edge_paths):
-            if not Path(edge_path).exists():
-                save_edges(candidate_pairs(signature_paths, partition, dedup, index_dir, index_parts), edge_path)
+        missing = [(partition, edge_path) for partition, edge_path in zip(partitions, edge_paths) if not Path(edge_path).exists()]
+
+        def make_edges(job: tuple[int, Path]) -> Path:
+            return save_edges(candidate_pairs(signature_paths, job[0], dedup, index_dir, index_parts), job[1])
+
+        with ThreadPoolExecutor(max(1, min(len(missing), os.cpu_count() or 1)), thread_name_prefix="sftkit-dedup") as threads:
+            list(threads.map(make_edges, missing))  # (one partition's band columns per core in memory at a time)
         outcome = resolve_clusters(
             in_paths,
             signature_paths,

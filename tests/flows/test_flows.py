@@ -15,6 +15,16 @@ pytestmark = pytest.mark.prefect
 CONFIG = {"shards": {"val_fraction": 0.2}}
 
 
+def _task_names(state) -> list[str]:
+    """The names of a flow run's task runs, without their suffixes, sorted (one per run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return sorted(run.name.rsplit("-", 1)[0] for run in client.read_task_runs(flow_run_filter=flow_run))
+
+
 def _config():
     from pipeline.config import SFTConfig
 
@@ -108,16 +118,21 @@ def test_a_refresh_sends_heartbeats_and_ends_without_waiting_for_their_thread(pr
     assert len(sent) == at_end
 
 
-def test_refresh_flow_on_local_dask_cluster(prefect_harness, tmp_path, bpe_tokenizer_path):
+def test_refresh_flow_on_local_dask_cluster(prefect_harness, tmp_path, bpe_tokenizer_path, monkeypatch):
     pytest.importorskip("prefect_dask")
+    import pipeline.steps as steps
     from flows.refresh import refresh_flow
     from flows.runner import make_task_runner
 
     inputs = make_inputs(tmp_path / "in")
     threads_out, dask_out = tmp_path / "threads", tmp_path / "dask"
     refresh_flow(inputs=[str(p) for p in inputs], tokenizer=str(bpe_tokenizer_path), out=str(threads_out), config=_config())
+    # On a cluster the signatures and band partitions are tasks of their own (as if the inputs were big)
+    monkeypatch.setattr(steps, "_BYTES_FOR_WORKERS", 0)
     flow = refresh_flow.with_options(task_runner=make_task_runner("dask", max_workers=2))
-    manifest = flow(inputs=[str(p) for p in inputs], tokenizer=str(bpe_tokenizer_path), out=str(dask_out), config=_config())
+    state = flow(inputs=[str(p) for p in inputs], tokenizer=str(bpe_tokenizer_path), out=str(dask_out), config=_config(), return_state=True)
+    manifest = state.result()
+    assert {"dedup-signatures", "dedup-partition", "dedup-resolve"} <= set(_task_names(state))
     assert manifest["counts"] == read_manifest(threads_out)["counts"]
     assert shard_bytes(dask_out) == shard_bytes(threads_out)
 
@@ -202,10 +217,9 @@ def test_train_flow_trains_on_a_mixture_of_two_folders_on_real_engine(prefect_ha
         train_flow.fn(mixture=str(spec), out=str(tmp_path / "other"), expected_version=1)
 
 
-def test_big_inputs_map_dedup_into_tasks_and_ingest_into_worker_processes(prefect_harness, tmp_path, bpe_tokenizer_path, monkeypatch):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
+def test_big_inputs_sign_in_the_ingest_workers_and_a_run_missing_a_signature_file_resumes(
+    prefect_harness, tmp_path, bpe_tokenizer_path, monkeypatch
+):
     import pipeline.steps as steps
     from flows.refresh import refresh_flow
 
@@ -214,18 +228,39 @@ def test_big_inputs_map_dedup_into_tasks_and_ingest_into_worker_processes(prefec
     def task_names(out, inputs=inputs):
         state = refresh_flow(inputs=inputs, tokenizer=str(bpe_tokenizer_path), out=str(out), config=_config(), return_state=True)
         assert state.is_completed()
-        flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        with get_client(sync_client=True) as client:
-            return sorted({run.name.rsplit("-", 1)[0] for run in client.read_task_runs(flow_run_filter=flow_run)})
+        return _task_names(state)
 
     small = task_names(tmp_path / "small")  # the resolve task makes signatures and candidates itself
     monkeypatch.setattr(steps, "_BYTES_FOR_WORKERS", 0)  # as if every input were big
     big = task_names(tmp_path / "big")
     assert "dedup-signatures" not in small and "dedup-partition" not in small
-    assert {"dedup-signatures", "dedup-partition", "dedup-resolve"} <= set(big)
-    # (the signatures are made by the ingest step's worker; the signatures task finds them)
+    # On this machine's threads the ingest steps' workers sign the chunks and the resolve task
+    # makes the band partitions (a thread per core): neither has tasks of its own.
+    assert "dedup-resolve" in big and "dedup-signatures" not in big and "dedup-partition" not in big
     assert shard_bytes(tmp_path / "big") == shard_bytes(tmp_path / "small")
     assert read_manifest(tmp_path / "big")["counts"] == read_manifest(tmp_path / "small")["counts"]
+
+    # A run stopped after its ingest steps, one of whose signature files is gone (as when killed
+    # between a chunk's ingest mark and its signatures): the rerun makes it again (in the ingest
+    # task, or a signatures task of its own where Prefect's cache answered for the ingest) and
+    # ends with the same dataset.
+    resumed = tmp_path / "resumed"
+    with_fingerprints = steps.with_fingerprints
+
+    def stopped(plan):
+        raise RuntimeError("stopped here")
+
+    monkeypatch.setattr(steps, "with_fingerprints", stopped)
+    state = refresh_flow(inputs=inputs, tokenizer=str(bpe_tokenizer_path), out=str(resumed), config=_config(), return_state=True)
+    assert state.is_failed()
+    monkeypatch.setattr(steps, "with_fingerprints", with_fingerprints)
+    signatures = sorted((resumed / ".work" / "dedup-signatures").glob("*.parquet"))
+    assert len(signatures) == len(inputs)
+    signatures[0].unlink()
+    task_names(resumed)
+    assert shard_bytes(resumed) == shard_bytes(tmp_path / "small")
+    assert read_manifest(resumed)["counts"] == read_manifest(tmp_path / "small")["counts"]
+
     # One input on two or more cores: its signatures are made while ingest writes the chunk
     # (pipeline.dedup.lsh.signing_alongside), to the same dataset.
     task_names(tmp_path / "one-big", inputs[:1])
