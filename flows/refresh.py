@@ -11,8 +11,6 @@ stale cache entry.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -20,38 +18,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows._env import flow_runs_end_without_joining_heartbeats
 from pipeline import outdir, steps
 from pipeline.config import SFTConfig
 from pipeline.ingest import expand_inputs
 
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[1, 5])
 
-
-def _heartbeat_thread_not_joined() -> None:
-    """Let a flow run end without waiting for its heartbeat thread (Prefect 3.9's sync engine).
-
-    The thread sends a heartbeat when the run starts and then sleeps in steps of one second,
-    looking at its stop flag between them; the engine sets the flag when the run's body returns
-    and joins the thread, so every run ended with up to a second of nothing (0.89 s in a profile
-    of a refresh that found nothing new, a third of its wall time). Told not to join, as
-    Prefect's own async engine is, the engine goes on at once, and the thread, a daemon, sees
-    the flag at its next step and ends without sending anything more. Heartbeats while the
-    run works are unchanged. A Prefect without this function or argument is left as it is."""
-    from prefect import flow_engine
-
-    send = getattr(flow_engine, "_send_heartbeats", None)
-    if send is None or getattr(send, "sftkit_not_joined", False) or "join_on_exit" not in inspect.signature(send).parameters:
-        return
-
-    @functools.wraps(send)
-    def not_joined(engine, join_on_exit: bool = True):
-        return send(engine, join_on_exit=False)
-
-    not_joined.sftkit_not_joined = True
-    flow_engine._send_heartbeats = not_joined
-
-
-_heartbeat_thread_not_joined()
+flow_runs_end_without_joining_heartbeats()
 
 
 def _cache_key(stage: str, key_of):
@@ -118,8 +92,8 @@ def _dedup(plan: steps.RunPlan, ingest_results: list[steps.StepResult]) -> steps
     """Signatures mapped per chunk, band partitions mapped, clustering as the one global reduce.
 
     On one machine's threads the resolve task makes the partitions itself, on a thread per core
-    (:func:`pipeline.dedup.dedup_stage`): mapped tasks bought no parallelism that lacks, and each
-    cost the orchestrator a tenth of a second or more (8 partitions at 50k conversations: 0.8 s
+    (:func:`pipeline.dedup.dedup_stage`): a task per partition bought no parallelism those threads
+    lack, and each cost the orchestrator a tenth of a second or more (8 partitions at 50k conversations: 0.8 s
     of wall time for 0.26 s of work). The ingest steps made the signatures; a chunk's is mapped
     only when missing (a run killed between the two)."""
     if not steps.dedup_parts_worth_tasks(plan):  # off, or a small run: the resolve task does it all

@@ -14,7 +14,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows._env import flow_runs_end_without_joining_heartbeats
 from pipeline.manifest import read_manifest
+
+flow_runs_end_without_joining_heartbeats()
 
 
 @task(name="train")
