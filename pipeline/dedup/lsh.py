@@ -31,7 +31,7 @@ from pipeline import schema
 from pipeline.config import DedupConfig
 from pipeline.dedup import index as dedup_index
 from pipeline.dedup.minhash import band_hashes, choose_bands, signatures
-from pipeline.dedup.normalize import key_texts, normalize_all, response_chars
+from pipeline.dedup.normalize import key_texts, normalize_all_utf8, response_chars
 from pipeline.dedup.shingles import shingle_hashes, unique_per_document
 from pipeline.fsutil import atomic_path, open_parquet
 
@@ -57,10 +57,12 @@ def run_params(config: DedupConfig) -> dict:
     return dedup_index.index_params(config, *lsh_shape(config))
 
 
-def exact_hashes(forms: list[str]) -> np.ndarray:
-    """uint64 content hash of each normal form (blake2b, stable across runs and machines)."""
+def exact_hashes(forms: Sequence[str] | Sequence[bytes]) -> np.ndarray:
+    """uint64 content hash of each normal form, given as text or as its UTF-8 (blake2b, stable
+    across runs and machines)."""
+    encoded = forms if forms and isinstance(forms[0], bytes) else [f.encode("utf-8") for f in forms]
     return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(f.encode("utf-8"), digest_size=8).digest(), "little") for f in forms),
+        (int.from_bytes(hashlib.blake2b(f, digest_size=8).digest(), "little") for f in encoded),
         dtype=np.uint64,
         count=len(forms),
     )
@@ -76,7 +78,7 @@ def table_signatures(table: pa.Table, config: DedupConfig) -> tuple[np.ndarray, 
     sig = np.empty((len(texts), config.num_perm), dtype=np.uint32)
     sets = []
     for start, end in _batches(texts):
-        forms, cjk = normalize_all(texts[start:end])
+        forms, cjk = normalize_all_utf8(texts[start:end])
         exact[start:end] = exact_hashes(forms)
         hashes, offsets = shingle_hashes(forms, cjk, config.word_ngram, config.char_ngram)
         sig[start:end] = signatures(hashes, offsets, config.num_perm, config.seed)

@@ -44,10 +44,11 @@ def _punctuation() -> tuple[re.Pattern[str], re.Pattern[str]]:
     return re.compile("[" + "".join(bmp) + "]"), re.compile("[" + "".join(astral) + "]")
 
 
-# ASCII bytes to themselves, except the punctuation (Unicode category P*), which becomes a space.
-_ASCII_PUNCTUATION_TO_SPACE = bytes(ord(" ") if unicodedata.category(chr(code)).startswith("P") else code for code in range(128)) + bytes(
-    range(128, 256)
-)
+# ASCII bytes to their normal form's: punctuation and whitespace (what str.split splits on, the
+# separators \x1c-\x1f included) to a space, upper case to lower case (casefold, for ASCII).
+_ASCII_TO_FORM = bytes(
+    ord(" ") if unicodedata.category(chr(code)).startswith("P") or chr(code).isspace() else ord(chr(code).lower()) for code in range(128)
+) + bytes(range(128, 256))
 
 
 def normalize(text: str) -> tuple[str, int]:
@@ -62,9 +63,9 @@ def normalize(text: str) -> tuple[str, int]:
     ('안 녕 세 계', 4)
     """
     if text.isascii():
-        # NFKC leaves ASCII as it is and casefold is lower(); the punctuation becomes spaces
-        # through a byte table: the same form as below, three times faster.
-        return " ".join(text.encode("ascii").translate(_ASCII_PUNCTUATION_TO_SPACE).decode("ascii").lower().split()), 0
+        # NFKC leaves ASCII as it is and casefold is lower(); one byte table lowers and turns
+        # punctuation into spaces: the same form as below, three times faster.
+        return b" ".join(text.encode("ascii").translate(_ASCII_TO_FORM).split()).decode("ascii"), 0
     text = unicodedata.normalize("NFKC", text).casefold()
     bmp_punctuation, astral_punctuation = _punctuation()
     text = bmp_punctuation.sub(" ", text)
@@ -126,6 +127,25 @@ def normalize_all(texts: Iterable[str]) -> tuple[list[str], np.ndarray]:
         form, num_unspaced = normalize(text)
         forms.append(form)
         unspaced.append(num_unspaced)
+    return forms, np.asarray(unspaced, dtype=np.int64)
+
+
+def normalize_all_utf8(texts: Iterable[str]) -> tuple[list[bytes], np.ndarray]:
+    """:func:`normalize_all` with the normal forms as UTF-8, what the hashes are taken of.
+
+    An ASCII text goes from its bytes to its form's bytes in one table lookup and one split:
+    the same form, without decoding it, lowering it and encoding it again (signing 50k
+    conversations spent a quarter of its time normalising)."""
+    forms: list[bytes] = []
+    unspaced: list[int] = []
+    for text in texts:
+        if text.isascii():
+            forms.append(b" ".join(text.encode("ascii").translate(_ASCII_TO_FORM).split()))
+            unspaced.append(0)
+        else:
+            form, num_unspaced = normalize(text)
+            forms.append(form.encode("utf-8"))
+            unspaced.append(num_unspaced)
     return forms, np.asarray(unspaced, dtype=np.int64)
 
 

@@ -17,6 +17,8 @@ string (the reference the tests and the benchmark compare against).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 _P = np.uint64(0x9E3779B97F4A7C15 | 1)  # odd, so it has an inverse mod 2**64
@@ -90,14 +92,18 @@ def shingle_strings(form: str, n: int) -> list[str]:
     return [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
-def shingle_hashes(forms: list[str], cjk_counts: np.ndarray, word_ngram: int, char_ngram: int) -> tuple[np.ndarray, np.ndarray]:
+def shingle_hashes(
+    forms: Sequence[str] | Sequence[bytes], cjk_counts: np.ndarray, word_ngram: int, char_ngram: int
+) -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes of every shingle of every document, and per-document offsets into them.
 
-    Returns ``(hashes, offsets)``: document ``d``'s shingles are ``hashes[offsets[d]:offsets[d+1]]``
-    (duplicates included, as MinHash does not care).
+    ``forms`` are normal forms, as text or as their UTF-8 (the same hashes). Returns ``(hashes,
+    offsets)``: document ``d``'s shingles are ``hashes[offsets[d]:offsets[d+1]]`` (duplicates
+    included, as MinHash does not care).
     """
     num_docs = len(forms)
-    token_counts = np.fromiter((f.count(" ") + 1 if f else 0 for f in forms), dtype=np.int64, count=num_docs)
+    space = b" " if num_docs and isinstance(forms[0], bytes) else " "
+    token_counts = np.fromiter((f.count(space) + 1 if f else 0 for f in forms), dtype=np.int64, count=num_docs)
     sizes = ngram_sizes(token_counts, np.asarray(cjk_counts, dtype=np.int64), word_ngram, char_ngram)
     shingle_counts = np.where(token_counts > 0, np.maximum(token_counts - sizes + 1, 1), 0)
     offsets = np.concatenate([[0], np.cumsum(shingle_counts)]).astype(np.int64)
@@ -105,7 +111,8 @@ def shingle_hashes(forms: list[str], cjk_counts: np.ndarray, word_ngram: int, ch
     if total == 0:
         return np.empty(0, dtype=np.uint32), offsets
 
-    blob = " ".join(f for f in forms if f).encode("utf-8")
+    blob = space.join(f for f in forms if f)
+    blob = blob if isinstance(blob, bytes) else blob.encode("utf-8")
     data = np.frombuffer(blob, dtype=np.uint8)
     _ensure_powers(len(data) + 1)
     spaces = np.flatnonzero(data == 32)

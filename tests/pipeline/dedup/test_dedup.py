@@ -14,8 +14,9 @@ from datasketch import MinHash
 from pipeline import schema
 from pipeline.config import DedupConfig, SFTConfig
 from pipeline.dedup import dedup_stage, load_index
+from pipeline.dedup.lsh import exact_hashes
 from pipeline.dedup.minhash import EMPTY, candidate_probability, choose_bands, signatures
-from pipeline.dedup.normalize import normalize, normalize_all
+from pipeline.dedup.normalize import normalize, normalize_all, normalize_all_utf8
 from pipeline.dedup.shingles import hash32, ngram_sizes, shingle_hashes, shingle_strings
 
 VOCAB = [f"w{i}" for i in range(3000)]
@@ -99,8 +100,28 @@ def test_ascii_text_takes_a_short_cut_to_the_same_normal_form():
     texts += ["Hello, WORLD!  It's  a_b (x@y.com) #1 $5 {ok}", "snake_case-and-kebab", "tab\there\r\nnew\x0bline"]
     for text in texts:
         assert normalize(text) == (by_definition(text), 0), repr(text)
+    # the signing path's forms, kept as UTF-8 bytes, are the same forms
+    forms, unspaced = normalize_all_utf8(texts)
+    assert [form.decode("ascii") for form in forms] == [by_definition(text) for text in texts]
+    assert not unspaced.any()
     # ASCII and non-ASCII spellings of one text still meet (the short cut is only for ASCII)
     assert normalize("Ｈｅｌｌｏ，ｗｏｒｌｄ！")[0] == normalize("Hello, world!")[0] == "hello world"
+
+
+def test_signing_hashes_the_same_forms_whether_given_as_text_or_as_utf8():
+    """table_signatures keeps normal forms as UTF-8 bytes; exact hashes and shingle hashes of
+    those are the ones of the forms as text (what stored indexes hold)."""
+    rng = random.Random(3)
+    texts = ["", "!!!", "Hello,  WORLD!", "我爱北京天安门广场", "สวัสดีครับทุกคน", "Mixed 中文 and English, here"]
+    texts += [" ".join(words(seed, rng.randint(0, 40))) for seed in range(200)]
+    texts += [hanzi(seed, rng.randint(1, 30)) for seed in range(50)]
+    forms, cjk = normalize_all(texts)
+    utf8_forms, utf8_cjk = normalize_all_utf8(texts)
+    assert utf8_forms == [form.encode("utf-8") for form in forms]
+    np.testing.assert_array_equal(cjk, utf8_cjk)
+    np.testing.assert_array_equal(exact_hashes(utf8_forms), exact_hashes(forms))
+    for hashes, expected in zip(shingle_hashes(utf8_forms, cjk, 5, 3), shingle_hashes(forms, cjk, 5, 3)):
+        np.testing.assert_array_equal(hashes, expected)
 
 
 def test_cjk_thai_and_mixed_text_use_character_ngrams_short_texts_get_one_shingle():
