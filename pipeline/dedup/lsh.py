@@ -57,12 +57,10 @@ def run_params(config: DedupConfig) -> dict:
     return dedup_index.index_params(config, *lsh_shape(config))
 
 
-def exact_hashes(forms: Sequence[str] | Sequence[bytes]) -> np.ndarray:
-    """uint64 content hash of each normal form, given as text or as its UTF-8 (blake2b, stable
-    across runs and machines)."""
-    encoded = forms if forms and isinstance(forms[0], bytes) else [f.encode("utf-8") for f in forms]
+def exact_hashes(forms: Sequence[bytes]) -> np.ndarray:
+    """uint64 content hash of each normal form's UTF-8 (blake2b, stable across runs and machines)."""
     return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(f, digest_size=8).digest(), "little") for f in encoded),
+        (int.from_bytes(hashlib.blake2b(f, digest_size=8).digest(), "little") for f in forms),
         dtype=np.uint64,
         count=len(forms),
     )

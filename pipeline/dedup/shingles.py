@@ -92,18 +92,15 @@ def shingle_strings(form: str, n: int) -> list[str]:
     return [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
-def shingle_hashes(
-    forms: Sequence[str] | Sequence[bytes], cjk_counts: np.ndarray, word_ngram: int, char_ngram: int
-) -> tuple[np.ndarray, np.ndarray]:
+def shingle_hashes(forms: Sequence[bytes], cjk_counts: np.ndarray, word_ngram: int, char_ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes of every shingle of every document, and per-document offsets into them.
 
-    ``forms`` are normal forms, as text or as their UTF-8 (the same hashes). Returns ``(hashes,
-    offsets)``: document ``d``'s shingles are ``hashes[offsets[d]:offsets[d+1]]`` (duplicates
-    included, as MinHash does not care).
+    ``forms`` are normal forms in UTF-8 (:func:`pipeline.dedup.normalize.normalize_all_utf8`).
+    Returns ``(hashes, offsets)``: document ``d``'s shingles are ``hashes[offsets[d]:offsets[d+1]]``
+    (duplicates included, as MinHash does not care).
     """
     num_docs = len(forms)
-    space = b" " if num_docs and isinstance(forms[0], bytes) else " "
-    token_counts = np.fromiter((f.count(space) + 1 if f else 0 for f in forms), dtype=np.int64, count=num_docs)
+    token_counts = np.fromiter((f.count(b" ") + 1 if f else 0 for f in forms), dtype=np.int64, count=num_docs)
     sizes = ngram_sizes(token_counts, np.asarray(cjk_counts, dtype=np.int64), word_ngram, char_ngram)
     shingle_counts = np.where(token_counts > 0, np.maximum(token_counts - sizes + 1, 1), 0)
     offsets = np.concatenate([[0], np.cumsum(shingle_counts)]).astype(np.int64)
@@ -111,8 +108,7 @@ def shingle_hashes(
     if total == 0:
         return np.empty(0, dtype=np.uint32), offsets
 
-    blob = space.join(f for f in forms if f)
-    blob = blob if isinstance(blob, bytes) else blob.encode("utf-8")
+    blob = b" ".join(f for f in forms if f)
     data = np.frombuffer(blob, dtype=np.uint8)
     _ensure_powers(len(data) + 1)
     spaces = np.flatnonzero(data == 32)
