@@ -17,8 +17,9 @@ this machine. "CPU s by process" splits sftkit's CPU seconds (sampled with the m
 process: the command's own (main), the tokenizer process (its Rust encoder threads included),
 the step workers (ingest and signatures) and the quality workers. Per stage it reports the seconds and the peak RSS the manifest records (``stages[].seconds``,
 ``stages[].peak_rss_bytes``), the process's own peak RSS, and the peak of its memory together
-with its worker processes' (the proportional set size of the process tree, sampled four times a
-second: shared pages count once).
+with its worker processes' (the proportional set size of the process tree, sampled once a
+second: shared pages count once). The raw tokenizer's process is sampled the same way, so the
+sampling (reading ``smaps_rollup`` walks page tables: ``sampler_cpu_seconds``) weighs on both sides.
 
 Flow mode is measured as a team runs it: against a Prefect server that is already up (this
 script starts a real ``prefect server start`` first, unless ``PREFECT_API_URL`` is set, and does
@@ -213,6 +214,7 @@ def run_sftkit(inputs: list[Path], out: Path, tokenizer: Path, api_url: str | No
         "peak_rss_bytes": child.peak_rss_bytes,
         "tree_peak_pss_bytes": child.tree_peak_pss_bytes,
         "cpu_by_role": child.cpu_by_role,
+        "sampler_cpu_seconds": child.sampler_cpu_seconds,
         "kept": manifest["counts"]["kept"],
         "read": manifest["counts"]["read"],
         "tokens": sum(s["tokens"] for s in manifest["shards"]),
@@ -221,9 +223,15 @@ def run_sftkit(inputs: list[Path], out: Path, tokenizer: Path, api_url: str | No
 
 
 def run_raw_tokenizer(inputs: list[Path], tokenizer: Path) -> dict:
-    child = run_child(module_command("bench.raw_tokenizer", tokenizer, *inputs), what="raw tokenizer")
+    child = run_child(module_command("bench.raw_tokenizer", tokenizer, *inputs), what="raw tokenizer", tree_memory=True)
     figures = child.last_json()
-    return {**figures, "wall_seconds": child.seconds, "peak_rss_bytes": child.peak_rss_bytes}
+    return {
+        **figures,
+        "wall_seconds": child.seconds,
+        "peak_rss_bytes": child.peak_rss_bytes,
+        "tree_peak_pss_bytes": child.tree_peak_pss_bytes,
+        "sampler_cpu_seconds": child.sampler_cpu_seconds,
+    }
 
 
 def startup(work: Path, tokenizer: Path, api_url: str | None) -> list[dict]:
