@@ -3,7 +3,9 @@
 :class:`WorkerPool` starts ``num_proc`` processes as ``python -m pipeline.workers``; each
 initialises once (``initializer(*init_args)``, e.g. building the quality filters) and then applies
 ``task`` to the items it is sent (``initializer`` may be None). :meth:`WorkerPool.map` yields the results in the items' order,
-so a stage's output does not depend on the number of workers.
+so a stage's output does not depend on the number of workers. :meth:`WorkerPool.switch` gives
+running workers another initializer and task: a run's next stage takes the processes of the last
+(:func:`pool`) instead of starting and importing new ones.
 
 Why not :mod:`multiprocessing`: ``fork`` is unsafe in a process that runs threads (Prefect's task
 runner, the tokenizer's pool), and ``spawn``/``forkserver`` re-run the caller's main script in each
@@ -14,8 +16,10 @@ The protocol, on the worker's stdin and stdout: length-prefixed pickles (8 bytes
 length, then the pickle). First ``(initializer, task, init_args)``, then one item per message; the
 worker answers each with ``(True, result)`` or ``(False, exception)``. Each worker has one item in
 flight, and the next is sent as soon as its answer is read, so neither side can block the other
-on a full pipe. A worker that dies is named with its exit code; an exception in ``task`` is
-raised again in the caller. Only functions of sftkit's own ``pipeline`` package can be named.
+on a full pipe. A :class:`_Switch` in place of an item initialises the worker again and names
+its task from then on; it is answered ``(True, None)`` once done. A worker that dies is named with
+its exit code; an exception in ``task`` (or a switch's initializer) is raised again in the caller.
+Only functions of sftkit's own ``pipeline`` package can be named.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 _HEADER = 8
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -50,6 +54,14 @@ def _has_jemalloc() -> bool:
 
 class WorkerError(RuntimeError):
     """A worker process died, or answered something that is not the protocol."""
+
+
+class _Switch(NamedTuple):
+    """Sent in place of an item: run ``initializer(*init_args)`` and apply ``task`` from now on."""
+
+    initializer: str | None
+    task: str
+    init_args: tuple
 
 
 def _send(stream: BinaryIO, obj: Any) -> None:
@@ -98,6 +110,8 @@ class WorkerPool:
             env["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"  # see flows._env: 110-180 MiB less per stage
         self._workers: list[subprocess.Popen] = []
         self._in_flight = 0
+        self._switching = False  # a switch sent, its answers not read yet
+        self._mixed = False  # a switch failed in some worker: the workers run different tasks
         try:
             for _ in range(max(1, num_proc)):
                 worker = subprocess.Popen(
@@ -113,8 +127,39 @@ class WorkerPool:
             self.close()
             raise
 
+    def switch(self, initializer: str | None, task: str, init_args: tuple) -> None:
+        """From now on initialise with ``initializer(*init_args)`` and apply ``task``: sent to every
+        worker now, it runs there while the caller goes on; the next :meth:`map` waits for it (and
+        raises what an initializer raised). Workers keep the command line they started with."""
+        if initializer is not None:
+            _resolve(initializer)
+        _resolve(task)
+        for worker in self._workers:
+            try:
+                _send(worker.stdin, _Switch(initializer, task, init_args))
+            except BrokenPipeError as exc:
+                raise self._died(worker) from exc
+        self._switching = True
+
+    def _switched(self) -> None:
+        if not self._switching:
+            return
+        self._switching = False
+        failed = None
+        for worker in self._workers:
+            try:
+                ok, value = _receive(worker.stdout)
+            except (EOFError, pickle.UnpicklingError, ValueError) as exc:
+                raise self._died(worker) from exc
+            if not ok:
+                failed = failed or value
+        if failed is not None:
+            self._mixed = True  # never handed on (idle is False)
+            raise failed
+
     def map(self, items: Iterable[Any]) -> Iterator[Any]:
         """``task(item)`` for every item, in the items' order."""
+        self._switched()
         items = iter(items)
         count = len(self._workers)
         # Item i goes to worker i % count; each worker holds one item at a time.
@@ -169,7 +214,7 @@ class WorkerPool:
     @property
     def idle(self) -> bool:
         """Whether every item sent was answered and the workers still run: the pool can serve another map."""
-        return self._in_flight == 0 and bool(self._workers) and all(w.poll() is None for w in self._workers)
+        return self._in_flight == 0 and not self._mixed and bool(self._workers) and all(w.poll() is None for w in self._workers)
 
     def close(self) -> None:
         for worker in self._workers:
@@ -201,7 +246,10 @@ _DONE = object()
 # its own (a flow's ingest), would start its worker processes again each time: 0.3 s of wall
 # time and half a CPU-second of imports for two workers, twenty times in a 1M-conversation run.
 # Inside reusing(), pool() hands a pool that answered all its items back to the next caller
-# with the same arguments; the outermost block closes what is left.
+# with the same arguments; the outermost block closes what is left. A caller that finds none of
+# its own kind takes an idle pool of another kind with as many workers and switches it
+# (WorkerPool.switch): a run's signature workers, done when ingest is, become its quality workers,
+# and the next stage starts no processes (half a CPU-second of imports each).
 _IDLE: dict[tuple, list[WorkerPool]] = {}
 _REUSING = 0
 _IDLE_LOCK = threading.Lock()
@@ -226,15 +274,52 @@ def reusing() -> Iterator[None]:
             worker_pool.close()
 
 
+def close_idle(task: str) -> None:
+    """Close the idle pools whose workers run ``task``: a step done with them (a flow's ingest,
+    its inputs all in) lets them go rather than leave them to wait beside the next stage's."""
+    with _IDLE_LOCK:
+        closing = [p for k in [k for k in _IDLE if k[1] == task] for p in _IDLE.pop(k)]
+    for worker_pool in closing:
+        worker_pool.close()
+
+
+def _take_other_kind(key: tuple, at_least: int | None = None) -> WorkerPool | None:
+    """An idle pool of another kind than ``key``'s, with ``key``'s number of workers (or, with
+    ``at_least``, the fewest of that many or more), switched to ``key``'s initializer and task;
+    None when there is none (or it turned out dead). Called with ``_IDLE_LOCK`` not held."""
+    with _IDLE_LOCK:
+        fitting = [
+            k
+            for k, pools in _IDLE.items()
+            if pools and k[:3] != key[:3] and (k[3] == key[3] or (at_least is not None and k[3] >= at_least))
+        ]
+        other = min(fitting, key=lambda k: (k[3] != key[3], k[3]), default=None)
+        found = _IDLE[other].pop() if other is not None else None
+    if found is None:
+        return None
+    try:
+        if not found.idle:  # a worker died while the pool waited
+            raise WorkerError("a worker of an idle pool died")
+        found.switch(*key[:3])
+    except (WorkerError, OSError):
+        found.close()
+        return None
+    return found
+
+
 def start(initializer: str | None, task: str, init_args: tuple, num_proc: int) -> None:
     """Inside :func:`reusing`: start a pool now and keep it idle for a later :func:`pool` with the
     same arguments, so that its workers import and initialise while the caller works on (a
-    step on one core). Outside it, or with such a pool already idle, nothing."""
+    step on one core); an idle pool of another kind with as many workers or more is switched to
+    these arguments instead. Outside it, or with such a pool already idle, nothing."""
     key = (initializer, task, init_args, max(1, num_proc))
     with _IDLE_LOCK:
         if _REUSING == 0 or _IDLE.get(key):
             return
-    started = WorkerPool(*key)  # returns at once: the workers initialise on their own
+    # returns at once either way: the workers initialise on their own (a bigger idle pool will
+    # do: a stage asks for its workers with at_least)
+    started = _take_other_kind(key, at_least=key[3]) or WorkerPool(*key)
+    key = (*key[:3], len(started.pids))
     with _IDLE_LOCK:
         if _REUSING > 0:
             _IDLE.setdefault(key, []).append(started)
@@ -254,7 +339,8 @@ def pool(
     ``at_least``: an idle pool of these workers with that many or more will do too (a stage
     whose chunks differ in size takes the workers started for the first; dedup's keep policy,
     asking once, takes whatever the quality stage left). ``keep_new=False``: a pool started
-    here is closed when the block ends, never kept beside the one a later step starts."""
+    here is closed when the block ends, never kept beside the one a later step starts. With
+    none of these workers idle, an idle pool of another kind is switched to them (see above)."""
     key = (initializer, task, init_args, max(1, num_proc))
     with _IDLE_LOCK:
         found_key = key if _IDLE.get(key) else None
@@ -265,6 +351,8 @@ def pool(
     if found is not None and not found.idle:  # a worker died while the pool waited (killed, out of memory)
         found.close()
         found = None
+    if found is None and (switched := _take_other_kind(key, at_least)) is not None:
+        found, found_key = switched, (*key[:3], len(switched.pids))
     if found is not None:
         worker_pool, key, keepable = found, found_key, True
     else:
@@ -285,6 +373,7 @@ def pool(
 def main() -> None:
     """The worker: initialise, then answer items until the caller closes stdin."""
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    switch = importlib.import_module("pipeline.workers")._Switch  # as the caller pickles it (this module is __main__)
     sys.stdout = sys.stderr  # a stray print must not corrupt the answers
     initializer, task, init_args = _receive(requests)
     if initializer is not None:
@@ -300,7 +389,13 @@ def main() -> None:
             sys.stderr.flush()
             os._exit(0)
         try:
-            answer = (True, apply(item))
+            if type(item) is switch:
+                if item.initializer is not None:
+                    _resolve(item.initializer)(*item.init_args)
+                apply = _resolve(item.task)
+                answer = (True, None)
+            else:
+                answer = (True, apply(item))
         except Exception as exc:  # raised again in the caller, with its type
             try:
                 pickle.dumps(exc)

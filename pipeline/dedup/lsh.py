@@ -126,9 +126,13 @@ def compute_signatures(in_path: str | os.PathLike, sig_path: str | os.PathLike, 
 
 
 def _signature_pool(config: DedupConfig, num_proc: int):
-    from pipeline.workers import WorkerPool
+    """The signature workers, as a block: inside :func:`pipeline.workers.reusing` they are kept
+    when done, for the run's next stage to switch to its own task (the quality filters)."""
+    from pipeline import workers
 
-    return WorkerPool("pipeline.dedup.lsh:_init_worker", "pipeline.dedup.lsh:_signatures_in_worker", (config.model_dump_json(),), num_proc)
+    return workers.pool(
+        "pipeline.dedup.lsh:_init_worker", "pipeline.dedup.lsh:_signatures_in_worker", (config.model_dump_json(),), num_proc
+    )
 
 
 def _write_signature_file(path: Path, outs: Iterator[pa.Table], config: DedupConfig) -> int:

@@ -238,3 +238,93 @@ def test_a_smaller_chunk_filters_in_the_workers_started_for_the_first(tmp_path, 
         quality_stage(second, tmp_path / "kept2.parquet", tmp_path / "rejected2.parquet", config, batch_size=100)
     assert pools_started == [5]
     assert (tmp_path / "kept2.parquet").read_bytes() == alone.read_bytes()  # the same rows, whatever the workers
+
+
+def _signature_arguments(config: SFTConfig, num_proc: int) -> tuple:
+    return ("pipeline.dedup.lsh:_init_worker", "pipeline.dedup.lsh:_signatures_in_worker", (config.dedup.model_dump_json(),), num_proc)
+
+
+def test_a_switched_pool_applies_its_new_task_in_the_same_processes(tmp_path):
+    """WorkerPool.switch: the running workers initialise again and answer with the new task; an
+    initializer that raises is raised in the caller at the next map."""
+    from pipeline.quality import _JUDGE, _pool_arguments
+
+    config = SFTConfig()
+    batch = pq.read_table(write_conversations(tmp_path / "in.parquet", count=300, seed=8)).to_batches()[0]
+    with workers.WorkerPool(*_pool_arguments(config, None, 1)) as fresh:
+        [(verdicts, changed, _)] = fresh.map([(_JUDGE, batch)])  # (and the filters' timings)
+    with workers.WorkerPool(*TASK) as pool:
+        assert list(pool.map(ITEMS)) == [workers._resolve(TASK[1])(item) for item in ITEMS]
+        pids = pool.pids
+        pool.switch(*_pool_arguments(config, None, 1)[:3])
+        assert [answer[:2] for answer in pool.map([(_JUDGE, batch), (_JUDGE, batch)])] == [(verdicts, changed)] * 2
+        assert pool.pids == pids and pool.idle
+        pool.switch("pipeline.quality:_init_worker", "pipeline.quality:_in_worker", ("{not json", None))
+        with pytest.raises(Exception, match="JSON|json"):
+            list(pool.map([(_JUDGE, batch)]))
+
+
+def test_inside_reusing_the_signature_workers_become_the_quality_workers(tmp_path, pools_started):
+    """A run of one input signs it in worker processes while ingest writes it; the quality stage
+    after dedup then filters in those same processes, switched to the filters, rather than
+    starting and importing a second set: the same rows kept and rejected as new workers give."""
+    from pipeline.dedup.lsh import _signature_table
+    from pipeline.quality import start_workers
+
+    config = SFTConfig()
+    config.quality.num_proc = 2
+    source = write_conversations(tmp_path / "in.parquet", count=600, seed=9)
+    quality_stage(source, tmp_path / "alone.parquet", tmp_path / "alone-rejected.parquet", config, batch_size=100)
+    table = pq.read_table(source)
+    pools_started.clear()
+    with workers.reusing():
+        with workers.pool(*_signature_arguments(config, 2)) as signing:
+            signed = list(signing.map([table.slice(0, 300), table.slice(300)]))
+            signers = signing.pids
+        assert signed[0].equals(_signature_table(table.slice(0, 300), config.dedup))
+        start_workers(config, None, 600, batch_size=100)
+        quality_stage(source, tmp_path / "kept.parquet", tmp_path / "rejected.parquet", config, batch_size=100)
+        assert not exited(signers)
+    assert pools_started == [2]  # the signature workers; none for the quality stage
+    assert exited(signers)
+    assert (tmp_path / "kept.parquet").read_bytes() == (tmp_path / "alone.parquet").read_bytes()
+    assert (tmp_path / "rejected.parquet").read_bytes() == (tmp_path / "alone-rejected.parquet").read_bytes()
+
+
+def test_a_pool_of_another_kind_is_switched_only_when_idle_and_only_inside_reusing(pools_started):
+    with workers.reusing():
+        with workers.pool(*TASK) as first:
+            list(first.map(ITEMS))
+            with workers.pool("pipeline.quality:_init_worker", "pipeline.quality:_in_worker", (SFTConfig().model_dump_json(), None), 2):
+                pass  # the first pool is busy (in its block): a new one starts
+        assert pools_started == [2, 2]
+    pools_started.clear()
+    with workers.pool(*TASK) as first:
+        list(first.map(ITEMS))
+    with workers.pool("pipeline.quality:_init_worker", "pipeline.quality:_in_worker", (SFTConfig().model_dump_json(), None), 2):
+        pass
+    assert pools_started == [2, 2]  # outside reusing nothing is kept, so nothing is switched
+
+
+def test_a_pool_whose_switch_failed_in_a_worker_is_never_handed_on(pools_started):
+    with workers.reusing():
+        with pytest.raises(Exception, match="JSON|json"), workers.pool(*TASK) as pool:
+            failed = pool.pids
+            pool.switch("pipeline.quality:_init_worker", "pipeline.quality:_in_worker", ("{not json", None))
+            list(pool.map(ITEMS))
+        assert not pool.idle and exited(failed)
+        with workers.pool(*TASK) as again:
+            assert set(again.pids).isdisjoint(failed)
+
+
+def test_close_idle_lets_one_kind_of_idle_pool_go_and_keeps_the_others():
+    quality = ("pipeline.quality:_init_worker", "pipeline.quality:_in_worker", (SFTConfig().model_dump_json(), None), 1)
+    with workers.reusing():
+        with workers.pool(*TASK) as steps_like:
+            kept = steps_like.pids
+        with workers.pool(*quality) as other:
+            other_pids = other.pids
+        workers.close_idle(TASK[1])
+        assert exited(kept) and not exited(other_pids)
+        with workers.pool(*quality) as again:
+            assert again.pids == other_pids
