@@ -248,7 +248,9 @@ class TreeMemory:
     def role(self, pid: int) -> str:
         """``main`` for the child itself; a worker by what it runs (``python -m pipeline.workers
         TASK [INITIALIZER]``): the tokenizer process, quality workers, step workers (ingest and
-        signatures), signature workers, tokenize workers; anything else by its program name."""
+        signatures), signature workers, tokenize workers; anything else by its program name. A
+        worker switched to another task (:meth:`pipeline.workers.WorkerPool.switch`) keeps the
+        role it started with."""
         if pid == self.pid:
             return "main"
         try:

@@ -15,7 +15,9 @@ included, over the raw tokenizer's) and the CPU bound: sftkit's CPU seconds over
 the raw tokenizer's wall seconds, the least wall ratio any overlap of the steps could reach on
 this machine. "CPU s by process" splits sftkit's CPU seconds (sampled with the memory) by
 process: the command's own (main), the tokenizer process (its Rust encoder threads included),
-the step workers (ingest and signatures) and the quality workers. Per stage it reports the seconds and the peak RSS the manifest records (``stages[].seconds``,
+the step workers (ingest and signatures), the signature workers and the quality workers (a
+worker keeps the command line it started with: in a run of one input the signature workers go on
+as the quality workers, and their CPU seconds hold both). Per stage it reports the seconds and the peak RSS the manifest records (``stages[].seconds``,
 ``stages[].peak_rss_bytes``), the process's own peak RSS, and the peak of its memory together
 with its worker processes' (the proportional set size of the process tree, sampled once a
 second: shared pages count once). The raw tokenizer's process is sampled the same way, so the

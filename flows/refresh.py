@@ -57,10 +57,11 @@ def begin_task(plan: steps.RunPlan) -> None:
     **IO_RETRIES,
 )
 def ingest_task(plan: steps.RunPlan, item: steps.InputFile) -> steps.StepResult:
-    # Ingest is Python: a big file gets a process of its own (which makes its signatures too),
-    # so mapped tasks use every core.
+    # Ingest is Python: a big file beside others gets a process of its own (which makes its
+    # signatures too), so mapped tasks use every core.
     signatures = steps.dedup_parts_worth_tasks(plan)
-    return steps.in_worker_process(steps.ingest_then_signatures, plan, item, signatures, input_bytes=steps.input_bytes(item.path))
+    size = steps.input_bytes(item.path)
+    return steps.in_worker_process(steps.ingest_then_signatures, plan, item, signatures, input_bytes=size, alone=len(plan.inputs) == 1)
 
 
 @task(name="dedup-signatures", **IO_RETRIES)
@@ -180,18 +181,23 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
         " (tokenizer, template or config changed: rebuilding)" if plan.rebuild else "",
     )
     begin_task(plan)
-    with steps.reusing_workers():  # the ingest tasks' worker processes serve one input after another
-        ingest_results = _mapped(ingest_task, plan.inputs, plan)
     # On this process's threads each chunk's quality and tokenize steps already use every core
     # (worker processes, encoder threads): one chunk at a time, rather than two oversubscribing
     # the cores and holding two chunks' batches in memory. Other runners place the tasks themselves.
     one_machine = _one_machine()
     if one_machine:
-        with steps.reusing_workers():  # one set of quality workers for all the chunks, started beside dedup
+        # The ingest tasks' worker processes serve one input after another, and what is left of
+        # them (a single input's signature workers) becomes the quality workers: one set for
+        # all the chunks, ready beside dedup.
+        with steps.reusing_workers():
+            ingest_results = _mapped(ingest_task, plan.inputs, plan)
+            steps.release_step_workers()
             steps.start_quality_workers(plan, ingest_results)
             dedup_result = _dedup(plan, ingest_results)
             quality_results = [quality_task(plan, dedup_result, chunk) for chunk in range(len(dedup_result.outputs))]
     else:
+        with steps.reusing_workers():  # the ingest tasks' worker processes serve one input after another
+            ingest_results = _mapped(ingest_task, plan.inputs, plan)
         dedup_result = _dedup(plan, ingest_results)
         chunks = list(range(len(dedup_result.outputs)))
         quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]

@@ -564,6 +564,16 @@ def reusing_workers() -> contextlib.AbstractContextManager[None]:
     return workers.reusing()
 
 
+def release_step_workers() -> None:
+    """Inside :func:`reusing_workers`, once every input is ingested: close the ingest steps' idle
+    worker processes (one per input beside others), so that they do not wait, each holding what
+    its ingest left in memory, beside the quality workers. A single input's signature workers,
+    started in this process, stay: the quality stage takes them."""
+    from pipeline import workers
+
+    workers.close_idle("pipeline.steps:_run_in_worker")
+
+
 def _quality_verdict(plan: RunPlan):
     """Would the quality stage keep a record? Dedup keeps such a copy of a duplicate group
     (:class:`pipeline.quality.Verdict`: one record, or many in worker processes)."""
@@ -783,13 +793,16 @@ def _run_in_worker(call: tuple[str, tuple]) -> Any:
     return globals()[name](*args)
 
 
-def in_worker_process(step: Callable[..., Any], *args: Any, input_bytes: int) -> Any:
+def in_worker_process(step: Callable[..., Any], *args: Any, input_bytes: int, alone: bool = False) -> Any:
     """``step(*args)`` in a worker process of its own when its input has ``input_bytes`` of
     :data:`_BYTES_FOR_WORKERS` or more, else here. For callers that run steps side by side in
-    threads (Prefect's thread task runner), where Python steps would share one core."""
+    threads (Prefect's thread task runner), where Python steps would share one core; ``alone``
+    (no other step runs beside it: a refresh of one input) runs it here whatever its size, as
+    :func:`prepare` does, saving a process start and leaving the worker processes the step
+    starts itself (signatures) to this process's :func:`reusing_workers` block."""
     from pipeline import workers
 
-    if input_bytes < _BYTES_FOR_WORKERS:
+    if input_bytes < _BYTES_FOR_WORKERS or alone:
         return step(*args)
     # inside workers.reusing() (a flow's ingest tasks) a process serves one step after another
     with workers.pool(None, "pipeline.steps:_run_in_worker", (), 1) as pool:
@@ -818,9 +831,13 @@ class _StepWorkers:
             return (step(*args) for args in calls)
         return self.pool.map((step.__name__, args) for args in calls)
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+            self.pool = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --- the tokenizer process -------------------------------------------------------------------
@@ -939,7 +956,10 @@ def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: S
     # are signed in the ingest's step, as a flow does: beside the parsing where it leaves cores.
     big = sum(input_bytes(Path(item.path)) for item in plan.inputs) >= _BYTES_FOR_WORKERS
     signing = big and plan.config.dedup.enabled
-    with _StepWorkers(min(os.cpu_count() or 1, len(plan.inputs)) if big else 1) as workers:
+    quality_results = []
+    # One set of quality workers for all the chunks, started beside dedup: a single input's
+    # signature workers, switched to the filters (pipeline.workers.pool), else new ones.
+    with reusing_workers(), _StepWorkers(min(os.cpu_count() or 1, len(plan.inputs)) if big else 1) as workers:
         ingest_results = []
         calls = [(plan, item, True) if signing else (plan, item) for item in plan.inputs]
         for result in workers.map(ingest_then_signatures if signing else run_ingest, calls):
@@ -948,8 +968,7 @@ def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: S
         signature_paths = None
         if plan.config.dedup.enabled:  # (files the ingest steps made are found, not made again)
             signature_paths = list(workers.map(dedup_signatures, [(plan, result) for result in ingest_results]))
-    quality_results = []
-    with reusing_workers():  # one set of quality workers for all the chunks, started beside dedup
+        workers.close()  # the step workers go; what they started went with them
         start_quality_workers(plan, ingest_results)
         dedup_result = run_dedup(plan, ingest_results, signature_paths)
         notify("dedup", 1, 1)

@@ -20,7 +20,7 @@ from pipeline.config import SFTConfig
 from pipeline.dedup import load_index
 from pipeline.manifest import read_manifest
 from pipeline.steps import prepare
-from tests.support.inputs import alpaca_records, make_inputs, shard_bytes, shard_rows, write_json
+from tests.support.inputs import alpaca_records, make_inputs, shard_bytes, shard_rows, write_json, write_jsonl
 
 
 def _config(**shards) -> SFTConfig:
@@ -359,6 +359,39 @@ def test_one_big_input_is_signed_while_it_is_ingested_to_the_same_dataset(tmp_pa
         assert "pipeline.dedup.lsh:_signatures_in_worker" in started
     assert shard_bytes(tmp_path / "signed") == shard_bytes(tmp_path / "serial")
     assert signed["counts"] == serial["counts"] and signed["counts"]["rejected"]
+
+
+def test_one_big_inputs_signature_workers_filter_its_quality_to_the_same_dataset(tmp_path, bpe_tokenizer_path, monkeypatch):
+    """One input on two or more cores: the worker processes that signed it while it was ingested
+    go on as the quality stage's workers (switched to the filters), and no other set starts;
+    the dataset is the one new workers, or none, make."""
+    import os
+    import random
+
+    import pipeline.quality as quality
+    import pipeline.steps as steps
+    from pipeline.workers import WorkerPool
+
+    rng = random.Random(11)
+    words = ["river", "stone", "数据", "light", "garden", "über", "tokens", "quiet", "ember", "cloud"]
+    records = [
+        {"instruction": f"Question {i}?", "input": "", "output": " ".join(rng.choices(words, k=rng.randint(5, 60)))} for i in range(4500)
+    ]
+    records[7]["output"] = "As an AI language model, I cannot help with that."  # a quality rejection
+    inputs = [str(write_jsonl(tmp_path / "in.jsonl", records))]
+    monkeypatch.setattr(quality, "_BATCHES_FOR_WORKERS", 2)  # its two batches of 4,096 rows: in workers
+    monkeypatch.setattr(steps, "_BYTES_FOR_WORKERS", 1 << 60)  # small: ingest, then signatures in the dedup step
+    serial = prepare(inputs, str(bpe_tokenizer_path), tmp_path / "serial", _config())
+    monkeypatch.setattr(steps, "_BYTES_FOR_WORKERS", 0)  # big: signed while ingested
+    started = []
+    real_init = WorkerPool.__init__
+    monkeypatch.setattr(WorkerPool, "__init__", lambda self, *a: started.append(a[1]) or real_init(self, *a))
+    signed = prepare(inputs, str(bpe_tokenizer_path), tmp_path / "signed", _config())
+    if (os.cpu_count() or 1) > 1:
+        assert started == ["pipeline.dedup.lsh:_signatures_in_worker"]
+    assert shard_bytes(tmp_path / "signed") == shard_bytes(tmp_path / "serial")
+    assert signed["counts"] == serial["counts"] and signed["counts"]["rejected"]
+    assert {r["path"].split("/")[-1] for r in signed["rejected"]} == {r["path"].split("/")[-1] for r in serial["rejected"]}
 
 
 def test_a_step_run_in_a_worker_process_gives_what_it_gives_here(tmp_path, bpe_tokenizer_path):
