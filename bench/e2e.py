@@ -34,7 +34,7 @@ the two: on a shared machine the speed of the same work drifts by 10-20 % within
 single pair of runs minutes apart shows that drift as a change of the ratio. ``--repeat N``
 measures each workload N times (each bracketed on its own with ``--bracket``) and reports the
 median ratio beside every one: the bracketed unique 50k runs stored in bench/results came out
-between 1.72x and 2.45x, their raw calls between 8.9 and 27.9 s.
+between 1.62x and 2.45x, their raw calls between 8.9 and 27.9 s.
 
     python -m bench.e2e [--sizes 50000,200000,1000000] [--kinds unique,dups] [--no-flow]
                         [--tokenizer data_samples/tokenizer] [--keep DIR] [--no-startup] [--bracket]
