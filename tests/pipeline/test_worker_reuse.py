@@ -262,6 +262,7 @@ def test_a_switched_pool_applies_its_new_task_in_the_same_processes(tmp_path):
         pool.switch("pipeline.quality:_init_worker", "pipeline.quality:_in_worker", ("{not json", None))
         with pytest.raises(Exception, match="JSON|json"):
             list(pool.map([(_JUDGE, batch)]))
+        assert not exited(pids) and not pool.idle  # running, but never to be handed on
 
 
 def test_inside_reusing_the_signature_workers_become_the_quality_workers(tmp_path, pools_started):
