@@ -232,7 +232,7 @@ class TreeMemory:
         started, count = time.thread_time(), 0
         while not self._done.wait(self.interval):
             count += 1
-            total = self._sample(pss=count % self.pss_every == 1 or self.pss_every == 1)
+            total = self._sample(pss=(count - 1) % self.pss_every == 0)  # the first sample, then every pss_every-th
             if total is not None:
                 self.peak = max(self.peak or 0, total)
         self.cpu_seconds = time.thread_time() - started

@@ -369,8 +369,12 @@ def measure(
 
 def bracketed(before: dict, after: dict) -> dict:
     """The raw call's figures as the mean of a run before and a run after sftkit's, with both runs."""
-    mean = {key: (before[key] + after[key]) / 2 for key in ("seconds", "cpu_seconds", "wall_seconds")}
-    return {**before, **mean, "peak_rss_bytes": max(before["peak_rss_bytes"], after["peak_rss_bytes"]), "runs": [before, after]}
+    mean = {key: (before[key] + after[key]) / 2 for key in ("seconds", "cpu_seconds", "wall_seconds", "sampler_cpu_seconds")}
+    # (no tree peak where /proc has no smaps_rollup)
+    peaks = {
+        key: max((v for v in (before[key], after[key]) if v is not None), default=None) for key in ("peak_rss_bytes", "tree_peak_pss_bytes")
+    }
+    return {**before, **mean, **peaks, "runs": [before, after]}
 
 
 def median_of(entries: list[dict]) -> dict:
