@@ -186,9 +186,9 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
     # the cores and holding two chunks' batches in memory. Other runners place the tasks themselves.
     one_machine = _one_machine()
     if one_machine:
-        # The ingest tasks' worker processes serve one input after another, and what is left of
-        # them (a single input's signature workers) becomes the quality workers: one set for
-        # all the chunks, ready beside dedup.
+        # The ingest tasks' worker processes serve one input after another and go once all are
+        # in; a single input is ingested here, and the workers that sign it become the quality
+        # workers: one set for all the chunks, ready beside dedup.
         with steps.reusing_workers():
             ingest_results = _mapped(ingest_task, plan.inputs, plan)
             steps.release_step_workers()
