@@ -141,10 +141,13 @@ def measure_sftkit(job: dict) -> dict:
     from pipeline.shards import write_shards
     from pipeline.tokenize import tokenize_stage
     from pipeline.tokenizers import load_tokenizer
+    from pipeline.workers import arrow_without_pandas
 
     load_tokenizer(job["tokenizer"])  # loaded before the clock, as a run has by then
-    # pyarrow imports pandas on first use (0.2-0.3 s): before the clock, as in a run (its ingest
-    # stage has) and as in measure_raw (its read_table has)
+    # pyarrow's first conversion, before the clock, as in a run (its ingest stage has made it)
+    # and as in measure_raw (its read_table has); a run's processes make it without importing
+    # pandas, as this one now does (pipeline.workers.arrow_without_pandas)
+    arrow_without_pandas()
     pa.table({"warm": [0]})
     config = _config(job["template"], job["cores"])
     out = Path(job["out"])

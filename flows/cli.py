@@ -424,6 +424,9 @@ def deploy(
 
 def main() -> None:
     """The ``sftkit`` command: :data:`app`, then :func:`exit_without_teardown`."""
+    from pipeline.workers import arrow_without_pandas
+
+    arrow_without_pandas()  # pandas only when a command needs it (0.2-0.3 s otherwise)
     try:
         app()
         code: object = 0

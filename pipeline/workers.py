@@ -52,6 +52,40 @@ def _has_jemalloc() -> bool:
     return True
 
 
+class _RefusePandas:
+    """An import finder under which ``import pandas`` fails (see :func:`arrow_without_pandas`)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "pandas":
+            raise ImportError("pandas is not imported for pyarrow's first look (sftkit)")
+
+
+def arrow_without_pandas() -> None:
+    """Keep pyarrow from importing pandas in one of sftkit's own processes, where nothing hands
+    it a pandas object.
+
+    pyarrow's first ``pa.array``, ``pa.table`` or ``Table.from_pylist`` asks whether pandas is
+    installed by importing it, to recognise pandas objects it might be given: 0.2-0.3 CPU-s and
+    about 45 MiB of memory in every process of a run (the run's own, each worker, the
+    tokenizer's). Here that first question is asked while ``import pandas`` fails, so pyarrow
+    notes "no pandas" and does not ask again; what needs pandas (``Table.to_pandas``,
+    ``Table.from_pandas``) still imports it when called. After this, a pandas object given to ``pa.array`` is read as a plain
+    sequence (a ``Categorical`` becomes strings): so only the command line and the worker
+    processes call this, never a user's own process, and a process that has pandas already is
+    left as it is.
+    """
+    if "pandas" in sys.modules:
+        return
+    import pyarrow as pa
+
+    refuse = _RefusePandas()
+    sys.meta_path.insert(0, refuse)
+    try:
+        pa.array([])
+    finally:
+        sys.meta_path.remove(refuse)
+
+
 class WorkerError(RuntimeError):
     """A worker process died, or answered something that is not the protocol."""
 
@@ -372,6 +406,7 @@ def pool(
 
 def main() -> None:
     """The worker: initialise, then answer items until the caller closes stdin."""
+    arrow_without_pandas()
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     switch = importlib.import_module("pipeline.workers")._Switch  # as the caller pickles it (this module is __main__)
     sys.stdout = sys.stderr  # a stray print must not corrupt the answers

@@ -127,3 +127,35 @@ def test_dedups_verdicts_in_bulk_equal_the_one_record_answers(tmp_path, monkeypa
     assert 80 < one_by_one.count(False) < 300  # the disclaimers and empty replies, not the redactions
     tables = iter([table.slice(0, 250), table.slice(250, 1), table.slice(251)])
     assert verdict.many(tables, table.num_rows).tolist() == one_by_one
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_workers_convert_with_arrow_without_importing_pandas(tmp_path):
+    # pyarrow's first conversion imports pandas to recognise pandas objects: 0.2-0.3 CPU-s and
+    # ~45 MiB in every worker of a run, for nothing (workers.arrow_without_pandas)
+    from pipeline.dedup.lsh import _SIGNED_COLUMNS
+
+    config = SFTConfig()
+    table = pq.read_table(write_conversations(tmp_path / "in.parquet", count=300), columns=_SIGNED_COLUMNS)
+    with WorkerPool(
+        "pipeline.dedup.lsh:_init_worker", "pipeline.dedup.lsh:_signatures_in_worker", (config.dedup.model_dump_json(),), 2
+    ) as pool:
+        signed = list(pool.map(table.to_batches(max_chunksize=100)))
+        assert sum(t.num_rows for t in signed) == 300  # pa.array and pa.table ran in each
+        for pid in pool.pids:
+            with open(f"/proc/{pid}/maps") as maps:
+                assert "pandas" not in maps.read()
+
+
+def test_a_process_that_keeps_pyarrow_off_pandas_still_converts_to_pandas_when_asked():
+    script = (
+        "import sys, pyarrow as pa\n"
+        "from pipeline.workers import arrow_without_pandas\n"
+        "arrow_without_pandas()\n"
+        "pa.Table.from_pylist([{'a': 1}]); pa.array([1, 2])\n"
+        "assert 'pandas' not in sys.modules\n"
+        "frame = pa.table({'a': [1, 2]}).to_pandas()\n"
+        "assert list(frame['a']) == [1, 2] and pa.Table.from_pandas(frame).column('a').to_pylist() == [1, 2]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
