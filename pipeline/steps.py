@@ -496,7 +496,7 @@ def ingest_then_signatures(plan: RunPlan, item: InputFile, signatures: bool) -> 
 
 def _signature_path(plan: RunPlan, chunk_key: str) -> Path:
     key = _key("dedup-signatures", chunk_key, plan.output_settings["dedup"], plan.code_version)
-    return _work(plan, "dedup-signatures", key)
+    return _work(plan, "dedup-signatures", key, ".arrow")
 
 
 def dedup_partition(plan: RunPlan, ingest_results: list[StepResult], signature_paths: list[str], partition: int) -> str:

@@ -227,22 +227,15 @@ def load_index(
 def iter_rows(paths: Sequence[Path], rows: np.ndarray, columns: list[str] | None) -> Iterator[pa.Table]:
     """``columns`` of the given rows of Parquet files (or format-3 parts) read as one table
     (``rows`` global, sorted ascending), one row group at a time and in row order: memory holds
-    one row group, never a file. Serves index parts and the dedup step's signature and input
-    files alike."""
+    one row group, never a file. Serves index parts and the dedup step's input files alike
+    (signature files: :class:`pipeline.dedup.nodes.NewRows`)."""
     offset = 0
     for path in paths:
         if _is_ipc(path):
             table = _ipc_table(path)
-            table = table.select(columns) if columns is not None else table
             lo, hi = np.searchsorted(rows, [offset, offset + table.num_rows])
-            local = rows[lo:hi] - offset
+            yield from iter_mapped_rows(table, rows[lo:hi] - offset, columns)
             offset += table.num_rows
-            batch_start = 0
-            for batch in table.to_batches() if len(local) else []:  # a record batch is a row group
-                a, b = np.searchsorted(local, [batch_start, batch_start + batch.num_rows])
-                if b > a:  # a take from the mapped columns reads the taken rows' pages only
-                    yield pa.Table.from_batches([batch]).take(pa.array(local[a:b] - batch_start))
-                batch_start += batch.num_rows
             continue
         parquet = open_parquet(path)
         count = parquet.metadata.num_rows
@@ -258,6 +251,19 @@ def iter_rows(paths: Sequence[Path], rows: np.ndarray, columns: list[str] | None
             group_start += group_rows
     if len(rows) and (rows[0] < 0 or rows[-1] >= offset):
         raise IndexError(f"rows {int(rows[0])}..{int(rows[-1])} out of range ({offset} rows)")
+
+
+def iter_mapped_rows(table: pa.Table, rows: np.ndarray, columns: list[str] | None) -> Iterator[pa.Table]:
+    """``columns`` of the given rows (sorted ascending, local) of a memory-mapped IPC table, one
+    record batch (a row group) at a time: a take from the mapped columns reads the taken rows'
+    pages only."""
+    table = table.select(columns) if columns is not None else table
+    batch_start = 0
+    for batch in table.to_batches() if len(rows) else []:
+        a, b = np.searchsorted(rows, [batch_start, batch_start + batch.num_rows])
+        if b > a:
+            yield pa.Table.from_batches([batch]).take(pa.array(rows[a:b] - batch_start))
+        batch_start += batch.num_rows
 
 
 def iter_index_rows(index_dir, parts, rows: np.ndarray, column: str) -> Iterator[pa.Array]:
@@ -340,7 +346,9 @@ def write_part_from(
     shingle hashes at 1M conversations."""
     # the ids of every signature row against the kept ids at once: is_in builds its hash set of
     # the value set on every call, so once, not per file or batch
-    ids = pa.chunked_array([pq.read_table(path, columns=[schema.ID]).column(schema.ID) for path in sig_paths], pa.string())
+    from pipeline.dedup.lsh import iter_signature_batches, read_signature_file
+
+    ids = pa.chunked_array([read_signature_file(path).column(schema.ID) for path in sig_paths], pa.string())
     if len(ids) != len(kept):
         raise ValueError(f"dedup's kept rows name {len(kept)} rows, the signature files hold {len(ids)}")
     keep_all = np.logical_and(kept, pc.is_in(ids, value_set=keep_ids).to_numpy(zero_copy_only=False))
@@ -349,15 +357,13 @@ def write_part_from(
     start = 0
     try:
         for path in sig_paths:
-            source = open_parquet(path)
-            keep = keep_all[start : start + source.metadata.num_rows]
-            start += source.metadata.num_rows
+            rows = read_signature_file(path).num_rows
+            keep = keep_all[start : start + rows]
+            start += rows
             if not keep.any():
                 continue
             offset = 0
-            # decoded a batch or two ahead in a thread of its own, beside the writer's encoding
-            batches = source.iter_batches(batch_size=_RESTRICT_BATCH_ROWS, columns=writer.schema.names, use_threads=False)
-            for batch in read_ahead(batches):
+            for batch in iter_signature_batches(path, writer.schema.names):  # one batch in memory
                 writer.write(pa.Table.from_batches([batch]).filter(pa.array(keep[offset : offset + batch.num_rows])))
                 offset += batch.num_rows
                 del batch

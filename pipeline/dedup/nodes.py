@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.dedup import index as dedup_index
-from pipeline.dedup.lsh import ranges
+from pipeline.dedup.lsh import ranges, read_signature_file
 from pipeline.dedup.minhash import estimated_jaccard
 
 # Pairs judged per block: signatures of both ends (2 x 16k x 512 bytes at 128 permutations);
@@ -41,19 +40,19 @@ class NewRows:
 
     def __init__(self, sig_paths: Sequence[str | os.PathLike]) -> None:
         self.paths = [Path(p) for p in sig_paths]
-        counts = [pq.read_metadata(p).num_rows for p in self.paths]
+        counts = [read_signature_file(p).num_rows for p in self.paths]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.total = int(self.offsets[-1])
 
     def numbers(self, column: str, dtype: type = np.int64) -> np.ndarray:
         """One numeric column of every row, concatenated (8 bytes a row)."""
-        arrays = [pq.read_table(p, columns=[column]).column(column).to_numpy() for p in self.paths]
+        arrays = [read_signature_file(p).column(column).to_numpy() for p in self.paths]
         return np.concatenate(arrays).astype(dtype) if arrays else np.empty(0, dtype)
 
     def source_ranks(self, column: str) -> np.ndarray:
         """Per row, the rank of its string ``column`` among all distinct values (Arrow order is
         code-point order, as Python compares strings); the strings themselves stay in Arrow."""
-        encoded = [pq.read_table(p, columns=[column]).column(column).combine_chunks().dictionary_encode() for p in self.paths]
+        encoded = [read_signature_file(p).column(column).combine_chunks().dictionary_encode() for p in self.paths]
         if not encoded:
             return np.empty(0, np.int64)
         distinct = pc.unique(pa.concat_arrays([e.dictionary for e in encoded]))
@@ -62,14 +61,21 @@ class NewRows:
         return np.concatenate(ranks)
 
     def iter_rows(self, rows: np.ndarray, columns: list[str] | None) -> Iterator[pa.Table]:
-        """``columns`` of the given rows (sorted ascending), one row group at a time, in order."""
-        return dedup_index.iter_rows(self.paths, rows, columns)
+        """``columns`` of the given rows (sorted ascending), one record batch at a time, in order."""
+        offset = 0
+        for path, count in zip(self.paths, np.diff(self.offsets)):
+            lo, hi = np.searchsorted(rows, [offset, offset + count])
+            if hi > lo:
+                yield from dedup_index.iter_mapped_rows(read_signature_file(path), rows[lo:hi] - offset, columns)
+            offset += count
+        if len(rows) and (rows[0] < 0 or rows[-1] >= offset):
+            raise IndexError(f"rows {int(rows[0])}..{int(rows[-1])} out of range ({offset} rows)")
 
     def take(self, rows: np.ndarray, column: str) -> pa.Array:
         """``column`` of the given rows (sorted ascending) as one array: for the few rows that
         need it (the members of a duplicate group, the records others duplicate)."""
         chunks = [t.column(column).combine_chunks() for t in self.iter_rows(rows, [column])]
-        return pa.concat_arrays(chunks) if chunks else pa.array([], pq.read_schema(self.paths[0]).field(column).type)
+        return pa.concat_arrays(chunks) if chunks else pa.array([], read_signature_file(self.paths[0]).schema.field(column).type)
 
 
 class _Store:

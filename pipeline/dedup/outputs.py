@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.dedup import index as dedup_index
-from pipeline.dedup.lsh import run_params
+from pipeline.dedup.lsh import iter_signature_batches, run_params
 from pipeline.dedup.nodes import NewRows
-from pipeline.fsutil import ParquetSink, atomic_path, compression_of, open_parquet, read_ahead
+from pipeline.fsutil import ParquetSink, atomic_path, compression_of, open_parquet
 from pipeline.stage import Drop, rejected_rows_from_table
 
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
@@ -86,10 +86,9 @@ def write_outputs(
                 if writer is None:
                     continue
                 start = 0
-                # the signature rows decoded a batch or two ahead, beside the part's encoding
-                for table in read_ahead(_batches(rows.paths[i], writer.schema.names)):
-                    writer.write(table.filter(pa.array(keep[start : start + table.num_rows])))
-                    start += table.num_rows
+                for batch in iter_signature_batches(rows.paths[i], writer.schema.names):
+                    writer.write(pa.Table.from_batches([batch]).filter(pa.array(keep[start : start + batch.num_rows])))
+                    start += batch.num_rows
             rejected.finish()
         if writer is None:
             with atomic_path(kept_path) as tmp, open(tmp, "wb") as fh:

@@ -77,7 +77,7 @@ def dedup_stage(
         shutil.rmtree(stale, ignore_errors=True)
     partitions = range(dedup.partitions) if dedup.near else range(0)
     with tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=index_dir) as scratch:
-        signature_paths = signature_paths or [Path(scratch) / f"sig-{i:05d}.parquet" for i in range(len(in_paths))]
+        signature_paths = signature_paths or [Path(scratch) / f"sig-{i:05d}.arrow" for i in range(len(in_paths))]
         edge_paths = edge_paths or [Path(scratch) / f"edges-{p:03d}.npy" for p in partitions]
         for in_path, sig_path in zip(in_paths, signature_paths):
             if not Path(sig_path).exists():

@@ -254,7 +254,7 @@ def test_big_inputs_sign_in_the_ingest_workers_and_a_run_missing_a_signature_fil
     state = refresh_flow(inputs=inputs, tokenizer=str(bpe_tokenizer_path), out=str(resumed), config=_config(), return_state=True)
     assert state.is_failed()
     monkeypatch.setattr(steps, "with_fingerprints", with_fingerprints)
-    signatures = sorted((resumed / ".work" / "dedup-signatures").glob("*.parquet"))
+    signatures = sorted((resumed / ".work" / "dedup-signatures").glob("*.arrow"))
     assert len(signatures) == len(inputs)
     signatures[0].unlink()
     task_names(resumed)

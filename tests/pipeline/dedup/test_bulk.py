@@ -52,7 +52,7 @@ def signature_files(tmp_path: Path, docs: list[list[dict]], per_chunk: int) -> l
     paths = []
     for k, start in enumerate(range(0, len(docs), per_chunk)):
         chunk = write_chunk(tmp_path / f"in-{k}.parquet", docs[start : start + per_chunk])
-        paths.append(tmp_path / f"sig-{k}.parquet")
+        paths.append(tmp_path / f"sig-{k}.arrow")
         compute_signatures(chunk, paths[-1], DedupConfig())
     return paths
 
@@ -65,7 +65,7 @@ def test_pair_similarities_in_blocks_equal_the_per_pair_values(tmp_path, monkeyp
     docs = [conv("q", " ".join(words(rng.randrange(8), 80) + words(100 + i, rng.randrange(0, 30)))) for i in range(40)]
     docs += [conv("", "!!"), conv("", "?")]  # no shingles at all: the Jaccard of two empty sets is 1
     paths = signature_files(tmp_path, docs, per_chunk=15)
-    tables = [pq.read_table(p, columns=[dedup_index.SIGNATURE, dedup_index.SHINGLES]) for p in paths]
+    tables = [lsh.read_signature_file(p).select([dedup_index.SIGNATURE, dedup_index.SHINGLES]) for p in paths]
     signatures = np.concatenate([t.column(0).combine_chunks().flatten().to_numpy().reshape(-1, 128) for t in tables])
     sets = [set(s) for t in tables for s in t.column(1).to_pylist()]
     a = np.array([rng.randrange(35) for _ in range(200)] + [40], dtype=np.int64)
@@ -175,14 +175,15 @@ def test_signatures_signed_in_worker_processes_are_the_same_file(tmp_path, monke
     first, second = corpus()
     chunk = write_chunk(tmp_path / "in.parquet", first + second)  # a few row groups of 16
     assert pq.ParquetFile(chunk).metadata.num_rows > 3 * 16
-    one, two = tmp_path / "one.parquet", tmp_path / "two.parquet"
+    one, two = tmp_path / "one.arrow", tmp_path / "two.arrow"
     assert compute_signatures(chunk, one, DedupConfig()) == compute_signatures(chunk, two, DedupConfig(), num_proc=2)
-    assert pq.ParquetFile(two).metadata.num_row_groups > 3
+    assert pa.ipc.open_file(two).num_record_batches > 3
     assert one.read_bytes() == two.read_bytes()
     empty = write_chunk(tmp_path / "empty.parquet", [])
-    compute_signatures(empty, tmp_path / "e1.parquet", DedupConfig())
-    compute_signatures(empty, tmp_path / "e2.parquet", DedupConfig(), num_proc=2)
-    assert (tmp_path / "e1.parquet").read_bytes() == (tmp_path / "e2.parquet").read_bytes()
+    compute_signatures(empty, tmp_path / "e1.arrow", DedupConfig())
+    compute_signatures(empty, tmp_path / "e2.arrow", DedupConfig(), num_proc=2)
+    assert (tmp_path / "e1.arrow").read_bytes() == (tmp_path / "e2.arrow").read_bytes()
+    assert lsh.read_signature_file(tmp_path / "e1.arrow").num_rows == 0
 
 
 def test_signatures_made_while_ingest_writes_the_chunk_are_the_same_file(tmp_path, monkeypatch):
@@ -206,13 +207,14 @@ def test_signatures_made_while_ingest_writes_the_chunk_are_the_same_file(tmp_pat
     config = SFTConfig.model_validate({"ingest": {"batch_size": 7}})
     for name, lines_of in (("full", lines), ("empty", ['{"messages": "not a list"}'])):
         source.write_text("\n".join(lines_of) + "\n")
-        chunk, streamed, signed = (tmp_path / f"{name}-{part}.parquet" for part in ("chunk", "streamed", "signed"))
+        chunk = tmp_path / f"{name}-chunk.parquet"
+        streamed, signed = (tmp_path / f"{name}-{part}.arrow" for part in ("streamed", "signed"))
         with lsh.signing_alongside(streamed, config.dedup, 2) as add:
             stats = ingest_file(source, chunk, tmp_path / f"{name}-rejected.parquet", config, on_table=add)
         assert stats.records_in > stats.records_out or name == "full" and stats.records_out > 3 * 16
         compute_signatures(chunk, signed, config.dedup)
         assert streamed.read_bytes() == signed.read_bytes()
-    assert pq.ParquetFile(tmp_path / "full-streamed.parquet").metadata.num_row_groups > 3
+    assert pa.ipc.open_file(tmp_path / "full-streamed.arrow").num_record_batches > 3
 
 
 def test_signing_alongside_leaves_no_file_when_the_writer_or_a_worker_fails(tmp_path, monkeypatch):
@@ -220,7 +222,7 @@ def test_signing_alongside_leaves_no_file_when_the_writer_or_a_worker_fails(tmp_
     cannot sign, ends the block with the error (no hang on the queue between them), and no
     signature file, complete-looking or temporary, is left."""
     chunk = pq.read_table(write_chunk(tmp_path / "in.parquet", corpus()[0]))
-    sig = tmp_path / "sig" / "signatures.parquet"
+    sig = tmp_path / "sig" / "signatures.arrow"
     with pytest.raises(RuntimeError, match="ingest stopped"):
         with lsh.signing_alongside(sig, DedupConfig(), 2) as add:
             add(chunk.slice(0, 10))

@@ -504,7 +504,7 @@ def test_a_part_written_later_from_the_signatures_equals_the_restricted_part(tmp
 def test_a_killed_runs_signature_folder_is_cleared(tmp_path):
     leftover = tmp_path / "index" / ".tmp-dedup-crashed"
     leftover.mkdir(parents=True)
-    (leftover / "sig-00000.parquet").write_bytes(b"half written")
+    (leftover / "sig-00000.arrow").write_bytes(b"half written")
     run(tmp_path, [[conv("a", "b")]])
     assert not leftover.exists()
     assert [p.name for p in (tmp_path / "index").iterdir() if p.name.startswith(".tmp-")] == []
