@@ -147,8 +147,8 @@ def tokenize_task(plan: steps.RunPlan, upstream: steps.StepResult) -> steps.Step
 
 
 @task(name="write-shards", **IO_RETRIES)
-def shards_task(plan: steps.RunPlan, tokenize_results: list[steps.StepResult]) -> steps.StepResult:
-    return steps.run_write_shards(plan, tokenize_results)
+def shards_task(plan: steps.RunPlan, tokenize_results: list[steps.StepResult], dedup_result: steps.StepResult | None) -> steps.StepResult:
+    return steps.run_write_shards(plan, tokenize_results, dedup_result)
 
 
 @task(name="manifest", **IO_RETRIES)
@@ -206,7 +206,7 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
         tokenize_results = [tokenize_task(plan, upstream) for upstream in quality_results]
     else:
         tokenize_results = [f.result() for f in tokenize_task.map(unmapped(plan), quality_results)]
-    shard_result = shards_task(plan, tokenize_results)
+    shard_result = shards_task(plan, tokenize_results, dedup_result)
     manifest = manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_result)
     logger.info("manifest version %s: %s", manifest["version"], manifest["counts"])
     _publish(manifest, new_inputs=len(plan.inputs), up_to_date=False)

@@ -331,8 +331,9 @@ def _remove_temporaries(root: Path) -> int:
 class StepResult:
     """A finished step: its outputs, its rejected file and its counts (files as absolute paths).
 
-    ``index_part`` is the dedup index part the dedup step wrote (current once the manifest lists
-    it); ``part_source`` what the dedup step left for :func:`finalize` to write its part from
+    ``index_part`` is the dedup index part the step wrote (current once the manifest lists it):
+    in-process dedup's of every record it kept, or the shards step's of those that reached the
+    shards; ``part_source`` what the dedup step left for the shards step to write that part from
     instead (``signatures``: the signature files, ``kept``: which of their rows dedup kept);
     ``shards`` the manifest entries of the files the shards step wrote.
     """
@@ -636,11 +637,15 @@ def run_tokenize(plan: RunPlan, upstream: StepResult) -> StepResult:
     return _cached_step(plan, "tokenize", key, tokenize_stage, in_path, out, tokenizer=plan.tokenizer)
 
 
-def run_write_shards(plan: RunPlan, tokenize_results: list[StepResult]) -> StepResult:
-    """Split by id and write this run's shard files after the ones the dataset already has.
+def run_write_shards(plan: RunPlan, tokenize_results: list[StepResult], dedup_result: StepResult | None = None) -> StepResult:
+    """Split by id and write this run's shard files after the ones the dataset already has; and,
+    beside them, the dedup index part of what reaches them (``index_part`` of the result; see
+    :func:`_write_index_part`).
 
     Not cached: shard files are numbered after the dataset's, so this runs once per run, last.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipeline.shards import write_shards
 
     metadata = {
@@ -650,15 +655,42 @@ def run_write_shards(plan: RunPlan, tokenize_results: list[StepResult]) -> StepR
         schema.META_TEMPLATE_FINGERPRINT: plan.template_fingerprint.encode(),
         schema.META_FORMAT_VERSION: schema.FORMAT_VERSION.encode(),
     }
-    written = write_shards(
-        [Path(r.outputs[0]) for r in tokenize_results],
-        plan.root,
-        plan.config,
-        metadata=metadata,
-        start_index=dict(plan.start_index),
-    )
+    tokenized = [Path(r.outputs[0]) for r in tokenize_results]
+    # The part on a thread of its own: writing one shard file is one core's work (a run of one
+    # chunk writes a single train file), and the part's reads and writes release the GIL.
+    with ThreadPoolExecutor(1, thread_name_prefix="sftkit-index-part") as pool:
+        part = pool.submit(_write_index_part, plan, dedup_result, tokenized)
+        try:
+            written = write_shards(tokenized, plan.root, plan.config, metadata=metadata, start_index=dict(plan.start_index))
+        except BaseException:
+            part.exception()  # wait for it; the part, if written, is an orphan the next run removes
+            raise
+        index_part = part.result()
     outputs = [str(plan.root / entry["path"]) for entry in written.entries]
-    return StepResult("shards", "", outputs, None, written.stats, shards=written.entries)
+    return StepResult("shards", "", outputs, None, written.stats, index_part=index_part, shards=written.entries)
+
+
+def _write_index_part(plan: RunPlan, dedup_result: StepResult | None, tokenized: list[Path]) -> str | None:
+    """The dedup index part of this run's records that reach the shards (every row of the
+    tokenize steps' files does): its name, or None when dedup left none to write.
+
+    Remember only what reached the shards: a record that quality or tokenize dropped must not
+    make a later, better near-copy of it look like a duplicate. The part is written under its
+    final (content-hash) name but is current only once the manifest lists it (two-phase, see
+    :mod:`pipeline.dedup.index`)."""
+    if not dedup_result or not (dedup_result.index_part or dedup_result.part_source):
+        return None
+    from pipeline.dedup.index import restrict_part, write_part_from
+    from pipeline.dedup.lsh import run_params
+    from pipeline.shards import read_tokenized
+
+    kept_ids = pa.chunked_array([read_tokenized(path).column(schema.ID) for path in tokenized], pa.string())
+    if source := dedup_result.part_source:
+        import numpy as np
+
+        kept = np.load(source["kept"], allow_pickle=False)
+        return write_part_from(plan.root / DEDUP_INDEX, source["signatures"], kept, kept_ids, run_params(plan.config.dedup))
+    return restrict_part(plan.root / DEDUP_INDEX, dedup_result.index_part, kept_ids)
 
 
 # --- finishing -------------------------------------------------------------------------------
@@ -695,27 +727,8 @@ def finalize(
         stages=[r.stats for r in step_results] + [shard_result.stats],
         rebuild=plan.rebuild,
     )
-    if dedup_result and (dedup_result.index_part or dedup_result.part_source):
-        # Remember only what reached the shards: a record that quality or tokenize dropped must
-        # not make a later, better near-copy of it look like a duplicate.
-        from pipeline.dedup.index import restrict_part, write_part_from
-        from pipeline.dedup.lsh import run_params
-        from pipeline.stage import release_memory
-
-        release_memory()  # the shard writer's, before the index part is written
-        kept_ids = pa.chunked_array(
-            [pq.read_table(root / entry["path"], columns=[schema.ID]).column(schema.ID) for entry in shard_result.shards],
-            pa.string(),
-        )
-        if source := dedup_result.part_source:
-            import numpy as np
-
-            kept = np.load(source["kept"], allow_pickle=False)
-            part = write_part_from(root / DEDUP_INDEX, source["signatures"], kept, kept_ids, run_params(plan.config.dedup))
-        else:
-            part = restrict_part(root / DEDUP_INDEX, dedup_result.index_part, kept_ids)
-        if part:
-            manifest["dedup_index"].append(part)
+    if shard_result.index_part:  # written by the shards step, beside the shard files
+        manifest["dedup_index"].append(shard_result.index_part)
     listed = manifest_io.listed_files(manifest)
     unlisted = _unlisted(root, listed)
     note = root / WORK / REMOVED_AT_BEGIN
@@ -980,6 +993,6 @@ def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: S
     for i, upstream in enumerate(quality_results):
         tokenize_results.append(run_tokenize(plan, upstream))
         notify("tokenize", i + 1, len(quality_results))
-    shard_result = run_write_shards(plan, tokenize_results)
+    shard_result = run_write_shards(plan, tokenize_results, dedup_result)
     notify("shards", 1, 1)
     return finalize(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_result)
