@@ -253,3 +253,29 @@ def test_a_chunk_that_keeps_every_row_is_copied_or_for_a_run_s_work_files_linked
     assert out.read_bytes() == whole.read_bytes()
     assert out.samefile(whole) is link
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_connected_components_number_the_components_as_scipy_does(monkeypatch):
+    """dedup's clusters: the same components and the same numbering (by each component's
+    smallest node) as scipy's, which larger graphs go to."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    def scipys(a, b, n):
+        return connected_components(coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)), directed=False)[1]
+
+    rng = np.random.default_rng(5)
+    graphs = []
+    for _ in range(200):
+        n = int(rng.integers(1, 300))
+        e = int(rng.integers(0, 3 * n))
+        graphs.append((rng.integers(0, n, e), rng.integers(0, n, e), n))
+    path = np.arange(999)
+    shuffled = rng.permutation(1000)
+    graphs += [(path, path + 1, 1000), (path[::-1] + 1, path[::-1], 1000), (shuffled[path], shuffled[path + 1], 1000)]
+    graphs += [(np.zeros(0, np.int64), np.zeros(0, np.int64), 7), (np.array([3, 3]), np.array([3, 5]), 6)]
+    for a, b, n in graphs:
+        assert cluster.components(a, b, n).tolist() == scipys(a, b, n).tolist()
+    monkeypatch.setattr(cluster, "_SCIPY_NODES", 10)  # the larger graphs' road
+    for a, b, n in graphs[-5:]:
+        assert cluster.components(a, b, n).tolist() == scipys(a, b, n).tolist()
