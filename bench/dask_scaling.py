@@ -152,7 +152,7 @@ def refresh(phase, inputs: list[Path], tokenizer: str, out: Path, inspect=None, 
             return {"counts": {"read": sum(result.stats.records_in for result in ingest)}, "shards": []}
         quality = phase("quality", [(steps.run_quality, plan, dedup, chunk) for chunk in range(len(dedup.outputs))])
         tokenized = phase("tokenize", [(steps.run_tokenize, plan, result) for result in quality])
-        [shards] = phase("write-shards", [(steps.run_write_shards, plan, tokenized)])
+        [shards] = phase("write-shards", [(steps.run_write_shards, plan, tokenized, dedup)])
         if inspect is not None:
             inspect(plan, ingest, signatures, edges, dedup, tokenized, shards)
         [manifest] = phase("manifest", [(steps.finalize, plan, ingest, dedup, quality, tokenized, shards)])
@@ -236,6 +236,7 @@ def record_sizes(plan, ingest, signatures, edges, dedup, tokenized, shards) -> d
     import pyarrow.parquet as pq
 
     from pipeline.dedup import lsh_shape
+    from pipeline.dedup.lsh import read_signature_file
     from pipeline.manifest import DEDUP_INDEX
     from pipeline.shards import read_tokenized
 
@@ -245,13 +246,13 @@ def record_sizes(plan, ingest, signatures, edges, dedup, tokenized, shards) -> d
     removed_by_dedup = canonical - kept_by_dedup
     rows = sum(entry["rows"] for entry in shards.shards)
     tokens = sum(entry["tokens"] for entry in shards.shards)
-    sig = pa.concat_tables([pq.read_table(p) for p in signatures])
+    sig = pa.concat_tables([read_signature_file(p) for p in signatures])
     column_bytes = {name: sig.column(name).nbytes / sig.num_rows for name in sig.column_names}
     band_bytes = sum(v for k, v in column_bytes.items() if k.startswith("band_"))
     columns = {k: v for k, v in column_bytes.items() if not k.startswith("band_")} | {"band_*": band_bytes}
     tokenized_memory = sum(read_tokenized(Path(r.outputs[0])).nbytes for r in tokenized)
     dedup_rejected = pq.read_table(dedup.rejected) if dedup.rejected else None
-    part = plan.root / DEDUP_INDEX / dedup.index_part if dedup.index_part else None
+    part = plan.root / DEDUP_INDEX / shards.index_part if shards.index_part else None  # the shards step writes it
     bands, rows_per_band = lsh_shape(plan.config.dedup)
     pairs = [np.load(path) for path in edges]
     paired_nodes = len(np.unique(np.concatenate(pairs))) if pairs else 0
