@@ -137,8 +137,9 @@ def prepare(
 ) -> None:
     """Read, dedup, filter, render, tokenize and write Parquet shards with label arrays."""
     from flows.runner import run_prepare
-    from pipeline.workers import WorkerError
+    from pipeline.workers import WorkerError, arrow_without_pandas
 
+    arrow_without_pandas()  # a run hands pyarrow no pandas object: 0.2-0.3 s not spent importing it
     try:
         manifest = run_prepare(
             inputs=inputs,
@@ -424,9 +425,6 @@ def deploy(
 
 def main() -> None:
     """The ``sftkit`` command: :data:`app`, then :func:`exit_without_teardown`."""
-    from pipeline.workers import arrow_without_pandas
-
-    arrow_without_pandas()  # pandas only when a command needs it (0.2-0.3 s otherwise)
     try:
         app()
         code: object = 0

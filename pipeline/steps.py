@@ -549,8 +549,9 @@ def run_dedup(
     options = {"index_dir": plan.root / DEDUP_INDEX, "index_parts": list(plan.index_parts), "is_good": _quality_verdict(plan)}
     options |= {"signature_paths": [Path(p) for p in signature_paths], "edge_paths": [Path(p) for p in edge_paths]}
     options["link_unchanged"] = True  # the chunks are this run's work files, never written again
-    # No index part yet: finalize writes it once, from the signature files, with only the rows
-    # that reach the shards (rather than dedup writing every kept row's and finalize rewriting it).
+    # No index part yet: the shards step writes it once, from the signature files, with only the
+    # rows that reach the shards (rather than dedup writing every kept row's and a later step
+    # rewriting it).
     kept_path = _work(plan, "dedup", key, ".kept.npy")
     part_source = {"signatures": [str(p) for p in options["signature_paths"]], "kept": str(kept_path)}
     return _cached_step(plan, "dedup", key, dedup_stage, in_paths, out_paths, kept_path=kept_path, part_source=part_source, **options)
@@ -657,20 +658,26 @@ def run_write_shards(plan: RunPlan, tokenize_results: list[StepResult], dedup_re
     }
     tokenized = [Path(r.outputs[0]) for r in tokenize_results]
     # The part on a thread of its own: writing one shard file is one core's work (a run of one
-    # chunk writes a single train file), and the part's reads and writes release the GIL.
+    # chunk writes a single train file), and the part's reading and writing is mostly Arrow's.
+    stop = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="sftkit-index-part") as pool:
-        part = pool.submit(_write_index_part, plan, dedup_result, tokenized)
+        part = pool.submit(_write_index_part, plan, dedup_result, tokenized, stop.is_set)
         try:
             written = write_shards(tokenized, plan.root, plan.config, metadata=metadata, start_index=dict(plan.start_index))
         except BaseException:
-            part.exception()  # wait for it; the part, if written, is an orphan the next run removes
+            # The part stops at its next batch, its temporary file removed; one finished already
+            # is an orphan (no manifest lists it) that the next run removes.
+            stop.set()
+            part.exception()
             raise
         index_part = part.result()
     outputs = [str(plan.root / entry["path"]) for entry in written.entries]
     return StepResult("shards", "", outputs, None, written.stats, index_part=index_part, shards=written.entries)
 
 
-def _write_index_part(plan: RunPlan, dedup_result: StepResult | None, tokenized: list[Path]) -> str | None:
+def _write_index_part(
+    plan: RunPlan, dedup_result: StepResult | None, tokenized: list[Path], stop: Callable[[], bool] | None = None
+) -> str | None:
     """The dedup index part of this run's records that reach the shards (every row of the
     tokenize steps' files does): its name, or None when dedup left none to write.
 
@@ -689,8 +696,8 @@ def _write_index_part(plan: RunPlan, dedup_result: StepResult | None, tokenized:
         import numpy as np
 
         kept = np.load(source["kept"], allow_pickle=False)
-        return write_part_from(plan.root / DEDUP_INDEX, source["signatures"], kept, kept_ids, run_params(plan.config.dedup))
-    return restrict_part(plan.root / DEDUP_INDEX, dedup_result.index_part, kept_ids)
+        return write_part_from(plan.root / DEDUP_INDEX, source["signatures"], kept, kept_ids, run_params(plan.config.dedup), stop)
+    return restrict_part(plan.root / DEDUP_INDEX, dedup_result.index_part, kept_ids, stop)
 
 
 # --- finishing -------------------------------------------------------------------------------

@@ -70,9 +70,10 @@ def arrow_without_pandas() -> None:
     tokenizer's). Here that first question is asked while ``import pandas`` fails, so pyarrow
     notes "no pandas" and does not ask again; what needs pandas (``Table.to_pandas``,
     ``Table.from_pandas``) still imports it when called. After this, a pandas object given to ``pa.array`` is read as a plain
-    sequence (a ``Categorical`` becomes strings): so only the command line and the worker
-    processes call this, never a user's own process, and a process that has pandas already is
-    left as it is.
+    sequence (a ``Categorical`` becomes strings, NaN stays NaN): so only ``sftkit prepare`` and
+    the worker processes call this, never a process that runs a user's code (``sftkit train``
+    runs callbacks; the Python API runs in the caller's process), and a process that has pandas
+    already is left as it is.
     """
     if "pandas" in sys.modules:
         return

@@ -60,7 +60,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -232,10 +232,10 @@ def iter_rows(paths: Sequence[Path], rows: np.ndarray, columns: list[str] | None
     offset = 0
     for path in paths:
         if _is_ipc(path):
-            table = _ipc_table(path)
-            lo, hi = np.searchsorted(rows, [offset, offset + table.num_rows])
-            yield from iter_mapped_rows(table, rows[lo:hi] - offset, columns)
-            offset += table.num_rows
+            count = _ipc_table(path).num_rows  # (and its format checked)
+            lo, hi = np.searchsorted(rows, [offset, offset + count])
+            yield from iter_ipc_rows(path, rows[lo:hi] - offset, columns)
+            offset += count
             continue
         parquet = open_parquet(path)
         count = parquet.metadata.num_rows
@@ -253,17 +253,31 @@ def iter_rows(paths: Sequence[Path], rows: np.ndarray, columns: list[str] | None
         raise IndexError(f"rows {int(rows[0])}..{int(rows[-1])} out of range ({offset} rows)")
 
 
-def iter_mapped_rows(table: pa.Table, rows: np.ndarray, columns: list[str] | None) -> Iterator[pa.Table]:
-    """``columns`` of the given rows (sorted ascending, local) of a memory-mapped IPC table, one
-    record batch (a row group) at a time: a take from the mapped columns reads the taken rows'
-    pages only."""
-    table = table.select(columns) if columns is not None else table
-    batch_start = 0
-    for batch in table.to_batches() if len(rows) else []:
-        a, b = np.searchsorted(rows, [batch_start, batch_start + batch.num_rows])
-        if b > a:
-            yield pa.Table.from_batches([batch]).take(pa.array(rows[a:b] - batch_start))
-        batch_start += batch.num_rows
+def iter_ipc_rows(path: str | os.PathLike, rows: np.ndarray, columns: list[str] | None) -> Iterator[pa.Table]:
+    """``columns`` of the given rows (sorted ascending, local) of an uncompressed Arrow IPC file
+    (a format-3 part, a dedup signature file), one record batch (a row group) at a time.
+
+    A take from mapped columns reads the taken rows' pages only; and each batch is mapped only
+    while its rows are taken (the take copies them), so those pages leave memory with the batch.
+    A step that takes most rows of a large file (dedup's stores, on near-duplicate-heavy data)
+    holds one batch's pages, not the file's: mapped pages count as the process's memory for as
+    long as the file stays mapped."""
+    if not len(rows):
+        return
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        ends = np.cumsum([reader.get_batch(i).num_rows for i in range(reader.num_record_batches)], dtype=np.int64)
+    batch_of = np.searchsorted(ends, rows, "right")  # rows ascend: so do their batches
+    cuts = np.flatnonzero(np.diff(batch_of)) + 1
+    for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)]):
+        index = int(batch_of[lo])
+        start = int(ends[index - 1]) if index else 0
+        with pa.memory_map(str(path)) as source:
+            batch = pa.ipc.open_file(source).get_batch(index)
+            table = pa.Table.from_batches([batch.select(columns) if columns is not None else batch])
+            taken = table.take(pa.array(rows[lo:hi] - start))
+            del batch, table  # the last views of the map: it is unmapped here
+        yield taken
 
 
 def iter_index_rows(index_dir, parts, rows: np.ndarray, column: str) -> Iterator[pa.Array]:
@@ -290,7 +304,21 @@ def index_rows(index_dir, parts, rows: np.ndarray, column: str) -> pa.Array | No
     return pa.concat_arrays(out) if out else None
 
 
-def restrict_part(index_dir: str | os.PathLike, part: str, keep_ids: pa.Array | pa.ChunkedArray | Iterable[str]) -> str | None:
+class Stopped(Exception):
+    """A part's writing was stopped by its caller (``stop``), its temporary file removed."""
+
+
+def _check_stop(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        raise Stopped("the dedup index part's writing was stopped")
+
+
+def restrict_part(
+    index_dir: str | os.PathLike,
+    part: str,
+    keep_ids: pa.Array | pa.ChunkedArray | Iterable[str],
+    stop: Callable[[], bool] | None = None,
+) -> str | None:
     """A part holding only those records of ``part`` whose id is in ``keep_ids`` (an Arrow string
     array, so a run's ids need not become Python strings, or any iterable of them); its name.
 
@@ -298,7 +326,8 @@ def restrict_part(index_dir: str | os.PathLike, part: str, keep_ids: pa.Array | 
     index should remember only what reached the shards, or a later, better near-copy of a
     dropped record would be removed as a duplicate of nothing. Returns ``part`` itself when
     every record stays and None when none does; the original file is left for the caller's
-    clean-up (it may still be listed by a committed manifest).
+    clean-up (it may still be listed by a committed manifest). ``stop``, asked before every
+    batch, ends the writing with :class:`Stopped` when it says so.
     """
     index_dir = Path(index_dir)
     path = index_dir / _check_part_name(part, index_dir)
@@ -321,6 +350,7 @@ def restrict_part(index_dir: str | os.PathLike, part: str, keep_ids: pa.Array | 
         else:
             batches = read_ahead(open_parquet(path).iter_batches(batch_size=_RESTRICT_BATCH_ROWS, use_threads=False))
         for batch in batches:
+            _check_stop(stop)
             writer.write(pa.Table.from_batches([batch]).filter(keep.slice(start, batch.num_rows)))
             start += batch.num_rows
             del batch
@@ -337,13 +367,14 @@ def write_part_from(
     kept: np.ndarray,
     keep_ids: pa.Array | pa.ChunkedArray,
     params: dict,
+    stop: Callable[[], bool] | None = None,
 ) -> str | None:
     """A new part, written once, from a run's signature files (one per chunk, in order): the
     rows dedup ``kept`` (one flag per signature row) whose id is in ``keep_ids`` (the ids that
     reached the shards); its name, or None when no row is left. The part :func:`restrict_part`
     would make of the part dedup would have written, without writing that one first and reading
     it back: a run's one global step and its last step each wrote and read about 1.4 GB of
-    shingle hashes at 1M conversations."""
+    shingle hashes at 1M conversations. ``stop`` as for :func:`restrict_part`."""
     # the ids of every signature row against the kept ids at once: is_in builds its hash set of
     # the value set on every call, so once, not per file or batch
     from pipeline.dedup.lsh import iter_signature_batches, read_signature_file
@@ -364,6 +395,7 @@ def write_part_from(
                 continue
             offset = 0
             for batch in iter_signature_batches(path, writer.schema.names):  # one batch in memory
+                _check_stop(stop)
                 writer.write(pa.Table.from_batches([batch]).filter(pa.array(keep[offset : offset + batch.num_rows])))
                 offset += batch.num_rows
                 del batch

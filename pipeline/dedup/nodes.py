@@ -66,7 +66,7 @@ class NewRows:
         for path, count in zip(self.paths, np.diff(self.offsets)):
             lo, hi = np.searchsorted(rows, [offset, offset + count])
             if hi > lo:
-                yield from dedup_index.iter_mapped_rows(read_signature_file(path), rows[lo:hi] - offset, columns)
+                yield from dedup_index.iter_ipc_rows(path, rows[lo:hi] - offset, columns)
             offset += count
         if len(rows) and (rows[0] < 0 or rows[-1] >= offset):
             raise IndexError(f"rows {int(rows[0])}..{int(rows[-1])} out of range ({offset} rows)")

@@ -244,6 +244,36 @@ def test_a_dedup_step_whose_kept_rows_are_gone_is_done_again(tmp_path, bpe_token
     assert sorted(load_index(out / "dedup_index", [part]).column("id").to_pylist()) == sorted(row["id"] for row in shard_rows(out))
 
 
+@pytest.mark.parametrize("failing", ["shard writer", "index part"])
+def test_a_shards_step_failing_on_either_of_its_two_threads_raises_and_the_next_run_ends_clean(
+    tmp_path, bpe_tokenizer_path, monkeypatch, failing
+):
+    """The shards step writes the dedup index part on a thread beside the shard files: a failure
+    of either is raised (the other stops or finishes), nothing is published, and the next run's
+    dataset holds exactly the parts its manifest lists, of the records in its shards."""
+    from pipeline import shards
+    from pipeline.dedup import index
+
+    first = write_json(tmp_path / "first.json", alpaca_records(0, 12) + alpaca_records(0, 3))
+    out = tmp_path / "data"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"{failing} broke")
+
+    if failing == "shard writer":
+        monkeypatch.setattr(shards, "write_shards", broken)
+    else:
+        monkeypatch.setattr(index, "write_part_from", broken)
+    with pytest.raises(RuntimeError, match=f"{failing} broke"):
+        prepare([str(first)], str(bpe_tokenizer_path), out, _config())
+    assert not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    manifest = prepare([str(first)], str(bpe_tokenizer_path), out, _config())
+    (part,) = manifest["dedup_index"]
+    assert sorted(p.name for p in (out / "dedup_index").iterdir()) == [part]
+    assert sorted(load_index(out / "dedup_index", [part]).column("id").to_pylist()) == sorted(row["id"] for row in shard_rows(out))
+
+
 def test_inputs_with_the_same_name_in_different_folders_stay_apart(tmp_path, bpe_tokenizer_path):
     first = write_json((tmp_path / "a").mkdir() or tmp_path / "a" / "data.json", alpaca_records(0, 4))
     second = write_json((tmp_path / "b").mkdir() or tmp_path / "b" / "data.json", alpaca_records(100, 4))

@@ -279,3 +279,22 @@ def test_connected_components_number_the_components_as_scipy_does(monkeypatch):
     monkeypatch.setattr(cluster, "_SCIPY_NODES", 10)  # the larger graphs' road
     for a, b, n in graphs[-5:]:
         assert cluster.components(a, b, n).tolist() == scipys(a, b, n).tolist()
+
+
+def test_rows_of_signature_files_are_read_batch_by_batch_as_the_whole_files_hold_them(tmp_path, monkeypatch):
+    """dedup's stores take the rows candidate pairs name from the signature files one record
+    batch at a time (each mapped only while its rows are taken): the same values, in order, as
+    the whole files hold, for rows in any batch of any file."""
+    monkeypatch.setattr(lsh, "_ROW_GROUP_ROWS", 8)
+    first, second = corpus()
+    paths = signature_files(tmp_path, first + second, per_chunk=50)
+    whole = pa.concat_tables([lsh.read_signature_file(p) for p in paths])
+    assert len(paths) > 2 and pa.ipc.open_file(paths[0]).num_record_batches > 3
+    rows = nodes.NewRows(paths)
+    rng = np.random.default_rng(0)
+    for picked in (np.arange(whole.num_rows), np.sort(rng.choice(whole.num_rows, 30, replace=False)), np.array([whole.num_rows - 1])):
+        columns = [schema.ID, dedup_index.SHINGLES, dedup_index.SIGNATURE]
+        got = pa.concat_tables(list(rows.iter_rows(picked, columns)))
+        assert got.equals(whole.select(columns).take(pa.array(picked)))
+    with pytest.raises(IndexError):
+        list(rows.iter_rows(np.array([whole.num_rows]), [schema.ID]))

@@ -384,7 +384,7 @@ def test_mapped_steps_compose_to_the_same_result_as_dedup_stage(tmp_path):
     folder.mkdir()
     chunks = [docs[:12], docs[12:]]
     ins = [write_chunk(folder / f"in-{i}.parquet", c, source=f"src{i}.jsonl") for i, c in enumerate(chunks)]
-    sigs = [folder / f"sig-{i}.parquet" for i in range(2)]
+    sigs = [folder / f"sig-{i}.arrow" for i in range(2)]
     for in_path, sig_path in zip(ins, sigs):
         compute_signatures(in_path, sig_path, config)
     edge_files = [
@@ -467,7 +467,7 @@ def test_a_part_written_later_from_the_signatures_equals_the_restricted_part(tmp
     have written, restricted to those ids: the same rows, columns and name. A removed row stays
     out even when its id is among the shards' (an exact copy shares its original's id)."""
     from pipeline.dedup import restrict_part
-    from pipeline.dedup.index import write_part_from
+    from pipeline.dedup.index import Stopped, write_part_from
     from pipeline.dedup.lsh import run_params
 
     short = conv("Tell me.", " ".join(words(80, 100)))
@@ -480,7 +480,7 @@ def test_a_part_written_later_from_the_signatures_equals_the_restricted_part(tmp
     written, _, _, _ = run(tmp_path, chunks, name="written", index_dir=tmp_path / "i1")
     expected = restrict_part(tmp_path / "i1", written.index_part, shard_ids)
 
-    sigs = [tmp_path / f"sig-{i}.parquet" for i in range(len(chunks))]
+    sigs = [tmp_path / f"sig-{i}.arrow" for i in range(len(chunks))]
     with pytest.raises(ValueError, match="needs signature_paths"):
         run(tmp_path, chunks, name="refused", index_dir=tmp_path / "i0", kept_path=tmp_path / "kept.npy")
     later, kept, _, _ = run(
@@ -494,6 +494,9 @@ def test_a_part_written_later_from_the_signatures_equals_the_restricted_part(tmp
     params = run_params(DedupConfig())
     part = write_part_from(tmp_path / "i2", sigs, mask, shard_ids, params)
     assert part == expected
+    with pytest.raises(Stopped):  # asked to stop (its run's shard writer failed): nothing is left
+        write_part_from(tmp_path / "i3", sigs, mask, shard_ids, params, stop=lambda: True)
+    assert list((tmp_path / "i3").iterdir()) == []
     assert load_index(tmp_path / "i2", [part]).equals(load_index(tmp_path / "i1", [expected]))
     assert load_index(tmp_path / "i2", [part]).column(schema.ID).to_pylist() == [id_of(longer_copy), id_of(other)]
     assert write_part_from(tmp_path / "i2", sigs, mask, pa.chunked_array([], pa.string()), params) is None
