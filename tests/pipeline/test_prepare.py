@@ -244,13 +244,15 @@ def test_a_dedup_step_whose_kept_rows_are_gone_is_done_again(tmp_path, bpe_token
     assert sorted(load_index(out / "dedup_index", [part]).column("id").to_pylist()) == sorted(row["id"] for row in shard_rows(out))
 
 
+@pytest.mark.parametrize("target_rows", [50_000, 2], ids=["part beside one file", "part after many files"])
 @pytest.mark.parametrize("failing", ["shard writer", "index part"])
-def test_a_shards_step_failing_on_either_of_its_two_threads_raises_and_the_next_run_ends_clean(
-    tmp_path, bpe_tokenizer_path, monkeypatch, failing
+def test_a_shards_step_failing_in_its_shards_or_its_index_part_raises_and_the_next_run_ends_clean(
+    tmp_path, bpe_tokenizer_path, monkeypatch, failing, target_rows
 ):
-    """The shards step writes the dedup index part on a thread beside the shard files: a failure
-    of either is raised (the other stops or finishes), nothing is published, and the next run's
-    dataset holds exactly the parts its manifest lists, of the records in its shards."""
+    """The shards step writes the dedup index part, on a thread beside the shard files when they
+    are fewer than the cores, else after them: a failure of either is raised (the other stops or
+    finishes), nothing is published, and the next run's dataset holds exactly the parts its
+    manifest lists, of the records in its shards."""
     from pipeline import shards
     from pipeline.dedup import index
 
@@ -265,10 +267,11 @@ def test_a_shards_step_failing_on_either_of_its_two_threads_raises_and_the_next_
     else:
         monkeypatch.setattr(index, "write_part_from", broken)
     with pytest.raises(RuntimeError, match=f"{failing} broke"):
-        prepare([str(first)], str(bpe_tokenizer_path), out, _config())
+        prepare([str(first)], str(bpe_tokenizer_path), out, _config(target_rows=target_rows))
     assert not (out / "manifest.json").exists()
     monkeypatch.undo()
-    manifest = prepare([str(first)], str(bpe_tokenizer_path), out, _config())
+    manifest = prepare([str(first)], str(bpe_tokenizer_path), out, _config(target_rows=target_rows))
+    assert (len(manifest["shards"]) > 2) == (target_rows == 2)
     (part,) = manifest["dedup_index"]
     assert sorted(p.name for p in (out / "dedup_index").iterdir()) == [part]
     assert sorted(load_index(out / "dedup_index", [part]).column("id").to_pylist()) == sorted(row["id"] for row in shard_rows(out))
