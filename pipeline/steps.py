@@ -663,7 +663,7 @@ def run_write_shards(plan: RunPlan, tokenize_results: list[StepResult], dedup_re
         schema.META_FORMAT_VERSION: schema.FORMAT_VERSION.encode(),
     }
     tokenized = [Path(r.outputs[0]) for r in tokenize_results]
-    rows = sum(read_tokenized(path).num_rows for path in tokenized)  # (mapped: the counts only)
+    rows = sum(read_tokenized(path, [schema.ID]).num_rows for path in tokenized)
     shards_of = functools.partial(write_shards, tokenized, plan.root, plan.config, metadata=metadata, start_index=dict(plan.start_index))
     if -(-rows // plan.config.shards.target_rows) >= (os.cpu_count() or 1):
         written = shards_of()
@@ -702,7 +702,7 @@ def _write_index_part(
     from pipeline.dedup.lsh import run_params
     from pipeline.shards import read_tokenized
 
-    kept_ids = pa.chunked_array([read_tokenized(path).column(schema.ID) for path in tokenized], pa.string())
+    kept_ids = pa.chunked_array([read_tokenized(path, [schema.ID]).column(schema.ID) for path in tokenized], pa.string())
     if source := dedup_result.part_source:
         import numpy as np
 
