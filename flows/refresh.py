@@ -142,13 +142,15 @@ def fingerprints_task(plan: steps.RunPlan) -> steps.RunPlan:
     persist_result=True,
     **IO_RETRIES,
 )
-def tokenize_task(plan: steps.RunPlan, upstream: steps.StepResult) -> steps.StepResult:
-    return steps.run_tokenize(plan, upstream)
+def tokenize_task(plan: steps.RunPlan, upstream: steps.StepResult, stream_shards: bool = False) -> steps.StepResult:
+    return steps.run_tokenize(plan, upstream, stream_shards)
 
 
 @task(name="write-shards", **IO_RETRIES)
-def shards_task(plan: steps.RunPlan, tokenize_results: list[steps.StepResult], dedup_result: steps.StepResult | None) -> steps.StepResult:
-    return steps.run_write_shards(plan, tokenize_results, dedup_result)
+def shards_task(
+    plan: steps.RunPlan, tokenize_results: list[steps.StepResult], dedup_result: steps.StepResult | None, stream_shards: bool = False
+) -> steps.StepResult:
+    return steps.run_write_shards(plan, tokenize_results, dedup_result, stream_shards)
 
 
 @task(name="manifest", **IO_RETRIES)
@@ -203,10 +205,11 @@ def _refresh(inputs: list[str], tokenizer: str, out: str, config: dict[str, Any]
         quality_results = [f.result() for f in quality_task.map(unmapped(plan), unmapped(dedup_result), chunks)]
     plan = fingerprints_task(plan)  # a first build's, its tokenizer loaded meanwhile
     if one_machine:
-        tokenize_results = [tokenize_task(plan, upstream) for upstream in quality_results]
+        # one chunk after another in the tokenizer process, which writes the shard files as they come
+        tokenize_results = [tokenize_task(plan, upstream, stream_shards=True) for upstream in quality_results]
     else:
         tokenize_results = [f.result() for f in tokenize_task.map(unmapped(plan), quality_results)]
-    shard_result = shards_task(plan, tokenize_results, dedup_result)
+    shard_result = shards_task(plan, tokenize_results, dedup_result, stream_shards=one_machine)
     manifest = manifest_task(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_result)
     logger.info("manifest version %s: %s", manifest["version"], manifest["counts"])
     _publish(manifest, new_inputs=len(plan.inputs), up_to_date=False)

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -118,6 +119,74 @@ def write_shards(
         # A record split across two files, or one lost between the splits, breaks this count.
         run.count(records_read, kept=sum(entry["records"] for entry in entries))
     return WrittenShards(entries, run.stats)
+
+
+class ShardStream:
+    """A run's shard files written while its rows are made: the tokenize steps hand each table of
+    kept rows to :meth:`add` as they write it, and the files come out as :func:`write_shards`
+    would write them from the steps' work files afterwards (the same cuts, row groups and bytes).
+
+    Rows must come in key order, table after table (what the tokenize steps of one input's
+    chunks, run one after another, make). A table out of that order, or an error while writing,
+    ends the stream: its files are removed and :attr:`broken` says why, and the caller writes the
+    shards from the work files instead. Files are written under ``staging`` (a folder of the
+    run's ``.work/``); :meth:`finish` moves them into ``DIR/shards/``.
+    """
+
+    def __init__(self, staging: Path, config: ShardConfig, metadata: dict[bytes, bytes], start_index: dict[str, int]) -> None:
+        self.staging, self.config = staging, config
+        self.broken: str | None = None
+        self.steps: list[str] = []  # the caller's names for what made the rows added so far
+        self.records_read = 0
+        self._background = _Background()
+        self._writers = {
+            split: _SplitWriter(split, staging, config, metadata, start_index.get(split, 0), self._background) for split in schema.SPLITS
+        }
+        self._previous: tuple | None = None  # (source, source index) of the last row routed
+        self._last_key: tuple | None = None  # the last row's sort key
+
+    def add(self, table: pa.Table) -> None:
+        """Route ``table``'s rows (:data:`schema.SHARD_SCHEMA`) to their files; a no-op once broken."""
+        if self.broken is not None or not table.num_rows:
+            return
+        try:
+            order = pc.sort_indices(table, _ORDER).to_numpy()
+            first = _sort_key(table, 0)
+            if not (order == np.arange(len(order))).all() or (self._last_key is not None and not self._last_key < first):
+                self.abort("rows came out of key order")
+                return
+            self._last_key = _sort_key(table, len(order) - 1)
+            records, self._previous = _route(table, self._writers, self.config.val_fraction, self._previous)
+            self.records_read += records
+        except Exception as exc:  # the shards step writes the files again, and meets the error itself
+            self.abort(f"writing failed: {exc}")
+
+    def finish(self, data_dir: Path) -> WrittenShards:
+        """Close the files, move them into ``data_dir``'s shards folder; their entries and counts."""
+        with StageRun("shards") as run:
+            try:
+                entries = [entry for split in schema.SPLITS for entry in self._writers[split].close()]
+                self._background.stop()
+            except BaseException:
+                self.abort("writing failed")
+                raise
+            for entry in entries:
+                final = data_dir / entry["path"]
+                with atomic_path(final) as tmp:  # entered in the journal, then renamed into place
+                    os.replace(self.staging / entry["path"], tmp)
+            shutil.rmtree(self.staging, ignore_errors=True)
+            run.count(self.records_read, kept=sum(entry["records"] for entry in entries))
+        return WrittenShards(entries, run.stats)
+
+    def abort(self, reason: str) -> None:
+        """Stop writing and remove what was written (all of it under ``staging``)."""
+        if self.broken is None:
+            self.broken = reason
+        with contextlib.suppress(BaseException):
+            self._background.stop(failed=True)
+        for writer in self._writers.values():
+            writer.abort()
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 _ORDER = [(schema.SOURCE, "ascending"), (schema.SOURCE_INDEX, "ascending"), (schema.ID, "ascending"), (schema.TURN, "ascending")]

@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from pipeline import manifest as manifest_io
 from pipeline import outdir, schema
@@ -88,6 +89,7 @@ class RunPlan(BaseModel):
     index_parts: list[str]
     start_index: dict[str, int]
     tokenizer_files_digest: str | None = None  # see _tokenizer_files_digest
+    run_id: str = Field(default_factory=lambda: uuid.uuid4().hex)  # this run's; the shard stream's owner
 
     @property
     def output_settings(self) -> dict[str, Any]:
@@ -625,29 +627,48 @@ def tokenize_key(plan: RunPlan, upstream_key: str) -> str:
     )
 
 
-def run_tokenize(plan: RunPlan, upstream: StepResult) -> StepResult:
+def run_tokenize(plan: RunPlan, upstream: StepResult, stream_shards: bool = False) -> StepResult:
     """The tokenize step: in the run's tokenizer process when it has one (see
-    :func:`tokenizer_process`), else here."""
+    :func:`tokenizer_process`), else here. ``stream_shards``: the run's tokenize steps run one
+    after another in that process, which then writes the shard files as they make their rows
+    (see :class:`_ShardStreams`)."""
     process = _tokenizer_process_for(plan.tokenizer, plan.config)
     if process is not None:
-        return process.call("run_tokenize", plan, upstream)
+        return process.call("run_tokenize", plan, upstream, stream_shards)
     from pipeline.tokenize import tokenize_stage
 
     in_path = Path(upstream.outputs[0])
     key = tokenize_key(plan, upstream.key)
     out = _work(plan, "tokenize", key, ".arrow")
-    return _cached_step(plan, "tokenize", key, tokenize_stage, in_path, out, tokenizer=plan.tokenizer)
+    stream = _SHARD_STREAMS.get(plan) if stream_shards else None
+    if stream is None:
+        return _cached_step(plan, "tokenize", key, tokenize_stage, in_path, out, tokenizer=plan.tokenizer)
+    if (done := step_done(plan, "tokenize", key)) is not None:
+        stream.abort("a tokenize step was done before this run: its rows are in its work file only")
+        return done
+    try:
+        result = _cached_step(plan, "tokenize", key, tokenize_stage, in_path, out, tokenizer=plan.tokenizer, on_kept=stream.add)
+    except BaseException:
+        stream.abort("a tokenize step failed")  # a retry's rows would follow this attempt's
+        raise
+    stream.steps.append(key)
+    return result
 
 
-def run_write_shards(plan: RunPlan, tokenize_results: list[StepResult], dedup_result: StepResult | None = None) -> StepResult:
+def run_write_shards(
+    plan: RunPlan, tokenize_results: list[StepResult], dedup_result: StepResult | None = None, stream_shards: bool = False
+) -> StepResult:
     """Split by id and write this run's shard files after the ones the dataset already has; and
     the dedup index part of what reaches them (``index_part`` of the result; see
     :func:`_write_index_part`).
 
-    The part is written beside the shard files when they are fewer than the cores (the shard
-    writer gives each file a thread: a run of one chunk writes one train file, on one core), else
-    after them, once their memory is given back: at 1M conversations (twenty files) writing it
-    beside them only added its memory to theirs (the step's peak 557 MiB against 414).
+    ``stream_shards``: the run's tokenize steps were asked to write the shard files as they made
+    their rows (:class:`_ShardStreams`); they are moved into place while the part is written, and
+    written here only when that stream cannot serve. Here, the part is written beside the shard
+    files when they are fewer than the cores (the shard writer gives each file a thread: a run of
+    one chunk writes one train file, on one core), else after them, once their memory is given
+    back: at 1M conversations (twenty files) writing it beside them only added its memory to
+    theirs (the step's peak 557 MiB against 414).
 
     Not cached: shard files are numbered after the dataset's, so this runs once per run, last.
     """
@@ -655,35 +676,122 @@ def run_write_shards(plan: RunPlan, tokenize_results: list[StepResult], dedup_re
 
     from pipeline.shards import read_tokenized, write_shards
 
-    metadata = {
+    tokenized = [Path(r.outputs[0]) for r in tokenize_results]
+    written = index_part = None
+    if stream_shards:
+        stop = threading.Event()
+        with ThreadPoolExecutor(1, thread_name_prefix="sftkit-index-part") as pool:
+            part = pool.submit(_write_index_part, plan, dedup_result, tokenized, stop.is_set)
+            try:
+                written = _streamed_shards(plan, tokenize_results)
+            except BaseException:
+                stop.set()
+                part.exception()
+                raise
+            index_part = part.result()
+    if written is None:
+        shards_of = functools.partial(
+            write_shards, tokenized, plan.root, plan.config, metadata=_shard_metadata(plan), start_index=dict(plan.start_index)
+        )
+        rows = sum(read_tokenized(path, [schema.ID]).num_rows for path in tokenized)
+        if stream_shards:  # the part is written already
+            written = shards_of()
+        elif -(-rows // plan.config.shards.target_rows) >= (os.cpu_count() or 1):
+            written = shards_of()
+            release_memory()  # the shard writer's, before the part's
+            index_part = _write_index_part(plan, dedup_result, tokenized)
+        else:
+            stop = threading.Event()
+            with ThreadPoolExecutor(1, thread_name_prefix="sftkit-index-part") as pool:
+                part = pool.submit(_write_index_part, plan, dedup_result, tokenized, stop.is_set)
+                try:
+                    written = shards_of()
+                except BaseException:
+                    # The part stops at its next batch, its temporary file removed; one finished
+                    # already is an orphan (no manifest lists it) that the next run removes.
+                    stop.set()
+                    part.exception()
+                    raise
+                index_part = part.result()
+    outputs = [str(plan.root / entry["path"]) for entry in written.entries]
+    return StepResult("shards", "", outputs, None, written.stats, index_part=index_part, shards=written.entries)
+
+
+def _shard_metadata(plan: RunPlan) -> dict[bytes, bytes]:
+    """What every shard file of the run carries in its Parquet metadata (the split is added per file)."""
+    return {
         schema.META_TOKENIZER_NAME: plan.tokenizer.encode(),
         schema.META_TOKENIZER_FINGERPRINT: plan.tokenizer_fingerprint.encode(),
         schema.META_TEMPLATE_NAME: plan.template_name.encode(),
         schema.META_TEMPLATE_FINGERPRINT: plan.template_fingerprint.encode(),
         schema.META_FORMAT_VERSION: schema.FORMAT_VERSION.encode(),
     }
-    tokenized = [Path(r.outputs[0]) for r in tokenize_results]
-    rows = sum(read_tokenized(path, [schema.ID]).num_rows for path in tokenized)
-    shards_of = functools.partial(write_shards, tokenized, plan.root, plan.config, metadata=metadata, start_index=dict(plan.start_index))
-    if -(-rows // plan.config.shards.target_rows) >= (os.cpu_count() or 1):
-        written = shards_of()
-        release_memory()  # the shard writer's, before the part's
-        index_part = _write_index_part(plan, dedup_result, tokenized)
-    else:
-        stop = threading.Event()
-        with ThreadPoolExecutor(1, thread_name_prefix="sftkit-index-part") as pool:
-            part = pool.submit(_write_index_part, plan, dedup_result, tokenized, stop.is_set)
-            try:
-                written = shards_of()
-            except BaseException:
-                # The part stops at its next batch, its temporary file removed; one finished
-                # already is an orphan (no manifest lists it) that the next run removes.
-                stop.set()
-                part.exception()
-                raise
-            index_part = part.result()
-    outputs = [str(plan.root / entry["path"]) for entry in written.entries]
-    return StepResult("shards", "", outputs, None, written.stats, index_part=index_part, shards=written.entries)
+
+
+class _ShardStreams:
+    """The shard files of a run, written by the process that runs its tokenize steps while they
+    make their rows (:class:`pipeline.shards.ShardStream`), at most one run's per process.
+
+    Written after the last tokenize step instead, a run of one chunk (50k conversations) spent
+    1.5-2 s encoding its one train file on one core while the other waited. A run whose tokenize
+    steps run one after another in one process (a flow on this machine's threads, :func:`prepare`)
+    asks for the stream (``stream_shards``); its files go to ``.work/shards-stream/<run id>/``.
+    The shards step takes them (:func:`_streamed_shards`) when the stream saw exactly the run's
+    tokenize steps, in their order, each one made this run, in key order; otherwise it writes the
+    files from the steps' work files as before. Either road gives the same bytes (tested)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._run: tuple[str, Any] | None = None
+
+    def get(self, plan: RunPlan):
+        """This run's stream, started by its first tokenize step (a stream of another run is dropped)."""
+        from pipeline.shards import ShardStream
+
+        with self._lock:
+            if self._run is not None and self._run[0] == plan.run_id:
+                return self._run[1]
+            if self._run is not None:
+                self._run[1].abort("another run started")
+            staging = plan.root / WORK / "shards-stream" / plan.run_id
+            stream = ShardStream(staging, plan.config.shards, _shard_metadata(plan), dict(plan.start_index))
+            self._run = (plan.run_id, stream)
+            return stream
+
+    def take(self, plan: RunPlan):
+        """This run's stream, no longer held here (None when there is none)."""
+        with self._lock:
+            run, self._run = self._run, None
+        if run is not None and run[0] != plan.run_id:
+            run[1].abort("another run started")
+            return None
+        return run[1] if run is not None else None
+
+
+_SHARD_STREAMS = _ShardStreams()
+
+
+def finish_shard_stream(plan: RunPlan, step_keys: list[str]):
+    """The shard files this process wrote beside the run's tokenize steps, moved into place
+    (a :class:`pipeline.shards.WrittenShards`), or None when they cannot serve: no stream, a
+    broken one, or one that saw other steps than ``step_keys`` (its files are removed)."""
+    stream = _SHARD_STREAMS.take(plan)
+    if stream is None:
+        return None
+    if stream.broken is not None or stream.steps != step_keys:
+        reason = stream.broken or "it saw other tokenize steps than the shards step was given"
+        stream.abort(reason)
+        log.info("shard files written again from the tokenize steps' work files: %s", reason)
+        return None
+    return stream.finish(plan.root)
+
+
+def _streamed_shards(plan: RunPlan, tokenize_results: list[StepResult]):
+    keys = [result.key for result in tokenize_results]
+    process = _tokenizer_process_for(plan.tokenizer, plan.config)
+    if process is not None:
+        return process.call("finish_shard_stream", plan, keys)
+    return finish_shard_stream(plan, keys)
 
 
 def _write_index_part(
@@ -814,7 +922,7 @@ def input_bytes(path: str | Path) -> int:
 
 
 # Steps a worker process may run for prepare (pipeline.workers runs only what is named here).
-_WORKER_STEPS = ("run_ingest", "dedup_signatures", "ingest_then_signatures", "run_fingerprints", "run_tokenize")
+_WORKER_STEPS = ("run_ingest", "dedup_signatures", "ingest_then_signatures", "run_fingerprints", "run_tokenize", "finish_shard_stream")
 
 
 def _run_in_worker(call: tuple[str, tuple]) -> Any:
@@ -1008,9 +1116,13 @@ def _prepare_locked(paths: list[Path], tokenizer: str, data_dir: Path, config: S
             notify("quality", chunk + 1, len(dedup_result.outputs))
     plan = with_fingerprints(plan)
     tokenize_results = []
-    for i, upstream in enumerate(quality_results):
-        tokenize_results.append(run_tokenize(plan, upstream))
-        notify("tokenize", i + 1, len(quality_results))
-    shard_result = run_write_shards(plan, tokenize_results, dedup_result)
+    try:
+        for i, upstream in enumerate(quality_results):
+            tokenize_results.append(run_tokenize(plan, upstream, stream_shards=True))
+            notify("tokenize", i + 1, len(quality_results))
+        shard_result = run_write_shards(plan, tokenize_results, dedup_result, stream_shards=True)
+    finally:
+        if (stream := _SHARD_STREAMS.take(plan)) is not None:  # the run stopped before its shards step took it
+            stream.abort("the run stopped")
     notify("shards", 1, 1)
     return finalize(plan, ingest_results, dedup_result, quality_results, tokenize_results, shard_result)

@@ -21,7 +21,7 @@ import gc
 import os
 import threading
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -328,11 +328,22 @@ def _gc_unfreeze(froze: bool) -> None:
 _GC_FROZEN = _ProcessWide(_gc_freeze, _gc_unfreeze)
 
 
-def tokenize_stage(in_path: Path, out_path: Path, rejected_path: Path, config: SFTConfig, *, tokenizer: str) -> StageStats:
+def tokenize_stage(
+    in_path: Path,
+    out_path: Path,
+    rejected_path: Path,
+    config: SFTConfig,
+    *,
+    tokenizer: str,
+    on_kept: Callable[[pa.Table], None] | None = None,
+) -> StageStats:
     """Render, tokenize and mask every conversation of ``in_path`` with the ``tokenizer`` folder and
     ``config.template``/``config.tokenize``; write kept rows to ``out_path`` and refused ones to
     ``rejected_path``. Records are counted whole: a ``per_turn`` record kept as several rows is one
-    record out, and a refused turn of a kept record is in ``extra["turns_rejected"]``."""
+    record out, and a refused turn of a kept record is in ``extra["turns_rejected"]``.
+
+    ``on_kept`` gets each table of kept rows once it is written (the run's shard files are made
+    from them as they come: :class:`pipeline.shards.ShardStream`)."""
     figure_names = (
         "tokens",
         "trainable_tokens",
@@ -366,6 +377,8 @@ def tokenize_stage(in_path: Path, out_path: Path, rejected_path: Path, config: S
                     example = example or figures["template_example"]
                     if kept.num_rows:
                         writer.write_table(kept)
+                        if on_kept is not None:
+                            on_kept(kept)
                     if rejected.num_rows:
                         rejected_tables.append(rejected)
                     run.count(figures["records_in"], kept=figures["records_out"], drops=figures["rejected"].elements())

@@ -228,7 +228,7 @@ def test_a_dedup_step_whose_kept_rows_are_gone_is_done_again(tmp_path, bpe_token
     first = write_json(tmp_path / "first.json", alpaca_records(0, 12) + alpaca_records(0, 3))
     out = tmp_path / "data"
 
-    def fail(plan, upstream):
+    def fail(plan, upstream, stream_shards=False):
         raise RuntimeError("tokenizer gone")
 
     monkeypatch.setattr(steps, "run_tokenize", fail)
@@ -262,8 +262,8 @@ def test_a_shards_step_failing_in_its_shards_or_its_index_part_raises_and_the_ne
     def broken(*args, **kwargs):
         raise RuntimeError(f"{failing} broke")
 
-    if failing == "shard writer":
-        monkeypatch.setattr(shards, "write_shards", broken)
+    if failing == "shard writer":  # beside the tokenize step, then again in the shards step
+        monkeypatch.setattr(shards, "_parquet_writer", broken)
     else:
         monkeypatch.setattr(index, "write_part_from", broken)
     with pytest.raises(RuntimeError, match=f"{failing} broke"):
@@ -275,6 +275,39 @@ def test_a_shards_step_failing_in_its_shards_or_its_index_part_raises_and_the_ne
     (part,) = manifest["dedup_index"]
     assert sorted(p.name for p in (out / "dedup_index").iterdir()) == [part]
     assert sorted(load_index(out / "dedup_index", [part]).column("id").to_pylist()) == sorted(row["id"] for row in shard_rows(out))
+    # its tokenize steps done before, the rerun's shards come from their work files: the same bytes
+    prepare([str(first)], str(bpe_tokenizer_path), tmp_path / "fresh", _config(target_rows=target_rows))
+    assert shard_bytes(out) == shard_bytes(tmp_path / "fresh")
+
+
+def test_shard_files_written_beside_the_tokenize_steps_are_the_files_written_after_them(tmp_path, bpe_tokenizer_path, monkeypatch):
+    """A run writes its shard files as its tokenize steps make the rows, in the process that runs
+    them: a first build and a refresh give the same bytes as when the shards step writes them all
+    from the steps' work files (as it does where the stream cannot serve: rows out of key order,
+    tested in test_shards, or a tokenize step done by an earlier run, tested above)."""
+    from pipeline import shards, steps
+
+    inputs = [str(p) for p in make_inputs(tmp_path / "in")]
+    more = str(write_json(tmp_path / "in" / "more.json", alpaca_records(50, 9)))
+    config = _config(target_rows=4, row_group_rows=3)
+
+    def build(out: Path, first: list[str]) -> list[list[tuple]]:
+        manifests = [prepare(first, str(bpe_tokenizer_path), out, config), prepare([more], str(bpe_tokenizer_path), out, config)]
+        return [[(e["path"], e["rows"], e["sha256"]) for e in manifest["shards"]] for manifest in manifests]
+
+    with monkeypatch.context() as patch:  # the shards step writes every file
+        patch.setattr(steps, "finish_shard_stream", lambda plan, keys: None)
+        reference = build(tmp_path / "reference", inputs)
+    assert len(reference[0]) > 3 and len(reference[1]) > len(reference[0])
+
+    def unused(*args, **kwargs):
+        raise AssertionError("the shards step wrote the files again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "write_shards", unused)
+        assert build(tmp_path / "streamed", inputs) == reference
+    assert shard_bytes(tmp_path / "streamed") == shard_bytes(tmp_path / "reference")
+    assert not (tmp_path / "streamed" / ".work").exists()
 
 
 def test_inputs_with_the_same_name_in_different_folders_stay_apart(tmp_path, bpe_tokenizer_path):

@@ -17,7 +17,7 @@ from pipeline import schema
 from pipeline.config import SFTConfig, ShardConfig
 from pipeline.fsutil import TMP_PREFIX, sha256_file
 from pipeline.schema import make_message as msg
-from pipeline.shards import read_tokenized, split_of, write_shards
+from pipeline.shards import ShardStream, read_tokenized, split_of, write_shards
 from pipeline.tokenize import tokenize_stage
 
 
@@ -402,6 +402,60 @@ def test_shard_bytes_do_not_depend_on_how_the_rows_are_cut_into_work_files(tmp_p
     assert written["small record batches"] == written["one file"]
     assert written["rows out of order in each file"] == written["one file"]
     assert sum(rows for _, rows, _, _ in written["one file"]) == n
+
+    # The same rows handed over as the tokenize steps make them (tables of 7 rows, records of
+    # several rows crossing tables) give the same files, byte for byte, moved into place.
+    folder = tmp_path / "streamed"
+    stream = ShardStream(folder / ".work" / "stream", shard_config.shards, METADATA, {})
+    for start in range(0, n, 7):
+        stream.add(table.slice(start, 7))
+    result = stream.finish(folder)
+    assert stream.broken is None and result.stats.records_in == result.stats.records_out == 205
+    assert [(e["path"], e["rows"], e["records"], e["sha256"]) for e in result.entries] == written["one file"]
+    assert all(sha256_file(folder / e["path"]) == e["sha256"] for e in result.entries)
+    assert not (folder / ".work" / "stream").exists()
+
+
+def test_a_shard_stream_given_rows_out_of_key_order_stops_and_removes_its_files(tmp_path, tokenized):
+    """The tokenize steps of a run may come in another order than their rows' keys (inputs listed
+    in another order, a chunk made by an earlier run): the stream then says so and leaves nothing,
+    and the shards step writes the files from the work files instead."""
+    table = pa.concat_tables([read_tokenized(path) for path in tokenized])
+    order = pa.compute.sort_indices(table, [(schema.SOURCE, "ascending"), (schema.SOURCE_INDEX, "ascending")])
+    table = table.take(order)
+    config = ShardConfig(val_fraction=0.2, target_rows=20, row_group_rows=8)
+    for name, pieces in {
+        "a later table starts before the last": [table.slice(100), table.slice(0, 100)],
+        "a table's own rows out of order": [table.slice(0, 60), table.slice(60).take(list(range(table.num_rows - 61, -1, -1)))],
+    }.items():
+        staging = tmp_path / name.replace(" ", "-") / "stream"
+        stream = ShardStream(staging, config, METADATA, {"train": 2})
+        for piece in pieces:
+            stream.add(piece)
+        assert stream.broken == "rows came out of key order", name
+        assert not staging.exists(), name  # files finished before it (several: 20 rows each) went too
+        stream.add(table.slice(0, 10))  # a no-op now
+        assert not staging.exists(), name
+
+
+def test_a_shard_stream_that_fails_writing_stops_instead_of_raising(tmp_path, tokenized, monkeypatch):
+    import pipeline.shards as shards
+
+    real = shards.gather_rows
+    calls = {"n": 0}
+
+    def failing(table, rows):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full")
+        return real(table, rows)
+
+    monkeypatch.setattr(shards, "gather_rows", failing)
+    staging = tmp_path / "stream"
+    stream = ShardStream(staging, ShardConfig(target_rows=20, row_group_rows=8), METADATA, {})
+    for path in tokenized:
+        stream.add(read_tokenized(path))
+    assert stream.broken == "writing failed: disk full" and not staging.exists()
 
 
 def test_a_shard_writer_that_fails_halfway_leaves_no_file_that_looks_complete(tmp_path, tokenized, monkeypatch):
